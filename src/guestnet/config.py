@@ -1,0 +1,126 @@
+"""Start-up configuration: one frozen object shared by every service.
+
+What can change while guestnet runs (forwards added through the API, leases) lives with the
+service that owns it, not here. Addresses are kept both as ``ipaddress`` objects (for people and
+validation) and packed as 4-byte ``bytes`` (for the datapath, which compares raw header fields).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from functools import cached_property
+
+IPv4Address = ipaddress.IPv4Address
+IPv4Network = ipaddress.IPv4Network
+
+#: Largest IPv4 datagram; with TAP offloads a super-frame may carry this much at any MTU.
+MAX_IP_PACKET = 65535
+#: Largest MTU we accept: passt's default, so a 65535-byte IP packet plus headers fits a frame.
+MAX_MTU = 65520
+#: Smallest MTU IPv4 allows (RFC 791).
+MIN_MTU = 576
+
+
+def parse_mac(text: str) -> bytes:
+    """Parse ``aa:bb:cc:dd:ee:ff`` into six bytes; raise ValueError on anything else."""
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise ValueError(f"not a MAC address: {text!r}")
+    try:
+        return bytes(int(p, 16) for p in parts)
+    except ValueError as exc:
+        raise ValueError(f"not a MAC address: {text!r}") from exc
+
+
+def format_mac(mac: bytes) -> str:
+    """Format six bytes as ``aa:bb:cc:dd:ee:ff``."""
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything guestnet needs to know at start-up. Defaults match slirp/QEMU user networking."""
+
+    #: The guest's subnet; the gateway, DNS and guest addresses all lie inside it.
+    subnet: IPv4Network = field(default_factory=lambda: IPv4Network("10.0.2.0/24"))
+    #: guestnet's own address on the guest link; stands for the host (slirp's 10.0.2.2).
+    gateway: IPv4Address = field(default_factory=lambda: IPv4Address("10.0.2.2"))
+    #: Address of the built-in DNS service (slirp's 10.0.2.3).
+    dns_ip: IPv4Address = field(default_factory=lambda: IPv4Address("10.0.2.3"))
+    #: Address the first guest is given (by DHCP, or directly with --configure).
+    guest_ip: IPv4Address = field(default_factory=lambda: IPv4Address("10.0.2.15"))
+    #: MTU of the guest link (65520 as passt: few, large frames are what makes Python fast).
+    mtu: int = MAX_MTU
+    #: guestnet's own MAC, the gateway's and the DNS address's (slirp's 52:55:0a:00:02:02).
+    mac: bytes = bytes.fromhex("52550a000202")
+    #: MAC of the interface guestnet creates itself (``run`` and ``netns``).
+    guest_mac: bytes = bytes.fromhex("525400123456")
+    #: Pooled frame buffers per direction.
+    pool_slots: int = 256
+    #: Upstream DNS servers as (address, port); empty means the host's /etc/resolv.conf.
+    dns_upstreams: tuple[tuple[str, int], ...] = ()
+    #: DNS search domains handed out by DHCP (option 119) and written to resolv.conf.
+    dns_search: tuple[str, ...] = ()
+    #: DHCP lease time in seconds.
+    lease_time: int = 3600
+    #: Static DHCP leases: (MAC, address).
+    dhcp_static: tuple[tuple[bytes, IPv4Address], ...] = ()
+    #: Refuse the guest access to the host's loopback and own addresses.
+    no_host_loopback: bool = False
+    #: Allow destinations in 169.254.0.0/16 (cloud metadata), refused by default.
+    allow_link_local: bool = False
+    #: Upper bound on NAT flows (TCP and UDP together).
+    max_flows: int = 16384
+    #: UDP flow idle timeout in seconds (RFC 4787 asks at least 120).
+    udp_timeout: float = 180.0
+
+    def __post_init__(self) -> None:
+        if not MIN_MTU <= self.mtu <= MAX_MTU:
+            raise ValueError(f"--mtu must be between {MIN_MTU} and {MAX_MTU}")
+        for name in ("gateway", "dns_ip", "guest_ip"):
+            addr = getattr(self, name)
+            if addr not in self.subnet:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} {addr} is outside --subnet {self.subnet}"
+                )
+        if self.subnet.prefixlen > 30:
+            raise ValueError("--subnet must leave room for a guest (prefix /30 or shorter)")
+        if len({self.gateway, self.dns_ip, self.guest_ip}) != 3:
+            raise ValueError("--gateway, --dns-ip and --guest-ip must differ")
+        if len(self.mac) != 6 or len(self.guest_mac) != 6:
+            raise ValueError("--mac and --guest-mac must be six bytes")
+        if self.mac[0] & 1 or self.guest_mac[0] & 1:
+            raise ValueError("--mac and --guest-mac must be unicast addresses")
+        if not 1 <= self.pool_slots <= 65536:
+            raise ValueError("--pool-slots must be between 1 and 65536")
+
+    @cached_property
+    def gateway_b(self) -> bytes:
+        """The gateway address packed, for comparing with header fields."""
+        return self.gateway.packed
+
+    @cached_property
+    def dns_ip_b(self) -> bytes:
+        """The DNS address packed."""
+        return self.dns_ip.packed
+
+    @cached_property
+    def guest_ip_b(self) -> bytes:
+        """The guest address packed."""
+        return self.guest_ip.packed
+
+    @cached_property
+    def owned_b(self) -> frozenset[bytes]:
+        """Every address guestnet answers for on the guest link (ARP, ICMP echo)."""
+        return frozenset((self.gateway_b, self.dns_ip_b))
+
+    @cached_property
+    def netmask_b(self) -> bytes:
+        """The subnet mask packed."""
+        return self.subnet.netmask.packed
+
+    @cached_property
+    def broadcast_b(self) -> bytes:
+        """The subnet's directed broadcast address packed."""
+        return self.subnet.broadcast_address.packed

@@ -1,0 +1,174 @@
+"""FrameClassifier: the single entry point for every frame a guest sends.
+
+It checks the Ethernet header, learns the guest's MAC for its link, and routes:
+
+- ARP to the :class:`~guestnet.core.arp.ArpResponder`;
+- IPv4 fragments to reassembly (whole datagrams come back through :meth:`route_ipv4`);
+- UDP to port 67 to DHCP; UDP and TCP to port 53 on the DNS or gateway address to DNS;
+- ICMP to the ICMP service, other TCP and UDP to the NAT;
+- everything else is dropped and counted under a dotted reason (``ipv6.unsupported``...).
+
+Services not present yet (``None``) get a counted drop. Any :class:`WireError` raised while
+parsing becomes a drop counted by its reason; no bad frame ever raises out of
+:meth:`handle_frame`.
+"""
+
+from __future__ import annotations
+
+from guestnet.config import Config
+from guestnet.core.arp import ArpResponder
+from guestnet.core.packet import FragmentHandler, IcmpHandler, Ipv4Packet, TcpHandler, UdpHandler
+from guestnet.core.port import Port
+from guestnet.core.switch import Switch
+from guestnet.counters import Counters
+from guestnet.pool import FramePool
+from guestnet.wire import WireError
+from guestnet.wire.ethernet import (
+    ETH_HLEN,
+    ETHERTYPE_ARP,
+    ETHERTYPE_IPV4,
+    ETHERTYPE_IPV6,
+    ETHERTYPE_VLAN,
+)
+from guestnet.wire.icmp import parse_icmp
+from guestnet.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, parse_ipv4
+from guestnet.wire.tcp import parse_tcp, verify_tcp
+from guestnet.wire.udp import parse_udp, verify_udp
+
+#: The largest frame any link may deliver: a 64 KiB IP packet (TSO) plus Ethernet and a VLAN tag.
+MAX_FRAME = ETH_HLEN + 4 + 65535
+DHCP_SERVER_PORT = 67
+DNS_PORT = 53
+
+
+class FrameClassifier:
+    """Routes guest frames to the services that own them."""
+
+    def __init__(self, config: Config, pool: FramePool, counters: Counters, switch: Switch) -> None:
+        self.config = config
+        self.pool = pool
+        self.counters = counters
+        self.switch = switch
+        self.arp = ArpResponder(config, pool, counters)
+        self.dhcp: UdpHandler | None = None
+        self.dns_udp: UdpHandler | None = None
+        self.dns_tcp: TcpHandler | None = None
+        self.icmp: IcmpHandler | None = None
+        self.udp_nat: UdpHandler | None = None
+        self.tcp_nat: TcpHandler | None = None
+        self.reassembly: FragmentHandler | None = None
+        self._mac = config.mac
+        self._dns_dsts = frozenset((config.dns_ip_b, config.gateway_b))
+
+    def handle_frame(
+        self, frame: memoryview, port: Port, now: float, csum_trusted: bool = False
+    ) -> None:
+        """Classify and dispatch one guest frame. Never raises on bad input."""
+        port.rx_frames += 1
+        port.rx_bytes += len(frame)
+        try:
+            self._dispatch(frame, port, now, csum_trusted)
+        except WireError as exc:
+            self.counters.inc(exc.reason)
+
+    def _dispatch(self, frame: memoryview, port: Port, now: float, csum_trusted: bool) -> None:
+        n = len(frame)
+        if n < ETH_HLEN:
+            raise WireError("eth.truncated")
+        if n > MAX_FRAME:
+            raise WireError("eth.giant")
+        src = bytes(frame[6:12])
+        if src[0] & 1:
+            raise WireError("eth.src.multicast")
+        dst = frame[0:6]
+        if dst != self._mac and not (dst[0] & 1):
+            raise WireError("eth.dst.not_ours")
+        if port.guest_mac != src:
+            self.switch.learn(port, src)
+        ethertype = (frame[12] << 8) | frame[13]
+        if ethertype == ETHERTYPE_IPV4:
+            self._ipv4(frame[ETH_HLEN:], port, src, now, csum_trusted)
+        elif ethertype == ETHERTYPE_ARP:
+            self.arp.handle_arp(frame[ETH_HLEN:], port)
+        elif ethertype == ETHERTYPE_IPV6:
+            self.counters.inc("ipv6.unsupported")
+        elif ethertype == ETHERTYPE_VLAN:
+            self.counters.inc("eth.vlan.unsupported")
+        else:
+            self.counters.inc("eth.type.unsupported")
+
+    def _ipv4(
+        self, data: memoryview, port: Port, src_mac: bytes, now: float, trusted: bool
+    ) -> None:
+        ip = parse_ipv4(data)
+        pkt = Ipv4Packet(port, src_mac, ip, data[ip.header_len : ip.total_len], trusted)
+        if ip.is_fragment:
+            if self.reassembly is None:
+                self.counters.inc("ipv4.fragment.unsupported")
+            else:
+                self.reassembly.handle_fragment(pkt, now)
+            return
+        self.route_ipv4(pkt, now)
+
+    def route_ipv4(self, pkt: Ipv4Packet, now: float) -> None:
+        """Dispatch a whole IPv4 datagram (also the entry for reassembled ones)."""
+        try:
+            proto = pkt.ip.proto
+            if proto == PROTO_UDP:
+                self._udp(pkt, now)
+            elif proto == PROTO_TCP:
+                self._tcp(pkt, now)
+            elif proto == PROTO_ICMP:
+                self._icmp(pkt, now)
+            else:
+                self.counters.inc("ipv4.proto.unsupported")
+        except WireError as exc:
+            self.counters.inc(exc.reason)
+
+    def _udp(self, pkt: Ipv4Packet, now: float) -> None:
+        l4 = pkt.l4
+        udp = parse_udp(l4)
+        ip = pkt.ip
+        if not pkt.csum_trusted and not verify_udp(l4, ip.src, ip.dst, udp.length):
+            raise WireError("udp.bad_checksum")
+        payload = l4[8 : udp.length]
+        dport = udp.dport
+        if dport == DHCP_SERVER_PORT:
+            handler = self.dhcp
+            reason = "dhcp.unavailable"
+        elif dport == DNS_PORT and ip.dst in self._dns_dsts:
+            handler = self.dns_udp
+            reason = "dns.unavailable"
+        else:
+            if ip.dst[0] >= 224 or ip.dst == self.config.broadcast_b:
+                raise WireError("udp.dst.broadcast")
+            handler = self.udp_nat
+            reason = "nat.udp.unavailable"
+        if handler is None:
+            self.counters.inc(reason)
+            return
+        handler.handle_udp(pkt, udp.sport, dport, payload, now)
+
+    def _tcp(self, pkt: Ipv4Packet, now: float) -> None:
+        l4 = pkt.l4
+        tcp = parse_tcp(l4)
+        ip = pkt.ip
+        if not pkt.csum_trusted and not verify_tcp(l4, ip.src, ip.dst):
+            raise WireError("tcp.bad_checksum")
+        if tcp.dport == DNS_PORT and ip.dst in self._dns_dsts:
+            handler, reason = self.dns_tcp, "dns.tcp.unavailable"
+        else:
+            if ip.dst[0] >= 224 or ip.dst == self.config.broadcast_b:
+                raise WireError("tcp.dst.broadcast")
+            handler, reason = self.tcp_nat, "nat.tcp.unavailable"
+        if handler is None:
+            self.counters.inc(reason)
+            return
+        handler.handle_tcp(pkt, now)
+
+    def _icmp(self, pkt: Ipv4Packet, now: float) -> None:
+        parse_icmp(pkt.l4, verify=not pkt.csum_trusted)
+        if self.icmp is None:
+            self.counters.inc("icmp.unavailable")
+            return
+        self.icmp.handle_icmp(pkt, now)

@@ -1,0 +1,51 @@
+"""Port: the core's view of one guest link.
+
+A link (QEMU stream connection, datagram socket, TAP) owns one Port. The classifier records the
+guest's MAC on it as frames arrive, and the switch uses it to send frames toward that guest.
+Counters here are what the stats API reports per link.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from guestnet.pool import Frame
+
+
+class Port:
+    """One guest link as the core sees it."""
+
+    __slots__ = (
+        "guest_mac",
+        "name",
+        "rx_bytes",
+        "rx_frames",
+        "send",
+        "tx_bytes",
+        "tx_dropped",
+        "tx_frames",
+    )
+
+    def __init__(self, name: str, send: Callable[[Frame], None]) -> None:
+        self.name = name
+        #: Writes one frame toward the guest and takes ownership of it (releases it to its pool).
+        self.send = send
+        #: The guest's MAC, learned from the source of its frames; None until the first frame.
+        self.guest_mac: bytes | None = None
+        self.rx_frames = 0
+        self.rx_bytes = 0
+        self.tx_frames = 0
+        self.tx_bytes = 0
+        self.tx_dropped = 0
+
+    def stats(self) -> dict[str, object]:
+        """Counters for the stats API."""
+        return {
+            "name": self.name,
+            "guest_mac": None if self.guest_mac is None else self.guest_mac.hex(":"),
+            "frames_in": self.rx_frames,
+            "bytes_in": self.rx_bytes,
+            "frames_out": self.tx_frames,
+            "bytes_out": self.tx_bytes,
+            "frames_out_dropped": self.tx_dropped,
+        }

@@ -1,0 +1,73 @@
+"""Switch: delivers frames from the core to the guest links, by destination MAC.
+
+guestnet may serve several guest links at once (QEMU connections, a TAP, datagram peers). The
+classifier teaches the switch which guest MAC sits behind which port; frames the core emits are
+sent to the port of their destination MAC. Broadcast and unknown destinations are flooded to
+every port, with a copy per extra port, as a learning bridge does.
+"""
+
+from __future__ import annotations
+
+from guestnet.core.port import Port
+from guestnet.counters import Counters
+from guestnet.pool import Frame, FramePool
+
+
+class Switch:
+    """Guest MAC -> port table and the send path toward guests."""
+
+    __slots__ = ("_by_mac", "counters", "pool", "ports")
+
+    def __init__(self, pool: FramePool, counters: Counters) -> None:
+        self.pool = pool
+        self.counters = counters
+        self.ports: list[Port] = []
+        self._by_mac: dict[bytes, Port] = {}
+
+    def attach(self, port: Port) -> None:
+        """Add a port (a link came up)."""
+        self.ports.append(port)
+
+    def detach(self, port: Port) -> None:
+        """Remove a port (a link went away) and forget the MAC learned on it."""
+        if port in self.ports:
+            self.ports.remove(port)
+        if port.guest_mac is not None and self._by_mac.get(port.guest_mac) is port:
+            del self._by_mac[port.guest_mac]
+
+    def learn(self, port: Port, mac: bytes) -> None:
+        """Record that ``mac`` speaks on ``port``; a new MAC on a port replaces the old one."""
+        old = port.guest_mac
+        if old == mac and self._by_mac.get(mac) is port:
+            return
+        if old is not None and old != mac:
+            self.counters.inc("eth.guest_mac.changed")
+            if self._by_mac.get(old) is port:
+                del self._by_mac[old]
+        port.guest_mac = mac
+        self._by_mac[mac] = port
+
+    def port_for(self, mac: bytes) -> Port | None:
+        """The port a guest MAC was last seen on."""
+        return self._by_mac.get(mac)
+
+    def send(self, frame: Frame) -> None:
+        """Deliver ``frame`` toward its destination MAC; takes ownership of the frame."""
+        data = frame.view
+        start = frame.start
+        dst = bytes(data[start : start + 6])
+        port = self._by_mac.get(dst)
+        if port is not None:
+            port.send(frame)
+            return
+        ports = self.ports
+        if not ports:
+            self.counters.inc("switch.no_port")
+            self.pool.release(frame)
+            return
+        for extra in ports[1:]:
+            copy = self.pool.acquire()
+            copy.length = frame.length
+            copy.view[copy.start : copy.start + frame.length] = frame.data
+            extra.send(copy)
+        ports[0].send(frame)

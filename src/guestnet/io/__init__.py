@@ -1,0 +1,1 @@
+"""The only code that touches file descriptors: the loop, the guest links, host sockets."""

@@ -1,0 +1,148 @@
+"""The datapath loop: one thread, epoll, a timer heap.
+
+Each turn the loop sizes its epoll timeout from the core's next deadline, waits, dispatches every
+ready fd to the handler registered for it, then fires the timers that are due. Handlers drain
+their fd in batches (until EAGAIN or a per-wake budget) so one busy fd cannot starve the others.
+
+Kernel subtleties worth remembering:
+
+- epoll reports by fd number. A handler may close an fd that a later event in the same batch
+  refers to, and a new socket may reuse that number at once; handlers are looked up afresh for
+  each event, and a handler on a reused number sees at worst a spurious wake-up (EAGAIN).
+- Level-triggered registration is used throughout: a handler that stops before EAGAIN (budget
+  spent) is woken again on the next turn.
+- Signals (SIGINT/SIGTERM) are delivered through ``signal.set_wakeup_fd`` so that a blocking
+  epoll wait returns at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import signal
+import time
+from collections.abc import Callable
+
+from guestnet.core.timers import Timer, TimerWheel
+
+log = logging.getLogger(__name__)
+
+EPOLLIN = select.EPOLLIN
+EPOLLOUT = select.EPOLLOUT
+EPOLLERR = select.EPOLLERR
+EPOLLHUP = select.EPOLLHUP
+
+Handler = Callable[[int], None]
+
+
+class Loop:
+    """The single-threaded event loop that owns every fd and timer of a guestnet instance."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.timers = TimerWheel()
+        self._epoll = select.epoll()
+        self._handlers: dict[int, Handler] = {}
+        self._events: dict[int, int] = {}
+        self._running = False
+        self._wakeup_r = -1
+        self._wakeup_w = -1
+        self.stop_signal: int | None = None
+
+    def now(self) -> float:
+        """Seconds on the loop's monotonic clock."""
+        return self.clock()
+
+    def add_fd(self, fd: int, events: int, handler: Handler) -> None:
+        """Watch ``fd`` for ``events``; ``handler(events)`` runs when it is ready."""
+        self._epoll.register(fd, events)
+        self._handlers[fd] = handler
+        self._events[fd] = events
+
+    def modify_fd(self, fd: int, events: int) -> None:
+        """Change the events watched on ``fd`` (no system call when unchanged)."""
+        if self._events.get(fd) != events:
+            self._epoll.modify(fd, events)
+            self._events[fd] = events
+
+    def remove_fd(self, fd: int) -> None:
+        """Stop watching ``fd``; call before closing it."""
+        if self._handlers.pop(fd, None) is not None:
+            self._events.pop(fd, None)
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(fd)
+
+    def call_at(self, when: float, callback: Callable[[float], None]) -> Timer:
+        """Run ``callback(now)`` at ``when`` on the loop's clock."""
+        return self.timers.call_at(when, callback)
+
+    def call_later(self, delay: float, callback: Callable[[float], None]) -> Timer:
+        """Run ``callback(now)`` after ``delay`` seconds."""
+        return self.timers.call_at(self.clock() + delay, callback)
+
+    def install_signal_handlers(self) -> None:
+        """End the loop cleanly on SIGINT and SIGTERM."""
+        self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
+
+        def on_signal(signum: int, _frame: object) -> None:
+            self.stop_signal = signum
+            self._running = False
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        self.add_fd(self._wakeup_r, EPOLLIN, self._drain_wakeup)
+
+    def _drain_wakeup(self, _events: int) -> None:
+        try:
+            while os.read(self._wakeup_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def stop(self) -> None:
+        """Make :meth:`run` return after the current turn."""
+        self._running = False
+
+    def run_once(self, max_wait: float | None = None) -> None:
+        """One turn: wait for fds or the next deadline (at most ``max_wait``), then dispatch."""
+        deadline = self.timers.next_deadline()
+        timeout = -1.0
+        if deadline is not None:
+            timeout = max(0.0, deadline - self.clock())
+        if max_wait is not None and (timeout < 0 or timeout > max_wait):
+            timeout = max_wait
+        try:
+            ready = self._epoll.poll(timeout, 256)
+        except InterruptedError:
+            ready = []
+        handlers = self._handlers
+        for fd, events in ready:
+            handler = handlers.get(fd)
+            if handler is not None:
+                handler(events)
+        self.timers.run_due(self.clock())
+
+    def run(self, until: Callable[[], bool] | None = None) -> None:
+        """Run until :meth:`stop`, a signal, or ``until()`` turns true."""
+        self._running = True
+        while self._running:
+            self.run_once()
+            if until is not None and until():
+                break
+
+    def close(self) -> None:
+        """Release the epoll fd and the signal wake-up pipe."""
+        if self._wakeup_w >= 0:
+            signal.set_wakeup_fd(-1)
+            for fd in (self._wakeup_r, self._wakeup_w):
+                try:
+                    os.close(fd)
+                except OSError as exc:
+                    if exc.errno != errno.EBADF:
+                        raise
+            self._wakeup_r = self._wakeup_w = -1
+        self._epoll.close()

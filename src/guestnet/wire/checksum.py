@@ -1,0 +1,62 @@
+"""The Internet checksum (RFC 1071), with a numpy fast path for large buffers.
+
+The ones'-complement sum of 16-bit big-endian words equals the buffer read as one big integer
+modulo 0xffff (since 2**16 == 1 mod 0xffff), which CPython computes in C. That is fastest for
+small buffers (0.6 us at 256 bytes here, against numpy's fixed ~1.7 us); from about 768 bytes
+numpy's vectorised sum of ``>u2`` words wins, by 10x at 64 KiB (14 us against 138 us).
+``bench/bench_checksum.py`` measures the crossover.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: Above this many bytes the numpy path is used (see bench/bench_checksum.py).
+NUMPY_THRESHOLD = 768
+
+_BE16 = np.dtype(">u2")
+
+
+def _fold(total: int) -> int:
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def ones_sum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
+    """The 16-bit ones'-complement sum of ``data`` plus ``initial`` (not complemented).
+
+    An odd length is padded with a zero byte, as RFC 1071 says.
+    """
+    n = len(data)
+    if n >= NUMPY_THRESHOLD:
+        even = n & ~1
+        total = int(np.frombuffer(data, dtype=_BE16, count=even >> 1).sum(dtype=np.uint64))
+        if n & 1:
+            total += data[n - 1] << 8
+        return _fold(total + initial)
+    if n & 1:
+        value = int.from_bytes(data, "big") << 8
+    else:
+        value = int.from_bytes(data, "big")
+    if value == 0:
+        return _fold(initial)
+    rem = value % 0xFFFF
+    return _fold((rem if rem else 0xFFFF) + initial)
+
+
+def checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
+    """The Internet checksum of ``data``: the complement of its ones'-complement sum."""
+    return ~ones_sum(data, initial) & 0xFFFF
+
+
+def pseudo_header_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
+    """Ones'-complement sum of the IPv4 pseudo-header used by TCP and UDP."""
+    return _fold(
+        int.from_bytes(src[:2], "big")
+        + int.from_bytes(src[2:4], "big")
+        + int.from_bytes(dst[:2], "big")
+        + int.from_bytes(dst[2:4], "big")
+        + proto
+        + length
+    )
