@@ -1,0 +1,7 @@
+"""``python -m guestnet``."""
+
+import sys
+
+from guestnet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,287 @@
+"""The command line: ``guestnet run|netns|qemu|dgram`` and the options they share.
+
+Every datapath subcommand takes the same options (:func:`add_datapath_options`), after the
+subcommand name; later features add theirs there, so all four stay in step. Invalid values get a
+one-line error naming the option and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from guestnet import __version__
+from guestnet.config import MAX_MTU, MIN_MTU, Config, parse_mac
+from guestnet.instance import Instance, raise_nofile_limit
+
+log = logging.getLogger("guestnet")
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line (no usage dump) and exit with status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+# -- option types: each raises ArgumentTypeError, which argparse prefixes with the option name --
+
+
+def _mac(text: str) -> bytes:
+    try:
+        mac = parse_mac(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    if mac[0] & 1:
+        raise argparse.ArgumentTypeError(f"{text} is a multicast address")
+    return mac
+
+
+def _ipv4(text: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an IPv4 address: {text!r}") from exc
+
+
+def _subnet(text: str) -> ipaddress.IPv4Network:
+    try:
+        return ipaddress.IPv4Network(text, strict=False)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an IPv4 subnet: {text!r}") from exc
+
+
+def _int_range(lo: int, hi: int) -> type[int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} is outside {lo}..{hi}")
+        return value
+
+    return parse  # type: ignore[return-value]
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``PORT`` (host 127.0.0.1)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        ipaddress.ip_address(host)
+        number = int(port, 10)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}") from exc
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"port {number} is outside 0..65535")
+    return host, number
+
+
+def add_datapath_options(p: argparse.ArgumentParser) -> None:
+    """Options every datapath subcommand (run, netns, qemu, dgram) accepts."""
+    d = Config()
+    g = p.add_argument_group("guest network")
+    g.add_argument("--subnet", type=_subnet, default=d.subnet, help="guest subnet (%(default)s)")
+    g.add_argument(
+        "--gateway",
+        type=_ipv4,
+        default=d.gateway,
+        help="guestnet's address, stands for the host (%(default)s)",
+    )
+    g.add_argument(
+        "--dns-ip", type=_ipv4, default=d.dns_ip, help="built-in DNS address (%(default)s)"
+    )
+    g.add_argument(
+        "--guest-ip", type=_ipv4, default=d.guest_ip, help="the guest's address (%(default)s)"
+    )
+    g.add_argument(
+        "--mtu",
+        type=_int_range(MIN_MTU, MAX_MTU),
+        default=d.mtu,
+        help="guest link MTU (%(default)s)",
+    )
+    g.add_argument("--mac", type=_mac, default=d.mac, help="guestnet's own MAC (52:55:0a:00:02:02)")
+    g.add_argument(
+        "--guest-mac",
+        type=_mac,
+        default=d.guest_mac,
+        help="MAC of an interface guestnet creates (52:54:00:12:34:56)",
+    )
+    g.add_argument(
+        "--pool-slots",
+        type=_int_range(1, 65536),
+        default=d.pool_slots,
+        help="pooled frame buffers per direction (%(default)s)",
+    )
+    p.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default="warning",
+        help="log verbosity (%(default)s)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Build the Config from parsed options; raises ValueError naming the option."""
+    return Config(
+        subnet=args.subnet,
+        gateway=args.gateway,
+        dns_ip=args.dns_ip,
+        guest_ip=args.guest_ip,
+        mtu=args.mtu,
+        mac=args.mac,
+        guest_mac=args.guest_mac,
+        pool_slots=args.pool_slots,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full command line."""
+    parser = _Parser(
+        prog="guestnet", description="User-mode networking for VMs and network namespaces."
+    )
+    parser.add_argument("--version", action="version", version=f"guestnet {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser(
+        "run",
+        help="run a command in a new network namespace served by guestnet",
+        description="Run CMD in new network (and, when not root, user) and mount "
+        "namespaces whose interface guestnet serves; exit with CMD's status.",
+    )
+    add_datapath_options(run)
+    run.add_argument("--ifname", default="eth0", help="interface name inside (%(default)s)")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...] (default: a shell)")
+
+    netns = sub.add_parser(
+        "netns",
+        help="attach an existing network namespace",
+        description="Create a TAP interface in an existing network namespace and serve it.",
+    )
+    add_datapath_options(netns)
+    netns.add_argument(
+        "target", help="PID, /proc/PID/ns/net, /run/netns/NAME path, or a NAME under /run/netns"
+    )
+    netns.add_argument("--userns", help="user namespace owning the target (e.g. /proc/PID/ns/user)")
+    netns.add_argument("--ifname", default="eth0", help="interface name (%(default)s)")
+    netns.add_argument(
+        "--configure",
+        action="store_true",
+        help="bring lo and the interface up and set address, route and MTU "
+        "(otherwise left down for the guest's own DHCP client)",
+    )
+
+    qemu = sub.add_parser("qemu", help="serve QEMU's -netdev stream (or legacy socket) protocol")
+    add_datapath_options(qemu)
+    where = qemu.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", help="unix socket path to listen on (mode 0600)")
+    where.add_argument(
+        "--listen",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="TCP address to listen on (host defaults to 127.0.0.1)",
+    )
+
+    dgram = sub.add_parser("dgram", help="serve a unix datagram link (QEMU -netdev dgram, vfkit)")
+    add_datapath_options(dgram)
+    dgram.add_argument(
+        "--socket", required=True, help="unix datagram socket path to bind (mode 0600)"
+    )
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        stream=sys.stderr,
+        format="guestnet: %(levelname)s: %(message)s",
+    )
+
+
+def _serve(inst: Instance) -> int:
+    inst.loop.install_signal_handlers()
+    try:
+        inst.run()
+    finally:
+        inst.close()
+    return 0
+
+
+def cmd_qemu(args: argparse.Namespace, config: Config) -> int:
+    """Serve QEMU stream connections until a signal."""
+    from guestnet.io.links import StreamServer
+
+    inst = Instance(config)
+    mac = config.guest_mac.hex(":")
+    try:
+        if args.socket:
+            path = os.path.abspath(args.socket)
+            StreamServer.listen_unix(inst, path)
+            addr = f"addr.type=unix,addr.path={path}"
+        else:
+            host, port = args.listen
+            server = StreamServer.listen_tcp(inst, host, port)
+            port = server.sock.getsockname()[1]
+            addr = f"addr.type=inet,addr.host={host},addr.port={port}"
+    except OSError as exc:
+        inst.close()
+        print(f"guestnet qemu: error: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"-netdev stream,id=net0,server=off,{addr} -device virtio-net-pci,netdev=net0,mac={mac}",
+        flush=True,
+    )
+    return _serve(inst)
+
+
+def cmd_dgram(args: argparse.Namespace, config: Config) -> int:
+    """Serve one unix datagram link until a signal."""
+    from guestnet.io.links import DgramLink
+
+    inst = Instance(config)
+    path = os.path.abspath(args.socket)
+    try:
+        DgramLink.bind_unix(inst, path)
+    except OSError as exc:
+        inst.close()
+        print(f"guestnet dgram: error: cannot bind {path}: {exc}", file=sys.stderr)
+        return 1
+    mac = config.guest_mac.hex(":")
+    print(
+        f"-netdev dgram,id=net0,local.type=unix,local.path=GUEST_SOCKET,remote.type=unix,"
+        f"remote.path={path} -device virtio-net-pci,netdev=net0,mac={mac}",
+        flush=True,
+    )
+    return _serve(inst)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``guestnet`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"guestnet {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    raise_nofile_limit()
+    if args.command == "qemu":
+        return cmd_qemu(args, config)
+    if args.command == "dgram":
+        return cmd_dgram(args, config)
+    from guestnet.io import netns as netns_cmds
+
+    if args.command == "run":
+        return netns_cmds.cmd_run(args, config)
+    return netns_cmds.cmd_netns(args, config)

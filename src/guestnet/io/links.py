@@ -1,0 +1,389 @@
+"""Guest links: small classes over one fd each, feeding the same loop.
+
+A link reads guest frames, hands each to the classifier as a view that lives only for the call,
+and writes the frames the core emits, each with the link's own prefix written into the frame's
+headroom so header and frame leave in one system call.
+
+Writes never block the loop: a frame the kernel cannot take now waits in a bounded per-link
+queue (EPOLLOUT wakes us when there is room); beyond the bound, frames are dropped and counted
+(``link.tx.queue_full``). A full guest is a slow guest; TCP above us recovers from the loss.
+
+Links here:
+
+- :class:`StreamServer` / :class:`StreamLink`: QEMU's ``-netdev stream`` (and legacy
+  ``-netdev socket``): each frame is a 4-byte big-endian length and the frame, over a unix or TCP
+  stream. Many frames are read per ``recv_into`` and cut in place. A length of 0 or above 69,632
+  (QEMU's own limit) means the stream is corrupt: that connection is closed and counted.
+- :class:`DgramLink`: QEMU ``-netdev dgram`` and vfkit: one frame per unix datagram, replies go
+  to the last sender's address; vfkit's initial 4-byte ``VFKT`` datagram is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+from collections import deque
+from typing import TYPE_CHECKING
+
+from guestnet.core.port import Port
+from guestnet.io.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
+from guestnet.pool import HEADROOM, Frame
+
+if TYPE_CHECKING:
+    from guestnet.instance import Instance
+
+log = logging.getLogger(__name__)
+
+#: QEMU refuses stream frames above this length (NET_BUFSIZE); so do we.
+QEMU_MAX_FRAME = 69632
+#: Frames waiting for room in a link's kernel buffer before new ones are dropped.
+TX_QUEUE_MAX = 1024
+#: Reads per wake-up before yielding to other fds (level-triggered: we are woken again).
+RX_BUDGET = 64
+#: Bytes read per recv_into on a stream: many frames at a time.
+STREAM_RX_CHUNK = 256 * 1024
+
+_LEN = struct.Struct("!I")
+
+
+class Link:
+    """What every guest link shares: its Port, the bounded transmit queue, loop registration."""
+
+    kind = "link"
+
+    def __init__(self, inst: Instance, fd: int, name: str) -> None:
+        self.inst = inst
+        self.fd = fd
+        self.name = name
+        self.port = Port(name, self.send)
+        self.closed = False
+        #: Frames not yet written, and how much of the first was written (streams only).
+        self._txq: deque[Frame] = deque()
+        self._tx_partial = 0
+        inst.switch.attach(self.port)
+        inst.links.append(self)
+        inst.loop.add_fd(fd, EPOLLIN, self._on_events)
+
+    # -- transmit ---------------------------------------------------------------------------
+
+    def send(self, frame: Frame) -> None:
+        """Write ``frame`` toward the guest, or queue it; takes ownership of the frame."""
+        port = self.port
+        if self.closed:
+            port.tx_dropped += 1
+            self.inst.pool_to_guest.release(frame)
+            return
+        port.tx_frames += 1
+        port.tx_bytes += frame.length
+        if self._txq:
+            self._enqueue(frame)
+            return
+        done = self._write(frame, 0)
+        if done is None:
+            return
+        if done < 0:
+            self.inst.pool_to_guest.release(frame)
+            return
+        self._tx_partial = done
+        self._enqueue(frame)
+        self.inst.loop.modify_fd(self.fd, EPOLLIN | EPOLLOUT)
+
+    def _enqueue(self, frame: Frame) -> None:
+        if len(self._txq) >= TX_QUEUE_MAX:
+            self.port.tx_dropped += 1
+            self.inst.counters.inc("link.tx.queue_full")
+            self.inst.pool_to_guest.release(frame)
+            return
+        self._txq.append(frame)
+
+    def _write(self, frame: Frame, offset: int) -> int | None:
+        """Write the frame from ``offset`` (of the link's wire form).
+
+        Returns None when it all went out (the frame is then released), the new offset when only
+        part went out or nothing could (EAGAIN: the caller queues it), or -1 on a hard error.
+        """
+        raise NotImplementedError
+
+    def _flush(self) -> None:
+        q = self._txq
+        release = self.inst.pool_to_guest.release
+        while q:
+            done = self._write(q[0], self._tx_partial)
+            if done is None:
+                q.popleft()
+                self._tx_partial = 0
+                continue
+            if done < 0:
+                release(q.popleft())
+                self._tx_partial = 0
+                continue
+            self._tx_partial = done
+            return
+        if not self.closed:
+            self.inst.loop.modify_fd(self.fd, EPOLLIN)
+
+    # -- receive ----------------------------------------------------------------------------
+
+    def _on_events(self, events: int) -> None:
+        if events & EPOLLOUT:
+            self._flush()
+        if self.closed:
+            return
+        if events & (EPOLLIN | EPOLLERR | EPOLLHUP):
+            self._on_readable()
+
+    def _on_readable(self) -> None:
+        raise NotImplementedError
+
+    # -- teardown ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Unregister and close the fd, drop queued frames, forget the port."""
+        if self.closed:
+            return
+        self.closed = True
+        inst = self.inst
+        inst.loop.remove_fd(self.fd)
+        inst.switch.detach(self.port)
+        if self in inst.links:
+            inst.links.remove(self)
+        while self._txq:
+            inst.pool_to_guest.release(self._txq.popleft())
+        self._close_fd()
+
+    def _close_fd(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+    def stats(self) -> dict[str, object]:
+        """Per-link counters for the stats API."""
+        out = self.port.stats()
+        out["kind"] = self.kind
+        out["tx_queue"] = len(self._txq)
+        return out
+
+
+class StreamLink(Link):
+    """One QEMU stream connection: length-prefixed frames over a byte stream."""
+
+    kind = "qemu-stream"
+
+    def __init__(self, inst: Instance, sock: socket.socket, name: str) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._rx = bytearray(STREAM_RX_CHUNK + QEMU_MAX_FRAME + 4)
+        self._rxv = memoryview(self._rx)
+        self._rx_len = 0
+        super().__init__(inst, sock.fileno(), name)
+
+    def _write(self, frame: Frame, offset: int) -> int | None:
+        start = frame.start - 4
+        _LEN.pack_into(frame.view, start, frame.length)
+        end = frame.start + frame.length
+        try:
+            sent = self.sock.send(frame.view[start + offset : end])
+        except BlockingIOError:
+            return offset
+        except OSError as exc:
+            self._hard_error(exc)
+            return -1
+        if start + offset + sent == end:
+            self.inst.pool_to_guest.release(frame)
+            return None
+        return offset + sent
+
+    def _hard_error(self, exc: OSError) -> None:
+        self.inst.counters.inc("link.stream.error")
+        log.info("%s: %s; closing", self.name, exc)
+        self.inst.loop.call_later(0, lambda _now: self.close())
+
+    def _on_readable(self) -> None:
+        rxv = self._rxv
+        classify = self.inst.classifier.handle_frame
+        port = self.port
+        now = self.inst.loop.now()
+        for _ in range(RX_BUDGET):
+            try:
+                n = self.sock.recv_into(rxv[self._rx_len :])
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.inst.counters.inc("link.stream.error")
+                log.info("%s: %s; closing", self.name, exc)
+                self.close()
+                return
+            if n == 0:
+                log.info("%s: guest closed the connection", self.name)
+                self.close()
+                return
+            avail = self._rx_len + n
+            pos = 0
+            while avail - pos >= 4:
+                flen = _LEN.unpack_from(rxv, pos)[0]
+                if flen == 0 or flen > QEMU_MAX_FRAME:
+                    self.inst.counters.inc("link.stream.corrupt")
+                    log.warning("%s: bad frame length %d; closing the connection", self.name, flen)
+                    self.close()
+                    return
+                if avail - pos - 4 < flen:
+                    break
+                classify(rxv[pos + 4 : pos + 4 + flen], port, now)
+                pos += 4 + flen
+            rest = avail - pos
+            if rest and pos:
+                rxv[:rest] = rxv[pos:avail]
+            self._rx_len = rest
+            if n < len(rxv) - (avail - n):
+                # The socket had less than we asked for: it is drained.
+                return
+
+    def _close_fd(self) -> None:
+        self.sock.close()
+
+
+class StreamServer:
+    """Listens for QEMU stream connections (unix path or TCP) and makes a StreamLink of each."""
+
+    def __init__(self, inst: Instance, sock: socket.socket, description: str) -> None:
+        self.inst = inst
+        self.sock = sock
+        self.description = description
+        self.unix_path: str | None = None
+        self._count = 0
+        sock.setblocking(False)
+        inst.loop.add_fd(sock.fileno(), EPOLLIN, self._on_accept)
+        inst.on_close(self.close)
+
+    @classmethod
+    def listen_unix(cls, inst: Instance, path: str) -> StreamServer:
+        """Listen on a unix socket at ``path``, mode 0600 (umask set before bind)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        _bind_private(sock, path)
+        sock.listen(8)
+        server = cls(inst, sock, f"unix:{path}")
+        server.unix_path = path
+        return server
+
+    @classmethod
+    def listen_tcp(cls, inst: Instance, host: str, port: int) -> StreamServer:
+        """Listen on TCP ``host:port`` (IPv6 when ``host`` contains a colon)."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(8)
+        return cls(inst, sock, f"tcp:{host}:{sock.getsockname()[1]}")
+
+    def _on_accept(self, _events: int) -> None:
+        while True:
+            try:
+                conn, _addr = self.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.inst.counters.inc("link.stream.accept_error")
+                log.warning("accept on %s: %s", self.description, exc)
+                return
+            self._count += 1
+            if conn.family != socket.AF_UNIX:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            name = f"qemu{self._count}"
+            log.info("%s: guest connected on %s", name, self.description)
+            StreamLink(self.inst, conn, name)
+
+    def close(self) -> None:
+        """Stop listening; remove the socket file."""
+        self.inst.loop.remove_fd(self.sock.fileno())
+        self.sock.close()
+        if self.unix_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.unix_path)
+
+
+class DgramLink(Link):
+    """One frame per unix datagram; replies go to the last sender (QEMU dgram, vfkit)."""
+
+    kind = "dgram"
+
+    def __init__(self, inst: Instance, sock: socket.socket, name: str, path: str | None) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.path = path
+        self.peer: str | None = None
+        super().__init__(inst, sock.fileno(), name)
+        inst.on_close(self.close)
+
+    @classmethod
+    def bind_unix(cls, inst: Instance, path: str) -> DgramLink:
+        """Bind a unixgram socket at ``path`` (mode 0600)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        _bind_private(sock, path)
+        return cls(inst, sock, "dgram", path)
+
+    def _write(self, frame: Frame, offset: int) -> int | None:
+        peer = self.peer
+        if peer is None:
+            self.inst.counters.inc("link.dgram.no_peer")
+            return -1
+        try:
+            self.sock.sendto(frame.data, peer)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            # The peer went away (ECONNREFUSED, ENOENT): drop and wait for the next sender.
+            self.inst.counters.inc("link.dgram.send_error")
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                self.peer = None
+            return -1
+        self.inst.pool_to_guest.release(frame)
+        return None
+
+    def _on_readable(self) -> None:
+        pool = self.inst.pool_from_guest
+        classify = self.inst.classifier.handle_frame
+        now = self.inst.loop.now()
+        frame = pool.acquire()
+        room = frame.view[HEADROOM:]
+        try:
+            for _ in range(RX_BUDGET):
+                try:
+                    n, addr = self.sock.recvfrom_into(room)
+                except BlockingIOError:
+                    return
+                except OSError as exc:
+                    self.inst.counters.inc("link.dgram.error")
+                    log.info("%s: %s", self.name, exc)
+                    return
+                if addr and addr != self.peer:
+                    self.peer = addr
+                    log.info("%s: peer is %s", self.name, addr)
+                if n == 4 and bytes(room[:4]) == b"VFKT":
+                    continue
+                classify(room[:n], self.port, now)
+        finally:
+            pool.release(frame)
+
+    def _close_fd(self) -> None:
+        self.sock.close()
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+def _bind_private(sock: socket.socket, path: str) -> None:
+    """Bind a unix socket so that only its owner can use it (mode 0600 from birth)."""
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(f"{path} exists and is not a socket")
+        os.unlink(path)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
