@@ -35,7 +35,7 @@ class Verdict(NamedTuple):
 class Policy:
     """Maps guest destinations to host destinations, or refuses them."""
 
-    __slots__ = ("_cache", "config", "host_addrs", "subnet_net", "subnet_mask")
+    __slots__ = ("_cache", "config", "host_addrs", "subnet_mask", "subnet_net")
 
     def __init__(self, config: Config, host_addrs: frozenset[bytes] = frozenset()) -> None:
         self.config = config
