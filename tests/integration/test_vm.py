@@ -13,15 +13,7 @@ from pathlib import Path
 
 import pytest
 from vm.fixtures import VmImage, vm_image, vm_sock_dir  # noqa: F401
-from vm.qemu import (
-    VmResult,
-    background_process,
-    dgram_netdev,
-    guestnet_argv,
-    run_vm,
-    sandbox_netns,
-    stream_netdev,
-)
+from vm.qemu import guestnet_vm
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
 
@@ -38,36 +30,6 @@ section neigh ip neigh show
 """
 
 
-def boot_with_guestnet(
-    image: VmImage,
-    mode: str,
-    script: str,
-    tmp_path: Path,
-    sock_dir: Path,
-) -> VmResult:
-    """Boot the guest with `script` against a guestnet in `mode` ("qemu" or "dgram")."""
-    guestnet_sock = sock_dir / "guestnet.sock"
-    if mode == "qemu":
-        netdev = stream_netdev(guestnet_sock)
-    else:
-        netdev = dgram_netdev(sock_dir / "qemu.sock", guestnet_sock)
-    initrd = image.initrd_with_script(script, tmp_path / "initrd.img")
-    with (
-        sandbox_netns() as netns,
-        background_process(
-            guestnet_argv(mode, guestnet_sock),
-            tmp_path / "guestnet.log",
-            netns=netns,
-            wait_for_path=guestnet_sock,
-        ) as guestnet,
-    ):
-        result = run_vm(image.kernel, initrd, netdev, tmp_path, netns=netns, timeout_s=VM_TIMEOUT_S)
-        alive = guestnet.proc.poll() is None
-    assert alive, f"guestnet died during the boot:\n{guestnet.log()}\n{result.describe()}"
-    assert not result.timed_out, result.describe()
-    return result
-
-
 @pytest.mark.parametrize("mode", ["qemu", "dgram"], ids=["stream", "dgram"])
 def test_guest_learns_gateway_mac(
     vm_image: VmImage,  # noqa: F811
@@ -75,7 +37,8 @@ def test_guest_learns_gateway_mac(
     tmp_path: Path,
     mode: str,
 ) -> None:
-    result = boot_with_guestnet(vm_image, mode, ARP_SCRIPT, tmp_path, vm_sock_dir)
+    with guestnet_vm(vm_image, mode, tmp_path, vm_sock_dir) as gv:
+        result = gv.boot(ARP_SCRIPT, timeout_s=VM_TIMEOUT_S)
     neigh = result.section("neigh")
     assert re.search(rf"^10\.0\.2\.2 dev eth0 lladdr {GATEWAY_MAC}\b", neigh, re.MULTILINE), (
         result.describe()

@@ -1,7 +1,7 @@
 """pytest fixtures for VM tests. Import them into the test module (they are not in a conftest, so
 that only modules that boot VMs see them):
 
-    from vm.fixtures import vm_image  # noqa: F401
+    from vm.fixtures import vm_image, vm_sock_dir  # noqa: F401
 """
 
 from __future__ import annotations
@@ -10,25 +10,14 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from .initramfs import GuestKernel, base_initramfs, find_busybox, find_kernel, write_initrd
+from .initramfs import VmImage, base_initramfs, find_busybox, find_kernel
 from .qemu import qemu_binary
 
-
-@dataclass(frozen=True)
-class VmImage:
-    """What every VM test boots: the kernel and the cached base initramfs."""
-
-    kernel: GuestKernel
-    base_initrd: Path
-
-    def initrd_with_script(self, script: str, out: Path) -> Path:
-        """A per-test initrd at `out`: the base plus /guest/script.sh."""
-        return write_initrd(self.base_initrd, script, out)
+__all__ = ["VmImage", "vm_image", "vm_sock_dir"]
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,8 @@ Each test adds its own steps: `write_initrd()` appends a second, uncompressed cp
 /guest/script.sh to a copy of the cached base. The kernel unpacks concatenated archives in order, so
 the guest sees one root filesystem; /init sources the script. A test's script is therefore plain
 busybox shell, and can call `section NAME CMD...` to print CMD's output between markers that
-`qemu.parse_sections()` picks out of the console.
+`qemu.parse_sections()` picks out of the console. `udhcpc -i eth0` applies a lease through
+/etc/udhcpc/default.script (udhcpc.script), which also prints it as a `@@GUESTNET-DHCP ...@@` line.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ BUSYBOX_PATH = Path("/bin/busybox")
 BOOT_DIR = Path("/boot")
 MODULES_ROOT = Path("/lib/modules")
 INIT_TEMPLATE = Path(__file__).with_name("guest_init.sh")
+UDHCPC_SCRIPT = Path(__file__).with_name("udhcpc.script")
 SCRIPT_PATH_IN_GUEST = "guest/script.sh"
 CACHE_DIR = Path(tempfile.gettempdir()) / "guestnet-vm-cache"
 
@@ -57,6 +59,18 @@ class GuestKernel:
     version: str
     vmlinuz: Path
     modules_dir: Path
+
+
+@dataclass(frozen=True)
+class VmImage:
+    """What every VM test boots: the kernel and the cached base initramfs."""
+
+    kernel: GuestKernel
+    base_initrd: Path
+
+    def initrd_with_script(self, script: str, out: Path) -> Path:
+        """A per-test initrd at `out`: the base plus `script` as /guest/script.sh."""
+        return write_initrd(self.base_initrd, script, out)
 
 
 def find_kernel() -> GuestKernel | None:
@@ -171,8 +185,9 @@ def render_init(modules: list[str]) -> bytes:
 def build_base_archive(kernel: GuestKernel, busybox: Path) -> bytes:
     """The gzip-compressed base initramfs: busybox, modules, /init."""
     cpio = CpioWriter()
-    for d in ("bin", "sbin", "dev", "proc", "sys", "tmp", "etc", "guest", "lib", "lib/modules"):
+    for d in ("bin", "sbin", "dev", "proc", "sys", "tmp", "etc", "etc/udhcpc", "guest", "lib"):
         cpio.directory(d)
+    cpio.directory("lib/modules")
     # The kernel opens /dev/console for PID 1 before /init runs; without the node /init has no
     # stdout at all (devtmpfs is mounted later, by /init).
     cpio.char_device("dev/console", 5, 1)
@@ -185,6 +200,9 @@ def build_base_archive(kernel: GuestKernel, busybox: Path) -> bytes:
             cpio.file(f"lib/modules/{name}.ko", data)
             loaded.append(name)
     cpio.file("init", render_init(loaded), executable=True)
+    # Where Debian's busybox udhcpc looks for its event script (`udhcpc -i eth0` then just works).
+    cpio.file("etc/udhcpc/default.script", UDHCPC_SCRIPT.read_bytes(), executable=True)
+    cpio.file("etc/hosts", b"127.0.0.1 localhost\n")
     archive = gzip.compress(cpio.finish(), compresslevel=6, mtime=0)
     # The kernel looks for the next archive's header at a 4-byte aligned offset, skipping zeros.
     return archive + b"\0" * (-len(archive) % 4)
@@ -197,6 +215,7 @@ def _cache_key(kernel: GuestKernel, busybox: Path) -> str:
     st = busybox.stat()
     h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
     h.update(INIT_TEMPLATE.read_bytes())
+    h.update(UDHCPC_SCRIPT.read_bytes())
     h.update(Path(__file__).read_bytes())
     return f"{kernel.version}-{h.hexdigest()[:16]}"
 

@@ -2,14 +2,18 @@
 
 Theory of operation: a test makes a loopback-only network namespace (`sandbox_netns`), starts
 guestnet inside it (`background_process` with `guestnet_argv`) and waits for guestnet's unix socket
-to appear, then boots QEMU (`run_vm`) in the same namespace with the matching netdev arguments
-(`stream_netdev` or `dgram_netdev`). QEMU runs under TCG with the kernel's console on ttyS0 written
-to a file; the guest's /init runs the test's script and powers off, QEMU exits, and `run_vm` returns
-the console text. `parse_sections` extracts the output of each `section NAME CMD` the script ran.
+to appear, then boots QEMU (`run_vm`, or `start_vm` to act while the guest runs) in the same
+namespace with the matching netdev arguments (`stream_netdev` or `dgram_netdev`); `guestnet_vm`
+does all of that in one block. QEMU runs under TCG with the kernel's console on ttyS0 written to a
+file; the guest's /init runs the test's script and powers off, QEMU exits, and the console text
+comes back in a VmResult. `parse_sections` extracts the output of each `section NAME CMD` the
+script ran.
 
 Every process is killed and every namespace deleted on the way out, also when the test fails.
 Unix sockets bound to a path are reachable from any network namespace; running guestnet and QEMU in
-the sandbox keeps everything either of them might send confined to its loopback.
+the sandbox keeps everything either of them might send confined to its loopback. Note that QEMU 7.2
+does not fail when the stream socket is missing: the guest boots with a dead link, so wait for the
+socket before booting (as `guestnet_vm` does).
 """
 
 from __future__ import annotations
@@ -23,11 +27,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .initramfs import GuestKernel
+from .initramfs import GuestKernel, VmImage
 
 QEMU_BINARY = "qemu-system-x86_64"
 GUEST_MAC = "52:54:00:12:34:56"
@@ -198,6 +202,87 @@ def qemu_argv(
     ]  # fmt: skip
 
 
+class RunningVm:
+    """A booted QEMU whose console a test can watch while the guest runs (for a guest-side server
+    that the host must reach before the guest's script ends)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], console_path: Path, qemu_log_path: Path):
+        self.proc = proc
+        self.console_path = console_path
+        self.qemu_log_path = qemu_log_path
+        self._result: VmResult | None = None
+
+    def console(self) -> str:
+        if not self.console_path.exists():
+            return ""
+        return self.console_path.read_bytes().decode(errors="replace").replace("\r\n", "\n")
+
+    def wait_for(self, pattern: str, timeout_s: float = BOOT_TIMEOUT_S) -> re.Match[str]:
+        """Poll the console until `pattern` (a regex, MULTILINE) appears.
+
+        AssertionError, with the console, if QEMU exits first or the timeout passes.
+        """
+        regex = re.compile(pattern, re.MULTILINE)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            match = regex.search(self.console())
+            if match:
+                return match
+            if self.proc.poll() is not None:
+                raise AssertionError(f"QEMU exited before {pattern!r}:\n{self.stop().describe()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {pattern!r} in {timeout_s} s:\n{self.stop().describe()}")
+            time.sleep(0.05)
+
+    def wait(self, timeout_s: float = BOOT_TIMEOUT_S) -> VmResult:
+        """Wait for the guest to power off; kill QEMU if it has not after `timeout_s`."""
+        timed_out = False
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        return self._finish(timed_out)
+
+    def stop(self) -> VmResult:
+        """Kill QEMU now (if it still runs) and return what the guest printed."""
+        return self._finish(self.proc.poll() is None)
+
+    def _finish(self, timed_out: bool) -> VmResult:
+        if self._result is None:
+            _stop(self.proc, grace_s=2.0)
+            self._result = VmResult(
+                console=self.console(),
+                returncode=None if timed_out else self.proc.returncode,
+                timed_out=timed_out,
+                qemu_log=self.qemu_log_path.read_text(errors="replace"),
+            )
+        return self._result
+
+
+@contextmanager
+def start_vm(
+    kernel: GuestKernel,
+    initrd: Path,
+    netdev: Sequence[str],
+    workdir: Path,
+    *,
+    netns: str | None = None,
+    mac: str = GUEST_MAC,
+) -> Iterator[RunningVm]:
+    """Start QEMU and return at once; QEMU is killed when the block ends."""
+    console_path = workdir / "console.log"
+    qemu_log_path = workdir / "qemu.log"
+    console_path.unlink(missing_ok=True)
+    argv = qemu_argv(kernel, initrd, console_path, netdev, mac=mac)
+    with qemu_log_path.open("wb") as log:
+        proc = subprocess.Popen(in_netns(netns, argv), stdout=log, stderr=subprocess.STDOUT)
+    vm = RunningVm(proc, console_path, qemu_log_path)
+    try:
+        yield vm
+    finally:
+        vm.stop()
+
+
 def run_vm(
     kernel: GuestKernel,
     initrd: Path,
@@ -210,22 +295,73 @@ def run_vm(
 ) -> VmResult:
     """Boot the guest, wait until it powers off (or the timeout passes: then kill it), and return
     the console. Never raises for the guest's failures: assert on the result."""
-    console_path = workdir / "console.log"
-    qemu_log_path = workdir / "qemu.log"
-    argv = qemu_argv(kernel, initrd, console_path, netdev, mac=mac)
-    with qemu_log_path.open("wb") as log:
-        proc = subprocess.Popen(in_netns(netns, argv), stdout=log, stderr=subprocess.STDOUT)
-    timed_out = False
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-    finally:
-        _stop(proc, grace_s=2.0)
-    console = console_path.read_bytes().decode(errors="replace") if console_path.exists() else ""
-    return VmResult(
-        console=console.replace("\r\n", "\n"),
-        returncode=None if timed_out else proc.returncode,
-        timed_out=timed_out,
-        qemu_log=qemu_log_path.read_text(errors="replace"),
-    )
+    with start_vm(kernel, initrd, netdev, workdir, netns=netns, mac=mac) as vm:
+        return vm.wait(timeout_s)
+
+
+@dataclass
+class GuestnetVm:
+    """guestnet running in a sandbox namespace, ready for guests to be booted against it.
+
+    Host-side servers for the guest to reach belong in `netns` too (start them with
+    `background_process(..., netns=gv.netns)`): guestnet's host sockets live there.
+    """
+
+    image: VmImage
+    netns: str
+    guestnet: BackgroundProcess
+    netdev: list[str]
+    workdir: Path
+
+    def start(self, script: str) -> AbstractContextManager[RunningVm]:
+        """Boot a guest running `script` and return at once (see RunningVm)."""
+        initrd = self.image.initrd_with_script(script, self.workdir / "initrd.img")
+        return start_vm(self.image.kernel, initrd, self.netdev, self.workdir, netns=self.netns)
+
+    def boot(self, script: str, timeout_s: float = BOOT_TIMEOUT_S) -> VmResult:
+        """Boot a guest running `script` until it powers off. Fails the test if the guest does not
+        power off in time or guestnet died meanwhile."""
+        with self.start(script) as vm:
+            result = vm.wait(timeout_s)
+        self.assert_alive(result)
+        assert not result.timed_out, result.describe()
+        return result
+
+    def assert_alive(self, result: VmResult | None = None) -> None:
+        if self.guestnet.proc.poll() is not None:
+            extra = result.describe() if result else ""
+            raise AssertionError(
+                f"guestnet exited with {self.guestnet.proc.returncode}:\n{self.guestnet.log()}\n"
+                + extra
+            )
+
+
+@contextmanager
+def guestnet_vm(
+    image: VmImage,
+    mode: str,
+    workdir: Path,
+    sock_dir: Path,
+    *,
+    guestnet_args: Sequence[str] = (),
+) -> Iterator[GuestnetVm]:
+    """A sandbox namespace with guestnet in it serving one QEMU link.
+
+    mode: "qemu" (QEMU -netdev stream to guestnet's listening unix socket) or "dgram" (QEMU
+    -netdev dgram to guestnet's bound unixgram socket). guestnet_args go after the subcommand.
+    """
+    guestnet_sock = sock_dir / "guestnet.sock"
+    if mode == "qemu":
+        netdev = stream_netdev(guestnet_sock)
+    elif mode == "dgram":
+        netdev = dgram_netdev(sock_dir / "qemu.sock", guestnet_sock)
+    else:
+        raise ValueError(f"unknown guestnet mode {mode!r}")
+    argv = guestnet_argv(mode, guestnet_sock, *guestnet_args)
+    with (
+        sandbox_netns() as netns,
+        background_process(
+            argv, workdir / "guestnet.log", netns=netns, wait_for_path=guestnet_sock
+        ) as guestnet,
+    ):
+        yield GuestnetVm(image, netns, guestnet, netdev, workdir)
