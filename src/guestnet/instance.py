@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from guestnet.config import Config
 from guestnet.core.classifier import FrameClassifier
+from guestnet.core.dhcp import DhcpServer
 from guestnet.core.switch import Switch
 from guestnet.counters import Counters
 from guestnet.io.loop import Loop
@@ -44,6 +45,8 @@ class Instance:
 
     def _setup_services(self) -> None:
         """Attach the services to the classifier (each issue adds its own here)."""
+        self.dhcp = DhcpServer(self.config, self.pool_to_guest, self.counters)
+        self.classifier.dhcp = self.dhcp
 
     def on_close(self, closer: Callable[[], None]) -> None:
         """Run ``closer`` at shutdown (sockets, files, devices), last registered first."""

@@ -474,7 +474,7 @@ class DhcpServer:
         l3 = build_ethernet(buf, frame.start, dst_mac, config.mac, ETHERTYPE_IPV4)
         l4 = l3 + IPV4_HLEN
         l7 = l4 + UDP_HLEN
-        ciaddr = msg.ciaddr if kind != DHCPNAK else _ZERO_IP
+        ciaddr = msg.ciaddr if kind == DHCPACK else _ZERO_IP
         end = build_dhcp(
             buf, l7, BOOTREPLY, msg.xid, msg.flags, ciaddr, yiaddr, _ZERO_IP, msg.giaddr,
             msg.chaddr, options, BOOTP_MIN_LEN,
