@@ -1,20 +1,500 @@
-"""Network namespaces: ``guestnet run`` and ``guestnet netns`` (being written)."""
+"""Network namespaces as guests: ``guestnet netns`` and ``guestnet run``.
+
+Theory of operation
+-------------------
+A TAP belongs to the network namespace of whoever opened ``/dev/net/tun``. guestnet itself must
+stay in its own namespaces (its host sockets are the host's) and single-threaded (setns into a
+user namespace refuses threaded callers), so a forked *helper child* does the namespace work:
+
+``netns TARGET``
+    The child joins the target's user namespace (``--userns``, or the target process's own when
+    TARGET is a PID and it differs from ours) and network namespace with ``setns``, opens the
+    TAP, sets MAC and MTU, with ``--configure`` brings ``lo`` and the interface up with address,
+    default route and MTU, sends the fd back over a unix socketpair (``SCM_RIGHTS``) and exits.
+    guestnet serves the TAP until SIGINT/SIGTERM; the TAP is not persistent, so it disappears
+    when guestnet closes the fd.
+
+``run -- CMD``
+    The child unshares a new network namespace and a private mount namespace (plus a user
+    namespace when not root: the caller's uid/gid map to 0 inside, ``setgroups`` denied), binds
+    a generated ``resolv.conf`` naming guestnet's DNS over ``/etc/resolv.conf``, creates and
+    configures the TAP, sends the fd, waits for the parent's go-ahead byte (so no packet of CMD
+    is sent before guestnet serves the link), then execs CMD. The parent watches the child with
+    a pidfd in its loop and exits with CMD's status (128 + signal when it was killed). SIGTERM
+    to guestnet is forwarded to CMD; SIGINT is left to CMD (a terminal sends it to both).
+
+Every wait on the child is bounded (``HELPER_TIMEOUT_S``). The child reports a failure as a
+one-line message on the socketpair instead of an fd, and the parent prints it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
 import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NoReturn
 
-from guestnet.config import Config
+from guestnet.config import Config, format_mac
+from guestnet.instance import Instance
+from guestnet.io.loop import EPOLLIN
+from guestnet.io.tap import TapLink, check_ifname, open_tap
+
+log = logging.getLogger(__name__)
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+PR_SET_PDEATHSIG = 1
+
+NETNS_RUN_DIR = "/run/netns"
+#: Longest we wait for a helper child to hand over the TAP (pyroute2's import is most of it).
+HELPER_TIMEOUT_S = 30.0
+#: After forwarding SIGTERM to CMD, how long before it gets SIGKILL.
+RUN_KILL_GRACE_S = 5.0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+_libc: ctypes.CDLL | None = None
 
 
-def cmd_run(args: argparse.Namespace, config: Config) -> int:
-    """``guestnet run``: not available in this build yet."""
-    print("guestnet run: error: not available yet", file=sys.stderr)
-    return 1
+def _c() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    """Join the namespace ``fd`` refers to (``setns(2)``; Python 3.11 has no os.setns)."""
+    _check(_c().setns(fd, nstype), "setns")
+
+
+def setns_path(path: str, nstype: int = 0) -> None:
+    """Join the namespace at ``path`` (/proc/PID/ns/..., a bind mount under /run/netns)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        setns(fd, nstype)
+    finally:
+        os.close(fd)
+
+
+def unshare(flags: int) -> None:
+    """Move the caller into new namespaces (``unshare(2)``; Python 3.11 has no os.unshare)."""
+    _check(_c().unshare(flags), "unshare")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int) -> None:
+    """``mount(2)`` without data."""
+    enc = os.fsencode
+    ret = _c().mount(
+        None if source is None else enc(source),
+        enc(target),
+        None if fstype is None else enc(fstype),
+        ctypes.c_ulong(flags),
+        None,
+    )
+    _check(ret, f"mount {target}")
+
+
+def write_id_maps(uid: int, gid: int) -> None:
+    """Map ``uid``/``gid`` outside to 0 inside the caller's new user namespace.
+
+    ``setgroups`` must be denied before an unprivileged process may write its gid_map.
+    """
+    with open("/proc/self/setgroups", "w") as f:
+        f.write("deny")
+    with open("/proc/self/uid_map", "w") as f:
+        f.write(f"0 {uid} 1")
+    with open("/proc/self/gid_map", "w") as f:
+        f.write(f"0 {gid} 1")
+
+
+def resolve_target(target: str) -> tuple[str, str | None]:
+    """TARGET (PID, path, or NAME under /run/netns) as (netns path, that PID's userns path).
+
+    The user namespace is given only for a PID whose user namespace differs from ours.
+    Raises ValueError when the namespace does not exist.
+    """
+    userns: str | None = None
+    if target.isdigit():
+        path = f"/proc/{int(target)}/ns/net"
+        candidate = f"/proc/{int(target)}/ns/user"
+        with contextlib.suppress(OSError):
+            if os.stat(candidate).st_ino != os.stat("/proc/self/ns/user").st_ino:
+                userns = candidate
+    elif "/" in target:
+        path = target
+    else:
+        path = os.path.join(NETNS_RUN_DIR, target)
+    if not os.path.exists(path):
+        raise ValueError(f"no such network namespace: {target!r} ({path})")
+    return path, userns
+
+
+@dataclass(frozen=True)
+class TapSetup:
+    """How the helper child sets up the TAP inside the namespace."""
+
+    ifname: str
+    mac: str
+    mtu: int
+    #: Also bring lo and the interface up with address, default route (else the interface stays
+    #: down, for the guest's own DHCP client).
+    configure: bool
+    address: str
+    prefixlen: int
+    gateway: str
+
+    @classmethod
+    def from_config(cls, config: Config, ifname: str, configure: bool) -> TapSetup:
+        return cls(
+            ifname=ifname,
+            mac=format_mac(config.guest_mac),
+            mtu=config.mtu,
+            configure=configure,
+            address=str(config.guest_ip),
+            prefixlen=config.subnet.prefixlen,
+            gateway=str(config.gateway),
+        )
+
+
+def setup_interface(setup: TapSetup) -> None:
+    """In the current network namespace: MAC and MTU; with ``configure``, addresses and route."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        (idx,) = ipr.link_lookup(ifname=setup.ifname)
+        ipr.link("set", index=idx, address=setup.mac, mtu=setup.mtu)
+        if not setup.configure:
+            return
+        for lo in ipr.link_lookup(ifname="lo"):
+            ipr.link("set", index=lo, state="up")
+        ipr.addr("add", index=idx, address=setup.address, prefixlen=setup.prefixlen)
+        ipr.link("set", index=idx, state="up")
+        ipr.route("add", dst="0.0.0.0/0", gateway=setup.gateway, oif=idx)
+
+
+def resolv_conf_text(config: Config) -> str:
+    """The resolv.conf ``run`` shows CMD: guestnet's DNS, and the search domains if any."""
+    lines = [f"# written by guestnet run\nnameserver {config.dns_ip}"]
+    if config.dns_search:
+        lines.append("search " + " ".join(config.dns_search))
+    return "\n".join(lines) + "\n"
+
+
+def bind_resolv_conf(text: str) -> None:
+    """Bind a file holding ``text`` over /etc/resolv.conf (private mount namespace only)."""
+    fd, tmp = tempfile.mkstemp(prefix="guestnet-resolv-", suffix=".conf")
+    try:
+        os.write(fd, text.encode())
+        os.fchmod(fd, 0o644)
+        os.close(fd)
+        mount(tmp, "/etc/resolv.conf", None, MS_BIND)
+    finally:
+        # The mount keeps the inode; the name is not needed once bound (or on failure).
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+# -- the helper child ----------------------------------------------------------------------------
+
+
+class HelperError(Exception):
+    """The helper child could not set up the namespace or the TAP (message is one line)."""
+
+
+def _child_main(sock: socket.socket, body: Callable[[], int]) -> NoReturn:
+    """Run ``body`` in the forked child: send the TAP fd, or the error, then exit."""
+    code = 0
+    try:
+        fd = body()
+        socket.send_fds(sock, [b"ok"], [fd])
+        os.close(fd)
+    except BaseException as exc:
+        code = EXIT_FAILURE
+        with contextlib.suppress(OSError):
+            sock.sendall(f"error: {_describe(exc)}".encode()[:4000])
+    finally:
+        with contextlib.suppress(OSError):
+            sock.close()
+    os._exit(code)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}" + (f" ({exc.filename})" if exc.filename else "")
+    return str(exc) or type(exc).__name__
+
+
+def _receive_fd(sock: socket.socket, pid: int) -> int:
+    """The TAP fd from the child, or HelperError with the child's message."""
+    sock.settimeout(HELPER_TIMEOUT_S)
+    try:
+        msg, fds, _flags, _addr = socket.recv_fds(sock, 4096, 1)
+    except TimeoutError:
+        os.kill(pid, signal.SIGKILL)
+        raise HelperError("namespace helper did not answer in time") from None
+    for extra in fds[1:]:
+        os.close(extra)
+    if msg == b"ok" and fds:
+        return fds[0]
+    for fd in fds:
+        os.close(fd)
+    text = msg.decode(errors="replace").removeprefix("error: ")
+    raise HelperError(text or "namespace helper exited without a word")
+
+
+def _reap(pid: int) -> int:
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def open_tap_in(netns_path: str, userns_path: str | None, setup: TapSetup) -> int:
+    """Create TAP ``setup.ifname`` inside the namespace at ``netns_path``; return its fd.
+
+    A forked child joins ``userns_path`` (if given) and the network namespace, makes and sets up
+    the TAP, and passes the fd back; the caller stays where it is.
+    """
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        parent_sock.close()
+
+        def body() -> int:
+            if userns_path is not None:
+                setns_path(userns_path, CLONE_NEWUSER)
+            setns_path(netns_path, CLONE_NEWNET)
+            fd = open_tap(setup.ifname)
+            setup_interface(setup)
+            return fd
+
+        _child_main(child_sock, body)
+    child_sock.close()
+    try:
+        return _receive_fd(parent_sock, pid)
+    finally:
+        parent_sock.close()
+        _reap(pid)
+
+
+def spawn_in_new_namespaces(
+    setup: TapSetup, cmd: list[str], resolv_conf: str
+) -> tuple[int, int, socket.socket]:
+    """Fork a child that makes new namespaces with a TAP and will exec ``cmd``.
+
+    Returns (child pid, TAP fd, go socket). Send one byte on the go socket (and close it) to
+    let the child exec ``cmd``; closing it without a byte makes the child exit with status 1.
+    """
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    uid, gid = os.geteuid(), os.getegid()
+    parent_pid = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        parent_sock.close()
+        try:
+            _run_child(setup, cmd, resolv_conf, child_sock, uid, gid, parent_pid)
+        finally:
+            os._exit(127)
+    child_sock.close()
+    try:
+        fd = _receive_fd(parent_sock, pid)
+    except BaseException:
+        parent_sock.close()
+        _reap(pid)
+        raise
+    return pid, fd, parent_sock
+
+
+def _run_child(
+    setup: TapSetup,
+    cmd: list[str],
+    resolv_conf: str,
+    sock: socket.socket,
+    uid: int,
+    gid: int,
+    parent_pid: int,
+) -> None:
+    """The ``run`` child: namespaces, TAP, then (after the go-ahead) exec CMD."""
+    try:
+        # If guestnet dies, CMD has lost its network: let it know rather than linger.
+        _c().prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent_pid:
+            os._exit(EXIT_FAILURE)
+        if uid == 0:
+            unshare(CLONE_NEWNET | CLONE_NEWNS)
+        else:
+            unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWNS)
+            write_id_maps(uid, gid)
+        try:
+            mount(None, "/", None, MS_REC | MS_PRIVATE)
+            bind_resolv_conf(resolv_conf)
+        except OSError as exc:
+            print(
+                f"guestnet run: warning: /etc/resolv.conf left as it is: {_describe(exc)}",
+                file=sys.stderr,
+                flush=True,
+            )
+        fd = open_tap(setup.ifname)
+        setup_interface(setup)
+        socket.send_fds(sock, [b"ok"], [fd])
+        os.close(fd)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            sock.sendall(f"error: {_describe(exc)}".encode()[:4000])
+        os._exit(EXIT_FAILURE)
+    go = b""
+    with contextlib.suppress(OSError):
+        go = sock.recv(1)
+    sock.close()
+    if not go:
+        os._exit(EXIT_FAILURE)
+    # CMD starts with default signal dispositions, as it would from a shell.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL)
+    try:
+        os.execvp(cmd[0], cmd)
+    except OSError as exc:
+        print(f"guestnet run: {cmd[0]}: {_describe(exc)}", file=sys.stderr, flush=True)
+        os._exit(126 if isinstance(exc, PermissionError) else 127)
+
+
+# -- the subcommands -------------------------------------------------------------------------
 
 
 def cmd_netns(args: argparse.Namespace, config: Config) -> int:
-    """``guestnet netns``: not available in this build yet."""
-    print("guestnet netns: error: not available yet", file=sys.stderr)
-    return 1
+    """``guestnet netns TARGET``: serve a TAP in an existing namespace until SIGINT/SIGTERM."""
+    try:
+        ifname = check_ifname(args.ifname)
+        netns_path, pid_userns = resolve_target(args.target)
+        userns = args.userns if args.userns else pid_userns
+        if args.userns and not os.path.exists(args.userns):
+            raise ValueError(f"--userns: no such namespace: {args.userns}")
+    except ValueError as exc:
+        print(f"guestnet netns: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    setup = TapSetup.from_config(config, ifname, args.configure)
+    try:
+        fd = open_tap_in(netns_path, userns, setup)
+    except (HelperError, OSError) as exc:
+        print(
+            f"guestnet netns: error: cannot create {ifname} in {netns_path}: {exc}", file=sys.stderr
+        )
+        return EXIT_FAILURE
+    inst = Instance(config)
+    link = TapLink(inst, fd, "tap0", ifname)
+    log.info("serving %s in %s", ifname, netns_path)
+    inst.loop.install_signal_handlers()
+    try:
+        inst.run(until=lambda: link.closed)
+    finally:
+        inst.close()
+    return 0
+
+
+def _command_of(args: argparse.Namespace) -> list[str]:
+    cmd = list(args.cmd or [])
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        cmd = [os.environ.get("SHELL") or "/bin/sh"]
+    return cmd
+
+
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    """``guestnet run -- CMD``: CMD in new namespaces served by guestnet; CMD's exit status."""
+    try:
+        ifname = check_ifname(args.ifname)
+    except ValueError as exc:
+        print(f"guestnet run: error: --ifname: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    cmd = _command_of(args)
+    setup = TapSetup.from_config(config, ifname, configure=True)
+    try:
+        pid, fd, go = spawn_in_new_namespaces(setup, cmd, resolv_conf_text(config))
+    except (HelperError, OSError) as exc:
+        print(f"guestnet run: error: cannot set up the namespace: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    inst = Instance(config)
+    try:
+        status = _serve_child(inst, pid, fd, ifname, go)
+    finally:
+        inst.close()
+    return status
+
+
+def _serve_child(inst: Instance, pid: int, fd: int, ifname: str, go: socket.socket) -> int:
+    """Serve the TAP while the child runs; its exit status."""
+    loop = inst.loop
+    TapLink(inst, fd, "tap0", ifname)
+    pidfd = os.pidfd_open(pid)
+    status: list[int] = []
+
+    def on_child_exit(_events: int) -> None:
+        done, wstatus = os.waitpid(pid, os.WNOHANG)
+        if done:
+            status.append(os.waitstatus_to_exitcode(wstatus))
+            loop.remove_fd(pidfd)
+            loop.stop()
+
+    loop.add_fd(pidfd, EPOLLIN, on_child_exit)
+    loop.install_signal_handlers()
+
+    def on_term(signum: int, _frame: object) -> None:
+        # Forward to CMD and keep serving until it exits; SIGKILL if it lingers.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+        loop.call_later(RUN_KILL_GRACE_S, lambda _now: _kill(pid))
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+    signal.signal(signal.SIGINT, lambda _s, _f: None)
+    try:
+        go.sendall(b"g")
+        go.close()
+        while not status:
+            loop.run(until=lambda: bool(status))
+    finally:
+        with contextlib.suppress(OSError):
+            go.close()
+        if not status:
+            _kill(pid)
+            status.append(_reap(pid))
+        loop.remove_fd(pidfd)
+        os.close(pidfd)
+    code = status[0]
+    return 128 - code if code < 0 else code
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+__all__ = [
+    "HelperError",
+    "TapSetup",
+    "cmd_netns",
+    "cmd_run",
+    "open_tap_in",
+    "resolve_target",
+    "setns",
+    "spawn_in_new_namespaces",
+    "unshare",
+]
