@@ -17,6 +17,7 @@ from typing import NoReturn
 
 from guestnet import __version__
 from guestnet.config import MAX_MTU, MIN_MTU, Config, parse_mac
+from guestnet.core.dhcp import check_config as check_dhcp_config
 from guestnet.instance import Instance, raise_nofile_limit
 
 log = logging.getLogger("guestnet")
@@ -87,6 +88,14 @@ def _host_port(text: str) -> tuple[str, int]:
     return host, number
 
 
+def _static_lease(text: str) -> tuple[bytes, ipaddress.IPv4Address]:
+    """``MAC=IP`` for --dhcp-static."""
+    mac, sep, ip = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected MAC=IP, got {text!r}")
+    return _mac(mac.strip()), _ipv4(ip.strip())
+
+
 def add_datapath_options(p: argparse.ArgumentParser) -> None:
     """Options every datapath subcommand (run, netns, qemu, dgram) accepts."""
     d = Config()
@@ -123,6 +132,28 @@ def add_datapath_options(p: argparse.ArgumentParser) -> None:
         default=d.pool_slots,
         help="pooled frame buffers per direction (%(default)s)",
     )
+    h = p.add_argument_group("DHCP")
+    h.add_argument(
+        "--lease-time",
+        type=_int_range(1, 0xFFFFFFFE),
+        default=d.lease_time,
+        help="DHCP lease time in seconds (%(default)s)",
+    )
+    h.add_argument(
+        "--dns-search",
+        action="append",
+        default=[],
+        metavar="DOMAIN",
+        help="DNS search domain handed out by DHCP (repeatable; the first is the domain name)",
+    )
+    h.add_argument(
+        "--dhcp-static",
+        action="append",
+        type=_static_lease,
+        default=[],
+        metavar="MAC=IP",
+        help="a fixed DHCP address for a MAC (repeatable)",
+    )
     p.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
@@ -133,7 +164,7 @@ def add_datapath_options(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """Build the Config from parsed options; raises ValueError naming the option."""
-    return Config(
+    config = Config(
         subnet=args.subnet,
         gateway=args.gateway,
         dns_ip=args.dns_ip,
@@ -142,7 +173,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
         mac=args.mac,
         guest_mac=args.guest_mac,
         pool_slots=args.pool_slots,
+        lease_time=args.lease_time,
+        dns_search=tuple(args.dns_search),
+        dhcp_static=tuple(args.dhcp_static),
     )
+    check_dhcp_config(config)
+    return config
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -122,6 +122,32 @@ class Lease:
     acked_at: float = -1.0
 
 
+def check_config(config: Config) -> None:
+    """Raise ValueError, naming the option, for DHCP settings the server cannot serve.
+
+    The CLI calls this so a bad ``--dhcp-static`` or ``--dns-search`` is a usage error; the server
+    checks again when it starts.
+    """
+    subnet = config.subnet
+    reserved = {subnet.network_address, subnet.broadcast_address, config.gateway, config.dns_ip}
+    owners: dict[IPv4Address, bytes] = {}
+    for mac, ip in config.dhcp_static:
+        if ip not in subnet or ip in reserved:
+            raise ValueError(
+                f"--dhcp-static {format_mac(mac)}={ip}: not a guest address in {subnet}"
+            )
+        if owners.setdefault(ip, mac) != mac:
+            raise ValueError(f"--dhcp-static: {ip} is given to two MACs")
+    if len({mac for mac, _ in config.dhcp_static}) != len(config.dhcp_static):
+        raise ValueError("--dhcp-static: a MAC is given two addresses")
+    try:
+        encode_search_list(config.dns_search)
+    except ValueError as exc:
+        raise ValueError(f"--dns-search: {exc}") from exc
+    if not 1 <= config.lease_time <= 0xFFFFFFFE:
+        raise ValueError("--lease-time must be between 1 and 4294967294 seconds")
+
+
 class DhcpServer:
     """The DHCPv4 server for the guest link."""
 
@@ -129,20 +155,13 @@ class DhcpServer:
         self.config = config
         self.pool = pool
         self.counters = counters
+        check_config(config)
         subnet = config.subnet
         self._reserved = frozenset(
             (subnet.network_address, subnet.broadcast_address, config.gateway, config.dns_ip)
         )
-        self._static_by_mac: dict[bytes, IPv4Address] = {}
-        self._static_by_ip: dict[IPv4Address, bytes] = {}
-        for mac, ip in config.dhcp_static:
-            ip = ipaddress.IPv4Address(ip)
-            if ip not in subnet or ip in self._reserved:
-                raise ValueError(f"--dhcp-static {format_mac(mac)}={ip}: not a free address")
-            if ip in self._static_by_ip and self._static_by_ip[ip] != mac:
-                raise ValueError(f"--dhcp-static: {ip} given to two MACs")
-            self._static_by_mac[mac] = ip
-            self._static_by_ip[ip] = mac
+        self._static_by_mac = {mac: ip for mac, ip in config.dhcp_static}
+        self._static_by_ip = {ip: mac for mac, ip in config.dhcp_static}
         self._by_mac: dict[bytes, Lease] = {}
         self._by_ip: dict[IPv4Address, Lease] = {}
         self._declined: dict[IPv4Address, float] = {}
