@@ -462,3 +462,14 @@ def test_build_ipv4_helper_sanity(frames: Any) -> None:
     buf = bytearray(20)
     build_ipv4(buf, 0, frames.GUEST_IP, frames.REMOTE_IP, PROTO_UDP, 9, ident=0x1234)
     assert bytes(buf) == frame[14:34]
+
+
+def test_mac_moving_back_is_relearned(core: Any, frames: Any) -> None:
+    """A MAC seen on port B, then A, then B again is routed to B (no stale mapping)."""
+    mac_b = bytes.fromhex("5254000000bb")
+    port_b = core.add_port("guest1")
+    core.feed(frames.udp(eth_src=mac_b), port=port_b)
+    core.feed(frames.udp(eth_src=mac_b))
+    assert core.switch.port_for(mac_b) is core.port
+    core.feed(frames.udp(eth_src=mac_b), port=port_b)
+    assert core.switch.port_for(mac_b) is port_b

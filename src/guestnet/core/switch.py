@@ -44,6 +44,11 @@ class Switch:
             self.counters.inc("eth.guest_mac.changed")
             if self._by_mac.get(old) is port:
                 del self._by_mac[old]
+        prev = self._by_mac.get(mac)
+        if prev is not None and prev is not port and prev.guest_mac == mac:
+            # The MAC moved here: forget it on its old port, so that the classifier (which
+            # calls learn only when a port's MAC differs) re-learns it if it moves back.
+            prev.guest_mac = None
         port.guest_mac = mac
         self._by_mac[mac] = port
 
