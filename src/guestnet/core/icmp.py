@@ -1,0 +1,342 @@
+"""ICMP: echo for the guest, and the ICMP errors guestnet sends toward it.
+
+Theory of operation
+-------------------
+*Echo to guestnet's own addresses.* An echo request to the gateway or the DNS address is answered
+here, with no socket: the reply copies identifier, sequence and payload into a pooled frame.
+
+*Echo to anything else.* The destination goes through :class:`~guestnet.core.policy.Policy`
+(refused: an ICMP "administratively prohibited" from the gateway, counted). Allowed requests go
+out through an :class:`EchoBackend` (``io/icmp_sock.py``): unprivileged ping sockets when
+``net.ipv4.ping_group_range`` allows, else a raw socket with CAP_NET_RAW, else none (counted
+drops; the I/O side warns once at start-up). A ping socket chooses its own identifier (its
+"port"), so each guest echo *flow*, keyed by (guest address, guest identifier), owns one host
+endpoint, and replies are mapped back: the guest sees its own identifier, sequence and payload,
+from the address it pinged. Flows remember the destinations they were used for (replies from
+anyone else are dropped), expire after :data:`ECHO_TIMEOUT_S` idle, and the table holds at most
+:data:`MAX_ECHO_FLOWS` (the least recently used is evicted).
+
+*Errors toward the guest.* :meth:`IcmpService.send_unreachable` quotes a guest datagram (its IP
+header and as much of its payload as keeps the error within 576 bytes, RFC 1812) in a
+destination-unreachable message. Two cases use it:
+
+- a destination the policy refuses: type 3 code 13 (communication administratively
+  prohibited), from the gateway, since guestnet plays the router that filtered it. Linux reports
+  it to the guest's socket as EHOSTUNREACH;
+- the host's own ICMP error for a NAT flow (port unreachable, seen as ECONNREFUSED through
+  IP_RECVERR): the same type and code, from the address the guest sent to, quoting a header
+  rebuilt from the flow (:meth:`IcmpService.send_flow_error`). Linux reports port unreachable as
+  ECONNREFUSED.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections import OrderedDict
+from typing import Protocol
+
+from guestnet.config import Config
+from guestnet.core.fragments import send_ipv4_to_guest
+from guestnet.core.packet import Ipv4Packet
+from guestnet.core.policy import Policy
+from guestnet.core.switch import Switch
+from guestnet.counters import Counters
+from guestnet.pool import Frame, FramePool
+from guestnet.wire.checksum import checksum
+from guestnet.wire.ethernet import ETH_HLEN, ETHERTYPE_IPV4, build_ethernet
+from guestnet.wire.icmp import (
+    ICMP_DEST_UNREACH,
+    ICMP_ECHO_REPLY,
+    ICMP_ECHO_REQUEST,
+    ICMP_HLEN,
+    UNREACH_ADMIN_PROHIBITED,
+    build_icmp,
+    parse_icmp,
+)
+from guestnet.wire.ipv4 import IPV4_HLEN, PROTO_ICMP, build_ipv4
+from guestnet.wire.udp import UDP_HLEN
+
+#: Seconds an echo flow lives without a request or reply (Linux's ping conntrack uses 30).
+ECHO_TIMEOUT_S = 60.0
+#: Echo flows at once; beyond this the least recently used is evicted.
+MAX_ECHO_FLOWS = 1024
+#: Destinations remembered per echo flow (for filtering replies).
+MAX_PEERS = 256
+#: ICMP errors stay within the minimum reassembly size (RFC 1812 4.3.2.3).
+ICMP_ERROR_MAX = 576
+#: Where the ICMP message starts in a frame built toward the guest, from ``frame.start``.
+ICMP_OFF = ETH_HLEN + IPV4_HLEN
+
+EchoKey = tuple[bytes, int]
+
+
+class EchoSocket(Protocol):
+    """The host side of one echo flow (a ping socket, or a share of the raw socket)."""
+
+    def send_echo(self, host: str, seq: int, payload: memoryview) -> None:
+        """Send an echo request to ``host``; raises OSError."""
+
+    def close(self) -> None:
+        """Release the host endpoint."""
+
+
+class EchoBackend(Protocol):
+    """Opens host endpoints for echo flows."""
+
+    def open(self, flow: EchoFlow) -> EchoSocket:
+        """A host endpoint whose replies the I/O side hands to ``deliver_echo_reply``."""
+
+
+class EchoFlow:
+    """One guest echo flow: (guest address, guest identifier) and its host endpoint."""
+
+    __slots__ = ("guest_ident", "guest_ip", "guest_mac", "last_used", "peers", "sock")
+
+    def __init__(self, guest_ip: bytes, guest_ident: int, guest_mac: bytes, now: float) -> None:
+        self.guest_ip = guest_ip
+        self.guest_ident = guest_ident
+        self.guest_mac = guest_mac
+        self.last_used = now
+        #: Host address string -> the address the guest used for it.
+        self.peers: dict[str, bytes] = {}
+        self.sock: EchoSocket | None = None
+
+
+def quote_header(pkt: Ipv4Packet) -> bytes:
+    """A 20-byte header equal to the guest's (options left out), for quoting in an error."""
+    ip = pkt.ip
+    buf = bytearray(IPV4_HLEN)
+    build_ipv4(
+        buf, 0, ip.src, ip.dst, ip.proto, ip.total_len - ip.header_len, ip.ident, ip.ttl,
+        ip.frag, ip.tos,
+    )  # fmt: skip
+    return bytes(buf)
+
+
+class IcmpService:
+    """Answers echo to guestnet's addresses, NATs other echo, and sends ICMP errors."""
+
+    def __init__(
+        self,
+        config: Config,
+        pool: FramePool,
+        counters: Counters,
+        switch: Switch,
+        policy: Policy,
+        backend: EchoBackend | None = None,
+        max_flows: int = MAX_ECHO_FLOWS,
+        timeout: float = ECHO_TIMEOUT_S,
+    ) -> None:
+        self.config = config
+        self.pool = pool
+        self.counters = counters
+        self.switch = switch
+        self.policy = policy
+        self.backend = backend
+        self.max_flows = max_flows
+        self.timeout = timeout
+        self.flows: OrderedDict[EchoKey, EchoFlow] = OrderedDict()
+        self._ident = 0
+
+    # -- from the guest --------------------------------------------------------------------
+
+    def handle_icmp(self, pkt: Ipv4Packet, now: float) -> None:
+        """Handle one ICMP message from the guest (checksum already verified)."""
+        hdr = parse_icmp(pkt.l4, verify=False)
+        if hdr.type != ICMP_ECHO_REQUEST:
+            self.counters.inc(f"icmp.type.{hdr.type}.ignored")
+            return
+        dst = pkt.ip.dst
+        if dst in self.config.owned_b:
+            self._answer_echo(pkt)
+            return
+        verdict = self.policy.destination(dst)
+        if verdict.host is None:
+            self.counters.inc(f"icmp.echo.{verdict.reason}")
+            self.send_unreachable(pkt, UNREACH_ADMIN_PROHIBITED, self.config.gateway_b)
+            return
+        if self.backend is None:
+            self.counters.inc("icmp.echo.no_socket")
+            return
+        flow = self._flow_for(pkt, hdr.ident, now)
+        if flow is None or flow.sock is None:
+            return
+        if verdict.host not in flow.peers and len(flow.peers) >= MAX_PEERS:
+            del flow.peers[next(iter(flow.peers))]
+        flow.peers[verdict.host] = dst
+        try:
+            flow.sock.send_echo(verdict.host, hdr.seq, pkt.l4[ICMP_HLEN:])
+        except OSError as exc:
+            self.counters.inc(f"icmp.echo.send.{errname(exc)}")
+            return
+        self.counters.inc("icmp.echo.sent")
+
+    def _flow_for(self, pkt: Ipv4Packet, ident: int, now: float) -> EchoFlow | None:
+        key = (pkt.ip.src, ident)
+        flows = self.flows
+        flow = flows.get(key)
+        if flow is not None:
+            flow.last_used = now
+            flows.move_to_end(key)
+            return flow
+        assert self.backend is not None
+        self.expire(now)
+        if len(flows) >= self.max_flows:
+            _, old = flows.popitem(last=False)
+            self._close(old)
+            self.counters.inc("icmp.echo.flow.evicted")
+        flow = EchoFlow(pkt.ip.src, ident, pkt.src_mac, now)
+        try:
+            flow.sock = self.backend.open(flow)
+        except OSError as exc:
+            self.counters.inc(f"icmp.echo.socket.{errname(exc)}")
+            return None
+        flows[key] = flow
+        self.counters.inc("icmp.echo.flow.new")
+        return flow
+
+    def _answer_echo(self, pkt: Ipv4Packet) -> None:
+        """Echo reply from guestnet itself: same identifier, sequence and payload."""
+        frame = self.pool.acquire()
+        buf = frame.view
+        icmp_off = frame.start + ICMP_OFF
+        l4 = pkt.l4
+        n = len(l4)
+        buf[icmp_off : icmp_off + n] = l4
+        buf[icmp_off] = ICMP_ECHO_REPLY
+        buf[icmp_off + 1] = 0
+        self._finish_icmp(frame, n, pkt.ip.dst, pkt.ip.src, pkt.src_mac)
+        self.counters.inc("icmp.echo.answered")
+
+    # -- from the host ---------------------------------------------------------------------
+
+    def deliver_echo_reply(self, flow: EchoFlow, frame: Frame, icmp_len: int, host: str) -> None:
+        """Send the echo reply in ``frame`` (ICMP message at ``ICMP_OFF``) to the flow's guest.
+
+        The I/O side received the reply straight into the frame; here the identifier is put
+        back to the guest's, the checksum redone, and IP and Ethernet headers written in front.
+        Takes ownership of ``frame``.
+        """
+        buf = frame.view
+        icmp_off = frame.start + ICMP_OFF
+        guest_src = flow.peers.get(host)
+        if icmp_len < ICMP_HLEN or buf[icmp_off] != ICMP_ECHO_REPLY:
+            self.counters.inc("icmp.echo.reply.not_echo")
+            self.pool.release(frame)
+            return
+        if guest_src is None:
+            self.counters.inc("icmp.echo.reply.filtered")
+            self.pool.release(frame)
+            return
+        struct.pack_into("!H", buf, icmp_off + 4, flow.guest_ident)
+        self._finish_icmp(frame, icmp_len, guest_src, flow.guest_ip, flow.guest_mac)
+        self.counters.inc("icmp.echo.reply")
+
+    def flow_by_key(self, guest_ip: bytes, guest_ident: int) -> EchoFlow | None:
+        """The echo flow for a guest address and identifier, if any."""
+        return self.flows.get((guest_ip, guest_ident))
+
+    # -- errors toward the guest -----------------------------------------------------------
+
+    def send_unreachable(self, pkt: Ipv4Packet, code: int, origin: bytes) -> None:
+        """Destination unreachable (``code``) from ``origin``, quoting the guest's datagram."""
+        if pkt.ip.proto == PROTO_ICMP and (len(pkt.l4) < 1 or pkt.l4[0] != ICMP_ECHO_REQUEST):
+            # Never an error about an error (RFC 1122 3.2.2).
+            self.counters.inc("icmp.error.about_icmp")
+            return
+        self._send_error(pkt.src_mac, origin, pkt.ip.src, quote_header(pkt), pkt.l4, code)
+
+    def send_flow_error(
+        self,
+        guest_mac: bytes,
+        guest_ip: bytes,
+        guest_port: int,
+        guest_dst: bytes,
+        dport: int,
+        code: int,
+        type_: int = ICMP_DEST_UNREACH,
+    ) -> None:
+        """An error about a UDP datagram guest_ip:guest_port -> guest_dst:dport, from guest_dst.
+
+        Used for host ICMP errors on NAT flows, where the guest's datagram is long gone: the
+        quoted IP and UDP headers are rebuilt (UDP length 8, no checksum), which is what the
+        guest's stack matches errors against.
+        """
+        head = bytearray(IPV4_HLEN + UDP_HLEN)
+        build_ipv4(head, 0, guest_ip, guest_dst, 17, UDP_HLEN)
+        struct.pack_into("!HHHH", head, IPV4_HLEN, guest_port, dport, UDP_HLEN, 0)
+        view = memoryview(head)
+        self._send_error(guest_mac, guest_dst, guest_ip, bytes(head[:IPV4_HLEN]), view[IPV4_HLEN:],
+                         code, type_)  # fmt: skip
+
+    def _send_error(
+        self,
+        guest_mac: bytes,
+        origin: bytes,
+        guest_ip: bytes,
+        ip_head: bytes,
+        l4: memoryview,
+        code: int,
+        type_: int = ICMP_DEST_UNREACH,
+    ) -> None:
+        quote_len = min(len(l4), ICMP_ERROR_MAX - IPV4_HLEN - ICMP_HLEN - len(ip_head))
+        frame = self.pool.acquire()
+        buf = frame.view
+        body = frame.start + ICMP_OFF + ICMP_HLEN
+        buf[body : body + len(ip_head)] = ip_head
+        buf[body + len(ip_head) : body + len(ip_head) + quote_len] = l4[:quote_len]
+        body_len = len(ip_head) + quote_len
+        build_icmp(buf, frame.start + ICMP_OFF, type_, code, 0, 0, body_len)
+        self._headers(frame, ICMP_HLEN + body_len, origin, guest_ip, guest_mac)
+        self.counters.inc(f"icmp.error.sent.{type_}.{code}")
+        self.switch.send(frame)
+
+    # -- building --------------------------------------------------------------------------
+
+    def _finish_icmp(self, frame: Frame, icmp_len: int, src: bytes, dst: bytes, mac: bytes) -> None:
+        """Checksum the ICMP message in ``frame``, add headers, send (fragmented if needed)."""
+        buf = frame.view
+        icmp_off = frame.start + ICMP_OFF
+        struct.pack_into("!H", buf, icmp_off + 2, 0)
+        struct.pack_into("!H", buf, icmp_off + 2, checksum(buf[icmp_off : icmp_off + icmp_len]))
+        self._headers(frame, icmp_len, src, dst, mac)
+        send_ipv4_to_guest(frame, self.config.mtu, self.pool, self.switch.send)
+
+    def _headers(self, frame: Frame, icmp_len: int, src: bytes, dst: bytes, mac: bytes) -> None:
+        self._ident = (self._ident + 1) & 0xFFFF
+        off = build_ethernet(frame.view, frame.start, mac, self.config.mac, ETHERTYPE_IPV4)
+        build_ipv4(frame.view, off, src, dst, PROTO_ICMP, icmp_len, self._ident, 64, 0)
+        frame.length = ICMP_OFF + icmp_len
+
+    # -- lifetime --------------------------------------------------------------------------
+
+    def expire(self, now: float) -> int:
+        """Close echo flows idle for ``timeout``; return how many."""
+        flows = self.flows
+        n = 0
+        while flows:
+            key, flow = next(iter(flows.items()))
+            if flow.last_used + self.timeout > now:
+                break
+            del flows[key]
+            self._close(flow)
+            self.counters.inc("icmp.echo.flow.expired")
+            n += 1
+        return n
+
+    def _close(self, flow: EchoFlow) -> None:
+        if flow.sock is not None:
+            flow.sock.close()
+            flow.sock = None
+
+    def close_all(self) -> None:
+        """Close every echo flow (instance shutdown)."""
+        for flow in self.flows.values():
+            self._close(flow)
+        self.flows.clear()
+
+
+def errname(exc: OSError) -> str:
+    """``eagain``, ``emfile``...: the errno's name, for a counter."""
+    return errno.errorcode.get(exc.errno or 0, "error").lower()

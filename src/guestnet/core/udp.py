@@ -1,0 +1,265 @@
+"""UDP NAT: the guest's datagrams onto host sockets, and the replies back.
+
+Theory of operation
+-------------------
+*Mapping.* A flow is keyed by the guest's source (address, port) alone: endpoint-independent
+mapping (RFC 4787 REQ-1). The first datagram from a guest source opens one host UDP socket (bound
+to an ephemeral port), and every later datagram from that source goes out through it, whatever
+its destination. So a peer sees one host address and port for the guest source, as STUN, games
+and P2P protocols expect.
+
+*Filtering.* Address-dependent (RFC 4787 REQ-8's middle option): the flow remembers each host
+address the guest has sent to, with the address the guest used for it (the gateway address maps
+to 127.0.0.1 through :class:`~guestnet.core.policy.Policy`; the reply must come back from the
+gateway address). A reply from any port of a remembered address reaches the guest, from that
+guest-side address and the reply's own source port; replies from other addresses are dropped and
+counted. If the guest sends to 127.0.0.1 directly and to the gateway from the same source, the
+latest one sets the address replies from 127.0.0.1 seem to come from.
+
+*Destinations.* The policy decides: refused destinations (``--no-host-loopback``, link-local,
+the guest subnet, multicast) are answered with ICMP destination unreachable, code 13
+(administratively prohibited) from the gateway, and counted as ``nat.udp.policy.*``. Broadcast
+and multicast never get here (the classifier drops them as ``udp.dst.broadcast``). Port 53 on
+the DNS and gateway addresses belongs to the DNS service.
+
+*Lifetime and bounds.* A flow lives :attr:`Config.udp_timeout` seconds (default 180, RFC 4787
+REQ-5 asks at least 120) after the last datagram in either direction; the table is an
+``OrderedDict`` in last-use order, so :meth:`UdpNat.expire` stops at the first live flow. At most
+``max_flows`` flows (``Config.max_flows``): a new flow beyond that evicts the least recently used
+one, counted. Each flow remembers at most :data:`MAX_PEERS` destinations.
+
+*Buffers.* The I/O side receives a reply straight into a pooled to-guest frame at
+:data:`REPLY_PAYLOAD_OFF`; :meth:`UdpNat.deliver_reply` writes the UDP, IPv4 and Ethernet headers in
+front and sends it, fragmented if it exceeds the guest's MTU. Guest payload goes to the host
+socket as a memoryview slice of the guest's frame. Host ICMP errors on a flow's socket (port
+unreachable, via IP_RECVERR) become the same ICMP error toward the guest.
+
+The core never touches a socket itself: it calls the :class:`UdpSocket` objects the
+``open_socket`` factory returns (``io/udp_nat.py`` in production, fakes in tests).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Protocol
+
+from guestnet.config import Config
+from guestnet.core.fragments import send_ipv4_to_guest
+from guestnet.core.icmp import IcmpService, errname
+from guestnet.core.packet import Ipv4Packet
+from guestnet.core.policy import Policy
+from guestnet.core.switch import Switch
+from guestnet.counters import Counters
+from guestnet.pool import Frame, FramePool
+from guestnet.wire.ethernet import ETH_HLEN, ETHERTYPE_IPV4, build_ethernet
+from guestnet.wire.icmp import UNREACH_ADMIN_PROHIBITED
+from guestnet.wire.ipv4 import IPV4_HLEN, PROTO_UDP, build_ipv4
+from guestnet.wire.udp import UDP_HLEN, build_udp
+
+#: Where a reply's payload starts in a to-guest frame, counted from ``frame.start``.
+REPLY_PAYLOAD_OFF = ETH_HLEN + IPV4_HLEN + UDP_HLEN
+#: Destinations a flow remembers for filtering; the oldest is forgotten beyond this.
+MAX_PEERS = 1024
+
+FlowKey = tuple[bytes, int]
+
+
+class UdpSocket(Protocol):
+    """The host socket of one flow."""
+
+    def sendto(self, data: memoryview, addr: tuple[str, int]) -> int:
+        """Send one datagram; raises OSError (EAGAIN, ENETUNREACH...)."""
+
+    def close(self) -> None:
+        """Close the socket and stop watching it."""
+
+
+class UdpFlow:
+    """One guest source (address, port) and its host socket."""
+
+    __slots__ = ("guest_ip", "guest_mac", "guest_port", "last_used", "peers", "sock")
+
+    def __init__(self, guest_ip: bytes, guest_port: int, guest_mac: bytes, now: float) -> None:
+        self.guest_ip = guest_ip
+        self.guest_port = guest_port
+        self.guest_mac = guest_mac
+        self.last_used = now
+        #: Host address string -> the destination address the guest used for it.
+        self.peers: dict[str, bytes] = {}
+        self.sock: UdpSocket | None = None
+
+    @property
+    def key(self) -> FlowKey:
+        """The flow table key: the guest source."""
+        return (self.guest_ip, self.guest_port)
+
+
+class UdpNat:
+    """The UDP flow table: the classifier's ``udp_nat`` handler."""
+
+    def __init__(
+        self,
+        config: Config,
+        pool: FramePool,
+        counters: Counters,
+        switch: Switch,
+        policy: Policy,
+        icmp: IcmpService,
+        open_socket: Callable[[UdpFlow], UdpSocket],
+        max_flows: int | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        self.config = config
+        self.pool = pool
+        self.counters = counters
+        self.switch = switch
+        self.policy = policy
+        self.icmp = icmp
+        self.open_socket = open_socket
+        self.max_flows = max_flows if max_flows is not None else config.max_flows
+        self.timeout = timeout if timeout is not None else config.udp_timeout
+        self.flows: OrderedDict[FlowKey, UdpFlow] = OrderedDict()
+        self._ident = 0
+        self._subnet = (policy.subnet_net, policy.subnet_mask)
+
+    # -- from the guest --------------------------------------------------------------------
+
+    def handle_udp(
+        self, pkt: Ipv4Packet, sport: int, dport: int, payload: memoryview, now: float
+    ) -> None:
+        """Send one guest datagram to its host destination through the flow's socket."""
+        counters = self.counters
+        ip = pkt.ip
+        net, mask = self._subnet
+        if int.from_bytes(ip.src, "big") & mask != net or ip.src == self.config.broadcast_b:
+            counters.inc("nat.udp.src.foreign")
+            return
+        if dport == 0 or sport == 0:
+            counters.inc("nat.udp.port_zero")
+            return
+        verdict = self.policy.destination(ip.dst)
+        host = verdict.host
+        if host is None:
+            counters.inc(f"nat.udp.{verdict.reason}")
+            self.icmp.send_unreachable(pkt, UNREACH_ADMIN_PROHIBITED, self.config.gateway_b)
+            return
+        flow = self._flow_for(pkt, sport, now)
+        if flow is None or flow.sock is None:
+            return
+        peers = flow.peers
+        if peers.get(host) != ip.dst:
+            if host not in peers and len(peers) >= MAX_PEERS:
+                del peers[next(iter(peers))]
+            peers[host] = ip.dst
+        try:
+            flow.sock.sendto(payload, (host, dport))
+        except OSError as exc:
+            counters.inc(f"nat.udp.send.{errname(exc)}")
+            return
+        counters.inc("nat.udp.to_host")
+
+    def _flow_for(self, pkt: Ipv4Packet, sport: int, now: float) -> UdpFlow | None:
+        key = (pkt.ip.src, sport)
+        flows = self.flows
+        flow = flows.get(key)
+        if flow is not None:
+            flow.last_used = now
+            flows.move_to_end(key)
+            if flow.guest_mac != pkt.src_mac:
+                flow.guest_mac = pkt.src_mac
+            return flow
+        self.expire(now)
+        if len(flows) >= self.max_flows:
+            _, old = flows.popitem(last=False)
+            self._close(old)
+            self.counters.inc("nat.udp.flow.evicted")
+        flow = UdpFlow(pkt.ip.src, sport, pkt.src_mac, now)
+        try:
+            flow.sock = self.open_socket(flow)
+        except OSError as exc:
+            # EMFILE/ENFILE and friends: a counted refusal, never a crash.
+            self.counters.inc(f"nat.udp.socket.{errname(exc)}")
+            return None
+        flows[key] = flow
+        self.counters.inc("nat.udp.flow.new")
+        return flow
+
+    # -- from the host ---------------------------------------------------------------------
+
+    def deliver_reply(
+        self, flow: UdpFlow, frame: Frame, payload_len: int, host: str, hport: int, now: float
+    ) -> None:
+        """Send the reply whose payload is at ``REPLY_PAYLOAD_OFF`` in ``frame`` to the guest.
+
+        ``host``/``hport`` is the reply's source on the host. Takes ownership of ``frame``.
+        """
+        guest_src = flow.peers.get(host)
+        if guest_src is None:
+            self.counters.inc("nat.udp.reply.filtered")
+            self.pool.release(frame)
+            return
+        if flow.sock is None:  # closed while the reply was in flight
+            self.counters.inc("nat.udp.reply.closed")
+            self.pool.release(frame)
+            return
+        flow.last_used = now
+        self.flows.move_to_end(flow.key)
+        buf = frame.view
+        start = frame.start
+        l3 = start + ETH_HLEN
+        l4 = l3 + IPV4_HLEN
+        build_udp(buf, l4, hport, flow.guest_port, payload_len, guest_src, flow.guest_ip)
+        self._ident = ident = (self._ident + 1) & 0xFFFF
+        build_ipv4(buf, l3, guest_src, flow.guest_ip, PROTO_UDP, UDP_HLEN + payload_len, ident,
+                   64, 0)  # fmt: skip
+        build_ethernet(buf, start, flow.guest_mac, self.config.mac, ETHERTYPE_IPV4)
+        frame.length = REPLY_PAYLOAD_OFF + payload_len
+        self.counters.inc("nat.udp.to_guest")
+        if send_ipv4_to_guest(frame, self.config.mtu, self.pool, self.switch.send) > 1:
+            self.counters.inc("nat.udp.to_guest.fragmented")
+
+    def handle_host_error(
+        self, flow: UdpFlow, host: str, hport: int, type_: int, code: int
+    ) -> None:
+        """The host got an ICMP error for a datagram this flow sent to ``host:hport``."""
+        guest_dst = flow.peers.get(host)
+        if guest_dst is None:
+            self.counters.inc("nat.udp.host_error.unknown_peer")
+            return
+        self.counters.inc(f"nat.udp.host_error.{type_}.{code}")
+        self.icmp.send_flow_error(
+            flow.guest_mac, flow.guest_ip, flow.guest_port, guest_dst, hport, code, type_
+        )
+
+    # -- lifetime --------------------------------------------------------------------------
+
+    def expire(self, now: float) -> int:
+        """Close flows idle for ``timeout`` seconds; return how many."""
+        flows = self.flows
+        timeout = self.timeout
+        n = 0
+        while flows:
+            key, flow = next(iter(flows.items()))
+            if flow.last_used + timeout > now:
+                break
+            del flows[key]
+            self._close(flow)
+            self.counters.inc("nat.udp.flow.expired")
+            n += 1
+        return n
+
+    def _close(self, flow: UdpFlow) -> None:
+        if flow.sock is not None:
+            flow.sock.close()
+            flow.sock = None
+
+    def close_all(self) -> None:
+        """Close every flow's socket (instance shutdown)."""
+        for flow in self.flows.values():
+            self._close(flow)
+        self.flows.clear()
+
+    def stats(self) -> dict[str, int]:
+        """Flow table size, for the stats API."""
+        return {"flows": len(self.flows), "max_flows": self.max_flows}

@@ -1,0 +1,242 @@
+"""Host endpoints for ICMP echo (the I/O half of :mod:`guestnet.core.icmp`).
+
+At start-up :func:`probe_echo_mode` tries, once, what this process may open:
+
+- ``ping``: an unprivileged ICMP socket (``SOCK_DGRAM``, ``IPPROTO_ICMP``), allowed when the
+  process's group is inside ``net.ipv4.ping_group_range``. One socket per echo flow; the kernel
+  picks its identifier (the socket's "port"), fills in checksum and identifier on send, and
+  delivers only replies carrying that identifier, as ICMP header + data;
+- ``raw``: a raw ICMP socket (CAP_NET_RAW). One socket for all flows; guestnet picks a distinct
+  identifier per flow, writes whole echo messages, and matches replies by identifier (a raw
+  socket sees every ICMP message the host receives, IP header included);
+- neither: echo to outside addresses is dropped (``icmp.echo.no_socket``) and one warning at
+  start-up names the sysctl and the capability that would enable it.
+
+Either way replies are received straight into a pooled to-guest frame, at the place the ICMP
+message goes, and handed to :meth:`IcmpService.deliver_echo_reply`, which restores the guest's
+identifier.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import struct
+from typing import TYPE_CHECKING
+
+from guestnet.core.icmp import ICMP_OFF, EchoFlow, IcmpService
+from guestnet.io.loop import EPOLLIN
+from guestnet.io.udp_nat import RECV_BUDGET, SWEEP_INTERVAL_S, make_policy
+from guestnet.wire.checksum import checksum, ones_sum
+from guestnet.wire.ethernet import ETH_HLEN
+from guestnet.wire.icmp import ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_HLEN
+
+if TYPE_CHECKING:
+    from guestnet.core.policy import Policy
+    from guestnet.instance import Instance
+    from guestnet.io.loop import Loop
+
+log = logging.getLogger(__name__)
+
+_ECHO = struct.Struct("!BBHHH")
+_FLAGS = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+
+
+def probe_echo_mode() -> str | None:
+    """``"ping"``, ``"raw"`` or None: the best ICMP echo socket this process may open."""
+    for kind, mode in ((socket.SOCK_DGRAM, "ping"), (socket.SOCK_RAW, "raw")):
+        try:
+            sock = socket.socket(socket.AF_INET, kind | _FLAGS, socket.IPPROTO_ICMP)
+        except OSError:
+            continue
+        sock.close()
+        return mode
+    return None
+
+
+def no_echo_warning() -> str:
+    """The one start-up warning when no echo socket can be opened."""
+    return (
+        "ICMP echo to outside addresses is disabled: this process may open neither ping "
+        f"sockets (group {os.getgid()} is outside sysctl net.ipv4.ping_group_range; e.g. "
+        'sysctl -w net.ipv4.ping_group_range="0 2147483647") nor raw sockets (needs '
+        "CAP_NET_RAW); echo to the gateway and DNS addresses is still answered"
+    )
+
+
+class PingSocket:
+    """One echo flow's unprivileged ICMP socket."""
+
+    __slots__ = ("driver", "fd", "flow", "sock")
+
+    def __init__(self, driver: IcmpDriver, flow: EchoFlow) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | _FLAGS, socket.IPPROTO_ICMP)
+        try:
+            driver.loop.add_fd(sock.fileno(), EPOLLIN, self.on_events)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.driver = driver
+        self.flow = flow
+
+    def send_echo(self, host: str, seq: int, payload: memoryview) -> None:
+        """Send an echo request; the kernel sets identifier and checksum."""
+        self.sock.sendmsg([_ECHO.pack(ICMP_ECHO_REQUEST, 0, 0, 0, seq), payload], [], 0,
+                          (host, 0))  # fmt: skip
+
+    def close(self) -> None:
+        """Stop watching and close."""
+        if self.fd >= 0:
+            self.driver.loop.remove_fd(self.fd)
+            self.sock.close()
+            self.fd = -1
+
+    def on_events(self, _events: int) -> None:
+        """Receive replies (ICMP header + data) into pooled frames."""
+        pool = self.driver.pool
+        for _ in range(RECV_BUDGET):
+            if self.fd < 0:
+                return
+            frame = pool.acquire()
+            off = frame.start + ICMP_OFF
+            room = min(len(frame.view) - off, 65535 - 20)
+            try:
+                n, _anc, _flags, addr = self.sock.recvmsg_into([frame.view[off : off + room]])
+            except BlockingIOError:
+                pool.release(frame)
+                return
+            except OSError as exc:
+                pool.release(frame)
+                self.driver.counters.inc(f"icmp.echo.recv.{exc.errno}")
+                return
+            self.driver.icmp.deliver_echo_reply(self.flow, frame, n, addr[0])
+
+
+class RawEcho:
+    """One echo flow's share of the raw socket: an identifier chosen by guestnet."""
+
+    __slots__ = ("driver", "flow", "ident")
+
+    def __init__(self, driver: IcmpDriver, flow: EchoFlow, ident: int) -> None:
+        self.driver = driver
+        self.flow = flow
+        self.ident = ident
+
+    def send_echo(self, host: str, seq: int, payload: memoryview) -> None:
+        """Send a whole echo request with this flow's identifier."""
+        hdr = bytearray(_ECHO.pack(ICMP_ECHO_REQUEST, 0, 0, self.ident, seq))
+        struct.pack_into("!H", hdr, 2, checksum(hdr, ones_sum(payload)))
+        raw = self.driver.raw
+        assert raw is not None
+        raw.sendmsg([hdr, payload], [], 0, (host, 0))
+
+    def close(self) -> None:
+        """Give the identifier back."""
+        self.driver.raw_flows.pop(self.ident, None)
+
+
+class IcmpDriver:
+    """Owns the ICMP service, its echo sockets and its sweep timer."""
+
+    def __init__(self, inst: Instance, policy: Policy, mode: str | None) -> None:
+        self.loop: Loop = inst.loop
+        self.pool = inst.pool_to_guest
+        self.counters = inst.counters
+        self.mode = mode
+        self.raw: socket.socket | None = None
+        self.raw_flows: dict[int, RawEcho] = {}
+        self._next_ident = os.getpid() & 0xFFFF
+        if mode == "raw":
+            self.raw = socket.socket(socket.AF_INET, socket.SOCK_RAW | _FLAGS, socket.IPPROTO_ICMP)
+            self.loop.add_fd(self.raw.fileno(), EPOLLIN, self._on_raw)
+        self.icmp = IcmpService(
+            inst.config,
+            self.pool,
+            self.counters,
+            inst.switch,
+            policy,
+            backend=self if mode is not None else None,
+        )
+        self._timer = self.loop.call_later(SWEEP_INTERVAL_S, self._sweep)
+
+    def open(self, flow: EchoFlow) -> PingSocket | RawEcho:
+        """The EchoBackend interface: a host endpoint for a new echo flow."""
+        if self.raw is None:
+            return PingSocket(self, flow)
+        for _ in range(65536):
+            self._next_ident = (self._next_ident + 1) & 0xFFFF
+            if self._next_ident not in self.raw_flows:
+                break
+        else:  # pragma: no cover - the flow table is far smaller than 65536
+            raise OSError(24, "no free ICMP identifier")
+        echo = RawEcho(self, flow, self._next_ident)
+        self.raw_flows[echo.ident] = echo
+        return echo
+
+    def _on_raw(self, _events: int) -> None:
+        raw = self.raw
+        assert raw is not None
+        pool = self.pool
+        for _ in range(RECV_BUDGET):
+            frame = pool.acquire()
+            l3 = frame.start + ETH_HLEN
+            try:
+                n, _anc, _flags, addr = raw.recvmsg_into([frame.view[l3 : l3 + 65535]])
+            except BlockingIOError:
+                pool.release(frame)
+                return
+            except OSError as exc:
+                pool.release(frame)
+                self.counters.inc(f"icmp.echo.recv.{exc.errno}")
+                return
+            buf = frame.view
+            ihl = (buf[l3] & 0x0F) * 4
+            icmp_len = n - ihl
+            if icmp_len < ICMP_HLEN or buf[l3 + ihl] != ICMP_ECHO_REPLY:
+                pool.release(frame)  # the raw socket sees all ICMP: not ours to count
+                continue
+            ident = (buf[l3 + ihl + 4] << 8) | buf[l3 + ihl + 5]
+            echo = self.raw_flows.get(ident)
+            if echo is None:
+                pool.release(frame)
+                continue
+            if ihl != 20:  # move the message to where a 20-byte header leaves it
+                dst = frame.start + ICMP_OFF
+                buf[dst : dst + icmp_len] = bytes(buf[l3 + ihl : l3 + ihl + icmp_len])
+            self.icmp.deliver_echo_reply(echo.flow, frame, icmp_len, addr[0])
+
+    def _sweep(self, now: float) -> None:
+        self.icmp.expire(now)
+        self._timer = self.loop.call_at(now + SWEEP_INTERVAL_S, self._sweep)
+
+    def close(self) -> None:
+        """Cancel the sweep, close every echo flow and the raw socket."""
+        self._timer.cancel()
+        with contextlib.suppress(OSError):
+            self.icmp.close_all()
+        if self.raw is not None:
+            self.loop.remove_fd(self.raw.fileno())
+            self.raw.close()
+            self.raw = None
+
+
+def setup_icmp(inst: Instance, mode: str | None = "probe") -> IcmpDriver:
+    """Create the ICMP service, attach it to the classifier, close it with the instance.
+
+    ``mode`` ``"probe"`` tries (once) for the best echo socket; tests may force ``"ping"``,
+    ``"raw"`` or None.
+    """
+    if mode == "probe":
+        mode = probe_echo_mode()
+        if mode is None:
+            log.warning("%s", no_echo_warning())
+        else:
+            log.info("ICMP echo to outside addresses through %s sockets", mode)
+    driver = IcmpDriver(inst, make_policy(inst), mode)
+    inst.classifier.icmp = driver.icmp
+    inst.on_close(driver.close)
+    return driver

@@ -1,0 +1,203 @@
+"""Host sockets for the UDP NAT (the I/O half of :mod:`guestnet.core.udp`).
+
+Each flow's socket is a non-blocking, close-on-exec UDP socket bound to an ephemeral port on
+0.0.0.0, with IP_RECVERR so the host's ICMP errors for it (port unreachable...) are queued where
+we can read them, with the destination they were about. The loop watches it for EPOLLIN; the
+handler drains up to :data:`RECV_BUDGET` datagrams per wake-up, each received straight into the
+payload area of a pooled to-guest frame (``recvmsg_into``, which also reports MSG_TRUNC), and
+hands them to the core. EPOLLERR (or a pending error raised by a receive) means the error queue
+has something: it is drained with MSG_ERRQUEUE and each ICMP error passed to the core.
+
+A periodic sweep (every :data:`SWEEP_INTERVAL_S` at most) expires idle flows; every socket is
+closed on flow end and at instance shutdown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import socket
+import struct
+from typing import TYPE_CHECKING
+
+from guestnet.core.icmp import IcmpService
+from guestnet.core.policy import Policy
+from guestnet.core.udp import REPLY_PAYLOAD_OFF, UdpFlow, UdpNat
+from guestnet.io.loop import EPOLLERR, EPOLLIN
+from guestnet.wire.icmp import ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, UNREACH_FRAG_NEEDED
+
+if TYPE_CHECKING:
+    from guestnet.instance import Instance
+
+log = logging.getLogger(__name__)
+
+#: Datagrams read from one socket per wake-up, so one busy flow cannot starve the others.
+RECV_BUDGET = 64
+#: Longest pause between idle-flow sweeps.
+SWEEP_INTERVAL_S = 10.0
+#: Largest UDP payload in one IPv4 datagram.
+MAX_UDP_PAYLOAD = 65535 - 28
+
+IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+SO_EE_ORIGIN_ICMP = 2
+#: struct sock_extended_err: errno, origin, type, code, pad, info, data.
+_EXT_ERR = struct.Struct("=IBBBBII")
+
+
+def host_ipv4_addrs() -> frozenset[bytes]:
+    """The host's own IPv4 addresses (for ``--no-host-loopback``), empty if netlink fails."""
+    try:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            return frozenset(
+                ipaddress.IPv4Address(msg.get_attr("IFA_ADDRESS")).packed
+                for msg in ipr.get_addr(family=socket.AF_INET)
+                if msg.get_attr("IFA_ADDRESS")
+            )
+    except Exception as exc:  # any netlink trouble: fall back to loopback-only refusal
+        log.warning("could not list the host's addresses: %s", exc)
+        return frozenset()
+
+
+def make_policy(inst: Instance) -> Policy:
+    """The instance's Policy: shared if another service made one, else made and shared here."""
+    policy = getattr(inst, "policy", None)
+    if isinstance(policy, Policy):
+        return policy
+    addrs = host_ipv4_addrs() if inst.config.no_host_loopback else frozenset()
+    policy = Policy(inst.config, addrs)
+    setattr(inst, "policy", policy)  # noqa: B010 (shared with the TCP and ICMP services)
+    return policy
+
+
+class HostUdpSocket:
+    """One flow's host socket, registered in the loop."""
+
+    __slots__ = ("driver", "fd", "flow", "sock")
+
+    def __init__(self, driver: UdpNatDriver, flow: UdpFlow) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK |
+                             socket.SOCK_CLOEXEC)  # fmt: skip
+        try:
+            sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
+            sock.bind(("0.0.0.0", 0))
+            driver.loop.add_fd(sock.fileno(), EPOLLIN, self.on_events)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.driver = driver
+        self.flow = flow
+
+    def sendto(self, data: memoryview, addr: tuple[str, int]) -> int:
+        """Send one datagram (non-blocking; OSError on EAGAIN and friends)."""
+        try:
+            return self.sock.sendto(data, addr)
+        except ConnectionError:
+            # A queued ICMP error surfaced on send: read it, then try once more.
+            self.drain_errors()
+            return self.sock.sendto(data, addr)
+
+    def close(self) -> None:
+        """Stop watching and close (the core calls this on flow end)."""
+        if self.fd >= 0:
+            self.driver.loop.remove_fd(self.fd)
+            self.sock.close()
+            self.fd = -1
+
+    def on_events(self, events: int) -> None:
+        """Drain replies into pooled frames and hand them to the core."""
+        driver = self.driver
+        if events & EPOLLERR:
+            self.drain_errors()
+        nat = driver.nat
+        pool = driver.pool
+        counters = driver.counters
+        recv = self.sock.recvmsg_into
+        for _ in range(RECV_BUDGET):
+            if self.fd < 0:
+                return
+            frame = pool.acquire()
+            off = frame.start + REPLY_PAYLOAD_OFF
+            room = min(len(frame.view) - off, MAX_UDP_PAYLOAD)
+            try:
+                n, _anc, flags, addr = recv([frame.view[off : off + room]])
+            except BlockingIOError:
+                pool.release(frame)
+                return
+            except ConnectionError:
+                pool.release(frame)
+                self.drain_errors()
+                continue
+            except OSError as exc:
+                pool.release(frame)
+                counters.inc(f"nat.udp.recv.{exc.errno}")
+                return
+            if flags & socket.MSG_TRUNC:
+                pool.release(frame)
+                counters.inc("nat.udp.reply.truncated")
+                continue
+            nat.deliver_reply(self.flow, frame, n, addr[0], addr[1], driver.loop.now())
+
+    def drain_errors(self) -> None:
+        """Read the socket's error queue; forward ICMP errors to the core."""
+        for _ in range(RECV_BUDGET):
+            if self.fd < 0:
+                return
+            try:
+                _data, anc, _flags, addr = self.sock.recvmsg(0, 512, socket.MSG_ERRQUEUE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            for level, kind, cdata in anc:
+                if level != socket.SOL_IP or kind != IP_RECVERR or len(cdata) < _EXT_ERR.size:
+                    continue
+                _errno, origin, type_, code, _pad, _info, _d = _EXT_ERR.unpack_from(cdata)
+                if origin != SO_EE_ORIGIN_ICMP:
+                    continue
+                forward = type_ == ICMP_TIME_EXCEEDED or (
+                    type_ == ICMP_DEST_UNREACH and code != UNREACH_FRAG_NEEDED
+                )
+                if forward:
+                    self.driver.nat.handle_host_error(self.flow, addr[0], addr[1], type_, code)
+                else:
+                    self.driver.counters.inc(f"nat.udp.host_error.{type_}.{code}.ignored")
+
+
+class UdpNatDriver:
+    """Owns the UDP NAT core, its sockets and its sweep timer."""
+
+    def __init__(self, inst: Instance, policy: Policy, icmp: IcmpService) -> None:
+        self.loop = inst.loop
+        self.pool = inst.pool_to_guest
+        self.counters = inst.counters
+        self.nat = UdpNat(
+            inst.config, self.pool, self.counters, inst.switch, policy, icmp, self._open
+        )
+        self.interval = max(1.0, min(SWEEP_INTERVAL_S, self.nat.timeout / 4))
+        self._timer = self.loop.call_later(self.interval, self._sweep)
+
+    def _open(self, flow: UdpFlow) -> HostUdpSocket:
+        return HostUdpSocket(self, flow)
+
+    def _sweep(self, now: float) -> None:
+        self.nat.expire(now)
+        self._timer = self.loop.call_at(now + self.interval, self._sweep)
+
+    def close(self) -> None:
+        """Cancel the sweep and close every flow's socket."""
+        self._timer.cancel()
+        with contextlib.suppress(OSError):
+            self.nat.close_all()
+
+
+def setup_udp_nat(inst: Instance, icmp: IcmpService) -> UdpNatDriver:
+    """Create the UDP NAT, attach it to the classifier, close it with the instance."""
+    driver = UdpNatDriver(inst, make_policy(inst), icmp)
+    inst.classifier.udp_nat = driver.nat
+    inst.on_close(driver.close)
+    return driver
