@@ -16,7 +16,7 @@ from scapy.layers.l2 import Ether
 
 from guestnet.config import Config, parse_mac
 from guestnet.core.classifier import FrameClassifier
-from guestnet.core.dhcp import MAX_LEASES, OFFER_HOLD_S, DhcpServer
+from guestnet.core.dhcp import MAX_LEASES, OFFER_HOLD_S, DhcpServer, check_config
 from guestnet.core.port import Port
 from guestnet.core.switch import Switch
 from guestnet.counters import Counters
@@ -654,3 +654,47 @@ def test_hostname_sanitised(rig: Rig) -> None:
 
 def test_struct_sizes() -> None:
     assert struct.calcsize("!BBBBIHH4s4s4s4s16s") == 44
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"dhcp_static": ((parse_mac(MAC1), ipaddress.IPv4Address("10.0.2.0")),)}, "dhcp-static"),
+        (
+            {
+                "dhcp_static": (
+                    (parse_mac(MAC1), ipaddress.IPv4Address("10.0.2.20")),
+                    (parse_mac(MAC2), ipaddress.IPv4Address("10.0.2.20")),
+                )
+            },
+            "two MACs",
+        ),
+        (
+            {
+                "dhcp_static": (
+                    (parse_mac(MAC1), ipaddress.IPv4Address("10.0.2.20")),
+                    (parse_mac(MAC1), ipaddress.IPv4Address("10.0.2.21")),
+                )
+            },
+            "two addresses",
+        ),
+        ({"dns_search": ("ok.example", "bad..example")}, "dns-search"),
+        ({"lease_time": 0}, "lease-time"),
+    ],
+)
+def test_check_config(kw: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_config(Config(**kw))
+
+
+def test_cli_dhcp_options() -> None:
+    from guestnet.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(
+        ["qemu", "--socket", "/nonexistent", "--lease-time", "120", "--dns-search", "a.example",
+         "--dns-search", "b.example", "--dhcp-static", f"{MAC2}=10.0.2.50"]
+    )  # fmt: skip
+    config = config_from_args(args)
+    assert config.lease_time == 120
+    assert config.dns_search == ("a.example", "b.example")
+    assert config.dhcp_static == ((parse_mac(MAC2), ipaddress.IPv4Address("10.0.2.50")),)
