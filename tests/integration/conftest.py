@@ -72,13 +72,13 @@ def start_gn(sandbox: Netns) -> Iterator[Callable[..., Guestnet]]:
             gn.cleanup()
 
 
-def _ifname_of(args: tuple[str, ...]) -> str:
+def _option(args: tuple[str, ...], name: str, default: str) -> str:
     for i, arg in enumerate(args):
-        if arg == "--ifname" and i + 1 < len(args):
+        if arg == name and i + 1 < len(args):
             return args[i + 1]
-        if arg.startswith("--ifname="):
+        if arg.startswith(name + "="):
             return arg.split("=", 1)[1]
-    return "eth0"
+    return default
 
 
 @pytest.fixture
@@ -91,13 +91,23 @@ def attach_guest(start_gn: Callable[..., Guestnet], guest_ns: Netns) -> Callable
     """
 
     def attach(*extra: str, configure: bool = True, timeout: float = 10.0) -> Guestnet:
-        ifname = _ifname_of(extra)
+        ifname = _option(extra, "--ifname", "eth0")
+        mac = _option(extra, "--guest-mac", "52:54:00:12:34:56").lower()
         args = ["netns", guest_ns.path, *(["--configure"] if configure else []), *extra]
 
         def ready() -> bool:
+            # The helper sets the MAC after creating the TAP, and the default route last.
+            info = link_info(guest_ns, ifname)
+            if info is None or info.get("address") != mac:
+                return False
             if not configure:
-                return link_info(guest_ns, ifname) is not None
-            return is_up(guest_ns, ifname) and bool(addresses(guest_ns, ifname))
+                return True
+            route = guest_ns.run(["ip", "-4", "route", "show", "default"], check=False)
+            return (
+                is_up(guest_ns, ifname)
+                and bool(addresses(guest_ns, ifname))
+                and ("default" in route.stdout)
+            )
 
         gn = start_gn(args, ready=ready, timeout=timeout)
         gn.guest = guest_ns

@@ -382,6 +382,10 @@ def cmd_netns(args: argparse.Namespace, config: Config) -> int:
     """``guestnet netns TARGET``: serve a TAP in an existing namespace until SIGINT/SIGTERM."""
     try:
         ifname = check_ifname(args.ifname)
+    except ValueError as exc:
+        print(f"guestnet netns: error: --ifname: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         netns_path, pid_userns = resolve_target(args.target)
         userns = args.userns if args.userns else pid_userns
         if args.userns and not os.path.exists(args.userns):
