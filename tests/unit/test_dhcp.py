@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import struct
 from collections.abc import Iterator
@@ -10,6 +11,8 @@ from typing import Any
 
 import dns.name
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
@@ -17,6 +20,7 @@ from scapy.layers.l2 import Ether
 from guestnet.config import Config, parse_mac
 from guestnet.core.classifier import FrameClassifier
 from guestnet.core.dhcp import MAX_LEASES, OFFER_HOLD_S, DhcpServer, check_config
+from guestnet.core.packet import Ipv4Packet
 from guestnet.core.port import Port
 from guestnet.core.switch import Switch
 from guestnet.counters import Counters
@@ -29,6 +33,7 @@ from guestnet.wire.dhcp import (
     encode_search_list,
     parse_dhcp,
 )
+from guestnet.wire.ipv4 import parse_ipv4
 
 MAC1 = "52:54:00:12:34:56"
 MAC2 = "52:54:00:00:00:02"
@@ -698,3 +703,33 @@ def test_cli_dhcp_options() -> None:
     assert config.lease_time == 120
     assert config.dns_search == ("a.example", "b.example")
     assert config.dhcp_static == ((parse_mac(MAC2), ipaddress.IPv4Address("10.0.2.50")),)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tail=st.binary(max_size=400),
+    kind=st.integers(0, 10),
+    ciaddr=st.sampled_from([bytes(4), bytes((10, 0, 2, 15)), bytes((10, 0, 2, 99))]),
+    flags=st.sampled_from([0, 0x8000]),
+)
+def test_fuzzed_options_never_raise_other_than_wire_error(
+    tail: bytes, kind: int, ciaddr: bytes, flags: int
+) -> None:
+    """Random option bytes after a valid header: WireError or a well-formed reply, nothing else."""
+    r = make_rig(dns_search=("a.example",))
+    b = good_bootp()
+    b[10:12] = flags.to_bytes(2, "big")
+    b[12:16] = ciaddr
+    msg = bytes(b[:240]) + bytes((53, 1, kind)) + tail
+    ip = parse_ipv4(bytes(IP(src="0.0.0.0", dst="255.255.255.255") / UDP() / b"x"))
+    pkt = Ipv4Packet(r.port, parse_mac(MAC1), ip, memoryview(b""), True)
+    for now in (0.0, 10.0):
+        with contextlib.suppress(WireError):
+            r.server.handle_udp(pkt, 68, 67, memoryview(msg), now)
+        for frame in r.sent:
+            reply = Ether(bytes(frame.data))
+            assert reply[BOOTP].op == 2
+            assert len(bytes(reply[IP])) <= 576
+            r.pool.release(frame)
+        r.sent.clear()
+    assert r.pool.in_use == 0
