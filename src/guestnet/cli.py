@@ -96,6 +96,28 @@ def _static_lease(text: str) -> tuple[bytes, ipaddress.IPv4Address]:
     return _mac(mac.strip()), _ipv4(ip.strip())
 
 
+def _dns_upstream(text: str) -> tuple[str, int]:
+    """``ADDR``, ``ADDR:PORT``, ``V6``, ``[V6]`` or ``[V6]:PORT``; the port defaults to 53."""
+    host, port = text, "53"
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise argparse.ArgumentTypeError(f"expected ADDR[:PORT] or [V6]:PORT, got {text!r}")
+        port = rest[1:] or "53"
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    try:
+        ipaddress.ip_address(host.partition("%")[0])
+        number = int(port, 10)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected ADDR[:PORT] or [V6]:PORT, got {text!r}"
+        ) from exc
+    if not 1 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"port {number} is outside 1..65535")
+    return host, number
+
+
 def add_datapath_options(p: argparse.ArgumentParser) -> None:
     """Options every datapath subcommand (run, netns, qemu, dgram) accepts."""
     d = Config()
@@ -154,6 +176,16 @@ def add_datapath_options(p: argparse.ArgumentParser) -> None:
         metavar="MAC=IP",
         help="a fixed DHCP address for a MAC (repeatable)",
     )
+    n = p.add_argument_group("DNS")
+    n.add_argument(
+        "--dns-upstream",
+        action="append",
+        type=_dns_upstream,
+        default=[],
+        metavar="ADDR[:PORT]",
+        help="resolver guest DNS is forwarded to (repeatable, in order; [V6]:PORT for IPv6); "
+        "default: the nameservers of /etc/resolv.conf",
+    )
     p.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
@@ -175,6 +207,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         pool_slots=args.pool_slots,
         lease_time=args.lease_time,
         dns_search=tuple(args.dns_search),
+        dns_upstreams=tuple(args.dns_upstream),
         dhcp_static=tuple(args.dhcp_static),
     )
     check_dhcp_config(config)

@@ -18,6 +18,7 @@ from guestnet.core.classifier import FrameClassifier
 from guestnet.core.dhcp import DhcpServer
 from guestnet.core.switch import Switch
 from guestnet.counters import Counters
+from guestnet.io.dns_upstream import DnsUpstreamIO
 from guestnet.io.loop import Loop
 from guestnet.pool import FramePool
 
@@ -47,6 +48,8 @@ class Instance:
         """Attach the services to the classifier (each issue adds its own here)."""
         self.dhcp = DhcpServer(self.config, self.pool_to_guest, self.counters)
         self.classifier.dhcp = self.dhcp
+        self.dns = DnsUpstreamIO(self)
+        self.classifier.dns_udp = self.dns
 
     def on_close(self, closer: Callable[[], None]) -> None:
         """Run ``closer`` at shutdown (sockets, files, devices), last registered first."""

@@ -1,0 +1,482 @@
+"""DnsService: the guest's resolver at the DNS address (and the gateway), sans-I/O.
+
+Theory of operation
+-------------------
+Queries to UDP port 53 on ``config.dns_ip`` or ``config.gateway`` arrive in :meth:`handle_udp`.
+Each is checked with dnspython (a query that does not parse gets FORMERR when its 12-byte header
+is there to answer, else a counted drop), then either answered here or forwarded:
+
+- **Built-in names** (:data:`BUILTIN_NAMES`, any case): an A query gets the gateway address,
+  any other type gets NOERROR with no records (NODATA). Other names inside our own zone
+  (:data:`LOCAL_ZONE`) get NXDOMAIN here, so no query for them leaves the host.
+- **Everything else** goes to the upstream resolvers (``/etc/resolv.conf`` or
+  ``--dns-upstream``; the I/O driver chooses the list). The core does not send: it appends
+  :class:`UpstreamQuery` actions ("send these bytes to upstream *i*") to :attr:`outbox`, which the
+  driver drains after every call. The query leaves as the guest wrote it except for its id: a
+  fresh random id, unique among the outstanding queries. The guest's own ids are not unique
+  across guests and ports, and a guessable id would let anyone who can reach the host socket
+  forge answers.
+
+An answer from upstream *i* is matched on its id, on *i* being an upstream this query was sent
+to, and on its question (name compared case-insensitively, type and class exactly); anything
+else is counted (``dns.upstream.unmatched``) and dropped. A matched answer goes to the guest
+unchanged except that its id is restored, so a truncated answer keeps TC and the guest retries
+over TCP. An answer too large for the guest link is cut to header and question with TC set.
+
+Failover: every forwarded query has a deadline (:data:`UPSTREAM_TIMEOUT_S` per upstream). When
+it passes, or the driver reports the upstream refused (ICMP port unreachable shows up as
+ECONNREFUSED on a connected UDP socket) or could not be reached, the query moves to the next
+upstream it has not tried; when none is left the guest gets SERVFAIL. So a query is answered
+within ``len(upstreams) * UPSTREAM_TIMEOUT_S``. An upstream that failed is skipped by new queries
+for :data:`DOWN_HOLD_S` while another is believed up. An upstream REFUSED answer also moves on
+to the next upstream when there is one; other answers (SERVFAIL, NXDOMAIN) are the guest's.
+
+Limits: at most :data:`MAX_PENDING` forwarded queries wait at once; beyond that the guest gets
+SERVFAIL (``dns.pending.full``). A guest retransmitting a query still outstanding (same address,
+port, id and question) is not forwarded twice (``dns.query.duplicate``).
+
+dnspython raises its own exceptions for bad input (compression loops, counts that lie, short
+records); they are caught by name in :data:`_PARSE_ERRORS` and never leave this module.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rcode
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+
+from guestnet.config import Config
+from guestnet.core.packet import Ipv4Packet
+from guestnet.core.port import Port
+from guestnet.counters import Counters
+from guestnet.pool import FramePool
+from guestnet.wire.ethernet import ETH_HLEN, ETHERTYPE_IPV4, build_ethernet
+from guestnet.wire.ipv4 import IPV4_HLEN, PROTO_UDP, build_ipv4
+from guestnet.wire.udp import UDP_HLEN, build_udp
+
+DNS_PORT = 53
+#: DNS header length: id, flags and four counts.
+DNS_HLEN = 12
+#: How long one upstream has to answer before the query moves to the next one.
+UPSTREAM_TIMEOUT_S = 2.0
+#: How long an upstream that timed out or refused is skipped by new queries.
+DOWN_HOLD_S = 30.0
+#: Most forwarded queries outstanding at once.
+MAX_PENDING = 1024
+#: TTL of built-in answers.
+BUILTIN_TTL = 60
+#: Names that stand for the host (the gateway address), as other backends name it.
+BUILTIN_NAMES = (
+    "host.guestnet.internal",
+    "gateway.guestnet.internal",
+    "host.containers.internal",
+    "host.docker.internal",
+)
+#: Our own zone: names in it that are not built in do not exist.
+LOCAL_ZONE = "guestnet.internal"
+
+_QR = 0x8000
+_TC = 0x0200
+_RD = 0x0100
+_RA = 0x0080
+_HDR = struct.Struct("!HHHHHH")
+_ETH_IP_UDP = ETH_HLEN + IPV4_HLEN + UDP_HLEN
+
+#: What dnspython may raise on bad bytes. DNSException covers FormError and its kin (BadPointer
+#: for compression loops, ShortHeader, TrailingJunk, BadLabelType, NameTooLong, UnknownTSIGKey);
+#: the rest are what rdata parsers raise for values they reject.
+_PARSE_ERRORS = (
+    dns.exception.DNSException,
+    ValueError,
+    TypeError,
+    IndexError,
+    KeyError,
+    struct.error,
+)
+
+
+class UpstreamQuery(NamedTuple):
+    """An action for the driver: send ``data`` to ``upstreams[upstream]``."""
+
+    upstream: int
+    data: bytes
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One forwarded query waiting for its answer."""
+
+    port: Port
+    guest_mac: bytes
+    guest_ip: bytes
+    #: The address the guest asked (DNS address or gateway): the answer's source.
+    asked_ip: bytes
+    sport: int
+    client_id: int
+    upstream_id: int
+    #: The parsed query, for a SERVFAIL built when every upstream failed.
+    query: dns.message.Message
+    #: The query as it leaves: the guest's bytes with our id.
+    wire: bytes
+    #: Question as it must come back: name (uncompressed, lower case), type, class.
+    question: bytes
+    name_len: int
+    #: Upstream the query was last sent to, and a bit per upstream it was ever sent to.
+    upstream: int
+    tried: int
+    #: Bumped at every send; a timeout entry in the heap counts only if its seq matches.
+    seq: int
+    deadline: float
+
+
+class DnsService:
+    """Answers and forwards the guests' DNS queries over UDP."""
+
+    def __init__(
+        self,
+        config: Config,
+        pool: FramePool,
+        counters: Counters,
+        upstreams: Sequence[tuple[str, int]],
+        *,
+        timeout_s: float = UPSTREAM_TIMEOUT_S,
+        max_pending: int = MAX_PENDING,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.pool = pool
+        self.counters = counters
+        #: Upstream resolvers as (address, port); actions name them by index.
+        self.upstreams = tuple(upstreams)
+        self.timeout_s = timeout_s
+        self.max_pending = max_pending
+        self._rng = rng if rng is not None else random.SystemRandom()
+        #: Queries for the driver to send, in order; the driver empties it.
+        self.outbox: list[UpstreamQuery] = []
+        self._by_id: dict[int, _Pending] = {}
+        self._by_client: dict[tuple[bytes, int, int, bytes], int] = {}
+        self._timeouts: list[tuple[float, int, int]] = []
+        self._seq = itertools.count()
+        self._down_until = [0.0] * len(self.upstreams)
+        gateway = dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.A, str(config.gateway))
+        self._builtin = {dns.name.from_text(n): gateway for n in BUILTIN_NAMES}
+        self._zone = dns.name.from_text(LOCAL_ZONE)
+        self._mtu = config.mtu
+
+    # -- queries from the guest -------------------------------------------------------------
+
+    @property
+    def pending_count(self) -> int:
+        """Forwarded queries waiting for an answer."""
+        return len(self._by_id)
+
+    def handle_udp(
+        self, pkt: Ipv4Packet, sport: int, dport: int, payload: memoryview, now: float
+    ) -> None:
+        """Handle one query from a guest (UDP to port 53 on the DNS or gateway address)."""
+        counters = self.counters
+        if len(payload) < DNS_HLEN:
+            counters.inc("dns.query.short")
+            return
+        client_id, flags = _HDR.unpack_from(payload, 0)[:2]
+        if flags & _QR:
+            counters.inc("dns.query.is_response")
+            return
+        wire = bytes(payload)
+        try:
+            query = dns.message.from_wire(wire, keyring=False)
+        except _PARSE_ERRORS:
+            counters.inc("dns.query.malformed")
+            self._reply(pkt, sport, _header_only(client_id, flags, dns.rcode.FORMERR))
+            return
+        if query.opcode() != dns.opcode.QUERY:
+            counters.inc("dns.query.not_implemented")
+            self._reply(pkt, sport, self._response(query, dns.rcode.NOTIMP))
+            return
+        if len(query.question) != 1:
+            counters.inc("dns.query.question_count")
+            self._reply(pkt, sport, self._response(query, dns.rcode.FORMERR))
+            return
+        q = query.question[0]
+        if q.name.is_subdomain(self._zone) or q.name in self._builtin:
+            self._answer_builtin(pkt, sport, query)
+            return
+        self._forward(pkt, sport, query, wire, now)
+
+    def _answer_builtin(self, pkt: Ipv4Packet, sport: int, query: dns.message.Message) -> None:
+        q = query.question[0]
+        rdata = self._builtin.get(q.name)
+        if rdata is None:
+            self.counters.inc("dns.builtin.nxdomain")
+            self._reply(pkt, sport, self._response(query, dns.rcode.NXDOMAIN, aa=True))
+            return
+        answer = None
+        if q.rdtype == dns.rdatatype.A and q.rdclass == dns.rdataclass.IN:
+            self.counters.inc("dns.builtin.answer")
+            answer = dns.rrset.from_rdata(q.name, BUILTIN_TTL, rdata)
+        else:
+            self.counters.inc("dns.builtin.nodata")
+        self._reply(pkt, sport, self._response(query, dns.rcode.NOERROR, aa=True, answer=answer))
+
+    def _forward(
+        self, pkt: Ipv4Packet, sport: int, query: dns.message.Message, wire: bytes, now: float
+    ) -> None:
+        counters = self.counters
+        if not self.upstreams:
+            counters.inc("dns.upstream.none")
+            self._reply(pkt, sport, self._response(query, dns.rcode.SERVFAIL))
+            return
+        q = query.question[0]
+        name = q.name.to_wire()
+        assert name is not None
+        name = name.lower()
+        question = name + struct.pack("!HH", q.rdtype, q.rdclass)
+        key = (pkt.ip.src, sport, query.id, question)
+        if key in self._by_client:
+            counters.inc("dns.query.duplicate")
+            return
+        if len(self._by_id) >= self.max_pending:
+            counters.inc("dns.pending.full")
+            self._reply(pkt, sport, self._response(query, dns.rcode.SERVFAIL))
+            return
+        uid = self._fresh_id()
+        first = self._first_upstream(now)
+        pending = _Pending(
+            port=pkt.port,
+            guest_mac=pkt.src_mac,
+            guest_ip=pkt.ip.src,
+            asked_ip=pkt.ip.dst,
+            sport=sport,
+            client_id=query.id,
+            upstream_id=uid,
+            query=query,
+            wire=struct.pack("!H", uid) + wire[2:],
+            question=question,
+            name_len=len(name),
+            upstream=first,
+            tried=0,
+            seq=0,
+            deadline=0.0,
+        )
+        self._by_id[uid] = pending
+        self._by_client[key] = uid
+        counters.inc("dns.query.forwarded")
+        self._send(pending, first, now)
+
+    def _fresh_id(self) -> int:
+        """A random 16-bit id no outstanding query uses (the table is at most 1/64 full)."""
+        by_id = self._by_id
+        for _ in range(64):
+            uid = self._rng.getrandbits(16)
+            if uid not in by_id:
+                return uid
+        return next(i for i in range(65536) if i not in by_id)  # pragma: no cover
+
+    def _first_upstream(self, now: float) -> int:
+        """The first upstream not held down; if all are, the one whose hold ends first."""
+        down = self._down_until
+        for i, until in enumerate(down):
+            if until <= now:
+                return i
+        return min(range(len(down)), key=down.__getitem__)
+
+    def _send(self, pending: _Pending, upstream: int, now: float) -> None:
+        pending.upstream = upstream
+        pending.tried |= 1 << upstream
+        pending.seq = seq = next(self._seq)
+        pending.deadline = deadline = now + self.timeout_s
+        heapq.heappush(self._timeouts, (deadline, seq, pending.upstream_id))
+        self.outbox.append(UpstreamQuery(upstream, pending.wire))
+
+    # -- answers and failures from upstream ---------------------------------------------------
+
+    def handle_upstream_answer(self, upstream: int, data: memoryview | bytes, now: float) -> None:
+        """Handle one datagram the driver received from ``upstreams[upstream]``."""
+        counters = self.counters
+        if len(data) < DNS_HLEN:
+            counters.inc("dns.upstream.unmatched")
+            return
+        uid, flags, qdcount = _HDR.unpack_from(data, 0)[:3]
+        pending = self._by_id.get(uid)
+        if pending is None or not flags & _QR or not (pending.tried >> upstream) & 1:
+            counters.inc("dns.upstream.unmatched")
+            return
+        rcode = flags & 0x000F
+        if qdcount == 1:
+            n = pending.name_len
+            end = DNS_HLEN + len(pending.question)
+            if (
+                bytes(data[DNS_HLEN : DNS_HLEN + n]).lower() != pending.question[:n]
+                or data[DNS_HLEN + n : end] != pending.question[n:]
+            ):
+                counters.inc("dns.upstream.unmatched")
+                return
+        elif qdcount != 0 or rcode == dns.rcode.NOERROR:
+            # Only an error answer may leave the question out (some servers do for FORMERR).
+            counters.inc("dns.upstream.unmatched")
+            return
+        if rcode == dns.rcode.REFUSED and self._next_untried(pending) is not None:
+            self._fail_over(pending, now, "dns.upstream.refused_answer")
+            return
+        self._finish(pending)
+        counters.inc("dns.answer.forwarded")
+        self._send_to_guest(pending, data, pending.client_id, len(pending.question))
+
+    def handle_upstream_failed(self, upstream: int, now: float, reason: str) -> None:
+        """The driver could not reach ``upstreams[upstream]`` (refused, unreachable, no socket).
+
+        Every query now waiting on it moves to its next upstream at once.
+        """
+        self.counters.inc(reason)
+        waiting = [p for p in self._by_id.values() if p.upstream == upstream]
+        self._hold_down(upstream, now)
+        for pending in waiting:
+            self._fail_over(pending, now, "dns.failover.error")
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`handle_timeout` must next run, or None when nothing waits."""
+        heap = self._timeouts
+        while heap:
+            _, seq, uid = heap[0]
+            pending = self._by_id.get(uid)
+            if pending is not None and pending.seq == seq:
+                return heap[0][0]
+            heapq.heappop(heap)
+        return None
+
+    def handle_timeout(self, now: float) -> None:
+        """Move every query whose upstream has been silent too long to its next upstream."""
+        heap = self._timeouts
+        while heap and heap[0][0] <= now:
+            _, seq, uid = heapq.heappop(heap)
+            pending = self._by_id.get(uid)
+            if pending is None or pending.seq != seq:
+                continue
+            self.counters.inc("dns.upstream.timeout")
+            self._hold_down(pending.upstream, now)
+            self._fail_over(pending, now, "dns.failover.timeout")
+
+    def _hold_down(self, upstream: int, now: float) -> None:
+        self._down_until[upstream] = now + DOWN_HOLD_S
+
+    def _next_untried(self, pending: _Pending) -> int | None:
+        n = len(self.upstreams)
+        for step in range(1, n):
+            i = (pending.upstream + step) % n
+            if not (pending.tried >> i) & 1:
+                return i
+        return None
+
+    def _fail_over(self, pending: _Pending, now: float, reason: str) -> None:
+        nxt = self._next_untried(pending)
+        if nxt is not None:
+            self.counters.inc(reason)
+            self._send(pending, nxt, now)
+            return
+        self._finish(pending)
+        self.counters.inc("dns.answer.servfail")
+        wire = self._response(pending.query, dns.rcode.SERVFAIL)
+        self._send_to_guest(pending, wire, None, 0)
+
+    def _finish(self, pending: _Pending) -> None:
+        del self._by_id[pending.upstream_id]
+        key = (pending.guest_ip, pending.sport, pending.client_id, pending.question)
+        self._by_client.pop(key, None)
+
+    # -- answers to the guest ------------------------------------------------------------------
+
+    def _response(
+        self,
+        query: dns.message.Message,
+        rcode: dns.rcode.Rcode,
+        aa: bool = False,
+        answer: dns.rrset.RRset | None = None,
+    ) -> bytes:
+        """An answer to ``query`` built by dnspython (question and EDNS echoed)."""
+        try:
+            response = dns.message.make_response(query, recursion_available=True)
+            response.set_rcode(rcode)
+            if aa:
+                response.flags |= dns.flags.AA
+            if answer is not None:
+                response.answer.append(answer)
+            return response.to_wire()
+        except _PARSE_ERRORS:
+            # A query dnspython read but cannot echo (an odd TSIG, say): header only.
+            self.counters.inc("dns.answer.header_only")
+            return _header_only(query.id, query.flags, rcode)
+
+    def _reply(self, pkt: Ipv4Packet, sport: int, wire: bytes) -> None:
+        self._emit(pkt.port, pkt.src_mac, pkt.ip.src, pkt.ip.dst, sport, wire, None, 0)
+
+    def _send_to_guest(
+        self, pending: _Pending, data: memoryview | bytes, client_id: int | None, qlen: int
+    ) -> None:
+        self._emit(
+            pending.port,
+            pending.guest_mac,
+            pending.guest_ip,
+            pending.asked_ip,
+            pending.sport,
+            data,
+            client_id,
+            qlen,
+        )
+
+    def _emit(
+        self,
+        port: Port,
+        guest_mac: bytes,
+        guest_ip: bytes,
+        our_ip: bytes,
+        sport: int,
+        data: memoryview | bytes,
+        client_id: int | None,
+        qlen: int,
+    ) -> None:
+        """Write ``data`` as a UDP datagram to the guest, its id set to ``client_id`` if given.
+
+        A message too large for the link is cut to its header and first ``qlen`` bytes of
+        question, counts fixed and TC set, so the guest asks again over TCP.
+        """
+        n = len(data)
+        frame = self.pool.acquire()
+        buf = frame.view
+        start = frame.start
+        off = start + _ETH_IP_UDP
+        if IPV4_HLEN + UDP_HLEN + n > self._mtu:
+            self.counters.inc("dns.answer.truncated_for_mtu")
+            n = DNS_HLEN + qlen
+            buf[off : off + n] = data[:n]
+            flags = ((buf[off + 2] << 8) | buf[off + 3]) | _TC
+            struct.pack_into("!HHHHH", buf, off + 2, flags, 1 if qlen else 0, 0, 0, 0)
+        else:
+            buf[off : off + n] = data
+        if client_id is not None:
+            struct.pack_into("!H", buf, off, client_id)
+        l3 = build_ethernet(buf, start, guest_mac, self.config.mac, ETHERTYPE_IPV4)
+        l4 = build_ipv4(buf, l3, our_ip, guest_ip, PROTO_UDP, UDP_HLEN + n)
+        build_udp(buf, l4, DNS_PORT, sport, n, our_ip, guest_ip)
+        frame.length = _ETH_IP_UDP + n
+        port.send(frame)
+
+
+def _header_only(ident: int, query_flags: int, rcode: dns.rcode.Rcode) -> bytes:
+    """A bare answer header: the query's id, opcode and RD, with ``rcode`` and no sections."""
+    flags = _QR | (query_flags & 0x7800) | (query_flags & _RD) | _RA | (rcode & 0x000F)
+    return _HDR.pack(ident, flags, 0, 0, 0, 0)

@@ -1,0 +1,239 @@
+"""DNS upstreams on the host: which resolvers, and the UDP sockets that reach them.
+
+:func:`upstream_servers` says which resolvers guestnet uses: ``--dns-upstream`` when given,
+else the ``nameserver`` lines of ``/etc/resolv.conf`` (IPv4 and IPv6; a loopback resolver such
+as systemd-resolved's 127.0.0.53 works, since guestnet sends from the host), else 127.0.0.1:53
+as the C library does. The TCP relay for DNS over TCP calls it too, so both transports agree.
+
+:class:`DnsUpstreamIO` is the thin shell around :class:`~guestnet.core.dns.DnsService`: it is
+the classifier's ``dns_udp`` handler, passes queries to the core, sends what the core puts in its
+outbox, feeds answers and socket errors back, and keeps one loop timer armed at the core's next
+deadline. Each upstream gets one connected, non-blocking UDP socket, opened on first use: being
+connected, the socket reports an ICMP port unreachable as ECONNREFUSED, so a resolver that is not
+running fails over at once instead of after the timeout. A send the kernel cannot take now
+(EAGAIN) is dropped and counted; the timeout then moves the query on. No socket, no crash:
+EMFILE and other errors are counted and the query fails over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import socket
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from guestnet.config import Config
+from guestnet.core.dns import DNS_PORT, UPSTREAM_TIMEOUT_S, DnsService
+from guestnet.core.packet import Ipv4Packet
+from guestnet.core.timers import Timer
+from guestnet.io.loop import EPOLLIN
+
+if TYPE_CHECKING:
+    from guestnet.instance import Instance
+
+log = logging.getLogger(__name__)
+
+RESOLV_CONF = "/etc/resolv.conf"
+#: What the C library uses when resolv.conf names no server.
+DEFAULT_UPSTREAM = ("127.0.0.1", DNS_PORT)
+#: Answers read from one upstream socket per wake-up before yielding to other fds.
+RX_BUDGET = 64
+#: Largest DNS message over UDP (an answer may be up to 64 KiB with EDNS).
+RX_BUFSIZE = 65535
+
+
+def read_resolv_conf(path: str = RESOLV_CONF) -> tuple[tuple[str, int], ...]:
+    """The ``nameserver`` addresses in ``path`` as (address, 53); empty if unreadable.
+
+    IPv6 addresses may carry a zone (``fe80::1%eth0``); it is kept for the socket to use.
+    Lines that are not valid addresses are skipped with a warning.
+    """
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read(65536).splitlines()
+    except OSError as exc:
+        log.warning("cannot read %s: %s", path, exc)
+        return ()
+    servers: list[tuple[str, int]] = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 2 or fields[0] != "nameserver":
+            continue
+        addr = fields[1]
+        try:
+            ipaddress.ip_address(addr.partition("%")[0])
+        except ValueError:
+            log.warning("%s: ignoring nameserver %r", path, addr)
+            continue
+        if (addr, DNS_PORT) not in servers:
+            servers.append((addr, DNS_PORT))
+    return tuple(servers)
+
+
+def upstream_servers(config: Config, resolv_conf: str = RESOLV_CONF) -> tuple[tuple[str, int], ...]:
+    """The resolvers guest DNS goes to, in order, as (address, port).
+
+    ``config.dns_upstreams`` if set, else /etc/resolv.conf, else 127.0.0.1:53.
+    """
+    if config.dns_upstreams:
+        return tuple(config.dns_upstreams)
+    return read_resolv_conf(resolv_conf) or (DEFAULT_UPSTREAM,)
+
+
+class DnsUpstreamIO:
+    """The guest DNS service over UDP: the core plus one host socket per upstream."""
+
+    def __init__(
+        self,
+        inst: Instance,
+        upstreams: Sequence[tuple[str, int]] | None = None,
+        timeout_s: float = UPSTREAM_TIMEOUT_S,
+    ) -> None:
+        self.inst = inst
+        self.loop = inst.loop
+        self.counters = inst.counters
+        if upstreams is None:
+            upstreams = upstream_servers(inst.config)
+        self.core = DnsService(
+            inst.config, inst.pool_to_guest, inst.counters, upstreams, timeout_s=timeout_s
+        )
+        self.upstreams = self.core.upstreams
+        self._socks: list[socket.socket | None] = [None] * len(self.upstreams)
+        self._timer: Timer | None = None
+        self._buf = bytearray(RX_BUFSIZE)
+        self._view = memoryview(self._buf)
+        self.closed = False
+        inst.on_close(self.close)
+
+    def handle_udp(
+        self, pkt: Ipv4Packet, sport: int, dport: int, payload: memoryview, now: float
+    ) -> None:
+        """A guest query: the core answers or forwards it; forwarded ones are sent here."""
+        self.core.handle_udp(pkt, sport, dport, payload, now)
+        if self.core.outbox:
+            self._flush(now)
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def _flush(self, now: float) -> None:
+        """Send everything in the core's outbox, feeding send failures back to the core."""
+        core = self.core
+        # Each failure moves queries to an upstream they have not tried, so this ends; the
+        # bound only guards against a bug turning into a hang.
+        for _ in range(4 * len(self.upstreams) + 4):
+            if not core.outbox:
+                break
+            batch, core.outbox = core.outbox, []
+            for upstream, data in batch:
+                self._send(upstream, data, now)
+        self._arm_timer()
+
+    def _send(self, upstream: int, data: bytes, now: float) -> None:
+        sock = self._socket(upstream, now)
+        if sock is None:
+            return
+        try:
+            sock.send(data)
+        except BlockingIOError:
+            self.counters.inc("dns.upstream.send_blocked")
+        except ConnectionRefusedError:
+            self._failed(upstream, now, "dns.upstream.refused")
+        except OSError as exc:
+            log.debug("DNS upstream %s: send: %s", self.upstreams[upstream], exc)
+            self._failed(upstream, now, "dns.upstream.send_error")
+
+    def _socket(self, upstream: int, now: float) -> socket.socket | None:
+        sock = self._socks[upstream]
+        if sock is not None:
+            return sock
+        host, port = self.upstreams[upstream]
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            sock = socket.socket(
+                family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+            )
+        except OSError as exc:  # EMFILE, ENFILE, no IPv6
+            log.debug("DNS upstream %s: socket: %s", self.upstreams[upstream], exc)
+            self.core.handle_upstream_failed(upstream, now, "dns.upstream.socket_failed")
+            return None
+        try:
+            sock.connect((host, port))
+        except OSError as exc:  # no route (an IPv6 resolver without IPv6), bad zone
+            log.debug("DNS upstream %s: connect: %s", self.upstreams[upstream], exc)
+            sock.close()
+            self.core.handle_upstream_failed(upstream, now, "dns.upstream.unreachable")
+            return None
+        self._socks[upstream] = sock
+        self.loop.add_fd(sock.fileno(), EPOLLIN, lambda events: self._on_readable(upstream))
+        return sock
+
+    def _failed(self, upstream: int, now: float, reason: str) -> None:
+        self.core.handle_upstream_failed(upstream, now, reason)
+
+    # -- receiving and timers ------------------------------------------------------------------
+
+    def _on_readable(self, upstream: int) -> None:
+        sock = self._socks[upstream]
+        if sock is None:
+            return
+        now = self.loop.now()
+        core = self.core
+        view = self._view
+        for _ in range(RX_BUDGET):
+            try:
+                n = sock.recv_into(self._buf)
+            except BlockingIOError:
+                break
+            except ConnectionRefusedError:
+                # ICMP port unreachable for an earlier send: nobody listens there.
+                self._failed(upstream, now, "dns.upstream.refused")
+                continue
+            except OSError as exc:
+                log.debug("DNS upstream %s: recv: %s", self.upstreams[upstream], exc)
+                self._failed(upstream, now, "dns.upstream.recv_error")
+                break
+            core.handle_upstream_answer(upstream, view[:n], now)
+        self._flush(now)
+
+    def _arm_timer(self) -> None:
+        deadline = self.core.next_deadline()
+        timer = self._timer
+        if deadline is None:
+            if timer is not None:
+                timer.cancel()
+                self._timer = None
+            return
+        if timer is not None and not timer.cancelled and timer.when <= deadline:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self, now: float) -> None:
+        self._timer = None
+        self.core.handle_timeout(now)
+        self._flush(now)
+
+    def close(self) -> None:
+        """Close every upstream socket and cancel the timer."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for i, sock in enumerate(self._socks):
+            if sock is not None:
+                self.loop.remove_fd(sock.fileno())
+                with contextlib.suppress(OSError):
+                    sock.close()
+                self._socks[i] = None
+
+
+def install_dns(inst: Instance) -> DnsUpstreamIO:
+    """Create the DNS service for ``inst`` and route the guests' UDP DNS to it."""
+    service = DnsUpstreamIO(inst)
+    inst.classifier.dns_udp = service
+    return service
