@@ -179,6 +179,8 @@ def setup_interface(setup: TapSetup) -> None:
     """In the current network namespace: MAC and MTU; with ``configure``, addresses and route."""
     from pyroute2 import IPRoute
 
+    # pyroute2 logs every netlink message at debug level: not what --log-level debug is for.
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)
     with IPRoute() as ipr:
         (idx,) = ipr.link_lookup(ifname=setup.ifname)
         ipr.link("set", index=idx, address=setup.mac, mtu=setup.mtu)
@@ -365,9 +367,10 @@ def _run_child(
     sock.close()
     if not go:
         os._exit(EXIT_FAILURE)
-    # CMD starts with default signal dispositions, as it would from a shell.
+    # CMD starts with default signal dispositions and mask, as it would from a shell.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
         os.execvp(cmd[0], cmd)
     except OSError as exc:
@@ -376,6 +379,10 @@ def _run_child(
 
 
 # -- the subcommands -------------------------------------------------------------------------
+
+#: Held back from the start until the loop's handlers are in place, so that a SIGTERM during
+#: set-up still ends guestnet cleanly (and removes the TAP) instead of killing it outright.
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
 def cmd_netns(args: argparse.Namespace, config: Config) -> int:
@@ -394,6 +401,7 @@ def cmd_netns(args: argparse.Namespace, config: Config) -> int:
         print(f"guestnet netns: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     setup = TapSetup.from_config(config, ifname, args.configure)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         fd = open_tap_in(netns_path, userns, setup)
     except (HelperError, OSError) as exc:
@@ -402,10 +410,11 @@ def cmd_netns(args: argparse.Namespace, config: Config) -> int:
         )
         return EXIT_FAILURE
     inst = Instance(config)
-    link = TapLink(inst, fd, "tap0", ifname)
-    log.info("serving %s in %s", ifname, netns_path)
-    inst.loop.install_signal_handlers()
     try:
+        link = TapLink(inst, fd, "tap0", ifname)
+        log.info("serving %s in %s", ifname, netns_path)
+        inst.loop.install_signal_handlers()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         inst.run(until=lambda: link.closed)
     finally:
         inst.close()
@@ -430,6 +439,7 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
         return EXIT_USAGE
     cmd = _command_of(args)
     setup = TapSetup.from_config(config, ifname, configure=True)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         pid, fd, go = spawn_in_new_namespaces(setup, cmd, resolv_conf_text(config))
     except (HelperError, OSError) as exc:
@@ -469,6 +479,7 @@ def _serve_child(inst: Instance, pid: int, fd: int, ifname: str, go: socket.sock
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, on_term)
     signal.signal(signal.SIGINT, lambda _s, _f: None)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
         go.sendall(b"g")
         go.close()

@@ -1,0 +1,88 @@
+"""TapLink framing without root: a unix datagram socketpair stands in for the TAP fd.
+
+A TAP fd and a datagram socket behave alike for what TapLink does: one read returns one
+virtio-net header plus one frame, one write sends one. The kernel side is tested for real in
+tests/integration/test_netns.py.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterator
+
+import pytest
+
+from guestnet.config import Config
+from guestnet.instance import Instance
+from guestnet.io.tap import VNET_F_DATA_VALID, VNET_F_NEEDS_CSUM, VNET_HDR_LEN, TapLink
+
+GUEST_MAC = bytes.fromhex("525400123456")
+GATEWAY_MAC = bytes.fromhex("52550a000202")
+
+
+def arp_request() -> bytes:
+    eth = b"\xff" * 6 + GUEST_MAC + b"\x08\x06"
+    arp = struct.pack(
+        "!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, GUEST_MAC, bytes([10, 0, 2, 15]), bytes(6),
+        bytes([10, 0, 2, 2]),
+    )  # fmt: skip
+    return eth + arp
+
+
+@pytest.fixture
+def tap() -> Iterator[tuple[Instance, TapLink, socket.socket]]:
+    ours, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    inst = Instance(Config())
+    link = TapLink(inst, ours.detach(), "tap0", "eth0")
+    guest.settimeout(2.0)
+    try:
+        yield inst, link, guest
+    finally:
+        inst.close()
+        guest.close()
+    assert inst.pool_from_guest.in_use == 0
+    assert inst.pool_to_guest.in_use == 0
+
+
+def test_arp_through_vnet_header(tap: tuple[Instance, TapLink, socket.socket]) -> None:
+    inst, link, guest = tap
+    guest.send(bytes(VNET_HDR_LEN) + arp_request())
+    inst.loop.run_once(max_wait=1.0)
+    reply = guest.recv(70000)
+    assert reply[:VNET_HDR_LEN] == bytes(VNET_HDR_LEN)
+    frame = reply[VNET_HDR_LEN:]
+    assert frame[:6] == GUEST_MAC and frame[6:12] == GATEWAY_MAC
+    assert frame[12:14] == b"\x08\x06" and frame[20:22] == b"\x00\x02"
+    assert link.port.rx_frames == 1 and link.port.tx_frames == 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "trusted"),
+    [(0, False), (VNET_F_NEEDS_CSUM, True), (VNET_F_DATA_VALID, True)],
+)
+def test_checksum_trust_follows_header_flags(
+    tap: tuple[Instance, TapLink, socket.socket],
+    monkeypatch: pytest.MonkeyPatch,
+    flags: int,
+    trusted: bool,
+) -> None:
+    inst, _link, guest = tap
+    seen: list[tuple[bytes, bool]] = []
+    monkeypatch.setattr(
+        inst.classifier,
+        "handle_frame",
+        lambda frame, port, now, csum_trusted=False: seen.append((bytes(frame), csum_trusted)),
+    )
+    frame = arp_request()
+    guest.send(bytes([flags]) + bytes(VNET_HDR_LEN - 1) + frame)
+    inst.loop.run_once(max_wait=1.0)
+    assert seen == [(frame, trusted)]
+
+
+def test_short_read_is_counted(tap: tuple[Instance, TapLink, socket.socket]) -> None:
+    inst, link, guest = tap
+    guest.send(bytes(VNET_HDR_LEN))
+    inst.loop.run_once(max_wait=1.0)
+    assert inst.counters.snapshot().get("link.tap.read.short") == 1
+    assert link.port.rx_frames == 0
