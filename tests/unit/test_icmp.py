@@ -193,3 +193,17 @@ def test_no_error_about_an_error(core: Any, icmp: IcmpService, frames: Any) -> N
     struct.pack_into("!H", msg, 2, checksum(msg))
     core.feed(frames.ipv4(1, bytes(msg), dst=bytes([10, 0, 2, 77])))
     assert core.take_sent() == []
+
+
+def test_probe_without_any_echo_socket_warns_with_the_sysctl_and_capability(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from guestnet.io import icmp_sock
+
+    def refuse(*_args: Any, **_kw: Any) -> Any:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(icmp_sock.socket, "socket", refuse)
+    assert icmp_sock.probe_echo_mode() is None
+    text = icmp_sock.no_echo_warning()
+    assert "net.ipv4.ping_group_range" in text and "CAP_NET_RAW" in text
