@@ -1,0 +1,219 @@
+"""The TCP NAT's I/O driver: host sockets, loop registration and timers for core/tcp.py.
+
+Everything protocol-shaped lives in :class:`guestnet.core.tcp.TcpNat`; this module only does what
+it is asked (:class:`guestnet.core.tcp.TcpIo`) and reports what the kernel says.
+
+Host sockets are non-blocking and close-on-exec, with TCP_NODELAY (the guest's own stack already
+decided when to push; Nagle here would only add latency). Each is registered once, for
+``EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET``: edge-triggered, so a socket holding data the guest
+has no window for does not wake the loop again and again, and no ``epoll_ctl`` is needed when
+the window opens or closes. The core remembers an edge it could not act on (``host_readable``).
+The first EPOLLOUT edge means the connect finished (SO_ERROR says how); later ones mean the send
+buffer has room after an EAGAIN.
+
+The room the core advertises to the guest is ``SO_SNDBUF`` minus the bytes still queued
+(``SIOCOUTQ``), halved: SO_SNDBUF counts kernel memory (payload plus per-buffer overhead), so
+half of it is what a send is sure to be able to take.
+
+Timers: one loop timer per flow, armed lazily. A flow's deadline moves later on nearly every
+segment (RTO restart, idle timeout); the loop timer is re-armed only when the new deadline is
+earlier than the armed one, and otherwise fires early, asks the core, and is re-armed. ACKs
+coalesced during a loop turn are sent by one zero-delay timer (timers run after the fds).
+
+Descriptor exhaustion (EMFILE/ENFILE) and every other socket() or connect() failure are errnos
+handed back to the core, which counts them and answers the guest with RST.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import select
+import socket
+import struct
+from typing import TYPE_CHECKING
+
+from guestnet.core.tcp import CONNECTING, TcpFlow, TcpNat
+from guestnet.core.timers import Timer
+from guestnet.io.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
+
+if TYPE_CHECKING:
+    from guestnet.instance import Instance
+
+log = logging.getLogger(__name__)
+
+#: ioctl: bytes in a socket's send queue not yet acknowledged by the peer (linux/sockios.h).
+SIOCOUTQ = 0x5411
+_EVENTS = EPOLLIN | EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class _HostSock:
+    """A flow's host socket and loop timer (the flow's ``io_data``)."""
+
+    __slots__ = ("fd", "sock", "timer")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock: socket.socket | None = sock
+        self.fd = sock.fileno()
+        self.timer: Timer | None = None
+
+
+class TcpNatDriver:
+    """Implements :class:`~guestnet.core.tcp.TcpIo` on real sockets and the instance's loop."""
+
+    def __init__(self, inst: Instance, nat: TcpNat) -> None:
+        self.inst = inst
+        self.loop = inst.loop
+        self.nat = nat
+        nat.io = self
+        self._flush_timer: Timer | None = None
+        self._outq = bytearray(4)
+
+    # -- TcpIo -----------------------------------------------------------------------------------
+
+    def connect(self, flow: TcpFlow) -> int:
+        family = socket.AF_INET6 if ":" in flow.host else socket.AF_INET
+        try:
+            sock = socket.socket(
+                family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+            )
+        except OSError as exc:
+            return exc.errno or errno.EIO
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            err = sock.connect_ex((flow.host, flow.host_port))
+        except OSError as exc:
+            sock.close()
+            return exc.errno or errno.EIO
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            return err
+        hs = _HostSock(sock)
+        flow.io_data = hs
+        nat = self.nat
+        loop = self.loop
+
+        def on_events(events: int) -> None:
+            now = loop.now()
+            if flow.state == CONNECTING:
+                if not events & (EPOLLOUT | EPOLLERR | EPOLLHUP):
+                    return
+                s = hs.sock
+                code = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if s else errno.EBADF
+                nat.host_connected(flow, code, now)
+                if code:
+                    return
+                events &= ~EPOLLOUT
+            if events & (EPOLLIN | EPOLLERR | EPOLLHUP | select.EPOLLRDHUP):
+                nat.host_readable(flow, now)
+            if events & EPOLLOUT and hs.sock is not None:
+                nat.host_writable(flow, now)
+
+        loop.add_fd(hs.fd, _EVENTS, on_events)
+        return 0
+
+    def send(self, flow: TcpFlow, data: memoryview) -> int:
+        sock = flow.io_data.sock
+        if sock is None:
+            raise BrokenPipeError(errno.EPIPE, "host socket closed")
+        try:
+            return int(sock.send(data))
+        except BlockingIOError:
+            return 0
+
+    def recv_into(self, flow: TcpFlow, buf: memoryview) -> int:
+        sock = flow.io_data.sock
+        if sock is None:
+            return 0
+        try:
+            return int(sock.recv_into(buf))
+        except BlockingIOError:
+            return -1
+
+    def send_room(self, flow: TcpFlow) -> int:
+        hs = flow.io_data
+        sock = hs.sock if hs is not None else None
+        if sock is None:
+            return 0
+        try:
+            sndbuf = int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+            fcntl.ioctl(hs.fd, SIOCOUTQ, self._outq, True)
+        except OSError:
+            return 0
+        return (sndbuf - int.from_bytes(self._outq, "little")) // 2
+
+    def shutdown_write(self, flow: TcpFlow) -> None:
+        sock = flow.io_data.sock
+        if sock is not None:
+            sock.shutdown(socket.SHUT_WR)
+
+    def close(self, flow: TcpFlow, reset: bool) -> None:
+        hs = flow.io_data
+        if hs is None or hs.sock is None:
+            return
+        sock, hs.sock = hs.sock, None
+        self.loop.remove_fd(hs.fd)
+        if reset:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        sock.close()
+
+    def set_timer(self, flow: TcpFlow, when: float | None) -> None:
+        hs = flow.io_data
+        if hs is None:
+            return
+        timer = hs.timer
+        if when is None:
+            if timer is not None:
+                timer.cancel()
+                hs.timer = None
+            return
+        if timer is not None and not timer.cancelled:
+            if timer.when <= when:
+                return
+            timer.cancel()
+        nat = self.nat
+
+        def fire(now: float) -> None:
+            # Only the armed timer can fire: re-arming cancels the one before.
+            hs.timer = None
+            nat.on_timer(flow, now)
+
+        hs.timer = self.loop.call_at(when, fire)
+
+    def request_flush(self) -> None:
+        self.loop.call_at(0.0, self.nat.flush)
+
+    # -- the instance ------------------------------------------------------------------------------
+
+    def flows(self) -> list[dict[str, object]]:
+        """Every TCP flow, for the stats API."""
+        return self.nat.flows_info(self.loop.now())
+
+    def close_all(self) -> None:
+        """Instance shutdown: close every host socket."""
+        self.nat.close_all()
+
+
+def setup_tcp_nat(inst: Instance) -> TcpNatDriver:
+    """Build the TCP NAT for ``inst`` and attach it (and DNS over TCP) to the classifier."""
+    from guestnet.io.dns_upstream import upstream_servers
+    from guestnet.io.udp_nat import make_policy
+
+    config = inst.config
+    upstreams = upstream_servers(config)
+
+    def dns_upstream() -> tuple[str, int] | None:
+        return upstreams[0] if upstreams else None
+
+    nat = TcpNat(
+        config, inst.pool_to_guest, inst.counters, make_policy(inst), dns_upstream=dns_upstream
+    )
+    driver = TcpNatDriver(inst, nat)
+    inst.classifier.tcp_nat = nat
+    inst.classifier.dns_tcp = nat.dns_handler
+    inst.on_close(driver.close_all)
+    return driver
