@@ -186,6 +186,24 @@ def add_datapath_options(p: argparse.ArgumentParser) -> None:
         help="resolver guest DNS is forwarded to (repeatable, in order; [V6]:PORT for IPv6); "
         "default: the nameservers of /etc/resolv.conf",
     )
+    nat = p.add_argument_group("NAT")
+    nat.add_argument(
+        "--udp-timeout",
+        type=_int_range(120, 86400),
+        default=int(d.udp_timeout),
+        metavar="SECONDS",
+        help="close a UDP flow after this long without traffic (%(default)s; RFC 4787: >= 120)",
+    )
+    nat.add_argument(
+        "--no-host-loopback",
+        action="store_true",
+        help="refuse the guest the host's loopback and own addresses (the gateway included)",
+    )
+    nat.add_argument(
+        "--allow-link-local",
+        action="store_true",
+        help="allow destinations in 169.254.0.0/16 (cloud metadata), refused by default",
+    )
     p.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
@@ -209,6 +227,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         dns_search=tuple(args.dns_search),
         dns_upstreams=tuple(args.dns_upstream),
         dhcp_static=tuple(args.dhcp_static),
+        udp_timeout=float(args.udp_timeout),
+        no_host_loopback=args.no_host_loopback,
+        allow_link_local=args.allow_link_local,
     )
     check_dhcp_config(config)
     return config

@@ -50,6 +50,15 @@ class Instance:
         self.classifier.dhcp = self.dhcp
         self.dns = DnsUpstreamIO(self)
         self.classifier.dns_udp = self.dns
+        # ICMP (echo + errors), the UDP NAT, and reassembly of the guest's fragments.
+        from guestnet.core.fragments import Reassembler
+        from guestnet.io.icmp_sock import setup_icmp
+        from guestnet.io.udp_nat import setup_udp_nat
+
+        self.icmp = setup_icmp(self)
+        self.udp_nat = setup_udp_nat(self, self.icmp.icmp)
+        self.reassembly = Reassembler(self.counters, self.classifier.route_ipv4)
+        self.classifier.reassembly = self.reassembly
 
     def on_close(self, closer: Callable[[], None]) -> None:
         """Run ``closer`` at shutdown (sockets, files, devices), last registered first."""
