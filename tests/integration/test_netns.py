@@ -279,3 +279,30 @@ def test_run_sigterm_is_forwarded(sandbox: Netns) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=5)
+
+
+def test_netns_rootless_pid_target(sandbox: Netns) -> None:
+    """Unprivileged guestnet attaches a rootless namespace by PID (joining its user namespace)."""
+    found = _python_for_nobody()
+    if found is None:
+        pytest.skip(f"no Python {sys.version_info[:2]} with guestnet that uid 65534 may run")
+    exe, env = found
+    gn = shlex.join([exe, "-m", "guestnet", "netns", "--configure"])
+    script = f"""
+unshare -Urn sleep 30 & holder=$!
+sleep 0.3
+{gn} "$holder" & gn=$!
+for i in $(seq 50); do
+  nsenter -t "$holder" -U -n --preserve-credentials ip -o -4 addr show dev eth0 2>/dev/null \\
+    | grep -q 10.0.2.15 && break
+  sleep 0.1
+done
+nsenter -t "$holder" -U -n --preserve-credentials ip -o -4 addr show dev eth0
+kill "$gn"; wait "$gn"; echo "gn_status=$?"
+nsenter -t "$holder" -U -n --preserve-credentials ip -o link show dev eth0 || echo "eth0 gone"
+kill "$holder"
+"""
+    proc = sandbox.run([*NOBODY, "sh", "-c", script], check=False, cwd="/", env=env)
+    assert "inet 10.0.2.15/24" in proc.stdout, proc.stdout + proc.stderr
+    assert "gn_status=0" in proc.stdout, proc.stderr
+    assert "eth0 gone" in proc.stdout
