@@ -220,3 +220,16 @@ def test_host_port_unreachable_reaches_the_guest(attach_guest: Callable[..., Gue
     gn = attach_guest()
     got = guest_udp(gn.guest, [("10.0.2.2", 9, b"nobody listens")], 1, connect=True)
     assert got == {"error": 111}  # ECONNREFUSED, from guestnet's ICMP port unreachable
+
+
+def test_published_udp_port_reaches_the_guest(
+    attach_guest: Callable[..., Guestnet], sandbox: Netns, servers: list[Any]
+) -> None:
+    """``-p 127.0.0.1:HOST:GUEST/udp``: a host client's datagram is echoed by the guest."""
+    gn = attach_guest("-p", "127.0.0.1:5601:7000/udp")
+    servers.append(start_echo(gn.guest, "0.0.0.0", 7000))
+    got = guest_udp(sandbox, [("127.0.0.1", 5601, b"who"), ("127.0.0.1", 5601, b"hi")], 2)
+    assert [(ip, port) for ip, port, _ in got] == [("127.0.0.1", 5601)] * 2
+    who = json.loads(got[0][2])
+    assert who[0] == "10.0.2.2"  # the guest sees the client as the gateway
+    assert got[1][2] == b"hi"

@@ -280,3 +280,54 @@ def test_send_errors_are_counted(rig: Rig, frames: Any) -> None:
     rig.sockets[0].sendto = fail  # type: ignore[method-assign]
     core.feed(frames.udp())
     assert core.counters["nat.udp.send.eagain"] == 1
+
+
+# -- port forwards (host -> guest) --------------------------------------------------------------
+
+
+def test_forwarded_datagram_reaches_the_guest_and_its_reply_the_client(
+    rig: Rig, frames: Any
+) -> None:
+    core = rig.core
+    to_client: list[tuple[str, bytes]] = []
+    guest_ip = frames.GUEST_IP
+
+    def client(name: str) -> Any:
+        return lambda data: to_client.append((name, bytes(data)))
+
+    rig.nat.deliver_inbound(("1", ("127.0.0.1", 5000)), client("a"), guest_ip, 7000, 5000,
+                            memoryview(b"ping-a"), core.now)  # fmt: skip
+    rig.nat.deliver_inbound(("1", ("127.0.0.2", 5000)), client("b"), guest_ip, 7000, 5000,
+                            memoryview(b"ping-b"), core.now)  # fmt: skip
+    got = [Ether(raw) for raw in core.take_sent()]
+    seen = [(p[IP].src, p[UDP].sport, p[IP].dst, p[UDP].dport, bytes(p[UDP].payload)) for p in got]
+    assert seen[0] == ("10.0.2.2", 5000, "10.0.2.15", 7000, b"ping-a")
+    assert seen[1][0] == "10.0.2.2" and seen[1][1] != 5000  # the same client port, remapped
+    assert seen[1][2:] == ("10.0.2.15", 7000, b"ping-b")
+    # The guest answers each from its port 7000 to the address and port it saw.
+    core.feed(frames.udp(sport=7000, dport=seen[1][1], payload=b"pong-b", dst=frames.GATEWAY_IP))
+    core.feed(frames.udp(sport=7000, dport=5000, payload=b"pong-a", dst=frames.GATEWAY_IP))
+    assert to_client == [("b", b"pong-b"), ("a", b"pong-a")]
+    assert rig.sockets == []  # no outbound flow was opened for them
+    assert core.counters["nat.udp.forward.to_host"] == 2
+    # The same client again reuses its flow; removing the forward forgets both.
+    rig.nat.deliver_inbound(("1", ("127.0.0.1", 5000)), client("a"), guest_ip, 7000, 5000,
+                            memoryview(b"again"), core.now)  # fmt: skip
+    assert Ether(core.take_sent()[0])[UDP].sport == 5000
+    assert core.counters["nat.udp.forward.flow.new"] == 2
+    assert rig.nat.drop_inbound_where(lambda source: source[0] == "1") == 2
+    core.feed(frames.udp(sport=7000, dport=5000, payload=b"late", dst=frames.GATEWAY_IP))
+    assert len(to_client) == 2
+    assert rig.sockets[0].sent == [(b"late", ("127.0.0.1", 5000))]  # now an ordinary flow
+
+
+def test_forward_flows_expire(core: Any, frames: Any) -> None:
+    rig = Rig(core, timeout=120.0)
+    sent: list[bytes] = []
+    rig.nat.deliver_inbound(("1", ("127.0.0.1", 5000)), lambda d: sent.append(bytes(d)),
+                            frames.GUEST_IP, 7000, 5000, memoryview(b"x"), core.now)  # fmt: skip
+    core.take_sent()
+    assert rig.nat.expire(core.now + 119) == 0
+    assert rig.nat.expire(core.now + 120) == 1
+    assert not rig.nat.inbound
+    assert core.counters["nat.udp.forward.flow.expired"] == 1

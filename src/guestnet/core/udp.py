@@ -34,6 +34,13 @@ front and sends it, fragmented if it exceeds the guest's MTU. Guest payload goes
 socket as a memoryview slice of the guest's frame. Host ICMP errors on a flow's socket (port
 unreachable, via IP_RECVERR) become the same ICMP error toward the guest.
 
+*Port forwards (host -> guest).* A datagram arriving on a published UDP port
+(``io/forwards.py``) is handed to :meth:`UdpNat.deliver_inbound`, which keeps an *inbound* flow
+per (forward, host client): the guest sees the datagram from the gateway address and a port of
+its own (the client's port, or another free one if two clients share a port number), and its
+replies to that address and port go back to the client through the forward's socket. Inbound
+flows expire and are bounded like the others.
+
 The core never touches a socket itself: it calls the :class:`UdpSocket` objects the
 ``open_socket`` factory returns (``io/udp_nat.py`` in production, fakes in tests).
 """
@@ -41,7 +48,7 @@ The core never touches a socket itself: it calls the :class:`UdpSocket` objects 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Protocol
 
 from guestnet.config import Config
@@ -95,6 +102,35 @@ class UdpFlow:
         return (self.guest_ip, self.guest_port)
 
 
+class InboundFlow:
+    """A host client of a published port, as the guest sees it: gateway:visible_port."""
+
+    __slots__ = ("guest_ip", "guest_port", "last_used", "reply", "source", "visible_port")
+
+    def __init__(
+        self,
+        source: Hashable,
+        reply: Callable[[memoryview], object],
+        guest_ip: bytes,
+        guest_port: int,
+        visible_port: int,
+        now: float,
+    ) -> None:
+        #: Identifies the host client: (forward id, client address) for io/forwards.py.
+        self.source = source
+        #: Sends one datagram back to the host client.
+        self.reply = reply
+        self.guest_ip = guest_ip
+        self.guest_port = guest_port
+        self.visible_port = visible_port
+        self.last_used = now
+
+    @property
+    def key(self) -> tuple[bytes, int, int]:
+        """The guest's side: (guest address, guest port, port the gateway speaks from)."""
+        return (self.guest_ip, self.guest_port, self.visible_port)
+
+
 class UdpNat:
     """The UDP flow table: the classifier's ``udp_nat`` handler."""
 
@@ -120,6 +156,11 @@ class UdpNat:
         self.max_flows = max_flows if max_flows is not None else config.max_flows
         self.timeout = timeout if timeout is not None else config.udp_timeout
         self.flows: OrderedDict[FlowKey, UdpFlow] = OrderedDict()
+        #: Inbound (port-forward) flows by the guest's side, in last-use order.
+        self.inbound: OrderedDict[tuple[bytes, int, int], InboundFlow] = OrderedDict()
+        self._inbound_by_source: dict[Hashable, InboundFlow] = {}
+        #: The MAC each guest address last sent from (where inbound datagrams go).
+        self.guest_macs: dict[bytes, bytes] = {}
         self._ident = 0
         self._subnet = (policy.subnet_net, policy.subnet_mask)
 
@@ -138,6 +179,13 @@ class UdpNat:
         if dport == 0 or sport == 0:
             counters.inc("nat.udp.port_zero")
             return
+        if self.guest_macs.get(ip.src) != pkt.src_mac:
+            self.guest_macs[ip.src] = pkt.src_mac
+        if ip.dst == self.config.gateway_b and self.inbound:
+            inbound = self.inbound.get((ip.src, sport, dport))
+            if inbound is not None:
+                self._reply_inbound(inbound, payload, now)
+                return
         verdict = self.policy.destination(ip.dst)
         host = verdict.host
         if host is None:
@@ -205,19 +253,98 @@ class UdpNat:
             return
         flow.last_used = now
         self.flows.move_to_end(flow.key)
+        self.counters.inc("nat.udp.to_guest")
+        self._emit(frame, payload_len, guest_src, hport, flow.guest_ip, flow.guest_port,
+                   flow.guest_mac)  # fmt: skip
+
+    def _emit(
+        self, frame: Frame, payload_len: int, src: bytes, sport: int, dst: bytes, dport: int,
+        mac: bytes,
+    ) -> None:  # fmt: skip
+        """Write UDP, IPv4 and Ethernet headers before the payload in ``frame``; send it."""
         buf = frame.view
         start = frame.start
         l3 = start + ETH_HLEN
-        l4 = l3 + IPV4_HLEN
-        build_udp(buf, l4, hport, flow.guest_port, payload_len, guest_src, flow.guest_ip)
+        build_udp(buf, l3 + IPV4_HLEN, sport, dport, payload_len, src, dst)
         self._ident = ident = (self._ident + 1) & 0xFFFF
-        build_ipv4(buf, l3, guest_src, flow.guest_ip, PROTO_UDP, UDP_HLEN + payload_len, ident,
-                   64, 0)  # fmt: skip
-        build_ethernet(buf, start, flow.guest_mac, self.config.mac, ETHERTYPE_IPV4)
+        build_ipv4(buf, l3, src, dst, PROTO_UDP, UDP_HLEN + payload_len, ident, 64, 0)
+        build_ethernet(buf, start, mac, self.config.mac, ETHERTYPE_IPV4)
         frame.length = REPLY_PAYLOAD_OFF + payload_len
-        self.counters.inc("nat.udp.to_guest")
         if send_ipv4_to_guest(frame, self.config.mtu, self.pool, self.switch.send) > 1:
             self.counters.inc("nat.udp.to_guest.fragmented")
+
+    def deliver_inbound(
+        self,
+        source: Hashable,
+        reply: Callable[[memoryview], object],
+        guest_ip: bytes,
+        guest_port: int,
+        client_port: int,
+        payload: memoryview,
+        now: float,
+    ) -> None:
+        """A datagram from a host client of a published port, to ``guest_ip:guest_port``.
+
+        ``source`` names the client (same value for the same client); ``reply(data)`` sends the
+        guest's answers back to it. The payload is copied into a pooled frame.
+        """
+        n = len(payload)
+        if n > 65535 - IPV4_HLEN - UDP_HLEN:
+            self.counters.inc("nat.udp.forward.too_big")
+            return
+        flow = self._inbound_by_source.get(source)
+        if flow is not None and (flow.guest_ip, flow.guest_port) != (guest_ip, guest_port):
+            self._drop_inbound(flow)  # the forward now points at another guest address
+            flow = None
+        if flow is None:
+            self.expire(now)
+            visible = self._free_visible_port(guest_ip, guest_port, client_port)
+            if len(self.inbound) + len(self.flows) >= self.max_flows and self.inbound:
+                self._drop_inbound(next(iter(self.inbound.values())))
+                self.counters.inc("nat.udp.flow.evicted")
+            flow = InboundFlow(source, reply, guest_ip, guest_port, visible, now)
+            self.inbound[flow.key] = flow
+            self._inbound_by_source[source] = flow
+            self.counters.inc("nat.udp.forward.flow.new")
+        else:
+            flow.last_used = now
+            self.inbound.move_to_end(flow.key)
+        frame = self.pool.acquire()
+        off = frame.start + REPLY_PAYLOAD_OFF
+        frame.view[off : off + n] = payload
+        mac = self.guest_macs.get(guest_ip, self.config.guest_mac)
+        self.counters.inc("nat.udp.forward.to_guest")
+        self._emit(frame, n, self.config.gateway_b, flow.visible_port, guest_ip, guest_port, mac)
+
+    def _free_visible_port(self, guest_ip: bytes, guest_port: int, want: int) -> int:
+        """The client's own port if free for this guest port, else the next free one."""
+        inbound = self.inbound
+        port = want
+        while (guest_ip, guest_port, port) in inbound:  # ends: far fewer flows than ports
+            port = 1024 + (port - 1024 + 1) % (65536 - 1024)
+        return port
+
+    def _reply_inbound(self, flow: InboundFlow, payload: memoryview, now: float) -> None:
+        flow.last_used = now
+        self.inbound.move_to_end(flow.key)
+        try:
+            flow.reply(payload)
+        except OSError as exc:
+            self.counters.inc(f"nat.udp.forward.send.{errname(exc)}")
+            return
+        self.counters.inc("nat.udp.forward.to_host")
+
+    def _drop_inbound(self, flow: InboundFlow) -> None:
+        self.inbound.pop(flow.key, None)
+        if self._inbound_by_source.get(flow.source) is flow:
+            del self._inbound_by_source[flow.source]
+
+    def drop_inbound_where(self, predicate: Callable[[Hashable], bool]) -> int:
+        """Forget inbound flows whose source matches (a forward was removed); return how many."""
+        doomed = [f for f in self.inbound.values() if predicate(f.source)]
+        for flow in doomed:
+            self._drop_inbound(flow)
+        return len(doomed)
 
     def handle_host_error(
         self, flow: UdpFlow, host: str, hport: int, type_: int, code: int
@@ -247,6 +374,14 @@ class UdpNat:
             self._close(flow)
             self.counters.inc("nat.udp.flow.expired")
             n += 1
+        inbound = self.inbound
+        while inbound:
+            flow_in = next(iter(inbound.values()))
+            if flow_in.last_used + timeout > now:
+                break
+            self._drop_inbound(flow_in)
+            self.counters.inc("nat.udp.forward.flow.expired")
+            n += 1
         return n
 
     def _close(self, flow: UdpFlow) -> None:
@@ -259,7 +394,13 @@ class UdpNat:
         for flow in self.flows.values():
             self._close(flow)
         self.flows.clear()
+        self.inbound.clear()
+        self._inbound_by_source.clear()
 
     def stats(self) -> dict[str, int]:
         """Flow table size, for the stats API."""
-        return {"flows": len(self.flows), "max_flows": self.max_flows}
+        return {
+            "flows": len(self.flows),
+            "forward_flows": len(self.inbound),
+            "max_flows": self.max_flows,
+        }

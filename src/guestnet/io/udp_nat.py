@@ -29,6 +29,7 @@ from guestnet.wire.icmp import ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, UNREACH_FR
 
 if TYPE_CHECKING:
     from guestnet.instance import Instance
+    from guestnet.io.forwards import Forward, Forwards
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,41 @@ class UdpNatDriver:
         self.interval = max(1.0, min(SWEEP_INTERVAL_S, self.nat.timeout / 4))
         self._timer = self.loop.call_later(self.interval, self._sweep)
 
+    def attach_forwards(self, forwards: Forwards) -> None:
+        """Take the datagrams of published UDP ports (host -> guest) into the NAT."""
+        self.forwards = forwards
+        forwards.on_datagram = self.on_forward_datagram
+        previous = forwards.on_remove
+
+        def on_remove(fwd: Forward) -> None:
+            if fwd.proto == "udp":
+                fid = fwd.id
+                self.nat.drop_inbound_where(lambda source: source[0] == fid)  # type: ignore[index]
+            if previous is not None:
+                previous(fwd)
+
+        forwards.on_remove = on_remove
+
+    def on_forward_datagram(
+        self, fwd: Forward, payload: memoryview, sender: tuple[object, ...]
+    ) -> None:
+        """One datagram from a host client of a published port: into the guest."""
+        try:
+            guest_ip = ipaddress.IPv4Address(self.forwards.guest_ip_for(fwd)).packed
+        except ValueError:
+            self.counters.inc("nat.udp.forward.guest_not_ipv4")
+            return
+        sock = fwd.sock
+
+        def reply(data: memoryview) -> int:
+            return sock.sendto(data, sender)
+
+        port = sender[1]
+        assert isinstance(port, int)
+        self.nat.deliver_inbound(
+            (fwd.id, sender), reply, guest_ip, fwd.guest_port, port, payload, self.loop.now()
+        )
+
     def _open(self, flow: UdpFlow) -> HostUdpSocket:
         return HostUdpSocket(self, flow)
 
@@ -199,5 +235,8 @@ def setup_udp_nat(inst: Instance, icmp: IcmpService) -> UdpNatDriver:
     """Create the UDP NAT, attach it to the classifier, close it with the instance."""
     driver = UdpNatDriver(inst, make_policy(inst), icmp)
     inst.classifier.udp_nat = driver.nat
+    forwards = getattr(inst, "forwards", None)
+    if forwards is not None:
+        driver.attach_forwards(forwards)
     inst.on_close(driver.close)
     return driver
