@@ -74,6 +74,14 @@ class Config:
     max_flows: int = 16384
     #: UDP flow idle timeout in seconds (RFC 4787 asks at least 120).
     udp_timeout: float = 180.0
+    #: Unix socket path of the control API (HTTP/1.1 + JSON, mode 0600); None: no API.
+    api_socket: str | None = None
+    #: pcap file every frame is written to (both directions); None: no capture.
+    pcap: str | None = None
+    #: Capture stops (with a log line) once the pcap file would exceed this; 0: no bound.
+    pcap_max_bytes: int = 1 << 30
+    #: Forwards from -p/--publish: (proto, host_ip, host_port, guest_port), created at start.
+    publish: tuple[tuple[str, str, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not MIN_MTU <= self.mtu <= MAX_MTU:

@@ -15,6 +15,8 @@ parsing becomes a drop counted by its reason; no bad frame ever raises out of
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from guestnet.config import Config
 from guestnet.core.arp import ArpResponder
 from guestnet.core.packet import FragmentHandler, IcmpHandler, Ipv4Packet, TcpHandler, UdpHandler
@@ -57,6 +59,8 @@ class FrameClassifier:
         self.udp_nat: UdpHandler | None = None
         self.tcp_nat: TcpHandler | None = None
         self.reassembly: FragmentHandler | None = None
+        #: Capture tap (pcap): sees every guest frame first, with the link's checksum verdict.
+        self.capture: Callable[[memoryview, bool], None] | None = None
         self._mac = config.mac
         self._dns_dsts = frozenset((config.dns_ip_b, config.gateway_b))
 
@@ -66,6 +70,8 @@ class FrameClassifier:
         """Classify and dispatch one guest frame. Never raises on bad input."""
         port.rx_frames += 1
         port.rx_bytes += len(frame)
+        if self.capture is not None:
+            self.capture(frame, csum_trusted)
         try:
             self._dispatch(frame, port, now, csum_trusted)
         except WireError as exc:

@@ -80,6 +80,9 @@ class Link:
             return
         port.tx_frames += 1
         port.tx_bytes += frame.length
+        capture = self.inst.capture_to_guest
+        if capture is not None:
+            capture(frame.data)
         if self._txq:
             self._enqueue(frame)
             return
