@@ -294,6 +294,13 @@ def test_failed_upstream_is_skipped_by_new_queries(d: Dns) -> None:
     assert [up for up, _ in d.take_outbox()] == [0]
 
 
+def test_preferred_upstream_for_tcp_follows_failover(d: Dns) -> None:
+    assert d.svc.preferred_upstream(d.core.now) == UP0
+    d.svc.handle_upstream_failed(0, d.core.now, "dns.upstream.refused")
+    assert d.svc.preferred_upstream(d.core.now) == UP1
+    assert d.svc.preferred_upstream(d.core.now + DOWN_HOLD_S) == UP0
+
+
 def test_refused_upstream_fails_over_at_once(d: Dns) -> None:
     d.ask()
     d.take_outbox()

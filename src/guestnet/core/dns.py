@@ -287,6 +287,12 @@ class DnsService:
                 return uid
         return next(i for i in range(65536) if i not in by_id)  # pragma: no cover
 
+    def preferred_upstream(self, now: float) -> tuple[str, int] | None:
+        """The upstream a new query would go to first (for the DNS-over-TCP relay), or None."""
+        if not self.upstreams:
+            return None
+        return self.upstreams[self._first_upstream(now)]
+
     def _first_upstream(self, now: float) -> int:
         """The first upstream not held down; if all are, the one whose hold ends first."""
         down = self._down_until

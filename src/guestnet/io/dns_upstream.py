@@ -115,6 +115,14 @@ class DnsUpstreamIO:
         if self.core.outbox:
             self._flush(now)
 
+    def tcp_upstream(self) -> tuple[str, int] | None:
+        """Where the DNS-over-TCP relay should connect: the first upstream believed up.
+
+        Upstreams that just timed out or refused over UDP are skipped for a while, so TCP
+        follows the same failover as UDP.
+        """
+        return self.core.preferred_upstream(self.loop.now())
+
     # -- sending -----------------------------------------------------------------------------
 
     def _flush(self, now: float) -> None:
