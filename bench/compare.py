@@ -1,0 +1,815 @@
+"""guestnet side by side with pasta, slirp4netns and a plain veth pair: one command, one table.
+
+Run (root): ``.venv/bin/python bench/compare.py [--quick]
+[--backends guestnet,pasta,slirp4netns,veth] [--mtus 1500,65520] [--reps 3] [--duration 10]
+[--budget 840] [--markdown OUT] [--json OUT]``
+
+Theory of operation. For every backend and MTU (a *cell*) the harness builds a fresh topology of
+its own namespaces, measures, and tears it all down before the next cell:
+
+- a *guest* namespace (only ``lo`` at first): the kernel stack the backend serves; all clients
+  (iperf3 -c, bench/netbench.py rr/connrate) run here and talk to the gateway 10.0.2.2;
+- a *sandbox* namespace where the backend runs and the "host" servers listen (iperf3 -s and the
+  netbench echo server on 127.0.0.1). Each user-mode backend maps the gateway to its own host
+  loopback, so the guest's traffic to 10.0.2.2 ends on the sandbox's 127.0.0.1 and never leaves
+  the harness's namespaces;
+- guestnet: ``python -m guestnet netns GUEST --configure --mtu N`` in a loopback-only sandbox;
+- pasta: refuses a loopback-only namespace ("External interface not usable"), so its sandbox gets
+  a veth to a dead-end namespace (198.18.0.1/24 <-> 198.18.0.2/24, default route to it, nothing
+  else there); ``pasta --runas 0 --netns GUEST --config-net ... -f``; port forwarding is off;
+- slirp4netns: ``slirp4netns --configure --mtu N --netns-type=path GUEST tap0`` (guest 10.0.2.100);
+- veth: the kernel's own path and the ceiling: a veth pair sandbox 10.0.2.2/24 <-> guest
+  10.0.2.15/24; the servers bind 10.0.2.2.
+
+Measured per cell (medians over ``--reps``): iperf3 TCP guest->host and host->guest (``-R``) for
+``--duration`` s, 1-byte request/response latency (median, p99) and connections per second with
+bench/netbench.py, UDP at a fixed offered 500 Mbit/s (1400-byte datagrams, so no fragments at MTU
+1500; receiver-side loss), and for the user-mode backends their CPU seconds per GB moved by the TCP
+runs (utime+stime of the backend process from /proc/PID/stat, before and after) and peak RSS
+(VmHWM). A measurement that fails puts ``error: ...`` in its cell and the harness goes on.
+
+Bounds: every subprocess has a timeout, every wait a deadline, and the whole run a time budget
+(``--budget``, 14 min by default; cells past it are skipped with an error). Every namespace and
+process is removed at the end of its cell and again in a ``finally`` on exit, Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+HERE = Path(__file__).resolve().parent
+NETBENCH = HERE / "netbench.py"
+NETNS_DIR = "/run/netns"
+GATEWAY = "10.0.2.2"
+IPERF_PORT = 5201
+ECHO_PORT = 5301
+UDP_RATE = "500M"
+UDP_LEN = 1400
+BACKENDS = ("guestnet", "pasta", "slirp4netns", "veth")
+USER_MODE = ("guestnet", "pasta", "slirp4netns")
+#: Binary each backend needs, and the Debian package that brings it.
+BINARIES = {"pasta": ("pasta", "passt"), "slirp4netns": ("slirp4netns", "slirp4netns")}
+READY_TIMEOUT_S = 15.0
+PROBE_TIMEOUT_S = 8.0
+DEFAULT_BUDGET_S = 14 * 60
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    title: str
+    higher_is_better: bool
+    fmt: str
+
+
+METRICS = (
+    Metric("tcp_up", "TCP g→h Gbit/s", True, "{:.2f}"),
+    Metric("tcp_down", "TCP h→g Gbit/s", True, "{:.2f}"),
+    Metric("rr_median", "RR median ms", False, "{:.3f}"),
+    Metric("rr_p99", "RR p99 ms", False, "{:.3f}"),
+    Metric("conn_per_s", "conn/s", True, "{:.0f}"),
+    Metric("udp_gbps", "UDP Gbit/s", True, "{:.3f}"),
+    Metric("udp_loss", "UDP loss %", False, "{:.2f}"),
+    Metric("cpu_s_per_gb", "CPU s/GB", False, "{:.2f}"),
+    Metric("rss_mb", "peak RSS MB", False, "{:.1f}"),
+)
+
+
+class CellError(Exception):
+    """A measurement (or the whole cell) failed; the message goes into the table."""
+
+
+@dataclass
+class Cell:
+    """One backend at one MTU: medians, every sample, and errors per metric."""
+
+    backend: str
+    mtu: int
+    values: dict[str, float] = field(default_factory=dict)
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def cell_text(self, metric: Metric, spread: bool = False) -> str:
+        if metric.key in self.values:
+            text = metric.fmt.format(self.values[metric.key])
+            s = self.samples.get(metric.key, [])
+            if spread and len(s) > 1:
+                text += f" ({metric.fmt.format(min(s))}-{metric.fmt.format(max(s))})"
+            return text
+        if metric.key in self.errors:
+            return "error: " + _short(self.errors[metric.key], 30)
+        return "—"
+
+
+def _short(text: str, width: int = 40) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+# -- namespaces and processes, all tracked for cleanup --------------------------------------------
+
+
+class Sandbox:
+    """Every namespace and process the harness made; :meth:`cleanup` removes them all."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log = log
+        self.namespaces: list[str] = []
+        self.procs: list[subprocess.Popen[Any]] = []
+        self.counter = 0
+        self.tag = f"{os.getpid() % 100000}"
+
+    def name(self, role: str) -> str:
+        self.counter += 1
+        return f"gnb{role}{self.tag}_{self.counter}"
+
+    def ifname(self, role: str) -> str:
+        """A unique interface name of at most 15 characters."""
+        self.counter += 1
+        name = f"gb{role}{self.tag}{self.counter}"
+        assert len(name) <= 15, name
+        return name
+
+    def netns(self, role: str) -> str:
+        name = self.name(role)
+        self.namespaces.append(name)  # first: an interrupt right after the add still cleans up
+        run(["ip", "netns", "add", name])
+        run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"])
+        return name
+
+    def popen(
+        self, ns: str, argv: Sequence[str], out: TextIO | None = None
+    ) -> subprocess.Popen[Any]:
+        """Start ``argv`` in ``ns`` (``ip netns exec`` execs it: the pid is the program's)."""
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=out if out is not None else subprocess.DEVNULL,
+            stderr=subprocess.STDOUT if out is not None else subprocess.DEVNULL,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[Any], grace: float = 2.0) -> None:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(grace)
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def delete_netns(self, name: str) -> None:
+        """Kill whatever still runs in ``name`` (TERM, then KILL) and delete it."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            pids = ns_pids(name)
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + 2.0
+            while pids and ns_pids(name) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        run(["ip", "netns", "del", name], check=False)
+        if name in self.namespaces:
+            self.namespaces.remove(name)
+
+    def cleanup(self) -> None:
+        for proc in list(reversed(self.procs)):
+            self.stop(proc)
+        for name in list(reversed(self.namespaces)):
+            self.delete_netns(name)
+
+
+def run(
+    argv: Sequence[str], check: bool = True, timeout: float = 30.0
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
+    if check and proc.returncode != 0:
+        raise CellError(f"{shlex.join(argv)}: {proc.stderr.strip() or proc.returncode}")
+    return proc
+
+
+def ns_run(
+    ns: str, argv: Sequence[str], check: bool = True, timeout: float = 30.0
+) -> subprocess.CompletedProcess[str]:
+    return run(["ip", "netns", "exec", ns, *argv], check=check, timeout=timeout)
+
+
+def ns_pids(name: str) -> list[int]:
+    out = run(["ip", "netns", "pids", name], check=False).stdout
+    return [int(p) for p in out.split() if p.isdigit() and int(p) != os.getpid()]
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, what: str, step: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() >= deadline:
+            raise CellError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(step)
+
+
+def listening(ns: str, port: int) -> bool:
+    out = ns_run(ns, ["ss", "-Hltn", f"sport = :{port}"], check=False).stdout
+    return bool(out.strip())
+
+
+def guest_ready(ns: str, address: str) -> bool:
+    addrs = ns_run(ns, ["ip", "-4", "-o", "addr", "show"], check=False).stdout
+    route = ns_run(ns, ["ip", "-4", "route", "show", "default"], check=False).stdout
+    return f" {address}/" in addrs and "default" in route
+
+
+# -- per-cell topology ----------------------------------------------------------------------------
+
+
+@dataclass
+class Topology:
+    guest: str
+    sandbox: str
+    bind: str  # where host-side servers listen in the sandbox
+    backend: subprocess.Popen[Any] | None = None
+    backend_log: str | None = None
+    extra_ns: list[str] = field(default_factory=list)
+
+    def backend_output(self) -> str:
+        if not self.backend_log:
+            return ""
+        with contextlib.suppress(OSError):
+            return Path(self.backend_log).read_text(errors="replace")[-2000:]
+        return ""
+
+
+class Harness:
+    def __init__(self, args: argparse.Namespace, log: Callable[[str], None]) -> None:
+        self.args = args
+        self.log = log
+        self.box = Sandbox(log)
+        self.deadline = time.monotonic() + args.budget
+        self.tmp = tempfile.mkdtemp(prefix="gn-compare-")
+
+    # topology builders -------------------------------------------------------------------------
+
+    def _start_backend(self, topo: Topology, argv: list[str], address: str) -> None:
+        topo.backend_log = os.path.join(self.tmp, f"{topo.sandbox}.log")
+        with open(topo.backend_log, "w") as out:
+            topo.backend = self.box.popen(topo.sandbox, argv, out)
+        backend = topo.backend
+
+        def ready() -> bool:
+            if backend.poll() is not None:
+                tail = _short(topo.backend_output(), 200)
+                raise CellError(f"backend exited with {backend.returncode}: {tail}")
+            return guest_ready(topo.guest, address)
+
+        wait_until(ready, READY_TIMEOUT_S, "the guest's address and default route")
+
+    def setup(self, backend: str, mtu: int) -> Topology:
+        guest = self.box.netns("gu")
+        sandbox = self.box.netns("sb")
+        topo = Topology(guest=guest, sandbox=sandbox, bind="127.0.0.1")
+        guest_path = f"{NETNS_DIR}/{guest}"
+        if backend == "guestnet":
+            argv = [sys.executable, "-m", "guestnet", "netns", guest_path, "--configure"]
+            self._start_backend(topo, [*argv, "--mtu", str(mtu)], "10.0.2.15")
+        elif backend == "pasta":
+            dead = self.box.netns("de")
+            topo.extra_ns.append(dead)
+            a, b = self.box.ifname("p"), self.box.ifname("q")
+            run(
+                ["ip", "link", "add", a, "netns", sandbox, "type", "veth", "peer", b, "netns", dead]
+            )
+            ns_run(sandbox, ["ip", "addr", "add", "198.18.0.1/24", "dev", a])
+            ns_run(sandbox, ["ip", "link", "set", a, "up"])
+            ns_run(dead, ["ip", "addr", "add", "198.18.0.2/24", "dev", b])
+            ns_run(dead, ["ip", "link", "set", b, "up"])
+            ns_run(sandbox, ["ip", "route", "add", "default", "via", "198.18.0.2"])
+            argv = [
+                "pasta", "--runas", "0", "--netns", guest_path, "--config-net",
+                "-a", "10.0.2.15", "-n", "24", "-g", GATEWAY, "-m", str(mtu),
+                "--no-ndp", "--no-dhcpv6", "--ipv4-only",
+                "-t", "none", "-u", "none", "-T", "none", "-U", "none", "-f", "-q",
+            ]  # fmt: skip
+            self._start_backend(topo, argv, "10.0.2.15")
+        elif backend == "slirp4netns":
+            argv = [
+                "slirp4netns", "--configure", "--mtu", str(min(mtu, 65521)),
+                "--netns-type=path", guest_path, "tap0",
+            ]  # fmt: skip
+            self._start_backend(topo, argv, "10.0.2.100")
+        elif backend == "veth":
+            a, b = self.box.ifname("v"), self.box.ifname("w")
+            run(
+                [
+                    "ip",
+                    "link",
+                    "add",
+                    a,
+                    "netns",
+                    sandbox,
+                    "type",
+                    "veth",
+                    "peer",
+                    b,
+                    "netns",
+                    guest,
+                ]
+            )
+            for ns, dev, addr in ((sandbox, a, "10.0.2.2/24"), (guest, b, "10.0.2.15/24")):
+                ns_run(ns, ["ip", "link", "set", dev, "mtu", str(mtu)])
+                ns_run(ns, ["ip", "addr", "add", addr, "dev", dev])
+                ns_run(ns, ["ip", "link", "set", dev, "up"])
+            ns_run(guest, ["ip", "route", "add", "default", "via", GATEWAY])
+            topo.bind = GATEWAY
+        else:
+            raise CellError(f"unknown backend {backend}")
+        return topo
+
+    def teardown(self, topo: Topology) -> None:
+        if topo.backend is not None:
+            self.box.stop(topo.backend)
+        for ns in (topo.sandbox, topo.guest, *topo.extra_ns):
+            self.box.delete_netns(ns)
+
+    # measurements --------------------------------------------------------------------------------
+
+    def time_left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def need(self, seconds: float) -> None:
+        if self.time_left() < seconds:
+            raise CellError("skipped: time budget (--budget) used up")
+
+    def netbench(self, topo: Topology, argv: list[str], timeout: float) -> dict[str, Any]:
+        try:
+            proc = ns_run(
+                topo.guest, [sys.executable, str(NETBENCH), *argv], check=False, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
+            raise CellError(f"netbench {argv[0]} gave no answer in {timeout:g} s") from None
+        try:
+            result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise CellError(f"netbench {argv[0]}: {_short(proc.stderr, 200)}") from None
+        if "error" in result:
+            raise CellError(f"netbench {argv[0]}: {result['error']}")
+        return result
+
+    def probe(self, topo: Topology) -> None:
+        """The backend carries a TCP connection to the echo server (bounded retries)."""
+        deadline = time.monotonic() + PROBE_TIMEOUT_S
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                self.netbench(
+                    topo,
+                    ["rr", "--host", GATEWAY, "--port", str(ECHO_PORT), "--count", "5",
+                     "--timeout", "3"],
+                    timeout=6,
+                )  # fmt: skip
+                return
+            except CellError as exc:
+                last = str(exc)
+            time.sleep(0.3)
+        raise CellError(f"probe: no TCP echo through the backend ({last})")
+
+    def iperf(self, topo: Topology, extra: list[str], duration: float) -> dict[str, Any]:
+        """One iperf3 client run from the guest against a fresh one-off server in the sandbox."""
+        self.need(duration + 5)
+        server = self.box.popen(
+            topo.sandbox, ["iperf3", "-s", "-1", "-B", topo.bind, "-p", str(IPERF_PORT)]
+        )
+        try:
+            wait_until(lambda: listening(topo.sandbox, IPERF_PORT), 5.0, "iperf3 -s")
+            argv = [
+                "iperf3", "-c", GATEWAY, "-p", str(IPERF_PORT), "-t", f"{duration:g}", "-J",
+                "--connect-timeout", "3000", *extra,
+            ]  # fmt: skip
+            try:
+                proc = ns_run(topo.guest, argv, check=False, timeout=duration + 15)
+            except subprocess.TimeoutExpired:
+                raise CellError(f"iperf3 {' '.join(extra)} hung past {duration + 15:g} s") from None
+            try:
+                data: dict[str, Any] = json.loads(proc.stdout)
+            except ValueError:
+                raise CellError(f"iperf3: {_short(proc.stderr or proc.stdout, 200)}") from None
+            if "error" in data:
+                raise CellError(f"iperf3: {data['error']}")
+            return data
+        finally:
+            self.box.stop(server, grace=1.0)
+
+    def measure(self, backend: str, mtu: int) -> Cell:
+        cell = Cell(backend, mtu)
+        start = time.monotonic()
+        topo: Topology | None = None
+        try:
+            self.need(10)
+            topo = self.setup(backend, mtu)
+            echo = self.box.popen(
+                topo.sandbox,
+                [sys.executable, str(NETBENCH), "serve", "--bind", topo.bind, "--port",
+                 str(ECHO_PORT), "--max-seconds", f"{max(60.0, self.time_left()):.0f}"],
+            )  # fmt: skip
+            wait_until(lambda: listening(topo.sandbox, ECHO_PORT), 5.0, "the echo server")
+            self.probe(topo)
+            self._measure_all(cell, topo)
+            if topo.backend is not None and topo.backend.poll() is not None:
+                msg = f"backend exited with {topo.backend.returncode} during the cell"
+                for m in METRICS:
+                    cell.errors.setdefault(m.key, msg)
+            self.box.stop(echo)
+        except CellError as exc:
+            for m in METRICS:
+                if m.key not in cell.values:
+                    cell.errors.setdefault(m.key, str(exc))
+        finally:
+            if topo is not None:
+                self.teardown(topo)
+            cell.seconds = time.monotonic() - start
+        if backend == "veth":
+            for key in ("cpu_s_per_gb", "rss_mb"):
+                cell.errors.pop(key, None)
+        return cell
+
+    def _measure_all(self, cell: Cell, topo: Topology) -> None:
+        a = self.args
+        pid = topo.backend.pid if topo.backend is not None else None
+        # TCP, both directions, with the backend's CPU time around them.
+        cpu0 = cpu_seconds(pid) if pid else None
+        moved = 0
+        for key, extra in (("tcp_up", []), ("tcp_down", ["-R"])):
+            for _ in range(a.reps):
+                try:
+                    data = self.iperf(topo, extra, a.duration)
+                    received = data["end"]["sum_received"]
+                    cell.samples.setdefault(key, []).append(received["bits_per_second"] / 1e9)
+                    moved += int(received["bytes"])
+                except (CellError, KeyError, TypeError) as exc:
+                    cell.errors[key] = str(exc) if isinstance(exc, CellError) else repr(exc)
+                    break
+        cpu1 = cpu_seconds(pid) if pid else None
+        if cpu0 is not None and cpu1 is not None:
+            if moved > 0:
+                cell.values["cpu_s_per_gb"] = (cpu1 - cpu0) / (moved / 1e9)
+            else:
+                cell.errors["cpu_s_per_gb"] = "no TCP bytes moved"
+        # Latency and connection rate through our own client.
+        for _ in range(a.reps):
+            try:
+                self.need(a.rr_timeout)
+                r = self.netbench(
+                    topo,
+                    ["rr", "--host", GATEWAY, "--port", str(ECHO_PORT), "--count",
+                     str(a.rr_count), "--timeout", str(a.rr_timeout)],
+                    timeout=a.rr_timeout + 10,
+                )  # fmt: skip
+                cell.samples.setdefault("rr_median", []).append(r["median_ms"])
+                cell.samples.setdefault("rr_p99", []).append(r["p99_ms"])
+            except CellError as exc:
+                cell.errors["rr_median"] = cell.errors["rr_p99"] = str(exc)
+                break
+        for _ in range(a.reps):
+            try:
+                self.need(a.conn_seconds + 5)
+                r = self.netbench(
+                    topo,
+                    ["connrate", "--host", GATEWAY, "--port", str(ECHO_PORT), "--seconds",
+                     str(a.conn_seconds), "--max", str(a.conn_max), "--timeout",
+                     str(a.conn_seconds + 10)],
+                    timeout=a.conn_seconds + 20,
+                )  # fmt: skip
+                cell.samples.setdefault("conn_per_s", []).append(r["per_s"])
+            except CellError as exc:
+                cell.errors["conn_per_s"] = str(exc)
+                break
+        # UDP at a fixed offered rate; loss as the receiver (the server) counted it.
+        for _ in range(a.reps):
+            try:
+                data = self.iperf(topo, ["-u", "-b", UDP_RATE, "-l", str(UDP_LEN)], a.udp_duration)
+                gbps, loss = udp_result(data)
+                cell.samples.setdefault("udp_gbps", []).append(gbps)
+                cell.samples.setdefault("udp_loss", []).append(loss)
+            except (CellError, KeyError, TypeError) as exc:
+                msg = str(exc) if isinstance(exc, CellError) else repr(exc)
+                cell.errors["udp_gbps"] = cell.errors["udp_loss"] = msg
+                break
+        if pid:
+            rss = peak_rss_mb(pid)
+            if rss is not None:
+                cell.values["rss_mb"] = rss
+        for key, samples in cell.samples.items():
+            if samples:
+                cell.values[key] = statistics.median(samples)
+                cell.errors.pop(key, None)
+
+
+def udp_result(data: dict[str, Any]) -> tuple[float, float]:
+    """Received Gbit/s and loss % as the receiving side (the server) counted them."""
+    rx = data["end"]["sum_received"]
+    return float(rx["bits_per_second"]) / 1e9, float(rx["lost_percent"])
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of ``pid`` (all its threads) in seconds."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def render_table(cells: list[Cell], markdown: bool) -> str:
+    headers = ["backend", "MTU", *(m.title for m in METRICS)]
+    rows = [
+        [c.backend, str(c.mtu), *(c.cell_text(m, spread=m.key.startswith("tcp")) for m in METRICS)]
+        for c in cells
+    ]
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*headers), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*r) for r in rows]
+    lines = [line.rstrip() for line in lines]
+    return "\n".join(lines)
+
+
+def render_errors(cells: list[Cell]) -> str:
+    lines = []
+    for c in cells:
+        seen: set[str] = set()
+        for key, msg in c.errors.items():
+            if msg not in seen:
+                seen.add(msg)
+                lines.append(f"- {c.backend} MTU {c.mtu} ({key}): {' '.join(msg.split())}")
+    return "\n".join(lines)
+
+
+def ratios(cells: list[Cell]) -> list[tuple[str, int, dict[str, str]]]:
+    """(metric title, MTU, {peer: guestnet/peer}) for every metric and MTU guestnet has."""
+    by = {(c.backend, c.mtu): c for c in cells}
+    out = []
+    for mtu in sorted({c.mtu for c in cells}):
+        gn = by.get(("guestnet", mtu))
+        if gn is None:
+            continue
+        for m in METRICS:
+            row = {}
+            for peer in ("pasta", "slirp4netns", "veth"):
+                p = by.get((peer, mtu))
+                if p is None:
+                    continue
+                g, v = gn.values.get(m.key), p.values.get(m.key)
+                row[peer] = f"{g / v:.2f}" if g is not None and v else "—"
+            out.append((m.title + ("" if m.higher_is_better else " (lower is better)"), mtu, row))
+    return out
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{os.cpu_count()} CPUs ({model}), Linux {platform.release()}"
+
+
+def versions() -> str:
+    parts = []
+    for argv in (["iperf3", "--version"], ["slirp4netns", "--version"]):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=5).stdout
+            parts.append(out.splitlines()[0].strip() if out else argv[0])
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(
+            ["dpkg-query", "-W", "-f", "${Version}", "passt"],
+            capture_output=True, text=True, timeout=5,
+        ).stdout  # fmt: skip
+        if out:
+            parts.append(f"pasta (passt {out})")
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        rev = subprocess.run(
+            ["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=5,
+        ).stdout.strip()  # fmt: skip
+        if rev:
+            parts.append(f"guestnet {rev}")
+    return ", ".join(parts)
+
+
+def render_markdown(cells: list[Cell], command: str, args: argparse.Namespace) -> str:
+    now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    lines = [
+        f"## Side by side: guestnet, pasta, slirp4netns, veth ({now})",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {machine()}. Versions: {versions()}.",
+        "",
+        f"Medians over {args.reps} repetition(s); iperf3 TCP {args.duration:g} s per run (TCP "
+        "cells show the median and, in parentheses, the range); UDP offered "
+        f"{UDP_RATE}bit/s in {UDP_LEN}-byte datagrams for {args.udp_duration:g} s, receiver-side "
+        f"loss; RR: {args.rr_count} 1-byte round trips on one connection; conn/s: connect + 1 "
+        f"byte + close for {args.conn_seconds:g} s (at most {args.conn_max}); CPU s/GB and RSS: "
+        "the backend process (utime+stime over the TCP runs / bytes moved; VmHWM).",
+        "",
+        render_table(cells, markdown=True),
+    ]
+    errors = render_errors(cells)
+    if errors:
+        lines += ["", "Errors:", "", errors]
+    rat = ratios(cells)
+    if rat:
+        peers = [p for p in ("pasta", "slirp4netns", "veth") if any(p in r for _, _, r in rat)]
+        lines += [
+            "",
+            "Ratios guestnet / peer (throughput and conn/s: above 1 is better; latency, CPU, "
+            "RSS and loss: below 1 is better):",
+            "",
+            "| metric | MTU | " + " | ".join(f"guestnet / {p}" for p in peers) + " |",
+            "|---|---|" + "---|" * len(peers),
+        ]
+        for title, mtu, row in rat:
+            lines.append(
+                f"| {title} | {mtu} | " + " | ".join(row.get(p, "—") for p in peers) + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+def ensure_binaries(backends: list[str], log: Callable[[str], None]) -> dict[str, str]:
+    """Install missing peers with apt-get (bounded); backends still missing get an error."""
+    missing: dict[str, str] = {}
+    needed = [("iperf3", "iperf3")] + [BINARIES[b] for b in backends if b in BINARIES]
+    for binary, package in needed:
+        if shutil.which(binary):
+            continue
+        log(f"{binary} missing: apt-get install -y {package}")
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(
+                ["apt-get", "install", "-y", package],
+                env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+                capture_output=True, timeout=300, check=False,
+            )  # fmt: skip
+        if not shutil.which(binary):
+            missing[binary] = f"{binary} not installed (Debian package {package})"
+    return missing
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="1 rep, 2 s runs, fewer round trips")
+    p.add_argument("--backends", default=",".join(BACKENDS))
+    p.add_argument("--mtus", default="1500,65520")
+    p.add_argument("--reps", type=int, help="repetitions per measurement (3; --quick 1)")
+    p.add_argument("--duration", type=float, help="seconds per iperf3 TCP run (10; --quick 2)")
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="whole-run seconds")
+    p.add_argument("--markdown", metavar="FILE", help="write a markdown section to FILE")
+    p.add_argument("--json", metavar="FILE", help="write every cell as JSON to FILE")
+    args = p.parse_args(argv)
+    args.backends = [b for b in args.backends.split(",") if b]
+    for b in args.backends:
+        if b not in BACKENDS:
+            p.error(f"unknown backend {b!r} (choose from {', '.join(BACKENDS)})")
+    args.mtus = [int(m) for m in args.mtus.split(",") if m]
+    for m in args.mtus:
+        if not 576 <= m <= 65520:
+            p.error(f"MTU {m} out of range 576..65520")
+    if args.reps is None:
+        args.reps = 1 if args.quick else 3
+    if args.duration is None:
+        args.duration = 2.0 if args.quick else 10.0
+    if not (1 <= args.reps <= 20 and 0.5 <= args.duration <= 120):
+        p.error("--reps must be 1..20 and --duration 0.5..120")
+    args.udp_duration = min(args.duration, 5.0)
+    args.rr_count = 200 if args.quick else 2000
+    args.rr_timeout = 10.0 if args.quick else 20.0
+    args.conn_seconds = min(args.duration, 1.0) if args.quick else 2.0
+    args.conn_max = 1000 if args.quick else 5000
+    return args
+
+
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("compare.py needs root (network namespaces)", file=sys.stderr)
+        return 2
+    command = (
+        shlex.join([".venv/bin/python", "bench/compare.py", *sys.argv[1:]])
+        if argv is None
+        else shlex.join(["bench/compare.py", *argv])
+    )
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, and we still want Ctrl-C
+    # (or kill -INT) to clean up.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupt)
+    missing = ensure_binaries(args.backends, log)
+    harness = Harness(args, log)
+    cells: list[Cell] = []
+    interrupted = False
+    try:
+        for mtu in args.mtus:
+            for backend in args.backends:
+                binary = BINARIES.get(backend, ("", ""))[0]
+                if binary in missing:
+                    cells.append(
+                        Cell(backend, mtu, errors={m.key: missing[binary] for m in METRICS})
+                    )
+                    continue
+                log(f"[{harness.time_left():5.0f} s left] {backend} MTU {mtu} ...")
+                cell = harness.measure(backend, mtu)
+                cells.append(cell)
+                log(f"  done in {cell.seconds:.1f} s")
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: cleaning up")
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        harness.box.cleanup()
+        shutil.rmtree(harness.tmp, ignore_errors=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    print(render_table(cells, markdown=False))
+    errors = render_errors(cells)
+    if errors:
+        print("\nErrors:\n" + errors)
+    if args.markdown:
+        Path(args.markdown).write_text(render_markdown(cells, command, args))
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "command": command,
+                    "machine": machine(),
+                    "cells": [
+                        {
+                            "backend": c.backend,
+                            "mtu": c.mtu,
+                            "values": c.values,
+                            "samples": c.samples,
+                            "errors": c.errors,
+                            "seconds": c.seconds,
+                        }
+                        for c in cells
+                    ],
+                },
+                indent=1,
+            )
+        )
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
