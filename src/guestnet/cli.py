@@ -118,6 +118,15 @@ def _dns_upstream(text: str) -> tuple[str, int]:
     return host, number
 
 
+def _publish(text: str) -> list[tuple[str, str, int, int]]:
+    from guestnet.io.forwards import parse_publish
+
+    try:
+        return parse_publish(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def add_datapath_options(p: argparse.ArgumentParser) -> None:
     """Options every datapath subcommand (run, netns, qemu, dgram) accepts."""
     d = Config()
@@ -204,6 +213,35 @@ def add_datapath_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow destinations in 169.254.0.0/16 (cloud metadata), refused by default",
     )
+    ctl = p.add_argument_group("forwards, control API and capture")
+    ctl.add_argument(
+        "-p",
+        "--publish",
+        action="append",
+        type=_publish,
+        default=[],
+        metavar="SPEC",
+        help="forward a host port to the guest; SPEC is "
+        "[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp] (repeatable; ranges 8000-8010:8000-8010; "
+        "IPv6 host as [::1]:8080:80; tcp unless /udp). HOST_IP defaults to 127.0.0.1, "
+        "not 0.0.0.0: give 0.0.0.0 to publish on every interface",
+    )
+    ctl.add_argument(
+        "--api-socket",
+        metavar="PATH",
+        help="serve the control API (HTTP/1.1 + JSON) on this unix socket (mode 0600)",
+    )
+    ctl.add_argument(
+        "--pcap", metavar="FILE", help="write every frame, both directions, to FILE (pcap)"
+    )
+    ctl.add_argument(
+        "--pcap-max-bytes",
+        type=_int_range(0, 1 << 62),
+        default=Config().pcap_max_bytes,
+        metavar="N",
+        help="stop capturing (it does not rotate; a log line says so) once the file would "
+        "exceed N bytes; 0: no limit (%(default)s)",
+    )
     p.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
@@ -223,6 +261,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         mac=args.mac,
         guest_mac=args.guest_mac,
         pool_slots=args.pool_slots,
+        api_socket=os.path.abspath(args.api_socket) if args.api_socket else None,
+        pcap=args.pcap,
+        pcap_max_bytes=args.pcap_max_bytes,
+        publish=tuple(spec for specs in args.publish for spec in specs),
         lease_time=args.lease_time,
         dns_search=tuple(args.dns_search),
         dns_upstreams=tuple(args.dns_upstream),
@@ -287,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     dgram.add_argument(
         "--socket", required=True, help="unix datagram socket path to bind (mode 0600)"
     )
+    from guestnet.client import add_client_parsers
+
+    add_client_parsers(sub)
     return parser
 
 
@@ -299,9 +344,14 @@ def _setup_logging(level: str) -> None:
 
 
 def _serve(inst: Instance) -> int:
+    from guestnet.api import StartError
+
     inst.loop.install_signal_handlers()
     try:
         inst.run()
+    except StartError as exc:
+        print(f"guestnet: error: {exc}", file=sys.stderr)
+        return 1
     finally:
         inst.close()
     return 0
@@ -359,6 +409,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``guestnet`` command."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "client", None) is not None:
+        from guestnet.client import run_client
+
+        return run_client(args)
     _setup_logging(args.log_level)
     try:
         config = config_from_args(args)

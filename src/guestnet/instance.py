@@ -19,6 +19,7 @@ from guestnet.core.dhcp import DhcpServer
 from guestnet.core.switch import Switch
 from guestnet.counters import Counters
 from guestnet.io.dns_upstream import DnsUpstreamIO
+from guestnet.io.forwards import Forwards
 from guestnet.io.loop import Loop
 from guestnet.pool import FramePool
 
@@ -42,6 +43,11 @@ class Instance:
         self.links: list[Link] = []
         self._closers: list[Callable[[], None]] = []
         self.closed = False
+        #: pcap tap on frames to the guest (links call it; see io/pcap.py); None: no capture.
+        self.capture_to_guest: Callable[[memoryview], None] | None = None
+        #: Host -> guest port forwards; the TCP/UDP NAT set its on_accept/on_datagram hooks.
+        self.forwards = Forwards(self)
+        self.control_started = False
         self._setup_services()
 
     def _setup_services(self) -> None:
@@ -75,8 +81,21 @@ class Instance:
             },
         }
 
+    def start_control(self) -> None:
+        """Open the pcap file, bind the -p forwards and the API socket (once; run() calls it).
+
+        Raises :class:`guestnet.api.StartError` (one line, for the CLI) when one cannot start.
+        """
+        if self.control_started:
+            return
+        self.control_started = True
+        from guestnet.api import start_control
+
+        start_control(self)
+
     def run(self, until: Callable[[], bool] | None = None) -> None:
         """Run the loop until stopped (signal, ``until``)."""
+        self.start_control()
         self.loop.run(until)
 
     def close(self) -> None:

@@ -1,0 +1,398 @@
+"""Port forwards (host -> guest): the registry, the host listening sockets, and the hooks.
+
+Theory of operation
+-------------------
+A :class:`Forward` is one published port: a host socket bound to ``host_ip:host_port`` (TCP
+listening, or UDP bound) whose traffic goes to ``guest_port`` on the guest. :class:`Forwards`
+keeps them by id (a decimal string, never reused while the process lives), validates requests,
+and binds the host socket at once, so "port in use" is the kernel's own answer (409 in the API).
+Forwards from ``-p`` on the command line are created at start through the same :meth:`add`.
+
+The datapath is not here: the TCP and UDP NAT plug into two hooks.
+
+- ``on_accept(forward, conn)``: called for every accepted TCP connection, with the connected,
+  non-blocking socket; the hook takes ownership (opens a flow toward the guest or closes it).
+- ``on_datagram(forward, payload, sender)``: called for every UDP datagram received on the
+  forward's socket; ``payload`` is a view valid only during the call, ``sender`` the host
+  client's address. Replies go back with ``forward.sock.sendto(data, sender)``.
+- ``on_remove(forward)``: called when a forward is removed (API or shutdown), before its socket
+  closes, so the NAT can decide what happens to flows it started (they may keep running: only
+  the listening socket goes away).
+
+Until a hook is set, an accepted connection is closed at once (``forward.tcp.no_datapath``) and a
+datagram dropped (``forward.udp.no_datapath``). The guest address of a forward is its own
+``guest_ip`` when given, else the DHCP server's ``guest_address()`` (the guest's latest lease),
+else the configured guest address: see :meth:`Forwards.guest_ip_for`.
+
+Host sockets are non-blocking and CLOEXEC; reads and accepts are bounded per wake-up; an
+EMFILE/ENFILE on accept is counted and the listener paused briefly (a level-triggered listener
+that cannot accept would otherwise spin).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import itertools
+import logging
+import re
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from guestnet.io.loop import EPOLLIN
+
+if TYPE_CHECKING:
+    from guestnet.instance import Instance
+
+log = logging.getLogger(__name__)
+
+#: Host address a forward binds when none is given: loopback, unlike docker's 0.0.0.0.
+DEFAULT_HOST_IP = "127.0.0.1"
+#: Upper bound on forwards (each holds a host socket).
+MAX_FORWARDS = 4096
+#: Accepts or datagrams handled per wake-up of one forward's socket.
+RX_BUDGET = 64
+#: Pause of a listener after EMFILE/ENFILE, in seconds.
+ACCEPT_PAUSE_S = 0.1
+#: Largest UDP datagram read from a forward's socket.
+UDP_MAX = 65535
+PROTOS = ("tcp", "udp")
+
+#: A forward as the command line gives it: (proto, host_ip, host_port, guest_port).
+PublishSpec = tuple[str, str, int, int]
+
+
+class ForwardError(Exception):
+    """A refused forward request: ``status`` is the HTTP status the API answers."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(eq=False)
+class Forward:
+    """One published port and its host socket."""
+
+    id: str
+    proto: str
+    host_ip: str
+    host_port: int
+    guest_port: int
+    #: Fixed guest address, or None for "the guest's current address".
+    guest_ip: str | None
+    sock: socket.socket = field(repr=False)
+    created: float
+    #: TCP connections accepted / UDP datagrams received on the host socket.
+    accepted: int = 0
+    datagrams: int = 0
+    closed: bool = False
+    paused: bool = False
+
+    def to_json(self, guest_ip: str, now: float) -> dict[str, object]:
+        """The API's view; ``guest_ip`` is where traffic goes now."""
+        return {
+            "id": self.id,
+            "proto": self.proto,
+            "host_ip": self.host_ip,
+            "host_port": self.host_port,
+            "guest_ip": guest_ip,
+            "guest_ip_fixed": self.guest_ip is not None,
+            "guest_port": self.guest_port,
+            "accepted": self.accepted,
+            "datagrams": self.datagrams,
+            "age_s": round(now - self.created, 3),
+        }
+
+
+class Forwards:
+    """The forward registry of one instance, and the host sockets it binds."""
+
+    def __init__(self, inst: Instance) -> None:
+        self.inst = inst
+        self._by_id: dict[str, Forward] = {}
+        self._ids = itertools.count(1)
+        self._rx = bytearray(UDP_MAX)
+        self._rxv = memoryview(self._rx)
+        #: TCP datapath hook: takes ownership of the accepted, non-blocking socket.
+        self.on_accept: Callable[[Forward, socket.socket], None] | None = None
+        #: UDP datapath hook: (forward, payload view valid during the call, sender address).
+        self.on_datagram: Callable[[Forward, memoryview, tuple[object, ...]], None] | None = None
+        #: Called before a forward's socket is closed (removal or shutdown).
+        self.on_remove: Callable[[Forward], None] | None = None
+        inst.on_close(self.close)
+
+    # -- registry -----------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Forward]:
+        return iter(list(self._by_id.values()))
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def get(self, fid: str) -> Forward | None:
+        """The forward with id ``fid``, or None."""
+        return self._by_id.get(fid)
+
+    def guest_ip_for(self, forward: Forward) -> str:
+        """Where the forward's traffic goes now (fixed address, DHCP lease, or configured)."""
+        if forward.guest_ip is not None:
+            return forward.guest_ip
+        dhcp = self.inst.classifier.dhcp
+        guest_address = getattr(dhcp, "guest_address", None)
+        if callable(guest_address):
+            return str(guest_address())
+        return str(self.inst.config.guest_ip)
+
+    def to_json(self, now: float) -> list[dict[str, object]]:
+        """Every forward, for the API (ordered by id)."""
+        return [f.to_json(self.guest_ip_for(f), now) for f in self._by_id.values()]
+
+    def add(
+        self,
+        proto: str,
+        host_port: int,
+        guest_port: int,
+        host_ip: str = DEFAULT_HOST_IP,
+        guest_ip: str | None = None,
+    ) -> Forward:
+        """Validate, bind the host socket, register; raises :class:`ForwardError`."""
+        if proto not in PROTOS:
+            raise ForwardError(400, f"proto must be 'tcp' or 'udp', not {proto!r}")
+        _check_port("host_port", host_port, allow_zero=True)
+        _check_port("guest_port", guest_port)
+        try:
+            host_addr = ipaddress.ip_address(host_ip)
+        except ValueError:
+            raise ForwardError(400, f"host_ip is not an IP address: {host_ip!r}") from None
+        if guest_ip is not None:
+            try:
+                guest_addr = ipaddress.IPv4Address(guest_ip)
+            except ValueError:
+                raise ForwardError(400, f"guest_ip is not an IPv4 address: {guest_ip!r}") from None
+            if guest_addr not in self.inst.config.subnet:
+                raise ForwardError(400, f"guest_ip {guest_ip} is outside the guest subnet")
+            guest_ip = str(guest_addr)
+        host_ip = str(host_addr)
+        if len(self._by_id) >= MAX_FORWARDS:
+            raise ForwardError(409, f"too many forwards (at most {MAX_FORWARDS})")
+        if host_port != 0:
+            for other in self._by_id.values():
+                if (other.proto, other.host_ip, other.host_port) == (proto, host_ip, host_port):
+                    raise ForwardError(409, f"{proto} {_hp(host_ip, host_port)} is in use")
+        sock = self._bind(proto, host_addr, host_port)
+        bound_port = int(sock.getsockname()[1])
+        fwd = Forward(
+            id=str(next(self._ids)),
+            proto=proto,
+            host_ip=host_ip,
+            host_port=bound_port,
+            guest_port=guest_port,
+            guest_ip=guest_ip,
+            sock=sock,
+            created=self.inst.loop.now(),
+        )
+        self._by_id[fwd.id] = fwd
+        self._watch(fwd)
+        self.inst.counters.inc(f"forward.{proto}.added")
+        log.info(
+            "forward %s: %s %s -> guest port %d",
+            fwd.id,
+            proto,
+            _hp(host_ip, bound_port),
+            guest_port,
+        )
+        return fwd
+
+    def remove(self, fid: str) -> Forward:
+        """Stop the forward ``fid`` at once; raises ForwardError(404) when there is none."""
+        fwd = self._by_id.pop(fid, None)
+        if fwd is None:
+            raise ForwardError(404, f"no forward with id {fid!r}")
+        self._close(fwd)
+        self.inst.counters.inc(f"forward.{fwd.proto}.removed")
+        log.info("forward %s removed", fid)
+        return fwd
+
+    def close(self) -> None:
+        """Close every forward (instance shutdown)."""
+        while self._by_id:
+            _, fwd = self._by_id.popitem()
+            self._close(fwd)
+
+    # -- host sockets -------------------------------------------------------------------------
+
+    def _bind(self, proto: str, addr: ipaddress._BaseAddress, port: int) -> socket.socket:
+        family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+        kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+        try:
+            sock = socket.socket(family, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        except OSError as exc:
+            raise ForwardError(503, f"cannot create a socket: {exc.strerror}") from None
+        try:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if proto == "tcp":
+                # Lets a restarted guestnet rebind past TIME_WAIT; on Linux it never lets two
+                # listeners share a port, so "in use" stays the kernel's answer. (Not for UDP,
+                # where it would let two sockets share the port.)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((str(addr), port))
+            if proto == "tcp":
+                sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            where = f"{proto} {_hp(str(addr), port)}"
+            if exc.errno == errno.EADDRINUSE:
+                raise ForwardError(409, f"{where} is in use") from None
+            if exc.errno == errno.EACCES:
+                raise ForwardError(403, f"{where}: permission denied") from None
+            raise ForwardError(400, f"cannot bind {where}: {exc.strerror}") from None
+        return sock
+
+    def _watch(self, fwd: Forward) -> None:
+        handler = self._tcp_handler(fwd) if fwd.proto == "tcp" else self._udp_handler(fwd)
+        self.inst.loop.add_fd(fwd.sock.fileno(), EPOLLIN, handler)
+
+    def _close(self, fwd: Forward) -> None:
+        if fwd.closed:
+            return
+        if self.on_remove is not None:
+            try:
+                self.on_remove(fwd)
+            except Exception:
+                log.exception("forward %s: on_remove hook failed", fwd.id)
+        fwd.closed = True
+        if not fwd.paused:
+            self.inst.loop.remove_fd(fwd.sock.fileno())
+        fwd.sock.close()
+
+    def _tcp_handler(self, fwd: Forward) -> Callable[[int], None]:
+        counters = self.inst.counters
+
+        def on_listen(_events: int) -> None:
+            for _ in range(RX_BUDGET):
+                if fwd.closed or fwd.paused:
+                    return
+                try:
+                    conn, _addr = fwd.sock.accept()
+                except BlockingIOError:
+                    return
+                except OSError as exc:
+                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        counters.inc("forward.tcp.accept.no_fds")
+                        self._pause(fwd)
+                    else:
+                        counters.inc("forward.tcp.accept.error")
+                    return
+                fwd.accepted += 1
+                conn.setblocking(False)
+                hook = self.on_accept
+                if hook is None:
+                    counters.inc("forward.tcp.no_datapath")
+                    conn.close()
+                    continue
+                hook(fwd, conn)
+
+        return on_listen
+
+    def _pause(self, fwd: Forward) -> None:
+        """Stop watching a listener for a moment (EMFILE): its backlog waits in the kernel."""
+        fwd.paused = True
+        self.inst.loop.remove_fd(fwd.sock.fileno())
+
+        def resume(_now: float) -> None:
+            if fwd.closed:
+                return
+            fwd.paused = False
+            self._watch(fwd)
+
+        self.inst.loop.call_later(ACCEPT_PAUSE_S, resume)
+
+    def _udp_handler(self, fwd: Forward) -> Callable[[int], None]:
+        counters = self.inst.counters
+        rxv = self._rxv
+
+        def on_readable(_events: int) -> None:
+            for _ in range(RX_BUDGET):
+                if fwd.closed:
+                    return
+                try:
+                    n, sender = fwd.sock.recvfrom_into(rxv)
+                except BlockingIOError:
+                    return
+                except OSError:
+                    # ICMP errors from earlier replies surface here (ECONNREFUSED): count, go on.
+                    counters.inc("forward.udp.recv_error")
+                    continue
+                fwd.datagrams += 1
+                hook = self.on_datagram
+                if hook is None:
+                    counters.inc("forward.udp.no_datapath")
+                    continue
+                hook(fwd, rxv[:n], sender)
+
+        return on_readable
+
+
+def _check_port(name: str, value: object, allow_zero: bool = False) -> None:
+    lo = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= 65535:
+        raise ForwardError(400, f"{name} must be an integer in {lo}..65535, not {value!r}")
+
+
+def _hp(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# -- -p/--publish ---------------------------------------------------------------------------------
+
+_PUBLISH = re.compile(
+    r"""^(?:(?:\[(?P<v6>[0-9A-Fa-f:.%a-zA-Z]+)\]|(?P<v4>[0-9.]+)):)?
+        (?P<host>\d+(?:-\d+)?):(?P<guest>\d+(?:-\d+)?)
+        (?:/(?P<proto>tcp|udp))?$""",
+    re.VERBOSE,
+)
+
+
+def _port_range(text: str, what: str) -> range:
+    lo_s, _, hi_s = text.partition("-")
+    lo = int(lo_s)
+    hi = int(hi_s) if hi_s else lo
+    if not 1 <= lo <= 65535 or not 1 <= hi <= 65535:
+        raise ValueError(f"{what} port {text} is outside 1..65535")
+    if hi < lo:
+        raise ValueError(f"{what} port range {text} is backwards")
+    return range(lo, hi + 1)
+
+
+def parse_publish(text: str) -> list[PublishSpec]:
+    """Parse ``[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]`` (ranges ``A-B:C-D``, ``[::1]:80:80``).
+
+    Returns one (proto, host_ip, host_port, guest_port) per port; raises ValueError.
+    """
+    m = _PUBLISH.match(text.strip())
+    if m is None:
+        raise ValueError(f"expected [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp], got {text!r}")
+    host_ip = m.group("v6") or m.group("v4") or DEFAULT_HOST_IP
+    try:
+        addr = ipaddress.ip_address(host_ip)
+    except ValueError:
+        raise ValueError(f"not an IP address: {host_ip!r} in {text!r}") from None
+    if (m.group("v4") and addr.version != 4) or (m.group("v6") and addr.version != 6):
+        raise ValueError(f"not an IP address: {host_ip!r} in {text!r}")
+    hosts = _port_range(m.group("host"), "host")
+    guests = _port_range(m.group("guest"), "guest")
+    if len(hosts) != len(guests):
+        raise ValueError(f"host and guest port ranges differ in length in {text!r}")
+    proto = m.group("proto") or "tcp"
+    return [(proto, str(addr), h, g) for h, g in zip(hosts, guests, strict=True)]
+
+
+def add_published(forwards: Forwards, specs: tuple[PublishSpec, ...]) -> None:
+    """Create the forwards from ``-p`` (raises ForwardError on the first that fails)."""
+    for proto, host_ip, host_port, guest_port in specs:
+        forwards.add(proto, host_port, guest_port, host_ip)
