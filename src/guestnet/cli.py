@@ -424,8 +424,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_qemu(args, config)
     if args.command == "dgram":
         return cmd_dgram(args, config)
+    from guestnet.api import StartError
     from guestnet.io import netns as netns_cmds
 
-    if args.command == "run":
-        return netns_cmds.cmd_run(args, config)
-    return netns_cmds.cmd_netns(args, config)
+    try:
+        if args.command == "run":
+            return netns_cmds.cmd_run(args, config)
+        return netns_cmds.cmd_netns(args, config)
+    except StartError as exc:  # --pcap, -p or --api-socket could not be set up
+        print(f"guestnet {args.command}: error: {exc}", file=sys.stderr)
+        return 1

@@ -24,9 +24,11 @@ capture shows what the wire would carry and tshark flags only real errors. Two w
   nothing.
 
 Bounds: writing stops once the file would exceed ``max_bytes`` (0 means no bound); a log line
-says so and further frames are counted (``pcap.frames_not_written``), never written. It does
-not rotate. Writes go through Python's buffered file (flushed every second by a loop timer and
-at close): a frame costs a memcpy, and the disk write is batched.
+says so and further frames are counted (``frames_not_written``), never written. It does not
+rotate. Records are gathered in a buffer of our own and written whole (when it passes
+:data:`BUFFER_BYTES`, every second from a loop timer, and at close): a frame costs a memcpy, the
+disk write is batched, and the file always ends on a record boundary, so ``tshark -r`` can read
+it while guestnet runs.
 """
 
 from __future__ import annotations
@@ -53,8 +55,10 @@ LINKTYPE_ETHERNET = 1
 SNAPLEN = 262144
 #: Default --pcap-max-bytes: 1 GiB.
 DEFAULT_MAX_BYTES = 1 << 30
-#: Seconds between flushes of the file buffer.
+#: Seconds between flushes of the record buffer.
 FLUSH_INTERVAL_S = 1.0
+#: Records are written to the file once this many bytes are buffered.
+BUFFER_BYTES = 256 * 1024
 
 _GLOBAL_HEADER = struct.Struct("<IHHiIII")
 _RECORD = struct.Struct("<IIII")
@@ -135,14 +139,18 @@ class PcapWriter:
         self.path = path
         self.max_bytes = max_bytes
         self._clock_ns = clock_ns
-        self._file: BinaryIO = file if file is not None else open(path, "wb")  # noqa: SIM115
+        self._file: BinaryIO = (
+            file if file is not None else open(path, "wb", buffering=0)  # noqa: SIM115
+        )
+        self._buf = bytearray()
         header = _GLOBAL_HEADER.pack(PCAP_MAGIC_NS, 2, 4, 0, 0, SNAPLEN, LINKTYPE_ETHERNET)
-        self._file.write(header)
+        self._buf += header
         self.bytes_written = len(header)
         self.frames_written = 0
         self.frames_not_written = 0
         self.stopped = False
         self.closed = False
+        self.flush()
 
     def write(
         self,
@@ -166,7 +174,7 @@ class PcapWriter:
                 self.bytes_written,
                 self.frames_written,
             )
-            self._file.flush()
+            self.flush()
             return False
         data: bytes | bytearray | memoryview = frame
         if csum_start >= 0 or csum_trusted:
@@ -180,11 +188,13 @@ class PcapWriter:
             data = frame[:caplen]
         ts = self._clock_ns()
         sec, nsec = divmod(ts, 1_000_000_000)
-        f = self._file
-        f.write(_RECORD.pack(sec & 0xFFFFFFFF, nsec, caplen, n))
-        f.write(data)
+        buf = self._buf
+        buf += _RECORD.pack(sec & 0xFFFFFFFF, nsec, caplen, n)
+        buf += data
         self.bytes_written += _RECORD.size + caplen
         self.frames_written += 1
+        if len(buf) >= BUFFER_BYTES:
+            self.flush()
         return True
 
     def from_guest(self, frame: memoryview, csum_trusted: bool = False) -> None:
@@ -196,14 +206,28 @@ class PcapWriter:
         self.write(frame, csum_start, csum_offset)
 
     def flush(self, _now: float = 0.0) -> None:
-        """Push buffered records to the file (readers see them)."""
-        if not self.closed:
+        """Write the buffered records to the file, whole (readers see them)."""
+        if self.closed or not self._buf:
+            return
+        view = memoryview(self._buf)
+        try:
+            while view:
+                n = self._file.write(view)
+                view = view[n if n is not None else len(view) :]
             self._file.flush()
+        except OSError as exc:
+            # A full disk must not stop the datapath: stop capturing, say so once.
+            log.warning("pcap %s: write failed (%s): capture stopped", self.path, exc)
+            self.stopped = True
+        finally:
+            view.release()
+        self._buf.clear()
 
     def close(self) -> None:
         """Flush and close the file."""
         if self.closed:
             return
+        self.flush()
         self.closed = True
         self._file.close()
 
