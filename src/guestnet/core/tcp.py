@@ -40,7 +40,7 @@ recovery (each partial ACK retransmits the next hole at once). There is no conge
 the path is one local link. A zero window is probed (persist timer, probes with
 ``seq = snd_nxt - 1`` that make the guest answer with its window, backing off to 60 s).
 The driver registers host sockets edge-triggered: ``host_readable`` remembers an edge we could
-not act on yet (window full), and a short read means the socket is drained.
+not act on yet (window full), and we read until EAGAIN (an EOF can hide behind a short read).
 
 Close. A FIN either way is a half-close passed on: the guest's FIN becomes ``shutdown(SHUT_WR)``
 on the host once its data is written; host EOF becomes our FIN once everything read is sent.
@@ -873,9 +873,9 @@ class TcpNat:
                     flow.rtt_seq = flow.snd_nxt
                     flow.rtt_time = now
                 self._segment(flow, frame, seq, ACK | PSH, got)
-                if got < n:
-                    flow.host_readable = False
-                    break
+                # A short read usually means the socket is drained, but an EOF (or error) may
+                # sit behind the data and edge-triggered epoll would not report it again: read
+                # on until EAGAIN.
         if flow.host_eof and not flow.fin_sent:
             flow.fin_sent = True
             seq = flow.snd_nxt

@@ -1,0 +1,764 @@
+"""The TCP translation core, frame by frame, with a fake host socket and a scripted clock.
+
+Guest segments go in through the classifier (as a link would hand them); frames out are parsed
+back and checked, with the counters. A :class:`FakeIo` stands for the I/O driver: each flow's
+fake socket records what was written, serves what the test queues for reading, and takes only
+as many bytes as the test allows.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import pytest
+
+from guestnet.core.policy import Policy
+from guestnet.core.tcp import (
+    IDLE_TIMEOUT_S,
+    OUR_WSCALE,
+    REAP_DELAY_S,
+    TcpFlow,
+    TcpNat,
+)
+from guestnet.wire.ipv4 import PROTO_TCP, parse_ipv4
+from guestnet.wire.tcp import (
+    ACK,
+    FIN,
+    OPT_MSS,
+    PSH,
+    RST,
+    SYN,
+    build_syn_options,
+    build_tcp,
+    parse_tcp,
+    parse_tcp_options,
+)
+
+GUEST_IP = bytes([10, 0, 2, 15])
+GATEWAY_IP = bytes([10, 0, 2, 2])
+REMOTE_IP = bytes([198, 18, 0, 7])
+ISN = 5000
+OUR_ISS = 900000
+
+
+class FakeSock:
+    """What the test controls about one host socket."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.readable = bytearray()
+        self.eof = False
+        self.recv_error: OSError | None = None
+        self.send_error: OSError | None = None
+        #: Bytes ``send`` may still take (None: all).
+        self.accept: int | None = None
+        self.room = 1 << 20
+        self.shut_wr = False
+        self.closed = False
+        self.reset = False
+
+
+class FakeIo:
+    """The TcpIo the core talks to, recording every request."""
+
+    def __init__(self) -> None:
+        self.connect_error = 0
+        self.connects: list[tuple[str, int]] = []
+        self.timers: dict[TcpFlow, float] = {}
+        self.flush_requests = 0
+
+    def connect(self, flow: TcpFlow) -> int:
+        self.connects.append((flow.host, flow.host_port))
+        if self.connect_error:
+            return self.connect_error
+        flow.io_data = FakeSock()
+        return 0
+
+    def send(self, flow: TcpFlow, data: memoryview) -> int:
+        s: FakeSock = flow.io_data
+        if s.send_error is not None:
+            raise s.send_error
+        n = len(data) if s.accept is None else min(len(data), s.accept)
+        if s.accept is not None:
+            s.accept -= n
+        s.written += data[:n]
+        return n
+
+    def recv_into(self, flow: TcpFlow, buf: memoryview) -> int:
+        s: FakeSock = flow.io_data
+        if s.recv_error is not None:
+            raise s.recv_error
+        if not s.readable:
+            return 0 if s.eof else -1
+        n = min(len(buf), len(s.readable))
+        buf[:n] = s.readable[:n]
+        del s.readable[:n]
+        return n
+
+    def send_room(self, flow: TcpFlow) -> int:
+        return int(flow.io_data.room)
+
+    def shutdown_write(self, flow: TcpFlow) -> None:
+        flow.io_data.shut_wr = True
+
+    def close(self, flow: TcpFlow, reset: bool) -> None:
+        s: FakeSock | None = flow.io_data
+        if s is not None and not s.closed:
+            s.closed = True
+            s.reset = reset
+
+    def set_timer(self, flow: TcpFlow, when: float | None) -> None:
+        if when is None:
+            self.timers.pop(flow, None)
+        else:
+            self.timers[flow] = when
+
+    def request_flush(self) -> None:
+        self.flush_requests += 1
+
+
+class Seg(NamedTuple):
+    """A segment guestnet sent to the guest, parsed."""
+
+    src: bytes
+    dst: bytes
+    sport: int
+    dport: int
+    seq: int
+    ack: int
+    flags: int
+    window: int
+    payload: bytes
+    options: Any
+
+
+class Tcp:
+    """A TcpNat on the core harness, with helpers to play the guest."""
+
+    def __init__(self, core: Any, frames: Any) -> None:
+        self.core = core
+        self.frames = frames
+        self.io = FakeIo()
+        self.nat = TcpNat(
+            core.config,
+            core.pool,
+            core.counters,
+            Policy(core.config),
+            self.io,
+            dns_upstream=lambda: ("127.0.0.53", 53),
+            isn=lambda: OUR_ISS,
+        )
+        core.classifier.tcp_nat = self.nat
+        core.classifier.dns_tcp = self.nat.dns_handler
+        self.sport = 40000
+        self.dst = GATEWAY_IP
+        self.dport = 8080
+
+    @property
+    def now(self) -> float:
+        return float(self.core.now)
+
+    def send(
+        self,
+        flags: int,
+        seq: int,
+        ack: int = 0,
+        payload: bytes = b"",
+        window: int = 65535,
+        options: bytes = b"",
+        sport: int | None = None,
+        dst: bytes | None = None,
+        dport: int | None = None,
+    ) -> None:
+        """Feed one guest segment and run the coalesced-ACK flush, as the loop would."""
+        dst = dst or self.dst
+        hlen = 20 + len(options)
+        buf = bytearray(hlen + len(payload))
+        buf[hlen:] = payload
+        build_tcp(
+            buf,
+            0,
+            sport or self.sport,
+            dport or self.dport,
+            seq & 0xFFFFFFFF,
+            ack & 0xFFFFFFFF,
+            flags,
+            window,
+            len(payload),
+            GUEST_IP,
+            dst,
+            options,
+        )
+        self.core.feed(self.frames.ipv4(PROTO_TCP, bytes(buf), dst=dst))
+        self.flush()
+
+    def flush(self) -> None:
+        if self.io.flush_requests:
+            self.io.flush_requests = 0
+            self.nat.flush(self.now)
+
+    def out(self) -> list[Seg]:
+        """Segments sent to the guest since the last call."""
+        segs = []
+        for raw in self.core.take_sent():
+            ip = parse_ipv4(memoryview(raw)[14:])
+            assert ip.proto == PROTO_TCP
+            l4 = memoryview(raw)[14 + ip.header_len : 14 + ip.total_len]
+            t = parse_tcp(l4)
+            segs.append(
+                Seg(
+                    ip.src,
+                    ip.dst,
+                    t.sport,
+                    t.dport,
+                    t.seq,
+                    t.ack,
+                    t.flags,
+                    t.window,
+                    bytes(l4[t.header_len :]),
+                    parse_tcp_options(l4, t.header_len),
+                )
+            )
+        return segs
+
+    def advance(self, seconds: float) -> None:
+        """Move the scripted clock and fire the timers that are due."""
+        self.core.now += seconds
+        for flow, when in list(self.io.timers.items()):
+            if when <= self.now and self.io.timers.get(flow) == when:
+                del self.io.timers[flow]
+                self.nat.on_timer(flow, self.now)
+        self.flush()
+
+    @property
+    def flow(self) -> TcpFlow:
+        flows = list(self.nat.table)
+        assert len(flows) == 1
+        return flows[0]
+
+    @property
+    def sock(self) -> FakeSock:
+        s: FakeSock = self.flow.io_data
+        return s
+
+    def open(self, wscale: int | None = 7, mss: int = 1460, window: int = 65535) -> Seg:
+        """SYN, host connect completes, SYN-ACK, ACK: an established flow."""
+        self.send(SYN, ISN, options=build_syn_options(mss, wscale))
+        assert self.out() == []
+        self.nat.host_connected(self.flow, 0, self.now)
+        (synack,) = self.out()
+        self.send(ACK, ISN + 1, OUR_ISS + 1, window=window)
+        assert self.out() == []
+        return synack
+
+    def host_data(self, data: bytes) -> None:
+        """The host peer sends ``data`` (an EPOLLIN edge)."""
+        self.sock.readable += data
+        self.nat.host_readable(self.flow, self.now)
+
+
+@pytest.fixture
+def tcp(core: Any, frames: Any) -> Iterator[Tcp]:
+    harness = Tcp(core, frames)
+    yield harness
+    harness.nat.close_all()
+
+
+def c(tcp: Tcp, name: str) -> int:
+    return int(tcp.core.counters[name])
+
+
+# -- opening ----------------------------------------------------------------------
+
+
+def test_syn_connects_then_synack_with_mss_and_window_scale(tcp: Tcp) -> None:
+    tcp.send(SYN, ISN, options=build_syn_options(1460, 7))
+    assert tcp.io.connects == [("127.0.0.1", 8080)]
+    assert tcp.out() == [], "no SYN-ACK before the host connect completes"
+    assert tcp.flow.state_name == "CONNECTING"
+    tcp.nat.host_connected(tcp.flow, 0, tcp.now)
+    (s,) = tcp.out()
+    assert s.flags == SYN | ACK
+    assert (s.src, s.sport, s.dst, s.dport) == (GATEWAY_IP, 8080, GUEST_IP, 40000)
+    assert s.seq == OUR_ISS and s.ack == ISN + 1
+    assert s.options.mss == tcp.core.config.mtu - 40
+    assert s.options.wscale == OUR_WSCALE
+    assert not s.options.sack_permitted and s.options.timestamp is None
+    assert tcp.flow.state_name == "SYN_RCVD"
+    tcp.send(ACK, ISN + 1, OUR_ISS + 1)
+    assert tcp.flow.state_name == "ESTABLISHED"
+    assert c(tcp, "tcp.flow.established") == 1
+
+
+def test_no_window_scale_when_guest_offers_none(tcp: Tcp) -> None:
+    s = tcp.open(wscale=None)
+    assert s.options.wscale is None
+    assert tcp.flow.wnd_field == min(tcp.sock.room, 0xFFFF)
+
+
+def test_other_destination_connects_as_is(tcp: Tcp) -> None:
+    tcp.send(SYN, ISN, dst=REMOTE_IP, dport=443)
+    assert tcp.io.connects == [("198.18.0.7", 443)]
+
+
+def test_syn_retransmits_absorbed_while_connecting(tcp: Tcp) -> None:
+    tcp.send(SYN, ISN)
+    tcp.send(SYN, ISN)
+    tcp.send(SYN, ISN)
+    assert tcp.out() == []
+    assert len(tcp.io.connects) == 1
+    assert c(tcp, "tcp.syn.retransmit_absorbed") == 2
+
+
+def test_synack_retransmitted_on_syn_and_on_timeout(tcp: Tcp) -> None:
+    tcp.send(SYN, ISN)
+    tcp.nat.host_connected(tcp.flow, 0, tcp.now)
+    assert len(tcp.out()) == 1
+    tcp.send(SYN, ISN)
+    (s,) = tcp.out()
+    assert s.flags == SYN | ACK
+    tcp.advance(1.01)
+    (s,) = tcp.out()
+    assert s.flags == SYN | ACK and s.seq == OUR_ISS
+    assert c(tcp, "tcp.retransmit.timeout") == 1
+
+
+@pytest.mark.parametrize(
+    ("err", "counter"),
+    [
+        (errno.ECONNREFUSED, "tcp.connect.refused"),
+        (errno.ENETUNREACH, "tcp.connect.unreachable"),
+        (errno.ETIMEDOUT, "tcp.connect.timeout"),
+    ],
+)
+def test_failed_connect_resets_guest(tcp: Tcp, err: int, counter: str) -> None:
+    tcp.send(SYN, ISN)
+    flow = tcp.flow
+    tcp.nat.host_connected(flow, err, tcp.now)
+    (s,) = tcp.out()
+    assert s.flags == RST | ACK and s.ack == ISN + 1
+    assert len(tcp.nat.table) == 0
+    assert flow.io_data.closed
+    assert c(tcp, counter) == 1
+
+
+def test_connect_timeout(tcp: Tcp) -> None:
+    tcp.send(SYN, ISN)
+    tcp.advance(29.0)
+    assert tcp.out() == []
+    tcp.advance(1.5)
+    (s,) = tcp.out()
+    assert s.flags == RST | ACK
+    assert c(tcp, "tcp.connect.timeout") == 1
+    assert len(tcp.nat.table) == 0
+
+
+def test_emfile_is_a_counted_refusal(tcp: Tcp) -> None:
+    tcp.io.connect_error = errno.EMFILE
+    tcp.send(SYN, ISN)
+    (s,) = tcp.out()
+    assert s.flags == RST | ACK and s.ack == ISN + 1
+    assert c(tcp, "tcp.connect.no_resources") == 1
+    assert len(tcp.nat.table) == 0
+
+
+def test_flow_table_full(make_core: Any, frames: Any) -> None:
+    core = make_core(max_flows=2)
+    t = Tcp(core, frames)
+    for port in (1000, 1001):
+        t.send(SYN, ISN, sport=port)
+    assert t.out() == []
+    t.send(SYN, ISN, sport=1002)
+    (s,) = t.out()
+    assert s.flags == RST | ACK and s.dport == 1002
+    assert core.counters["tcp.syn.table_full"] == 1
+    assert len(t.nat.table) == 2
+    t.nat.close_all()
+    assert core.pool.in_use == 0
+
+
+@pytest.mark.parametrize(
+    ("config", "dst", "counter"),
+    [
+        ({"no_host_loopback": True}, GATEWAY_IP, "tcp.policy.host_loopback"),
+        ({}, bytes([169, 254, 169, 254]), "tcp.policy.link_local"),
+        ({}, bytes([10, 0, 2, 77]), "tcp.policy.guest_subnet"),
+    ],
+)
+def test_policy_refusal_is_rst(
+    make_core: Any, frames: Any, config: dict[str, Any], dst: bytes, counter: str
+) -> None:
+    core = make_core(**config)
+    t = Tcp(core, frames)
+    t.send(SYN, ISN, dst=dst)
+    (s,) = t.out()
+    assert s.flags == RST | ACK and s.ack == ISN + 1 and s.src == dst
+    assert core.counters[counter] == 1
+    assert t.io.connects == []
+
+
+def test_link_local_allowed_by_option(make_core: Any, frames: Any) -> None:
+    t = Tcp(make_core(allow_link_local=True), frames)
+    t.send(SYN, ISN, dst=bytes([169, 254, 169, 254]), dport=80)
+    assert t.io.connects == [("169.254.169.254", 80)]
+    t.nat.close_all()
+
+
+def test_dns_over_tcp_goes_to_upstream(tcp: Tcp) -> None:
+    tcp.send(SYN, ISN, dst=bytes([10, 0, 2, 3]), dport=53)
+    assert tcp.io.connects == [("127.0.0.53", 53)]
+    assert c(tcp, "tcp.syn.dns") == 1
+
+
+# -- guest to host ----------------------------------------------------------------------
+
+
+def test_guest_data_written_and_acked_once_per_turn(tcp: Tcp) -> None:
+    tcp.open()
+    seq = ISN + 1
+    tcp.core.feed(b"")  # nothing; keeps the harness honest about empty frames
+    tcp.core.counters.counts.pop("eth.truncated", None)
+    for chunk in (b"hello ", b"world"):
+        tcp.send(ACK | PSH, seq, OUR_ISS + 1, chunk)
+        seq += len(chunk)
+    assert bytes(tcp.sock.written) == b"hello world"
+    acks = tcp.out()
+    assert [s.ack for s in acks] == [ISN + 1 + 6, ISN + 1 + 11]
+    assert all(s.flags == ACK and s.payload == b"" for s in acks)
+    # The advertised window is the host socket's room, scaled.
+    assert acks[-1].window == (1 << 20) >> OUR_WSCALE
+    assert tcp.flow.bytes_to_host == 11
+
+
+def test_ack_only_what_the_host_took_then_window_update(tcp: Tcp) -> None:
+    tcp.open()
+    tcp.sock.accept = 3
+    tcp.sock.room = 0
+    tcp.send(ACK | PSH, ISN + 1, OUR_ISS + 1, b"abcdefgh")
+    assert bytes(tcp.sock.written) == b"abc"
+    (s,) = tcp.out()
+    assert s.ack == ISN + 1 + 3 and s.window == 0
+    assert c(tcp, "tcp.host.send_blocked") == 1
+    # The guest retransmits the whole segment: what we have is trimmed.
+    tcp.sock.accept = None
+    tcp.sock.room = 1 << 16
+    tcp.nat.host_writable(tcp.flow, tcp.now)
+    (s,) = tcp.out()
+    assert s.ack == ISN + 1 + 3 and s.window == (1 << 16) >> OUR_WSCALE
+    tcp.send(ACK | PSH, ISN + 1, OUR_ISS + 1, b"abcdefgh")
+    assert bytes(tcp.sock.written) == b"abcdefgh"
+    (s,) = tcp.out()
+    assert s.ack == ISN + 1 + 8
+    assert c(tcp, "tcp.segment.trimmed") == 1
+
+
+def test_small_window_rechecked_on_timer(tcp: Tcp) -> None:
+    tcp.open()
+    tcp.sock.room = 100
+    tcp.send(ACK | PSH, ISN + 1, OUR_ISS + 1, b"x")
+    (s,) = tcp.out()
+    assert s.window == 0  # 100 bytes scaled by 128
+    tcp.advance(0.0011)
+    assert tcp.out() == [], "no update while the room is still small"
+    tcp.sock.room = 1 << 18
+    tcp.advance(0.003)
+    (s,) = tcp.out()
+    assert s.window == (1 << 18) >> OUR_WSCALE and s.ack == ISN + 2
+    assert c(tcp, "tcp.window.update") == 1
+
+
+def test_out_of_order_dropped_with_immediate_dup_acks(tcp: Tcp) -> None:
+    tcp.open()
+    for i in range(3):
+        tcp.send(ACK, ISN + 1 + 100 + i * 10, OUR_ISS + 1, b"z" * 10)
+    acks = tcp.out()
+    assert [s.ack for s in acks] == [ISN + 1] * 3
+    assert tcp.sock.written == b""
+    assert c(tcp, "tcp.segment.out_of_order") == 3
+
+
+def test_out_of_window_and_old_duplicates_get_acks(tcp: Tcp) -> None:
+    tcp.open()
+    tcp.send(ACK, ISN + 1 + (1 << 30), OUR_ISS + 1, b"far")
+    tcp.send(ACK, ISN + 1 - 100, OUR_ISS + 1, b"old")
+    tcp.send(ACK, ISN, OUR_ISS + 1)  # a window/keep-alive probe: seq = rcv_nxt - 1
+    assert [s.ack for s in tcp.out()] == [ISN + 1] * 3
+    assert c(tcp, "tcp.segment.out_of_window") == 1
+    assert c(tcp, "tcp.segment.duplicate") == 2
+    assert tcp.sock.written == b""
+
+
+def test_ack_for_unsent_data_is_dropped(tcp: Tcp) -> None:
+    tcp.open()
+    tcp.send(ACK | PSH, ISN + 1, OUR_ISS + 1000, b"data")
+    (s,) = tcp.out()
+    assert s.ack == ISN + 1
+    assert tcp.sock.written == b""
+    assert c(tcp, "tcp.segment.ack_unsent") == 1
+
+
+# -- host to guest ----------------------------------------------------------------------
+
+
+def test_host_data_segmented_by_mss_and_kept_until_acked(tcp: Tcp) -> None:
+    tcp.open(mss=1000)
+    data = bytes(range(256)) * 10  # 2560 bytes
+    tcp.host_data(data)
+    segs = tcp.out()
+    assert [len(s.payload) for s in segs] == [1000, 1000, 560]
+    assert b"".join(s.payload for s in segs) == data
+    assert [s.seq for s in segs] == [OUR_ISS + 1, OUR_ISS + 1001, OUR_ISS + 2001]
+    assert all(s.ack == ISN + 1 and s.flags & ACK for s in segs)
+    assert len(tcp.flow.unacked) == 2560
+    tcp.send(ACK, ISN + 1, OUR_ISS + 1 + 2000)
+    assert len(tcp.flow.unacked) == 560
+    tcp.send(ACK, ISN + 1, OUR_ISS + 1 + 2560)
+    assert len(tcp.flow.unacked) == 0
+    assert tcp.out() == []
+    assert tcp.flow.bytes_to_guest == 2560
+
+
+def test_host_read_only_while_guest_window_has_room(tcp: Tcp) -> None:
+    tcp.open(wscale=None, window=1500)
+    tcp.host_data(b"a" * 4000)
+    segs = tcp.out()
+    assert sum(len(s.payload) for s in segs) == 1500
+    assert len(tcp.sock.readable) == 2500, "the rest stays in the host socket"
+    tcp.send(ACK, ISN + 1, OUR_ISS + 1 + 1500, window=1500)
+    assert sum(len(s.payload) for s in tcp.out()) == 1500
+    tcp.send(ACK, ISN + 1, OUR_ISS + 1 + 3000, window=3000)
+    assert sum(len(s.payload) for s in tcp.out()) == 1000
+    assert tcp.sock.readable == b""
+
+
+def test_zero_window_probed_then_resumed(tcp: Tcp) -> None:
+    tcp.open(window=0)
+    tcp.host_data(b"q" * 10)
+    assert tcp.out() == []
+    assert c(tcp, "tcp.window.zero") == 1
+    tcp.advance(0.21)
+    (probe,) = tcp.out()
+    assert probe.seq == OUR_ISS and probe.payload == b"" and probe.flags == ACK
+    tcp.advance(0.2)
+    assert tcp.out() == [], "probes back off"
+    tcp.advance(0.21)
+    assert len(tcp.out()) == 1
+    assert c(tcp, "tcp.window.probe") == 2
+    # The guest answers a probe with its (now open) window: data flows.
+    tcp.send(ACK, ISN + 1, OUR_ISS + 1, window=100)
+    (s,) = tcp.out()
+    assert s.payload == b"q" * 10
+
+
+def test_retransmission_on_timeout_with_backoff(tcp: Tcp) -> None:
+    tcp.open()
+    tcp.host_data(b"lost segment")
+    (s,) = tcp.out()
+    tcp.advance(0.99)
+    assert tcp.out() == []
+    tcp.advance(0.02)
+    (r,) = tcp.out()
+    assert (r.seq, r.payload) == (s.seq, b"lost segment")
+    tcp.advance(1.9)
+    assert tcp.out() == [], "the second timeout waits twice as long"
+    tcp.advance(0.2)
+    (r,) = tcp.out()
+    assert r.seq == s.seq
+    assert c(tcp, "tcp.retransmit.timeout") == 2
+    tcp.send(ACK, ISN + 1, OUR_ISS + 1 + 12)
+    tcp.advance(10)
+    assert tcp.out() == []
+
+
+def test_fast_retransmit_on_three_dup_acks_and_partial_ack(tcp: Tcp) -> None:
+    tcp.open(mss=100)
+    tcp.host_data(bytes(500))
+    segs = tcp.out()
+    assert len(segs) == 5
+    for _ in range(2):
+        tcp.send(ACK, ISN + 1, OUR_ISS + 1)
+    assert tcp.out() == []
+    tcp.send(ACK, ISN + 1, OUR_ISS + 1)
+    (r,) = tcp.out()
+    assert r.seq == OUR_ISS + 1 and len(r.payload) == 100
+    assert c(tcp, "tcp.retransmit.fast") == 1
+    # A partial ACK (the guest also lost the third segment) retransmits the next hole at once.
+    tcp.send(ACK, ISN + 1, OUR_ISS + 1 + 200)
+    (r,) = tcp.out()
+    assert r.seq == OUR_ISS + 1 + 200
+    tcp.send(ACK, ISN + 1, OUR_ISS + 1 + 500)
+    assert tcp.out() == []
+    assert not tcp.flow.in_recovery
+
+
+def test_rtt_estimate_sets_rto_floor(tcp: Tcp) -> None:
+    tcp.open()
+    tcp.host_data(b"x")
+    tcp.out()
+    tcp.advance(0.001)
+    tcp.send(ACK, ISN + 1, OUR_ISS + 2)
+    assert tcp.flow.srtt == pytest.approx(0.001)
+    assert tcp.flow.rto == pytest.approx(0.2)
+
+
+# -- closing ----------------------------------------------------------------------
+
+
+def test_guest_fin_is_half_close(tcp: Tcp) -> None:
+    tcp.open()
+    tcp.send(ACK | FIN, ISN + 1, OUR_ISS + 1, b"bye")
+    assert bytes(tcp.sock.written) == b"bye"
+    assert tcp.sock.shut_wr
+    (s,) = tcp.out()
+    assert s.ack == ISN + 1 + 4
+    assert tcp.flow.state_name == "CLOSE_WAIT"
+    # The other direction still works.
+    tcp.host_data(b"reply")
+    (s,) = tcp.out()
+    assert s.payload == b"reply"
+
+
+def test_host_eof_is_fin_after_data_then_reaped(tcp: Tcp) -> None:
+    tcp.open()
+    tcp.sock.eof = True
+    tcp.host_data(b"last words")
+    data, fin = tcp.out()
+    assert data.payload == b"last words"
+    assert fin.flags == FIN | ACK and fin.seq == OUR_ISS + 1 + 10
+    assert tcp.flow.state_name == "FIN_WAIT"
+    tcp.send(ACK, ISN + 1, OUR_ISS + 1 + 11)
+    assert tcp.flow.fin_acked
+    # The guest can still send; then its FIN closes both.
+    tcp.send(ACK | PSH, ISN + 1, OUR_ISS + 12, b"more")
+    assert bytes(tcp.sock.written) == b"more"
+    tcp.out()
+    flow = tcp.flow
+    tcp.send(ACK | FIN, ISN + 5, OUR_ISS + 12)
+    (s,) = tcp.out()
+    assert s.ack == ISN + 6
+    assert flow.io_data.closed and not flow.io_data.reset
+    assert flow.state_name == "CLOSED"
+    # A retransmitted FIN while it lingers is acknowledged again.
+    tcp.send(ACK | FIN, ISN + 5, OUR_ISS + 12)
+    (s,) = tcp.out()
+    assert s.ack == ISN + 6
+    tcp.advance(REAP_DELAY_S + 0.01)
+    assert len(tcp.nat.table) == 0
+    assert c(tcp, "tcp.flow.closed") == 1
+
+
+def test_fin_retransmitted(tcp: Tcp) -> None:
+    tcp.open()
+    tcp.sock.eof = True
+    tcp.nat.host_readable(tcp.flow, tcp.now)
+    (fin,) = tcp.out()
+    tcp.advance(1.01)
+    (r,) = tcp.out()
+    assert r.flags & FIN and r.seq == fin.seq
+
+
+def test_guest_rst_resets_host(tcp: Tcp) -> None:
+    tcp.open()
+    flow = tcp.flow
+    tcp.send(RST, ISN + 1)
+    assert flow.io_data.closed and flow.io_data.reset
+    assert len(tcp.nat.table) == 0
+    assert tcp.out() == []
+
+
+def test_in_window_rst_gets_challenge_ack(tcp: Tcp) -> None:
+    tcp.open()
+    tcp.send(RST, ISN + 100)
+    (s,) = tcp.out()
+    assert s.flags == ACK and s.ack == ISN + 1
+    assert len(tcp.nat.table) == 1
+    tcp.send(SYN, ISN + 77)
+    (s,) = tcp.out()
+    assert s.flags == ACK
+    assert c(tcp, "tcp.segment.rst_challenge") == 1
+    assert c(tcp, "tcp.segment.syn_challenge") == 1
+
+
+@pytest.mark.parametrize("exc", [ConnectionResetError(errno.ECONNRESET, "reset")])
+def test_host_reset_resets_guest(tcp: Tcp, exc: OSError) -> None:
+    tcp.open()
+    flow = tcp.flow
+    tcp.sock.recv_error = exc
+    tcp.nat.host_readable(flow, tcp.now)
+    (s,) = tcp.out()
+    assert s.flags == RST | ACK and s.seq == OUR_ISS + 1
+    assert flow.io_data.closed
+    assert len(tcp.nat.table) == 0
+    assert c(tcp, "tcp.host.reset") == 1
+
+
+def test_host_write_error_resets_guest(tcp: Tcp) -> None:
+    tcp.open()
+    tcp.sock.send_error = BrokenPipeError(errno.EPIPE, "pipe")
+    tcp.send(ACK, ISN + 1, OUR_ISS + 1, b"x")
+    (s,) = tcp.out()
+    assert s.flags == RST | ACK
+    assert len(tcp.nat.table) == 0
+
+
+def test_idle_established_flow_kept_2h4m_then_reset(tcp: Tcp) -> None:
+    tcp.open()
+    flow = tcp.flow
+    tcp.advance(IDLE_TIMEOUT_S - 1)
+    assert len(tcp.nat.table) == 1
+    tcp.advance(2)
+    (s,) = tcp.out()
+    assert s.flags == RST | ACK
+    assert flow.io_data.reset
+    assert c(tcp, "tcp.flow.idle_timeout") == 1
+
+
+def test_guest_gone_gives_up_after_retransmits(tcp: Tcp) -> None:
+    tcp.open()
+    tcp.host_data(b"x")
+    for _ in range(40):
+        tcp.advance(60)
+    assert len(tcp.nat.table) == 0
+    assert c(tcp, "tcp.flow.retransmit_timeout") == 1
+    tcp.out()
+
+
+# -- no flow ----------------------------------------------------------------------
+
+
+def test_unknown_flow_gets_rst_per_rfc9293(tcp: Tcp) -> None:
+    tcp.send(ACK, 1234, 98765, b"data")
+    (s,) = tcp.out()
+    assert s.flags == RST and s.seq == 98765
+    tcp.send(FIN, 1234)
+    (s,) = tcp.out()
+    assert s.flags == RST | ACK and s.seq == 0 and s.ack == 1235
+    tcp.send(RST, 1234)
+    assert tcp.out() == []
+    assert c(tcp, "tcp.segment.unknown_flow") == 2
+    assert c(tcp, "tcp.segment.unknown_flow_rst") == 1
+
+
+def test_bad_flags_and_options_counted(tcp: Tcp) -> None:
+    tcp.open()
+    tcp.send(SYN | FIN, ISN + 1)
+    assert c(tcp, "tcp.segment.bad_flags") == 1
+    # A SYN whose option runs past the header is dropped by the option parser.
+    tcp.send(SYN, ISN, sport=999, options=bytes([OPT_MSS, 9, 0, 0]))
+    assert c(tcp, "tcp.bad_option") == 1
+    assert tcp.out() == []
+
+
+def test_stats(tcp: Tcp) -> None:
+    tcp.open()
+    tcp.send(ACK, ISN + 1, OUR_ISS + 1, b"12345")
+    tcp.out()
+    (info,) = tcp.nat.flows_info(tcp.now + 2)
+    assert info["proto"] == "tcp"
+    assert info["guest"] == "10.0.2.15:40000" and info["dst"] == "10.0.2.2:8080"
+    assert info["host"] == "127.0.0.1:8080"
+    assert info["state"] == "ESTABLISHED" and info["bytes_to_host"] == 5
+    assert info["age_s"] == 2
+    assert tcp.nat.counts_by_state() == {"ESTABLISHED": 1}
