@@ -213,6 +213,13 @@ def add_datapath_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow destinations in 169.254.0.0/16 (cloud metadata), refused by default",
     )
+    nat.add_argument(
+        "--max-flows",
+        type=_int_range(1, 1 << 20),
+        default=d.max_flows,
+        metavar="N",
+        help="most NAT flows at once; a TCP SYN beyond it gets RST (%(default)s)",
+    )
     ctl = p.add_argument_group("forwards, control API and capture")
     ctl.add_argument(
         "-p",
@@ -261,10 +268,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
         mac=args.mac,
         guest_mac=args.guest_mac,
         pool_slots=args.pool_slots,
-        api_socket=os.path.abspath(args.api_socket) if args.api_socket else None,
-        pcap=args.pcap,
-        pcap_max_bytes=args.pcap_max_bytes,
-        publish=tuple(spec for specs in args.publish for spec in specs),
         lease_time=args.lease_time,
         dns_search=tuple(args.dns_search),
         dns_upstreams=tuple(args.dns_upstream),
@@ -272,6 +275,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         udp_timeout=float(args.udp_timeout),
         no_host_loopback=args.no_host_loopback,
         allow_link_local=args.allow_link_local,
+        max_flows=args.max_flows,
+        api_socket=os.path.abspath(args.api_socket) if args.api_socket else None,
+        pcap=args.pcap,
+        pcap_max_bytes=args.pcap_max_bytes,
+        publish=tuple(spec for specs in args.publish for spec in specs),
     )
     check_dhcp_config(config)
     return config

@@ -63,6 +63,9 @@ class Instance:
 
         self.icmp = setup_icmp(self)
         self.udp_nat = setup_udp_nat(self, self.icmp.icmp)
+        from guestnet.io.tcp_nat import setup_tcp_nat
+
+        self.tcp_nat = setup_tcp_nat(self)
         self.reassembly = Reassembler(self.counters, self.classifier.route_ipv4)
         self.classifier.reassembly = self.reassembly
 
