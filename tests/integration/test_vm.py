@@ -6,8 +6,8 @@ console. Host-side servers (dnsmasq, an HTTP server) run beside guestnet in the 
 127.0.0.1, which the guest reaches as the gateway 10.0.2.2.
 
 A boot costs about 6 s under TCG, so one boot checks several things: ARP; DHCP, the routes and
-resolver it sets, ICMP echo to the gateway and DNS (forwarded and built-in); a TCP download from a
-host server.
+resolver it sets, ICMP echo to the gateway and DNS (forwarded and built-in); a TCP download from,
+and upload to, a host server.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from vm.qemu import (
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
 
+HTTP_SERVER = Path(__file__).parent / "vm" / "http_server.py"
+
 MODES = pytest.mark.parametrize("mode", ["qemu", "dgram"], ids=["stream", "dgram"])
 
 GATEWAY_MAC = "52:55:0a:00:02:02"
@@ -41,6 +43,8 @@ DNSMASQ = "/usr/sbin/dnsmasq"
 #: Ports inside the sandbox: a fresh namespace, so nothing else listens there.
 DNSMASQ_PORT = 5353
 HTTP_PORT = 8000
+#: Random bytes behind the guest's upload (about 3 bytes of hex text each).
+UPLOAD_RANDOM_KIB = 384
 #: guestnet's default link MTU, which its DHCP server offers (option 26).
 DEFAULT_MTU = 65520
 
@@ -67,12 +71,19 @@ section ns_forwarded nslookup www.test.internal
 section ns_builtin nslookup host.guestnet.internal
 """
 
-# The guest downloads a file from the host's HTTP server (through the TCP NAT) and hashes it.
-# Bounded by `timeout`: Debian's busybox 1.35 wget crashes (SIGSEGV) when given its own -T.
+# The guest downloads a file from the host's HTTP server (through the TCP NAT) and hashes it, then
+# uploads about 1.2 MB of its own and prints the digest the server computed beside its own. The
+# upload is random bytes written out as hex text: busybox wget sends a --post-file up to its first
+# NUL byte. Bounded by `timeout`: Debian's busybox 1.35 wget has no -T and crashes (SIGSEGV) when
+# given it.
 FETCH_SCRIPT = f"""
 section dhcp {DHCP}
 section fetch timeout 30 wget -q -O /tmp/file http://10.0.2.2:{HTTP_PORT}/file
 section sha sha256sum /tmp/file
+dd if=/dev/urandom bs=1024 count={UPLOAD_RANDOM_KIB} 2>/dev/null | od -An -vtx1 >/tmp/up
+section up_sha sha256sum /tmp/up
+section up_len wc -c /tmp/up
+section upload timeout 30 wget -q -O - --post-file=/tmp/up http://10.0.2.2:{HTTP_PORT}/upload
 """
 
 
@@ -202,7 +213,7 @@ def http_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     [("qemu", DEFAULT_MTU), ("dgram", DEFAULT_MTU), ("qemu", 1500)],
     ids=["stream", "dgram", "stream-mtu1500"],
 )
-def test_guest_downloads_from_host(
+def test_guest_tcp_download_and_upload(
     vm_image: VmImage,  # noqa: F811
     vm_sock_dir: Path,  # noqa: F811
     tmp_path: Path,
@@ -211,24 +222,41 @@ def test_guest_downloads_from_host(
     mtu: int,
 ) -> None:
     """Issue 4: the guest fetches 1 MiB over TCP from an HTTP server on the sandbox's loopback
-    (10.0.2.2 from the guest), and the bytes arrive intact: at guestnet's default MTU (large
-    segments) and at 1500."""
+    (10.0.2.2 from the guest) and posts 1 MiB back, and the bytes arrive intact both ways: at
+    guestnet's default MTU (large segments) and at 1500."""
     root, digest = http_root
-    server = [
-        sys.executable, "-m", "http.server", str(HTTP_PORT),
-        "--bind", "127.0.0.1", "--directory", str(root),
-    ]  # fmt: skip
+    api_socket = vm_sock_dir / "api.sock"
+    args = ["--mtu", str(mtu), "--api-socket", str(api_socket)]
+    server = [sys.executable, str(HTTP_SERVER), str(HTTP_PORT), str(root)]
     with (
-        guestnet_vm(vm_image, mode, tmp_path, vm_sock_dir, guestnet_args=["--mtu", str(mtu)]) as gv,
+        guestnet_vm(vm_image, mode, tmp_path, vm_sock_dir, guestnet_args=args) as gv,
         background_process(server, tmp_path / "http.log", netns=gv.netns),
     ):
         _wait_listening(gv.netns, HTTP_PORT, "t", "http.server")
         result = gv.boot(FETCH_SCRIPT, timeout_s=VM_TIMEOUT_S)
+        report = _guestnet_report(gv, api_socket)
 
     _assert_lease(result, mtu)
-    assert _rc(result, "fetch") == 0, result.describe() + _guestnet_log(gv)
+    assert _rc(result, "fetch") == 0, result.describe() + report
     assert result.section("sha").split()[:1] == [digest], result.describe()
+    assert _rc(result, "upload") == 0, result.describe() + report
+    sent_sha = result.section("up_sha").split()[0]
+    sent_len = result.section("up_len").split()[0]
+    assert int(sent_len) > UPLOAD_RANDOM_KIB * 1024 * 3, result.describe()
+    assert result.section("upload").split() == [sent_sha, sent_len], result.describe() + report
 
 
-def _guestnet_log(gv: GuestnetVm) -> str:
-    return f"\n--- guestnet ---\n{gv.guestnet.log()}"
+def _guestnet_report(gv: GuestnetVm, api_socket: Path) -> str:
+    """guestnet's log and counters (from its control API), for failure messages: taken while
+    guestnet still runs."""
+    try:
+        stats = subprocess.run(
+            [sys.executable, "-m", "guestnet", "stats", "--api-socket", str(api_socket)],
+            capture_output=True,
+            text=True,
+            timeout=15,
+        )
+        counters = stats.stdout + stats.stderr
+    except (OSError, subprocess.SubprocessError) as exc:
+        counters = f"(guestnet stats failed: {exc})"
+    return f"\n--- guestnet ---\n{gv.guestnet.log()}\n--- guestnet stats ---\n{counters}"
