@@ -1,0 +1,162 @@
+"""TCP through guestnet: iperf3 guest->host and host->guest, and connections per second.
+
+Run (root): ``.venv/bin/python bench/bench_tcp.py [--mtus 1500,65520] [--duration 5]
+[--reps 1] [--loss 0]``
+
+For each MTU: a loopback-only sandbox namespace runs guestnet (``netns GUEST --configure``) and
+the "host" servers (``iperf3 -s`` and bench/netbench.py's echo server on 127.0.0.1); the guest
+namespace runs the clients against the gateway 10.0.2.2. Prints one line per MTU:
+Gbit/s each way (median of ``--reps``), then connections/s and the median connect time.
+``--loss N`` drops N% of packets both ways in the guest namespace (nftables), for a look at
+recovery speed. Every process and namespace is removed at the end, also on error or Ctrl-C.
+bench/compare.py is the side-by-side harness against the peers; this is the quick look.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+GATEWAY = "10.0.2.2"
+IPERF_PORT = 5201
+ECHO_PORT = 5301
+
+
+def sh(cmd: list[str], timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=check)
+
+
+def in_ns(ns: str, cmd: list[str]) -> list[str]:
+    return ["ip", "netns", "exec", ns, *cmd]
+
+
+def wait(pred: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
+def guest_ready(ns: str) -> bool:
+    out = sh(in_ns(ns, ["ip", "-4", "-o", "addr", "show", "dev", "eth0"]), check=False).stdout
+    return "10.0.2.15" in out
+
+
+def listening(ns: str, port: int) -> bool:
+    out = sh(in_ns(ns, ["ss", "-Hltn", f"sport = :{port}"]), check=False).stdout
+    return bool(out.strip())
+
+
+def add_loss(ns: str, percent: int) -> None:
+    sh(in_ns(ns, ["nft", "add", "table", "inet", "loss"]))
+    for hook in ("input", "output"):
+        sh(in_ns(ns, ["nft", "add", "chain", "inet", "loss", hook,
+                      f"{{ type filter hook {hook} priority 0; }}"]))  # fmt: skip
+        sh(in_ns(ns, ["nft", "add", "rule", "inet", "loss", hook, "numgen", "random",
+                      "mod", "100", "<", str(percent), "drop"]))  # fmt: skip
+
+
+def iperf(guest: str, sandbox: str, duration: float, reverse: bool) -> float:
+    server = subprocess.Popen(
+        in_ns(sandbox, ["iperf3", "-s", "-1", "-B", "127.0.0.1", "-p", str(IPERF_PORT)]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait(lambda: listening(sandbox, IPERF_PORT), 5, "iperf3 -s")
+        cmd = ["iperf3", "-c", GATEWAY, "-p", str(IPERF_PORT), "-t", f"{duration:g}", "-J"]
+        out = sh(in_ns(guest, cmd + (["-R"] if reverse else [])), timeout=duration + 30)
+        data = json.loads(out.stdout)
+        return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
+    finally:
+        server.kill()
+        server.wait(5)
+
+
+def connrate(guest: str, sandbox: str, seconds: float) -> dict[str, float]:
+    netbench = os.path.join(HERE, "netbench.py")
+    server = subprocess.Popen(
+        in_ns(sandbox, [sys.executable, netbench, "serve", "--port", str(ECHO_PORT),
+                        "--max-seconds", str(seconds + 30)]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait(lambda: listening(sandbox, ECHO_PORT), 5, "echo server")
+        out = sh(in_ns(guest, [sys.executable, netbench, "connrate", "--host", GATEWAY,
+                               "--port", str(ECHO_PORT), "--seconds", str(seconds)]),
+                 timeout=seconds + 30)  # fmt: skip
+        result: dict[str, float] = json.loads(out.stdout)
+        return result
+    finally:
+        server.kill()
+        server.wait(5)
+
+
+def cell(mtu: int, args: argparse.Namespace) -> str:
+    tag = f"{os.getpid()}_{mtu}"
+    sandbox, guest = f"gnbsb{tag}", f"gnbgu{tag}"
+    gn: subprocess.Popen[bytes] | None = None
+    try:
+        for ns in (sandbox, guest):
+            sh(["ip", "netns", "add", ns])
+            sh(in_ns(ns, ["ip", "link", "set", "lo", "up"]))
+        gn = subprocess.Popen(
+            in_ns(sandbox, [sys.executable, "-m", "guestnet", "netns", f"/run/netns/{guest}",
+                            "--configure", "--mtu", str(mtu)]),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        wait(lambda: guest_ready(guest), 15, "guestnet to configure the guest")
+        if args.loss:
+            add_loss(guest, args.loss)
+        up = [iperf(guest, sandbox, args.duration, False) for _ in range(args.reps)]
+        down = [iperf(guest, sandbox, args.duration, True) for _ in range(args.reps)]
+        cr = connrate(guest, sandbox, 3.0)
+        return (
+            f"MTU {mtu:>5}: guest->host {statistics.median(up):6.2f} Gbit/s, "
+            f"host->guest {statistics.median(down):6.2f} Gbit/s, "
+            f"{cr.get('per_s', 0):7.0f} connections/s "
+            f"(connect median {cr.get('connect_median_ms', 0):.3f} ms)"
+        )
+    finally:
+        if gn is not None:
+            gn.terminate()
+            try:
+                gn.wait(5)
+            except subprocess.TimeoutExpired:
+                gn.kill()
+                gn.wait(5)
+        for ns in (guest, sandbox):
+            pids = sh(["ip", "netns", "pids", ns], check=False).stdout.split()
+            for pid in pids:
+                subprocess.run(["kill", "-9", pid], check=False)
+            sh(["ip", "netns", "del", ns], check=False)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--mtus", default="1500,65520")
+    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--reps", type=int, default=1)
+    p.add_argument("--loss", type=int, default=0, help="percent dropped both ways in the guest")
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        print("bench_tcp: needs root (network namespaces)", file=sys.stderr)
+        return 2
+    os.environ["PYTHONPATH"] = os.path.join(ROOT, "src")
+    for mtu in (int(m) for m in args.mtus.split(",")):
+        print(cell(mtu, args), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
