@@ -86,16 +86,19 @@ class FakeIo:
         s.written += data[:n]
         return n
 
-    def recv_into(self, flow: TcpFlow, buf: memoryview) -> int:
+    def recv_into(self, flow: TcpFlow, bufs: list[memoryview]) -> int:
         s: FakeSock = flow.io_data
         if s.recv_error is not None:
             raise s.recv_error
         if not s.readable:
             return 0 if s.eof else -1
-        n = min(len(buf), len(s.readable))
-        buf[:n] = s.readable[:n]
-        del s.readable[:n]
-        return n
+        total = 0
+        for buf in bufs:
+            n = min(len(buf), len(s.readable))
+            buf[:n] = s.readable[:n]
+            del s.readable[:n]
+            total += n
+        return total
 
     def send_room(self, flow: TcpFlow) -> int:
         return int(flow.io_data.room)

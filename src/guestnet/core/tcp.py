@@ -115,6 +115,8 @@ OUR_WSCALE = 7
 MAX_WINDOW = 0xFFFF << OUR_WSCALE
 #: Host bytes sent to the guest and not yet acknowledged, per flow: the retransmit buffer bound.
 MAX_UNACKED = 4 * 1024 * 1024
+#: Most frames one host read fills (one ``recvmsg_into`` with that many buffers).
+READ_BATCH = 64
 #: MSS assumed when the guest's SYN carries none (RFC 9293).
 DEFAULT_MSS = 536
 
@@ -155,8 +157,9 @@ class TcpIo(Protocol):
     def send(self, flow: TcpFlow, data: memoryview) -> int:
         """Write ``data``; bytes taken (0 when the buffer is full). Raises OSError on errors."""
 
-    def recv_into(self, flow: TcpFlow, buf: memoryview) -> int:
-        """Read into ``buf``: bytes read, 0 at EOF, -1 when nothing is there. Raises OSError."""
+    def recv_into(self, flow: TcpFlow, bufs: list[memoryview]) -> int:
+        """Read into ``bufs`` in order (one scatter read): bytes read, 0 at EOF, -1 when
+        nothing is there. Raises OSError."""
 
     def send_room(self, flow: TcpFlow) -> int:
         """Bytes the host socket's send buffer can take now (an estimate)."""
@@ -183,6 +186,7 @@ class TcpFlow:
         "bytes_to_host",
         "connect_deadline",
         "created",
+        "deferred",
         "dns",
         "dst_ip",
         "dst_port",
@@ -209,6 +213,7 @@ class TcpFlow:
         "persist_deadline",
         "persist_interval",
         "port",
+        "pump_pending",
         "rcv_nxt",
         "rcv_wnd",
         "reap_deadline",
@@ -266,6 +271,9 @@ class TcpFlow:
         self.guest_fin = False
         self.host_writable = True
         self.ack_pending = False
+        #: Host reading deferred to the end of the loop turn; the flow is on the flush list.
+        self.pump_pending = False
+        self.deferred = False
         self.wnd_check_deadline: float | None = None
         self.wnd_check_interval = WND_CHECK_MIN_S
         # host -> guest
@@ -462,9 +470,17 @@ class TcpNat:
         self._flush_requested = False
         flows, self._ack_list = self._ack_list, []
         for flow in flows:
-            if flow.ack_pending and flow.state != CLOSED:
+            flow.deferred = False
+            if flow.state == CLOSED:
+                continue
+            if flow.pump_pending:
+                flow.pump_pending = False
+                self._pump(flow, now)
+                if flow.state == CLOSED:
+                    continue
+            if flow.ack_pending:
                 self._send_ack(flow)
-                self._arm(flow)
+            self._arm(flow)
 
     def on_timer(self, flow: TcpFlow, now: float) -> None:
         """The driver: a deadline of ``flow`` may have passed."""
@@ -759,10 +775,16 @@ class TcpNat:
             return
         if plen and not flow.ack_pending:
             flow.ack_pending = True
+            self._defer(flow)
+
+    def _defer(self, flow: TcpFlow) -> None:
+        """Have :meth:`flush` visit ``flow`` at the end of this loop turn."""
+        if not flow.deferred:
+            flow.deferred = True
             self._ack_list.append(flow)
-            if not self._flush_requested:
-                self._flush_requested = True
-                self.io.request_flush()
+        if not self._flush_requested:
+            self._flush_requested = True
+            self.io.request_flush()
 
     def _on_ack(
         self, flow: TcpFlow, seq: int, ack: int, window: int, pure: bool, now: float
@@ -823,8 +845,11 @@ class TcpNat:
             self._check_done(flow, now)
             if flow.state != ESTABLISHED:
                 return True
-        if flow.host_readable and (acked > 0 or wnd):
-            self._pump(flow, now)
+        if flow.host_readable and (acked > 0 or wnd) and not flow.pump_pending:
+            # Read the host once per loop turn, after every ACK in the batch has opened the
+            # window, rather than a segment or two per ACK.
+            flow.pump_pending = True
+            self._defer(flow)
         return True
 
     # -- host to guest --------------------------------------------------------------------------
@@ -846,33 +871,49 @@ class TcpNat:
                         flow.persist_deadline = now + flow.persist_interval
                         self.counters.inc("tcp.window.zero")
                     break
-                n = mss if room > mss else room
-                frame = pool.acquire()
-                base = frame.start + HDRS_LEN
-                view = frame.view[base : base + n]
+                # One system call fills the payload areas of up to READ_BATCH pooled frames.
+                frames: list[Frame] = []
+                views: list[memoryview] = []
+                while room > 0 and len(frames) < READ_BATCH:
+                    n = mss if room > mss else room
+                    room -= n
+                    frame = pool.acquire()
+                    base = frame.start + HDRS_LEN
+                    frames.append(frame)
+                    views.append(frame.view[base : base + n])
                 try:
-                    got = io.recv_into(flow, view)
+                    got = io.recv_into(flow, views)
                 except OSError as exc:
-                    pool.release(frame)
+                    for frame in frames:
+                        pool.release(frame)
                     self._host_error(flow, exc)
                     return
                 if got <= 0:
-                    pool.release(frame)
+                    for frame in frames:
+                        pool.release(frame)
                     flow.host_readable = False
                     if got == 0:
                         flow.host_eof = True
                         self.counters.inc("tcp.host.eof")
                     break
-                seq = flow.snd_nxt
-                flow.unacked += view[:got]
-                flow.snd_nxt = (seq + got) & SEQ_MASK
-                flow.bytes_to_guest += got
                 if flow.rto_deadline is None:
                     flow.rto_deadline = now + flow.rto
                 if flow.rtt_seq is None:
-                    flow.rtt_seq = flow.snd_nxt
+                    flow.rtt_seq = (flow.snd_nxt + got) & SEQ_MASK
                     flow.rtt_time = now
-                self._segment(flow, frame, seq, ACK | PSH, got)
+                flow.bytes_to_guest += got
+                unacked = flow.unacked
+                left = got
+                for frame, view in zip(frames, views, strict=True):
+                    if left <= 0:
+                        pool.release(frame)
+                        continue
+                    take = len(view) if len(view) < left else left
+                    left -= take
+                    seq = flow.snd_nxt
+                    unacked += view[:take]
+                    flow.snd_nxt = (seq + take) & SEQ_MASK
+                    self._segment(flow, frame, seq, ACK | PSH, take)
                 # A short read usually means the socket is drained, but an EOF (or error) may
                 # sit behind the data and edge-triggered epoll would not report it again: read
                 # on until EAGAIN.

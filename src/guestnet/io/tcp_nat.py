@@ -124,12 +124,14 @@ class TcpNatDriver:
         except BlockingIOError:
             return 0
 
-    def recv_into(self, flow: TcpFlow, buf: memoryview) -> int:
+    def recv_into(self, flow: TcpFlow, bufs: list[memoryview]) -> int:
         sock = flow.io_data.sock
         if sock is None:
             return 0
         try:
-            return int(sock.recv_into(buf))
+            if len(bufs) == 1:
+                return int(sock.recv_into(bufs[0]))
+            return int(sock.recvmsg_into(bufs)[0])
         except BlockingIOError:
             return -1
 
