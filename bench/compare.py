@@ -28,6 +28,13 @@ bench/netbench.py, UDP at a fixed offered 500 Mbit/s (1400-byte datagrams, so no
 runs (utime+stime of the backend process from /proc/PID/stat, before and after) and peak RSS
 (VmHWM). A measurement that fails puts ``error: ...`` in its cell and the harness goes on.
 
+Idle states: on this VM (cpuidle driver ``haltpoll``) a vCPU that halts takes tens of
+microseconds to wake, and whether it halts depends on what else runs on the machine: 1-byte
+round trips then swing by 10x between cells of one run. The harness therefore holds
+``/dev/cpu_dma_latency`` at 0 for the whole run (PM QoS: idle vCPUs poll instead of halting, the
+tuned "latency-performance" practice); the kernel drops the request when the file is closed,
+at the latest when the harness exits. ``--no-pm-qos`` measures without it.
+
 Bounds: every subprocess has a timeout, every wait a deadline, and the whole run a time budget
 (``--budget``, 14 min by default; cells past it are skipped with an error). Every namespace and
 process is removed at the end of its cell and again in a ``finally`` on exit, Ctrl-C or SIGTERM.
@@ -45,6 +52,7 @@ import shlex
 import shutil
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -252,7 +260,6 @@ class Topology:
     bind: str  # where host-side servers listen in the sandbox
     backend: subprocess.Popen[Any] | None = None
     backend_log: str | None = None
-    extra_ns: list[str] = field(default_factory=list)
 
     def backend_output(self) -> str:
         if not self.backend_log:
@@ -267,7 +274,7 @@ class Harness:
         self.args = args
         self.log = log
         self.box = Sandbox(log)
-        self.deadline = time.monotonic() + args.budget
+        self.deadline = time.monotonic() + float(args.budget)
         self.tmp = tempfile.mkdtemp(prefix="gn-compare-")
 
     # topology builders -------------------------------------------------------------------------
@@ -296,7 +303,6 @@ class Harness:
             self._start_backend(topo, [*argv, "--mtu", str(mtu)], "10.0.2.15")
         elif backend == "pasta":
             dead = self.box.netns("de")
-            topo.extra_ns.append(dead)
             a, b = self.box.ifname("p"), self.box.ifname("q")
             run(
                 ["ip", "link", "add", a, "netns", sandbox, "type", "veth", "peer", b, "netns", dead]
@@ -347,10 +353,15 @@ class Harness:
             raise CellError(f"unknown backend {backend}")
         return topo
 
-    def teardown(self, topo: Topology) -> None:
-        if topo.backend is not None:
-            self.box.stop(topo.backend)
-        for ns in (topo.sandbox, topo.guest, *topo.extra_ns):
+    def teardown(self, procs_before: int, namespaces_before: int) -> None:
+        """Stop every process and delete every namespace made since the cell began.
+
+        By count rather than through the Topology, so a setup that failed half-way (a veth
+        refused, a backend that never came up) leaves nothing behind for the next cell either.
+        """
+        for proc in list(reversed(self.box.procs[procs_before:])):
+            self.box.stop(proc)
+        for ns in list(reversed(self.box.namespaces[namespaces_before:])):
             self.box.delete_netns(ns)
 
     # measurements --------------------------------------------------------------------------------
@@ -424,11 +435,11 @@ class Harness:
     def measure(self, backend: str, mtu: int) -> Cell:
         cell = Cell(backend, mtu)
         start = time.monotonic()
-        topo: Topology | None = None
+        procs_before, namespaces_before = len(self.box.procs), len(self.box.namespaces)
         try:
             self.need(10)
             topo = self.setup(backend, mtu)
-            echo = self.box.popen(
+            self.box.popen(
                 topo.sandbox,
                 [sys.executable, str(NETBENCH), "serve", "--bind", topo.bind, "--port",
                  str(ECHO_PORT), "--max-seconds", f"{max(60.0, self.time_left()):.0f}"],
@@ -440,14 +451,12 @@ class Harness:
                 msg = f"backend exited with {topo.backend.returncode} during the cell"
                 for m in METRICS:
                     cell.errors.setdefault(m.key, msg)
-            self.box.stop(echo)
-        except CellError as exc:
+        except (CellError, subprocess.SubprocessError, OSError) as exc:
             for m in METRICS:
                 if m.key not in cell.values:
-                    cell.errors.setdefault(m.key, str(exc))
+                    cell.errors.setdefault(m.key, str(exc) or type(exc).__name__)
         finally:
-            if topo is not None:
-                self.teardown(topo)
+            self.teardown(procs_before, namespaces_before)
             cell.seconds = time.monotonic() - start
         if backend == "veth":
             for key in ("cpu_s_per_gb", "rss_mb"):
@@ -652,7 +661,12 @@ def render_markdown(cells: list[Cell], command: str, args: argparse.Namespace) -
         f"{UDP_RATE}bit/s in {UDP_LEN}-byte datagrams for {args.udp_duration:g} s, receiver-side "
         f"loss; RR: {args.rr_count} 1-byte round trips on one connection; conn/s: connect + 1 "
         f"byte + close for {args.conn_seconds:g} s (at most {args.conn_max}); CPU s/GB and RSS: "
-        "the backend process (utime+stime over the TCP runs / bytes moved; VmHWM).",
+        "the backend process (utime+stime over the TCP runs / bytes moved; VmHWM). "
+        + (
+            "CPU idle states: /dev/cpu_dma_latency held at 0 (idle vCPUs poll)."
+            if args.pm_qos
+            else "CPU idle states left alone (--no-pm-qos or no /dev/cpu_dma_latency)."
+        ),
         "",
         render_table(cells, markdown=True),
     ]
@@ -709,6 +723,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="whole-run seconds")
     p.add_argument("--markdown", metavar="FILE", help="write a markdown section to FILE")
     p.add_argument("--json", metavar="FILE", help="write every cell as JSON to FILE")
+    p.add_argument(
+        "--no-pm-qos",
+        action="store_true",
+        help="leave CPU idle states alone (default: hold /dev/cpu_dma_latency at 0)",
+    )
     args = p.parse_args(argv)
     args.backends = [b for b in args.backends.split(",") if b]
     for b in args.backends:
@@ -730,6 +749,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.conn_seconds = min(args.duration, 1.0) if args.quick else 2.0
     args.conn_max = 1000 if args.quick else 5000
     return args
+
+
+def hold_pm_qos() -> int | None:
+    """Ask for zero wake-up latency (idle vCPUs poll) until the returned fd is closed."""
+    try:
+        fd = os.open("/dev/cpu_dma_latency", os.O_WRONLY)
+    except OSError:
+        return None
+    try:
+        os.write(fd, struct.pack("=i", 0))
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _raise_interrupt(signum: int, _frame: object) -> None:
@@ -755,6 +788,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupt)
     missing = ensure_binaries(args.backends, log)
+    qos_fd = None if args.no_pm_qos else hold_pm_qos()
+    args.pm_qos = qos_fd is not None
     harness = Harness(args, log)
     cells: list[Cell] = []
     interrupted = False
@@ -779,6 +814,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         harness.box.cleanup()
         shutil.rmtree(harness.tmp, ignore_errors=True)
+        if qos_fd is not None:
+            os.close(qos_fd)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     print(render_table(cells, markdown=False))
