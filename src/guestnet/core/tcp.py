@@ -12,6 +12,16 @@ SYN-ACK (state ``SYN_RCVD``); refused, unreachable or timed out (``CONNECT_TIMEO
 SYN retransmissions meanwhile are absorbed and counted. The guest's ACK makes the flow
 ``ESTABLISHED``.
 
+Forwarded connections (host to guest). A connection accepted on a published port (see
+``guestnet.io.forwards``) is opened the other way round: :meth:`TcpNat.open_to_guest` sends the
+guest a SYN from the gateway address (the guest sees every host client as the gateway, as slirp
+and passt show it) and a source port from the ephemeral range, unique among flows and going
+round the whole range before reuse (state ``SYN_SENT``). The SYN is retransmitted after 1 and
+3 s; without a SYN-ACK by ``FORWARD_CONNECT_TIMEOUT_S`` the host connection is reset. An RST
+from the guest (nobody listens) resets the host connection at once. The SYN-ACK makes the flow
+``ESTABLISHED`` and from there it is exactly a guest-opened flow; removing the forward only
+closes its listening socket, never its flows.
+
 Options. We announce MSS = MTU - 40 and window scaling (shift ``OUR_WSCALE``) when the guest
 offers it, and honour the guest's. No SACK and no timestamps: the guest link is a local,
 lossless link (loss only when a test injects it), so SACK's recovery speed and timestamps' RTT
@@ -119,6 +129,14 @@ MAX_UNACKED = 4 * 1024 * 1024
 READ_BATCH = 64
 #: MSS assumed when the guest's SYN carries none (RFC 9293).
 DEFAULT_MSS = 536
+#: A forwarded connection's SYN to the guest: first retransmission after this, doubling; the
+#: host connection is reset when no SYN-ACK came within ``FORWARD_CONNECT_TIMEOUT_S`` (SYNs at
+#: 0, 1 and 3 s: three tries).
+FORWARD_SYN_RTO_S = 1.0
+FORWARD_CONNECT_TIMEOUT_S = 6.0
+#: Source ports of forwarded connections as the guest sees them (Linux's ephemeral range).
+FORWARD_PORT_MIN = 32768
+FORWARD_PORT_MAX = 60999
 
 # -- states --------------------------------------------------------------------------------------
 
@@ -130,8 +148,10 @@ SYN_RCVD = 1
 ESTABLISHED = 2
 #: Both directions closed or reset; the host socket is closed; the entry lingers until reaped.
 CLOSED = 3
+#: A forwarded connection: our SYN sent to the guest, waiting for its SYN-ACK.
+SYN_SENT = 4
 
-STATE_NAMES = ("CONNECTING", "SYN_RCVD", "ESTABLISHED", "CLOSED")
+STATE_NAMES = ("CONNECTING", "SYN_RCVD", "ESTABLISHED", "CLOSED", "SYN_SENT")
 
 SEQ_MASK = 0xFFFFFFFF
 #: Ethernet + IPv4 + TCP header bytes in front of a data segment's payload.
@@ -193,6 +213,7 @@ class TcpFlow:
         "dupacks",
         "fin_acked",
         "fin_sent",
+        "forward_id",
         "guest_fin",
         "guest_ip",
         "guest_isn",
@@ -257,6 +278,8 @@ class TcpFlow:
         self.host = host
         self.host_port = host_port
         self.dns = False
+        #: The forward a host-opened flow came in on (None: the guest opened it).
+        self.forward_id: str | None = None
         self.state = CONNECTING
         self.created = now
         self.last_active = now
@@ -326,6 +349,8 @@ class TcpFlow:
         """The flow as the stats API shows it."""
         return {
             "proto": "tcp",
+            "origin": "guest" if self.forward_id is None else "host",
+            "forward": self.forward_id,
             "guest": f"{_ip(self.guest_ip)}:{self.guest_port}",
             "dst": f"{_ip(self.dst_ip)}:{self.dst_port}",
             "host": f"{self.host}:{self.host_port}",
@@ -386,6 +411,8 @@ class TcpNat:
         self._flush_requested = False
         #: The time of the event being handled (entry points set it; helpers read it).
         self._now = 0.0
+        #: Last source port given to a forwarded connection (see :meth:`_forward_port`).
+        self._fwd_port = FORWARD_PORT_MIN + random.randrange(FORWARD_PORT_MAX - FORWARD_PORT_MIN)
 
     # -- entry points -------------------------------------------------------------------------
 
@@ -418,6 +445,8 @@ class TcpNat:
             self._syn_rcvd(flow, l4, hlen, seq, ack, flags, window, now)
         elif state == CONNECTING:
             self._connecting(flow, seq, flags)
+        elif state == SYN_SENT:
+            self._syn_sent(flow, l4, hlen, seq, ack, flags, window, now)
         else:
             self._closed(flow, pkt, key, l4, hlen, seq, ack, flags, now, dns)
         if flow.state != CLOSED or flow.reap_deadline is not None:
@@ -492,6 +521,11 @@ class TcpNat:
         if flow.state == CLOSED:
             return
         if flow.connect_deadline is not None and now >= flow.connect_deadline:
+            if flow.state == SYN_SENT:
+                # The guest never answered our SYN: the host client sees a reset at once.
+                self.counters.inc("tcp.forward.timeout")
+                self._drop(flow, reset=True)
+                return
             self.counters.inc("tcp.connect.timeout")
             self._send_rst_to_guest(flow)
             self._drop(flow, reset=False)
@@ -680,6 +714,158 @@ class TcpNat:
                 self._no_flow(pkt, key, l4, hlen, seq, ack, flags)
             return
         self.counters.inc("tcp.segment.closed_flow")
+
+    # -- forwarded connections: opened by us toward the guest ------------------------------------
+
+    def open_to_guest(
+        self,
+        port: Port,
+        guest_mac: bytes,
+        guest_ip: bytes,
+        guest_port: int,
+        io_data: Any,
+        peer: tuple[str, int],
+        forward_id: str,
+        now: float,
+    ) -> TcpFlow | None:
+        """A host client connected to a forward: SYN to ``guest_ip:guest_port``.
+
+        ``io_data`` is the driver's handle on the accepted socket (set on the flow before the
+        SYN goes out, so the window can be asked for). ``peer`` is the host client's address
+        (for stats). Returns the flow, or None when no flow fits (the caller closes the socket).
+        """
+        self._now = now
+        counters = self.counters
+        if self.table.full:
+            counters.inc("tcp.forward.table_full")
+            return None
+        sport = self._forward_port(guest_ip, guest_port)
+        if sport is None:
+            counters.inc("tcp.forward.no_port")
+            return None
+        key = (guest_ip, guest_port, self.config.gateway_b, sport)
+        flow = TcpFlow(key, port, guest_mac, peer[0], peer[1], 0, self._isn(), now)
+        flow.io_data = io_data
+        flow.forward_id = forward_id
+        flow.state = SYN_SENT
+        flow.connect_deadline = now + FORWARD_CONNECT_TIMEOUT_S
+        flow.rto = FORWARD_SYN_RTO_S
+        flow.rto_deadline = now + flow.rto
+        self.table.add(key, flow)
+        counters.inc("tcp.forward.syn")
+        self._send_syn(flow)
+        self._arm(flow)
+        return flow
+
+    def _forward_port(self, guest_ip: bytes, guest_port: int) -> int | None:
+        """The next source port (as the guest sees it) that no flow to that guest port uses.
+
+        Ports go round the whole range before one is used again, so a 4-tuple the guest may
+        still hold in TIME_WAIT comes back as late as possible.
+        """
+        span = FORWARD_PORT_MAX - FORWARD_PORT_MIN + 1
+        gateway = self.config.gateway_b
+        port = self._fwd_port
+        table = self.table
+        for _ in range(span):  # ends early: the table holds far fewer flows than the span
+            port = FORWARD_PORT_MIN + (port - FORWARD_PORT_MIN + 1) % span
+            if (guest_ip, guest_port, gateway, port) not in table:
+                self._fwd_port = port
+                return port
+        return None
+
+    def _send_syn(self, flow: TcpFlow) -> None:
+        """Our SYN to the guest, offering our MSS and window scaling (window unscaled)."""
+        flow.wscale_ok = False
+        field = self._update_window(flow)
+        opts = build_syn_options(self.our_mss, OUR_WSCALE)
+        self._emit(
+            flow.port,
+            flow.guest_mac,
+            flow.dst_ip,
+            flow.dst_port,
+            flow.guest_ip,
+            flow.guest_port,
+            flow.iss,
+            0,
+            SYN,
+            field,
+            self.pool.acquire(),
+            0,
+            opts,
+        )
+
+    def _syn_sent(
+        self,
+        flow: TcpFlow,
+        l4: memoryview,
+        hlen: int,
+        seq: int,
+        ack: int,
+        flags: int,
+        window: int,
+        now: float,
+    ) -> None:
+        """The guest's answer to our SYN (RFC 9293 3.10.7.3)."""
+        counters = self.counters
+        if flags & ACK and ack != flow.snd_nxt:
+            if flags & RST:
+                counters.inc("tcp.segment.rst_out_of_window")
+                return
+            # Typically a guest socket still in TIME_WAIT on this 4-tuple answering with its
+            # old ACK: our RST clears it, and a SYN right after is accepted (once per flow).
+            counters.inc("tcp.forward.bad_ack")
+            self._emit(
+                flow.port,
+                flow.guest_mac,
+                flow.dst_ip,
+                flow.dst_port,
+                flow.guest_ip,
+                flow.guest_port,
+                ack,
+                0,
+                RST,
+                0,
+            )
+            if flow.retries == 0:
+                flow.retries = 1
+                self._send_syn(flow)
+            return
+        if flags & RST:
+            if flags & ACK:
+                # Nobody listens there: the host client sees a reset at once.
+                counters.inc("tcp.forward.refused")
+                self._drop(flow, reset=True)
+            else:
+                counters.inc("tcp.segment.rst_no_ack")
+            return
+        if not flags & SYN or not flags & ACK:
+            counters.inc("tcp.forward.not_syn_ack")
+            return
+        opts = parse_tcp_options(l4, hlen)
+        flow.guest_isn = seq
+        flow.rcv_nxt = (seq + 1) & SEQ_MASK
+        flow.mss = min(opts.mss or DEFAULT_MSS, self.our_mss)
+        if opts.wscale is not None:
+            flow.wscale_ok = True
+            flow.guest_wscale = opts.wscale
+        flow.state = ESTABLISHED
+        flow.connect_deadline = None
+        flow.last_active = now
+        flow.snd_una = ack
+        flow.snd_wnd = window  # never scaled in a SYN segment
+        flow.snd_wl1 = seq
+        flow.snd_wl2 = ack
+        flow.rto_deadline = None
+        first_try = flow.retries == 0
+        flow.retries = 0
+        flow.rto = RTO_INITIAL_S
+        if first_try:
+            self._rtt_sample(flow, now - flow.created)
+        counters.inc("tcp.forward.established")
+        self._send_ack(flow)
+        if flow.host_readable:
+            self._pump(flow, now)
 
     # -- the established flow, guest side ------------------------------------------------------
 
@@ -955,6 +1141,9 @@ class TcpNat:
         self.counters.inc("tcp.retransmit.timeout")
         if flow.state == SYN_RCVD:
             self._send_syn_ack(flow)
+        elif flow.state == SYN_SENT:
+            self.counters.inc("tcp.forward.syn_retransmit")
+            self._send_syn(flow)
         else:
             flow.in_recovery = True
             flow.recover = flow.snd_nxt

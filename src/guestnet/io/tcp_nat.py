@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import ipaddress
 import logging
 import select
 import socket
@@ -40,7 +41,9 @@ from guestnet.core.timers import Timer
 from guestnet.io.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
 
 if TYPE_CHECKING:
+    from guestnet.core.port import Port
     from guestnet.instance import Instance
+    from guestnet.io.forwards import Forward, Forwards
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,11 @@ class TcpNatDriver:
             return err
         hs = _HostSock(sock)
         flow.io_data = hs
+        self._watch(flow, hs)
+        return 0
+
+    def _watch(self, flow: TcpFlow, hs: _HostSock) -> None:
+        """Register the flow's host socket in the loop and feed its events to the core."""
         nat = self.nat
         loop = self.loop
 
@@ -113,7 +121,6 @@ class TcpNatDriver:
                 nat.host_writable(flow, now)
 
         loop.add_fd(hs.fd, _EVENTS, on_events)
-        return 0
 
     def send(self, flow: TcpFlow, data: memoryview) -> int:
         sock = flow.io_data.sock
@@ -189,6 +196,55 @@ class TcpNatDriver:
     def request_flush(self) -> None:
         self.loop.call_at(0.0, self.nat.flush)
 
+    # -- forwards (host -> guest) -----------------------------------------------------------------
+
+    def attach_forwards(self, forwards: Forwards) -> None:
+        """Take the connections accepted on published TCP ports.
+
+        Removing a forward needs nothing here: its flows keep running (only the listening
+        socket closes), so ``on_remove`` is left to the others.
+        """
+        self.forwards = forwards
+        forwards.on_accept = self.on_forward_accept
+
+    def on_forward_accept(self, fwd: Forward, conn: socket.socket) -> None:
+        """A host client connected to ``fwd``: open a flow toward the guest, or close it."""
+        counters = self.inst.counters
+        try:
+            guest_ip = ipaddress.IPv4Address(self.forwards.guest_ip_for(fwd)).packed
+        except ValueError:
+            counters.inc("forward.tcp.guest_not_ipv4")
+            _close_now(conn)
+            return
+        port = _guest_port(self.inst)
+        if port is None or port.guest_mac is None:
+            # No guest has spoken yet: we know no MAC to send the SYN to.
+            counters.inc("forward.tcp.no_guest")
+            _close_now(conn)
+            return
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = conn.getpeername()
+        except OSError:
+            counters.inc("forward.tcp.accept.gone")
+            conn.close()
+            return
+        hs = _HostSock(conn)
+        flow = self.nat.open_to_guest(
+            port,
+            port.guest_mac,
+            guest_ip,
+            fwd.guest_port,
+            hs,
+            (str(peer[0]), int(peer[1])),
+            fwd.id,
+            self.loop.now(),
+        )
+        if flow is None:
+            _close_now(conn)
+            return
+        self._watch(flow, hs)
+
     # -- the instance ------------------------------------------------------------------------------
 
     def flows(self) -> list[dict[str, object]]:
@@ -198,6 +254,21 @@ class TcpNatDriver:
     def close_all(self) -> None:
         """Instance shutdown: close every host socket."""
         self.nat.close_all()
+
+
+def _close_now(sock: socket.socket) -> None:
+    """Close with SO_LINGER 0: the host client sees a reset at once, not a clean EOF."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    sock.close()
+
+
+def _guest_port(inst: Instance) -> Port | None:
+    """The guest link to open forwarded connections on: the first port a guest has spoken on."""
+    for port in inst.switch.ports:
+        if port.guest_mac is not None:
+            return port
+    return None
 
 
 def setup_tcp_nat(inst: Instance) -> TcpNatDriver:
@@ -217,5 +288,8 @@ def setup_tcp_nat(inst: Instance) -> TcpNatDriver:
     driver = TcpNatDriver(inst, nat)
     inst.classifier.tcp_nat = nat
     inst.classifier.dns_tcp = nat.dns_handler
+    forwards = getattr(inst, "forwards", None)
+    if forwards is not None:
+        driver.attach_forwards(forwards)
     inst.on_close(driver.close_all)
     return driver
