@@ -163,6 +163,12 @@ def add_datapath_options(p: argparse.ArgumentParser) -> None:
         default=d.pool_slots,
         help="pooled frame buffers per direction (%(default)s)",
     )
+    g.add_argument(
+        "--no-offloads",
+        dest="offloads",
+        action="store_false",
+        help="TAP links: no checksum/segmentation offloads (plain MTU-sized frames)",
+    )
     h = p.add_argument_group("DHCP")
     h.add_argument(
         "--lease-time",
@@ -268,6 +274,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         mac=args.mac,
         guest_mac=args.guest_mac,
         pool_slots=args.pool_slots,
+        offloads=args.offloads,
         lease_time=args.lease_time,
         dns_search=tuple(args.dns_search),
         dns_upstreams=tuple(args.dns_upstream),

@@ -58,6 +58,9 @@ class Config:
     guest_mac: bytes = bytes.fromhex("525400123456")
     #: Pooled frame buffers per direction.
     pool_slots: int = 256
+    #: TAP links (``run``, ``netns``): checksum and TCP segmentation offloads both ways, so
+    #: TCP moves in 64 KiB super-frames at any MTU (``--no-offloads`` for plain frames).
+    offloads: bool = True
     #: Upstream DNS servers as (address, port); empty means the host's /etc/resolv.conf.
     dns_upstreams: tuple[tuple[str, int], ...] = ()
     #: DNS search domains handed out by DHCP (option 119) and written to resolv.conf.

@@ -43,8 +43,9 @@ class Instance:
         self.links: list[Link] = []
         self._closers: list[Callable[[], None]] = []
         self.closed = False
-        #: pcap tap on frames to the guest (links call it; see io/pcap.py); None: no capture.
-        self.capture_to_guest: Callable[[memoryview], None] | None = None
+        #: pcap tap on frames to the guest (links call it with the frame's partial-checksum
+        #: hint, ``csum_start`` -1 for none; see io/pcap.py); None: no capture.
+        self.capture_to_guest: Callable[[memoryview, int, int], None] | None = None
         #: Host -> guest port forwards; the TCP/UDP NAT set its on_accept/on_datagram hooks.
         self.forwards = Forwards(self)
         self.control_started = False

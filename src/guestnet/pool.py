@@ -37,9 +37,16 @@ def slot_size_for(mtu: int, offloads: bool = True) -> int:
 
 
 class Frame:
-    """One frame buffer. The frame is ``view[start:start + length]``; ``start`` is HEADROOM."""
+    """One frame buffer. The frame is ``view[start:start + length]``; ``start`` is HEADROOM.
 
-    __slots__ = ("buf", "length", "start", "taken", "view")
+    Offload metadata (set by the core only for a port that accepts offloads, reset by
+    :meth:`FramePool.acquire`): ``csum_start >= 0`` means the L4 checksum is partial, the field
+    at ``csum_start + csum_offset`` (offsets from ``start``) holding the pseudo-header sum, for
+    the link (or the guest's kernel) to complete; ``gso_size > 0`` means the frame is a TCP
+    super-frame to be cut into segments of that many payload bytes where it must be.
+    """
+
+    __slots__ = ("buf", "csum_offset", "csum_start", "gso_size", "length", "start", "taken", "view")
 
     def __init__(self, size: int) -> None:
         self.buf = bytearray(size)
@@ -47,6 +54,9 @@ class Frame:
         self.start = HEADROOM
         self.length = 0
         self.taken = False
+        self.csum_start = -1
+        self.csum_offset = 0
+        self.gso_size = 0
 
     @property
     def data(self) -> memoryview:
@@ -92,6 +102,9 @@ class FramePool:
         frame.start = HEADROOM
         frame.length = 0
         frame.taken = True
+        frame.csum_start = -1
+        frame.csum_offset = 0
+        frame.gso_size = 0
         self.in_use += 1
         if self.in_use > self.high_water:
             self.high_water = self.in_use

@@ -18,6 +18,7 @@ class Port:
     __slots__ = (
         "guest_mac",
         "name",
+        "offload_max",
         "rx_bytes",
         "rx_frames",
         "send",
@@ -32,6 +33,10 @@ class Port:
         self.send = send
         #: The guest's MAC, learned from the source of its frames; None until the first frame.
         self.guest_mac: bytes | None = None
+        #: Offloads the link takes toward the guest: 0, none (full checksums, one MSS per
+        #: frame); above 0, frames may carry a partial checksum (``Frame.csum_start``) and TCP
+        #: super-frames (``Frame.gso_size``) of up to this many bytes of IP packet.
+        self.offload_max = 0
         self.rx_frames = 0
         self.rx_bytes = 0
         self.tx_frames = 0

@@ -82,7 +82,7 @@ class Link:
         port.tx_bytes += frame.length
         capture = self.inst.capture_to_guest
         if capture is not None:
-            capture(frame.data)
+            capture(frame.data, frame.csum_start, frame.csum_offset)
         if self._txq:
             self._enqueue(frame)
             return

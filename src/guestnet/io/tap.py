@@ -11,13 +11,29 @@ must carry one header in front of one frame. Both directions avoid copies:
   say whether the kernel vouches for the checksum (``NEEDS_CSUM``: a partial checksum the sender
   left to offload; ``DATA_VALID``: already checked); either way the classifier is told
   ``csum_trusted`` and skips verifying it.
-- us to guest: a zeroed header is written into the headroom in front of the frame and header plus
-  frame leave in one ``os.write``. A TAP write is all or nothing; EAGAIN leaves the frame in the
-  Link's bounded queue until EPOLLOUT.
+- us to guest: the frame's offload metadata becomes the header, written into the headroom in front
+  of the frame (all zeros for a plain frame), and header plus frame leave in one ``os.write``.
+  A TAP write is all or nothing; EAGAIN leaves the frame in the Link's bounded queue until
+  EPOLLOUT.
 
-Offloads (``TUNSETOFFLOAD``) are off, so the kernel hands us MTU-sized frames with full checksums
-and never a GSO super-frame. Turning them on is :meth:`TapLink.set_offloads` (plus handling
-``gso_type`` on read), kept in one place for the performance work.
+Offloads. Python pays per frame, not per byte, so the lever is fewer, larger frames. With
+``config.offloads`` (the default) the TAP gets ``TUNSETOFFLOAD`` with checksum, TSO4, TSO6 and
+TSO-ECN: the guest's kernel then hands us TCP super-frames of up to 64 KiB at any MTU, with a
+partial checksum (``NEEDS_CSUM``), ``gso_type`` TCPV4/TCPV6 and ``gso_size`` its MSS. Its IPv4
+header checksum is whole (the kernel writes it before segmentation, for the super-frame's own
+total length), so the classifier still verifies that; the TCP translation takes the super-frame
+as one in-order segment. UDP segmentation (``TUN_F_UFO``/``USO``) stays off: a UDP super-frame
+would be many datagrams, which the UDP NAT does not cut; one that arrives anyway is dropped and
+counted (``link.tap.read.gso_unsupported``).
+
+Toward the guest, the port announces ``offload_max`` (a 64 KiB IP packet), and the TCP core
+fills :class:`~guestnet.pool.Frame`'s ``csum_start``/``csum_offset``/``gso_size``: the header
+then says ``NEEDS_CSUM`` (the kernel never computes a checksum it would only verify for local
+delivery) and, for a super-frame, ``gso_type`` TCPV4 with ``gso_size`` = MSS; the guest's kernel
+takes it whole for local delivery and segments it only if it forwards it. Writing such a header
+needs no ``TUNSETOFFLOAD`` (that only governs what the kernel sends us), but we tie both
+directions to the one switch. When the ioctl fails (a kernel or fd without it) the link runs
+without offloads and counts ``link.tap.offload.unsupported``.
 
 Which network namespace a TAP belongs to is fixed when ``/dev/net/tun`` is *opened*: the opener's
 namespace. :func:`open_tap` is therefore called by a child process that has joined the target
@@ -32,7 +48,7 @@ import fcntl
 import logging
 import os
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from guestnet.io.links import RX_BUDGET, Link
 from guestnet.pool import HEADROOM, Frame
@@ -54,18 +70,71 @@ TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
 TUN_F_TSO_ECN = 0x08
+TUN_F_UFO = 0x10
+#: What ``config.offloads`` switches on: checksums and TCP segmentation, never UDP's.
+DEFAULT_OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
+#: Largest IP packet in one super-frame (the kernel's legacy GSO limit; tun never raises it).
+TSO_MAX_PACKET = 65535
 
 #: virtio-net header with ``num_buffers``: what we ask TUNSETVNETHDRSZ for.
 VNET_HDR_LEN = 12
 #: Header flags: the checksum is partial and left to us (offload) / already verified.
 VNET_F_NEEDS_CSUM = 1
 VNET_F_DATA_VALID = 2
+#: Header gso_type values (the ECN bit may be or-ed onto the TCP ones).
+VNET_GSO_NONE = 0
+VNET_GSO_TCPV4 = 1
+VNET_GSO_UDP = 3
+VNET_GSO_TCPV6 = 4
+VNET_GSO_ECN = 0x80
+#: TCP's checksum field, from the start of the TCP header.
+TCP_CSUM_OFFSET = 16
 #: Longest interface name the kernel takes (IFNAMSIZ - 1).
 IFNAME_MAX = 15
 
 assert VNET_HDR_LEN <= HEADROOM, "the virtio-net header must fit in a frame's headroom"
 
 _ZERO_HDR = bytes(VNET_HDR_LEN)
+#: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers (little-endian).
+_VNET = struct.Struct("<BBHHHHH")
+#: gso_type values a frame from the guest may carry (after masking the ECN bit).
+_GSO_ACCEPTED = frozenset({VNET_GSO_NONE, VNET_GSO_TCPV4, VNET_GSO_TCPV6})
+
+
+class VnetHdr(NamedTuple):
+    """A virtio-net header, as :func:`parse_vnet_hdr` reads it."""
+
+    flags: int
+    gso_type: int
+    hdr_len: int
+    gso_size: int
+    csum_start: int
+    csum_offset: int
+
+
+def parse_vnet_hdr(data: bytes | bytearray | memoryview) -> VnetHdr:
+    """The virtio-net header at the start of ``data`` (``num_buffers`` ignored)."""
+    return VnetHdr(*_VNET.unpack_from(data, 0)[:6])
+
+
+def build_vnet_hdr(buf: bytearray | memoryview, off: int, frame: Frame) -> None:
+    """Write the header for ``frame`` at ``off``: its offload metadata, or zeros for none.
+
+    ``hdr_len`` (Ethernet, IP and TCP headers) is read from the TCP header's data offset; the
+    kernel uses it only as a hint for how much to put in the linear part of the packet.
+    """
+    cs = frame.csum_start
+    if cs < 0:
+        buf[off : off + VNET_HDR_LEN] = _ZERO_HDR
+        return
+    gso = frame.gso_size
+    if gso:
+        hdr_len = cs + ((frame.view[frame.start + cs + 12] >> 4) << 2)
+        _VNET.pack_into(
+            buf, off, VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, hdr_len, gso, cs, frame.csum_offset, 0
+        )
+    else:
+        _VNET.pack_into(buf, off, VNET_F_NEEDS_CSUM, VNET_GSO_NONE, 0, 0, cs, frame.csum_offset, 0)
 
 
 def check_ifname(ifname: str) -> str:
@@ -106,21 +175,41 @@ class TapLink(Link):
 
     kind = "tap"
 
-    def __init__(self, inst: Instance, fd: int, name: str, ifname: str | None = None) -> None:
+    def __init__(
+        self,
+        inst: Instance,
+        fd: int,
+        name: str,
+        ifname: str | None = None,
+        offloads: int | None = None,
+    ) -> None:
+        """``offloads``: ``TUN_F_*`` bits; None: :data:`DEFAULT_OFFLOADS` if ``config.offloads``."""
         os.set_blocking(fd, False)
         self.ifname = ifname
         self.offloads = 0
         super().__init__(inst, fd, name)
+        if offloads is None:
+            offloads = DEFAULT_OFFLOADS if inst.config.offloads else 0
+        if offloads:
+            try:
+                self.set_offloads(offloads)
+            except OSError as exc:
+                inst.counters.inc("link.tap.offload.unsupported")
+                log.info("%s: no TAP offloads (%s); plain frames", name, exc)
 
     def set_offloads(self, flags: int) -> None:
-        """Switch offloads on or off for this TAP (the kernel then sends GSO super-frames)."""
+        """Switch offloads on or off for this TAP, both ways (see the module docstring)."""
         set_offloads(self.fd, flags)
         self.offloads = flags
+        self.port.offload_max = TSO_MAX_PACKET if flags & TUN_F_CSUM else 0
 
     def _write(self, frame: Frame, offset: int) -> int | None:
         start = frame.start - VNET_HDR_LEN
         view = frame.view
-        view[start : frame.start] = _ZERO_HDR
+        if frame.csum_start < 0:
+            view[start : frame.start] = _ZERO_HDR
+        else:
+            build_vnet_hdr(view, start, frame)
         try:
             os.write(self.fd, view[start : frame.start + frame.length])
         except BlockingIOError:
@@ -160,6 +249,10 @@ class TapLink(Link):
                     return
                 if n <= VNET_HDR_LEN:
                     inst.counters.inc("link.tap.read.short")
+                    continue
+                gso_type = view[hdr_at + 1]
+                if gso_type and (gso_type & ~VNET_GSO_ECN) not in _GSO_ACCEPTED:
+                    inst.counters.inc("link.tap.read.gso_unsupported")
                     continue
                 trusted = bool(view[hdr_at] & (VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID))
                 classify(view[start : hdr_at + n], port, now, trusted)
