@@ -127,8 +127,12 @@ class Loop:
         self.timers.run_due(self.clock())
 
     def run(self, until: Callable[[], bool] | None = None) -> None:
-        """Run until :meth:`stop`, a signal, or ``until()`` turns true."""
-        self._running = True
+        """Run until :meth:`stop`, a signal, or ``until()`` turns true.
+
+        A stop signal is sticky: one that arrived before ``run`` (say, while start-up had the
+        signals blocked and the handler ran at unblocking) still ends it at once.
+        """
+        self._running = self.stop_signal is None
         while self._running:
             self.run_once()
             if until is not None and until():
