@@ -7,7 +7,7 @@ console. Host-side servers (dnsmasq, an HTTP server) run beside guestnet in the 
 
 A boot costs about 6 s under TCG, so one boot checks several things: ARP; DHCP, the routes and
 resolver it sets, ICMP echo to the gateway and DNS (forwarded and built-in); a TCP download from,
-and upload to, a host server.
+and upload to, a host server; and a published port (host -> guest TCP) served by the guest's httpd.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ DNSMASQ_PORT = 5353
 HTTP_PORT = 8000
 #: Random bytes behind the guest's upload (about 3 bytes of hex text each).
 UPLOAD_RANDOM_KIB = 384
+PUBLISHED_PORT = 18080
+GUEST_HTTPD_PORT = 8080
 #: guestnet's default link MTU, which its DHCP server offers (option 26).
 DEFAULT_MTU = 65520
 
@@ -84,6 +86,17 @@ dd if=/dev/urandom bs=1024 count={UPLOAD_RANDOM_KIB} 2>/dev/null | od -An -vtx1 
 section up_sha sha256sum /tmp/up
 section up_len wc -c /tmp/up
 section upload timeout 30 wget -q -O - --post-file=/tmp/up http://10.0.2.2:{HTTP_PORT}/upload
+"""
+
+# The guest serves a random file with busybox httpd, announces its digest, and idles until the test
+# has fetched it through the published port and stops QEMU.
+PUBLISH_SCRIPT = f"""
+section dhcp {DHCP}
+mkdir -p /www
+dd if=/dev/urandom of=/www/file bs=1024 count=512 2>/dev/null
+section httpd httpd -p {GUEST_HTTPD_PORT} -h /www
+echo "@@GUESTNET-HTTPD-UP $(sha256sum /www/file | cut -d' ' -f1)@@"
+sleep 120
 """
 
 
@@ -260,3 +273,38 @@ def _guestnet_report(gv: GuestnetVm, api_socket: Path) -> str:
     except (OSError, subprocess.SubprocessError) as exc:
         counters = f"(guestnet stats failed: {exc})"
     return f"\n--- guestnet ---\n{gv.guestnet.log()}\n--- guestnet stats ---\n{counters}"
+
+
+@MODES
+def test_published_port_reaches_guest_server(
+    vm_image: VmImage,  # noqa: F811
+    vm_sock_dir: Path,  # noqa: F811
+    tmp_path: Path,
+    mode: str,
+) -> None:
+    """Issue 5: `-p 127.0.0.1:HOSTPORT:8080` publishes the guest's httpd on the sandbox's loopback;
+    a client there downloads the guest's 512 KiB file through it intact."""
+    api_socket = vm_sock_dir / "api.sock"
+    args = ["-p", f"127.0.0.1:{PUBLISHED_PORT}:{GUEST_HTTPD_PORT}", "--api-socket", str(api_socket)]
+    with (
+        guestnet_vm(vm_image, mode, tmp_path, vm_sock_dir, guestnet_args=args) as gv,
+        gv.start(PUBLISH_SCRIPT) as vm,
+    ):
+        up = vm.wait_for(r"^@@GUESTNET-HTTPD-UP ([0-9a-f]{64})@@$", timeout_s=VM_TIMEOUT_S)
+        fetch = subprocess.run(
+            in_netns(
+                gv.netns,
+                ["curl", "-sSf", "--max-time", "20", f"http://127.0.0.1:{PUBLISHED_PORT}/file"],
+            ),
+            capture_output=True,
+            timeout=30,
+        )
+        report = _guestnet_report(gv, api_socket)
+        result = vm.stop()
+        gv.assert_alive(result)
+
+    assert _rc(result, "dhcp") == 0, result.describe()
+    assert _rc(result, "httpd") == 0, result.describe()
+    assert fetch.returncode == 0, f"curl: {fetch.stderr.decode(errors='replace')}" + report
+    assert len(fetch.stdout) == 512 * 1024, report
+    assert hashlib.sha256(fetch.stdout).hexdigest() == up[1], result.describe() + report
