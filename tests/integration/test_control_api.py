@@ -28,9 +28,10 @@ BUSYBOX = shutil.which("busybox")
 #: Connect to 127.0.0.1:PORT in the sandbox and report how the connection ended, bounded.
 CONNECT = r"""
 import socket, sys, time
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
 t0 = time.monotonic()
 try:
+    # A reset may come before connect() has reported success: inside the try.
+    s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
     data = s.recv(100)
     print("eof" if data == b"" else "data", round(time.monotonic() - t0, 3))
 except ConnectionResetError:

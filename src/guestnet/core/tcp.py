@@ -559,6 +559,9 @@ class TcpNat:
         """Every flow, for the stats API."""
         return [flow.info(now) for flow in self.table]
 
+    #: The name the control API looks for on the classifier's services (``GET /flows``).
+    flows = flows_info
+
     def counts_by_state(self) -> dict[str, int]:
         """How many flows are in each state."""
         out: dict[str, int] = {}
