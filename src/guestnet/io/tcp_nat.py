@@ -22,6 +22,12 @@ coalesced during a loop turn are sent by one zero-delay timer (timers run after 
 
 Descriptor exhaustion (EMFILE/ENFILE) and every other socket() or connect() failure are errnos
 handed back to the core, which counts them and answers the guest with RST.
+
+Published ports: :class:`guestnet.io.forwards.Forwards` hands each accepted connection to
+:meth:`TcpNatDriver.on_forward_accept`, which asks the core to open a flow toward the guest
+(:meth:`guestnet.core.tcp.TcpNat.open_to_guest`) and registers the accepted socket exactly as a
+connected one. The SYN goes to the first guest link whose guest MAC the switch has learned; with
+none (no guest has spoken yet) the client is reset and ``forward.tcp.no_guest`` counted.
 """
 
 from __future__ import annotations
