@@ -1,14 +1,18 @@
 """TCP through guestnet: iperf3 guest->host and host->guest, and connections per second.
 
 Run (root): ``.venv/bin/python bench/bench_tcp.py [--mtus 1500,65520] [--duration 5]
-[--reps 1] [--loss 0]``
+[--reps 1] [--loss 0] [--no-offloads] [--profile DIR]``
 
 For each MTU: a loopback-only sandbox namespace runs guestnet (``netns GUEST --configure``) and
 the "host" servers (``iperf3 -s`` and bench/netbench.py's echo server on 127.0.0.1); the guest
 namespace runs the clients against the gateway 10.0.2.2. Prints one line per MTU:
 Gbit/s each way (median of ``--reps``), then connections/s and the median connect time.
 ``--loss N`` drops N% of packets both ways in the guest namespace (nftables), for a look at
-recovery speed. Every process and namespace is removed at the end, also on error or Ctrl-C.
+recovery speed. ``--no-offloads`` runs guestnet without TAP offloads (the before/after lever);
+``--profile DIR`` samples guestnet with py-spy (``pip install py-spy`` into the venv) during the
+first run of each direction, writes collapsed stacks (``DIR/guestnet_MTU_up.txt``...) and
+prints the hottest functions (share of samples in the function itself, and under it).
+Every process and namespace is removed at the end, also on error or Ctrl-C.
 bench/compare.py is the side-by-side harness against the peers; this is the quick look.
 """
 
@@ -64,7 +68,10 @@ def add_loss(ns: str, percent: int) -> None:
                       "mod", "100", "<", str(percent), "drop"]))  # fmt: skip
 
 
-def iperf(guest: str, sandbox: str, duration: float, reverse: bool) -> float:
+def iperf(
+    guest: str, sandbox: str, duration: float, reverse: bool, prof: tuple[int, str] | None = None
+) -> float:
+    """One iperf3 run, Gbit/s received; ``prof`` (pid, path prefix): py-spy samples the pid."""
     server = subprocess.Popen(
         in_ns(sandbox, ["iperf3", "-s", "-1", "-B", "127.0.0.1", "-p", str(IPERF_PORT)]),
         stdout=subprocess.DEVNULL,
@@ -73,12 +80,46 @@ def iperf(guest: str, sandbox: str, duration: float, reverse: bool) -> float:
     try:
         wait(lambda: listening(sandbox, IPERF_PORT), 5, "iperf3 -s")
         cmd = ["iperf3", "-c", GATEWAY, "-p", str(IPERF_PORT), "-t", f"{duration:g}", "-J"]
+        spy = None
+        if prof is not None:
+            path = f"{prof[1]}_{'down' if reverse else 'up'}.txt"
+            spy = subprocess.Popen(
+                [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "--pid",
+                 str(prof[0]), "--duration", str(max(1, int(duration) - 1)), "--rate", "250",
+                 "--nonblocking", "-f", "raw", "-o", path],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
         out = sh(in_ns(guest, cmd + (["-R"] if reverse else [])), timeout=duration + 30)
+        if spy is not None:
+            spy.wait(30)
+            print(summarize(path), flush=True)
         data = json.loads(out.stdout)
         return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
     finally:
         server.kill()
         server.wait(5)
+
+
+def summarize(path: str, top: int = 12) -> str:
+    """The hottest functions of a py-spy raw (collapsed) profile: self and total share."""
+    self_n: dict[str, int] = {}
+    total_n: dict[str, int] = {}
+    samples = 0
+    with open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip().rpartition(" ")
+            if not stack:
+                continue
+            n = int(count)
+            samples += n
+            frames = [fr.split(" (")[0] for fr in stack.split(";")]
+            self_n[frames[-1]] = self_n.get(frames[-1], 0) + n
+            for fr in set(frames):
+                total_n[fr] = total_n.get(fr, 0) + n
+    lines = [f"{path}: {samples} samples; self% total% function"]
+    for name, n in sorted(self_n.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {100 * n / samples:5.1f} {100 * total_n[name] / samples:5.1f}  {name}")
+    return "\n".join(lines)
 
 
 def connrate(guest: str, sandbox: str, seconds: float) -> dict[str, float]:
@@ -109,17 +150,26 @@ def cell(mtu: int, args: argparse.Namespace) -> str:
         for ns in (sandbox, guest):
             sh(["ip", "netns", "add", ns])
             sh(in_ns(ns, ["ip", "link", "set", "lo", "up"]))
+        gn_cmd = [sys.executable, "-m", "guestnet", "netns", f"/run/netns/{guest}",
+                  "--configure", "--mtu", str(mtu)]  # fmt: skip
+        if args.no_offloads:
+            gn_cmd.append("--no-offloads")
         gn = subprocess.Popen(
-            in_ns(sandbox, [sys.executable, "-m", "guestnet", "netns", f"/run/netns/{guest}",
-                            "--configure", "--mtu", str(mtu)]),
+            in_ns(sandbox, gn_cmd),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )  # fmt: skip
         wait(lambda: guest_ready(guest), 15, "guestnet to configure the guest")
         if args.loss:
             add_loss(guest, args.loss)
-        up = [iperf(guest, sandbox, args.duration, False) for _ in range(args.reps)]
-        down = [iperf(guest, sandbox, args.duration, True) for _ in range(args.reps)]
+        prof = None
+        if args.profile:
+            os.makedirs(args.profile, exist_ok=True)
+            prof = (gn.pid, os.path.join(args.profile, f"guestnet_{mtu}"))
+        up = [iperf(guest, sandbox, args.duration, False, prof if i == 0 else None)
+              for i in range(args.reps)]  # fmt: skip
+        down = [iperf(guest, sandbox, args.duration, True, prof if i == 0 else None)
+                for i in range(args.reps)]  # fmt: skip
         cr = connrate(guest, sandbox, 3.0)
         return (
             f"MTU {mtu:>5}: guest->host {statistics.median(up):6.2f} Gbit/s, "
@@ -148,6 +198,8 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--loss", type=int, default=0, help="percent dropped both ways in the guest")
+    p.add_argument("--no-offloads", action="store_true", help="guestnet without TAP offloads")
+    p.add_argument("--profile", metavar="DIR", help="py-spy flame graph per MTU into DIR")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("bench_tcp: needs root (network namespaces)", file=sys.stderr)

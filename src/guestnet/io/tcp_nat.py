@@ -11,9 +11,13 @@ the window opens or closes. The core remembers an edge it could not act on (``ho
 The first EPOLLOUT edge means the connect finished (SO_ERROR says how); later ones mean the send
 buffer has room after an EAGAIN.
 
-The room the core advertises to the guest is ``SO_SNDBUF`` minus the bytes still queued
-(``SIOCOUTQ``), halved: SO_SNDBUF counts kernel memory (payload plus per-buffer overhead), so
-half of it is what a send is sure to be able to take.
+The room the core advertises to the guest is the send buffer's free memory as the kernel counts
+it (``SO_MEMINFO``: ``SO_SNDBUF`` minus ``wmem_queued``), less an eighth for per-buffer overhead.
+A ``send`` takes data while ``wmem_queued`` is below ``SO_SNDBUF``, so it takes all of that.
+(Payload bytes queued, ``SIOCOUTQ``, are not enough: the overhead on a nearly full 4 MiB buffer
+was ~2% here, tens of KiB, more than the room left; the guest then sent into a window the socket
+could not take, and every short ``send`` cost it a whole window of loss recovery, seconds with
+64 KiB super-frames.)
 
 Timers: one loop timer per flow, armed lazily. A flow's deadline moves later on nearly every
 segment (RTO restart, idle timeout); the loop timer is re-armed only when the new deadline is
@@ -34,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import ipaddress
 import logging
 import select
@@ -53,8 +56,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: ioctl: bytes in a socket's send queue not yet acknowledged by the peer (linux/sockios.h).
-SIOCOUTQ = 0x5411
+#: getsockopt: the socket's memory counters (linux/sock_diag.h SK_MEMINFO_*); we read the first
+#: six, of which SNDBUF (index 3) and WMEM_QUEUED (index 5).
+SO_MEMINFO = 55
+_MEMINFO = struct.Struct("12xI4xI")
 _EVENTS = EPOLLIN | EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -79,7 +84,6 @@ class TcpNatDriver:
         self.nat = nat
         nat.io = self
         self._flush_timer: Timer | None = None
-        self._outq = bytearray(4)
 
     # -- TcpIo -----------------------------------------------------------------------------------
 
@@ -154,11 +158,13 @@ class TcpNatDriver:
         if sock is None:
             return 0
         try:
-            sndbuf = int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
-            fcntl.ioctl(hs.fd, SIOCOUTQ, self._outq, True)
+            sndbuf, queued = _MEMINFO.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO.size)
+            )
         except OSError:
             return 0
-        return (sndbuf - int.from_bytes(self._outq, "little")) // 2
+        free = sndbuf - queued
+        return free - (free >> 3) if free > 0 else 0
 
     def shutdown_write(self, flow: TcpFlow) -> None:
         sock = flow.io_data.sock
