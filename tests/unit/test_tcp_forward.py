@@ -28,6 +28,7 @@ from guestnet.pool import Frame
 from guestnet.wire.ipv4 import PROTO_TCP, parse_ipv4
 from guestnet.wire.tcp import (
     ACK,
+    FIN,
     PSH,
     RST,
     SYN,
@@ -377,3 +378,20 @@ def test_instance_without_guest_mac_closes_client(inst: Instance, frames: Any) -
         assert inst.tcp_nat.flows() == []
     finally:
         client.close()
+
+
+def test_closed_flow_rearms_reap_after_an_early_timer(fwd: Fwd) -> None:
+    """The driver arms lazily: a timer for an earlier deadline (the RTO of our FIN) may fire
+    after the flow closed and before its reap; the core must ask for the reap again."""
+    flow, sock = fwd.establish()
+    sock.eof = True
+    fwd.nat.host_readable(flow, fwd.tcp.now)
+    (fin,) = fwd.tcp.out()
+    fwd.guest(flow, FIN | ACK, GISN + 1, fin.seq + 1)
+    fwd.tcp.out()
+    assert flow.state_name == "CLOSED" and sock.closed and not sock.reset
+    reap = fwd.tcp.io.timers.pop(flow)
+    fwd.nat.on_timer(flow, reap - 0.5)  # the early timer
+    assert fwd.tcp.io.timers.get(flow) == reap
+    fwd.tcp.advance(reap - fwd.tcp.now)
+    assert len(fwd.nat.table) == 0

@@ -530,6 +530,10 @@ class TcpNat:
             flow.reap_deadline = None
             return
         if flow.state == CLOSED:
+            # A timer armed for an earlier deadline (RTO of our FIN) fired before the reap:
+            # the driver arms lazily, so ask again or the entry is never reaped.
+            if flow.reap_deadline is not None:
+                self.io.set_timer(flow, flow.reap_deadline)
             return
         if flow.connect_deadline is not None and now >= flow.connect_deadline:
             if flow.state == SYN_SENT:
