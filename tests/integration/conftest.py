@@ -3,6 +3,9 @@
 - ``sandbox``: a loopback-only :class:`nsutil.Netns`. guestnet runs here, and so do any host-side
   servers a test starts (on its 127.0.0.1): nothing leaves the sandbox.
 - ``guest_ns``: an empty namespace (``lo`` up) standing for the guest.
+- ``outside``: a namespace standing for the internet, joined to ``sandbox`` by a veth
+  (sandbox 198.18.0.1, outside 198.18.0.2; nothing else routed). The sandbox then has one
+  interface besides ``lo``, toward a namespace the test made itself.
 - ``start_gn``: factory ``start_gn(args, ready=None, timeout=10) -> Guestnet`` running guestnet in
   ``sandbox``; every process it started is stopped at teardown.
 - ``attach_guest``: factory ``attach_guest(*extra_args, configure=True) -> Guestnet`` running
@@ -20,7 +23,16 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from nsutil import Guestnet, Netns, addresses, is_up, link_info, make_netns, start_guestnet
+from nsutil import (
+    Guestnet,
+    Netns,
+    addresses,
+    is_up,
+    link_info,
+    make_netns,
+    make_outside,
+    start_guestnet,
+)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -49,6 +61,16 @@ def guest_ns() -> Iterator[Netns]:
     """An empty namespace standing for the guest (only ``lo``, up); deleted at teardown."""
     _need_root()
     ns = make_netns("gngu")
+    try:
+        yield ns
+    finally:
+        ns.delete()
+
+
+@pytest.fixture
+def outside(sandbox: Netns) -> Iterator[Netns]:
+    """The stand-in for the internet beside ``sandbox`` (the veth goes with the namespaces)."""
+    ns = make_outside(sandbox)
     try:
         yield ns
     finally:

@@ -331,3 +331,35 @@ def poke_cmd(addr: str) -> list[str]:
         "except OSError:\n pass\n"
     )
     return [sys.executable, "-c", code, addr]
+
+
+#: The stand-in for the internet: a namespace joined to the sandbox by a veth, addresses in
+#: 198.18.0.0/15 (the benchmarking range) and no route to anything else.
+SANDBOX_VETH_IP = "198.18.0.1"
+OUTSIDE_IP = "198.18.0.2"
+
+
+def make_outside(sandbox: Netns) -> Netns:
+    """A namespace joined to ``sandbox`` by a veth: 198.18.0.1 (sandbox) - 198.18.0.2 (outside)."""
+    outside = make_netns("gnout")
+    try:
+        a, b = unique_name("gv")[:15], unique_name("gw")[:15]
+        subprocess.run(
+            ["ip", "link", "add", a, "netns", sandbox.name, "type", "veth", "peer", "name", b,
+             "netns", outside.name],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        sandbox.run(["ip", "addr", "add", f"{SANDBOX_VETH_IP}/24", "dev", a])
+        sandbox.run(["ip", "link", "set", a, "up"])
+        outside.run(["ip", "addr", "add", f"{OUTSIDE_IP}/24", "dev", b])
+        outside.run(["ip", "link", "set", b, "up"])
+
+        def reachable() -> bool:
+            probe = sandbox.run(["ping", "-c", "1", "-W", "1", OUTSIDE_IP], check=False)
+            return probe.returncode == 0
+
+        wait_for(reachable, 10, "the veth to come up", step=0.2)
+    except BaseException:
+        outside.delete()
+        raise
+    return outside

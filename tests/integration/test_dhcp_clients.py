@@ -171,6 +171,33 @@ def test_udhcpc_gets_lease_and_options(
 
 
 @pytest.mark.skipif(BUSYBOX is None, reason="busybox not installed (busybox-static)")
+def test_udhcpc_second_mac_gets_another_address(
+    attach_guest: Callable[..., Guestnet], tmp_path: Path
+) -> None:
+    """A guest that comes back with a new MAC (a VM rebooted with another NIC) gets the next free
+    address, while the first MAC's lease stays its own."""
+    gn = attach_guest(configure=False)
+    guest = _guest(gn)
+    script, log = _script(tmp_path, "udhcpc", UDHCPC_SCRIPT)
+    udhcpc = [str(BUSYBOX), "udhcpc", "-i", "eth0", "-f", "-q", "-n", "-t", "5", "-T", "1",
+              "-s", str(script)]  # fmt: skip
+    guest.run(["ip", "link", "set", "eth0", "up"])
+    first = guest.run(udhcpc, check=False, timeout=30)
+    assert first.returncode == 0, first.stderr
+    guest.run(["ip", "link", "set", "eth0", "down"])
+    guest.run(["ip", "link", "set", "eth0", "address", "52:54:00:00:0a:0b"])
+    guest.run(["ip", "link", "set", "eth0", "up"])
+    second = guest.run(udhcpc, check=False, timeout=30)
+    assert second.returncode == 0, second.stderr
+    bound = [e["ip"] for e in parse_events(log.read_text(), "event") if e["event"] == "bound"]
+    assert bound == ["10.0.2.15", "10.0.2.16"]
+    assert addresses(guest) == ["10.0.2.16/24"]
+    # The new MAC reaches the gateway too: guestnet learned the new source MAC on its port.
+    guest.run(poke_cmd("10.0.2.2"))
+    assert gn.alive(), gn.stderr_text()
+
+
+@pytest.mark.skipif(BUSYBOX is None, reason="busybox not installed (busybox-static)")
 def test_udhcpc_broadcast_flag_and_static_lease(
     attach_guest: Callable[..., Guestnet], tmp_path: Path
 ) -> None:

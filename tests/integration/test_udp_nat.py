@@ -16,12 +16,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from nsutil import Guestnet, Netns, make_netns, unique_name, wait_for
+from nsutil import OUTSIDE_IP, SANDBOX_VETH_IP, Guestnet, Netns
 
 pytestmark = pytest.mark.root
 
-SANDBOX_VETH_IP = "198.18.0.1"
-OUTSIDE_IP = "198.18.0.2"
 
 #: A UDP echo server: ``HOST PORT [PORT...]``. Datagrams are echoed from the socket they came in
 #: on; ``who`` is answered with the sender's address as JSON; ``eim`` is echoed and then answered
@@ -109,42 +107,6 @@ def guest_udp(
     if isinstance(result, dict):
         return result
     return [(ip, port, bytes.fromhex(data)) for ip, port, data in result]
-
-
-def make_outside(sandbox: Netns) -> Netns:
-    """A namespace joined to ``sandbox`` by a veth: 198.18.0.1 (sandbox) - 198.18.0.2 (outside)."""
-    outside = make_netns("gnout")
-    try:
-        a, b = unique_name("gv")[:15], unique_name("gw")[:15]
-        subprocess.run(
-            ["ip", "link", "add", a, "netns", sandbox.name, "type", "veth", "peer", "name", b,
-             "netns", outside.name],
-            check=True, capture_output=True, text=True,
-        )  # fmt: skip
-        sandbox.run(["ip", "addr", "add", f"{SANDBOX_VETH_IP}/24", "dev", a])
-        sandbox.run(["ip", "link", "set", a, "up"])
-        outside.run(["ip", "addr", "add", f"{OUTSIDE_IP}/24", "dev", b])
-        outside.run(["ip", "link", "set", b, "up"])
-
-        def reachable() -> bool:
-            probe = sandbox.run(["ping", "-c", "1", "-W", "1", OUTSIDE_IP], check=False)
-            return probe.returncode == 0
-
-        wait_for(reachable, 10, "the veth to come up", step=0.2)
-    except BaseException:
-        outside.delete()
-        raise
-    return outside
-
-
-@pytest.fixture
-def outside(sandbox: Netns) -> Iterator[Netns]:
-    """The stand-in for the internet (the veth goes away with the namespaces)."""
-    ns = make_outside(sandbox)
-    try:
-        yield ns
-    finally:
-        ns.delete()
 
 
 @pytest.fixture
