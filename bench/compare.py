@@ -97,6 +97,7 @@ METRICS = (
     Metric("udp_loss", "UDP loss %", False, "{:.2f}"),
     Metric("cpu_s_per_gb", "CPU s/GB", False, "{:.2f}"),
     Metric("rss_mb", "peak RSS MB", False, "{:.1f}"),
+    Metric("pool_misses", "pool misses after warm-up", False, "{:.0f}"),
 )
 
 
@@ -144,6 +145,8 @@ class Sandbox:
         self.procs: list[subprocess.Popen[Any]] = []
         self.counter = 0
         self.tag = f"{os.getpid() % 100000}"
+        #: Unix sockets (guestnet's API) live here; removed at cleanup.
+        self.tmpdir = tempfile.mkdtemp(prefix="gnbench")
 
     def name(self, role: str) -> str:
         self.counter += 1
@@ -209,6 +212,7 @@ class Sandbox:
             self.stop(proc)
         for name in list(reversed(self.namespaces)):
             self.delete_netns(name)
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
 def run(
@@ -260,6 +264,8 @@ class Topology:
     bind: str  # where host-side servers listen in the sandbox
     backend: subprocess.Popen[Any] | None = None
     backend_log: str | None = None
+    #: guestnet's control API socket (guestnet only): pool counters before and after the runs.
+    api_socket: str | None = None
 
     def backend_output(self) -> str:
         if not self.backend_log:
@@ -299,7 +305,9 @@ class Harness:
         topo = Topology(guest=guest, sandbox=sandbox, bind="127.0.0.1")
         guest_path = f"{NETNS_DIR}/{guest}"
         if backend == "guestnet":
-            argv = [sys.executable, "-m", "guestnet", "netns", guest_path, "--configure"]
+            topo.api_socket = os.path.join(self.box.tmpdir, f"{guest}.api")
+            argv = [sys.executable, "-m", "guestnet", "netns", guest_path, "--configure",
+                    "--api-socket", topo.api_socket]  # fmt: skip
             self._start_backend(topo, [*argv, "--mtu", str(mtu)], "10.0.2.15")
         elif backend == "pasta":
             dead = self.box.netns("de")
@@ -466,7 +474,10 @@ class Harness:
     def _measure_all(self, cell: Cell, topo: Topology) -> None:
         a = self.args
         pid = topo.backend.pid if topo.backend is not None else None
-        # TCP, both directions, with the backend's CPU time around them.
+        # TCP, both directions, with the backend's CPU time around them. The first TCP run each
+        # way is the pools' warm-up (each fills lazily to its direction's high water, e.g. one
+        # host read's batch of frames): after both, a pool miss is a fresh buffer in steady state.
+        misses0: int | None = None
         cpu0 = cpu_seconds(pid) if pid else None
         moved = 0
         for key, extra in (("tcp_up", []), ("tcp_down", ["-R"])):
@@ -476,6 +487,8 @@ class Harness:
                     received = data["end"]["sum_received"]
                     cell.samples.setdefault(key, []).append(received["bits_per_second"] / 1e9)
                     moved += int(received["bytes"])
+                    if key == "tcp_down" and misses0 is None:
+                        misses0 = pool_misses(topo.api_socket)
                 except (CellError, KeyError, TypeError) as exc:
                     cell.errors[key] = str(exc) if isinstance(exc, CellError) else repr(exc)
                     break
@@ -529,6 +542,9 @@ class Harness:
             rss = peak_rss_mb(pid)
             if rss is not None:
                 cell.values["rss_mb"] = rss
+        misses1 = pool_misses(topo.api_socket)
+        if misses0 is not None and misses1 is not None:
+            cell.values["pool_misses"] = misses1 - misses0
         for key, samples in cell.samples.items():
             if samples:
                 cell.values[key] = statistics.median(samples)
@@ -539,6 +555,22 @@ def udp_result(data: dict[str, Any]) -> tuple[float, float]:
     """Received Gbit/s and loss % as the receiving side (the server) counted them."""
     rx = data["end"]["sum_received"]
     return float(rx["bits_per_second"]) / 1e9, float(rx["lost_percent"])
+
+
+def pool_misses(api_socket: str | None) -> int | None:
+    """Both frame pools' misses (fresh buffers) so far, from guestnet's stats API."""
+    if api_socket is None:
+        return None
+    from guestnet.client import ApiError, request
+
+    try:
+        status, stats = request(api_socket, "GET", "/stats", timeout=5)
+    except ApiError:
+        return None
+    if status != 200:
+        return None
+    pools = stats["pool"]
+    return int(pools["from_guest"]["misses"]) + int(pools["to_guest"]["misses"])
 
 
 def cpu_seconds(pid: int) -> float | None:
