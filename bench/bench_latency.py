@@ -55,9 +55,8 @@ def _conn_argv(seconds: float) -> list[str]:
 
 
 def _attach(tool: list[str], pid: int) -> subprocess.Popen[Any]:
-    proc = subprocess.Popen(tool + ["--pid", str(pid)] if tool[0] != "strace" else tool
-                            + ["-p", str(pid)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    argv = [*tool, "-p", str(pid)] if tool[0] == "strace" else [*tool, "--pid", str(pid)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)  # let it attach before the traffic starts
     return proc
 
