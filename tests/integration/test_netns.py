@@ -14,6 +14,7 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from nsutil import (
@@ -275,6 +276,38 @@ def test_run_sigterm_is_forwarded(sandbox: Netns) -> None:
         assert proc.stdout.readline().strip() == "started"
         proc.terminate()
         assert proc.wait(timeout=10) == 128 + 15
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+_INSIDE_SERVER = (
+    "import socket; s = socket.socket(); s.bind(('10.0.2.15', 8000)); s.listen(1);"
+    " print('ready', flush=True); c, _ = s.accept(); c.sendall(b'hello from inside'); c.close()"
+)
+_HOST_CLIENT = (
+    "import socket; c = socket.create_connection(('127.0.0.1', 18081), timeout=10);"
+    " print(c.recv(100).decode())"
+)
+
+
+def test_run_publishes_ports_and_serves_the_api(sandbox: Netns, tmp_path: Path) -> None:
+    """``run`` starts -p forwards and the API before CMD: CMD finds the API socket, and a host
+    client reaches CMD's server through the published port."""
+    api = tmp_path / "gn.api"
+    py = shlex.quote(sys.executable)
+    script = f"test -S {api} && echo api-ready; exec {py} -c {shlex.quote(_INSIDE_SERVER)}"
+    argv = ["run", "-p", "18081:8000", "--api-socket", str(api), "--", "sh", "-c", script]
+    proc = sandbox.popen(guestnet_argv(argv), stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "api-ready"
+        assert proc.stdout.readline().strip() == "ready"
+        got = sandbox.run([sys.executable, "-c", _HOST_CLIENT], timeout=20)
+        assert got.stdout.strip() == "hello from inside"
+        assert proc.wait(timeout=10) == 0
+        assert not api.exists()  # removed at exit
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -481,6 +481,9 @@ def _serve_child(inst: Instance, pid: int, fd: int, ifname: str, go: socket.sock
     signal.signal(signal.SIGINT, lambda _s, _f: None)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
+        # Published ports, the API socket and the capture exist before CMD starts, so CMD (or
+        # whoever waits for the API socket) finds them ready; a StartError kills CMD below.
+        inst.start_control()
         go.sendall(b"g")
         go.close()
         while not status:
