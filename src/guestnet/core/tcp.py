@@ -248,6 +248,7 @@ class TcpFlow:
         "pump_pending",
         "rcv_nxt",
         "rcv_wnd",
+        "read_frames",
         "reap_deadline",
         "recover",
         "retries",
@@ -307,6 +308,8 @@ class TcpFlow:
         self.ack_pending = False
         #: Host reading deferred to the end of the loop turn; the flow is on the flush list.
         self.pump_pending = False
+        #: Pooled frames offered to the next host read (adapts to the reads; see ``_pump``).
+        self.read_frames = 2
         self.deferred = False
         self.wnd_check_deadline: float | None = None
         self.wnd_check_interval = WND_CHECK_MIN_S
@@ -1075,12 +1078,16 @@ class TcpNat:
                         flow.persist_deadline = now + flow.persist_interval
                         self.counters.inc("tcp.window.zero")
                     break
-                # One system call fills the payload areas of up to READ_BATCH pooled frames.
+                # One system call fills the payload areas of up to ``read_frames`` pooled
+                # frames (adaptive, see below).
                 frames: list[Frame] = []
                 views: list[memoryview] = []
-                while room > 0 and len(frames) < READ_BATCH:
+                batch = flow.read_frames
+                asked = 0
+                while room > 0 and len(frames) < batch:
                     n = seg_max if room > seg_max else room
                     room -= n
+                    asked += n
                     frame = pool.acquire()
                     base = frame.start + HDRS_LEN
                     frames.append(frame)
@@ -1106,6 +1113,14 @@ class TcpNat:
                     flow.rtt_seq = (flow.snd_nxt + got) & SEQ_MASK
                     flow.rtt_time = now
                 flow.bytes_to_guest += got
+                # Size the next read from this one: double while reads fill every buffer (bulk
+                # reaches READ_BATCH in a few reads), else twice what this one used. A fixed
+                # READ_BATCH cost 64 pool acquires and releases for every 1-byte answer.
+                if got >= asked:
+                    flow.read_frames = batch * 2 if batch * 2 < READ_BATCH else READ_BATCH
+                else:
+                    used = got // seg_max + 1
+                    flow.read_frames = 2 * used if 2 * used < READ_BATCH else READ_BATCH
                 unacked = flow.unacked
                 left = got
                 for frame, view in zip(frames, views, strict=True):
