@@ -5,12 +5,20 @@ addresses as the packed 4-byte header fields, so the datapath looks a segment up
 it already has, without formatting anything. The table never grows past ``capacity``: a new
 flow beyond it is refused by the caller (TCP answers RST, UDP drops) and counted, so a guest
 opening connections without end costs a bounded amount of memory and host descriptors.
+
+:class:`IdleFlows` is the other kind of table, for the UDP NAT and ICMP echo: flows that own a
+host socket, kept in last-use order, so expiring idle ones stops at the first live flow and a
+new flow beyond the bound evicts the least recently used (these protocols have no reset to
+refuse with, and an idle mapping is cheap to lose).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Generic, TypeVar
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator
+from typing import Generic, Protocol, TypeVar
+
+from guestnet.counters import Counters
 
 #: (guest ip, guest port, destination ip, destination port); addresses packed.
 FlowKey = tuple[bytes, int, bytes, int]
@@ -62,3 +70,55 @@ class FlowTable(Generic[V]):
 
     def __contains__(self, key: object) -> bool:
         return key in self._flows
+
+
+class IdleFlow(Protocol):
+    """What :class:`IdleFlows` needs of a flow."""
+
+    last_used: float
+
+    def close(self) -> None:
+        """Release the flow's host endpoint (called once it leaves the table)."""
+
+
+K = TypeVar("K", bound=Hashable)
+F = TypeVar("F", bound=IdleFlow)
+
+
+class IdleFlows(OrderedDict[K, F]):
+    """Flows in last-use order (callers ``move_to_end`` on use); closed as they leave.
+
+    Counts ``<prefix>.expired`` and ``<prefix>.evicted``.
+    """
+
+    __slots__ = ("counters", "prefix")
+
+    def __init__(self, counters: Counters, prefix: str) -> None:
+        super().__init__()
+        self.counters = counters
+        self.prefix = prefix
+
+    def expire(self, now: float, timeout: float) -> int:
+        """Close the flows idle for ``timeout`` seconds; return how many."""
+        n = 0
+        while self:
+            key, flow = next(iter(self.items()))
+            if flow.last_used + timeout > now:
+                break
+            del self[key]
+            flow.close()
+            self.counters.inc(f"{self.prefix}.expired")
+            n += 1
+        return n
+
+    def evict_oldest(self) -> None:
+        """Close the least recently used flow, to make room for a new one."""
+        _, old = self.popitem(last=False)
+        old.close()
+        self.counters.inc(f"{self.prefix}.evicted")
+
+    def close_all(self) -> None:
+        """Close every flow and empty the table (instance shutdown)."""
+        for flow in self.values():
+            flow.close()
+        self.clear()

@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections import OrderedDict
 from typing import Protocol
 
 from guestnet.config import Config
+from guestnet.core.flows import IdleFlows
 from guestnet.core.fragments import send_ipv4_to_guest
 from guestnet.core.packet import Ipv4Packet
 from guestnet.core.policy import Policy
@@ -102,6 +102,12 @@ class EchoFlow:
         self.peers: dict[str, bytes] = {}
         self.sock: EchoSocket | None = None
 
+    def close(self) -> None:
+        """Release the host endpoint (the flow left the table)."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
 
 def quote_header(pkt: Ipv4Packet) -> bytes:
     """A 20-byte header equal to the guest's (options left out), for quoting in an error."""
@@ -136,7 +142,7 @@ class IcmpService:
         self.backend = backend
         self.max_flows = max_flows
         self.timeout = timeout
-        self.flows: OrderedDict[EchoKey, EchoFlow] = OrderedDict()
+        self.flows: IdleFlows[EchoKey, EchoFlow] = IdleFlows(counters, "icmp.echo.flow")
         self._ident = 0
 
     # -- from the guest --------------------------------------------------------------------
@@ -183,9 +189,7 @@ class IcmpService:
         assert self.backend is not None
         self.expire(now)
         if len(flows) >= self.max_flows:
-            _, old = flows.popitem(last=False)
-            self._close(old)
-            self.counters.inc("icmp.echo.flow.evicted")
+            flows.evict_oldest()
         flow = EchoFlow(pkt.ip.src, ident, pkt.src_mac, now)
         try:
             flow.sock = self.backend.open(flow)
@@ -313,28 +317,11 @@ class IcmpService:
 
     def expire(self, now: float) -> int:
         """Close echo flows idle for ``timeout``; return how many."""
-        flows = self.flows
-        n = 0
-        while flows:
-            key, flow = next(iter(flows.items()))
-            if flow.last_used + self.timeout > now:
-                break
-            del flows[key]
-            self._close(flow)
-            self.counters.inc("icmp.echo.flow.expired")
-            n += 1
-        return n
-
-    def _close(self, flow: EchoFlow) -> None:
-        if flow.sock is not None:
-            flow.sock.close()
-            flow.sock = None
+        return self.flows.expire(now, self.timeout)
 
     def close_all(self) -> None:
         """Close every echo flow (instance shutdown)."""
-        for flow in self.flows.values():
-            self._close(flow)
-        self.flows.clear()
+        self.flows.close_all()
 
 
 def errname(exc: OSError) -> str:

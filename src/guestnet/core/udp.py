@@ -52,6 +52,7 @@ from collections.abc import Callable, Hashable
 from typing import Protocol
 
 from guestnet.config import Config
+from guestnet.core.flows import IdleFlows
 from guestnet.core.fragments import send_ipv4_to_guest
 from guestnet.core.icmp import IcmpService, errname
 from guestnet.core.packet import Ipv4Packet
@@ -95,6 +96,12 @@ class UdpFlow:
         #: Host address string -> the destination address the guest used for it.
         self.peers: dict[str, bytes] = {}
         self.sock: UdpSocket | None = None
+
+    def close(self) -> None:
+        """Close the host socket (the flow left the table)."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
     @property
     def key(self) -> FlowKey:
@@ -155,7 +162,7 @@ class UdpNat:
         self.open_socket = open_socket
         self.max_flows = max_flows if max_flows is not None else config.max_flows
         self.timeout = timeout if timeout is not None else config.udp_timeout
-        self.flows: OrderedDict[FlowKey, UdpFlow] = OrderedDict()
+        self.flows: IdleFlows[FlowKey, UdpFlow] = IdleFlows(counters, "nat.udp.flow")
         #: Inbound (port-forward) flows by the guest's side, in last-use order.
         self.inbound: OrderedDict[tuple[bytes, int, int], InboundFlow] = OrderedDict()
         self._inbound_by_source: dict[Hashable, InboundFlow] = {}
@@ -219,9 +226,7 @@ class UdpNat:
             return flow
         self.expire(now)
         if len(flows) >= self.max_flows:
-            _, old = flows.popitem(last=False)
-            self._close(old)
-            self.counters.inc("nat.udp.flow.evicted")
+            flows.evict_oldest()
         flow = UdpFlow(pkt.ip.src, sport, pkt.src_mac, now)
         try:
             flow.sock = self.open_socket(flow)
@@ -363,37 +368,21 @@ class UdpNat:
 
     def expire(self, now: float) -> int:
         """Close flows idle for ``timeout`` seconds; return how many."""
-        flows = self.flows
         timeout = self.timeout
-        n = 0
-        while flows:
-            key, flow = next(iter(flows.items()))
-            if flow.last_used + timeout > now:
-                break
-            del flows[key]
-            self._close(flow)
-            self.counters.inc("nat.udp.flow.expired")
-            n += 1
+        n = self.flows.expire(now, timeout)
         inbound = self.inbound
         while inbound:
-            flow_in = next(iter(inbound.values()))
-            if flow_in.last_used + timeout > now:
+            flow = next(iter(inbound.values()))
+            if flow.last_used + timeout > now:
                 break
-            self._drop_inbound(flow_in)
+            self._drop_inbound(flow)
             self.counters.inc("nat.udp.forward.flow.expired")
             n += 1
         return n
 
-    def _close(self, flow: UdpFlow) -> None:
-        if flow.sock is not None:
-            flow.sock.close()
-            flow.sock = None
-
     def close_all(self) -> None:
         """Close every flow's socket (instance shutdown)."""
-        for flow in self.flows.values():
-            self._close(flow)
-        self.flows.clear()
+        self.flows.close_all()
         self.inbound.clear()
         self._inbound_by_source.clear()
 
