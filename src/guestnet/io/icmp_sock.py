@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from guestnet.core.icmp import ICMP_OFF, EchoFlow, IcmpService
 from guestnet.io.loop import EPOLLIN
-from guestnet.io.udp_nat import RECV_BUDGET, SWEEP_INTERVAL_S, make_policy
+from guestnet.io.udp_nat import RECV_BUDGET, SWEEP_INTERVAL_S, FlowSocket, make_policy
 from guestnet.wire.checksum import checksum, ones_sum
 from guestnet.wire.ethernet import ETH_HLEN
 from guestnet.wire.icmp import ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_HLEN
@@ -66,34 +66,20 @@ def no_echo_warning() -> str:
     )
 
 
-class PingSocket:
+class PingSocket(FlowSocket):
     """One echo flow's unprivileged ICMP socket."""
 
-    __slots__ = ("driver", "fd", "flow", "sock")
+    __slots__ = ("driver", "flow")
 
     def __init__(self, driver: IcmpDriver, flow: EchoFlow) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | _FLAGS, socket.IPPROTO_ICMP)
-        try:
-            driver.loop.add_fd(sock.fileno(), EPOLLIN, self.on_events)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-        self.fd = sock.fileno()
         self.driver = driver
         self.flow = flow
+        super().__init__(driver.loop, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
 
     def send_echo(self, host: str, seq: int, payload: memoryview) -> None:
         """Send an echo request; the kernel sets identifier and checksum."""
         self.sock.sendmsg([_ECHO.pack(ICMP_ECHO_REQUEST, 0, 0, 0, seq), payload], [], 0,
                           (host, 0))  # fmt: skip
-
-    def close(self) -> None:
-        """Stop watching and close."""
-        if self.fd >= 0:
-            self.driver.loop.remove_fd(self.fd)
-            self.sock.close()
-            self.fd = -1
 
     def on_events(self, _events: int) -> None:
         """Receive replies (ICMP header + data) into pooled frames."""

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from guestnet.core.icmp import IcmpService
 from guestnet.core.policy import Policy
 from guestnet.core.udp import REPLY_PAYLOAD_OFF, UdpFlow, UdpNat
-from guestnet.io.loop import EPOLLERR, EPOLLIN
+from guestnet.io.loop import EPOLLERR, EPOLLIN, Loop
 from guestnet.wire.icmp import ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, UNREACH_FRAG_NEEDED
 
 if TYPE_CHECKING:
@@ -73,25 +73,58 @@ def make_policy(inst: Instance) -> Policy:
     return policy
 
 
-class HostUdpSocket:
-    """One flow's host socket, registered in the loop."""
+class FlowSocket:
+    """A NAT flow's own non-blocking IPv4 socket, watched for EPOLLIN until :meth:`close`.
 
-    __slots__ = ("driver", "fd", "flow", "sock")
+    Shared by the UDP flows here and the ICMP ping sockets (``io/icmp_sock.py``). ``fd`` is -1
+    once closed: a receive loop checks it after each hand-off, since the core may close the flow
+    meanwhile.
+    """
 
-    def __init__(self, driver: UdpNatDriver, flow: UdpFlow) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK |
-                             socket.SOCK_CLOEXEC)  # fmt: skip
+    __slots__ = ("fd", "loop", "sock")
+
+    def __init__(self, loop: Loop, kind: int, proto: int = 0) -> None:
+        flags = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+        sock = socket.socket(socket.AF_INET, kind | flags, proto)
         try:
-            sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
-            sock.bind(("0.0.0.0", 0))
-            driver.loop.add_fd(sock.fileno(), EPOLLIN, self.on_events)
+            self.prepare(sock)
+            loop.add_fd(sock.fileno(), EPOLLIN, self.on_events)
         except OSError:
             sock.close()
             raise
         self.sock = sock
         self.fd = sock.fileno()
+        self.loop = loop
+
+    def prepare(self, sock: socket.socket) -> None:
+        """Options and binding before the socket is watched (none by default)."""
+
+    def on_events(self, events: int) -> None:
+        """The loop's callback for this socket."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop watching and close (the core calls this on flow end)."""
+        if self.fd >= 0:
+            self.loop.remove_fd(self.fd)
+            self.sock.close()
+            self.fd = -1
+
+
+class HostUdpSocket(FlowSocket):
+    """One UDP flow's host socket: bound to an ephemeral port, with IP_RECVERR."""
+
+    __slots__ = ("driver", "flow")
+
+    def __init__(self, driver: UdpNatDriver, flow: UdpFlow) -> None:
         self.driver = driver
         self.flow = flow
+        super().__init__(driver.loop, socket.SOCK_DGRAM)
+
+    def prepare(self, sock: socket.socket) -> None:
+        """Queue the host's ICMP errors for this socket; take an ephemeral port."""
+        sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
+        sock.bind(("0.0.0.0", 0))
 
     def sendto(self, data: memoryview, addr: tuple[str, int]) -> int:
         """Send one datagram (non-blocking; OSError on EAGAIN and friends)."""
@@ -101,13 +134,6 @@ class HostUdpSocket:
             # A queued ICMP error surfaced on send: read it, then try once more.
             self.drain_errors()
             return self.sock.sendto(data, addr)
-
-    def close(self) -> None:
-        """Stop watching and close (the core calls this on flow end)."""
-        if self.fd >= 0:
-            self.driver.loop.remove_fd(self.fd)
-            self.sock.close()
-            self.fd = -1
 
     def on_events(self, events: int) -> None:
         """Drain replies into pooled frames and hand them to the core."""
