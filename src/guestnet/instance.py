@@ -13,14 +13,19 @@ import resource
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from guestnet.api import start_control
 from guestnet.config import Config
 from guestnet.core.classifier import FrameClassifier
 from guestnet.core.dhcp import DhcpServer
+from guestnet.core.fragments import Reassembler
 from guestnet.core.switch import Switch
 from guestnet.counters import Counters
 from guestnet.io.dns_upstream import DnsUpstreamIO
 from guestnet.io.forwards import Forwards
+from guestnet.io.icmp_sock import setup_icmp
 from guestnet.io.loop import Loop
+from guestnet.io.tcp_nat import setup_tcp_nat
+from guestnet.io.udp_nat import setup_udp_nat
 from guestnet.pool import FramePool
 
 if TYPE_CHECKING:
@@ -57,15 +62,9 @@ class Instance:
         self.classifier.dhcp = self.dhcp
         self.dns = DnsUpstreamIO(self)
         self.classifier.dns_udp = self.dns
-        # ICMP (echo + errors), the UDP NAT, and reassembly of the guest's fragments.
-        from guestnet.core.fragments import Reassembler
-        from guestnet.io.icmp_sock import setup_icmp
-        from guestnet.io.udp_nat import setup_udp_nat
-
+        # ICMP (echo + errors), the NATs, and reassembly of the guest's fragments.
         self.icmp = setup_icmp(self)
         self.udp_nat = setup_udp_nat(self, self.icmp.icmp)
-        from guestnet.io.tcp_nat import setup_tcp_nat
-
         self.tcp_nat = setup_tcp_nat(self)
         self.reassembly = Reassembler(self.counters, self.classifier.route_ipv4)
         self.classifier.reassembly = self.reassembly
@@ -93,8 +92,6 @@ class Instance:
         if self.control_started:
             return
         self.control_started = True
-        from guestnet.api import start_control
-
         start_control(self)
 
     def run(self, until: Callable[[], bool] | None = None) -> None:
