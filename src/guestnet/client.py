@@ -82,6 +82,15 @@ def _print_json(value: object) -> None:
     print(json.dumps(value, indent=2))
 
 
+def _show(args: argparse.Namespace, value: Any, fmt: Callable[[Any], str]) -> int:
+    """Print an API answer: as JSON with ``--json``, else as ``fmt`` writes it for people."""
+    if args.json:
+        _print_json(value)
+    else:
+        print(fmt(value))
+    return 0
+
+
 # -- stats / flows / forward -------------------------------------------------------------------
 
 
@@ -153,31 +162,19 @@ def format_forwards(forwards: list[dict[str, Any]]) -> str:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    stats = _call(args, "GET", "/stats")
-    if args.json:
-        _print_json(stats)
-    else:
-        print(format_stats(stats))
-    return 0
+    """``guestnet stats``."""
+    return _show(args, _call(args, "GET", "/stats"), format_stats)
 
 
 def cmd_flows(args: argparse.Namespace) -> int:
-    flows = _call(args, "GET", "/flows")
-    if args.json:
-        _print_json(flows)
-    else:
-        print(format_flows(flows))
-    return 0
+    """``guestnet flows``."""
+    return _show(args, _call(args, "GET", "/flows"), format_flows)
 
 
 def cmd_forward(args: argparse.Namespace) -> int:
+    """``guestnet forward ls|rm|add``: ``add`` posts one forward per port of each spec."""
     if args.action == "ls":
-        forwards = _call(args, "GET", "/forwards")
-        if args.json:
-            _print_json(forwards)
-        else:
-            print(format_forwards(forwards))
-        return 0
+        return _show(args, _call(args, "GET", "/forwards"), format_forwards)
     if args.action == "rm":
         for fid in args.ids:
             _call(args, "DELETE", f"/forwards/{fid}")
@@ -200,11 +197,7 @@ def cmd_forward(args: argparse.Namespace) -> int:
             if args.guest_ip:
                 body["guest_ip"] = args.guest_ip
             created.append(_call(args, "POST", "/forwards", body))
-    if args.json:
-        _print_json(created)
-    else:
-        print(format_forwards(created))
-    return 0
+    return _show(args, created, format_forwards)
 
 
 # -- top -----------------------------------------------------------------------------------------
@@ -344,22 +337,23 @@ def _positive(text: str) -> float:
     return value
 
 
-def _api_option(p: argparse.ArgumentParser) -> None:
+def _api_options(p: argparse.ArgumentParser, json: bool = True) -> None:
+    """``--api-socket`` (required), and ``--json`` for the commands that print an answer."""
     p.add_argument(
         "--api-socket", required=True, metavar="PATH", help="the running guestnet's --api-socket"
     )
+    if json:
+        p.add_argument("--json", action="store_true", help="print the API's JSON as is")
 
 
 def add_client_parsers(sub: Any) -> None:
     """Add ``stats``, ``flows``, ``forward`` and ``top`` to the top-level subparsers."""
     stats = sub.add_parser("stats", help="print a running guestnet's counters (control API)")
-    _api_option(stats)
-    stats.add_argument("--json", action="store_true", help="print the API's JSON as is")
+    _api_options(stats)
     stats.set_defaults(client=cmd_stats)
 
     flows = sub.add_parser("flows", help="list a running guestnet's NAT flows (control API)")
-    _api_option(flows)
-    flows.add_argument("--json", action="store_true", help="print the API's JSON as is")
+    _api_options(flows)
     flows.set_defaults(client=cmd_flows)
 
     fwd = sub.add_parser("forward", help="list, add or remove port forwards (control API)")
@@ -376,12 +370,11 @@ def add_client_parsers(sub: Any) -> None:
     rm = fsub.add_parser("rm", help="remove forwards by id")
     rm.add_argument("ids", nargs="+", metavar="ID")
     for p in (add, ls, rm):
-        _api_option(p)
-        p.add_argument("--json", action="store_true", help="print the API's JSON as is")
+        _api_options(p)
         p.set_defaults(client=cmd_forward)
 
     top = sub.add_parser("top", help="live view of throughput, flows, drops and pool use")
-    _api_option(top)
+    _api_options(top, json=False)
     top.add_argument(
         "--interval", type=_positive, default=1.0, help="seconds between refreshes (%(default)s)"
     )
