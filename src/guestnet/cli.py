@@ -16,9 +16,14 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from guestnet import __version__
+from guestnet.api import StartError
+from guestnet.client import add_client_parsers, run_client
 from guestnet.config import MAX_MTU, MIN_MTU, Config, parse_mac
 from guestnet.core.dhcp import check_config as check_dhcp_config
 from guestnet.instance import Instance, raise_nofile_limit
+from guestnet.io import netns as netns_cmds
+from guestnet.io.forwards import parse_publish
+from guestnet.io.links import DgramLink, StreamServer
 
 log = logging.getLogger("guestnet")
 
@@ -119,8 +124,6 @@ def _dns_upstream(text: str) -> tuple[str, int]:
 
 
 def _publish(text: str) -> list[tuple[str, str, int, int]]:
-    from guestnet.io.forwards import parse_publish
-
     try:
         return parse_publish(text)
     except ValueError as exc:
@@ -344,8 +347,6 @@ def build_parser() -> argparse.ArgumentParser:
     dgram.add_argument(
         "--socket", required=True, help="unix datagram socket path to bind (mode 0600)"
     )
-    from guestnet.client import add_client_parsers
-
     add_client_parsers(sub)
     return parser
 
@@ -359,8 +360,6 @@ def _setup_logging(level: str) -> None:
 
 
 def _serve(inst: Instance) -> int:
-    from guestnet.api import StartError
-
     inst.loop.install_signal_handlers()
     try:
         inst.run()
@@ -374,8 +373,6 @@ def _serve(inst: Instance) -> int:
 
 def cmd_qemu(args: argparse.Namespace, config: Config) -> int:
     """Serve QEMU stream connections until a signal."""
-    from guestnet.io.links import StreamServer
-
     inst = Instance(config)
     mac = config.guest_mac.hex(":")
     try:
@@ -401,8 +398,6 @@ def cmd_qemu(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_dgram(args: argparse.Namespace, config: Config) -> int:
     """Serve one unix datagram link until a signal."""
-    from guestnet.io.links import DgramLink
-
     inst = Instance(config)
     path = os.path.abspath(args.socket)
     try:
@@ -425,8 +420,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "client", None) is not None:
-        from guestnet.client import run_client
-
         return run_client(args)
     _setup_logging(args.log_level)
     try:
@@ -439,9 +432,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_qemu(args, config)
     if args.command == "dgram":
         return cmd_dgram(args, config)
-    from guestnet.api import StartError
-    from guestnet.io import netns as netns_cmds
-
     try:
         if args.command == "run":
             return netns_cmds.cmd_run(args, config)
