@@ -179,6 +179,7 @@ class IcmpService:
         self.counters.inc("icmp.echo.sent")
 
     def _flow_for(self, pkt: Ipv4Packet, ident: int, now: float) -> EchoFlow | None:
+        """The guest's echo flow, opened (and room made) on first use; None if no socket."""
         key = (pkt.ip.src, ident)
         flows = self.flows
         flow = flows.get(key)
@@ -237,10 +238,6 @@ class IcmpService:
         self._finish_icmp(frame, icmp_len, guest_src, flow.guest_ip, flow.guest_mac)
         self.counters.inc("icmp.echo.reply")
 
-    def flow_by_key(self, guest_ip: bytes, guest_ident: int) -> EchoFlow | None:
-        """The echo flow for a guest address and identifier, if any."""
-        return self.flows.get((guest_ip, guest_ident))
-
     # -- errors toward the guest -----------------------------------------------------------
 
     def send_unreachable(self, pkt: Ipv4Packet, code: int, origin: bytes) -> None:
@@ -284,6 +281,7 @@ class IcmpService:
         code: int,
         type_: int = ICMP_DEST_UNREACH,
     ) -> None:
+        """The error message both senders share: ``ip_head`` and the start of ``l4`` quoted."""
         quote_len = min(len(l4), ICMP_ERROR_MAX - IPV4_HLEN - ICMP_HLEN - len(ip_head))
         frame = self.pool.acquire()
         buf = frame.view
@@ -308,6 +306,7 @@ class IcmpService:
         send_ipv4_to_guest(frame, self.config.mtu, self.pool, self.switch.send)
 
     def _headers(self, frame: Frame, icmp_len: int, src: bytes, dst: bytes, mac: bytes) -> None:
+        """IPv4 and Ethernet headers in front of the ICMP message, each with a fresh IP id."""
         self._ident = (self._ident + 1) & 0xFFFF
         off = build_ethernet(frame.view, frame.start, mac, self.config.mac, ETHERTYPE_IPV4)
         build_ipv4(frame.view, off, src, dst, PROTO_ICMP, icmp_len, self._ident, 64, 0)

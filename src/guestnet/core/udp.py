@@ -215,6 +215,10 @@ class UdpNat:
         counters.inc("nat.udp.to_host")
 
     def _flow_for(self, pkt: Ipv4Packet, sport: int, now: float) -> UdpFlow | None:
+        """The guest source's flow, opened (and room made) on first use; None if no socket.
+
+        The flow follows the guest's MAC, so replies reach a guest whose MAC changed.
+        """
         key = (pkt.ip.src, sport)
         flows = self.flows
         flow = flows.get(key)
@@ -330,6 +334,7 @@ class UdpNat:
         return port
 
     def _reply_inbound(self, flow: InboundFlow, payload: memoryview, now: float) -> None:
+        """The guest answers a published port's client: through the forward's socket."""
         flow.last_used = now
         self.inbound.move_to_end(flow.key)
         try:
@@ -340,6 +345,7 @@ class UdpNat:
         self.counters.inc("nat.udp.forward.to_host")
 
     def _drop_inbound(self, flow: InboundFlow) -> None:
+        """Forget an inbound flow in both indexes (the source one only if it still points here)."""
         self.inbound.pop(flow.key, None)
         if self._inbound_by_source.get(flow.source) is flow:
             del self._inbound_by_source[flow.source]

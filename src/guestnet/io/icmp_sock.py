@@ -164,6 +164,7 @@ class IcmpDriver:
         return echo
 
     def _on_raw(self, _events: int) -> None:
+        """Receive from the raw socket; keep only echo replies carrying one of our identifiers."""
         raw = self.raw
         assert raw is not None
         pool = self.pool
