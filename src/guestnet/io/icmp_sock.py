@@ -132,7 +132,6 @@ class IcmpDriver:
         self.loop: Loop = inst.loop
         self.pool = inst.pool_to_guest
         self.counters = inst.counters
-        self.mode = mode
         self.raw: socket.socket | None = None
         self.raw_flows: dict[int, RawEcho] = {}
         self._next_ident = os.getpid() & 0xFFFF
