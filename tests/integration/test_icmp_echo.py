@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
-from nsutil import Guestnet, Netns
-from test_udp_nat import OUTSIDE_IP, make_outside
+from nsutil import OUTSIDE_IP, Guestnet, Netns
 
 pytestmark = pytest.mark.root
 
@@ -55,15 +54,6 @@ def raw_echo(guest: Netns, addr: str, ident: int, seq: int, payload: bytes) -> o
         [sys.executable, "-c", RAW_ECHO, addr, str(ident), str(seq), payload.hex()], timeout=20
     ).stdout
     return json.loads(out)
-
-
-@pytest.fixture
-def outside(sandbox: Netns) -> Iterator[Netns]:
-    ns = make_outside(sandbox)
-    try:
-        yield ns
-    finally:
-        ns.delete()
 
 
 @pytest.mark.parametrize("addr", ["10.0.2.2", "10.0.2.3"])
