@@ -12,14 +12,17 @@ takes seconds. Medians over ``--reps``.
 during one extra rr run and one extra connrate run, writes the raw (collapsed) stacks to DIR
 and prints the hottest functions. ``--strace`` counts guestnet's system calls (``strace -c``)
 during one extra run of each and prints them with the number of round trips/connections, so the
-calls per request can be read off. "CPU us/rr" and "CPU us/conn" are the backend process's
-utime+stime per round trip and per connection (/proc/PID/stat, 10 ms ticks: use --count >= 2000).
+calls per request can be read off. ``--attach CMD`` runs any tool on the guestnet process the
+same way (``{pid}`` and ``{what}`` in CMD are replaced; e.g. ``"perf stat -p {pid}"``). "CPU us/rr" and
+"CPU us/conn" are the backend process's utime+stime per round trip and per connection
+(/proc/PID/stat, 10 ms ticks: use --count >= 2000).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -61,14 +64,14 @@ def _attach(tool: list[str], pid: int) -> subprocess.Popen[Any]:
     return proc
 
 
-def _detach(proc: subprocess.Popen[Any]) -> str:
+def _detach(proc: subprocess.Popen[Any], stream: str = "stderr") -> str:
     proc.send_signal(2)
     try:
-        _, err = proc.communicate(timeout=20)
+        out, err = proc.communicate(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
-        _, err = proc.communicate(timeout=5)
-    return str(err)
+        out, err = proc.communicate(timeout=5)
+    return str(out if stream == "stdout" else err)
 
 
 def measure(h: compare.Harness, backend: str, mtu: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -119,6 +122,17 @@ def measure(h: compare.Harness, backend: str, mtu: int, args: argparse.Namespace
                 h.netbench(topo, argv, timeout=90)
                 _detach(prof)
                 print(summarize(path, 25), flush=True)
+        if backend == "guestnet" and pid and args.attach:
+            for what, argv in (("rr", _rr_argv(args.count)),
+                               ("connrate", _conn_argv(args.conn_seconds))):  # fmt: skip
+                tool = subprocess.Popen(
+                    shlex.split(args.attach.replace("{pid}", str(pid)).replace("{what}", what)),
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                )  # fmt: skip
+                time.sleep(1.0)
+                r = h.netbench(topo, argv, timeout=90)
+                text = _detach(tool, stream="stdout")
+                print(f"--- {args.attach} during {what}: {r.get('count')} ---\n{text}", flush=True)
         if backend == "guestnet" and pid and args.strace:
             for what, argv in (("rr", _rr_argv(args.count)),
                                ("connrate", _conn_argv(args.conn_seconds))):  # fmt: skip
@@ -143,6 +157,7 @@ def main() -> int:
     p.add_argument("--conn-seconds", type=float, default=2.0)
     p.add_argument("--profile", metavar="DIR")
     p.add_argument("--strace", action="store_true")
+    p.add_argument("--attach", metavar="CMD", help="run CMD ({pid}: guestnet's) during extra runs")
     args = p.parse_args()
     if not (1 <= args.reps <= 20 and 10 <= args.count <= 100000 and args.conn_seconds <= 30):
         p.error("--reps 1..20, --count 10..100000, --conn-seconds <= 30")

@@ -16,6 +16,7 @@ import pytest
 
 from guestnet.core.policy import Policy
 from guestnet.core.tcp import (
+    DELACK_S,
     IDLE_TIMEOUT_S,
     OUR_WSCALE,
     REAP_DELAY_S,
@@ -428,7 +429,9 @@ def test_guest_data_written_and_acked_once_per_turn(tcp: Tcp) -> None:
         seq += len(chunk)
     assert bytes(tcp.sock.written) == b"hello world"
     acks = tcp.out()
-    assert [s.ack for s in acks] == [ISN + 1 + 6, ISN + 1 + 11]
+    # The first small segment's ACK is held (DELACK_S, for an answer to carry it); the second
+    # segment makes it go out at the end of that turn, for both.
+    assert [s.ack for s in acks] == [ISN + 1 + 11]
     assert all(s.flags == ACK and s.payload == b"" for s in acks)
     # The advertised window is the host socket's room, scaled.
     assert acks[-1].window == (1 << 20) >> OUR_WSCALE
@@ -452,6 +455,7 @@ def test_ack_only_what_the_host_took_then_window_update(tcp: Tcp) -> None:
     assert s.ack == ISN + 1 + 3 and s.window == (1 << 16) >> OUR_WSCALE
     tcp.send(ACK | PSH, ISN + 1, OUR_ISS + 1, b"abcdefgh")
     assert bytes(tcp.sock.written) == b"abcdefgh"
+    tcp.advance(DELACK_S)  # five new bytes: a small segment, its ACK held
     (s,) = tcp.out()
     assert s.ack == ISN + 1 + 8
     assert c(tcp, "tcp.segment.trimmed") == 1
@@ -461,6 +465,7 @@ def test_small_window_rechecked_on_timer(tcp: Tcp) -> None:
     tcp.open()
     tcp.sock.room = 100
     tcp.send(ACK | PSH, ISN + 1, OUR_ISS + 1, b"x")
+    tcp.advance(DELACK_S)
     (s,) = tcp.out()
     assert s.window == 0  # 100 bytes scaled by 128
     tcp.advance(0.0011)

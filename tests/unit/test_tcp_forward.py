@@ -16,6 +16,7 @@ import pytest
 from guestnet.config import Config
 from guestnet.core.port import Port
 from guestnet.core.tcp import (
+    DELACK_S,
     FORWARD_CONNECT_TIMEOUT_S,
     FORWARD_PORT_MAX,
     FORWARD_PORT_MIN,
@@ -142,6 +143,7 @@ def test_syn_ack_then_ack_and_data_both_ways(fwd: Fwd) -> None:
     # guest -> host, with the ACK of that data
     fwd.guest(flow, ACK | PSH, GISN + 1, OUR_ISS + 1 + len(d.payload), b"HTTP/1.0 200 OK\r\n")
     assert bytes(sock.written) == b"HTTP/1.0 200 OK\r\n"
+    fwd.tcp.advance(DELACK_S)  # a small segment: its ACK is held for an answer to carry
     (a,) = fwd.tcp.out()
     assert a.flags == ACK and a.ack == GISN + 1 + 17
     assert flow.unacked == b""

@@ -3,12 +3,15 @@ and the host socket (issue 6, latency). Behaviour only; the timings are in bench
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from guestnet.core.tcp import READ_BATCH, TcpFlow
+from guestnet.core.tcp import DELACK_S, READ_BATCH, TcpFlow
+from guestnet.io.tcp_nat import TcpNatDriver, _HostSock
 from guestnet.wire.tcp import ACK, PSH
 
 from .test_tcp import ISN, OUR_ISS, FakeIo, Tcp
@@ -57,3 +60,65 @@ def test_bulk_reads_grow_to_the_batch_limit(tcp: Tcp) -> None:
     tcp.host_data(bytes(mss * 300))
     assert io.offered[:6] == [2, 4, 8, 16, 32, READ_BATCH], io.offered
     assert sum(len(s.payload) for s in tcp.out()) == mss * 300
+
+
+def test_answer_within_the_delay_carries_the_ack(tcp: Tcp) -> None:
+    """A 1-byte request answered at once costs one frame to the guest, not a bare ACK too."""
+    tcp.open()
+    tcp.send(ACK | PSH, ISN + 1, OUR_ISS + 1, b"q")
+    assert tcp.out() == [], "the ACK for a lone small segment is held"
+    tcp.host_data(b"a")
+    (seg,) = tcp.out()
+    assert seg.payload == b"a" and seg.ack == ISN + 2
+    tcp.advance(DELACK_S * 2)
+    assert tcp.out() == [], "nothing left to acknowledge"
+    assert "tcp.ack.delayed" not in tcp.core.counters.counts
+
+
+def test_no_answer_bare_ack_after_the_delay(tcp: Tcp) -> None:
+    tcp.open()
+    tcp.send(ACK | PSH, ISN + 1, OUR_ISS + 1, b"q")
+    assert tcp.out() == []
+    assert tcp.io.timers[tcp.flow] <= tcp.now + DELACK_S
+    tcp.advance(DELACK_S)
+    (ack,) = tcp.out()
+    assert ack.flags == ACK and ack.ack == ISN + 2 and ack.payload == b""
+    assert tcp.core.counters["tcp.ack.delayed"] == 1
+
+
+def test_full_segments_acked_the_same_turn(tcp: Tcp) -> None:
+    """Bulk data (a full MSS or a super-frame) is acknowledged at the end of its turn."""
+    tcp.open()
+    mss = tcp.flow.mss
+    tcp.send(ACK, ISN + 1, OUR_ISS + 1, bytes(mss))
+    (ack,) = tcp.out()
+    assert ack.ack == ISN + 1 + mss
+
+
+def _driver_with(sock: socket.socket) -> tuple[TcpNatDriver, Any]:
+    drv = TcpNatDriver(SimpleNamespace(loop=None), SimpleNamespace(io=None))  # type: ignore[arg-type]
+    return drv, SimpleNamespace(io_data=_HostSock(sock))
+
+
+def test_driver_skips_the_eagain_read_after_a_short_one() -> None:
+    """After a short read with no hang-up reported the next read returns -1 without a system
+    call; a hang-up in the event makes it read on (an EOF may sit behind the data)."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    try:
+        drv, flow = _driver_with(a)
+        buf = memoryview(bytearray(100))
+        b.send(b"xy")
+        assert drv.recv_into(flow, [buf]) == 2
+        b.send(b"z")  # arrived after the read: epoll would report it as a new event
+        assert drv.recv_into(flow, [buf]) == -1
+        flow.io_data.drained = False  # what that event does
+        assert drv.recv_into(flow, [buf]) == 1
+        b.send(b"w")
+        b.shutdown(socket.SHUT_WR)
+        flow.io_data.drained, flow.io_data.hup = False, True  # an event with EPOLLRDHUP
+        assert drv.recv_into(flow, [buf[:50], buf[50:]]) == 1
+        assert drv.recv_into(flow, [buf]) == 0, "the EOF behind the data is read"
+    finally:
+        a.close()
+        b.close()

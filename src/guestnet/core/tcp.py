@@ -39,7 +39,10 @@ short timer (``WND_CHECK_*``), because a send buffer that drains without an earl
 raises no EPOLLOUT. Segments beyond ``rcv_nxt`` are dropped and answered with a duplicate ACK
 at once (the guest's fast retransmit needs three); retransmitted bytes we already have are
 trimmed. ACKs for in-order data are coalesced to one per flow per loop turn
-(:meth:`TcpNat.flush`).
+(:meth:`TcpNat.flush`), except that the ACK for a lone segment shorter than the MSS (a request)
+is held up to ``DELACK_S`` so that the host's answer carries it (a bare ACK per request was a
+quarter of guestnet's work in a 1-byte ping-pong); a second segment sends it that turn, as a
+receiver acknowledges at least every other segment (RFC 9293 3.8.6.3).
 
 Host to guest. We read the host socket only while the guest's window (and ``MAX_UNACKED``)
 has room, straight into the payload area of a pooled frame, write the headers in front and
@@ -129,6 +132,9 @@ PERSIST_MAX_S = 60.0
 #: Re-check of a window we advertised below one MSS: first, ceiling.
 WND_CHECK_MIN_S = 0.001
 WND_CHECK_MAX_S = 0.2
+#: How long the ACK for a lone small in-order segment (a request) is held, so that the host's
+#: answer can carry it: a loopback server answers within tens of microseconds.
+DELACK_S = 0.001
 #: How long a flow with both directions closed lingers (socket already closed).
 REAP_DELAY_S = 1.0
 #: Our window-scale shift: windows up to 8 MiB.
@@ -218,6 +224,7 @@ class TcpFlow:
         "connect_deadline",
         "created",
         "deferred",
+        "delack_deadline",
         "dns",
         "dst_ip",
         "dst_port",
@@ -311,6 +318,8 @@ class TcpFlow:
         #: Pooled frames offered to the next host read (adapts to the reads; see ``_pump``).
         self.read_frames = 2
         self.deferred = False
+        #: When a held ACK goes out bare (only while ``ack_pending``; see ``DELACK_S``).
+        self.delack_deadline: float | None = None
         self.wnd_check_deadline: float | None = None
         self.wnd_check_interval = WND_CHECK_MIN_S
         # host -> guest
@@ -560,6 +569,11 @@ class TcpNat:
             self._on_persist(flow, now)
         if flow.wnd_check_deadline is not None and now >= flow.wnd_check_deadline:
             self._on_wnd_check(flow, now)
+        if flow.delack_deadline is not None and now >= flow.delack_deadline:
+            flow.delack_deadline = None
+            if flow.ack_pending and flow.state == ESTABLISHED:
+                self.counters.inc("tcp.ack.delayed")
+                self._send_ack(flow)
         self._arm(flow)
 
     def flows_info(self, now: float) -> list[dict[str, object]]:
@@ -980,9 +994,17 @@ class TcpNat:
             self._send_ack(flow)
             self._check_done(flow, now)
             return
-        if plen and not flow.ack_pending:
-            flow.ack_pending = True
-            self._defer(flow)
+        if plen:
+            if flow.ack_pending:
+                # A second segment before the held ACK went out: acknowledge this turn.
+                self._defer(flow)
+            elif plen < flow.mss:
+                # A lone small segment: hold the ACK, the host's answer may carry it.
+                flow.ack_pending = True
+                flow.delack_deadline = now + DELACK_S
+            else:
+                flow.ack_pending = True
+                self._defer(flow)
 
     def _defer(self, flow: TcpFlow) -> None:
         """Have :meth:`flush` visit ``flow`` at the end of this loop turn."""
@@ -1505,16 +1527,21 @@ class TcpNat:
             self.io.set_timer(flow, flow.reap_deadline)
             return
         when = flow.last_active + IDLE_TIMEOUT_S
-        for deadline in (
-            flow.connect_deadline,
-            flow.rto_deadline,
-            flow.persist_deadline,
-        ):
-            if deadline is not None and deadline < when:
-                when = deadline
-        check = flow.wnd_check_deadline
-        if check is not None and check < when:
-            when = check
+        d = flow.connect_deadline
+        if d is not None and d < when:
+            when = d
+        d = flow.rto_deadline
+        if d is not None and d < when:
+            when = d
+        d = flow.persist_deadline
+        if d is not None and d < when:
+            when = d
+        d = flow.wnd_check_deadline
+        if d is not None and d < when:
+            when = d
+        d = flow.delack_deadline
+        if d is not None and d < when and flow.ack_pending:
+            when = d
         self.io.set_timer(flow, when)
 
 

@@ -9,7 +9,9 @@ decided when to push; Nagle here would only add latency). Each is registered onc
 has no window for does not wake the loop again and again, and no ``epoll_ctl`` is needed when
 the window opens or closes. The core remembers an edge it could not act on (``host_readable``).
 The first EPOLLOUT edge means the connect finished (SO_ERROR says how); later ones mean the send
-buffer has room after an EAGAIN.
+buffer has room after an EAGAIN. Linux reports every arrival (data, FIN, reset) on an
+edge-triggered socket as a new event, so a read that came back short with no hang-up in the
+event has emptied the queue: the read after it, which could only say EAGAIN, is skipped.
 
 The room the core advertises to the guest is the send buffer's free memory as the kernel counts
 it (``SO_MEMINFO``: ``SO_SNDBUF`` minus ``wmem_queued``), less an eighth for per-buffer overhead.
@@ -67,12 +69,17 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 class _HostSock:
     """A flow's host socket and loop timer (the flow's ``io_data``)."""
 
-    __slots__ = ("fd", "sock", "timer")
+    __slots__ = ("drained", "fd", "hup", "sock", "timer")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock: socket.socket | None = sock
         self.fd = sock.fileno()
         self.timer: Timer | None = None
+        #: The last read came back short with no hang-up in the last event: the receive
+        #: queue was empty, so the next read would only say EAGAIN (see ``recv_into``).
+        self.drained = False
+        #: The last event reported EOF or an error (EPOLLRDHUP, EPOLLHUP, EPOLLERR).
+        self.hup = False
 
 
 class TcpNatDriver:
@@ -116,6 +123,8 @@ class TcpNatDriver:
 
         def on_events(events: int) -> None:
             now = loop.now()
+            hs.drained = False
+            hs.hup = bool(events & (EPOLLERR | EPOLLHUP | select.EPOLLRDHUP))
             if flow.state == CONNECTING:
                 if not events & (EPOLLOUT | EPOLLERR | EPOLLHUP):
                     return
@@ -142,15 +151,28 @@ class TcpNatDriver:
             return 0
 
     def recv_into(self, flow: TcpFlow, bufs: list[memoryview]) -> int:
-        sock = flow.io_data.sock
+        hs = flow.io_data
+        sock = hs.sock
         if sock is None:
             return 0
+        if hs.drained:
+            # A short read emptied the queue and no hang-up was reported: skip the read that
+            # would only say EAGAIN. Edge-triggered epoll reports every arrival after that
+            # read (data, FIN, reset) as a new event, which clears the mark.
+            hs.drained = False
+            return -1
         try:
             if len(bufs) == 1:
-                return int(sock.recv_into(bufs[0]))
-            return int(sock.recvmsg_into(bufs)[0])
+                n = int(sock.recv_into(bufs[0]))
+                asked = len(bufs[0])
+            else:
+                n = int(sock.recvmsg_into(bufs)[0])
+                asked = sum(map(len, bufs))
         except BlockingIOError:
             return -1
+        if 0 < n < asked and not hs.hup:
+            hs.drained = True
+        return n
 
     def send_room(self, flow: TcpFlow) -> int:
         hs = flow.io_data
