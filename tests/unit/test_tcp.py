@@ -619,6 +619,8 @@ def test_guest_fin_is_half_close(tcp: Tcp) -> None:
     tcp.send(ACK | FIN, ISN + 1, OUR_ISS + 1, b"bye")
     assert bytes(tcp.sock.written) == b"bye"
     assert tcp.sock.shut_wr
+    assert tcp.out() == [], "the ACK is held for our FIN to carry"
+    tcp.advance(DELACK_S)  # the host did not close: it goes out bare
     (s,) = tcp.out()
     assert s.ack == ISN + 1 + 4
     assert tcp.flow.state_name == "CLOSE_WAIT"

@@ -12,7 +12,7 @@ import pytest
 
 from guestnet.core.tcp import DELACK_S, READ_BATCH, TcpFlow
 from guestnet.io.tcp_nat import TcpNatDriver, _HostSock
-from guestnet.wire.tcp import ACK, PSH
+from guestnet.wire.tcp import ACK, FIN, PSH
 
 from .test_tcp import ISN, OUR_ISS, FakeIo, Tcp
 
@@ -93,6 +93,21 @@ def test_full_segments_acked_the_same_turn(tcp: Tcp) -> None:
     tcp.send(ACK, ISN + 1, OUR_ISS + 1, bytes(mss))
     (ack,) = tcp.out()
     assert ack.ack == ISN + 1 + mss
+
+
+def test_guest_fin_acked_by_our_fin_when_the_host_closes_at_once(tcp: Tcp) -> None:
+    """connect, 1 byte, close: the guest's FIN and the host's EOF make one FIN|ACK frame."""
+    tcp.open()
+    tcp.send(ACK | FIN, ISN + 1, OUR_ISS + 1)
+    assert tcp.sock.shut_wr and tcp.out() == []
+    tcp.sock.eof = True
+    tcp.nat.host_readable(tcp.flow, tcp.now)
+    (fin,) = tcp.out()
+    assert fin.flags == FIN | ACK and fin.ack == ISN + 2 and fin.seq == OUR_ISS + 1
+    tcp.send(ACK, ISN + 2, OUR_ISS + 2)
+    assert tcp.sock.closed and tcp.out() == []
+    tcp.advance(DELACK_S * 2)
+    assert tcp.out() == []
 
 
 def _driver_with(sock: socket.socket) -> tuple[TcpNatDriver, Any]:

@@ -991,6 +991,12 @@ class TcpNat:
                 except OSError as exc:
                     self._host_error(flow, exc)
                     return
+                if not flow.fin_sent:
+                    # The host usually closes at once on our shutdown: hold the ACK so that
+                    # our FIN carries it (one frame to the guest instead of two).
+                    flow.ack_pending = True
+                    flow.delack_deadline = now + DELACK_S
+                    return
             self._send_ack(flow)
             self._check_done(flow, now)
             return
