@@ -49,7 +49,7 @@ from guestnet.wire.tcp import ACK, FIN, PSH, RST, SYN, build_syn_options, parse_
 from guestnet.wire.udp import parse_udp, verify_udp
 
 FUZZ_SETTINGS = settings(
-    max_examples=300,
+    max_examples=600,
     deadline=None,
     derandomize=True,
     database=None,
@@ -800,7 +800,7 @@ def test_fuzz_every_service(
     run_script(rig, frames, data, data.draw(st.integers(1, 25), label="steps"))
 
 
-@settings(FUZZ_SETTINGS, max_examples=150)
+@settings(FUZZ_SETTINGS, max_examples=300)
 @given(data=st.data(), offload=st.booleans())
 def test_fuzz_established_tcp_flow(
     make_core: Any, frames: Any, data: st.DataObject, offload: bool
