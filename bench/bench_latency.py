@@ -13,9 +13,9 @@ during one extra rr run and one extra connrate run, writes the raw (collapsed) s
 and prints the hottest functions. ``--strace`` counts guestnet's system calls (``strace -c``)
 during one extra run of each and prints them with the number of round trips/connections, so the
 calls per request can be read off. ``--attach CMD`` runs any tool on the guestnet process the
-same way (``{pid}`` and ``{what}`` in CMD are replaced; e.g. ``"perf stat -p {pid}"``). "CPU us/rr" and
-"CPU us/conn" are the backend process's utime+stime per round trip and per connection
-(/proc/PID/stat, 10 ms ticks: use --count >= 2000).
+same way (``{pid}`` and ``{what}`` in CMD are replaced; e.g. ``"perf stat -p {pid}"``).
+"CPU us/rr" and "CPU us/conn" are the backend process's utime+stime per round trip and per
+connection (/proc/PID/stat, 10 ms ticks: use --count >= 2000).
 """
 
 from __future__ import annotations
