@@ -15,6 +15,7 @@ parsing becomes a drop counted by its reason; no bad frame ever raises out of
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 
 from guestnet.config import Config
@@ -42,6 +43,15 @@ MAX_FRAME = ETH_HLEN + 4 + 65535
 DHCP_SERVER_PORT = 67
 DNS_PORT = 53
 
+#: Ethernet, IPv4 (no options) and the first 16 bytes of TCP in one unpack, for the fast path:
+#: dst MAC, src MAC, ethertype, version/IHL, total length, flags/fragment, protocol, src, dst,
+#: ports, seq, ack, data offset, flags, window.
+_FAST = struct.Struct("!6s6sHBxHxxHxBxx4s4sHHIIBBH")
+#: Smallest frame the fast path looks at: Ethernet + IPv4 + TCP headers.
+_FAST_MIN = ETH_HLEN + 40
+#: TCP segment handler for the fast path; see :attr:`FrameClassifier.tcp_fast`.
+TcpFast = Callable[[memoryview, bytes, bytes, int, int, int, int, int, int, int, float], bool]
+
 
 class FrameClassifier:
     """Routes guest frames to the services that own them."""
@@ -61,8 +71,13 @@ class FrameClassifier:
         self.reassembly: FragmentHandler | None = None
         #: Capture tap (pcap): sees every guest frame first, with the link's checksum verdict.
         self.capture: Callable[[memoryview, bool], None] | None = None
+        #: The TCP NAT's entry for a segment of an established flow
+        #: (:meth:`guestnet.core.tcp.TcpNat.handle_fast`): False means not handled and nothing
+        #: changed, and the frame takes the ordinary path.
+        self.tcp_fast: TcpFast | None = None
         self._mac = config.mac
         self._dns_dsts = frozenset((config.dns_ip_b, config.gateway_b))
+        self._broadcast = config.broadcast_b
 
     def handle_frame(
         self, frame: memoryview, port: Port, now: float, csum_trusted: bool = False
@@ -73,6 +88,43 @@ class FrameClassifier:
         if self.capture is not None:
             self.capture(frame, csum_trusted)
         try:
+            fast = self.tcp_fast
+            if fast is not None and csum_trusted and len(frame) >= _FAST_MIN:
+                # Fast path: a unicast IPv4/TCP frame from the port's known guest, header
+                # without options, checksum valid, not a fragment, not for DNS: exactly the
+                # frames the ordinary path would hand to the TCP NAT unchanged. The NAT takes it
+                # only for an established flow; anything else (and any doubt) goes the long way.
+                (dst, src, etype, vihl, total_len, frag, proto, sip, dip, sport, dport, seq, ack,
+                 off, flags, window) = _FAST.unpack_from(frame, 0)  # fmt: skip
+                hlen = (off >> 4) * 4
+                if (
+                    etype == ETHERTYPE_IPV4
+                    and vihl == 0x45
+                    and proto == PROTO_TCP
+                    and not frag & 0x3FFF
+                    and dst == self._mac
+                    and src == port.guest_mac
+                    and 40 <= total_len <= len(frame) - ETH_HLEN
+                    and 20 <= hlen <= total_len - 20
+                    and dip[0] < 224
+                    and dip != self._broadcast
+                    and (dport != DNS_PORT or dip not in self._dns_dsts)
+                    and int.from_bytes(frame[ETH_HLEN : ETH_HLEN + 20], "big") % 0xFFFF == 0
+                    and fast(
+                        frame[ETH_HLEN + 20 : ETH_HLEN + total_len],
+                        sip,
+                        dip,
+                        sport,
+                        dport,
+                        seq,
+                        ack,
+                        hlen,
+                        flags,
+                        window,
+                        now,
+                    )
+                ):
+                    return
             self._dispatch(frame, port, now, csum_trusted)
         except WireError as exc:
             self.counters.inc(exc.reason)

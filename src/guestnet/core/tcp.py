@@ -42,7 +42,11 @@ trimmed. ACKs for in-order data are coalesced to one per flow per loop turn
 (:meth:`TcpNat.flush`), except that the ACK for a lone segment shorter than the MSS (a request)
 is held up to ``DELACK_S`` so that the host's answer carries it (a bare ACK per request was a
 quarter of guestnet's work in a 1-byte ping-pong); a second segment sends it that turn, as a
-receiver acknowledges at least every other segment (RFC 9293 3.8.6.3).
+receiver acknowledges at least every other segment (RFC 9293 3.8.6.3). A segment of an
+established flow from a link with trusted checksums skips the classifier's general parse and
+route: the classifier unpacks Ethernet, IPv4 and TCP headers in one go and calls
+:meth:`TcpNat.handle_fast`, which takes it only for an established flow (else it goes the
+ordinary way, unchanged).
 
 Host to guest. We read the host socket only while the guest's window (and ``MAX_UNACKED``)
 has room, straight into the payload area of a pooled frame, write the headers in front and
@@ -474,6 +478,32 @@ class TcpNat:
             self._closed(flow, pkt, key, l4, hlen, seq, ack, flags, now, dns)
         if flow.state != CLOSED or flow.reap_deadline is not None:
             self._arm(flow)
+
+    def handle_fast(
+        self,
+        l4: memoryview,
+        src: bytes,
+        dst: bytes,
+        sport: int,
+        dport: int,
+        seq: int,
+        ack: int,
+        hlen: int,
+        flags: int,
+        window: int,
+        now: float,
+    ) -> bool:
+        """The classifier's fast path (``tcp_fast``): a guest segment already parsed and
+        checked, taken only for an established flow, as :meth:`handle_segment` would take it.
+        False: not taken, nothing changed (the segment goes the ordinary way)."""
+        flow = self.table.get((src, sport, dst, dport))
+        if flow is None or flow.state != ESTABLISHED or (flags & SYN and flags & (FIN | RST)):
+            return False
+        self._now = now
+        self._established(flow, l4, hlen, seq, ack, flags, window, now)
+        if flow.state != CLOSED or flow.reap_deadline is not None:
+            self._arm(flow)
+        return True
 
     def host_connected(self, flow: TcpFlow, err: int, now: float) -> None:
         """The driver: the host connect finished (``err`` 0) or failed (an errno)."""

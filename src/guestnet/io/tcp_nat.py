@@ -321,6 +321,7 @@ def setup_tcp_nat(inst: Instance) -> TcpNatDriver:
     )
     driver = TcpNatDriver(inst, nat)
     inst.classifier.tcp_nat = nat
+    inst.classifier.tcp_fast = nat.handle_fast
     inst.classifier.dns_tcp = nat.dns_handler
     forwards = getattr(inst, "forwards", None)
     if forwards is not None:
