@@ -363,3 +363,26 @@ def make_outside(sandbox: Netns) -> Netns:
         outside.delete()
         raise
     return outside
+
+
+#: dnsmasq (Debian dnsmasq-base), the local upstream DNS server the tests start in a sandbox.
+DNSMASQ = "/usr/sbin/dnsmasq"
+
+
+def dnsmasq_argv(port: int) -> list[str]:
+    """dnsmasq authoritative for test.internal (www.test.internal is 198.18.0.10), forwarding
+    nowhere, listening on 127.0.0.1:``port`` of the namespace it runs in."""
+    return [
+        DNSMASQ,
+        "--no-resolv",
+        "--no-hosts",
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--pid-file=",
+        "--user=root",
+        "--local=/test.internal/",
+        "--address=/www.test.internal/198.18.0.10",
+        f"--port={port}",
+        "--listen-address=127.0.0.1",
+        "--bind-interfaces",
+    ]

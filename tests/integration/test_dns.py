@@ -18,11 +18,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from nsutil import Guestnet, Netns, wait_for
+from nsutil import DNSMASQ, Guestnet, Netns, dnsmasq_argv, wait_for
 
 pytestmark = pytest.mark.root
 
-DNSMASQ = "/usr/sbin/dnsmasq"
 #: Ports inside the sandbox (a fresh namespace: nothing else listens there).
 DNSMASQ_PORT = 5353
 SILENT_PORT = 5454
@@ -81,20 +80,7 @@ def _resolves(ns: Netns, port: int) -> bool:
 
 def _start_dnsmasq(sandbox: Netns, port: int) -> subprocess.Popen[bytes]:
     proc = sandbox.popen(
-        [
-            DNSMASQ,
-            "--no-resolv",
-            "--no-hosts",
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--pid-file=",
-            "--user=root",
-            "--local=/test.internal/",
-            "--address=/www.test.internal/198.18.0.10",
-            f"--port={port}",
-            "--listen-address=127.0.0.1",
-            "--bind-interfaces",
-        ],
+        dnsmasq_argv(port),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from nsutil import DNSMASQ, dnsmasq_argv
 from vm.fixtures import VmImage, vm_image, vm_sock_dir  # noqa: F401
 from vm.qemu import (
     GuestnetVm,
@@ -39,7 +40,6 @@ MODES = pytest.mark.parametrize("mode", ["qemu", "dgram"], ids=["stream", "dgram
 
 GATEWAY_MAC = "52:55:0a:00:02:02"
 VM_TIMEOUT_S = 60.0
-DNSMASQ = "/usr/sbin/dnsmasq"
 #: Ports inside the sandbox: a fresh namespace, so nothing else listens there.
 DNSMASQ_PORT = 5353
 HTTP_PORT = 8000
@@ -123,24 +123,6 @@ def _wait_listening(netns: str, port: int, proto: str, what: str, timeout_s: flo
         time.sleep(0.05)
 
 
-def _dnsmasq_argv(port: int) -> list[str]:
-    """dnsmasq authoritative for test.internal, forwarding nowhere, on the sandbox's loopback."""
-    return [
-        DNSMASQ,
-        "--no-resolv",
-        "--no-hosts",
-        "--keep-in-foreground",
-        "--conf-file=/dev/null",
-        "--pid-file=",
-        "--user=root",
-        "--local=/test.internal/",
-        "--address=/www.test.internal/198.18.0.10",
-        f"--port={port}",
-        "--listen-address=127.0.0.1",
-        "--bind-interfaces",
-    ]
-
-
 def _assert_lease(result: VmResult, mtu: int) -> None:
     """The guest bound 10.0.2.15/24 with guestnet's router, resolver and MTU, and applied them."""
     assert _rc(result, "dhcp") == 0, result.describe()
@@ -185,7 +167,7 @@ def test_dhcp_ping_and_dns(
     with (
         guestnet_vm(vm_image, mode, tmp_path, vm_sock_dir, guestnet_args=args) as gv,
         background_process(
-            _dnsmasq_argv(DNSMASQ_PORT), tmp_path / "dnsmasq.log", netns=gv.netns
+            dnsmasq_argv(DNSMASQ_PORT), tmp_path / "dnsmasq.log", netns=gv.netns
         ) as dnsmasq,
     ):
         _wait_listening(gv.netns, DNSMASQ_PORT, "u", "dnsmasq")
