@@ -28,13 +28,13 @@ from collections.abc import Callable
 import dns.message
 import dns.rrset
 
+from guestnet.assembly import Instance
 from guestnet.config import Config
 from guestnet.core.classifier import FrameClassifier
 from guestnet.core.dns import DnsService
 from guestnet.core.port import Port
 from guestnet.core.switch import Switch
 from guestnet.counters import Counters
-from guestnet.instance import Instance
 from guestnet.io.loop import EPOLLIN
 from guestnet.pool import Frame, FramePool
 from guestnet.wire.ethernet import ETHERTYPE_IPV4, build_ethernet

@@ -8,12 +8,15 @@ Three layers, each testable alone:
   an :class:`HttpError`. A small, strict subset of HTTP/1.1 (RFC 9112): a request line, header
   fields, and a body only by ``Content-Length`` (``Transfer-Encoding`` gets 501). The head is
   bounded by :data:`MAX_HEAD` (431 beyond) and the body by :data:`MAX_BODY` (413).
-- :class:`Api` (sans-I/O but for the instance it reads): routes ``(method, path, body, now)`` to a
-  status and a JSON value. Routes: ``GET /stats``, ``GET /flows``, ``GET /leases``,
+- :class:`Api` (sans-I/O): routes ``(method, path, body, now)`` to a status and a JSON value,
+  reading and commanding the datapath only through a :class:`ControlView` (what it may see and
+  change: links, counters, pools, flow listings, leases, the capture, the forward registry).
+  Routes: ``GET /stats``, ``GET /flows``, ``GET /leases``,
   ``GET /forwards``, ``POST /forwards``, ``DELETE /forwards/ID``. Errors are
   ``{"error": "..."}`` with 400, 404, 405, 409.
-- :class:`ApiServer` (I/O): a listening unix socket (mode 0600 from birth) and at most
-  :data:`MAX_CONNECTIONS` connections, all non-blocking and registered with the instance's loop.
+- :class:`ApiServer` (I/O): a listening unix socket (mode 0600 from birth, accepting through
+  :class:`~guestnet.io.listener.Listener`, which pauses while descriptors run out) and at most
+  :data:`MAX_CONNECTIONS` connections, all non-blocking and registered with the datapath's loop.
   Each wake-up reads at most :data:`READ_CHUNK` bytes; one request is answered at a time, and
   a connection whose response has not drained is not read further (pipelined requests wait in
   the kernel). Idle connections close after :data:`IDLE_TIMEOUT_S`. A bad request is answered
@@ -23,32 +26,31 @@ The API never blocks the datapath: every call is bounded work on the loop thread
 ``/flows`` is linear in the number of flows (bounded by ``max_flows``). The socket is on the host
 file system: nothing of it is reachable from the guest.
 
-Flow sources: any service on the classifier (``tcp_nat``, ``udp_nat``, ``icmp``) that has a
-``flows(now) -> Iterable[Mapping[str, object]]`` method is listed. Each flow is a mapping with at
-least ``proto`` and ``state``, and by convention ``guest`` and ``host`` (``{"ip", "port"}``),
-``bytes_from_guest``, ``bytes_to_guest`` and ``age_s``; it is passed through as given.
+Flow sources: the view lists one ``source(now) -> Iterable[Mapping[str, object]]`` per NAT
+protocol (the TCP, UDP and ICMP drivers' own tables). Each flow is a mapping with at least
+``state``, and by convention ``guest``, ``dst``, ``host``, ``age_s``; ``proto`` is filled in from
+the source when missing; it is passed through as given.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from guestnet.assembly import FlowSource, Instance
+from guestnet.core.timers import Timer
+from guestnet.counters import Counters
 from guestnet.io.forwards import DEFAULT_HOST_IP, ForwardError, Forwards
-from guestnet.io.links import _bind_private
-from guestnet.io.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
-
-if TYPE_CHECKING:
-    from guestnet.core.timers import Timer
-    from guestnet.instance import Instance
+from guestnet.io.links import bind_private
+from guestnet.io.listener import Listener
+from guestnet.io.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Loop
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,40 @@ IDLE_TIMEOUT_S = 30.0
 PIPELINE_BUDGET = 8
 #: Accepts per wake-up of the listening socket.
 ACCEPT_BUDGET = 16
+
+
+@dataclass(frozen=True)
+class ControlView:
+    """What the API may read and command of one datapath, and nothing more."""
+
+    #: Per-link counters.
+    links: Callable[[], list[dict[str, object]]]
+    #: Every named counter (reason -> count), sorted.
+    drops: Callable[[], dict[str, int]]
+    #: Both frame pools' counters.
+    pools: Callable[[], dict[str, object]]
+    #: (protocol, flow listing) for each NAT service.
+    flow_sources: Callable[[], Sequence[tuple[str, FlowSource]]]
+    #: DHCP leases at ``now``.
+    leases: Callable[[float], list[object]]
+    #: The forward registry (listed, added to and removed from by the API).
+    forwards: Forwards
+    #: The pcap writer's counters while a capture runs, else None.
+    capture: Callable[[], dict[str, object] | None] = lambda: None
+
+
+def control_view(inst: Instance) -> ControlView:
+    """The API's view of an assembled datapath."""
+    return ControlView(
+        links=inst.link_stats,
+        drops=inst.counters.snapshot,
+        pools=inst.pool_stats,
+        flow_sources=inst.flow_sources,
+        leases=lambda now: list(inst.dhcp.leases(now)),
+        forwards=inst.forwards,
+        capture=inst.capture_stats,
+    )
+
 
 _TOKEN_CHARS = frozenset(
     b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -209,11 +245,11 @@ _FORWARD_FIELDS = frozenset(("proto", "host_ip", "host_port", "guest_port", "gue
 
 
 class Api:
-    """Routes requests to the instance's state. ``handle`` returns (status, JSON value)."""
+    """Routes requests to a datapath's view. ``handle`` returns (status, JSON value)."""
 
-    def __init__(self, inst: Instance, forwards: Forwards) -> None:
-        self.inst = inst
-        self.forwards = forwards
+    def __init__(self, view: ControlView) -> None:
+        self.view = view
+        self.forwards = view.forwards
 
     def handle(self, method: str, path: str, body: bytes, now: float) -> tuple[int, object]:
         """Answer one request; never raises for bad input (404/405/400...)."""
@@ -267,24 +303,11 @@ class Api:
 
     # -- GET --------------------------------------------------------------------------------------
 
-    def _flow_sources(self) -> list[tuple[str, Callable[[float], Iterable[Mapping[str, object]]]]]:
-        c = self.inst.classifier
-        seen: set[int] = set()
-        out: list[tuple[str, Callable[[float], Iterable[Mapping[str, object]]]]] = []
-        for proto, svc in (("tcp", c.tcp_nat), ("udp", c.udp_nat), ("icmp", c.icmp)):
-            if svc is None or id(svc) in seen:
-                continue
-            seen.add(id(svc))
-            fn = getattr(svc, "flows", None)
-            if callable(fn):
-                out.append((proto, fn))
-        return out
-
     def flows(self, now: float) -> list[dict[str, object]]:
         """Every live flow of every NAT service."""
         out: list[dict[str, object]] = []
-        for proto, fn in self._flow_sources():
-            for flow in fn(now):
+        for proto, source in self.view.flow_sources():
+            for flow in source(now):
                 item = dict(flow)
                 item.setdefault("proto", proto)
                 out.append(item)
@@ -304,25 +327,24 @@ class Api:
         return {"total": total, "by_proto": by_proto}
 
     def stats(self, now: float) -> dict[str, object]:
-        """Links, drops (reason -> count), flows by protocol and state, both pools."""
-        inst = self.inst
-        return {
-            "links": [link.stats() for link in inst.links],
-            "drops": inst.counters.snapshot(),
+        """Links, drops (reason -> count), flows by protocol and state, both pools, forwards;
+        and the capture's counters while one runs."""
+        view = self.view
+        out: dict[str, object] = {
+            "links": view.links(),
+            "drops": view.drops(),
             "flows": self.flow_counts(now),
-            "pool": {
-                "from_guest": inst.pool_from_guest.stats(),
-                "to_guest": inst.pool_to_guest.stats(),
-            },
+            "pool": view.pools(),
             "forwards": len(self.forwards),
         }
+        capture = view.capture()
+        if capture is not None:
+            out["capture"] = capture
+        return out
 
     def leases(self, now: float) -> list[object]:
-        """The DHCP server's leases (an empty list when DHCP is off)."""
-        fn = getattr(self.inst.classifier.dhcp, "leases", None)
-        if not callable(fn):
-            return []
-        return list(fn(now))
+        """The DHCP server's leases."""
+        return self.view.leases(now)
 
     # -- forwards -------------------------------------------------------------------------------
 
@@ -360,49 +382,31 @@ def _not_allowed(path: str) -> HttpError:
 
 
 class ApiServer:
-    """Serves :class:`Api` on a unix socket from the instance's loop."""
+    """Serves :class:`Api` on a unix socket from the datapath's loop."""
 
-    def __init__(self, inst: Instance, path: str, forwards: Forwards) -> None:
-        self.inst = inst
+    def __init__(self, loop: Loop, counters: Counters, path: str, api: Api) -> None:
+        self.loop = loop
+        self.counters = counters
         self.path = path
-        self.api = Api(inst, forwards)
+        self.api = api
         self.conns: dict[int, _Conn] = {}
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            _bind_private(sock, path)
+            bind_private(sock, path)
             sock.listen(16)
         except OSError:
             sock.close()
             raise
-        sock.setblocking(False)
         self.sock = sock
         self.closed = False
-        inst.loop.add_fd(sock.fileno(), EPOLLIN, self._on_accept)
-        inst.on_close(self.close)
+        self.listener = Listener(loop, counters, sock, self._on_accept, "api", ACCEPT_BUDGET)
 
-    def _on_accept(self, _events: int) -> None:
-        counters = self.inst.counters
-        for _ in range(ACCEPT_BUDGET):
-            try:
-                conn, _addr = self.sock.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                counters.inc("api.accept.error")
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    # The backlog waits in the kernel; try again after a pause, not in a spin.
-                    self.inst.loop.remove_fd(self.sock.fileno())
-                    self.inst.loop.call_later(0.1, self._resume)
-                return
-            if len(self.conns) >= MAX_CONNECTIONS:
-                counters.inc("api.conn.too_many")
-                conn.close()
-                continue
-            _Conn(self, conn)
-
-    def _resume(self, _now: float) -> None:
-        if not self.closed:
-            self.inst.loop.add_fd(self.sock.fileno(), EPOLLIN, self._on_accept)
+    def _on_accept(self, conn: socket.socket, _addr: object) -> None:
+        if len(self.conns) >= MAX_CONNECTIONS:
+            self.counters.inc("api.conn.too_many")
+            conn.close()
+            return
+        _Conn(self, conn)
 
     def close(self) -> None:
         """Close every connection and the listening socket; remove the socket file."""
@@ -411,8 +415,7 @@ class ApiServer:
         self.closed = True
         for conn in list(self.conns.values()):
             conn.close()
-        self.inst.loop.remove_fd(self.sock.fileno())
-        self.sock.close()
+        self.listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
@@ -431,16 +434,16 @@ class _Conn:
         self.closed = False
         self.timer: Timer | None = None
         server.conns[self.fd] = self
-        server.inst.loop.add_fd(self.fd, EPOLLIN, self._on_events)
+        server.loop.add_fd(self.fd, EPOLLIN, self._on_events)
         self._arm()
 
     def _arm(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        self.timer = self.server.inst.loop.call_later(IDLE_TIMEOUT_S, self._idle)
+        self.timer = self.server.loop.call_later(IDLE_TIMEOUT_S, self._idle)
 
     def _idle(self, _now: float) -> None:
-        self.server.inst.counters.inc("api.conn.idle_timeout")
+        self.server.counters.inc("api.conn.idle_timeout")
         self.close()
 
     def _on_events(self, events: int) -> None:
@@ -475,12 +478,12 @@ class _Conn:
                 return
         if self.inbuf and not self.out and not self.closed:
             # More pipelined requests than one turn's budget: continue on the next turn.
-            self.server.inst.loop.call_later(0, self._pump)
+            self.server.loop.call_later(0, self._pump)
 
     def _process(self) -> bool:
         """Answer the next complete request in the buffer; False when there is none yet."""
         server = self.server
-        counters = server.inst.counters
+        counters = server.counters
         try:
             parsed = parse_request(self.inbuf)
         except HttpError as exc:
@@ -493,7 +496,7 @@ class _Conn:
             return False
         req, used = parsed
         del self.inbuf[:used]
-        status, payload = server.api.handle(req.method, req.path, req.body, server.inst.loop.now())
+        status, payload = server.api.handle(req.method, req.path, req.body, server.loop.now())
         extra = {"Allow": Api.allowed_methods(req.path)} if status == 405 else None
         keep = req.keep_alive
         if not keep:
@@ -510,7 +513,7 @@ class _Conn:
             try:
                 sent = self.sock.send(self.out)
             except BlockingIOError:
-                self.server.inst.loop.modify_fd(self.fd, EPOLLIN | EPOLLOUT)
+                self.server.loop.modify_fd(self.fd, EPOLLIN | EPOLLOUT)
                 return
             except OSError:
                 self.close()
@@ -519,9 +522,9 @@ class _Conn:
         if self.closing:
             self.close()
             return
-        self.server.inst.loop.modify_fd(self.fd, EPOLLIN)
+        self.server.loop.modify_fd(self.fd, EPOLLIN)
         if self.inbuf:
-            self.server.inst.loop.call_later(0, self._pump)
+            self.server.loop.call_later(0, self._pump)
 
     def close(self) -> None:
         if self.closed:
@@ -530,7 +533,7 @@ class _Conn:
         if self.timer is not None:
             self.timer.cancel()
         self.server.conns.pop(self.fd, None)
-        self.server.inst.loop.remove_fd(self.fd)
+        self.server.loop.remove_fd(self.fd)
         self.sock.close()
 
 
@@ -542,23 +545,23 @@ def start_control(inst: Instance) -> ApiServer | None:
     """Set up what the config asks: pcap capture, -p forwards, then the API socket.
 
     The API socket comes last, so a client that finds it can rely on the rest being in place.
+    The server is closed with the instance.
     """
-    from guestnet.io import pcap
-    from guestnet.io.forwards import add_published
-
     cfg = inst.config
     if cfg.pcap:
         try:
-            pcap.install(inst, cfg.pcap, cfg.pcap_max_bytes)
+            inst.start_capture(cfg.pcap, cfg.pcap_max_bytes)
         except OSError as exc:
             raise StartError(f"--pcap {cfg.pcap}: {exc.strerror or exc}") from None
     try:
-        add_published(inst.forwards, cfg.publish)
+        inst.publish(cfg.publish)
     except ForwardError as exc:
         raise StartError(f"--publish: {exc.message}") from None
     if not cfg.api_socket:
         return None
     try:
-        return ApiServer(inst, cfg.api_socket, inst.forwards)
+        server = ApiServer(inst.loop, inst.counters, cfg.api_socket, Api(control_view(inst)))
     except OSError as exc:
         raise StartError(f"--api-socket {cfg.api_socket}: {exc.strerror or exc}") from None
+    inst.on_close(server.close)
+    return server

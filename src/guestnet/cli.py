@@ -2,7 +2,9 @@
 
 Every datapath subcommand takes the same options (:func:`add_datapath_options`), after the
 subcommand name; later features add theirs there, so all four stay in step. Invalid values get a
-one-line error naming the option and exit status 2.
+one-line error naming the option and exit status 2. The commands are written on the library
+face (:class:`guestnet.network.Network`) and nothing below it, but for the namespace helper's
+errors and the loop's signal handling, which are the process's.
 """
 
 from __future__ import annotations
@@ -11,23 +13,27 @@ import argparse
 import ipaddress
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from guestnet import __version__
-from guestnet.api import StartError
+from guestnet.assembly import raise_nofile_limit
 from guestnet.client import add_client_parsers, run_client
 from guestnet.config import MAX_MTU, MIN_MTU, Config, parse_mac
 from guestnet.core.dhcp import check_config as check_dhcp_config
-from guestnet.instance import Instance, raise_nofile_limit
-from guestnet.io import netns as netns_cmds
 from guestnet.io.forwards import parse_publish
-from guestnet.io.links import DgramLink, StreamServer
+from guestnet.io.netns import STOP_SIGNALS, HelperError
+from guestnet.io.tap import check_ifname
+from guestnet.network import Child, Network, StartError
 
 log = logging.getLogger("guestnet")
 
+EXIT_FAILURE = 1
 EXIT_USAGE = 2
+#: ``run``: after forwarding SIGTERM to CMD, how long before it gets SIGKILL.
+RUN_KILL_GRACE_S = 5.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -359,60 +365,138 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def _serve(inst: Instance) -> int:
-    inst.loop.install_signal_handlers()
+def _serve(net: Network, prog: str, until: Callable[[], bool] | None = None) -> int:
+    """Serve until SIGINT/SIGTERM (or ``until``); 1 when the start-up services fail."""
+    net.loop.install_signal_handlers()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
-        inst.run()
-    except StartError as exc:
-        print(f"guestnet: error: {exc}", file=sys.stderr)
-        return 1
+        net.run(until)
+    except StartError as exc:  # --pcap, -p or --api-socket could not be set up
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     finally:
-        inst.close()
+        net.close()
     return 0
 
 
 def cmd_qemu(args: argparse.Namespace, config: Config) -> int:
     """Serve QEMU stream connections until a signal."""
-    inst = Instance(config)
-    mac = config.guest_mac.hex(":")
+    net = Network(config)
     try:
         if args.socket:
-            path = os.path.abspath(args.socket)
-            StreamServer.listen_unix(inst, path)
-            addr = f"addr.type=unix,addr.path={path}"
+            qemu_args = net.listen_qemu(args.socket)
         else:
             host, port = args.listen
-            server = StreamServer.listen_tcp(inst, host, port)
-            port = server.sock.getsockname()[1]
-            addr = f"addr.type=inet,addr.host={host},addr.port={port}"
+            qemu_args = net.listen_qemu(host=host, port=port)
     except OSError as exc:
-        inst.close()
+        net.close()
         print(f"guestnet qemu: error: cannot listen: {exc}", file=sys.stderr)
-        return 1
-    print(
-        f"-netdev stream,id=net0,server=off,{addr} -device virtio-net-pci,netdev=net0,mac={mac}",
-        flush=True,
-    )
-    return _serve(inst)
+        return EXIT_FAILURE
+    print(qemu_args, flush=True)
+    return _serve(net, "guestnet")
 
 
 def cmd_dgram(args: argparse.Namespace, config: Config) -> int:
     """Serve one unix datagram link until a signal."""
-    inst = Instance(config)
+    net = Network(config)
     path = os.path.abspath(args.socket)
     try:
-        DgramLink.bind_unix(inst, path)
+        qemu_args = net.attach_dgram(path)
     except OSError as exc:
-        inst.close()
+        net.close()
         print(f"guestnet dgram: error: cannot bind {path}: {exc}", file=sys.stderr)
-        return 1
-    mac = config.guest_mac.hex(":")
-    print(
-        f"-netdev dgram,id=net0,local.type=unix,local.path=GUEST_SOCKET,remote.type=unix,"
-        f"remote.path={path} -device virtio-net-pci,netdev=net0,mac={mac}",
-        flush=True,
-    )
-    return _serve(inst)
+        return EXIT_FAILURE
+    print(qemu_args, flush=True)
+    return _serve(net, "guestnet")
+
+
+def cmd_netns(args: argparse.Namespace, config: Config) -> int:
+    """``guestnet netns TARGET``: serve a TAP in an existing namespace until SIGINT/SIGTERM."""
+    try:
+        check_ifname(args.ifname)
+    except ValueError as exc:
+        print(f"guestnet netns: error: --ifname: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.userns and not os.path.exists(args.userns):
+        print(f"guestnet netns: error: --userns: no such namespace: {args.userns}", file=sys.stderr)
+        return EXIT_USAGE
+    # Held back until the loop handles them, so that a SIGTERM during set-up still ends
+    # guestnet cleanly (and removes the TAP) instead of killing it outright.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    net = Network(config)
+    try:
+        link = net.attach_netns(
+            args.target, ifname=args.ifname, configure=args.configure, userns=args.userns
+        )
+    except ValueError as exc:
+        net.close()
+        print(f"guestnet netns: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (HelperError, OSError) as exc:
+        net.close()
+        print(
+            f"guestnet netns: error: cannot create {args.ifname} in {args.target}: {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    log.info("serving %s in %s", args.ifname, args.target)
+    return _serve(net, "guestnet netns", until=lambda: link.closed)
+
+
+def _command_of(args: argparse.Namespace) -> list[str]:
+    cmd = list(args.cmd or [])
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        cmd = [os.environ.get("SHELL") or "/bin/sh"]
+    return cmd
+
+
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    """``guestnet run -- CMD``: CMD in new namespaces served by guestnet; CMD's exit status."""
+    try:
+        check_ifname(args.ifname)
+    except ValueError as exc:
+        print(f"guestnet run: error: --ifname: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    net = Network(config)
+    try:
+        child = net.spawn(_command_of(args), ifname=args.ifname)
+    except (HelperError, OSError) as exc:
+        net.close()
+        print(f"guestnet run: error: cannot set up the namespace: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        _forward_stop_signals(net, child)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        # Published ports, the API socket and the capture exist before CMD starts (run()
+        # starts them, then lets CMD go), so CMD finds them ready; a StartError kills CMD.
+        while child.returncode is None:
+            net.run(until=lambda: child.returncode is not None)
+    except StartError as exc:
+        print(f"guestnet run: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        net.close()
+    code = child.returncode
+    assert code is not None
+    return 128 - code if code < 0 else code
+
+
+def _forward_stop_signals(net: Network, child: Child) -> None:
+    """SIGTERM/SIGHUP go to CMD (SIGKILL if it lingers); SIGINT is CMD's (a terminal sends it
+    to both)."""
+    loop = net.loop
+    loop.install_signal_handlers()
+
+    def on_term(signum: int, _frame: object) -> None:
+        child.send_signal(signum)
+        loop.call_later(RUN_KILL_GRACE_S, lambda _now: child.send_signal(signal.SIGKILL))
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+    signal.signal(signal.SIGINT, lambda _s, _f: None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -428,14 +512,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"guestnet {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     raise_nofile_limit()
-    if args.command == "qemu":
-        return cmd_qemu(args, config)
-    if args.command == "dgram":
-        return cmd_dgram(args, config)
-    try:
-        if args.command == "run":
-            return netns_cmds.cmd_run(args, config)
-        return netns_cmds.cmd_netns(args, config)
-    except StartError as exc:  # --pcap, -p or --api-socket could not be set up
-        print(f"guestnet {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    command = {"qemu": cmd_qemu, "dgram": cmd_dgram, "netns": cmd_netns, "run": cmd_run}
+    return command[args.command](args, config)

@@ -3,6 +3,7 @@ hooks, and the server on a real unix socket driven by an in-process loop (no roo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -23,15 +24,17 @@ from guestnet.api import (
     ApiServer,
     HttpError,
     StartError,
+    control_view,
     parse_request,
     render_response,
     start_control,
 )
+from guestnet.assembly import Instance
 from guestnet.config import Config
-from guestnet.instance import Instance
 from guestnet.io.forwards import Forward, parse_publish
 from guestnet.io.links import StreamLink
 from guestnet.io.loop import Loop
+from guestnet.network import Network
 
 POOL_FIELDS = {"capacity", "mtu", "free_count", "in_use", "hits", "misses", "high_water"}
 
@@ -131,7 +134,7 @@ def test_render_response() -> None:
 
 
 class FakeNat:
-    """Stands for a NAT service exposing flows(now)."""
+    """Stands for a NAT service's flow listing (the real ones: test_flows_of_real_services)."""
 
     def __init__(self, flows: list[dict[str, object]]) -> None:
         self._flows = flows
@@ -158,13 +161,13 @@ def inst() -> Iterator[Instance]:
 
 
 def _api(inst: Instance) -> Api:
-    return Api(inst, inst.forwards)
+    return Api(control_view(inst))
 
 
 def test_stats_fields(inst: Instance, frames: Any) -> None:
     guest, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        StreamLink(inst, ours, "qemu0")
+        StreamLink(inst.hub, ours, "qemu0")
         request = frames.arp()
         guest.sendall(struct.pack("!I", len(request)) + request)
         not_ours = frames.arp(tpa=bytes([10, 0, 2, 99]))
@@ -212,10 +215,8 @@ def test_flows_and_counts(inst: Instance) -> None:
     udp_flow = _flow("udp", "open", 4)
     del udp_flow["proto"]  # the API fills in the protocol of the service that listed it
     udp = FakeNat([udp_flow])
-    inst.classifier.tcp_nat = tcp  # type: ignore[assignment]
-    inst.classifier.udp_nat = udp  # type: ignore[assignment]
-    inst.classifier.icmp = None
-    api = _api(inst)
+    sources = [("tcp", tcp.flows), ("udp", udp.flows)]
+    api = Api(dataclasses.replace(control_view(inst), flow_sources=lambda: sources))
     status, flows = api.handle("GET", "/flows", b"", 5.0)
     assert status == 200 and isinstance(flows, list) and len(flows) == 4
     assert flows[0] == _flow("tcp", "established", 1)
@@ -233,9 +234,6 @@ def test_flows_and_counts(inst: Instance) -> None:
 
 
 def test_services_without_flows_are_skipped(inst: Instance) -> None:
-    inst.classifier.tcp_nat = object()  # type: ignore[assignment]
-    inst.classifier.udp_nat = None
-    inst.classifier.icmp = None
     assert _api(inst).handle("GET", "/flows", b"", 1.0) == (200, [])
 
 
@@ -250,12 +248,13 @@ def test_leases(inst: Instance) -> None:
         def guest_address(self) -> str:
             return "10.0.2.16"
 
-    inst.classifier.dhcp = FakeDhcp()  # type: ignore[assignment]
+    real = inst.dhcp
+    inst.dhcp = FakeDhcp()  # type: ignore[assignment]
     assert api.handle("GET", "/leases", b"", 7.0) == (
         200,
         [{"mac": "52:54:00:12:34:56", "ip": "10.0.2.15", "expires_in_s": 7.0}],
     )
-    inst.classifier.dhcp = None
+    inst.dhcp = real
     assert api.handle("GET", "/leases", b"", 1.0) == (200, [])
 
 
@@ -430,7 +429,7 @@ def test_guest_ip_follows_dhcp(inst: Instance) -> None:
         def guest_address(self) -> str:
             return "10.0.2.42"
 
-    inst.classifier.dhcp = FakeDhcp()  # type: ignore[assignment]
+    inst.dhcp = FakeDhcp()  # type: ignore[assignment]
     assert inst.forwards.guest_ip_for(fwd) == "10.0.2.42"
 
 
@@ -461,15 +460,16 @@ def test_publish_at_start_and_start_errors(tmp_path: Path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    inst = Instance(Config(publish=(("tcp", "127.0.0.1", port, 80),)))
+    net = Network(Config(publish=(("tcp", "127.0.0.1", port, 80),)))
+    inst = net.instance
     try:
-        inst.start_control()
+        net.start_services()
         (fwd,) = list(inst.forwards)
         assert fwd.host_port == port and fwd.guest_port == 80
-        inst.start_control()  # once only
+        net.start_services()  # once only
         assert len(inst.forwards) == 1
     finally:
-        inst.close()
+        net.close()
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen(1)
@@ -546,7 +546,8 @@ def served(tmp_path: Path) -> Iterator[tuple[Instance, str]]:
     clock = [1000.0]
     instance = Instance(Config(), loop=Loop(clock=lambda: clock[0]))
     path = str(tmp_path / "api.sock")
-    ApiServer(instance, path, instance.forwards)
+    server = ApiServer(instance.loop, instance.counters, path, Api(control_view(instance)))
+    instance.on_close(server.close)
     instance.fake_clock = clock  # type: ignore[attr-defined]
     try:
         yield instance, path
@@ -653,7 +654,7 @@ def test_connection_limit_and_idle_timeout(served: tuple[Instance, str]) -> None
 def test_large_response_drains_in_pieces(served: tuple[Instance, str]) -> None:
     inst, path = served
     flows = [_flow("tcp", "established", p) for p in range(1, 20001)]
-    inst.classifier.tcp_nat = FakeNat(flows)  # type: ignore[assignment]
+    inst.tcp_nat.flows = FakeNat(flows).flows  # type: ignore[method-assign]
     c = Client(inst, path)
     c.sock.sendall(b"GET /flows HTTP/1.1\r\n\r\n")
     status, _, body = c.response()

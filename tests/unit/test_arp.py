@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from guestnet.assembly import Instance
 from guestnet.config import Config
-from guestnet.instance import Instance
 from guestnet.io.links import StreamLink
 from guestnet.wire.arp import ARP_REPLY, ARP_REQUEST, parse_arp
 from guestnet.wire.ethernet import BROADCAST, ETH_HLEN, ETH_ZLEN, ETHERTYPE_ARP, parse_ethernet
@@ -160,7 +160,7 @@ def test_drain_guest_link_reads_and_classifies(frames: Any) -> None:
     inst = Instance(Config())
     guest, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        link = StreamLink(inst, ours, "qemu0")
+        link = StreamLink(inst.hub, ours, "qemu0")
         asked = [frames.GATEWAY_IP, frames.DNS_IP, bytes([10, 0, 2, 99])] * 40
         requests = [frames.arp(tpa=tpa) for tpa in asked]
         wire = b"".join(struct.pack("!I", len(r)) + r for r in requests)
@@ -197,7 +197,7 @@ def test_stream_link_closes_on_corrupt_length(frames: Any) -> None:
     inst = Instance(Config())
     guest, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        link = StreamLink(inst, ours, "qemu0")
+        link = StreamLink(inst.hub, ours, "qemu0")
         guest.sendall(struct.pack("!I", 0) + frames.arp())
         for _ in range(20):
             if link.closed:

@@ -23,10 +23,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from guestnet.assembly import Instance
 from guestnet.cli import build_parser, config_from_args
 from guestnet.config import Config
 from guestnet.core.dns import BUILTIN_NAMES, DOWN_HOLD_S, DnsService
-from guestnet.instance import Instance
 from guestnet.io.dns_upstream import read_resolv_conf, upstream_servers
 from guestnet.wire.ethernet import ETH_HLEN, ETHERTYPE_IPV4, parse_ethernet
 from guestnet.wire.ipv4 import PROTO_UDP, parse_ipv4

@@ -15,11 +15,11 @@ from typing import Any, NamedTuple
 
 import pytest
 
+from guestnet.assembly import Instance
 from guestnet.config import Config
 from guestnet.core.policy import Policy
 from guestnet.core.port import Port
 from guestnet.core.tcp import OUR_WSCALE, TcpFlow, TcpNat
-from guestnet.instance import Instance
 from guestnet.io.pcap import complete_partial_checksum
 from guestnet.io.tap import (
     TCP_CSUM_OFFSET,
@@ -333,7 +333,7 @@ def test_each_flow_follows_its_own_port(tso: Harness, frames: Any) -> None:
 def tap() -> Iterator[tuple[Instance, TapLink, socket.socket]]:
     ours, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     inst = Instance(Config(mtu=1500))
-    link = TapLink(inst, ours.detach(), "tap0", "eth0")
+    link = TapLink(inst.hub, ours.detach(), "tap0", "eth0")
     guest.settimeout(2.0)
     try:
         yield inst, link, guest
@@ -357,7 +357,7 @@ def test_link_writes_the_header_and_hands_pcap_the_hint(
 ) -> None:
     inst, link, guest = tap
     hints: list[tuple[int, int, int]] = []
-    inst.capture_to_guest = lambda view, start, off: hints.append((len(view), start, off))
+    inst.hub.capture_to_guest = lambda view, start, off: hints.append((len(view), start, off))
     frame = inst.pool_to_guest.acquire()
     frame.length = 54 + 3 * MSS
     frame.view[frame.start + 34 + 12] = 5 << 4
@@ -387,8 +387,8 @@ def test_guest_gso_types(
     inst, _link, guest = tap
     got: list[bool] = []
     monkeypatch.setattr(
-        inst.classifier,
-        "handle_frame",
+        inst.hub,
+        "deliver",
         lambda frame, port, now, csum_trusted=False: got.append(csum_trusted),
     )
     hdr = struct.pack("<BBHHHHH", VNET_F_NEEDS_CSUM, gso_type, 54, MSS, 34, 16, 0)

@@ -15,16 +15,16 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import ARP, Ether
 from scapy.utils import rdpcap
 
+from guestnet.assembly import Instance
 from guestnet.config import Config
-from guestnet.instance import Instance
 from guestnet.io.links import StreamLink
 from guestnet.io.pcap import (
+    DEFAULT_MAX_BYTES,
     LINKTYPE_ETHERNET,
     PCAP_MAGIC_NS,
     SNAPLEN,
     PcapWriter,
     complete_partial_checksum,
-    install,
     recompute_checksums,
 )
 from guestnet.wire.checksum import pseudo_header_sum
@@ -220,8 +220,8 @@ def test_install_taps_both_directions(tmp_path: Path, frames: Any) -> None:
     inst = Instance(Config())
     guest, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        StreamLink(inst, ours, "qemu0")
-        writer = install(inst, str(path))
+        StreamLink(inst.hub, ours, "qemu0")
+        writer = inst.start_capture(str(path), DEFAULT_MAX_BYTES)
         request = frames.arp()
         guest.sendall(struct.pack("!I", len(request)) + request)
         _pump(inst)
@@ -235,7 +235,7 @@ def test_install_taps_both_directions(tmp_path: Path, frames: Any) -> None:
     reply = pkts[1]
     assert reply[Ether].dst == "52:54:00:12:34:56" and reply[ARP].op == 2
     assert reply[ARP].psrc == "10.0.2.2" and reply[ARP].hwsrc == "52:55:0a:00:02:02"
-    assert inst.classifier.capture is None and inst.capture_to_guest is None
+    assert inst.classifier.capture is None and inst.hub.capture_to_guest is None
     if _tshark():
         out = _tshark_fields(path, "-T", "fields", "-e", "frame.protocols")
         assert out.returncode == 0, out.stderr

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from guestnet.assembly import Instance
 from guestnet.config import Config
-from guestnet.instance import Instance
 from guestnet.io.tap import VNET_F_DATA_VALID, VNET_F_NEEDS_CSUM, VNET_HDR_LEN, TapLink
 
 GUEST_MAC = bytes.fromhex("525400123456")
@@ -34,7 +34,7 @@ def arp_request() -> bytes:
 def tap() -> Iterator[tuple[Instance, TapLink, socket.socket]]:
     ours, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     inst = Instance(Config())
-    link = TapLink(inst, ours.detach(), "tap0", "eth0")
+    link = TapLink(inst.hub, ours.detach(), "tap0", "eth0")
     guest.settimeout(2.0)
     try:
         yield inst, link, guest
@@ -70,8 +70,8 @@ def test_checksum_trust_follows_header_flags(
     inst, _link, guest = tap
     seen: list[tuple[bytes, bool]] = []
     monkeypatch.setattr(
-        inst.classifier,
-        "handle_frame",
+        inst.hub,
+        "deliver",
         lambda frame, port, now, csum_trusted=False: seen.append((bytes(frame), csum_trusted)),
     )
     frame = arp_request()

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from guestnet.assembly import Instance
 from guestnet.config import Config
 from guestnet.core.port import Port
 from guestnet.core.tcp import (
@@ -23,7 +24,6 @@ from guestnet.core.tcp import (
     OUR_WSCALE,
     TcpFlow,
 )
-from guestnet.instance import Instance
 from guestnet.io.loop import Loop
 from guestnet.pool import Frame
 from guestnet.wire.ipv4 import PROTO_TCP, parse_ipv4

@@ -111,7 +111,7 @@ def test_guest_fin_acked_by_our_fin_when_the_host_closes_at_once(tcp: Tcp) -> No
 
 
 def _driver_with(sock: socket.socket) -> tuple[TcpNatDriver, Any]:
-    drv = TcpNatDriver(SimpleNamespace(loop=None), SimpleNamespace(io=None))  # type: ignore[arg-type]
+    drv = TcpNatDriver(None, None, None, SimpleNamespace(io=None))  # type: ignore[arg-type]
     return drv, SimpleNamespace(io_data=_HostSock(sock))
 
 

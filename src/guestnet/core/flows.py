@@ -14,6 +14,7 @@ refuse with, and an idle mapping is cheap to lose).
 
 from __future__ import annotations
 
+import ipaddress
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator
 from typing import Generic, Protocol, TypeVar
@@ -24,6 +25,11 @@ from guestnet.counters import Counters
 FlowKey = tuple[bytes, int, bytes, int]
 
 V = TypeVar("V")
+
+
+def ip_text(packed: bytes) -> str:
+    """A packed address (4 or 16 bytes) as text, for the API's flow listings."""
+    return str(ipaddress.ip_address(packed))
 
 
 class FlowTable(Generic[V]):

@@ -36,7 +36,7 @@ import struct
 from typing import Protocol
 
 from guestnet.config import Config
-from guestnet.core.flows import IdleFlows
+from guestnet.core.flows import IdleFlows, ip_text
 from guestnet.core.fragments import send_ipv4_to_guest
 from guestnet.core.packet import Ipv4Packet
 from guestnet.core.policy import Policy
@@ -91,12 +91,13 @@ class EchoBackend(Protocol):
 class EchoFlow:
     """One guest echo flow: (guest address, guest identifier) and its host endpoint."""
 
-    __slots__ = ("guest_ident", "guest_ip", "guest_mac", "last_used", "peers", "sock")
+    __slots__ = ("created", "guest_ident", "guest_ip", "guest_mac", "last_used", "peers", "sock")
 
     def __init__(self, guest_ip: bytes, guest_ident: int, guest_mac: bytes, now: float) -> None:
         self.guest_ip = guest_ip
         self.guest_ident = guest_ident
         self.guest_mac = guest_mac
+        self.created = now
         self.last_used = now
         #: Host address string -> the address the guest used for it.
         self.peers: dict[str, bytes] = {}
@@ -107,6 +108,20 @@ class EchoFlow:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+
+    def info(self, now: float) -> dict[str, object]:
+        """The flow as the API's ``/flows`` shows it (the echo identifier stands for a port)."""
+        return {
+            "proto": "icmp",
+            "origin": "guest",
+            "guest": f"{ip_text(self.guest_ip)}",
+            "ident": self.guest_ident,
+            "dst": sorted(f"{ip_text(dst)}" for dst in set(self.peers.values())),
+            "host": sorted(self.peers),
+            "state": "OPEN",
+            "age_s": round(now - self.created, 3),
+            "idle_s": round(now - self.last_used, 3),
+        }
 
 
 def quote_header(pkt: Ipv4Packet) -> bytes:
@@ -317,6 +332,10 @@ class IcmpService:
     def expire(self, now: float) -> int:
         """Close echo flows idle for ``timeout``; return how many."""
         return self.flows.expire(now, self.timeout)
+
+    def flows_info(self, now: float) -> list[dict[str, object]]:
+        """Every echo flow, for the API's ``/flows``."""
+        return [flow.info(now) for flow in self.flows.values()]
 
     def close_all(self) -> None:
         """Close every echo flow (instance shutdown)."""

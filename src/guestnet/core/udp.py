@@ -52,7 +52,7 @@ from collections.abc import Callable, Hashable
 from typing import Protocol
 
 from guestnet.config import Config
-from guestnet.core.flows import IdleFlows
+from guestnet.core.flows import IdleFlows, ip_text
 from guestnet.core.fragments import send_ipv4_to_guest
 from guestnet.core.icmp import IcmpService, errname
 from guestnet.core.packet import Ipv4Packet
@@ -86,12 +86,13 @@ class UdpSocket(Protocol):
 class UdpFlow:
     """One guest source (address, port) and its host socket."""
 
-    __slots__ = ("guest_ip", "guest_mac", "guest_port", "last_used", "peers", "sock")
+    __slots__ = ("created", "guest_ip", "guest_mac", "guest_port", "last_used", "peers", "sock")
 
     def __init__(self, guest_ip: bytes, guest_port: int, guest_mac: bytes, now: float) -> None:
         self.guest_ip = guest_ip
         self.guest_port = guest_port
         self.guest_mac = guest_mac
+        self.created = now
         self.last_used = now
         #: Host address string -> the destination address the guest used for it.
         self.peers: dict[str, bytes] = {}
@@ -107,6 +108,19 @@ class UdpFlow:
     def key(self) -> FlowKey:
         """The flow table key: the guest source."""
         return (self.guest_ip, self.guest_port)
+
+    def info(self, now: float) -> dict[str, object]:
+        """The flow as the API's ``/flows`` shows it."""
+        return {
+            "proto": "udp",
+            "origin": "guest",
+            "guest": f"{ip_text(self.guest_ip)}:{self.guest_port}",
+            "dst": sorted(f"{ip_text(dst)}" for dst in set(self.peers.values())),
+            "host": sorted(self.peers),
+            "state": "OPEN",
+            "age_s": round(now - self.created, 3),
+            "idle_s": round(now - self.last_used, 3),
+        }
 
 
 class InboundFlow:
@@ -392,10 +406,18 @@ class UdpNat:
         self.inbound.clear()
         self._inbound_by_source.clear()
 
-    def stats(self) -> dict[str, int]:
-        """Flow table size, for the stats API."""
-        return {
-            "flows": len(self.flows),
-            "forward_flows": len(self.inbound),
-            "max_flows": self.max_flows,
-        }
+    def flows_info(self, now: float) -> list[dict[str, object]]:
+        """Every flow, guest-opened and published-port ones, for the API's ``/flows``."""
+        out = [flow.info(now) for flow in self.flows.values()]
+        for inbound in self.inbound.values():
+            out.append(
+                {
+                    "proto": "udp",
+                    "origin": "host",
+                    "guest": f"{ip_text(inbound.guest_ip)}:{inbound.guest_port}",
+                    "visible_port": inbound.visible_port,
+                    "state": "OPEN",
+                    "idle_s": round(now - inbound.last_used, 3),
+                }
+            )
+        return out

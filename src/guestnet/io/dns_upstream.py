@@ -22,16 +22,14 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from guestnet.config import Config
 from guestnet.core.dns import DNS_PORT, UPSTREAM_TIMEOUT_S, DnsService
 from guestnet.core.packet import Ipv4Packet
 from guestnet.core.timers import Timer
-from guestnet.io.loop import EPOLLIN
-
-if TYPE_CHECKING:
-    from guestnet.instance import Instance
+from guestnet.counters import Counters
+from guestnet.io.loop import EPOLLIN, Loop
+from guestnet.pool import FramePool
 
 log = logging.getLogger(__name__)
 
@@ -87,25 +85,22 @@ class DnsUpstreamIO:
 
     def __init__(
         self,
-        inst: Instance,
-        upstreams: Sequence[tuple[str, int]] | None = None,
+        config: Config,
+        loop: Loop,
+        pool: FramePool,
+        counters: Counters,
+        upstreams: Sequence[tuple[str, int]],
         timeout_s: float = UPSTREAM_TIMEOUT_S,
     ) -> None:
-        self.inst = inst
-        self.loop = inst.loop
-        self.counters = inst.counters
-        if upstreams is None:
-            upstreams = upstream_servers(inst.config)
-        self.core = DnsService(
-            inst.config, inst.pool_to_guest, inst.counters, upstreams, timeout_s=timeout_s
-        )
+        self.loop = loop
+        self.counters = counters
+        self.core = DnsService(config, pool, counters, upstreams, timeout_s=timeout_s)
         self.upstreams = self.core.upstreams
         self._socks: list[socket.socket | None] = [None] * len(self.upstreams)
         self._timer: Timer | None = None
         self._buf = bytearray(RX_BUFSIZE)
         self._view = memoryview(self._buf)
         self.closed = False
-        inst.on_close(self.close)
 
     def handle_udp(
         self, pkt: Ipv4Packet, sport: int, dport: int, payload: memoryview, now: float
@@ -238,10 +233,3 @@ class DnsUpstreamIO:
                 with contextlib.suppress(OSError):
                     sock.close()
                 self._socks[i] = None
-
-
-def install_dns(inst: Instance) -> DnsUpstreamIO:
-    """Create the DNS service for ``inst`` and route the guests' UDP DNS to it."""
-    service = DnsUpstreamIO(inst)
-    inst.classifier.dns_udp = service
-    return service

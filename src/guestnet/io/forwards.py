@@ -21,12 +21,12 @@ The datapath is not here: the TCP and UDP NAT plug into two hooks.
 
 Until a hook is set, an accepted connection is closed at once (``forward.tcp.no_datapath``) and a
 datagram dropped (``forward.udp.no_datapath``). The guest address of a forward is its own
-``guest_ip`` when given, else the DHCP server's ``guest_address()`` (the guest's latest lease),
-else the configured guest address: see :meth:`Forwards.guest_ip_for`.
+``guest_ip`` when given, else what the ``guest_address`` callable the registry was built with
+says (the assembly hands it the DHCP server's latest lease): see :meth:`Forwards.guest_ip_for`.
 
-Host sockets are non-blocking and CLOEXEC; reads and accepts are bounded per wake-up; an
-EMFILE/ENFILE on accept is counted and the listener paused briefly (a level-triggered listener
-that cannot accept would otherwise spin).
+Host sockets are non-blocking and CLOEXEC; reads and accepts are bounded per wake-up; TCP
+listeners accept through :class:`~guestnet.io.listener.Listener`, which pauses (counted) while
+the process is out of descriptors instead of spinning.
 """
 
 from __future__ import annotations
@@ -39,12 +39,10 @@ import re
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from guestnet.io.loop import EPOLLIN
-
-if TYPE_CHECKING:
-    from guestnet.instance import Instance
+from guestnet.counters import Counters
+from guestnet.io.listener import Listener
+from guestnet.io.loop import EPOLLIN, Loop
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +52,6 @@ DEFAULT_HOST_IP = "127.0.0.1"
 MAX_FORWARDS = 4096
 #: Accepts or datagrams handled per wake-up of one forward's socket.
 RX_BUDGET = 64
-#: Pause of a listener after EMFILE/ENFILE, in seconds.
-ACCEPT_PAUSE_S = 0.1
 #: Largest UDP datagram read from a forward's socket.
 UDP_MAX = 65535
 PROTOS = ("tcp", "udp")
@@ -90,7 +86,8 @@ class Forward:
     accepted: int = 0
     datagrams: int = 0
     closed: bool = False
-    paused: bool = False
+    #: The TCP forward's accepting side (None for UDP).
+    listener: Listener | None = field(default=None, repr=False)
 
     def to_json(self, guest_ip: str, now: float) -> dict[str, object]:
         """The API's view; ``guest_ip`` is where traffic goes now."""
@@ -109,10 +106,21 @@ class Forward:
 
 
 class Forwards:
-    """The forward registry of one instance, and the host sockets it binds."""
+    """The forward registry of one datapath, and the host sockets it binds."""
 
-    def __init__(self, inst: Instance) -> None:
-        self.inst = inst
+    def __init__(
+        self,
+        loop: Loop,
+        counters: Counters,
+        subnet: ipaddress.IPv4Network,
+        guest_address: Callable[[], str],
+    ) -> None:
+        self.loop = loop
+        self.counters = counters
+        #: Fixed guest addresses must lie in it.
+        self.subnet = subnet
+        #: Where a forward without a fixed guest address sends its traffic now.
+        self.guest_address = guest_address
         self._by_id: dict[str, Forward] = {}
         self._ids = itertools.count(1)
         self._rx = bytearray(UDP_MAX)
@@ -123,7 +131,6 @@ class Forwards:
         self.on_datagram: Callable[[Forward, memoryview, tuple[object, ...]], None] | None = None
         #: Called before a forward's socket is closed (removal or shutdown).
         self.on_remove: Callable[[Forward], None] | None = None
-        inst.on_close(self.close)
 
     # -- registry -----------------------------------------------------------------------------
 
@@ -141,11 +148,7 @@ class Forwards:
         """Where the forward's traffic goes now (fixed address, DHCP lease, or configured)."""
         if forward.guest_ip is not None:
             return forward.guest_ip
-        dhcp = self.inst.classifier.dhcp
-        guest_address = getattr(dhcp, "guest_address", None)
-        if callable(guest_address):
-            return str(guest_address())
-        return str(self.inst.config.guest_ip)
+        return self.guest_address()
 
     def to_json(self, now: float) -> list[dict[str, object]]:
         """Every forward, for the API (ordered by id)."""
@@ -173,7 +176,7 @@ class Forwards:
                 guest_addr = ipaddress.IPv4Address(guest_ip)
             except ValueError:
                 raise ForwardError(400, f"guest_ip is not an IPv4 address: {guest_ip!r}") from None
-            if guest_addr not in self.inst.config.subnet:
+            if guest_addr not in self.subnet:
                 raise ForwardError(400, f"guest_ip {guest_ip} is outside the guest subnet")
             guest_ip = str(guest_addr)
         host_ip = str(host_addr)
@@ -193,11 +196,11 @@ class Forwards:
             guest_port=guest_port,
             guest_ip=guest_ip,
             sock=sock,
-            created=self.inst.loop.now(),
+            created=self.loop.now(),
         )
         self._by_id[fwd.id] = fwd
         self._watch(fwd)
-        self.inst.counters.inc(f"forward.{proto}.added")
+        self.counters.inc(f"forward.{proto}.added")
         log.info(
             "forward %s: %s %s -> guest port %d",
             fwd.id,
@@ -213,7 +216,7 @@ class Forwards:
         if fwd is None:
             raise ForwardError(404, f"no forward with id {fid!r}")
         self._close(fwd)
-        self.inst.counters.inc(f"forward.{fwd.proto}.removed")
+        self.counters.inc(f"forward.{fwd.proto}.removed")
         log.info("forward %s removed", fid)
         return fwd
 
@@ -254,8 +257,12 @@ class Forwards:
         return sock
 
     def _watch(self, fwd: Forward) -> None:
-        handler = self._tcp_handler(fwd) if fwd.proto == "tcp" else self._udp_handler(fwd)
-        self.inst.loop.add_fd(fwd.sock.fileno(), EPOLLIN, handler)
+        if fwd.proto == "tcp":
+            fwd.listener = Listener(
+                self.loop, self.counters, fwd.sock, self._tcp_handler(fwd), "forward.tcp"
+            )
+        else:
+            self.loop.add_fd(fwd.sock.fileno(), EPOLLIN, self._udp_handler(fwd))
 
     def _close(self, fwd: Forward) -> None:
         if fwd.closed:
@@ -266,54 +273,28 @@ class Forwards:
             except Exception:
                 log.exception("forward %s: on_remove hook failed", fwd.id)
         fwd.closed = True
-        if not fwd.paused:
-            self.inst.loop.remove_fd(fwd.sock.fileno())
-        fwd.sock.close()
+        if fwd.listener is not None:
+            fwd.listener.close()
+        else:
+            self.loop.remove_fd(fwd.sock.fileno())
+            fwd.sock.close()
 
-    def _tcp_handler(self, fwd: Forward) -> Callable[[int], None]:
-        counters = self.inst.counters
+    def _tcp_handler(self, fwd: Forward) -> Callable[[socket.socket, object], None]:
+        counters = self.counters
 
-        def on_listen(_events: int) -> None:
-            for _ in range(RX_BUDGET):
-                if fwd.closed or fwd.paused:
-                    return
-                try:
-                    conn, _addr = fwd.sock.accept()
-                except BlockingIOError:
-                    return
-                except OSError as exc:
-                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                        counters.inc("forward.tcp.accept.no_fds")
-                        self._pause(fwd)
-                    else:
-                        counters.inc("forward.tcp.accept.error")
-                    return
-                fwd.accepted += 1
-                conn.setblocking(False)
-                hook = self.on_accept
-                if hook is None:
-                    counters.inc("forward.tcp.no_datapath")
-                    conn.close()
-                    continue
-                hook(fwd, conn)
-
-        return on_listen
-
-    def _pause(self, fwd: Forward) -> None:
-        """Stop watching a listener for a moment (EMFILE): its backlog waits in the kernel."""
-        fwd.paused = True
-        self.inst.loop.remove_fd(fwd.sock.fileno())
-
-        def resume(_now: float) -> None:
-            if fwd.closed:
+        def on_accept(conn: socket.socket, _addr: object) -> None:
+            fwd.accepted += 1
+            hook = self.on_accept
+            if hook is None:
+                counters.inc("forward.tcp.no_datapath")
+                conn.close()
                 return
-            fwd.paused = False
-            self._watch(fwd)
+            hook(fwd, conn)
 
-        self.inst.loop.call_later(ACCEPT_PAUSE_S, resume)
+        return on_accept
 
     def _udp_handler(self, fwd: Forward) -> Callable[[int], None]:
-        counters = self.inst.counters
+        counters = self.counters
         rxv = self._rxv
 
         def on_readable(_events: int) -> None:

@@ -24,19 +24,18 @@ import logging
 import os
 import socket
 import struct
-from typing import TYPE_CHECKING
 
+from guestnet.config import Config
 from guestnet.core.icmp import ICMP_OFF, EchoFlow, IcmpService
-from guestnet.io.loop import EPOLLIN
-from guestnet.io.udp_nat import RECV_BUDGET, SWEEP_INTERVAL_S, FlowSocket, make_policy
+from guestnet.core.policy import Policy
+from guestnet.core.switch import Switch
+from guestnet.counters import Counters
+from guestnet.io.loop import EPOLLIN, Loop
+from guestnet.io.udp_nat import RECV_BUDGET, SWEEP_INTERVAL_S, FlowSocket
+from guestnet.pool import FramePool
 from guestnet.wire.checksum import checksum, ones_sum
 from guestnet.wire.ethernet import ETH_HLEN
 from guestnet.wire.icmp import ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_HLEN
-
-if TYPE_CHECKING:
-    from guestnet.core.policy import Policy
-    from guestnet.instance import Instance
-    from guestnet.io.loop import Loop
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +125,24 @@ class RawEcho:
 
 
 class IcmpDriver:
-    """Owns the ICMP service, its echo sockets and its sweep timer."""
+    """Owns the ICMP service, its echo sockets and its sweep timer.
 
-    def __init__(self, inst: Instance, policy: Policy, mode: str | None) -> None:
-        self.loop: Loop = inst.loop
-        self.pool = inst.pool_to_guest
-        self.counters = inst.counters
+    ``mode``: ``"ping"``, ``"raw"`` or None, as :func:`probe_echo_mode` says.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        loop: Loop,
+        pool: FramePool,
+        counters: Counters,
+        switch: Switch,
+        policy: Policy,
+        mode: str | None,
+    ) -> None:
+        self.loop = loop
+        self.pool = pool
+        self.counters = counters
         self.raw: socket.socket | None = None
         self.raw_flows: dict[int, RawEcho] = {}
         self._next_ident = os.getpid() & 0xFFFF
@@ -139,10 +150,10 @@ class IcmpDriver:
             self.raw = socket.socket(socket.AF_INET, socket.SOCK_RAW | _FLAGS, socket.IPPROTO_ICMP)
             self.loop.add_fd(self.raw.fileno(), EPOLLIN, self._on_raw)
         self.icmp = IcmpService(
-            inst.config,
-            self.pool,
-            self.counters,
-            inst.switch,
+            config,
+            pool,
+            counters,
+            switch,
             policy,
             backend=self if mode is not None else None,
         )
@@ -199,6 +210,10 @@ class IcmpDriver:
         self.icmp.expire(now)
         self._timer = self.loop.call_at(now + SWEEP_INTERVAL_S, self._sweep)
 
+    def flows(self, now: float) -> list[dict[str, object]]:
+        """Every echo flow, for the API's ``/flows``."""
+        return self.icmp.flows_info(now)
+
     def close(self) -> None:
         """Cancel the sweep, close every echo flow and the raw socket."""
         self._timer.cancel()
@@ -208,21 +223,3 @@ class IcmpDriver:
             self.loop.remove_fd(self.raw.fileno())
             self.raw.close()
             self.raw = None
-
-
-def setup_icmp(inst: Instance, mode: str | None = "probe") -> IcmpDriver:
-    """Create the ICMP service, attach it to the classifier, close it with the instance.
-
-    ``mode`` ``"probe"`` tries (once) for the best echo socket; tests may force ``"ping"``,
-    ``"raw"`` or None.
-    """
-    if mode == "probe":
-        mode = probe_echo_mode()
-        if mode is None:
-            log.warning("%s", no_echo_warning())
-        else:
-            log.info("ICMP echo to outside addresses through %s sockets", mode)
-    driver = IcmpDriver(inst, make_policy(inst), mode)
-    inst.classifier.icmp = driver.icmp
-    inst.on_close(driver.close)
-    return driver

@@ -28,14 +28,14 @@ import socket
 import stat
 import struct
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from guestnet.core.port import Port
-from guestnet.io.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
-from guestnet.pool import HEADROOM, Frame
-
-if TYPE_CHECKING:
-    from guestnet.instance import Instance
+from guestnet.core.switch import Switch
+from guestnet.counters import Counters
+from guestnet.io.listener import Listener
+from guestnet.io.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Loop
+from guestnet.pool import HEADROOM, Frame, FramePool
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +50,52 @@ STREAM_RX_CHUNK = 256 * 1024
 
 _LEN = struct.Struct("!I")
 
+#: Takes one guest frame (a view valid during the call), its port, the time and whether the link
+#: vouches for its checksums: the classifier's ``handle_frame``.
+Deliver = Callable[[memoryview, Port, float, bool], None]
+#: pcap tap on frames to the guest: (frame, csum_start or -1, csum_offset).
+CaptureToGuest = Callable[[memoryview, int, int], None]
+
+
+class LinkHub:
+    """What the guest links of one datapath share, handed to each link explicitly.
+
+    The loop, the counters, both pools, the switch links attach their port to, and ``deliver``
+    (where guest frames go). ``links`` lists the links alive; ``capture_to_guest`` is the pcap
+    tap, set while a capture runs.
+    """
+
+    def __init__(
+        self,
+        loop: Loop,
+        counters: Counters,
+        pool_from_guest: FramePool,
+        pool_to_guest: FramePool,
+        switch: Switch,
+        deliver: Deliver,
+    ) -> None:
+        self.loop = loop
+        self.counters = counters
+        self.pool_from_guest = pool_from_guest
+        self.pool_to_guest = pool_to_guest
+        self.switch = switch
+        self.deliver = deliver
+        self.links: list[Link] = []
+        self.capture_to_guest: CaptureToGuest | None = None
+
+    def close_all(self) -> None:
+        """Close every link (shutdown)."""
+        for link in list(self.links):
+            link.close()
+
 
 class Link:
     """What every guest link shares: its Port, the bounded transmit queue, loop registration."""
 
     kind = "link"
 
-    def __init__(self, inst: Instance, fd: int, name: str) -> None:
-        self.inst = inst
+    def __init__(self, hub: LinkHub, fd: int, name: str) -> None:
+        self.hub = hub
         self.fd = fd
         self.name = name
         self.port = Port(name, self.send)
@@ -65,22 +103,23 @@ class Link:
         #: Frames not yet written, and how much of the first was written (streams only).
         self._txq: deque[Frame] = deque()
         self._tx_partial = 0
-        inst.switch.attach(self.port)
-        inst.links.append(self)
-        inst.loop.add_fd(fd, EPOLLIN, self._on_events)
+        hub.switch.attach(self.port)
+        hub.links.append(self)
+        hub.loop.add_fd(fd, EPOLLIN, self._on_events)
 
     # -- transmit ---------------------------------------------------------------------------
 
     def send(self, frame: Frame) -> None:
         """Write ``frame`` toward the guest, or queue it; takes ownership of the frame."""
         port = self.port
+        hub = self.hub
         if self.closed:
             port.tx_dropped += 1
-            self.inst.pool_to_guest.release(frame)
+            hub.pool_to_guest.release(frame)
             return
         port.tx_frames += 1
         port.tx_bytes += frame.length
-        capture = self.inst.capture_to_guest
+        capture = hub.capture_to_guest
         if capture is not None:
             capture(frame.data, frame.csum_start, frame.csum_offset)
         if self._txq:
@@ -90,17 +129,17 @@ class Link:
         if done is None:
             return
         if done < 0:
-            self.inst.pool_to_guest.release(frame)
+            hub.pool_to_guest.release(frame)
             return
         self._tx_partial = done
         self._enqueue(frame)
-        self.inst.loop.modify_fd(self.fd, EPOLLIN | EPOLLOUT)
+        hub.loop.modify_fd(self.fd, EPOLLIN | EPOLLOUT)
 
     def _enqueue(self, frame: Frame) -> None:
         if len(self._txq) >= TX_QUEUE_MAX:
             self.port.tx_dropped += 1
-            self.inst.counters.inc("link.tx.queue_full")
-            self.inst.pool_to_guest.release(frame)
+            self.hub.counters.inc("link.tx.queue_full")
+            self.hub.pool_to_guest.release(frame)
             return
         self._txq.append(frame)
 
@@ -114,7 +153,7 @@ class Link:
 
     def _flush(self) -> None:
         q = self._txq
-        release = self.inst.pool_to_guest.release
+        release = self.hub.pool_to_guest.release
         while q:
             done = self._write(q[0], self._tx_partial)
             if done is None:
@@ -128,7 +167,7 @@ class Link:
             self._tx_partial = done
             return
         if not self.closed:
-            self.inst.loop.modify_fd(self.fd, EPOLLIN)
+            self.hub.loop.modify_fd(self.fd, EPOLLIN)
 
     # -- receive ----------------------------------------------------------------------------
 
@@ -150,13 +189,13 @@ class Link:
         if self.closed:
             return
         self.closed = True
-        inst = self.inst
-        inst.loop.remove_fd(self.fd)
-        inst.switch.detach(self.port)
-        if self in inst.links:
-            inst.links.remove(self)
+        hub = self.hub
+        hub.loop.remove_fd(self.fd)
+        hub.switch.detach(self.port)
+        if self in hub.links:
+            hub.links.remove(self)
         while self._txq:
-            inst.pool_to_guest.release(self._txq.popleft())
+            hub.pool_to_guest.release(self._txq.popleft())
         self._close_fd()
 
     def _close_fd(self) -> None:
@@ -176,13 +215,13 @@ class StreamLink(Link):
 
     kind = "qemu-stream"
 
-    def __init__(self, inst: Instance, sock: socket.socket, name: str) -> None:
+    def __init__(self, hub: LinkHub, sock: socket.socket, name: str) -> None:
         sock.setblocking(False)
         self.sock = sock
         self._rx = bytearray(STREAM_RX_CHUNK + QEMU_MAX_FRAME + 4)
         self._rxv = memoryview(self._rx)
         self._rx_len = 0
-        super().__init__(inst, sock.fileno(), name)
+        super().__init__(hub, sock.fileno(), name)
 
     def _write(self, frame: Frame, offset: int) -> int | None:
         start = frame.start - 4
@@ -196,27 +235,28 @@ class StreamLink(Link):
             self._hard_error(exc)
             return -1
         if start + offset + sent == end:
-            self.inst.pool_to_guest.release(frame)
+            self.hub.pool_to_guest.release(frame)
             return None
         return offset + sent
 
     def _hard_error(self, exc: OSError) -> None:
-        self.inst.counters.inc("link.stream.error")
+        self.hub.counters.inc("link.stream.error")
         log.info("%s: %s; closing", self.name, exc)
-        self.inst.loop.call_later(0, lambda _now: self.close())
+        self.hub.loop.call_later(0, lambda _now: self.close())
 
     def _on_readable(self) -> None:
         rxv = self._rxv
-        classify = self.inst.classifier.handle_frame
+        hub = self.hub
+        classify = hub.deliver
         port = self.port
-        now = self.inst.loop.now()
+        now = hub.loop.now()
         for _ in range(RX_BUDGET):
             try:
                 n = self.sock.recv_into(rxv[self._rx_len :])
             except BlockingIOError:
                 return
             except OSError as exc:
-                self.inst.counters.inc("link.stream.error")
+                hub.counters.inc("link.stream.error")
                 log.info("%s: %s; closing", self.name, exc)
                 self.close()
                 return
@@ -229,13 +269,13 @@ class StreamLink(Link):
             while avail - pos >= 4:
                 flen = _LEN.unpack_from(rxv, pos)[0]
                 if flen == 0 or flen > QEMU_MAX_FRAME:
-                    self.inst.counters.inc("link.stream.corrupt")
+                    hub.counters.inc("link.stream.corrupt")
                     log.warning("%s: bad frame length %d; closing the connection", self.name, flen)
                     self.close()
                     return
                 if avail - pos - 4 < flen:
                     break
-                classify(rxv[pos + 4 : pos + 4 + flen], port, now)
+                classify(rxv[pos + 4 : pos + 4 + flen], port, now, False)
                 pos += 4 + flen
             rest = avail - pos
             if rest and pos:
@@ -250,59 +290,59 @@ class StreamLink(Link):
 
 
 class StreamServer:
-    """Listens for QEMU stream connections (unix path or TCP) and makes a StreamLink of each."""
+    """Listens for QEMU stream connections (unix path or TCP) and makes a StreamLink of each.
 
-    def __init__(self, inst: Instance, sock: socket.socket, description: str) -> None:
-        self.inst = inst
+    Accepting goes through :class:`~guestnet.io.listener.Listener`: out of descriptors, it pauses
+    instead of spinning, and resumes when one is freed.
+    """
+
+    def __init__(self, hub: LinkHub, sock: socket.socket, description: str) -> None:
+        self.hub = hub
         self.sock = sock
         self.description = description
         self.unix_path: str | None = None
         self._count = 0
-        sock.setblocking(False)
-        inst.loop.add_fd(sock.fileno(), EPOLLIN, self._on_accept)
-        inst.on_close(self.close)
+        self.listener = Listener(hub.loop, hub.counters, sock, self._on_accept, "link.stream")
 
     @classmethod
-    def listen_unix(cls, inst: Instance, path: str) -> StreamServer:
+    def listen_unix(cls, hub: LinkHub, path: str) -> StreamServer:
         """Listen on a unix socket at ``path``, mode 0600 (umask set before bind)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        _bind_private(sock, path)
-        sock.listen(8)
-        server = cls(inst, sock, f"unix:{path}")
+        try:
+            bind_private(sock, path)
+            sock.listen(8)
+        except OSError:
+            sock.close()
+            raise
+        server = cls(hub, sock, f"unix:{path}")
         server.unix_path = path
         return server
 
     @classmethod
-    def listen_tcp(cls, inst: Instance, host: str, port: int) -> StreamServer:
+    def listen_tcp(cls, hub: LinkHub, host: str, port: int) -> StreamServer:
         """Listen on TCP ``host:port`` (IPv6 when ``host`` contains a colon)."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(8)
-        return cls(inst, sock, f"tcp:{host}:{sock.getsockname()[1]}")
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(8)
+        except OSError:
+            sock.close()
+            raise
+        return cls(hub, sock, f"tcp:{host}:{sock.getsockname()[1]}")
 
-    def _on_accept(self, _events: int) -> None:
-        while True:
-            try:
-                conn, _addr = self.sock.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self.inst.counters.inc("link.stream.accept_error")
-                log.warning("accept on %s: %s", self.description, exc)
-                return
-            self._count += 1
-            if conn.family != socket.AF_UNIX:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            name = f"qemu{self._count}"
-            log.info("%s: guest connected on %s", name, self.description)
-            StreamLink(self.inst, conn, name)
+    def _on_accept(self, conn: socket.socket, _addr: object) -> None:
+        self._count += 1
+        if conn.family != socket.AF_UNIX:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        name = f"qemu{self._count}"
+        log.info("%s: guest connected on %s", name, self.description)
+        StreamLink(self.hub, conn, name)
 
     def close(self) -> None:
         """Stop listening; remove the socket file."""
-        self.inst.loop.remove_fd(self.sock.fileno())
-        self.sock.close()
+        self.listener.close()
         if self.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.unix_path)
@@ -313,25 +353,28 @@ class DgramLink(Link):
 
     kind = "dgram"
 
-    def __init__(self, inst: Instance, sock: socket.socket, name: str, path: str | None) -> None:
+    def __init__(self, hub: LinkHub, sock: socket.socket, name: str, path: str | None) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.path = path
         self.peer: str | None = None
-        super().__init__(inst, sock.fileno(), name)
-        inst.on_close(self.close)
+        super().__init__(hub, sock.fileno(), name)
 
     @classmethod
-    def bind_unix(cls, inst: Instance, path: str) -> DgramLink:
+    def bind_unix(cls, hub: LinkHub, path: str) -> DgramLink:
         """Bind a unixgram socket at ``path`` (mode 0600)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        _bind_private(sock, path)
-        return cls(inst, sock, "dgram", path)
+        try:
+            bind_private(sock, path)
+        except OSError:
+            sock.close()
+            raise
+        return cls(hub, sock, "dgram", path)
 
     def _write(self, frame: Frame, offset: int) -> int | None:
         peer = self.peer
         if peer is None:
-            self.inst.counters.inc("link.dgram.no_peer")
+            self.hub.counters.inc("link.dgram.no_peer")
             return -1
         try:
             self.sock.sendto(frame.data, peer)
@@ -339,17 +382,18 @@ class DgramLink(Link):
             return 0
         except OSError as exc:
             # The peer went away (ECONNREFUSED, ENOENT): drop and wait for the next sender.
-            self.inst.counters.inc("link.dgram.send_error")
+            self.hub.counters.inc("link.dgram.send_error")
             if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
                 self.peer = None
             return -1
-        self.inst.pool_to_guest.release(frame)
+        self.hub.pool_to_guest.release(frame)
         return None
 
     def _on_readable(self) -> None:
-        pool = self.inst.pool_from_guest
-        classify = self.inst.classifier.handle_frame
-        now = self.inst.loop.now()
+        hub = self.hub
+        pool = hub.pool_from_guest
+        classify = hub.deliver
+        now = hub.loop.now()
         frame = pool.acquire()
         room = frame.view[HEADROOM:]
         try:
@@ -359,7 +403,7 @@ class DgramLink(Link):
                 except BlockingIOError:
                     return
                 except OSError as exc:
-                    self.inst.counters.inc("link.dgram.error")
+                    hub.counters.inc("link.dgram.error")
                     log.info("%s: %s", self.name, exc)
                     return
                 if addr and addr != self.peer:
@@ -367,7 +411,7 @@ class DgramLink(Link):
                     log.info("%s: peer is %s", self.name, addr)
                 if n == 4 and bytes(room[:4]) == b"VFKT":
                     continue
-                classify(room[:n], self.port, now)
+                classify(room[:n], self.port, now, False)
         finally:
             pool.release(frame)
 
@@ -378,7 +422,7 @@ class DgramLink(Link):
                 os.unlink(self.path)
 
 
-def _bind_private(sock: socket.socket, path: str) -> None:
+def bind_private(sock: socket.socket, path: str) -> None:
     """Bind a unix socket so that only its owner can use it (mode 0600 from birth)."""
     with contextlib.suppress(FileNotFoundError):
         st = os.lstat(path)

@@ -24,6 +24,7 @@ import os
 import select
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 
 from guestnet.core.timers import Timer, TimerWheel
@@ -51,6 +52,12 @@ class Loop:
         self._wakeup_r = -1
         self._wakeup_w = -1
         self.stop_signal: int | None = None
+        #: Paused listeners waiting for a descriptor to be freed (see :meth:`when_fd_released`).
+        self._fd_waiters: list[Callable[[float], None]] = []
+        #: Callbacks handed over by other threads (:meth:`call_soon_threadsafe`), and the
+        #: eventfd that wakes a blocking wait for them (made on first use).
+        self._handed: deque[Callable[[float], None]] = deque()
+        self._handed_fd = -1
 
     def now(self) -> float:
         """Seconds on the loop's monotonic clock."""
@@ -68,12 +75,62 @@ class Loop:
             self._epoll.modify(fd, events)
             self._events[fd] = events
 
-    def remove_fd(self, fd: int) -> None:
-        """Stop watching ``fd``; call before closing it."""
+    def remove_fd(self, fd: int, closing: bool = True) -> None:
+        """Stop watching ``fd``; call before closing it.
+
+        ``closing=False``: the fd stays open (a paused listener); it frees no descriptor, so
+        :meth:`when_fd_released` callbacks are not woken by it.
+        """
         if self._handlers.pop(fd, None) is not None:
             self._events.pop(fd, None)
             with contextlib.suppress(OSError, ValueError):
                 self._epoll.unregister(fd)
+            if closing and self._fd_waiters:
+                self._wake_fd_waiters()
+
+    def when_fd_released(self, callback: Callable[[float], None]) -> None:
+        """Run ``callback(now)`` once, on the turn after the loop next stops watching an fd.
+
+        Every fd leaves the loop just before it is closed, so by then the process has one
+        descriptor more to spare: a listener paused on EMFILE resumes (``io/listener.py``).
+        """
+        self._fd_waiters.append(callback)
+
+    def _wake_fd_waiters(self) -> None:
+        waiters, self._fd_waiters = self._fd_waiters, []
+
+        def wake(now: float) -> None:
+            for waiter in waiters:
+                waiter(now)
+
+        # A zero deadline runs after this turn's handlers, once the fd is really closed.
+        self.timers.call_at(0.0, wake)
+
+    def call_soon_threadsafe(self, callback: Callable[[float], None]) -> None:
+        """From any thread: run ``callback(now)`` on the loop's thread on its next turn.
+
+        The only entry into the loop from another thread (the library's ``Network`` uses it
+        when the loop runs in a thread of its own); everything else is the loop thread's.
+        """
+        if self._handed_fd < 0:
+            raise RuntimeError("call_soon_threadsafe: enable_threadsafe() was not called")
+        # deque.append and popleft are atomic: the deque needs no lock of ours.
+        self._handed.append(callback)
+        os.eventfd_write(self._handed_fd, 1)
+
+    def enable_threadsafe(self) -> None:
+        """Make :meth:`call_soon_threadsafe` usable (on the loop's thread, before it runs)."""
+        if self._handed_fd < 0:
+            self._handed_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self.add_fd(self._handed_fd, EPOLLIN, self._run_handed)
+
+    def _run_handed(self, _events: int) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._handed_fd)
+        now = self.clock()
+        handed = self._handed
+        while handed:
+            handed.popleft()(now)
 
     def call_at(self, when: float, callback: Callable[[float], None]) -> Timer:
         """Run ``callback(now)`` at ``when`` on the loop's clock."""
@@ -149,4 +206,8 @@ class Loop:
                     if exc.errno != errno.EBADF:
                         raise
             self._wakeup_r = self._wakeup_w = -1
+        if self._handed_fd >= 0:
+            self.remove_fd(self._handed_fd)
+            os.close(self._handed_fd)
+            self._handed_fd = -1
         self._epoll.close()

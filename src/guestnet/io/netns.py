@@ -1,4 +1,4 @@
-"""Network namespaces as guests: ``guestnet netns`` and ``guestnet run``.
+"""Network namespaces as guests: the namespace and TAP mechanics behind ``netns`` and ``run``.
 
 Theory of operation
 -------------------
@@ -11,17 +11,18 @@ user namespace refuses threaded callers), so a forked *helper child* does the na
     TARGET is a PID and it differs from ours) and network namespace with ``setns``, opens the
     TAP, sets MAC and MTU, with ``--configure`` brings ``lo`` and the interface up with address,
     default route and MTU, sends the fd back over a unix socketpair (``SCM_RIGHTS``) and exits.
-    guestnet serves the TAP until SIGINT/SIGTERM; the TAP is not persistent, so it disappears
-    when guestnet closes the fd.
+    guestnet serves the TAP (``guestnet.network.Network.attach_netns``) until it closes; the TAP
+    is not persistent, so it disappears when guestnet closes the fd.
 
 ``run -- CMD``
     The child unshares a new network namespace and a private mount namespace (plus a user
     namespace when not root: the caller's uid/gid map to 0 inside, ``setgroups`` denied), binds
     a generated ``resolv.conf`` naming guestnet's DNS over ``/etc/resolv.conf``, creates and
     configures the TAP, sends the fd, waits for the parent's go-ahead byte (so no packet of CMD
-    is sent before guestnet serves the link), then execs CMD. The parent watches the child with
-    a pidfd in its loop and exits with CMD's status (128 + signal when it was killed). SIGTERM
-    to guestnet is forwarded to CMD; SIGINT is left to CMD (a terminal sends it to both).
+    is sent before guestnet serves the link), then execs CMD. The parent
+    (``guestnet.network.Network.spawn``) watches the child with a pidfd in its loop; the CLI exits
+    with CMD's status (128 + signal when it was killed), forwards SIGTERM to CMD and leaves
+    SIGINT to CMD (a terminal sends it to both).
 
 Every wait on the child is bounded (``HELPER_TIMEOUT_S``). The child reports a failure as a
 one-line message on the socketpair instead of an fd, and the parent prints it.
@@ -29,7 +30,6 @@ one-line message on the socketpair instead of an fd, and the parent prints it.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import logging
@@ -43,9 +43,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from guestnet.config import Config, format_mac
-from guestnet.instance import Instance
-from guestnet.io.loop import EPOLLIN
-from guestnet.io.tap import TapLink, check_ifname, open_tap
+from guestnet.io.tap import open_tap
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +58,7 @@ PR_SET_PDEATHSIG = 1
 NETNS_RUN_DIR = "/run/netns"
 #: Longest we wait for a helper child to hand over the TAP (pyroute2's import is most of it).
 HELPER_TIMEOUT_S = 30.0
-#: After forwarding SIGTERM to CMD, how long before it gets SIGKILL.
-RUN_KILL_GRACE_S = 5.0
 EXIT_FAILURE = 1
-EXIT_USAGE = 2
 
 _libc: ctypes.CDLL | None = None
 
@@ -263,7 +258,8 @@ def _receive_fd(sock: socket.socket, pid: int) -> int:
     raise HelperError(text or "namespace helper exited without a word")
 
 
-def _reap(pid: int) -> int:
+def reap(pid: int) -> int:
+    """Wait for child ``pid``; its exit code as ``subprocess`` gives it (-N: killed by N)."""
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
 
@@ -293,7 +289,7 @@ def open_tap_in(netns_path: str, userns_path: str | None, setup: TapSetup) -> in
         return _receive_fd(parent_sock, pid)
     finally:
         parent_sock.close()
-        _reap(pid)
+        reap(pid)
 
 
 def spawn_in_new_namespaces(
@@ -319,7 +315,7 @@ def spawn_in_new_namespaces(
         fd = _receive_fd(parent_sock, pid)
     except BaseException:
         parent_sock.close()
-        _reap(pid)
+        reap(pid)
         raise
     return pid, fd, parent_sock
 
@@ -378,138 +374,14 @@ def _run_child(
         os._exit(126 if isinstance(exc, PermissionError) else 127)
 
 
-# -- the subcommands -------------------------------------------------------------------------
-
 #: Held back from the start until the loop's handlers are in place, so that a SIGTERM during
 #: set-up still ends guestnet cleanly (and removes the TAP) instead of killing it outright.
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
-def cmd_netns(args: argparse.Namespace, config: Config) -> int:
-    """``guestnet netns TARGET``: serve a TAP in an existing namespace until SIGINT/SIGTERM."""
-    try:
-        ifname = check_ifname(args.ifname)
-    except ValueError as exc:
-        print(f"guestnet netns: error: --ifname: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        netns_path, pid_userns = resolve_target(args.target)
-        userns = args.userns if args.userns else pid_userns
-        if args.userns and not os.path.exists(args.userns):
-            raise ValueError(f"--userns: no such namespace: {args.userns}")
-    except ValueError as exc:
-        print(f"guestnet netns: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    setup = TapSetup.from_config(config, ifname, args.configure)
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        fd = open_tap_in(netns_path, userns, setup)
-    except (HelperError, OSError) as exc:
-        print(
-            f"guestnet netns: error: cannot create {ifname} in {netns_path}: {exc}", file=sys.stderr
-        )
-        return EXIT_FAILURE
-    inst = Instance(config)
-    try:
-        link = TapLink(inst, fd, "tap0", ifname)
-        log.info("serving %s in %s", ifname, netns_path)
-        inst.loop.install_signal_handlers()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-        inst.run(until=lambda: link.closed)
-    finally:
-        inst.close()
-    return 0
-
-
-def _command_of(args: argparse.Namespace) -> list[str]:
-    cmd = list(args.cmd or [])
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
-    if not cmd:
-        cmd = [os.environ.get("SHELL") or "/bin/sh"]
-    return cmd
-
-
-def cmd_run(args: argparse.Namespace, config: Config) -> int:
-    """``guestnet run -- CMD``: CMD in new namespaces served by guestnet; CMD's exit status."""
-    try:
-        ifname = check_ifname(args.ifname)
-    except ValueError as exc:
-        print(f"guestnet run: error: --ifname: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    cmd = _command_of(args)
-    setup = TapSetup.from_config(config, ifname, configure=True)
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        pid, fd, go = spawn_in_new_namespaces(setup, cmd, resolv_conf_text(config))
-    except (HelperError, OSError) as exc:
-        print(f"guestnet run: error: cannot set up the namespace: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    inst = Instance(config)
-    try:
-        status = _serve_child(inst, pid, fd, ifname, go)
-    finally:
-        inst.close()
-    return status
-
-
-def _serve_child(inst: Instance, pid: int, fd: int, ifname: str, go: socket.socket) -> int:
-    """Serve the TAP while the child runs; its exit status."""
-    loop = inst.loop
-    TapLink(inst, fd, "tap0", ifname)
-    pidfd = os.pidfd_open(pid)
-    status: list[int] = []
-
-    def on_child_exit(_events: int) -> None:
-        done, wstatus = os.waitpid(pid, os.WNOHANG)
-        if done:
-            status.append(os.waitstatus_to_exitcode(wstatus))
-            loop.remove_fd(pidfd)
-            loop.stop()
-
-    loop.add_fd(pidfd, EPOLLIN, on_child_exit)
-    loop.install_signal_handlers()
-
-    def on_term(signum: int, _frame: object) -> None:
-        # Forward to CMD and keep serving until it exits; SIGKILL if it lingers.
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
-        loop.call_later(RUN_KILL_GRACE_S, lambda _now: _kill(pid))
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGHUP, on_term)
-    signal.signal(signal.SIGINT, lambda _s, _f: None)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    try:
-        # Published ports, the API socket and the capture exist before CMD starts, so CMD (or
-        # whoever waits for the API socket) finds them ready; a StartError kills CMD below.
-        inst.start_control()
-        go.sendall(b"g")
-        go.close()
-        while not status:
-            loop.run(until=lambda: bool(status))
-    finally:
-        with contextlib.suppress(OSError):
-            go.close()
-        if not status:
-            _kill(pid)
-            status.append(_reap(pid))
-        loop.remove_fd(pidfd)
-        os.close(pidfd)
-    code = status[0]
-    return 128 - code if code < 0 else code
-
-
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-
-
 __all__ = [
     "HelperError",
     "TapSetup",
-    "cmd_netns",
-    "cmd_run",
     "open_tap_in",
     "resolve_target",
     "setns",

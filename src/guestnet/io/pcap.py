@@ -8,8 +8,8 @@ super-frame is kept whole. Each record carries the wall-clock time (``time.time_
 readers show absolute time) and the frame's bytes.
 
 Hooks: the classifier calls :meth:`PcapWriter.from_guest` first thing for every guest frame, and
-the links call :meth:`PcapWriter.to_guest` for every frame they are handed (see
-:func:`install`). Both copy the frame into the file's buffer; neither keeps the view.
+the links call :meth:`PcapWriter.to_guest` for every frame they are handed (the assembly connects
+both). Both copy the frame into the file's buffer; neither keeps the view.
 
 Checksums an offload left partial (a TAP ``NEEDS_CSUM`` frame: the L4 checksum field holds only
 the pseudo-header sum, the kernel or device is to finish it) are completed *in the copy*, so the
@@ -37,13 +37,11 @@ import logging
 import struct
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
+from guestnet.core.timers import Timer
+from guestnet.io.loop import Loop
 from guestnet.wire.checksum import checksum, pseudo_header_sum
-
-if TYPE_CHECKING:
-    from guestnet.core.timers import Timer
-    from guestnet.instance import Instance
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +148,8 @@ class PcapWriter:
         self.frames_not_written = 0
         self.stopped = False
         self.closed = False
+        #: The periodic flush (:func:`open_capture`), cancelled at close.
+        self.timer: Timer | None = None
         self.flush()
 
     def write(
@@ -227,6 +227,9 @@ class PcapWriter:
         """Flush and close the file."""
         if self.closed:
             return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self.flush()
         self.closed = True
         self._file.close()
@@ -243,28 +246,17 @@ class PcapWriter:
         }
 
 
-def install(inst: Instance, path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> PcapWriter:
-    """Open ``path`` and tap both directions of ``inst``; flushed every second, closed at exit."""
+def open_capture(loop: Loop, path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> PcapWriter:
+    """Open ``path`` for capture, flushed every :data:`FLUSH_INTERVAL_S` on ``loop``.
+
+    The caller connects the writer's hooks (``from_guest``, ``to_guest``) and closes it.
+    """
     writer = PcapWriter(path, max_bytes)
-    inst.classifier.capture = writer.from_guest
-    inst.capture_to_guest = writer.to_guest
-    timer: list[Timer] = []
 
     def tick(now: float) -> None:
         writer.flush()
         if not writer.closed:
-            timer[:] = [inst.loop.call_at(now + FLUSH_INTERVAL_S, tick)]
+            writer.timer = loop.call_at(now + FLUSH_INTERVAL_S, tick)
 
-    timer.append(inst.loop.call_later(FLUSH_INTERVAL_S, tick))
-
-    def close() -> None:
-        for t in timer:
-            t.cancel()
-        if inst.classifier.capture == writer.from_guest:
-            inst.classifier.capture = None
-        if inst.capture_to_guest == writer.to_guest:
-            inst.capture_to_guest = None
-        writer.close()
-
-    inst.on_close(close)
+    writer.timer = loop.call_later(FLUSH_INTERVAL_S, tick)
     return writer

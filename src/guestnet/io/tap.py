@@ -48,13 +48,10 @@ import fcntl
 import logging
 import os
 import struct
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
-from guestnet.io.links import RX_BUDGET, Link
+from guestnet.io.links import RX_BUDGET, Link, LinkHub
 from guestnet.pool import HEADROOM, Frame
-
-if TYPE_CHECKING:
-    from guestnet.instance import Instance
 
 log = logging.getLogger(__name__)
 
@@ -177,24 +174,22 @@ class TapLink(Link):
 
     def __init__(
         self,
-        inst: Instance,
+        hub: LinkHub,
         fd: int,
         name: str,
         ifname: str | None = None,
-        offloads: int | None = None,
+        offloads: int = DEFAULT_OFFLOADS,
     ) -> None:
-        """``offloads``: ``TUN_F_*`` bits; None: :data:`DEFAULT_OFFLOADS` if ``config.offloads``."""
+        """``offloads``: the ``TUN_F_*`` bits to ask for (0: plain frames)."""
         os.set_blocking(fd, False)
         self.ifname = ifname
         self.offloads = 0
-        super().__init__(inst, fd, name)
-        if offloads is None:
-            offloads = DEFAULT_OFFLOADS if inst.config.offloads else 0
+        super().__init__(hub, fd, name)
         if offloads:
             try:
                 self.set_offloads(offloads)
             except OSError as exc:
-                inst.counters.inc("link.tap.offload.unsupported")
+                hub.counters.inc("link.tap.offload.unsupported")
                 log.info("%s: no TAP offloads (%s); plain frames", name, exc)
 
     def set_offloads(self, flags: int) -> None:
@@ -216,18 +211,18 @@ class TapLink(Link):
             return 0
         except OSError as exc:
             # EIO while the interface is down, EINVAL for a frame it refuses: drop this one.
-            self.inst.counters.inc(f"link.tap.write.{_errname(exc)}")
+            self.hub.counters.inc(f"link.tap.write.{_errname(exc)}")
             return -1
-        self.inst.pool_to_guest.release(frame)
+        self.hub.pool_to_guest.release(frame)
         return None
 
     def _on_readable(self) -> None:
-        inst = self.inst
-        pool = inst.pool_from_guest
-        classify = inst.classifier.handle_frame
+        hub = self.hub
+        pool = hub.pool_from_guest
+        classify = hub.deliver
         port = self.port
         fd = self.fd
-        now = inst.loop.now()
+        now = hub.loop.now()
         frame = pool.acquire()
         view = frame.view
         start = frame.start
@@ -243,16 +238,16 @@ class TapLink(Link):
                     if exc.errno == errno.EINTR:
                         continue
                     # EBADFD/EIO: the device is gone (its namespace was torn down).
-                    inst.counters.inc(f"link.tap.read.{_errname(exc)}")
+                    hub.counters.inc(f"link.tap.read.{_errname(exc)}")
                     log.warning("%s: read: %s; closing the link", self.name, exc)
                     self.close()
                     return
                 if n <= VNET_HDR_LEN:
-                    inst.counters.inc("link.tap.read.short")
+                    hub.counters.inc("link.tap.read.short")
                     continue
                 gso_type = view[hdr_at + 1]
                 if gso_type and (gso_type & ~VNET_GSO_ECN) not in _GSO_ACCEPTED:
-                    inst.counters.inc("link.tap.read.gso_unsupported")
+                    hub.counters.inc("link.tap.read.gso_unsupported")
                     continue
                 trusted = bool(view[hdr_at] & (VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID))
                 classify(view[start : hdr_at + n], port, now, trusted)

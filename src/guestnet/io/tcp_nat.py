@@ -45,16 +45,14 @@ import logging
 import select
 import socket
 import struct
-from typing import TYPE_CHECKING
 
+from guestnet.core.port import Port
+from guestnet.core.switch import Switch
 from guestnet.core.tcp import CONNECTING, TcpFlow, TcpNat
 from guestnet.core.timers import Timer
-from guestnet.io.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
-
-if TYPE_CHECKING:
-    from guestnet.core.port import Port
-    from guestnet.instance import Instance
-    from guestnet.io.forwards import Forward, Forwards
+from guestnet.counters import Counters
+from guestnet.io.forwards import Forward, Forwards
+from guestnet.io.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Loop
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +81,17 @@ class _HostSock:
 
 
 class TcpNatDriver:
-    """Implements :class:`~guestnet.core.tcp.TcpIo` on real sockets and the instance's loop."""
+    """Implements :class:`~guestnet.core.tcp.TcpIo` on real sockets and a loop.
 
-    def __init__(self, inst: Instance, nat: TcpNat) -> None:
-        self.inst = inst
-        self.loop = inst.loop
+    ``switch`` is where forwarded connections find the guest link to open their flow on.
+    """
+
+    def __init__(self, loop: Loop, counters: Counters, switch: Switch, nat: TcpNat) -> None:
+        self.loop = loop
+        self.counters = counters
+        self.switch = switch
         self.nat = nat
         nat.io = self
-        self._flush_timer: Timer | None = None
 
     # -- TcpIo -----------------------------------------------------------------------------------
 
@@ -243,14 +244,14 @@ class TcpNatDriver:
 
     def on_forward_accept(self, fwd: Forward, conn: socket.socket) -> None:
         """A host client connected to ``fwd``: open a flow toward the guest, or close it."""
-        counters = self.inst.counters
+        counters = self.counters
         try:
             guest_ip = ipaddress.IPv4Address(self.forwards.guest_ip_for(fwd)).packed
         except ValueError:
             counters.inc("forward.tcp.guest_not_ipv4")
             _close_now(conn)
             return
-        port = _guest_port(self.inst)
+        port = _guest_port(self.switch)
         if port is None or port.guest_mac is None:
             # No guest has spoken yet: we know no MAC to send the SYN to.
             counters.inc("forward.tcp.no_guest")
@@ -279,14 +280,14 @@ class TcpNatDriver:
             return
         self._watch(flow, hs)
 
-    # -- the instance ------------------------------------------------------------------------------
+    # -- shutdown and the API --------------------------------------------------------------------
 
-    def flows(self) -> list[dict[str, object]]:
-        """Every TCP flow, for the stats API."""
-        return self.nat.flows_info(self.loop.now())
+    def flows(self, now: float | None = None) -> list[dict[str, object]]:
+        """Every TCP flow, for the API's ``/flows`` (``now``: the loop's clock by default)."""
+        return self.nat.flows_info(self.loop.now() if now is None else now)
 
     def close_all(self) -> None:
-        """Instance shutdown: close every host socket."""
+        """Shutdown: close every host socket."""
         self.nat.close_all()
 
 
@@ -297,34 +298,9 @@ def _close_now(sock: socket.socket) -> None:
     sock.close()
 
 
-def _guest_port(inst: Instance) -> Port | None:
+def _guest_port(switch: Switch) -> Port | None:
     """The guest link to open forwarded connections on: the first port a guest has spoken on."""
-    for port in inst.switch.ports:
+    for port in switch.ports:
         if port.guest_mac is not None:
             return port
     return None
-
-
-def setup_tcp_nat(inst: Instance) -> TcpNatDriver:
-    """Build the TCP NAT for ``inst`` and attach it (and DNS over TCP) to the classifier."""
-    from guestnet.io.dns_upstream import upstream_servers
-    from guestnet.io.udp_nat import make_policy
-
-    config = inst.config
-    upstreams = upstream_servers(config)
-
-    def dns_upstream() -> tuple[str, int] | None:
-        return upstreams[0] if upstreams else None
-
-    nat = TcpNat(
-        config, inst.pool_to_guest, inst.counters, make_policy(inst), dns_upstream=dns_upstream
-    )
-    driver = TcpNatDriver(inst, nat)
-    inst.classifier.tcp_nat = nat
-    inst.classifier.tcp_fast = nat.handle_fast
-    inst.classifier.dns_tcp = nat.dns_handler
-    forwards = getattr(inst, "forwards", None)
-    if forwards is not None:
-        driver.attach_forwards(forwards)
-    inst.on_close(driver.close_all)
-    return driver

@@ -19,17 +19,17 @@ import ipaddress
 import logging
 import socket
 import struct
-from typing import TYPE_CHECKING
 
+from guestnet.config import Config
 from guestnet.core.icmp import IcmpService
 from guestnet.core.policy import Policy
+from guestnet.core.switch import Switch
 from guestnet.core.udp import REPLY_PAYLOAD_OFF, UdpFlow, UdpNat
+from guestnet.counters import Counters
+from guestnet.io.forwards import Forward, Forwards
 from guestnet.io.loop import EPOLLERR, EPOLLIN, Loop
+from guestnet.pool import FramePool
 from guestnet.wire.icmp import ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, UNREACH_FRAG_NEEDED
-
-if TYPE_CHECKING:
-    from guestnet.instance import Instance
-    from guestnet.io.forwards import Forward, Forwards
 
 log = logging.getLogger(__name__)
 
@@ -44,33 +44,6 @@ IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
 SO_EE_ORIGIN_ICMP = 2
 #: struct sock_extended_err: errno, origin, type, code, pad, info, data.
 _EXT_ERR = struct.Struct("=IBBBBII")
-
-
-def host_ipv4_addrs() -> frozenset[bytes]:
-    """The host's own IPv4 addresses (for ``--no-host-loopback``), empty if netlink fails."""
-    try:
-        from pyroute2 import IPRoute
-
-        with IPRoute() as ipr:
-            return frozenset(
-                ipaddress.IPv4Address(msg.get_attr("IFA_ADDRESS")).packed
-                for msg in ipr.get_addr(family=socket.AF_INET)
-                if msg.get_attr("IFA_ADDRESS")
-            )
-    except Exception as exc:  # any netlink trouble: fall back to loopback-only refusal
-        log.warning("could not list the host's addresses: %s", exc)
-        return frozenset()
-
-
-def make_policy(inst: Instance) -> Policy:
-    """The instance's Policy: shared if another service made one, else made and shared here."""
-    policy = getattr(inst, "policy", None)
-    if isinstance(policy, Policy):
-        return policy
-    addrs = host_ipv4_addrs() if inst.config.no_host_loopback else frozenset()
-    policy = Policy(inst.config, addrs)
-    setattr(inst, "policy", policy)  # noqa: B010 (shared with the TCP and ICMP services)
-    return policy
 
 
 class FlowSocket:
@@ -198,13 +171,20 @@ class HostUdpSocket(FlowSocket):
 class UdpNatDriver:
     """Owns the UDP NAT core, its sockets and its sweep timer."""
 
-    def __init__(self, inst: Instance, policy: Policy, icmp: IcmpService) -> None:
-        self.loop = inst.loop
-        self.pool = inst.pool_to_guest
-        self.counters = inst.counters
-        self.nat = UdpNat(
-            inst.config, self.pool, self.counters, inst.switch, policy, icmp, self._open
-        )
+    def __init__(
+        self,
+        config: Config,
+        loop: Loop,
+        pool: FramePool,
+        counters: Counters,
+        switch: Switch,
+        policy: Policy,
+        icmp: IcmpService,
+    ) -> None:
+        self.loop = loop
+        self.pool = pool
+        self.counters = counters
+        self.nat = UdpNat(config, pool, counters, switch, policy, icmp, self._open)
         self.interval = max(1.0, min(SWEEP_INTERVAL_S, self.nat.timeout / 4))
         self._timer = self.loop.call_later(self.interval, self._sweep)
 
@@ -250,19 +230,12 @@ class UdpNatDriver:
         self.nat.expire(now)
         self._timer = self.loop.call_at(now + self.interval, self._sweep)
 
+    def flows(self, now: float) -> list[dict[str, object]]:
+        """Every UDP flow, for the API's ``/flows``."""
+        return self.nat.flows_info(now)
+
     def close(self) -> None:
         """Cancel the sweep and close every flow's socket."""
         self._timer.cancel()
         with contextlib.suppress(OSError):
             self.nat.close_all()
-
-
-def setup_udp_nat(inst: Instance, icmp: IcmpService) -> UdpNatDriver:
-    """Create the UDP NAT, attach it to the classifier, close it with the instance."""
-    driver = UdpNatDriver(inst, make_policy(inst), icmp)
-    inst.classifier.udp_nat = driver.nat
-    forwards = getattr(inst, "forwards", None)
-    if forwards is not None:
-        driver.attach_forwards(forwards)
-    inst.on_close(driver.close)
-    return driver

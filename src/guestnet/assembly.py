@@ -1,0 +1,211 @@
+"""The assembly: the one place that builds a datapath and connects its parts.
+
+Theory of operation
+-------------------
+Dependencies point one way: ``wire <- core <- io <- assembly <- api, network, cli``. The sans-I/O
+core (classifier, services, NAT state machines) knows nothing of sockets; the drivers in ``io/``
+know the loop, the counters, the pools and the collaborators they are handed, never the whole
+datapath. Only :class:`Instance` sees everything: it makes the loop, both frame pools, the
+counters, the switch and the classifier, builds each service and its driver with exactly what
+they use, and is the only code that plugs services into the classifier's slots and the forward
+registry's hooks. Nothing below it imports it.
+
+Shutdown runs the ``on_close`` registry last-registered first (the TCP NAT, then UDP, ICMP, DNS,
+forwards), then closes the links and the loop: :meth:`Instance.close` leaves no descriptor, file
+or timer behind.
+
+What an operator sees (stats, flows, leases, forwards) is read through the small methods at the
+end, which the control API and the library face (``guestnet.network``) use.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+from collections.abc import Callable, Iterable, Mapping
+
+from guestnet.config import Config
+from guestnet.core.classifier import FrameClassifier
+from guestnet.core.dhcp import DhcpServer
+from guestnet.core.fragments import Reassembler
+from guestnet.core.policy import Policy
+from guestnet.core.switch import Switch
+from guestnet.core.tcp import TcpNat
+from guestnet.counters import Counters
+from guestnet.io.dns_upstream import DnsUpstreamIO, upstream_servers
+from guestnet.io.forwards import Forwards, PublishSpec, add_published
+from guestnet.io.host import host_ipv4_addrs
+from guestnet.io.icmp_sock import IcmpDriver, no_echo_warning, probe_echo_mode
+from guestnet.io.links import Link, LinkHub
+from guestnet.io.loop import Loop
+from guestnet.io.pcap import PcapWriter, open_capture
+from guestnet.io.tcp_nat import TcpNatDriver
+from guestnet.io.udp_nat import UdpNatDriver
+from guestnet.pool import FramePool
+
+log = logging.getLogger(__name__)
+
+#: A flow listing: ``source(now)`` gives one mapping per live flow.
+FlowSource = Callable[[float], Iterable[Mapping[str, object]]]
+
+
+class Instance:
+    """One datapath, assembled: loop, pools, switch, classifier, services and their drivers.
+
+    ``echo_mode``: how ICMP echo reaches outside addresses: ``"probe"`` (try ping sockets, then
+    raw, once), ``"ping"``, ``"raw"`` or None (only guestnet's own addresses answer).
+    """
+
+    def __init__(
+        self, config: Config, loop: Loop | None = None, echo_mode: str | None = "probe"
+    ) -> None:
+        self.config = config
+        self.loop = loop if loop is not None else Loop()
+        self.counters = Counters()
+        self.pool_from_guest = FramePool(config.mtu, config.pool_slots)
+        self.pool_to_guest = FramePool(config.mtu, config.pool_slots)
+        self.switch = Switch(self.pool_to_guest, self.counters)
+        self.classifier = FrameClassifier(config, self.pool_to_guest, self.counters, self.switch)
+        self.hub = LinkHub(
+            self.loop,
+            self.counters,
+            self.pool_from_guest,
+            self.pool_to_guest,
+            self.switch,
+            self.classifier.handle_frame,
+        )
+        self._closers: list[Callable[[], None]] = []
+        self.closed = False
+        #: The running capture (``--pcap``), if any.
+        self.capture: PcapWriter | None = None
+        self._build_services(echo_mode)
+
+    # -- building ---------------------------------------------------------------------------------
+
+    def _build_services(self, echo_mode: str | None) -> None:
+        """Make every service and driver and connect them: the classifier's slots, the hooks."""
+        cfg, loop, pool, counters = self.config, self.loop, self.pool_to_guest, self.counters
+        c = self.classifier
+        self.dhcp = DhcpServer(cfg, pool, counters)
+        self.forwards = Forwards(loop, counters, cfg.subnet, self.guest_address)
+        self.on_close(self.forwards.close)
+        self.dns = DnsUpstreamIO(cfg, loop, pool, counters, upstream_servers(cfg))
+        self.on_close(self.dns.close)
+        self.policy = Policy(cfg, host_ipv4_addrs() if cfg.no_host_loopback else frozenset())
+        self.icmp = IcmpDriver(
+            cfg, loop, pool, counters, self.switch, self.policy, _echo_mode(echo_mode)
+        )
+        self.on_close(self.icmp.close)
+        self.udp_nat = UdpNatDriver(
+            cfg, loop, pool, counters, self.switch, self.policy, self.icmp.icmp
+        )
+        self.udp_nat.attach_forwards(self.forwards)
+        self.on_close(self.udp_nat.close)
+        # DNS over TCP connects where UDP queries go now: the first upstream believed up.
+        nat = TcpNat(cfg, pool, counters, self.policy, dns_upstream=self.dns.tcp_upstream)
+        self.tcp_nat = TcpNatDriver(loop, counters, self.switch, nat)
+        self.tcp_nat.attach_forwards(self.forwards)
+        self.on_close(self.tcp_nat.close_all)
+        self.reassembly = Reassembler(counters, c.route_ipv4)
+        c.dhcp = self.dhcp
+        c.dns_udp = self.dns
+        c.dns_tcp = nat.dns_handler
+        c.icmp = self.icmp.icmp
+        c.udp_nat = self.udp_nat.nat
+        c.tcp_nat = nat
+        c.tcp_fast = nat.handle_fast
+        c.reassembly = self.reassembly
+
+    def on_close(self, closer: Callable[[], None]) -> None:
+        """Run ``closer`` at shutdown (sockets, files, devices), last registered first."""
+        self._closers.append(closer)
+
+    def guest_address(self) -> str:
+        """Where traffic for "the guest" goes now: its latest DHCP lease, else ``--guest-ip``."""
+        return str(self.dhcp.guest_address())
+
+    # -- what the operator asked for at start -----------------------------------------------------
+
+    def start_capture(self, path: str, max_bytes: int) -> PcapWriter:
+        """Record every frame both ways to ``path`` (pcap) until close; OSError if it can't."""
+        writer = open_capture(self.loop, path, max_bytes)
+        self.capture = writer
+        self.classifier.capture = writer.from_guest
+        self.hub.capture_to_guest = writer.to_guest
+
+        def stop() -> None:
+            if self.classifier.capture == writer.from_guest:
+                self.classifier.capture = None
+            if self.hub.capture_to_guest == writer.to_guest:
+                self.hub.capture_to_guest = None
+            writer.close()
+
+        self.on_close(stop)
+        return writer
+
+    def publish(self, specs: Iterable[PublishSpec]) -> None:
+        """Create the forwards of ``-p``; ForwardError on the first that fails."""
+        add_published(self.forwards, tuple(specs))
+
+    # -- what the API and the library read ---------------------------------------------------------
+
+    @property
+    def links(self) -> list[Link]:
+        """The guest links alive."""
+        return self.hub.links
+
+    def link_stats(self) -> list[dict[str, object]]:
+        """Per-link counters."""
+        return [link.stats() for link in self.hub.links]
+
+    def pool_stats(self) -> dict[str, object]:
+        """Both frame pools' counters."""
+        return {"from_guest": self.pool_from_guest.stats(), "to_guest": self.pool_to_guest.stats()}
+
+    def flow_sources(self) -> list[tuple[str, FlowSource]]:
+        """Every NAT service's flow listing, by protocol: the real tables, not a cache."""
+        return [("tcp", self.tcp_nat.flows), ("udp", self.udp_nat.flows), ("icmp", self.icmp.flows)]
+
+    def capture_stats(self) -> dict[str, object] | None:
+        """The pcap writer's counters while a capture runs."""
+        return None if self.capture is None else self.capture.stats()
+
+    # -- shutdown ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close every link and host socket and remove what the instance created."""
+        if self.closed:
+            return
+        self.closed = True
+        self.hub.close_all()
+        while self._closers:
+            closer = self._closers.pop()
+            try:
+                closer()
+            except Exception:  # one failing cleanup must not stop the rest
+                log.exception("cleanup failed")
+        self.loop.close()
+
+
+def _echo_mode(mode: str | None) -> str | None:
+    """Resolve ``"probe"`` to the best echo socket this process may open (once, at start)."""
+    if mode != "probe":
+        return mode
+    found = probe_echo_mode()
+    if found is None:
+        log.warning("%s", no_echo_warning())
+    else:
+        log.info("ICMP echo to outside addresses through %s sockets", found)
+    return found
+
+
+def raise_nofile_limit() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to its hard limit; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit to %d: %s", hard, exc)
+    return soft

@@ -1,0 +1,132 @@
+"""Listener: a listening socket on the loop that survives running out of descriptors.
+
+Every listening socket guestnet owns (the QEMU stream socket, published TCP ports, the control
+API) is registered level-triggered for EPOLLIN. When ``accept`` fails with EMFILE or ENFILE (or
+the kernel is out of socket memory), the connection stays in the kernel's backlog and the socket
+stays readable: a level-triggered listener that just returned would be woken again at once, for
+ever, at 100 % CPU. So a listener that hits the limit *pauses*: it leaves epoll, and waits for
+a descriptor to be freed. The loop tells it (:meth:`guestnet.io.loop.Loop.when_fd_released`):
+every fd the loop stops watching is about to be closed, and the paused listener resumes on the
+next turn, after that close. Descriptors freed elsewhere (another process's, for ENFILE) are
+caught by a slow retry (:data:`RETRY_S`). A resumed listener that still cannot accept pauses
+again; one accept per freed descriptor is all it costs.
+
+Accepts are bounded per wake-up (``budget``), so a connection storm cannot starve the other fds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import socket
+from collections.abc import Callable
+
+from guestnet.core.timers import Timer
+from guestnet.counters import Counters
+from guestnet.io.loop import EPOLLIN, Loop
+
+log = logging.getLogger(__name__)
+
+#: errnos that mean "no descriptor (or socket memory) to spare now": pause, do not spin.
+NO_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: A paused listener tries again after this long even if the loop freed no descriptor.
+RETRY_S = 1.0
+#: Accepts per wake-up.
+ACCEPT_BUDGET = 64
+
+#: Takes an accepted, non-blocking, close-on-exec connection and its peer address.
+AcceptHandler = Callable[[socket.socket, object], None]
+
+
+class Listener:
+    """Accepts connections on ``sock`` and hands each to ``on_accept``; pauses on EMFILE.
+
+    ``counter`` prefixes the counters: ``<counter>.accept.no_fds`` when paused for want of
+    descriptors, ``<counter>.accept.error`` for any other accept failure.
+    """
+
+    __slots__ = (
+        "_retry",
+        "budget",
+        "closed",
+        "counter",
+        "counters",
+        "fd",
+        "loop",
+        "on_accept",
+        "paused",
+        "sock",
+    )
+
+    def __init__(
+        self,
+        loop: Loop,
+        counters: Counters,
+        sock: socket.socket,
+        on_accept: AcceptHandler,
+        counter: str,
+        budget: int = ACCEPT_BUDGET,
+    ) -> None:
+        sock.setblocking(False)
+        self.loop = loop
+        self.counters = counters
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.on_accept = on_accept
+        self.counter = counter
+        self.budget = budget
+        self.paused = False
+        self.closed = False
+        self._retry: Timer | None = None
+        loop.add_fd(self.fd, EPOLLIN, self._on_readable)
+
+    def _on_readable(self, _events: int) -> None:
+        for _ in range(self.budget):
+            if self.closed or self.paused:
+                return
+            try:
+                conn, addr = self.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in NO_RESOURCES:
+                    self.counters.inc(f"{self.counter}.accept.no_fds")
+                    self._pause()
+                else:
+                    self.counters.inc(f"{self.counter}.accept.error")
+                    log.info("%s: accept: %s", self.counter, exc)
+                return
+            conn.setblocking(False)
+            self.on_accept(conn, addr)
+
+    def _pause(self) -> None:
+        """Leave epoll until the loop frees a descriptor (or :data:`RETRY_S` passes)."""
+        if self.paused:
+            return
+        self.paused = True
+        self.loop.remove_fd(self.fd, closing=False)  # pausing frees no descriptor
+        self.loop.when_fd_released(self._resume)
+        self._retry = self.loop.call_later(RETRY_S, self._resume)
+
+    def _resume(self, _now: float) -> None:
+        if not self.paused or self.closed:
+            return
+        self.paused = False
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        self.loop.add_fd(self.fd, EPOLLIN, self._on_readable)
+
+    def close(self) -> None:
+        """Stop listening and close the socket (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if not self.paused:
+            self.loop.remove_fd(self.fd)
+        with contextlib.suppress(OSError):
+            self.sock.close()
