@@ -117,11 +117,6 @@ class Config:
         return self.dns_ip.packed
 
     @cached_property
-    def guest_ip_b(self) -> bytes:
-        """The guest address packed."""
-        return self.guest_ip.packed
-
-    @cached_property
     def owned_b(self) -> frozenset[bytes]:
         """Every address guestnet answers for on the guest link (ARP, ICMP echo)."""
         return frozenset((self.gateway_b, self.dns_ip_b))

@@ -5,6 +5,7 @@ control API on its unix socket. No fakes between the services and what the API l
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import struct
@@ -157,3 +158,36 @@ def test_readme_example_runs(tmp_path: Path) -> None:
     assert lines[0].startswith("-netdev stream,id=net0,server=off,addr.type=unix")
     assert re.fullmatch(r"published 127\.0\.0\.1:\d+ -> guest port 80; links: \[\]", lines[1])
     assert not (tmp_path / "gn.sock").exists(), "close() removed the socket"
+
+
+def _fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_close_leaves_nothing_behind(tmp_path: Path, frames: Any) -> None:
+    """Every socket, file, timer and descriptor a network made goes with close()."""
+    with guestnet.Network(guestnet.Config(mtu=1500), echo_mode=None) as warm:
+        warm.listen_qemu(str(tmp_path / "warm.sock"))  # first use: imports, lazy state
+    before = _fds()
+    cfg = guestnet.Config(
+        mtu=1500,
+        api_socket=str(tmp_path / "api.sock"),
+        pcap=str(tmp_path / "cap.pcap"),
+        publish=(("tcp", "127.0.0.1", 0, 80), ("udp", "127.0.0.1", 0, 53)),
+    )
+    net = guestnet.Network(cfg, echo_mode=None)
+    net.listen_qemu(str(tmp_path / "q.sock"))
+    net.attach_dgram(str(tmp_path / "d.sock"))
+    net.start()
+    qemu = QemuClient(str(tmp_path / "q.sock"))
+    qemu.send(frames.arp())
+    assert qemu.recv()[12:14] == b"\x08\x06"
+    assert len(net.stats()["links"]) == 2  # type: ignore[arg-type]
+    assert len(_fds()) > len(before)
+    net.close()
+    qemu.sock.close()
+    assert net.instance.loop.timers.next_deadline() is None, "no timer left armed"
+    assert _fds() == before
+    for name in ("api.sock", "q.sock", "d.sock"):
+        assert not (tmp_path / name).exists(), name
+    assert (tmp_path / "cap.pcap").stat().st_size > 24, "the capture was flushed at close"

@@ -1,9 +1,16 @@
-"""Switch: delivers frames from the core to the guest links, by destination MAC.
+"""Switch: which guest MAC sits behind which port, and delivery by destination MAC.
 
 guestnet may serve several guest links at once (QEMU connections, a TAP, datagram peers). The
-classifier teaches the switch which guest MAC sits behind which port; frames the core emits are
-sent to the port of their destination MAC. Broadcast and unknown destinations are flooded to
-every port, with a copy per extra port, as a learning bridge does.
+classifier teaches the switch which guest MAC sits behind which port (:meth:`Switch.learn`), and
+the port list is where published ports find a guest to open a connection to.
+
+Not every frame guestnet emits goes through :meth:`Switch.send`. An answer to a guest frame
+(ARP, DHCP, DNS, TCP segments of a flow) goes straight back to the port the frame came in on
+(``Port.send``). Only frames with no port at hand go through the switch: UDP NAT replies and
+ICMP (echo replies and errors), which the host delivers later to a flow that remembers the
+guest's MAC. Those go to the port of their destination MAC; broadcast and unknown destinations
+are flooded to every port, with a copy per extra port, as a learning bridge does. Frames between
+guests are not switched (yet): the classifier drops unicast that is not for guestnet.
 """
 
 from __future__ import annotations
