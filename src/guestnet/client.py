@@ -125,12 +125,19 @@ def format_stats(stats: dict[str, Any]) -> str:
 
 
 def _endpoint(value: object) -> str:
+    if isinstance(value, list):  # UDP and ICMP flows: the host peers they have spoken with
+        return ",".join(map(str, value)) or "-"
     if isinstance(value, dict):
         ip, port = value.get("ip"), value.get("port")
         if port is None:
             return str(ip)
         return f"[{ip}]:{port}" if ":" in str(ip) else f"{ip}:{port}"
     return "-" if value is None else str(value)
+
+
+def _up(flow: dict[str, Any]) -> int:
+    """Bytes the guest sent on a flow (TCP calls it ``bytes_to_host``)."""
+    return int(flow.get("bytes_from_guest", flow.get("bytes_to_host", 0)))
 
 
 def format_flows(flows: list[dict[str, Any]]) -> str:
@@ -141,7 +148,7 @@ def format_flows(flows: list[dict[str, Any]]) -> str:
     for f in flows:
         lines.append(
             f"{f.get('proto', '?'):5} {_endpoint(f.get('guest')):21} {_endpoint(f.get('host')):27} "
-            f"{f.get('state', '?')!s:12} {f.get('bytes_from_guest', 0):>10} "
+            f"{f.get('state', '?')!s:12} {_up(f):>10} "
             f"{f.get('bytes_to_guest', 0):>10} {f.get('age_s', '')}"
         )
     return "\n".join(lines)
@@ -264,7 +271,7 @@ def render_top(
         flow_table.add_column(col, justify="right" if "bytes" in col or col == "age s" else "left")
     busiest = sorted(
         flows,
-        key=lambda f: int(f.get("bytes_from_guest", 0)) + int(f.get("bytes_to_guest", 0)),
+        key=lambda f: _up(f) + int(f.get("bytes_to_guest", 0)),
         reverse=True,
     )[:max_flows]
     for f in busiest:
@@ -273,7 +280,7 @@ def render_top(
             _endpoint(f.get("guest")),
             _endpoint(f.get("host")),
             str(f.get("state", "")),
-            str(f.get("bytes_from_guest", 0)),
+            str(_up(f)),
             str(f.get("bytes_to_guest", 0)),
             str(f.get("age_s", "")),
         )

@@ -105,12 +105,21 @@ def test_flows_of_real_services(tmp_path: Path, frames: Any, echo_server: socket
         assert udp[0]["host"] == ["127.0.0.1"] and udp[0]["state"] == "OPEN"
         stats = _get(api, "/stats")
         assert stats["flows"]["by_proto"]["udp"]["total"] == 1
+        listing = subprocess.run(
+            [sys.executable, "-m", "guestnet", "flows", "--api-socket", api],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        assert re.search(rf"^udp\s+10\.0\.2\.15:{sport}\s+127\.0\.0\.1\s+OPEN", listing, re.M)
         assert net.flows() == flows or len(net.flows()) == len(flows)
         if mode is not None:
             icmp = [f for f in flows if f["proto"] == "icmp"]
             assert len(icmp) == 1 and icmp[0]["guest"] == "10.0.2.15"
             assert icmp[0]["ident"] == 77 and icmp[0]["dst"] == ["127.0.0.1"]
             assert stats["flows"]["by_proto"]["icmp"]["total"] == 1
+            assert re.search(r"^icmp\s+10\.0\.2\.15\s+127\.0\.0\.1\s+OPEN", listing, re.M)
         qemu.sock.close()
     assert not Path(api).exists() and not (tmp_path / "qemu.sock").exists()
 
