@@ -58,6 +58,9 @@ from guestnet.core.tcp.segment import HDRS_LEN
 from guestnet.pool import Frame
 from guestnet.wire.tcp import ACK, FIN, PSH, RST, SYN
 
+#: Flags that take a segment off the steady-state path (with a missing ACK).
+_RST_SYN = RST | SYN
+
 
 class _Established(_Recovery):
     """Segments of established flows, host reads and the end-of-turn flush."""
@@ -142,7 +145,7 @@ class _Established(_Recovery):
     ) -> None:
         """A segment of an established flow: in steady state an in-order ACK, with or without
         data or FIN; anything else goes to ``_irregular_control`` or ``_out_of_sequence``."""
-        if flags & (RST | SYN) or not flags & ACK:
+        if flags & _RST_SYN or not flags & ACK:
             self._irregular_control(flow, seq, flags)
             return
         flow.last_active = now
