@@ -1,0 +1,78 @@
+"""What the parts of :class:`~guestnet.core.tcp.TcpNat` share: its state, and the few methods
+one part calls in a part defined after it.
+
+``TcpNat`` is one object assembled from one class per concern (segment writing, recovery and
+timers, the established path, irregular segments, the handshake), each a subclass of the one
+before, so that a call from one part to another is an ordinary method call on ``self``: the
+per-segment path pays no extra attribute lookup or indirection for the split. A part may call
+anything defined in the parts below it; the calls that go up are declared here (for the type
+checker only) and implemented where the comment says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from guestnet.config import Config
+from guestnet.core.flows import FlowTable
+from guestnet.core.policy import Policy
+from guestnet.core.tcp.flow import TcpFlow, TcpIo
+from guestnet.counters import Counters
+from guestnet.pool import FramePool
+
+
+class TcpNatBase:
+    """The state of every TCP flow of one instance (set by ``TcpNat.__init__``)."""
+
+    config: Config
+    pool: FramePool
+    counters: Counters
+    policy: Policy
+    #: The I/O driver; set before the first segment arrives.
+    io: TcpIo
+    #: Where DNS over TCP goes (None: refused with RST).
+    dns_upstream: Callable[[], tuple[str, int] | None] | None
+    _isn: Callable[[], int]
+    table: FlowTable[TcpFlow]
+    #: The MSS we announce: what one guest-link frame carries.
+    our_mss: int
+    #: Our MAC address, the source of every frame to the guest.
+    _mac: bytes
+    #: The last IPv4 identification used.
+    _ident: int
+    #: Flows to visit in :meth:`flush` at the end of this loop turn.
+    _ack_list: list[TcpFlow]
+    _flush_requested: bool
+    #: The time of the event being handled (entry points set it; helpers read it).
+    _now: float
+    #: Last source port given to a forwarded connection (see ``_forward_port``).
+    _fwd_port: int
+
+    if TYPE_CHECKING:
+        # Implemented in established.py.
+
+        def _update_window(self, flow: TcpFlow) -> int:
+            """Recompute the window we advertise; the header field."""
+            raise NotImplementedError
+
+        def _arm(self, flow: TcpFlow) -> None:
+            """Tell the driver the flow's next deadline."""
+
+        # Implemented in irregular.py.
+
+        def _irregular_control(self, flow: TcpFlow, seq: int, flags: int) -> None:
+            """An established flow's segment with RST or SYN, or without ACK."""
+
+        def _out_of_sequence(
+            self,
+            flow: TcpFlow,
+            payload: memoryview,
+            seq: int,
+            ack: int,
+            window: int,
+            fin: int,
+            now: float,
+        ) -> memoryview | None:
+            """An established flow's segment that does not start at ``rcv_nxt``."""
+            raise NotImplementedError

@@ -1,0 +1,371 @@
+"""Opening and refusing TCP flows: the guest's SYN, our SYN to the guest, and answers for
+segments that have no flow.
+
+Open. The guest's SYN starts a non-blocking ``connect`` on the host (the I/O driver does it,
+with TCP_NODELAY). Nothing goes back to the guest until the host connect completes: then the
+SYN-ACK (state ``SYN_RCVD``); refused, unreachable or timed out (``CONNECT_TIMEOUT_S``): RST.
+SYN retransmissions meanwhile are absorbed and counted. The guest's ACK makes the flow
+``ESTABLISHED``.
+
+Forwarded connections (host to guest). A connection accepted on a published port (see
+``guestnet.io.forwards``) is opened the other way round: :meth:`open_to_guest` sends the
+guest a SYN from the gateway address (the guest sees every host client as the gateway, as slirp
+and passt show it) and a source port from the ephemeral range, unique among flows and going
+round the whole range before reuse (state ``SYN_SENT``). The SYN is retransmitted after 1 and
+3 s; without a SYN-ACK by ``FORWARD_CONNECT_TIMEOUT_S`` the host connection is reset. An RST
+from the guest (nobody listens) resets the host connection at once. The SYN-ACK makes the flow
+``ESTABLISHED`` and from there it is exactly a guest-opened flow; removing the forward only
+closes its listening socket, never its flows.
+
+Refusals, RFC 9293 and counted under ``tcp.*``: a segment for no flow gets RST (unless it is an
+RST), a full flow table (``config.max_flows``), a destination the policy refuses or no
+descriptors (EMFILE) an RST for the SYN. A flow that lingers closed answers a retransmitted FIN
+with an ACK and gives way to a new SYN on its 4-tuple.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from guestnet.core.flows import FlowKey
+from guestnet.core.packet import Ipv4Packet
+from guestnet.core.port import Port
+from guestnet.core.tcp.flow import (
+    CONNECTING,
+    DEFAULT_MSS,
+    ESTABLISHED,
+    FORWARD_CONNECT_TIMEOUT_S,
+    FORWARD_PORT_MAX,
+    FORWARD_PORT_MIN,
+    FORWARD_SYN_RTO_S,
+    RTO_INITIAL_S,
+    SEQ_MASK,
+    SYN_RCVD,
+    SYN_SENT,
+    TcpFlow,
+    seq_delta,
+)
+from guestnet.core.tcp.irregular import _Irregular
+from guestnet.wire.tcp import ACK, FIN, RST, SYN, parse_tcp_options
+
+
+class _Handshake(_Irregular):
+    """Flows opening either way, and refusals."""
+
+    def host_connected(self, flow: TcpFlow, err: int, now: float) -> None:
+        """The driver: the host connect finished (``err`` 0) or failed (an errno)."""
+        self._now = now
+        if flow.state != CONNECTING:
+            return
+        flow.connect_deadline = None
+        if err:
+            self.counters.inc(_connect_reason(err))
+            self._send_rst_to_guest(flow)
+            self._drop(flow, reset=False)
+            return
+        flow.state = SYN_RCVD
+        flow.last_active = now
+        self._send_syn_ack(flow)
+        flow.rto_deadline = now + flow.rto
+        self.counters.inc("tcp.connect.ok")
+        self._arm(flow)
+
+    def _open(
+        self,
+        pkt: Ipv4Packet,
+        key: FlowKey,
+        l4: memoryview,
+        hlen: int,
+        seq: int,
+        now: float,
+        dns: bool,
+    ) -> None:
+        counters = self.counters
+        opts = parse_tcp_options(l4, hlen)
+        if dns:
+            target = self.dns_upstream() if self.dns_upstream is not None else None
+            if target is None:
+                counters.inc("tcp.dns.no_upstream")
+                self._rst_for_syn(pkt, key, seq)
+                return
+            host, host_port = target
+        else:
+            verdict = self.policy.destination(key[2])
+            if verdict.host is None:
+                counters.inc("tcp." + verdict.reason)
+                self._rst_for_syn(pkt, key, seq)
+                return
+            host, host_port = verdict.host, key[3]
+        if self.table.full:
+            counters.inc("tcp.syn.table_full")
+            self._rst_for_syn(pkt, key, seq)
+            return
+        flow = TcpFlow(key, pkt.port, pkt.src_mac, host, host_port, seq, self._isn(), now)
+        flow.dns = dns
+        if opts.mss:
+            flow.mss = min(opts.mss, self.our_mss)
+        else:
+            flow.mss = min(DEFAULT_MSS, self.our_mss)
+        if opts.wscale is not None:
+            flow.wscale_ok = True
+            flow.guest_wscale = opts.wscale
+        err = self.io.connect(flow)
+        if err:
+            counters.inc(_connect_reason(err))
+            self._rst_for_syn(pkt, key, seq)
+            return
+        self.table.add(key, flow)
+        counters.inc("tcp.syn.dns" if dns else "tcp.syn.accepted")
+        self._arm(flow)
+
+    def _connecting(self, flow: TcpFlow, seq: int, flags: int) -> None:
+        if flags & RST:
+            if seq == flow.rcv_nxt:
+                self.counters.inc("tcp.guest.rst")
+                self._drop(flow, reset=True)
+            else:
+                self.counters.inc("tcp.segment.rst_out_of_window")
+            return
+        if flags & SYN and not flags & ACK:
+            self.counters.inc("tcp.syn.retransmit_absorbed")
+            return
+        self.counters.inc("tcp.segment.while_connecting")
+
+    def _syn_rcvd(
+        self,
+        flow: TcpFlow,
+        l4: memoryview,
+        hlen: int,
+        seq: int,
+        ack: int,
+        flags: int,
+        window: int,
+        now: float,
+    ) -> None:
+        if flags & RST:
+            if seq == flow.rcv_nxt:
+                self.counters.inc("tcp.guest.rst")
+                self._drop(flow, reset=True)
+            else:
+                self.counters.inc("tcp.segment.rst_out_of_window")
+            return
+        if flags & SYN:
+            if not flags & ACK and seq == flow.guest_isn:
+                self.counters.inc("tcp.syn.retransmit")
+                self._send_syn_ack(flow)
+            else:
+                self.counters.inc("tcp.segment.bad_syn")
+            return
+        if not flags & ACK:
+            self.counters.inc("tcp.segment.no_ack")
+            return
+        if ack != flow.snd_nxt:
+            self.counters.inc("tcp.segment.bad_ack")
+            self._control(flow, ack, 0, RST)
+            return
+        flow.state = ESTABLISHED
+        flow.snd_una = ack
+        flow.snd_wnd = window << flow.guest_wscale
+        flow.snd_wl1 = seq
+        flow.snd_wl2 = ack
+        flow.rto_deadline = None
+        flow.retries = 0
+        flow.rto = RTO_INITIAL_S
+        self.counters.inc("tcp.flow.established")
+        self._established(flow, l4, hlen, seq, ack, flags, window, now)
+        if flow.state == ESTABLISHED and flow.host_readable:
+            self._pump(flow, now)
+
+    def _closed(
+        self,
+        flow: TcpFlow,
+        pkt: Ipv4Packet,
+        key: FlowKey,
+        l4: memoryview,
+        hlen: int,
+        seq: int,
+        ack: int,
+        flags: int,
+        now: float,
+        dns: bool,
+    ) -> None:
+        """A segment for a flow that lingers after both directions closed."""
+        if flags & (SYN | ACK | RST) == SYN:
+            self.table.remove(key, flow)
+            self.io.set_timer(flow, None)
+            flow.reap_deadline = None
+            self._open(pkt, key, l4, hlen, seq, now, dns)
+            return
+        if flags & RST:
+            return
+        if flags & FIN or len(l4) > hlen:
+            if seq_delta(seq, flow.rcv_nxt) < 0 and len(l4) == hlen:
+                self.counters.inc("tcp.segment.fin_retransmit")
+                self._send_ack(flow)
+            else:
+                self.counters.inc("tcp.segment.closed_flow")
+                self._no_flow(pkt, key, l4, hlen, seq, ack, flags)
+            return
+        self.counters.inc("tcp.segment.closed_flow")
+
+    # -- forwarded connections: opened by us toward the guest ------------------------------------
+
+    def open_to_guest(
+        self,
+        port: Port,
+        guest_mac: bytes,
+        guest_ip: bytes,
+        guest_port: int,
+        io_data: Any,
+        peer: tuple[str, int],
+        forward_id: str,
+        now: float,
+    ) -> TcpFlow | None:
+        """A host client connected to a forward: SYN to ``guest_ip:guest_port``.
+
+        ``io_data`` is the driver's handle on the accepted socket (set on the flow before the
+        SYN goes out, so the window can be asked for). ``peer`` is the host client's address
+        (for stats). Returns the flow, or None when no flow fits (the caller closes the socket).
+        """
+        self._now = now
+        counters = self.counters
+        if self.table.full:
+            counters.inc("tcp.forward.table_full")
+            return None
+        sport = self._forward_port(guest_ip, guest_port)
+        if sport is None:
+            counters.inc("tcp.forward.no_port")
+            return None
+        key = (guest_ip, guest_port, self.config.gateway_b, sport)
+        flow = TcpFlow(key, port, guest_mac, peer[0], peer[1], 0, self._isn(), now)
+        flow.io_data = io_data
+        flow.forward_id = forward_id
+        flow.state = SYN_SENT
+        flow.connect_deadline = now + FORWARD_CONNECT_TIMEOUT_S
+        flow.rto = FORWARD_SYN_RTO_S
+        flow.rto_deadline = now + flow.rto
+        self.table.add(key, flow)
+        counters.inc("tcp.forward.syn")
+        self._send_syn(flow)
+        self._arm(flow)
+        return flow
+
+    def _forward_port(self, guest_ip: bytes, guest_port: int) -> int | None:
+        """The next source port (as the guest sees it) that no flow to that guest port uses.
+
+        Ports go round the whole range before one is used again, so a 4-tuple the guest may
+        still hold in TIME_WAIT comes back as late as possible.
+        """
+        span = FORWARD_PORT_MAX - FORWARD_PORT_MIN + 1
+        gateway = self.config.gateway_b
+        port = self._fwd_port
+        table = self.table
+        for _ in range(span):  # ends early: the table holds far fewer flows than the span
+            port = FORWARD_PORT_MIN + (port - FORWARD_PORT_MIN + 1) % span
+            if (guest_ip, guest_port, gateway, port) not in table:
+                self._fwd_port = port
+                return port
+        return None
+
+    def _syn_sent(
+        self,
+        flow: TcpFlow,
+        l4: memoryview,
+        hlen: int,
+        seq: int,
+        ack: int,
+        flags: int,
+        window: int,
+        now: float,
+    ) -> None:
+        """The guest's answer to our SYN (RFC 9293 3.10.7.3)."""
+        counters = self.counters
+        if flags & ACK and ack != flow.snd_nxt:
+            if flags & RST:
+                counters.inc("tcp.segment.rst_out_of_window")
+                return
+            # Typically a guest socket still in TIME_WAIT on this 4-tuple answering with its
+            # old ACK: our RST clears it, and a SYN right after is accepted (once per flow).
+            counters.inc("tcp.forward.bad_ack")
+            self._control(flow, ack, 0, RST)
+            if flow.retries == 0:
+                flow.retries = 1
+                self._send_syn(flow)
+            return
+        if flags & RST:
+            if flags & ACK:
+                # Nobody listens there: the host client sees a reset at once.
+                counters.inc("tcp.forward.refused")
+                self._drop(flow, reset=True)
+            else:
+                counters.inc("tcp.segment.rst_no_ack")
+            return
+        if not flags & SYN or not flags & ACK:
+            counters.inc("tcp.forward.not_syn_ack")
+            return
+        opts = parse_tcp_options(l4, hlen)
+        flow.guest_isn = seq
+        flow.rcv_nxt = (seq + 1) & SEQ_MASK
+        flow.mss = min(opts.mss or DEFAULT_MSS, self.our_mss)
+        if opts.wscale is not None:
+            flow.wscale_ok = True
+            flow.guest_wscale = opts.wscale
+        flow.state = ESTABLISHED
+        flow.connect_deadline = None
+        flow.last_active = now
+        flow.snd_una = ack
+        flow.snd_wnd = window  # never scaled in a SYN segment
+        flow.snd_wl1 = seq
+        flow.snd_wl2 = ack
+        flow.rto_deadline = None
+        first_try = flow.retries == 0
+        flow.retries = 0
+        flow.rto = RTO_INITIAL_S
+        if first_try:
+            self._rtt_sample(flow, now - flow.created)
+        counters.inc("tcp.forward.established")
+        self._send_ack(flow)
+        if flow.host_readable:
+            self._pump(flow, now)
+
+    # -- refusals -------------------------------------------------------------------------------
+
+    def _rst_for_syn(self, pkt: Ipv4Packet, key: FlowKey, seq: int) -> None:
+        self._answer(pkt, key, 0, (seq + 1) & SEQ_MASK, RST | ACK)
+        self.counters.inc("tcp.rst.sent")
+
+    def _no_flow(
+        self,
+        pkt: Ipv4Packet,
+        key: FlowKey,
+        l4: memoryview,
+        hlen: int,
+        seq: int,
+        ack: int,
+        flags: int,
+    ) -> None:
+        """RFC 9293 3.10.7.1: a segment for no connection gets RST, unless it is one."""
+        if flags & RST:
+            self.counters.inc("tcp.segment.unknown_flow_rst")
+            return
+        self.counters.inc("tcp.segment.unknown_flow")
+        if flags & ACK:
+            self._answer(pkt, key, ack, 0, RST)
+        else:
+            seg_len = len(l4) - hlen + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
+            self._answer(pkt, key, 0, (seq + seg_len) & SEQ_MASK, RST | ACK)
+        self.counters.inc("tcp.rst.sent")
+
+
+def _connect_reason(err: int) -> str:
+    import errno
+
+    if err == errno.ECONNREFUSED:
+        return "tcp.connect.refused"
+    if err in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL):
+        return "tcp.connect.unreachable"
+    if err == errno.ETIMEDOUT:
+        return "tcp.connect.timeout"
+    if err in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+        return "tcp.connect.no_resources"
+    return "tcp.connect.error"

@@ -1,0 +1,189 @@
+"""Recovery, timers and endings of the TCP translation.
+
+Host to guest, a copy of every byte sent stays in the flow's bounded ``unacked`` buffer until
+the guest acknowledges it. Retransmission: RTO per RFC 6298 (initial 1 s, floor 200 ms,
+exponential backoff, Karn's rule), fast retransmit on three duplicate ACKs with NewReno
+partial-ACK recovery (each partial ACK retransmits the next hole at once; the ACK processing
+that counts them is on the established path). There is no congestion window: the path is one
+local link. A zero window is probed (persist timer, probes with ``seq = snd_nxt - 1`` that make
+the guest answer with its window, backing off to 60 s). A window we advertised below one MSS is
+re-checked on a short timer (``WND_CHECK_*``), because a send buffer that drains without an
+earlier EAGAIN raises no EPOLLOUT.
+
+Every deadline of a flow (connect, RTO, persist, window check, delayed ACK, idle, reap) is a
+field on it; the driver holds one timer per flow, armed for the earliest, and :meth:`on_timer`
+sees which have passed.
+
+Endings. An RST either way tears down both: the guest's RST closes the host socket with
+SO_LINGER 0 so the host peer sees an RST; a host reset (ECONNRESET, EPIPE) sends RST to the
+guest. An established flow idle for ``IDLE_TIMEOUT_S`` (2 h 4 min, RFC 5382) is reset both
+ways; so is one whose guest stops acknowledging for ``MAX_RETRANSMITS`` timeouts in a row.
+"""
+
+from __future__ import annotations
+
+from guestnet.core.tcp.flow import (
+    CLOSED,
+    ESTABLISHED,
+    IDLE_TIMEOUT_S,
+    MAX_RETRANSMITS,
+    PERSIST_MAX_S,
+    RTO_INITIAL_S,
+    RTO_MAX_S,
+    RTO_MIN_S,
+    SEQ_MASK,
+    SYN_RCVD,
+    SYN_SENT,
+    WND_CHECK_MAX_S,
+    TcpFlow,
+)
+from guestnet.core.tcp.segment import HDRS_LEN, _SegmentWriter
+from guestnet.wire.tcp import ACK, FIN, PSH
+
+
+class _Recovery(_SegmentWriter):
+    """Retransmission, probes, timers and the ways a flow ends."""
+
+    def on_timer(self, flow: TcpFlow, now: float) -> None:
+        """The driver: a deadline of ``flow`` may have passed."""
+        self._now = now
+        if flow.reap_deadline is not None and now >= flow.reap_deadline:
+            self.table.remove(flow.key, flow)
+            flow.reap_deadline = None
+            return
+        if flow.state == CLOSED:
+            # A timer armed for an earlier deadline (RTO of our FIN) fired before the reap:
+            # the driver arms lazily, so ask again or the entry is never reaped.
+            if flow.reap_deadline is not None:
+                self.io.set_timer(flow, flow.reap_deadline)
+            return
+        if flow.connect_deadline is not None and now >= flow.connect_deadline:
+            if flow.state == SYN_SENT:
+                # The guest never answered our SYN: the host client sees a reset at once.
+                self.counters.inc("tcp.forward.timeout")
+                self._drop(flow, reset=True)
+                return
+            self.counters.inc("tcp.connect.timeout")
+            self._send_rst_to_guest(flow)
+            self._drop(flow, reset=False)
+            return
+        if now - flow.last_active >= IDLE_TIMEOUT_S:
+            self.counters.inc("tcp.flow.idle_timeout")
+            self._abort(flow)
+            return
+        if flow.rto_deadline is not None and now >= flow.rto_deadline:
+            self._on_rto(flow, now)
+            if flow.state == CLOSED:
+                return
+        if flow.persist_deadline is not None and now >= flow.persist_deadline:
+            self._on_persist(flow, now)
+        if flow.wnd_check_deadline is not None and now >= flow.wnd_check_deadline:
+            self._on_wnd_check(flow, now)
+        if flow.delack_deadline is not None and now >= flow.delack_deadline:
+            flow.delack_deadline = None
+            if flow.ack_pending and flow.state == ESTABLISHED:
+                self.counters.inc("tcp.ack.delayed")
+                self._send_ack(flow)
+        self._arm(flow)
+
+    def _retransmit(self, flow: TcpFlow) -> None:
+        """Send the oldest unacknowledged segment again (data, or our FIN)."""
+        flow.rtt_seq = None  # Karn: no RTT sample across a retransmission
+        pending = len(flow.unacked)
+        if pending:
+            # Up to a super-frame again where the link takes them: the guest keeps what it
+            # already has and acknowledges the rest.
+            n = min(self._seg_max(flow), pending)
+            frame = self.pool.acquire()
+            base = frame.start + HDRS_LEN
+            frame.view[base : base + n] = flow.unacked[:n]
+            flags = ACK | PSH
+            if n == pending and flow.fin_sent:
+                flags |= FIN
+            self._segment(flow, frame, flow.snd_una, flags, n)
+        elif flow.fin_sent and not flow.fin_acked:
+            self._segment(flow, self.pool.acquire(), flow.snd_una, FIN | ACK, 0)
+
+    def _on_rto(self, flow: TcpFlow, now: float) -> None:
+        flow.rto_deadline = None
+        if flow.state != SYN_RCVD and flow.snd_nxt == flow.snd_una:
+            return
+        flow.retries += 1
+        if flow.retries > MAX_RETRANSMITS:
+            self.counters.inc("tcp.flow.retransmit_timeout")
+            self._abort(flow)
+            return
+        flow.rto = min(flow.rto * 2, RTO_MAX_S)
+        flow.dupacks = 0
+        self.counters.inc("tcp.retransmit.timeout")
+        if flow.state == SYN_RCVD:
+            self._send_syn_ack(flow)
+        elif flow.state == SYN_SENT:
+            self.counters.inc("tcp.forward.syn_retransmit")
+            self._send_syn(flow)
+        else:
+            flow.in_recovery = True
+            flow.recover = flow.snd_nxt
+            self._retransmit(flow)
+        flow.rto_deadline = now + flow.rto
+
+    def _on_persist(self, flow: TcpFlow, now: float) -> None:
+        flow.persist_deadline = None
+        if flow.snd_wnd or flow.snd_nxt != flow.snd_una:
+            return
+        self.counters.inc("tcp.window.probe")
+        self._control(flow, (flow.snd_nxt - 1) & SEQ_MASK, flow.rcv_nxt, ACK, flow.wnd_field)
+        flow.persist_interval = min(flow.persist_interval * 2, PERSIST_MAX_S)
+        flow.persist_deadline = now + flow.persist_interval
+
+    def _rtt_sample(self, flow: TcpFlow, rtt: float) -> None:
+        """RFC 6298 section 2."""
+        if flow.srtt is None:
+            flow.srtt = rtt
+            flow.rttvar = rtt / 2
+        else:
+            flow.rttvar = 0.75 * flow.rttvar + 0.25 * abs(flow.srtt - rtt)
+            flow.srtt = 0.875 * flow.srtt + 0.125 * rtt
+        flow.rto = self._rto_estimate(flow)
+
+    @staticmethod
+    def _rto_estimate(flow: TcpFlow) -> float:
+        if flow.srtt is None:
+            return RTO_INITIAL_S
+        return min(max(flow.srtt + 4 * flow.rttvar, RTO_MIN_S), RTO_MAX_S)
+
+    def _on_wnd_check(self, flow: TcpFlow, now: float) -> None:
+        flow.wnd_check_deadline = None
+        if flow.guest_fin or flow.state != ESTABLISHED:
+            return
+        old = flow.rcv_wnd
+        self._update_window(flow)
+        if flow.rcv_wnd > old:
+            self.counters.inc("tcp.window.update")
+            self._send_ack(flow, update=False)
+        if flow.wnd_check_deadline is not None:
+            flow.wnd_check_interval = min(flow.wnd_check_interval * 2, WND_CHECK_MAX_S)
+            flow.wnd_check_deadline = now + flow.wnd_check_interval
+
+    # -- endings --------------------------------------------------------------------------------
+
+    def _host_error(self, flow: TcpFlow, exc: OSError) -> None:
+        """The host socket failed (reset, broken pipe...): reset the guest, drop the flow."""
+        name = "reset" if isinstance(exc, ConnectionError) else "error"
+        self.counters.inc(f"tcp.host.{name}")
+        self._send_rst_to_guest(flow)
+        self._drop(flow, reset=False)
+
+    def _abort(self, flow: TcpFlow) -> None:
+        """Give up on a flow: RST both ways."""
+        self._send_rst_to_guest(flow)
+        self._drop(flow, reset=True)
+
+    def _drop(self, flow: TcpFlow, reset: bool) -> None:
+        """Forget the flow now, closing its host socket."""
+        flow.state = CLOSED
+        flow.ack_pending = False
+        flow.reap_deadline = None
+        self.io.close(flow, reset)
+        self.io.set_timer(flow, None)
+        self.table.remove(flow.key, flow)

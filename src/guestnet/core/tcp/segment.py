@@ -1,0 +1,203 @@
+"""Segments out: every frame the TCP translation sends the guest is written here.
+
+A segment's addressing comes from its flow (:class:`SegmentEnds`: the guest's port, MAC, address
+and port, and the address and port the guest connected to), so a caller names the flow and the
+TCP fields that change (sequence, acknowledgement, flags, window). A segment for no flow (an RST
+answering a stray segment) is addressed back where that segment came from (:class:`_Reply`).
+Data is read from the host straight into a pooled frame's payload area, ``HDRS_LEN`` bytes after
+its start, and the headers are written in front of it here.
+
+This is the one module that knows the IP version: the MSS we announce (MTU - 40: IPv4 and TCP
+headers without options), the 20-byte IPv4 header in front of TCP, the checksum's pseudo-header
+and where the checksum starts for a link that completes it. A writer for another address family
+replaces this module's ``_write``, ``HDRS_LEN`` and :func:`mss_for_mtu`.
+
+Offloads. A link that takes them (a TAP with a virtio-net header) says so on its Port
+(``offload_max``, the largest IP packet it accepts). Toward such a port every segment leaves
+with a partial checksum (the pseudo-header sum, ``Frame.csum_start``/``csum_offset``) that the
+guest's kernel never needs to finish for local delivery, and data goes out in super-frames of
+as many whole MSS as fit in ``offload_max`` and a pool slot (``Frame.gso_size`` = MSS): about
+44 segments' worth per frame at MTU 1500, so the per-frame cost is paid once per 64 KiB. Ports
+without offloads get one MSS per frame with full checksums, whatever else is attached. From
+the guest, offloads need nothing here: a super-frame is one large in-order segment whose payload
+goes to the host socket in one ``send`` (the link has already told the classifier not to
+verify its partial checksum).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Protocol
+
+from guestnet.core.flows import FlowKey
+from guestnet.core.packet import Ipv4Packet
+from guestnet.core.port import Port
+from guestnet.core.tcp.base import TcpNatBase
+from guestnet.core.tcp.flow import CONNECTING, OUR_WSCALE, SEQ_MASK, TcpFlow
+from guestnet.pool import HEADROOM, Frame
+from guestnet.wire.checksum import checksum, pseudo_header_sum
+from guestnet.wire.ethernet import ETH_HLEN, ETH_ZLEN, ETHERTYPE_IPV4
+from guestnet.wire.ipv4 import IPV4_HLEN, PROTO_TCP, build_ipv4
+from guestnet.wire.tcp import ACK, RST, SYN, TCP_HLEN, build_syn_options
+
+#: Ethernet + IPv4 + TCP header bytes in front of a data segment's payload.
+HDRS_LEN = ETH_HLEN + IPV4_HLEN + TCP_HLEN
+
+_TCP_OUT = struct.Struct("!HHIIBBHHH")
+_ETH = struct.Struct("!6s6sH")
+_ZEROS = bytes(ETH_ZLEN)
+
+
+def mss_for_mtu(mtu: int) -> int:
+    """The MSS we announce on a link of ``mtu``: what one frame carries after IPv4 and TCP."""
+    return mtu - IPV4_HLEN - TCP_HLEN
+
+
+class SegmentEnds(Protocol):
+    """Where a segment to the guest goes, and from where: a :class:`TcpFlow` is one."""
+
+    #: The guest link, the guest's MAC, address and port.
+    port: Port
+    guest_mac: bytes
+    guest_ip: bytes
+    guest_port: int
+    #: The address and port the guest connected to: the segment's source.
+    dst_ip: bytes
+    dst_port: int
+
+
+class _Reply:
+    """The ends of an answer to a guest segment that has no flow: back where it came from."""
+
+    __slots__ = ("dst_ip", "dst_port", "guest_ip", "guest_mac", "guest_port", "port")
+
+    def __init__(self, pkt: Ipv4Packet, key: FlowKey) -> None:
+        self.port = pkt.port
+        self.guest_mac = pkt.src_mac
+        self.guest_ip, self.guest_port, self.dst_ip, self.dst_port = key
+
+
+class _SegmentWriter(TcpNatBase):
+    """Headers, checksums and super-frames toward the guest."""
+
+    def _segment(self, flow: TcpFlow, frame: Frame, seq: int, flags: int, plen: int) -> None:
+        """A data (or FIN) segment whose payload already sits at ``frame.start + HDRS_LEN``.
+
+        More than one MSS of payload makes it a super-frame (only :meth:`_seg_max` allows that,
+        for a port that takes them): ``gso_size`` tells the link where the guest's kernel would
+        cut it.
+        """
+        flow.ack_pending = False
+        if plen > flow.mss:
+            frame.gso_size = flow.mss
+        self._write(flow, frame, seq, flow.rcv_nxt, flags, flow.wnd_field, plen)
+
+    def _send_ack(self, flow: TcpFlow, update: bool = True) -> None:
+        """A bare ACK with a fresh window."""
+        flow.ack_pending = False
+        if update:
+            self._update_window(flow)
+        self._write(flow, self.pool.acquire(), flow.snd_nxt, flow.rcv_nxt, ACK, flow.wnd_field, 0)
+
+    def _seg_max(self, flow: TcpFlow) -> int:
+        """Most payload bytes one frame to ``flow``'s guest may carry: one MSS, or for a port
+        that takes TCP super-frames as many whole MSS as its limit and a pool slot allow."""
+        mss = flow.mss
+        cap = flow.port.offload_max
+        if cap <= 0:
+            return mss
+        slot = self.pool.slot_size - HEADROOM - ETH_HLEN
+        room = (cap if cap < slot else slot) - IPV4_HLEN - TCP_HLEN
+        return max(mss, room - room % mss)
+
+    def _send_syn(self, flow: TcpFlow) -> None:
+        """Our SYN to the guest, offering our MSS and window scaling (window unscaled)."""
+        flow.wscale_ok = False
+        field = self._update_window(flow)
+        opts = build_syn_options(self.our_mss, OUR_WSCALE)
+        self._control(flow, flow.iss, 0, SYN, field, opts)
+
+    def _send_syn_ack(self, flow: TcpFlow) -> None:
+        self._update_window(flow)
+        opts = build_syn_options(self.our_mss, OUR_WSCALE if flow.wscale_ok else None)
+        # The SYN-ACK's window is never scaled (RFC 7323 2.2).
+        field = min(flow.rcv_wnd, 0xFFFF)
+        self._control(flow, flow.iss, flow.rcv_nxt, SYN | ACK, field, opts)
+
+    def _send_rst_to_guest(self, flow: TcpFlow) -> None:
+        seq = 0 if flow.state == CONNECTING else flow.snd_nxt
+        self._control(flow, seq, flow.rcv_nxt, RST | ACK)
+        self.counters.inc("tcp.rst.sent")
+
+    def _answer(self, pkt: Ipv4Packet, key: FlowKey, seq: int, ack: int, flags: int) -> None:
+        """A segment without payload, window or options back to the sender of ``pkt`` (whose
+        flow key is ``key``), for which there is no flow: an RST."""
+        self._control(_Reply(pkt, key), seq, ack, flags)
+
+    def _control(
+        self,
+        ends: SegmentEnds,
+        seq: int,
+        ack: int,
+        flags: int,
+        window: int = 0,
+        options: bytes = b"",
+    ) -> None:
+        """A segment without payload (SYN, RST, a window probe) in a frame of its own."""
+        self._write(ends, self.pool.acquire(), seq, ack, flags, window, 0, options)
+
+    def _write(
+        self,
+        ends: SegmentEnds,
+        frame: Frame,
+        seq: int,
+        ack: int,
+        flags: int,
+        window: int,
+        plen: int,
+        options: bytes = b"",
+    ) -> None:
+        """Write Ethernet, IPv4 and TCP headers in front of the ``plen`` payload bytes at
+        ``frame.start + HDRS_LEN`` and send the frame (options: a SYN's, without payload)."""
+        buf = frame.view
+        start = frame.start
+        port = ends.port
+        src_ip = ends.dst_ip
+        dst_ip = ends.guest_ip
+        _ETH.pack_into(buf, start, ends.guest_mac, self._mac, ETHERTYPE_IPV4)
+        hlen = TCP_HLEN + len(options)
+        tcp_len = hlen + plen
+        ident = self._ident = (self._ident + 1) & 0xFFFF
+        tcp_off = build_ipv4(buf, start + ETH_HLEN, src_ip, dst_ip, PROTO_TCP, tcp_len, ident)
+        if options:
+            # Options go between the header and a payload; only SYNs carry them (no payload).
+            buf[tcp_off + TCP_HLEN : tcp_off + hlen] = options
+        _TCP_OUT.pack_into(
+            buf,
+            tcp_off,
+            ends.dst_port,
+            ends.guest_port,
+            seq,
+            ack & SEQ_MASK,
+            (hlen // 4) << 4,
+            flags,
+            window,
+            0,
+            0,
+        )
+        psum = pseudo_header_sum(src_ip, dst_ip, PROTO_TCP, tcp_len)
+        if port.offload_max:
+            # The link completes checksums: leave the pseudo-header sum for it (NEEDS_CSUM).
+            csum = psum
+            frame.csum_start = ETH_HLEN + IPV4_HLEN
+            frame.csum_offset = 16
+        else:
+            csum = checksum(buf[tcp_off : tcp_off + tcp_len], psum)
+        buf[tcp_off + 16] = csum >> 8
+        buf[tcp_off + 17] = csum & 0xFF
+        length = ETH_HLEN + IPV4_HLEN + tcp_len
+        if length < ETH_ZLEN:
+            buf[start + length : start + ETH_ZLEN] = _ZEROS[: ETH_ZLEN - length]
+            length = ETH_ZLEN
+        frame.length = length
+        port.send(frame)
