@@ -101,8 +101,16 @@ class Instance:
         )
         self.udp_nat.attach_forwards(self.forwards)
         self.on_close(self.udp_nat.close)
-        # DNS over TCP connects where UDP queries go now: the first upstream believed up.
-        nat = TcpNat(cfg, pool, counters, self.policy, dns_upstream=self.dns.tcp_upstream)
+        # DNS over TCP connects where UDP queries go now (the first upstream believed up) and
+        # fails over as UDP does: an upstream it cannot reach is held down for both.
+        nat = TcpNat(
+            cfg,
+            pool,
+            counters,
+            self.policy,
+            dns_upstream=self.dns.tcp_upstream,
+            dns_failed=self.dns.tcp_upstream_failed,
+        )
         self.tcp_nat = TcpNatDriver(loop, counters, self.switch, nat)
         self.tcp_nat.attach_forwards(self.forwards)
         self.on_close(self.tcp_nat.close_all)

@@ -236,3 +236,39 @@ def test_upstreams_from_resolv_conf(sandbox: Netns, attach_guest: Callable[..., 
             assert answers(out) == ["198.18.0.10"], out
         finally:
             _stop(proc)
+
+
+@pytest.mark.parametrize("first", ["refused", "silent"])
+def test_tcp_fails_over_like_udp(
+    sandbox: Netns, attach_guest: Callable[..., Guestnet], dnsmasq: int, first: str
+) -> None:
+    """DNS over TCP with a dead first upstream and a live second: answered, within the bound a
+    UDP query gets (the silent case waits out one connect timeout, as UDP waits one answer
+    timeout). It used to connect to the first upstream only."""
+    if first == "silent":  # SYNs to this port vanish: the connect can only time out
+        sandbox.run(["nft", "add", "table", "inet", "blackhole"])
+        sandbox.run(
+            ["nft", "add", "chain", "inet", "blackhole", "out",
+             "{ type filter hook output priority 0 ; }"]
+        )  # fmt: skip
+        sandbox.run(
+            ["nft", "add", "rule", "inet", "blackhole", "out", "tcp", "dport",
+             str(SILENT_PORT), "drop"]
+        )  # fmt: skip
+        dead = SILENT_PORT
+    else:
+        dead = DEAD_PORT
+    gn = attach_guest(
+        "--dns-upstream", f"127.0.0.1:{dead}", "--dns-upstream", f"127.0.0.1:{dnsmasq}"
+    )
+    assert gn.guest is not None
+    t0 = time.monotonic()
+    out = dig(gn.guest, "+tcp", "www.test.internal", "A", timeout=6)
+    elapsed = time.monotonic() - t0
+    assert answers(out) == ["198.18.0.10"], out
+    assert elapsed < (1.5 if first == "refused" else 4.5), elapsed
+    # The dead upstream is now held down for both transports: the next queries go straight on.
+    t0 = time.monotonic()
+    assert status(dig(gn.guest, "+tcp", "nosuch.test.internal", "A")) == "NXDOMAIN"
+    assert status(dig(gn.guest, "nosuch.test.internal", "A")) == "NXDOMAIN"
+    assert time.monotonic() - t0 < 1.5

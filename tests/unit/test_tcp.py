@@ -16,7 +16,9 @@ import pytest
 
 from guestnet.core.policy import Policy
 from guestnet.core.tcp import (
+    CLOSED,
     DELACK_S,
+    DNS_CONNECT_TIMEOUT_S,
     IDLE_TIMEOUT_S,
     OUR_WSCALE,
     REAP_DELAY_S,
@@ -414,6 +416,78 @@ def test_dns_over_tcp_goes_to_upstream(tcp: Tcp) -> None:
     tcp.send(SYN, ISN, dst=bytes([10, 0, 2, 3]), dport=53)
     assert tcp.io.connects == [("127.0.0.53", 53)]
     assert c(tcp, "tcp.syn.dns") == 1
+
+
+class Upstreams:
+    """DNS upstreams as the DNS service orders them: the first not held down."""
+
+    def __init__(self, *addrs: tuple[str, int]) -> None:
+        self.addrs = addrs
+        self.down: list[tuple[str, int]] = []
+
+    def preferred(self) -> tuple[str, int] | None:
+        live = [a for a in self.addrs if a not in self.down]
+        return live[0] if live else self.addrs[0]
+
+    def failed(self, addr: tuple[str, int], _now: float) -> None:
+        self.down.append(addr)
+
+
+UP_A, UP_B = ("127.0.0.1", 5301), ("127.0.0.1", 5302)
+
+
+def _dns_tcp(core: Any, frames: Any, ups: Upstreams) -> Tcp:
+    t = Tcp(core, frames)
+    t.nat.dns_upstream = ups.preferred
+    t.nat.dns_failed = ups.failed
+    return t
+
+
+@pytest.mark.parametrize("how", ["at_once", "later", "timeout"])
+def test_dns_over_tcp_fails_over_to_next_upstream(make_core: Any, frames: Any, how: str) -> None:
+    """Refused at connect(), refused once the connect completes, or no answer within the DNS
+    timeout: the flow connects to the next upstream, the guest sees only the SYN-ACK."""
+    ups = Upstreams(UP_A, UP_B)
+    t = _dns_tcp(make_core(), frames, ups)
+    if how == "at_once":
+        first_error = [errno.ECONNREFUSED]
+        connect = t.io.connect
+
+        def refuse_once(flow: TcpFlow) -> int:
+            if first_error:
+                t.io.connects.append((flow.host, flow.host_port))
+                return first_error.pop()
+            return connect(flow)
+
+        t.io.connect = refuse_once  # type: ignore[method-assign]
+    t.send(SYN, ISN, dst=bytes([10, 0, 2, 3]), dport=53)
+    if how == "later":
+        t.nat.host_connected(t.flow, errno.ECONNREFUSED, t.now)
+    elif how == "timeout":
+        assert t.out() == []
+        t.advance(DNS_CONNECT_TIMEOUT_S - 0.1)
+        assert t.io.connects == [UP_A], "not given up before the DNS timeout"
+        t.advance(0.2)
+    assert t.io.connects == [UP_A, UP_B]
+    assert ups.down == [UP_A]
+    assert t.out() == [], "no RST: the guest waits for the next upstream"
+    t.nat.host_connected(t.flow, 0, t.now)
+    (synack,) = t.out()
+    assert synack.flags == SYN | ACK and synack.ack == ISN + 1
+    assert c(t, "tcp.dns.failover") == 1
+    t.nat.close_all()
+
+
+def test_dns_over_tcp_resets_when_every_upstream_fails(make_core: Any, frames: Any) -> None:
+    ups = Upstreams(UP_A, UP_B)
+    t = _dns_tcp(make_core(), frames, ups)
+    t.send(SYN, ISN, dst=bytes([10, 0, 2, 3]), dport=53)
+    t.nat.host_connected(t.flow, errno.ECONNREFUSED, t.now)
+    t.nat.host_connected(t.flow, errno.ECONNREFUSED, t.now)
+    assert t.io.connects == [UP_A, UP_B], "each upstream tried once"
+    (rst,) = t.out()
+    assert rst.flags & RST
+    assert list(t.nat.table) == [] or t.flow.state == CLOSED
 
 
 # -- guest to host ----------------------------------------------------------------------

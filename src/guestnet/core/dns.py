@@ -293,6 +293,13 @@ class DnsService:
             return None
         return self.upstreams[self._first_upstream(now)]
 
+    def tcp_upstream_failed(self, upstream: tuple[str, int], now: float) -> None:
+        """The DNS-over-TCP relay could not reach ``upstream``: hold it down as a UDP failure
+        would, so :meth:`preferred_upstream` (UDP's first choice too) moves past it."""
+        if upstream in self.upstreams:
+            self.counters.inc("dns.tcp.upstream_failed")
+            self._hold_down(self.upstreams.index(upstream), now)
+
     def _first_upstream(self, now: float) -> int:
         """The first upstream not held down; if all are, the one whose hold ends first."""
         down = self._down_until

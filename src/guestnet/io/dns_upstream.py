@@ -118,6 +118,11 @@ class DnsUpstreamIO:
         """
         return self.core.preferred_upstream(self.loop.now())
 
+    def tcp_upstream_failed(self, upstream: tuple[str, int], now: float) -> None:
+        """The DNS-over-TCP relay could not reach ``upstream``: the next query, UDP or TCP,
+        starts elsewhere."""
+        self.core.tcp_upstream_failed(upstream, now)
+
     # -- sending -----------------------------------------------------------------------------
 
     def _flush(self, now: float) -> None:

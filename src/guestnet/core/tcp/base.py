@@ -33,6 +33,9 @@ class TcpNatBase:
     io: TcpIo
     #: Where DNS over TCP goes (None: refused with RST).
     dns_upstream: Callable[[], tuple[str, int] | None] | None
+    #: Told when a DNS upstream could not be reached over TCP (refused, unreachable, timed
+    #: out), so that ``dns_upstream`` moves on to the next, as the UDP relay does.
+    dns_failed: Callable[[tuple[str, int], float], None] | None
     _isn: Callable[[], int]
     table: FlowTable[TcpFlow]
     #: The MSS we announce: what one guest-link frame carries.
@@ -58,6 +61,12 @@ class TcpNatBase:
 
         def _arm(self, flow: TcpFlow) -> None:
             """Tell the driver the flow's next deadline."""
+
+        # Implemented in handshake.py.
+
+        def _dns_next_upstream(self, flow: TcpFlow, now: float) -> bool:
+            """Connect a failed DNS flow to its next upstream; False when none is left."""
+            raise NotImplementedError
 
         # Implemented in irregular.py.
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from guestnet.core.dns import UPSTREAM_TIMEOUT_S
 from guestnet.core.flows import FlowKey
 from guestnet.core.port import Port
 
@@ -28,6 +29,9 @@ from guestnet.core.port import Port
 IDLE_TIMEOUT_S = 7440.0
 #: A host connect that has not completed by then is given up (RST to the guest).
 CONNECT_TIMEOUT_S = 30.0
+#: DNS over TCP: an upstream that has not accepted the connection by then is given up for
+#: the next one, as the UDP relay gives up on a silent upstream (core/dns.py).
+DNS_CONNECT_TIMEOUT_S = UPSTREAM_TIMEOUT_S
 #: RFC 6298: initial RTO, floor (Linux's 200 ms rather than 1 s: the link is local), ceiling.
 RTO_INITIAL_S = 1.0
 RTO_MIN_S = 0.2
@@ -127,6 +131,7 @@ class TcpFlow:
         "deferred",
         "delack_deadline",
         "dns",
+        "dns_tried",
         "dst_ip",
         "dst_port",
         "dupacks",
@@ -252,6 +257,8 @@ class TcpFlow:
         self.persist_deadline: float | None = None
         self.persist_interval = PERSIST_MIN_S
         self.connect_deadline: float | None = now + CONNECT_TIMEOUT_S
+        #: DNS over TCP: the upstreams this flow has tried to connect to, in order.
+        self.dns_tried: tuple[tuple[str, int], ...] = ()
         self.reap_deadline: float | None = None
         self.bytes_to_host = 0
         self.bytes_to_guest = 0

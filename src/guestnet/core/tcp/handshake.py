@@ -33,6 +33,7 @@ from guestnet.core.port import Port
 from guestnet.core.tcp.flow import (
     CONNECTING,
     DEFAULT_MSS,
+    DNS_CONNECT_TIMEOUT_S,
     ESTABLISHED,
     FORWARD_CONNECT_TIMEOUT_S,
     FORWARD_PORT_MAX,
@@ -60,6 +61,8 @@ class _Handshake(_Irregular):
         flow.connect_deadline = None
         if err:
             self.counters.inc(_connect_reason(err))
+            if flow.dns and self._dns_next_upstream(flow, now):
+                return
             self._send_rst_to_guest(flow)
             self._drop(flow, reset=False)
             return
@@ -109,14 +112,47 @@ class _Handshake(_Irregular):
         if opts.wscale is not None:
             flow.wscale_ok = True
             flow.guest_wscale = opts.wscale
+        if dns:
+            flow.dns_tried = ((host, host_port),)
+            flow.connect_deadline = now + DNS_CONNECT_TIMEOUT_S
         err = self.io.connect(flow)
-        if err:
+        while err:
             counters.inc(_connect_reason(err))
-            self._rst_for_syn(pkt, key, seq)
-            return
+            if not (dns and self._dns_pick_next(flow, now)):
+                self._rst_for_syn(pkt, key, seq)
+                return
+            err = self.io.connect(flow)
         self.table.add(key, flow)
         counters.inc("tcp.syn.dns" if dns else "tcp.syn.accepted")
         self._arm(flow)
+
+    def _dns_pick_next(self, flow: TcpFlow, now: float) -> bool:
+        """DNS over TCP could not reach ``flow``'s upstream: report it and point the flow at
+        the next upstream it has not tried; False when there is none."""
+        failed = self.dns_failed
+        if failed is None or self.dns_upstream is None:
+            return False
+        failed((flow.host, flow.host_port), now)
+        target = self.dns_upstream()
+        if target is None or target in flow.dns_tried:
+            return False
+        self.counters.inc("tcp.dns.failover")
+        flow.host, flow.host_port = target
+        flow.dns_tried += (target,)
+        flow.connect_deadline = now + DNS_CONNECT_TIMEOUT_S
+        return True
+
+    def _dns_next_upstream(self, flow: TcpFlow, now: float) -> bool:
+        """A connecting DNS flow failed (refused, unreachable, timed out): connect it to the
+        next upstream, the guest none the wiser; False when no upstream is left."""
+        self.io.close(flow, False)
+        while self._dns_pick_next(flow, now):
+            err = self.io.connect(flow)
+            if not err:
+                self._arm(flow)
+                return True
+            self.counters.inc(_connect_reason(err))
+        return False
 
     def _connecting(self, flow: TcpFlow, seq: int, flags: int) -> None:
         if flags & RST:

@@ -64,6 +64,8 @@ class _Recovery(_SegmentWriter):
                 self._drop(flow, reset=True)
                 return
             self.counters.inc("tcp.connect.timeout")
+            if flow.dns and self._dns_next_upstream(flow, now):
+                return
             self._send_rst_to_guest(flow)
             self._drop(flow, reset=False)
             return
