@@ -119,11 +119,8 @@ class TcpNat(_Handshake):
             self._arm(flow)
 
     def flows_info(self, now: float) -> list[dict[str, object]]:
-        """Every flow, for the stats API."""
+        """Every flow, for the API's ``/flows`` (through the driver's ``flows``)."""
         return [flow.info(now) for flow in self.table]
-
-    #: The name the control API looks for on the classifier's services (``GET /flows``).
-    flows = flows_info
 
     def counts_by_state(self) -> dict[str, int]:
         """How many flows are in each state."""
