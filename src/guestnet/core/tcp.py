@@ -99,7 +99,7 @@ from typing import Any, Protocol
 
 from guestnet.config import Config
 from guestnet.core.flows import FlowKey, FlowTable
-from guestnet.core.packet import Ipv4Packet
+from guestnet.core.packet import IpPacket
 from guestnet.core.policy import Policy
 from guestnet.core.port import Port
 from guestnet.counters import Counters
@@ -402,7 +402,7 @@ class _DnsTcp:
     def __init__(self, nat: TcpNat) -> None:
         self.nat = nat
 
-    def handle_tcp(self, pkt: Ipv4Packet, now: float) -> None:
+    def handle_tcp(self, pkt: IpPacket, now: float) -> None:
         self.nat.handle_segment(pkt, now, dns=True)
 
 
@@ -443,11 +443,11 @@ class TcpNat:
 
     # -- entry points -------------------------------------------------------------------------
 
-    def handle_tcp(self, pkt: Ipv4Packet, now: float) -> None:
+    def handle_tcp(self, pkt: IpPacket, now: float) -> None:
         """A guest segment for the NAT (the classifier verified the checksum)."""
         self.handle_segment(pkt, now, dns=False)
 
-    def handle_segment(self, pkt: Ipv4Packet, now: float, dns: bool) -> None:
+    def handle_segment(self, pkt: IpPacket, now: float, dns: bool) -> None:
         """One guest segment; ``dns``: it was addressed to port 53 on the DNS/gateway address."""
         self._now = now
         l4 = pkt.l4
@@ -633,7 +633,7 @@ class TcpNat:
 
     def _open(
         self,
-        pkt: Ipv4Packet,
+        pkt: IpPacket,
         key: FlowKey,
         l4: memoryview,
         hlen: int,
@@ -751,7 +751,7 @@ class TcpNat:
     def _closed(
         self,
         flow: TcpFlow,
-        pkt: Ipv4Packet,
+        pkt: IpPacket,
         key: FlowKey,
         l4: memoryview,
         hlen: int,
@@ -1433,7 +1433,7 @@ class TcpNat:
             )
         self.counters.inc("tcp.rst.sent")
 
-    def _rst_for_syn(self, pkt: Ipv4Packet, key: FlowKey, seq: int) -> None:
+    def _rst_for_syn(self, pkt: IpPacket, key: FlowKey, seq: int) -> None:
         self._emit(
             pkt.port,
             pkt.src_mac,
@@ -1450,7 +1450,7 @@ class TcpNat:
 
     def _no_flow(
         self,
-        pkt: Ipv4Packet,
+        pkt: IpPacket,
         key: FlowKey,
         l4: memoryview,
         hlen: int,

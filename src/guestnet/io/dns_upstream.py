@@ -25,10 +25,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from guestnet.config import Config
-from guestnet.core.dns import DNS_PORT, UPSTREAM_TIMEOUT_S, DnsService
-from guestnet.core.packet import Ipv4Packet
+from guestnet.core.dns import UPSTREAM_TIMEOUT_S, DnsService
+from guestnet.core.packet import IpPacket
 from guestnet.core.timers import Timer
 from guestnet.io.loop import EPOLLIN
+from guestnet.wire.udp import DNS_PORT
 
 if TYPE_CHECKING:
     from guestnet.instance import Instance
@@ -108,7 +109,7 @@ class DnsUpstreamIO:
         inst.on_close(self.close)
 
     def handle_udp(
-        self, pkt: Ipv4Packet, sport: int, dport: int, payload: memoryview, now: float
+        self, pkt: IpPacket, sport: int, dport: int, payload: memoryview, now: float
     ) -> None:
         """A guest query: the core answers or forwards it; forwarded ones are sent here."""
         self.core.handle_udp(pkt, sport, dport, payload, now)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from guestnet.core.icmp import IcmpService
 from guestnet.core.policy import Policy
-from guestnet.core.udp import REPLY_PAYLOAD_OFF, UdpFlow, UdpNat
+from guestnet.core.udp import UdpFlow, UdpNat
 from guestnet.io.loop import EPOLLERR, EPOLLIN, Loop
 from guestnet.wire.icmp import ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, UNREACH_FRAG_NEEDED
 
@@ -148,7 +148,7 @@ class HostUdpSocket(FlowSocket):
             if self.fd < 0:
                 return
             frame = pool.acquire()
-            off = frame.start + REPLY_PAYLOAD_OFF
+            off = frame.start + self.flow.family.udp_payload_off
             room = min(len(frame.view) - off, MAX_UDP_PAYLOAD)
             try:
                 n, _anc, flags, addr = recv([frame.view[off : off + room]])
