@@ -46,6 +46,7 @@ from guestnet.wire.l3 import IPV4
 from guestnet.wire.tcp import parse_tcp, verify_tcp
 from guestnet.wire.udp import DNS_PORT, parse_udp, verify_udp
 
+_new = tuple.__new__
 #: The largest frame any link may deliver: a 64 KiB IP packet (TSO) plus Ethernet and a VLAN tag.
 MAX_FRAME = ETH_HLEN + 4 + 65535
 
@@ -166,7 +167,10 @@ class FrameClassifier:
     ) -> None:
         ip = parse_ipv4(data)
         l4 = data[ip.header_len : ip.total_len]
-        pkt = IpPacket(port, src_mac, ip, l4, trusted, IPV4, ip.src, ip.dst, ip.proto, ip.ttl)
+        # ipv4_packet() inlined: tuple.__new__ skips NamedTuple's slower __new__ (see packet.py).
+        pkt = _new(
+            IpPacket, (port, src_mac, ip, l4, trusted, IPV4, ip.src, ip.dst, ip.proto, ip.ttl)
+        )
         if ip.is_fragment:
             if self.reassembly is None:
                 self.counters.inc("ipv4.fragment.unsupported")

@@ -195,9 +195,8 @@ def build_udp_frame(
 ) -> int:
     """Ethernet, IP and UDP headers (UDP checksum included) in front of a payload already at
     ``start + family.udp_payload_off``; return the frame length."""
-    l4 = start + family.l4_off
+    off = build_ethernet(buf, start, dst_mac, src_mac, family.ethertype)
+    l4_len = UDP_HLEN + payload_len
+    l4 = family.build(buf, off, src, dst, PROTO_UDP, l4_len, ident, 64, dont_fragment)
     build_udp(buf, l4, sport, dport, payload_len, src, dst)
-    return build_l3_frame(
-        family, buf, start, dst_mac, src_mac, src, dst, PROTO_UDP, UDP_HLEN + payload_len,
-        ident, dont_fragment,
-    )  # fmt: skip
+    return l4 + l4_len - start
