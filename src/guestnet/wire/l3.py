@@ -17,9 +17,10 @@ whose L4 header is part of what the host hands over (ICMP echo), and
 
 *Checksums.* The IPv4 and IPv6 pseudo-headers (RFC 768/9293, RFC 8200 8.1) sum the same words
 for an L4 length below 65,536: source, destination, protocol (next header) and length, so
-:func:`~guestnet.wire.checksum.pseudo_header_sum` serves both; :meth:`L3Family.pseudo_sum` is
-the family's name for it, which the TCP and UDP builders take for partial (offloaded) and full
-checksums alike.
+:func:`~guestnet.wire.checksum.pseudo_header_sum` serves both, and the UDP and TCP codecs
+(``wire/udp.py``, ``wire/tcp.py``), which call it with the addresses they are given, work for
+either family unchanged. :meth:`L3Family.pseudo_sum` is the family's name for it, for callers
+that store the partial sum for an offload (the TCP NAT's ``NEEDS_CSUM`` frames).
 
 *Building.* :meth:`L3Family.build` writes the IP header in place. ``ident`` and
 ``dont_fragment`` say whether guestnet may fragment the packet later on its way to the guest
