@@ -22,7 +22,7 @@ import time
 
 from guestnet.config import Config
 from guestnet.core.classifier import FrameClassifier
-from guestnet.core.packet import Ipv4Packet
+from guestnet.core.packet import IpPacket
 from guestnet.core.port import Port
 from guestnet.core.switch import Switch
 from guestnet.counters import Counters
@@ -40,7 +40,7 @@ REPEATS = 7
 
 class NullUdp:
     def handle_udp(
-        self, pkt: Ipv4Packet, sport: int, dport: int, payload: memoryview, now: float
+        self, pkt: IpPacket, sport: int, dport: int, payload: memoryview, now: float
     ) -> None:
         pass
 

@@ -36,10 +36,10 @@ from hypothesis import strategies as st
 from guestnet.core.dhcp import DhcpServer
 from guestnet.core.dns import DnsService
 from guestnet.core.fragments import Reassembler
-from guestnet.core.icmp import ICMP_OFF, EchoFlow, IcmpService
+from guestnet.core.icmp import EchoFlow, IcmpService
 from guestnet.core.policy import Policy
 from guestnet.core.tcp import TcpFlow, TcpNat
-from guestnet.core.udp import REPLY_PAYLOAD_OFF, UdpFlow, UdpNat
+from guestnet.core.udp import UdpFlow, UdpNat
 from guestnet.wire import WireError
 from guestnet.wire.checksum import checksum, pseudo_header_sum
 from guestnet.wire.ethernet import BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4
@@ -649,7 +649,7 @@ def host_event(rig: Rig, data: st.DataObject) -> None:
         host = pick([*flow.peers, OTHER_HOST], data.draw(st.integers(0, 7)))
         n = data.draw(st.sampled_from([0, 5, 1472, 1473, 3000]))
         frame = rig.core.pool.acquire()
-        off = frame.start + REPLY_PAYLOAD_OFF
+        off = frame.start + flow.family.udp_payload_off
         frame.view[off : off + n] = bytes([idx]) * n
         rig.udp.deliver_reply(flow, frame, n, host, data.draw(st.integers(0, 65535)), now)
     elif kind == 4:
@@ -666,7 +666,7 @@ def host_event(rig: Rig, data: st.DataObject) -> None:
         host = pick([*flow.peers, OTHER_HOST], data.draw(st.integers(0, 7)))
         n = data.draw(st.sampled_from([0, 4, 8, 64, 1480, 3000]))
         frame = rig.core.pool.acquire()
-        off = frame.start + ICMP_OFF
+        off = frame.start + flow.family.l4_off
         frame.view[off : off + n] = bytes([idx]) * n
         if n:
             frame.view[off] = data.draw(st.sampled_from([ICMP_ECHO_REPLY, 3, 8]))

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from guestnet.core.classifier import MAX_FRAME
-from guestnet.core.packet import Ipv4Packet
+from guestnet.core.packet import IpPacket
 from guestnet.wire import WireError
 from guestnet.wire.checksum import checksum
 from guestnet.wire.ethernet import BROADCAST, ETHERTYPE_IPV4, build_ethernet
@@ -23,7 +23,7 @@ class Recorder:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.raise_reason: str | None = None
 
-    def _record(self, kind: str, pkt: Ipv4Packet, now: float, **extra: Any) -> None:
+    def _record(self, kind: str, pkt: IpPacket, now: float, **extra: Any) -> None:
         self.calls.append(
             (
                 kind,
@@ -44,17 +44,17 @@ class Recorder:
             raise WireError(self.raise_reason)
 
     def handle_udp(
-        self, pkt: Ipv4Packet, sport: int, dport: int, payload: memoryview, now: float
+        self, pkt: IpPacket, sport: int, dport: int, payload: memoryview, now: float
     ) -> None:
         self._record("udp", pkt, now, sport=sport, dport=dport, payload=bytes(payload))
 
-    def handle_tcp(self, pkt: Ipv4Packet, now: float) -> None:
+    def handle_tcp(self, pkt: IpPacket, now: float) -> None:
         self._record("tcp", pkt, now)
 
-    def handle_icmp(self, pkt: Ipv4Packet, now: float) -> None:
+    def handle_icmp(self, pkt: IpPacket, now: float) -> None:
         self._record("icmp", pkt, now)
 
-    def handle_fragment(self, pkt: Ipv4Packet, now: float) -> None:
+    def handle_fragment(self, pkt: IpPacket, now: float) -> None:
         self._record("fragment", pkt, now)
 
 
@@ -160,10 +160,10 @@ def test_reassembled_datagram_reenters_route_ipv4(
 ) -> None:
     """What reassembly hands back is routed as if it had come whole."""
     whole = frames.udp(40000, 9999, b"big")
-    captured: list[Ipv4Packet] = []
+    captured: list[IpPacket] = []
 
     class Reassembly:
-        def handle_fragment(self, pkt: Ipv4Packet, now: float) -> None:
+        def handle_fragment(self, pkt: IpPacket, now: float) -> None:
             captured.append(pkt)
 
     core.classifier.reassembly = Reassembly()

@@ -20,7 +20,7 @@ from scapy.layers.l2 import Ether
 from guestnet.config import Config, parse_mac
 from guestnet.core.classifier import FrameClassifier
 from guestnet.core.dhcp import MAX_LEASES, OFFER_HOLD_S, DhcpServer, check_config
-from guestnet.core.packet import Ipv4Packet
+from guestnet.core.packet import ipv4_packet
 from guestnet.core.port import Port
 from guestnet.core.switch import Switch
 from guestnet.counters import Counters
@@ -722,7 +722,7 @@ def test_fuzzed_options_never_raise_other_than_wire_error(
     b[12:16] = ciaddr
     msg = bytes(b[:240]) + bytes((53, 1, kind)) + tail
     ip = parse_ipv4(bytes(IP(src="0.0.0.0", dst="255.255.255.255") / UDP() / b"x"))
-    pkt = Ipv4Packet(r.port, parse_mac(MAC1), ip, memoryview(b""), True)
+    pkt = ipv4_packet(r.port, parse_mac(MAC1), ip, memoryview(b""), True)
     for now in (0.0, 10.0):
         with contextlib.suppress(WireError):
             r.server.handle_udp(pkt, 68, 67, memoryview(msg), now)

@@ -20,7 +20,7 @@ from guestnet.core.fragments import (
     fragment_frame,
     send_ipv4_to_guest,
 )
-from guestnet.core.packet import Ipv4Packet
+from guestnet.core.packet import IpPacket
 from guestnet.wire.ethernet import ETH_HLEN, ETHERTYPE_IPV4, build_ethernet
 from guestnet.wire.ipv4 import PROTO_UDP, build_ipv4
 from guestnet.wire.udp import build_udp
@@ -36,7 +36,7 @@ class Recorder:
         self.got: list[tuple[int, int, bytes]] = []
 
     def handle_udp(
-        self, pkt: Ipv4Packet, sport: int, dport: int, payload: memoryview, now: float
+        self, pkt: IpPacket, sport: int, dport: int, payload: memoryview, now: float
     ) -> None:
         self.got.append((sport, dport, bytes(payload)))
 

@@ -11,7 +11,7 @@ from scapy.layers.inet import ICMP, IP, defragment, fragment
 from scapy.layers.l2 import Ether
 
 from guestnet.core.fragments import Reassembler
-from guestnet.core.icmp import ICMP_OFF, EchoFlow, IcmpService
+from guestnet.core.icmp import EchoFlow, IcmpService
 from guestnet.core.policy import Policy
 from guestnet.wire.checksum import checksum
 
@@ -116,7 +116,7 @@ def test_echo_elsewhere_goes_out_and_the_identifier_is_mapped_back(
         frame = core.pool.acquire()
         msg = bytearray(struct.pack("!BBHHH", 0, 0, 0, sock.ident, seq) + body)
         struct.pack_into("!H", msg, 2, checksum(msg))
-        off = frame.start + ICMP_OFF
+        off = frame.start + sock.flow.family.l4_off
         frame.view[off : off + len(msg)] = msg
         icmp.deliver_echo_reply(sock.flow, frame, len(msg), "198.18.0.9")
     got = [Ether(raw) for raw in core.take_sent()]
@@ -135,7 +135,7 @@ def test_replies_from_addresses_not_pinged_are_filtered(
 ) -> None:
     core.feed(frames.icmp(ident=1, seq=1, dst=OUTSIDE))
     frame = core.pool.acquire()
-    off = frame.start + ICMP_OFF
+    off = frame.start + backend.sockets[0].flow.family.l4_off
     frame.view[off : off + 8] = struct.pack("!BBHHH", 0, 0, 0, 50000, 1)
     icmp.deliver_echo_reply(backend.sockets[0].flow, frame, 8, "203.0.113.7")
     assert core.take_sent() == []

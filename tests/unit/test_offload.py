@@ -28,6 +28,7 @@ from guestnet.io.tap import (
     VNET_GSO_ECN,
     VNET_GSO_NONE,
     VNET_GSO_TCPV4,
+    VNET_GSO_TCPV6,
     VNET_GSO_UDP,
     VNET_HDR_LEN,
     TapLink,
@@ -193,6 +194,23 @@ def test_vnet_header_for_plain_partial_and_super_frames() -> None:
     frame.csum_start, frame.csum_offset, frame.gso_size = 34, 16, 1000
     build_vnet_hdr(buf, 0, frame)
     assert parse_vnet_hdr(buf).hdr_len == 34 + 32
+
+
+def test_super_frame_gso_type_follows_the_frames_ip_version() -> None:
+    """TCPV4 for an IPv4 frame, TCPV6 for an IPv6 one (EtherType 0x86dd, 40-byte header)."""
+    buf = bytearray(VNET_HDR_LEN)
+    frame = _frame_with_tcp_header(5)
+    frame.view[frame.start + 12 : frame.start + 14] = b"\x08\x00"
+    frame.csum_start, frame.csum_offset, frame.gso_size = 34, 16, MSS
+    build_vnet_hdr(buf, 0, frame)
+    assert parse_vnet_hdr(buf).gso_type == VNET_GSO_TCPV4
+    frame = Frame(4096)
+    frame.length = 1000
+    frame.view[frame.start + 12 : frame.start + 14] = b"\x86\xdd"
+    frame.view[frame.start + 54 + 12] = 5 << 4
+    frame.csum_start, frame.csum_offset, frame.gso_size = 54, 16, MSS
+    build_vnet_hdr(buf, 0, frame)
+    assert parse_vnet_hdr(buf) == VnetHdr(VNET_F_NEEDS_CSUM, VNET_GSO_TCPV6, 74, MSS, 54, 16)
 
 
 def test_pool_resets_offload_metadata() -> None:

@@ -18,7 +18,7 @@ from scapy.layers.l2 import Ether
 
 from guestnet.core.icmp import IcmpService
 from guestnet.core.policy import Policy
-from guestnet.core.udp import REPLY_PAYLOAD_OFF, UdpFlow, UdpNat
+from guestnet.core.udp import UdpFlow, UdpNat
 
 OTHER_IP = bytes([198, 18, 0, 9])
 
@@ -72,7 +72,7 @@ class Rig:
     def reply(self, flow: UdpFlow, payload: bytes, host: str, hport: int) -> None:
         """A host reply received into a pooled frame, as io/udp_nat.py does."""
         frame = self.core.pool.acquire()
-        off = frame.start + REPLY_PAYLOAD_OFF
+        off = frame.start + flow.family.udp_payload_off
         frame.view[off : off + len(payload)] = payload
         self.nat.deliver_reply(flow, frame, len(payload), host, hport, self.core.now)
 

@@ -20,12 +20,19 @@ from collections.abc import Callable
 
 from guestnet.config import Config
 from guestnet.core.arp import ArpResponder
-from guestnet.core.packet import FragmentHandler, IcmpHandler, Ipv4Packet, TcpHandler, UdpHandler
+from guestnet.core.packet import (
+    FragmentHandler,
+    IcmpHandler,
+    IpPacket,
+    TcpHandler,
+    UdpHandler,
+)
 from guestnet.core.port import Port
 from guestnet.core.switch import Switch
 from guestnet.counters import Counters
 from guestnet.pool import FramePool
 from guestnet.wire import WireError
+from guestnet.wire.dhcp import DHCP_SERVER_PORT
 from guestnet.wire.ethernet import (
     ETH_HLEN,
     ETHERTYPE_ARP,
@@ -35,13 +42,14 @@ from guestnet.wire.ethernet import (
 )
 from guestnet.wire.icmp import parse_icmp
 from guestnet.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, parse_ipv4
+from guestnet.wire.l3 import IPV4
 from guestnet.wire.tcp import parse_tcp, verify_tcp
-from guestnet.wire.udp import parse_udp, verify_udp
+from guestnet.wire.udp import DNS_PORT, parse_udp, verify_udp
 
+#: Builds an IpPacket from all its fields (see guestnet.core.packet.ipv4_packet).
+_new = tuple.__new__
 #: The largest frame any link may deliver: a 64 KiB IP packet (TSO) plus Ethernet and a VLAN tag.
 MAX_FRAME = ETH_HLEN + 4 + 65535
-DHCP_SERVER_PORT = 67
-DNS_PORT = 53
 
 #: Ethernet, IPv4 (no options) and the first 16 bytes of TCP in one unpack, for the fast path:
 #: dst MAC, src MAC, ethertype, version/IHL, total length, flags/fragment, protocol, src, dst,
@@ -159,7 +167,11 @@ class FrameClassifier:
         self, data: memoryview, port: Port, src_mac: bytes, now: float, trusted: bool
     ) -> None:
         ip = parse_ipv4(data)
-        pkt = Ipv4Packet(port, src_mac, ip, data[ip.header_len : ip.total_len], trusted)
+        l4 = data[ip.header_len : ip.total_len]
+        # ipv4_packet() inlined: one call less per datagram.
+        pkt = _new(
+            IpPacket, (port, src_mac, ip, l4, trusted, IPV4, ip.src, ip.dst, ip.proto, ip.ttl)
+        )
         if ip.is_fragment:
             if self.reassembly is None:
                 self.counters.inc("ipv4.fragment.unsupported")
@@ -168,10 +180,10 @@ class FrameClassifier:
             return
         self.route_ipv4(pkt, now)
 
-    def route_ipv4(self, pkt: Ipv4Packet, now: float) -> None:
+    def route_ipv4(self, pkt: IpPacket, now: float) -> None:
         """Dispatch a whole IPv4 datagram (also the entry for reassembled ones)."""
         try:
-            proto = pkt.ip.proto
+            proto = pkt.proto
             if proto == PROTO_UDP:
                 self._udp(pkt, now)
             elif proto == PROTO_TCP:
@@ -183,22 +195,22 @@ class FrameClassifier:
         except WireError as exc:
             self.counters.inc(exc.reason)
 
-    def _udp(self, pkt: Ipv4Packet, now: float) -> None:
+    def _udp(self, pkt: IpPacket, now: float) -> None:
         l4 = pkt.l4
         udp = parse_udp(l4)
-        ip = pkt.ip
-        if not pkt.csum_trusted and not verify_udp(l4, ip.src, ip.dst, udp.length):
+        dst = pkt.dst
+        if not pkt.csum_trusted and not verify_udp(l4, pkt.src, dst, udp.length):
             raise WireError("udp.bad_checksum")
         payload = l4[8 : udp.length]
         dport = udp.dport
         if dport == DHCP_SERVER_PORT:
             handler = self.dhcp
             reason = "dhcp.unavailable"
-        elif dport == DNS_PORT and ip.dst in self._dns_dsts:
+        elif dport == DNS_PORT and dst in self._dns_dsts:
             handler = self.dns_udp
             reason = "dns.unavailable"
         else:
-            if ip.dst[0] >= 224 or ip.dst == self.config.broadcast_b:
+            if pkt.family.not_unicast(dst) or dst == self._broadcast:
                 raise WireError("udp.dst.broadcast")
             handler = self.udp_nat
             reason = "nat.udp.unavailable"
@@ -207,16 +219,16 @@ class FrameClassifier:
             return
         handler.handle_udp(pkt, udp.sport, dport, payload, now)
 
-    def _tcp(self, pkt: Ipv4Packet, now: float) -> None:
+    def _tcp(self, pkt: IpPacket, now: float) -> None:
         l4 = pkt.l4
         tcp = parse_tcp(l4)
-        ip = pkt.ip
-        if not pkt.csum_trusted and not verify_tcp(l4, ip.src, ip.dst):
+        dst = pkt.dst
+        if not pkt.csum_trusted and not verify_tcp(l4, pkt.src, dst):
             raise WireError("tcp.bad_checksum")
-        if tcp.dport == DNS_PORT and ip.dst in self._dns_dsts:
+        if tcp.dport == DNS_PORT and dst in self._dns_dsts:
             handler, reason = self.dns_tcp, "dns.tcp.unavailable"
         else:
-            if ip.dst[0] >= 224 or ip.dst == self.config.broadcast_b:
+            if pkt.family.not_unicast(dst) or dst == self._broadcast:
                 raise WireError("tcp.dst.broadcast")
             handler, reason = self.tcp_nat, "nat.tcp.unavailable"
         if handler is None:
@@ -224,7 +236,7 @@ class FrameClassifier:
             return
         handler.handle_tcp(pkt, now)
 
-    def _icmp(self, pkt: Ipv4Packet, now: float) -> None:
+    def _icmp(self, pkt: IpPacket, now: float) -> None:
         parse_icmp(pkt.l4, verify=not pkt.csum_trusted)
         if self.icmp is None:
             self.counters.inc("icmp.unavailable")

@@ -47,14 +47,16 @@ import struct
 from dataclasses import dataclass
 
 from guestnet.config import Config, IPv4Address, format_mac
-from guestnet.core.packet import Ipv4Packet
+from guestnet.core.packet import IpPacket
 from guestnet.counters import Counters
 from guestnet.pool import FramePool
 from guestnet.wire.dhcp import (
     BOOTP_MIN_LEN,
     BOOTREPLY,
     BOOTREQUEST,
+    DHCP_CLIENT_PORT,
     DHCP_MIN_MAX_MESSAGE,
+    DHCP_SERVER_PORT,
     DHCPACK,
     DHCPDECLINE,
     DHCPDISCOVER,
@@ -86,12 +88,10 @@ from guestnet.wire.dhcp import (
     message_length,
     parse_dhcp,
 )
-from guestnet.wire.ethernet import BROADCAST, ETHERTYPE_IPV4, build_ethernet
-from guestnet.wire.ipv4 import IPV4_HLEN, PROTO_UDP, build_ipv4
-from guestnet.wire.udp import UDP_HLEN, build_udp
+from guestnet.wire.ethernet import BROADCAST
+from guestnet.wire.l3 import IPV4, build_udp_frame
+from guestnet.wire.udp import UDP_HLEN
 
-DHCP_SERVER_PORT = 67
-DHCP_CLIENT_PORT = 68
 #: How long an OFFER reserves its address for the client it was made to.
 OFFER_HOLD_S = 60.0
 #: How long an address a client declined (found in use) is kept out of the pool.
@@ -101,7 +101,7 @@ MAX_LEASES = 4096
 #: Most declined addresses remembered at once.
 MAX_DECLINED = 256
 #: IP and UDP headers: option 57 and the MTU bound the IP datagram, not just the DHCP message.
-_IP_UDP_HLEN = IPV4_HLEN + UDP_HLEN
+_IP_UDP_HLEN = IPV4.header_len + UDP_HLEN
 _ALL_ONES = b"\xff\xff\xff\xff"
 _ZERO_IP = bytes(4)
 _MAX_HOSTNAME = 255
@@ -198,7 +198,7 @@ class DhcpServer:
     # ----------------------------------------------------------------------------------- input
 
     def handle_udp(
-        self, pkt: Ipv4Packet, sport: int, dport: int, payload: memoryview, now: float
+        self, pkt: IpPacket, sport: int, dport: int, payload: memoryview, now: float
     ) -> None:
         """Handle one datagram to port 67. Raises WireError (counted by the caller) on bad bytes."""
         msg = parse_dhcp(payload)
@@ -212,7 +212,7 @@ class DhcpServer:
         if msg.giaddr != _ZERO_IP:
             counters.inc("dhcp.relayed.unsupported")
             return
-        dst = pkt.ip.dst
+        dst = pkt.dst
         if dst != _ALL_ONES and dst != self.config.broadcast_b and dst not in self.config.owned_b:
             counters.inc("dhcp.dst.not_ours")
             return
@@ -237,7 +237,7 @@ class DhcpServer:
         else:
             counters.inc("dhcp.message_type.unknown")
 
-    def _discover(self, pkt: Ipv4Packet, msg: DhcpMessage, now: float) -> None:
+    def _discover(self, pkt: IpPacket, msg: DhcpMessage, now: float) -> None:
         mac = msg.chaddr
         ip = self._choose(mac, now)
         if ip is None:
@@ -251,7 +251,7 @@ class DhcpServer:
         self._hostname(mac, msg)
         self._reply(pkt, msg, DHCPOFFER, ip.packed, with_lease=True)
 
-    def _request(self, pkt: Ipv4Packet, msg: DhcpMessage, now: float) -> None:
+    def _request(self, pkt: IpPacket, msg: DhcpMessage, now: float) -> None:
         opts = msg.options
         server_id = opts.get(OPT_SERVER_ID)
         requested = opts.get(OPT_REQUESTED_IP)
@@ -330,7 +330,7 @@ class DhcpServer:
         # Kept, expired: the client gets the same address back if it is still free then.
         lease.expires = min(lease.expires, now)
 
-    def _inform(self, pkt: Ipv4Packet, msg: DhcpMessage) -> None:
+    def _inform(self, pkt: IpPacket, msg: DhcpMessage) -> None:
         if msg.ciaddr == _ZERO_IP:
             self.counters.inc("dhcp.inform.no_ciaddr")
             return
@@ -437,7 +437,7 @@ class DhcpServer:
 
     # ---------------------------------------------------------------------------------- output
 
-    def _nak(self, pkt: Ipv4Packet, msg: DhcpMessage, reason: str) -> None:
+    def _nak(self, pkt: IpPacket, msg: DhcpMessage, reason: str) -> None:
         self.counters.inc(reason)
         options = encode_options(
             ((OPT_MESSAGE_TYPE, bytes((DHCPNAK,))), (OPT_SERVER_ID, self._server_id))
@@ -445,7 +445,7 @@ class DhcpServer:
         self._send(pkt, msg, DHCPNAK, _ZERO_IP, options, broadcast=True)
 
     def _reply(
-        self, pkt: Ipv4Packet, msg: DhcpMessage, kind: int, yiaddr: bytes, with_lease: bool
+        self, pkt: IpPacket, msg: DhcpMessage, kind: int, yiaddr: bytes, with_lease: bool
     ) -> None:
         """Build OFFER or ACK options within the client's size limit and send the reply."""
         limit = self._max_message(msg)
@@ -473,7 +473,7 @@ class DhcpServer:
 
     def _send(
         self,
-        pkt: Ipv4Packet,
+        pkt: IpPacket,
         msg: DhcpMessage,
         kind: int,
         yiaddr: bytes,
@@ -490,9 +490,7 @@ class DhcpServer:
         config = self.config
         frame = self.pool.acquire()
         buf = frame.view
-        l3 = build_ethernet(buf, frame.start, dst_mac, config.mac, ETHERTYPE_IPV4)
-        l4 = l3 + IPV4_HLEN
-        l7 = l4 + UDP_HLEN
+        l7 = frame.start + IPV4.udp_payload_off
         ciaddr = msg.ciaddr if kind == DHCPACK else _ZERO_IP
         end = build_dhcp(
             buf, l7, BOOTREPLY, msg.xid, msg.flags, ciaddr, yiaddr, _ZERO_IP, msg.giaddr,
@@ -500,9 +498,10 @@ class DhcpServer:
         )  # fmt: skip
         payload_len = end - l7
         src_ip = config.gateway_b
-        build_udp(buf, l4, DHCP_SERVER_PORT, DHCP_CLIENT_PORT, payload_len, src_ip, dst_ip)
-        build_ipv4(buf, l3, src_ip, dst_ip, PROTO_UDP, UDP_HLEN + payload_len)
-        frame.length = end - frame.start
+        frame.length = build_udp_frame(
+            IPV4, buf, frame.start, dst_mac, config.mac, src_ip, dst_ip, DHCP_SERVER_PORT,
+            DHCP_CLIENT_PORT, payload_len,
+        )  # fmt: skip
         self.counters.inc(f"dhcp.{_NAMES[kind]}.sent")
         pkt.port.send(frame)
 

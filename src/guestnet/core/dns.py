@@ -61,15 +61,13 @@ import dns.rdatatype
 import dns.rrset
 
 from guestnet.config import Config
-from guestnet.core.packet import Ipv4Packet
+from guestnet.core.packet import IpPacket
 from guestnet.core.port import Port
 from guestnet.counters import Counters
 from guestnet.pool import FramePool
-from guestnet.wire.ethernet import ETH_HLEN, ETHERTYPE_IPV4, build_ethernet
-from guestnet.wire.ipv4 import IPV4_HLEN, PROTO_UDP, build_ipv4
-from guestnet.wire.udp import UDP_HLEN, build_udp
+from guestnet.wire.l3 import L3Family, build_udp_frame
+from guestnet.wire.udp import DNS_PORT, UDP_HLEN
 
-DNS_PORT = 53
 #: DNS header length: id, flags and four counts.
 DNS_HLEN = 12
 #: How long one upstream has to answer before the query moves to the next one.
@@ -95,7 +93,6 @@ _TC = 0x0200
 _RD = 0x0100
 _RA = 0x0080
 _HDR = struct.Struct("!HHHHHH")
-_ETH_IP_UDP = ETH_HLEN + IPV4_HLEN + UDP_HLEN
 
 #: What dnspython may raise on bad bytes. DNSException covers FormError and its kin (BadPointer
 #: for compression loops, ShortHeader, TrailingJunk, BadLabelType, NameTooLong, UnknownTSIGKey);
@@ -122,6 +119,8 @@ class _Pending:
     """One forwarded query waiting for its answer."""
 
     port: Port
+    #: The IP version the query came over; the answer goes back over the same.
+    family: L3Family
     guest_mac: bytes
     guest_ip: bytes
     #: The address the guest asked (DNS address or gateway): the answer's source.
@@ -186,7 +185,7 @@ class DnsService:
         return len(self._by_id)
 
     def handle_udp(
-        self, pkt: Ipv4Packet, sport: int, dport: int, payload: memoryview, now: float
+        self, pkt: IpPacket, sport: int, dport: int, payload: memoryview, now: float
     ) -> None:
         """Handle one query from a guest (UDP to port 53 on the DNS or gateway address)."""
         counters = self.counters
@@ -218,7 +217,7 @@ class DnsService:
             return
         self._forward(pkt, sport, query, wire, now)
 
-    def _answer_builtin(self, pkt: Ipv4Packet, sport: int, query: dns.message.Message) -> None:
+    def _answer_builtin(self, pkt: IpPacket, sport: int, query: dns.message.Message) -> None:
         q = query.question[0]
         rdata = self._builtin.get(q.name)
         if rdata is None:
@@ -234,7 +233,7 @@ class DnsService:
         self._reply(pkt, sport, self._response(query, dns.rcode.NOERROR, aa=True, answer=answer))
 
     def _forward(
-        self, pkt: Ipv4Packet, sport: int, query: dns.message.Message, wire: bytes, now: float
+        self, pkt: IpPacket, sport: int, query: dns.message.Message, wire: bytes, now: float
     ) -> None:
         counters = self.counters
         if not self.upstreams:
@@ -246,7 +245,7 @@ class DnsService:
         assert name is not None
         name = name.lower()
         question = name + struct.pack("!HH", q.rdtype, q.rdclass)
-        key = (pkt.ip.src, sport, query.id, question)
+        key = (pkt.src, sport, query.id, question)
         if key in self._by_client:
             counters.inc("dns.query.duplicate")
             return
@@ -258,9 +257,10 @@ class DnsService:
         first = self._first_upstream(now)
         pending = _Pending(
             port=pkt.port,
+            family=pkt.family,
             guest_mac=pkt.src_mac,
-            guest_ip=pkt.ip.src,
-            asked_ip=pkt.ip.dst,
+            guest_ip=pkt.src,
+            asked_ip=pkt.dst,
             sport=sport,
             client_id=query.id,
             upstream_id=uid,
@@ -434,14 +434,15 @@ class DnsService:
             self.counters.inc("dns.answer.header_only")
             return _header_only(query.id, query.flags, rcode)
 
-    def _reply(self, pkt: Ipv4Packet, sport: int, wire: bytes) -> None:
-        self._emit(pkt.port, pkt.src_mac, pkt.ip.src, pkt.ip.dst, sport, wire, None, 0)
+    def _reply(self, pkt: IpPacket, sport: int, wire: bytes) -> None:
+        self._emit(pkt.port, pkt.family, pkt.src_mac, pkt.src, pkt.dst, sport, wire, None, 0)
 
     def _send_to_guest(
         self, pending: _Pending, data: memoryview | bytes, client_id: int | None, qlen: int
     ) -> None:
         self._emit(
             pending.port,
+            pending.family,
             pending.guest_mac,
             pending.guest_ip,
             pending.asked_ip,
@@ -454,6 +455,7 @@ class DnsService:
     def _emit(
         self,
         port: Port,
+        family: L3Family,
         guest_mac: bytes,
         guest_ip: bytes,
         our_ip: bytes,
@@ -471,8 +473,8 @@ class DnsService:
         frame = self.pool.acquire()
         buf = frame.view
         start = frame.start
-        off = start + _ETH_IP_UDP
-        if IPV4_HLEN + UDP_HLEN + n > self._mtu:
+        off = start + family.udp_payload_off
+        if family.header_len + UDP_HLEN + n > self._mtu:
             self.counters.inc("dns.answer.truncated_for_mtu")
             n = DNS_HLEN + qlen
             buf[off : off + n] = data[:n]
@@ -482,10 +484,9 @@ class DnsService:
             buf[off : off + n] = data
         if client_id is not None:
             struct.pack_into("!H", buf, off, client_id)
-        l3 = build_ethernet(buf, start, guest_mac, self.config.mac, ETHERTYPE_IPV4)
-        l4 = build_ipv4(buf, l3, our_ip, guest_ip, PROTO_UDP, UDP_HLEN + n)
-        build_udp(buf, l4, DNS_PORT, sport, n, our_ip, guest_ip)
-        frame.length = _ETH_IP_UDP + n
+        frame.length = build_udp_frame(
+            family, buf, start, guest_mac, self.config.mac, our_ip, guest_ip, DNS_PORT, sport, n
+        )
         port.send(frame)
 
 

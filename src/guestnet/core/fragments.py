@@ -32,7 +32,7 @@ import struct
 from collections import OrderedDict
 from collections.abc import Callable
 
-from guestnet.core.packet import Ipv4Packet
+from guestnet.core.packet import IpPacket, ipv4_packet
 from guestnet.counters import Counters
 from guestnet.pool import Frame, FramePool
 from guestnet.wire.checksum import checksum
@@ -63,7 +63,7 @@ class _Datagram:
         #: Bytes held in ``pieces``.
         self.received = 0
         #: The piece at offset 0, whose header fields (TOS, TTL) the whole datagram takes.
-        self.first: Ipv4Packet | None = None
+        self.first: IpPacket | None = None
         #: Set after an overlap: the datagram is dropped, its later pieces too.
         self.dead = False
 
@@ -76,7 +76,7 @@ class Reassembler:
     def __init__(
         self,
         counters: Counters,
-        deliver: Callable[[Ipv4Packet, float], None],
+        deliver: Callable[[IpPacket, float], None],
         max_datagrams: int = MAX_DATAGRAMS,
         timeout: float = REASSEMBLY_TIMEOUT_S,
     ) -> None:
@@ -108,7 +108,7 @@ class Reassembler:
             n += 1
         return n
 
-    def handle_fragment(self, pkt: Ipv4Packet, now: float) -> None:
+    def handle_fragment(self, pkt: IpPacket, now: float) -> None:
         """Take one fragment; deliver the datagram when it is whole."""
         self.expire(now)
         ip = pkt.ip
@@ -179,7 +179,7 @@ class Reassembler:
         whole = parse_ipv4(view, verify=False)
         self.counters.inc("ipv4.fragment.reassembled")
         # The checksum of a reassembled datagram is always verified: no link vouches for it.
-        out = Ipv4Packet(first.port, first.src_mac, whole, view[IPV4_HLEN:], False)
+        out = ipv4_packet(first.port, first.src_mac, whole, view[IPV4_HLEN:], False)
         self.deliver(out, now)
 
 

@@ -38,13 +38,12 @@ from typing import Protocol
 from guestnet.config import Config
 from guestnet.core.flows import IdleFlows, ip_text
 from guestnet.core.fragments import send_ipv4_to_guest
-from guestnet.core.packet import Ipv4Packet
+from guestnet.core.packet import IpPacket
 from guestnet.core.policy import Policy
 from guestnet.core.switch import Switch
 from guestnet.counters import Counters
 from guestnet.pool import Frame, FramePool
 from guestnet.wire.checksum import checksum
-from guestnet.wire.ethernet import ETH_HLEN, ETHERTYPE_IPV4, build_ethernet
 from guestnet.wire.icmp import (
     ICMP_DEST_UNREACH,
     ICMP_ECHO_REPLY,
@@ -55,6 +54,7 @@ from guestnet.wire.icmp import (
     parse_icmp,
 )
 from guestnet.wire.ipv4 import IPV4_HLEN, PROTO_ICMP, build_ipv4
+from guestnet.wire.l3 import IPV4, L3Family, build_l3_frame
 from guestnet.wire.udp import UDP_HLEN
 
 #: Seconds an echo flow lives without a request or reply (Linux's ping conntrack uses 30).
@@ -65,8 +65,6 @@ MAX_ECHO_FLOWS = 1024
 MAX_PEERS = 256
 #: ICMP errors stay within the minimum reassembly size (RFC 1812 4.3.2.3).
 ICMP_ERROR_MAX = 576
-#: Where the ICMP message starts in a frame built toward the guest, from ``frame.start``.
-ICMP_OFF = ETH_HLEN + IPV4_HLEN
 
 EchoKey = tuple[bytes, int]
 
@@ -91,9 +89,23 @@ class EchoBackend(Protocol):
 class EchoFlow:
     """One guest echo flow: (guest address, guest identifier) and its host endpoint."""
 
-    __slots__ = ("created", "guest_ident", "guest_ip", "guest_mac", "last_used", "peers", "sock")
+    __slots__ = (
+        "created",
+        "family",
+        "guest_ident",
+        "guest_ip",
+        "guest_mac",
+        "last_used",
+        "peers",
+        "sock",
+    )
 
-    def __init__(self, guest_ip: bytes, guest_ident: int, guest_mac: bytes, now: float) -> None:
+    def __init__(
+        self, family: L3Family, guest_ip: bytes, guest_ident: int, guest_mac: bytes, now: float
+    ) -> None:
+        #: The IP version of the flow: where a reply lands in a pooled frame
+        #: (``family.l4_off``) and how its headers are written.
+        self.family = family
         self.guest_ip = guest_ip
         self.guest_ident = guest_ident
         self.guest_mac = guest_mac
@@ -124,7 +136,7 @@ class EchoFlow:
         }
 
 
-def quote_header(pkt: Ipv4Packet) -> bytes:
+def quote_header(pkt: IpPacket) -> bytes:
     """A 20-byte header equal to the guest's (options left out), for quoting in an error."""
     ip = pkt.ip
     buf = bytearray(IPV4_HLEN)
@@ -162,13 +174,13 @@ class IcmpService:
 
     # -- from the guest --------------------------------------------------------------------
 
-    def handle_icmp(self, pkt: Ipv4Packet, now: float) -> None:
+    def handle_icmp(self, pkt: IpPacket, now: float) -> None:
         """Handle one ICMP message from the guest (checksum already verified)."""
         hdr = parse_icmp(pkt.l4, verify=False)
         if hdr.type != ICMP_ECHO_REQUEST:
             self.counters.inc(f"icmp.type.{hdr.type}.ignored")
             return
-        dst = pkt.ip.dst
+        dst = pkt.dst
         if dst in self.config.owned_b:
             self._answer_echo(pkt)
             return
@@ -193,9 +205,9 @@ class IcmpService:
             return
         self.counters.inc("icmp.echo.sent")
 
-    def _flow_for(self, pkt: Ipv4Packet, ident: int, now: float) -> EchoFlow | None:
+    def _flow_for(self, pkt: IpPacket, ident: int, now: float) -> EchoFlow | None:
         """The guest's echo flow, opened (and room made) on first use; None if no socket."""
-        key = (pkt.ip.src, ident)
+        key = (pkt.src, ident)
         flows = self.flows
         flow = flows.get(key)
         if flow is not None:
@@ -206,7 +218,7 @@ class IcmpService:
         self.expire(now)
         if len(flows) >= self.max_flows:
             flows.evict_oldest()
-        flow = EchoFlow(pkt.ip.src, ident, pkt.src_mac, now)
+        flow = EchoFlow(pkt.family, pkt.src, ident, pkt.src_mac, now)
         try:
             flow.sock = self.backend.open(flow)
         except OSError as exc:
@@ -216,30 +228,31 @@ class IcmpService:
         self.counters.inc("icmp.echo.flow.new")
         return flow
 
-    def _answer_echo(self, pkt: Ipv4Packet) -> None:
+    def _answer_echo(self, pkt: IpPacket) -> None:
         """Echo reply from guestnet itself: same identifier, sequence and payload."""
         frame = self.pool.acquire()
         buf = frame.view
-        icmp_off = frame.start + ICMP_OFF
+        family = pkt.family
+        icmp_off = frame.start + family.l4_off
         l4 = pkt.l4
         n = len(l4)
         buf[icmp_off : icmp_off + n] = l4
         buf[icmp_off] = ICMP_ECHO_REPLY
         buf[icmp_off + 1] = 0
-        self._finish_icmp(frame, n, pkt.ip.dst, pkt.ip.src, pkt.src_mac)
+        self._finish_icmp(family, frame, n, pkt.dst, pkt.src, pkt.src_mac)
         self.counters.inc("icmp.echo.answered")
 
     # -- from the host ---------------------------------------------------------------------
 
     def deliver_echo_reply(self, flow: EchoFlow, frame: Frame, icmp_len: int, host: str) -> None:
-        """Send the echo reply in ``frame`` (ICMP message at ``ICMP_OFF``) to the flow's guest.
+        """Send the echo reply in ``frame`` (ICMP message at ``flow.family.l4_off``) to the guest.
 
         The I/O side received the reply straight into the frame; here the identifier is put
         back to the guest's, the checksum redone, and IP and Ethernet headers written in front.
         Takes ownership of ``frame``.
         """
         buf = frame.view
-        icmp_off = frame.start + ICMP_OFF
+        icmp_off = frame.start + flow.family.l4_off
         guest_src = flow.peers.get(host)
         if icmp_len < ICMP_HLEN or buf[icmp_off] != ICMP_ECHO_REPLY:
             self.counters.inc("icmp.echo.reply.not_echo")
@@ -250,18 +263,18 @@ class IcmpService:
             self.pool.release(frame)
             return
         struct.pack_into("!H", buf, icmp_off + 4, flow.guest_ident)
-        self._finish_icmp(frame, icmp_len, guest_src, flow.guest_ip, flow.guest_mac)
+        self._finish_icmp(flow.family, frame, icmp_len, guest_src, flow.guest_ip, flow.guest_mac)
         self.counters.inc("icmp.echo.reply")
 
     # -- errors toward the guest -----------------------------------------------------------
 
-    def send_unreachable(self, pkt: Ipv4Packet, code: int, origin: bytes) -> None:
+    def send_unreachable(self, pkt: IpPacket, code: int, origin: bytes) -> None:
         """Destination unreachable (``code``) from ``origin``, quoting the guest's datagram."""
-        if pkt.ip.proto == PROTO_ICMP and (len(pkt.l4) < 1 or pkt.l4[0] != ICMP_ECHO_REQUEST):
+        if pkt.proto == PROTO_ICMP and (len(pkt.l4) < 1 or pkt.l4[0] != ICMP_ECHO_REQUEST):
             # Never an error about an error (RFC 1122 3.2.2).
             self.counters.inc("icmp.error.about_icmp")
             return
-        self._send_error(pkt.src_mac, origin, pkt.ip.src, quote_header(pkt), pkt.l4, code)
+        self._send_error(pkt.family, pkt.src_mac, origin, pkt.src, quote_header(pkt), pkt.l4, code)
 
     def send_flow_error(
         self,
@@ -283,11 +296,12 @@ class IcmpService:
         build_ipv4(head, 0, guest_ip, guest_dst, 17, UDP_HLEN)
         struct.pack_into("!HHHH", head, IPV4_HLEN, guest_port, dport, UDP_HLEN, 0)
         view = memoryview(head)
-        self._send_error(guest_mac, guest_dst, guest_ip, bytes(head[:IPV4_HLEN]), view[IPV4_HLEN:],
-                         code, type_)  # fmt: skip
+        self._send_error(IPV4, guest_mac, guest_dst, guest_ip, bytes(head[:IPV4_HLEN]),
+                         view[IPV4_HLEN:], code, type_)  # fmt: skip
 
     def _send_error(
         self,
+        family: L3Family,
         guest_mac: bytes,
         origin: bytes,
         guest_ip: bytes,
@@ -297,35 +311,42 @@ class IcmpService:
         type_: int = ICMP_DEST_UNREACH,
     ) -> None:
         """The error message both senders share: ``ip_head`` and the start of ``l4`` quoted."""
-        quote_len = min(len(l4), ICMP_ERROR_MAX - IPV4_HLEN - ICMP_HLEN - len(ip_head))
+        quote_len = min(len(l4), ICMP_ERROR_MAX - family.header_len - ICMP_HLEN - len(ip_head))
         frame = self.pool.acquire()
         buf = frame.view
-        body = frame.start + ICMP_OFF + ICMP_HLEN
+        icmp_off = frame.start + family.l4_off
+        body = icmp_off + ICMP_HLEN
         buf[body : body + len(ip_head)] = ip_head
         buf[body + len(ip_head) : body + len(ip_head) + quote_len] = l4[:quote_len]
         body_len = len(ip_head) + quote_len
-        build_icmp(buf, frame.start + ICMP_OFF, type_, code, 0, 0, body_len)
-        self._headers(frame, ICMP_HLEN + body_len, origin, guest_ip, guest_mac)
+        build_icmp(buf, icmp_off, type_, code, 0, 0, body_len)
+        self._headers(family, frame, ICMP_HLEN + body_len, origin, guest_ip, guest_mac)
         self.counters.inc(f"icmp.error.sent.{type_}.{code}")
         self.switch.send(frame)
 
     # -- building --------------------------------------------------------------------------
 
-    def _finish_icmp(self, frame: Frame, icmp_len: int, src: bytes, dst: bytes, mac: bytes) -> None:
+    def _finish_icmp(
+        self, family: L3Family, frame: Frame, icmp_len: int, src: bytes, dst: bytes, mac: bytes
+    ) -> None:
         """Checksum the ICMP message in ``frame``, add headers, send (fragmented if needed)."""
         buf = frame.view
-        icmp_off = frame.start + ICMP_OFF
+        icmp_off = frame.start + family.l4_off
         struct.pack_into("!H", buf, icmp_off + 2, 0)
         struct.pack_into("!H", buf, icmp_off + 2, checksum(buf[icmp_off : icmp_off + icmp_len]))
-        self._headers(frame, icmp_len, src, dst, mac)
+        self._headers(family, frame, icmp_len, src, dst, mac)
         send_ipv4_to_guest(frame, self.config.mtu, self.pool, self.switch.send)
 
-    def _headers(self, frame: Frame, icmp_len: int, src: bytes, dst: bytes, mac: bytes) -> None:
-        """IPv4 and Ethernet headers in front of the ICMP message, each with a fresh IP id."""
-        self._ident = (self._ident + 1) & 0xFFFF
-        off = build_ethernet(frame.view, frame.start, mac, self.config.mac, ETHERTYPE_IPV4)
-        build_ipv4(frame.view, off, src, dst, PROTO_ICMP, icmp_len, self._ident, 64, 0)
-        frame.length = ICMP_OFF + icmp_len
+    def _headers(
+        self, family: L3Family, frame: Frame, icmp_len: int, src: bytes, dst: bytes, mac: bytes
+    ) -> None:
+        """IP and Ethernet headers in front of the ICMP message, each with a fresh IP id
+        (fragmentable: an echo reply may exceed the guest's MTU)."""
+        self._ident = ident = (self._ident + 1) & 0xFFFF
+        frame.length = build_l3_frame(
+            family, frame.view, frame.start, mac, self.config.mac, src, dst, PROTO_ICMP,
+            icmp_len, ident, False,
+        )  # fmt: skip
 
     # -- lifetime --------------------------------------------------------------------------
 

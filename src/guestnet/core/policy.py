@@ -3,13 +3,21 @@
 One place decides, for TCP, UDP and ICMP alike, so later features (CIDR allow/deny lists) add
 rules here and every protocol obeys them:
 
-- the gateway address stands for the host: it maps to 127.0.0.1, unless ``--no-host-loopback``;
+- the gateway address stands for the host: it maps to the host's loopback (127.0.0.1), unless
+  ``--no-host-loopback``;
 - the DNS address serves only DNS (port 53 is taken before the NAT sees it); anything else to it
   is refused, as is any other address inside the guest subnet (nobody is there);
-- with ``--no-host-loopback``, 127.0.0.0/8, 0.0.0.0/8 and the host's own addresses are refused;
-- 169.254.0.0/16 (link-local, where cloud metadata services live) is refused unless
-  ``--allow-link-local``;
-- multicast, broadcast and 240.0.0.0/4 are never translated.
+- with ``--no-host-loopback``, loopback (127.0.0.0/8), "this network" (0.0.0.0/8) and the host's
+  own addresses are refused;
+- link-local destinations (169.254.0.0/16, where cloud metadata services live) are refused
+  unless ``--allow-link-local``;
+- multicast, broadcast and reserved (240.0.0.0/4) destinations are never translated.
+
+The rules are written with :mod:`ipaddress` (``is_multicast``, ``is_reserved``,
+``is_loopback``, ``is_link_local``, network membership), so they read the same for IPv6
+addresses (16 packed bytes) as for IPv4 ones. That costs a few microseconds per decision, which
+is why verdicts are cached per destination: the datapath pays one dict lookup per datagram.
+The guest-source check of the UDP NAT is cached the same way.
 
 A refusal carries a dotted reason for the counters; the NAT answers it (TCP RST, ICMP
 unreachable) and counts it.
@@ -22,7 +30,12 @@ from typing import NamedTuple
 
 from guestnet.config import Config
 
-LOOPBACK = b"\x7f\x00\x00\x01"
+#: Verdicts (and source checks) remembered; beyond this they are computed each time.
+CACHE_MAX = 4096
+#: "This network" (RFC 1122 3.2.1.3): Linux delivers 0.0.0.0/8 to the host itself.
+_THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class Verdict(NamedTuple):
@@ -35,41 +48,68 @@ class Verdict(NamedTuple):
 class Policy:
     """Maps guest destinations to host destinations, or refuses them."""
 
-    __slots__ = ("_cache", "config", "host_addrs", "subnet_mask", "subnet_net")
+    __slots__ = ("_cache", "_gateways", "_sources", "config", "host_addrs", "subnets")
 
     def __init__(self, config: Config, host_addrs: frozenset[bytes] = frozenset()) -> None:
         self.config = config
-        #: The host's own IPv4 addresses (refused under --no-host-loopback).
+        #: The host's own addresses, packed (refused under --no-host-loopback).
         self.host_addrs = host_addrs
-        self.subnet_net = int(config.subnet.network_address)
-        self.subnet_mask = int(config.subnet.netmask)
+        #: The guest networks: refused as destinations, the only valid guest sources.
+        self.subnets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (config.subnet,)
+        #: guestnet's gateway addresses, packed, and the host loopback each stands for.
+        self._gateways = {config.gateway_b: "127.0.0.1"}
         self._cache: dict[bytes, Verdict] = {}
+        self._sources: dict[bytes, bool] = {}
 
     def destination(self, dst: bytes) -> Verdict:
-        """The verdict for a guest destination address (4 packed bytes)."""
+        """The verdict for a guest destination address (packed, 4 or 16 bytes)."""
         verdict = self._cache.get(dst)
         if verdict is None:
             verdict = self._decide(dst)
-            if len(self._cache) < 4096:
+            if len(self._cache) < CACHE_MAX:
                 self._cache[dst] = verdict
         return verdict
 
+    def guest_source(self, src: bytes) -> bool:
+        """True when ``src`` (packed) may be a guest's own address: inside a guest network and
+        not that network's (IPv4) broadcast address."""
+        ok = self._sources.get(src)
+        if ok is None:
+            ok = self._is_guest_source(ipaddress.ip_address(src))
+            if len(self._sources) < CACHE_MAX:
+                self._sources[src] = ok
+        return ok
+
+    def _is_guest_source(self, addr: IPAddress) -> bool:
+        for net in self.subnets:
+            if addr in net:
+                return not (
+                    isinstance(net, ipaddress.IPv4Network) and addr == net.broadcast_address
+                )
+        return False
+
     def _decide(self, dst: bytes) -> Verdict:
         cfg = self.config
-        if dst == cfg.gateway_b:
+        loopback = self._gateways.get(dst)
+        if loopback is not None:
             if cfg.no_host_loopback:
                 return Verdict(None, "policy.host_loopback")
-            return Verdict("127.0.0.1", "policy.gateway")
-        value = int.from_bytes(dst, "big")
-        if value & self.subnet_mask == self.subnet_net:
+            return Verdict(loopback, "policy.gateway")
+        addr = ipaddress.ip_address(dst)
+        if any(addr in net for net in self.subnets):
             return Verdict(None, "policy.guest_subnet")
-        first = dst[0]
-        if first >= 224:
-            return Verdict(None, "policy.multicast")
-        if first in (0, 127) or dst in self.host_addrs:
+        # Loopback before reserved: IPv6's reserved ::/8 holds ::1 and ::.
+        if (
+            addr.is_loopback
+            or addr.is_unspecified
+            or addr in _THIS_NETWORK
+            or dst in self.host_addrs
+        ):
             if cfg.no_host_loopback:
                 return Verdict(None, "policy.host_loopback")
-            return Verdict(str(ipaddress.IPv4Address(dst)), "policy.host")
-        if first == 169 and dst[1] == 254 and not cfg.allow_link_local:
+            return Verdict(str(addr), "policy.host")
+        if addr.is_multicast or addr.is_reserved:
+            return Verdict(None, "policy.multicast")
+        if addr.is_link_local and not cfg.allow_link_local:
             return Verdict(None, "policy.link_local")
-        return Verdict(str(ipaddress.IPv4Address(dst)), "policy.forward")
+        return Verdict(str(addr), "policy.forward")

@@ -28,11 +28,12 @@ REQ-5 asks at least 120) after the last datagram in either direction; the table 
 ``max_flows`` flows (``Config.max_flows``): a new flow beyond that evicts the least recently used
 one, counted. Each flow remembers at most :data:`MAX_PEERS` destinations.
 
-*Buffers.* The I/O side receives a reply straight into a pooled to-guest frame at
-:data:`REPLY_PAYLOAD_OFF`; :meth:`UdpNat.deliver_reply` writes the UDP, IPv4 and Ethernet headers in
-front and sends it, fragmented if it exceeds the guest's MTU. Guest payload goes to the host
-socket as a memoryview slice of the guest's frame. Host ICMP errors on a flow's socket (port
-unreachable, via IP_RECVERR) become the same ICMP error toward the guest.
+*Buffers.* The I/O side receives a reply straight into a pooled to-guest frame at the flow's
+``family.udp_payload_off`` (:class:`~guestnet.wire.l3.L3Family`); :meth:`UdpNat.deliver_reply`
+writes the UDP, IP and Ethernet headers in front and sends it, fragmented if it exceeds the
+guest's MTU. Guest payload goes to the host socket as a memoryview slice of the guest's frame.
+Host ICMP errors on a flow's socket (port unreachable, via IP_RECVERR) become the same ICMP error
+toward the guest.
 
 *Port forwards (host -> guest).* A datagram arriving on a published UDP port
 (``io/forwards.py``) is handed to :meth:`UdpNat.deliver_inbound`, which keeps an *inbound* flow
@@ -55,18 +56,15 @@ from guestnet.config import Config
 from guestnet.core.flows import IdleFlows, ip_text
 from guestnet.core.fragments import send_ipv4_to_guest
 from guestnet.core.icmp import IcmpService, errname
-from guestnet.core.packet import Ipv4Packet
+from guestnet.core.packet import IpPacket
 from guestnet.core.policy import Policy
 from guestnet.core.switch import Switch
 from guestnet.counters import Counters
 from guestnet.pool import Frame, FramePool
-from guestnet.wire.ethernet import ETH_HLEN, ETHERTYPE_IPV4, build_ethernet
 from guestnet.wire.icmp import UNREACH_ADMIN_PROHIBITED
-from guestnet.wire.ipv4 import IPV4_HLEN, PROTO_UDP, build_ipv4
-from guestnet.wire.udp import UDP_HLEN, build_udp
+from guestnet.wire.l3 import IPV4, L3Family, build_udp_frame
+from guestnet.wire.udp import UDP_HLEN
 
-#: Where a reply's payload starts in a to-guest frame, counted from ``frame.start``.
-REPLY_PAYLOAD_OFF = ETH_HLEN + IPV4_HLEN + UDP_HLEN
 #: Destinations a flow remembers for filtering; the oldest is forgotten beyond this.
 MAX_PEERS = 1024
 
@@ -86,9 +84,23 @@ class UdpSocket(Protocol):
 class UdpFlow:
     """One guest source (address, port) and its host socket."""
 
-    __slots__ = ("created", "guest_ip", "guest_mac", "guest_port", "last_used", "peers", "sock")
+    __slots__ = (
+        "created",
+        "family",
+        "guest_ip",
+        "guest_mac",
+        "guest_port",
+        "last_used",
+        "peers",
+        "sock",
+    )
 
-    def __init__(self, guest_ip: bytes, guest_port: int, guest_mac: bytes, now: float) -> None:
+    def __init__(
+        self, family: L3Family, guest_ip: bytes, guest_port: int, guest_mac: bytes, now: float
+    ) -> None:
+        #: The IP version of the flow: where a reply's payload lands in a pooled frame
+        #: (``family.udp_payload_off``) and how its headers are written.
+        self.family = family
         self.guest_ip = guest_ip
         self.guest_port = guest_port
         self.guest_mac = guest_mac
@@ -183,31 +195,30 @@ class UdpNat:
         #: The MAC each guest address last sent from (where inbound datagrams go).
         self.guest_macs: dict[bytes, bytes] = {}
         self._ident = 0
-        self._subnet = (policy.subnet_net, policy.subnet_mask)
 
     # -- from the guest --------------------------------------------------------------------
 
     def handle_udp(
-        self, pkt: Ipv4Packet, sport: int, dport: int, payload: memoryview, now: float
+        self, pkt: IpPacket, sport: int, dport: int, payload: memoryview, now: float
     ) -> None:
         """Send one guest datagram to its host destination through the flow's socket."""
         counters = self.counters
-        ip = pkt.ip
-        net, mask = self._subnet
-        if int.from_bytes(ip.src, "big") & mask != net or ip.src == self.config.broadcast_b:
+        src = pkt.src
+        dst = pkt.dst
+        if not self.policy.guest_source(src):
             counters.inc("nat.udp.src.foreign")
             return
         if dport == 0 or sport == 0:
             counters.inc("nat.udp.port_zero")
             return
-        if self.guest_macs.get(ip.src) != pkt.src_mac:
-            self.guest_macs[ip.src] = pkt.src_mac
-        if ip.dst == self.config.gateway_b and self.inbound:
-            inbound = self.inbound.get((ip.src, sport, dport))
+        if self.guest_macs.get(src) != pkt.src_mac:
+            self.guest_macs[src] = pkt.src_mac
+        if dst == self.config.gateway_b and self.inbound:
+            inbound = self.inbound.get((src, sport, dport))
             if inbound is not None:
                 self._reply_inbound(inbound, payload, now)
                 return
-        verdict = self.policy.destination(ip.dst)
+        verdict = self.policy.destination(dst)
         host = verdict.host
         if host is None:
             counters.inc(f"nat.udp.{verdict.reason}")
@@ -217,10 +228,10 @@ class UdpNat:
         if flow is None or flow.sock is None:
             return
         peers = flow.peers
-        if peers.get(host) != ip.dst:
+        if peers.get(host) != dst:
             if host not in peers and len(peers) >= MAX_PEERS:
                 del peers[next(iter(peers))]
-            peers[host] = ip.dst
+            peers[host] = dst
         try:
             flow.sock.sendto(payload, (host, dport))
         except OSError as exc:
@@ -228,12 +239,12 @@ class UdpNat:
             return
         counters.inc("nat.udp.to_host")
 
-    def _flow_for(self, pkt: Ipv4Packet, sport: int, now: float) -> UdpFlow | None:
+    def _flow_for(self, pkt: IpPacket, sport: int, now: float) -> UdpFlow | None:
         """The guest source's flow, opened (and room made) on first use; None if no socket.
 
         The flow follows the guest's MAC, so replies reach a guest whose MAC changed.
         """
-        key = (pkt.ip.src, sport)
+        key = (pkt.src, sport)
         flows = self.flows
         flow = flows.get(key)
         if flow is not None:
@@ -245,7 +256,7 @@ class UdpNat:
         self.expire(now)
         if len(flows) >= self.max_flows:
             flows.evict_oldest()
-        flow = UdpFlow(pkt.ip.src, sport, pkt.src_mac, now)
+        flow = UdpFlow(pkt.family, pkt.src, sport, pkt.src_mac, now)
         try:
             flow.sock = self.open_socket(flow)
         except OSError as exc:
@@ -261,7 +272,7 @@ class UdpNat:
     def deliver_reply(
         self, flow: UdpFlow, frame: Frame, payload_len: int, host: str, hport: int, now: float
     ) -> None:
-        """Send the reply whose payload is at ``REPLY_PAYLOAD_OFF`` in ``frame`` to the guest.
+        """Send the reply whose payload is at ``flow.family.udp_payload_off`` in ``frame``.
 
         ``host``/``hport`` is the reply's source on the host. Takes ownership of ``frame``.
         """
@@ -277,22 +288,23 @@ class UdpNat:
         flow.last_used = now
         self.flows.move_to_end(flow.key)
         self.counters.inc("nat.udp.to_guest")
-        self._emit(frame, payload_len, guest_src, hport, flow.guest_ip, flow.guest_port,
-                   flow.guest_mac)  # fmt: skip
+        self._emit(flow.family, frame, payload_len, guest_src, hport, flow.guest_ip,
+                   flow.guest_port, flow.guest_mac)  # fmt: skip
 
     def _emit(
-        self, frame: Frame, payload_len: int, src: bytes, sport: int, dst: bytes, dport: int,
-        mac: bytes,
+        self, family: L3Family, frame: Frame, payload_len: int, src: bytes, sport: int,
+        dst: bytes, dport: int, mac: bytes,
     ) -> None:  # fmt: skip
-        """Write UDP, IPv4 and Ethernet headers before the payload in ``frame``; send it."""
-        buf = frame.view
-        start = frame.start
-        l3 = start + ETH_HLEN
-        build_udp(buf, l3 + IPV4_HLEN, sport, dport, payload_len, src, dst)
+        """Write UDP, IP and Ethernet headers before the payload in ``frame``; send it.
+
+        A fresh IP identification each time, fragmentation allowed: a reply may exceed the
+        guest's MTU and is then fragmented here.
+        """
         self._ident = ident = (self._ident + 1) & 0xFFFF
-        build_ipv4(buf, l3, src, dst, PROTO_UDP, UDP_HLEN + payload_len, ident, 64, 0)
-        build_ethernet(buf, start, mac, self.config.mac, ETHERTYPE_IPV4)
-        frame.length = REPLY_PAYLOAD_OFF + payload_len
+        frame.length = build_udp_frame(
+            family, frame.view, frame.start, mac, self.config.mac, src, dst, sport, dport,
+            payload_len, ident, False,
+        )  # fmt: skip
         if send_ipv4_to_guest(frame, self.config.mtu, self.pool, self.switch.send) > 1:
             self.counters.inc("nat.udp.to_guest.fragmented")
 
@@ -312,7 +324,8 @@ class UdpNat:
         guest's answers back to it. The payload is copied into a pooled frame.
         """
         n = len(payload)
-        if n > 65535 - IPV4_HLEN - UDP_HLEN:
+        family = IPV4  # forwards publish IPv4 ports only, so far
+        if n > family.max_l4_len - UDP_HLEN:
             self.counters.inc("nat.udp.forward.too_big")
             return
         flow = self._inbound_by_source.get(source)
@@ -333,11 +346,12 @@ class UdpNat:
             flow.last_used = now
             self.inbound.move_to_end(flow.key)
         frame = self.pool.acquire()
-        off = frame.start + REPLY_PAYLOAD_OFF
+        off = frame.start + family.udp_payload_off
         frame.view[off : off + n] = payload
         mac = self.guest_macs.get(guest_ip, self.config.guest_mac)
         self.counters.inc("nat.udp.forward.to_guest")
-        self._emit(frame, n, self.config.gateway_b, flow.visible_port, guest_ip, guest_port, mac)
+        self._emit(family, frame, n, self.config.gateway_b, flow.visible_port, guest_ip,
+                   guest_port, mac)  # fmt: skip
 
     def _free_visible_port(self, guest_ip: bytes, guest_port: int, want: int) -> int:
         """The client's own port if free for this guest port, else the next free one."""

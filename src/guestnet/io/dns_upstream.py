@@ -24,12 +24,13 @@ import socket
 from collections.abc import Sequence
 
 from guestnet.config import Config
-from guestnet.core.dns import DNS_PORT, UPSTREAM_TIMEOUT_S, DnsService
-from guestnet.core.packet import Ipv4Packet
+from guestnet.core.dns import UPSTREAM_TIMEOUT_S, DnsService
+from guestnet.core.packet import IpPacket
 from guestnet.core.timers import Timer
 from guestnet.counters import Counters
 from guestnet.io.loop import EPOLLIN, Loop
 from guestnet.pool import FramePool
+from guestnet.wire.udp import DNS_PORT
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class DnsUpstreamIO:
         self.closed = False
 
     def handle_udp(
-        self, pkt: Ipv4Packet, sport: int, dport: int, payload: memoryview, now: float
+        self, pkt: IpPacket, sport: int, dport: int, payload: memoryview, now: float
     ) -> None:
         """A guest query: the core answers or forwards it; forwarded ones are sent here."""
         self.core.handle_udp(pkt, sport, dport, payload, now)

@@ -26,7 +26,7 @@ import socket
 import struct
 
 from guestnet.config import Config
-from guestnet.core.icmp import ICMP_OFF, EchoFlow, IcmpService
+from guestnet.core.icmp import EchoFlow, IcmpService
 from guestnet.core.policy import Policy
 from guestnet.core.switch import Switch
 from guestnet.counters import Counters
@@ -87,8 +87,8 @@ class PingSocket(FlowSocket):
             if self.fd < 0:
                 return
             frame = pool.acquire()
-            off = frame.start + ICMP_OFF
-            room = min(len(frame.view) - off, 65535 - 20)
+            off = frame.start + self.flow.family.l4_off
+            room = min(len(frame.view) - off, self.flow.family.max_l4_len)
             try:
                 n, _anc, _flags, addr = self.sock.recvmsg_into([frame.view[off : off + room]])
             except BlockingIOError:
@@ -201,8 +201,8 @@ class IcmpDriver:
             if echo is None:
                 pool.release(frame)
                 continue
-            if ihl != 20:  # move the message to where a 20-byte header leaves it
-                dst = frame.start + ICMP_OFF
+            dst = frame.start + echo.flow.family.l4_off
+            if l3 + ihl != dst:  # move the message to where the header we write leaves it
                 buf[dst : dst + icmp_len] = bytes(buf[l3 + ihl : l3 + ihl + icmp_len])
             self.icmp.deliver_echo_reply(echo.flow, frame, icmp_len, addr[0])
 

@@ -52,6 +52,7 @@ from typing import NamedTuple
 
 from guestnet.io.links import RX_BUDGET, Link, LinkHub
 from guestnet.pool import HEADROOM, Frame
+from guestnet.wire.ethernet import ETHERTYPE_IPV6
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +127,13 @@ def build_vnet_hdr(buf: bytearray | memoryview, off: int, frame: Frame) -> None:
         return
     gso = frame.gso_size
     if gso:
-        hdr_len = cs + ((frame.view[frame.start + cs + 12] >> 4) << 2)
+        view = frame.view
+        start = frame.start
+        hdr_len = cs + ((view[start + cs + 12] >> 4) << 2)
+        ipv6 = ((view[start + 12] << 8) | view[start + 13]) == ETHERTYPE_IPV6
+        gso_type = VNET_GSO_TCPV6 if ipv6 else VNET_GSO_TCPV4  # by the frame's IP version
         _VNET.pack_into(
-            buf, off, VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, hdr_len, gso, cs, frame.csum_offset, 0
+            buf, off, VNET_F_NEEDS_CSUM, gso_type, hdr_len, gso, cs, frame.csum_offset, 0
         )
     else:
         _VNET.pack_into(buf, off, VNET_F_NEEDS_CSUM, VNET_GSO_NONE, 0, 0, cs, frame.csum_offset, 0)

@@ -24,7 +24,7 @@ from guestnet.config import Config
 from guestnet.core.icmp import IcmpService
 from guestnet.core.policy import Policy
 from guestnet.core.switch import Switch
-from guestnet.core.udp import REPLY_PAYLOAD_OFF, UdpFlow, UdpNat
+from guestnet.core.udp import UdpFlow, UdpNat
 from guestnet.counters import Counters
 from guestnet.io.forwards import Forward, Forwards
 from guestnet.io.loop import EPOLLERR, EPOLLIN, Loop
@@ -121,7 +121,7 @@ class HostUdpSocket(FlowSocket):
             if self.fd < 0:
                 return
             frame = pool.acquire()
-            off = frame.start + REPLY_PAYLOAD_OFF
+            off = frame.start + self.flow.family.udp_payload_off
             room = min(len(frame.view) - off, MAX_UDP_PAYLOAD)
             try:
                 n, _anc, flags, addr = recv([frame.view[off : off + room]])

@@ -51,12 +51,15 @@ def checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
 
 
 def pseudo_header_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
-    """Ones'-complement sum of the IPv4 pseudo-header used by TCP and UDP."""
-    return _fold(
-        int.from_bytes(src[:2], "big")
-        + int.from_bytes(src[2:4], "big")
-        + int.from_bytes(dst[:2], "big")
-        + int.from_bytes(dst[2:4], "big")
-        + proto
-        + length
-    )
+    """Ones'-complement sum of the TCP/UDP pseudo-header (not complemented), for either family.
+
+    The IPv4 pseudo-header (RFC 768) and the IPv6 one (RFC 8200 8.1) hold the same words: source
+    and destination (4 or 16 bytes each), the protocol (next header) and the L4 length; only
+    their order and padding differ, which a ones'-complement sum does not see. The addresses are
+    summed as one big integer modulo 0xffff (see the module docstring), which also beats four
+    16-bit slices for IPv4.
+    """
+    total = int.from_bytes(src + dst, "big") % 0xFFFF + proto + length
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total

@@ -22,6 +22,9 @@ from typing import NamedTuple
 
 from guestnet.wire import WireError
 
+#: UDP ports: servers listen on 67, clients on 68 (RFC 2131 §4.1).
+DHCP_SERVER_PORT = 67
+DHCP_CLIENT_PORT = 68
 BOOTREQUEST = 1
 BOOTREPLY = 2
 HTYPE_ETHERNET = 1

@@ -10,6 +10,8 @@ from guestnet.wire.checksum import checksum, pseudo_header_sum
 from guestnet.wire.ipv4 import PROTO_UDP
 
 UDP_HLEN = 8
+#: DNS (RFC 1035), over UDP and TCP alike: the port the classifier hands to the DNS service.
+DNS_PORT = 53
 
 _HDR = struct.Struct("!HHHH")
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 from guestnet.core.flows import FlowKey
-from guestnet.core.packet import Ipv4Packet
+from guestnet.core.packet import IpPacket
 from guestnet.core.port import Port
 from guestnet.core.tcp.flow import (
     CONNECTING,
@@ -75,7 +75,7 @@ class _Handshake(_Irregular):
 
     def _open(
         self,
-        pkt: Ipv4Packet,
+        pkt: IpPacket,
         key: FlowKey,
         l4: memoryview,
         hlen: int,
@@ -215,7 +215,7 @@ class _Handshake(_Irregular):
     def _closed(
         self,
         flow: TcpFlow,
-        pkt: Ipv4Packet,
+        pkt: IpPacket,
         key: FlowKey,
         l4: memoryview,
         hlen: int,
@@ -366,13 +366,13 @@ class _Handshake(_Irregular):
 
     # -- refusals -------------------------------------------------------------------------------
 
-    def _rst_for_syn(self, pkt: Ipv4Packet, key: FlowKey, seq: int) -> None:
+    def _rst_for_syn(self, pkt: IpPacket, key: FlowKey, seq: int) -> None:
         self._answer(pkt, key, 0, (seq + 1) & SEQ_MASK, RST | ACK)
         self.counters.inc("tcp.rst.sent")
 
     def _no_flow(
         self,
-        pkt: Ipv4Packet,
+        pkt: IpPacket,
         key: FlowKey,
         l4: memoryview,
         hlen: int,

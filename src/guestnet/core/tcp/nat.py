@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from guestnet.config import Config
 from guestnet.core.flows import FlowTable
-from guestnet.core.packet import Ipv4Packet
+from guestnet.core.packet import IpPacket
 from guestnet.core.policy import Policy
 from guestnet.core.tcp.flow import (
     CLOSED,
@@ -39,7 +39,7 @@ class _DnsTcp:
     def __init__(self, nat: TcpNat) -> None:
         self.nat = nat
 
-    def handle_tcp(self, pkt: Ipv4Packet, now: float) -> None:
+    def handle_tcp(self, pkt: IpPacket, now: float) -> None:
         self.nat.handle_segment(pkt, now, dns=True)
 
 
@@ -82,11 +82,11 @@ class TcpNat(_Handshake):
 
     # -- entry points -------------------------------------------------------------------------
 
-    def handle_tcp(self, pkt: Ipv4Packet, now: float) -> None:
+    def handle_tcp(self, pkt: IpPacket, now: float) -> None:
         """A guest segment for the NAT (the classifier verified the checksum)."""
         self.handle_segment(pkt, now, dns=False)
 
-    def handle_segment(self, pkt: Ipv4Packet, now: float, dns: bool) -> None:
+    def handle_segment(self, pkt: IpPacket, now: float, dns: bool) -> None:
         """One guest segment; ``dns``: it was addressed to port 53 on the DNS/gateway address."""
         self._now = now
         l4 = pkt.l4

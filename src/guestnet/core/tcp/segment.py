@@ -30,7 +30,7 @@ import struct
 from typing import Protocol
 
 from guestnet.core.flows import FlowKey
-from guestnet.core.packet import Ipv4Packet
+from guestnet.core.packet import IpPacket
 from guestnet.core.port import Port
 from guestnet.core.tcp.base import TcpNatBase
 from guestnet.core.tcp.flow import CONNECTING, OUR_WSCALE, SEQ_MASK, TcpFlow
@@ -71,7 +71,7 @@ class _Reply:
 
     __slots__ = ("dst_ip", "dst_port", "guest_ip", "guest_mac", "guest_port", "port")
 
-    def __init__(self, pkt: Ipv4Packet, key: FlowKey) -> None:
+    def __init__(self, pkt: IpPacket, key: FlowKey) -> None:
         self.port = pkt.port
         self.guest_mac = pkt.src_mac
         self.guest_ip, self.guest_port, self.dst_ip, self.dst_port = key
@@ -129,7 +129,7 @@ class _SegmentWriter(TcpNatBase):
         self._control(flow, seq, flow.rcv_nxt, RST | ACK)
         self.counters.inc("tcp.rst.sent")
 
-    def _answer(self, pkt: Ipv4Packet, key: FlowKey, seq: int, ack: int, flags: int) -> None:
+    def _answer(self, pkt: IpPacket, key: FlowKey, seq: int, ack: int, flags: int) -> None:
         """A segment without payload, window or options back to the sender of ``pkt`` (whose
         flow key is ``key``), for which there is no flow: an RST."""
         self._control(_Reply(pkt, key), seq, ack, flags)

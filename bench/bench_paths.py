@@ -1,0 +1,192 @@
+"""CPU time per frame through the core's paths, robust to a busy machine (for A/B runs).
+
+Run: .venv/bin/python bench/bench_paths.py [--quick]
+
+Each row feeds one prepared frame through the :class:`FrameClassifier` (or hands one reply to the
+UDP NAT) in batches and reports the *CPU* time of the calling thread per frame
+(``time.thread_time``), the minimum and the median over the batches. On the shared 2-vCPU
+machines wall-clock rates swing by 2x when other jobs run; CPU time of the thread, and the best
+batch especially, do not, so two trees can be compared in one sitting (``PYTHONPATH=OTHER/src``
+for the other tree, runs interleaved).
+
+Rows:
+
+- ``arp``: an ARP request for the gateway, answered.
+- ``udp->null`` / ``udp->null trusted``: a 64-byte UDP datagram parsed, checksum verified (or
+  trusted) and routed to a NAT that does nothing.
+- ``udp->nat``: the same datagram through the real UDP NAT: source and destination policy, the
+  flow lookup and a ``sendto`` on a socket that does nothing.
+- ``nat reply->guest``: a 64-byte reply from the host through ``UdpNat.deliver_reply``: headers
+  and UDP checksum written, frame sent (to a port that releases it).
+- ``icmp echo gateway``: an echo request to the gateway, answered by the ICMP service.
+- ``dns builtin``: an A query for host.guestnet.internal, answered (dnspython dominates).
+- ``dhcp discover``: a DHCPDISCOVER answered with an OFFER.
+
+Only in-process objects: no sockets, no namespaces.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import dns.message
+from scapy.layers.dhcp import BOOTP, DHCP
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import Ether
+
+from guestnet.config import Config
+from guestnet.core.classifier import FrameClassifier
+from guestnet.core.dhcp import DhcpServer
+from guestnet.core.dns import DnsService
+from guestnet.core.icmp import IcmpService
+from guestnet.core.policy import Policy
+from guestnet.core.port import Port
+from guestnet.core.switch import Switch
+from guestnet.core.udp import UdpFlow, UdpNat
+from guestnet.counters import Counters
+from guestnet.pool import FramePool
+from guestnet.wire.arp import ARP_REQUEST, build_arp
+from guestnet.wire.ethernet import BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4, build_ethernet
+from guestnet.wire.icmp import ICMP_ECHO_REQUEST, build_icmp
+from guestnet.wire.ipv4 import PROTO_ICMP, PROTO_UDP, build_ipv4
+from guestnet.wire.udp import build_udp
+
+GUEST_MAC = bytes.fromhex("525400123456")
+OUR_MAC = bytes.fromhex("52550a000202")
+GUEST_IP = bytes([10, 0, 2, 15])
+REMOTE_IP = bytes([93, 184, 216, 34])
+GATEWAY_IP = bytes([10, 0, 2, 2])
+DNS_IP = bytes([10, 0, 2, 3])
+
+
+class NullSocket:
+    """A host socket that takes every datagram and does nothing."""
+
+    def sendto(self, data: memoryview, addr: tuple[str, int]) -> int:
+        return len(data)
+
+    def close(self) -> None:
+        pass
+
+
+class NullUdp:
+    def handle_udp(self, *args: object) -> None:
+        pass
+
+
+class Rig:
+    """A classifier with every UDP/ICMP service attached; frames to the guest are released."""
+
+    def __init__(self, null_nat: bool) -> None:
+        config = Config()
+        self.pool = pool = FramePool(config.mtu, config.pool_slots)
+        counters = Counters()
+        switch = Switch(pool, counters)
+        self.classifier = cl = FrameClassifier(config, pool, counters, switch)
+        self.port = Port("bench0", pool.release)
+        switch.attach(self.port)
+        policy = Policy(config)
+        icmp = IcmpService(config, pool, counters, switch, policy)
+        self.nat = UdpNat(config, pool, counters, switch, policy, icmp, self._open)
+        cl.udp_nat = NullUdp() if null_nat else self.nat
+        cl.icmp = icmp
+        cl.dns_udp = DnsService(config, pool, counters, [])
+        cl.dhcp = DhcpServer(config, pool, counters)
+
+    def _open(self, _flow: UdpFlow) -> NullSocket:
+        return NullSocket()
+
+
+def ip_frame(dst: bytes, proto: int, l4: bytes) -> memoryview:
+    buf = bytearray(34 + len(l4))
+    off = build_ethernet(buf, 0, OUR_MAC, GUEST_MAC, ETHERTYPE_IPV4)
+    off = build_ipv4(buf, off, GUEST_IP, dst, proto, len(l4))
+    buf[off:] = l4
+    return memoryview(buf)
+
+
+def udp_frame(dst: bytes, dport: int, payload: bytes) -> memoryview:
+    frame = ip_frame(dst, PROTO_UDP, bytes(8) + payload)
+    build_udp(frame, 34, 40000, dport, len(payload), GUEST_IP, dst)
+    return frame
+
+
+def echo_frame() -> memoryview:
+    frame = ip_frame(GATEWAY_IP, PROTO_ICMP, bytes(8) + bytes(range(56)))
+    build_icmp(frame, 34, ICMP_ECHO_REQUEST, 0, 7, 1, 56)
+    return frame
+
+
+def arp_frame() -> memoryview:
+    buf = bytearray(42)
+    off = build_ethernet(buf, 0, BROADCAST, GUEST_MAC, ETHERTYPE_ARP)
+    build_arp(buf, off, ARP_REQUEST, GUEST_MAC, GUEST_IP, bytes(6), GATEWAY_IP)
+    return memoryview(buf)
+
+
+def dhcp_frame() -> memoryview:
+    pkt = (
+        Ether(src="52:54:00:12:34:56", dst="ff:ff:ff:ff:ff:ff")
+        / IP(src="0.0.0.0", dst="255.255.255.255")
+        / UDP(sport=68, dport=67)
+        / BOOTP(chaddr=GUEST_MAC, xid=0x1234, flags=0x8000)
+        / DHCP(options=[("message-type", "discover"), "end"])
+    )
+    return memoryview(bytes(pkt))
+
+
+def cpu_per_call(fn: Callable[[], object], n: int, batches: int) -> tuple[float, float]:
+    """(min, median) thread CPU µs per call over ``batches`` batches of ``n`` calls."""
+    clock = time.thread_time
+    per: list[float] = []
+    for _ in range(batches):
+        t0 = clock()
+        for _ in range(n):
+            fn()
+        per.append((clock() - t0) / n * 1e6)
+    return min(per), statistics.median(per)
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv
+    batches = 8 if quick else 30
+    query = dns.message.make_query("host.guestnet.internal", "A").to_wire()
+    rows: list[tuple[str, bool, memoryview, bool, int]] = [
+        ("arp", True, arp_frame(), False, 2000),
+        ("udp->null", True, udp_frame(REMOTE_IP, 9999, bytes(range(64))), False, 2000),
+        ("udp->null trusted", True, udp_frame(REMOTE_IP, 9999, bytes(range(64))), True, 2000),
+        ("udp->nat", False, udp_frame(REMOTE_IP, 9999, bytes(range(64))), False, 2000),
+        ("icmp echo gateway", False, echo_frame(), False, 2000),
+        ("dns builtin", False, udp_frame(DNS_IP, 53, query), False, 200),
+        ("dhcp discover", False, dhcp_frame(), False, 200),
+    ]
+    print(f"thread CPU µs per frame ({batches} batches): min, median")
+    for name, null_nat, frame, trusted, n in rows:
+        rig = Rig(null_nat)
+        handle = rig.classifier.handle_frame
+        port = rig.port
+        lo, med = cpu_per_call(lambda: handle(frame, port, 0.0, trusted), n, batches)  # noqa: B023
+        print(f"{name:<20} {lo:8.2f} {med:8.2f}")
+    rig = Rig(False)
+    rig.classifier.handle_frame(udp_frame(REMOTE_IP, 9999, b"x"), rig.port, 0.0)
+    flow = next(iter(rig.nat.flows.values()))
+    off = flow.family.udp_payload_off
+    payload = bytes(64)
+    pool = rig.pool
+    nat = rig.nat
+
+    def reply() -> None:
+        frame = pool.acquire()
+        start = frame.start + off
+        frame.view[start : start + 64] = payload
+        nat.deliver_reply(flow, frame, 64, "93.184.216.34", 9999, 0.0)
+
+    lo, med = cpu_per_call(reply, 2000, batches)
+    print(f"{'nat reply->guest':<20} {lo:8.2f} {med:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
