@@ -70,6 +70,20 @@ def _subnet(text: str) -> ipaddress.IPv4Network:
         raise argparse.ArgumentTypeError(f"not an IPv4 subnet: {text!r}") from exc
 
 
+def _ipv6(text: str) -> ipaddress.IPv6Address:
+    try:
+        return ipaddress.IPv6Address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an IPv6 address: {text!r}") from exc
+
+
+def _prefix6(text: str) -> ipaddress.IPv6Network:
+    try:
+        return ipaddress.IPv6Network(text, strict=False)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an IPv6 prefix: {text!r}") from exc
+
+
 def _int_range(lo: int, hi: int) -> type[int]:
     def parse(text: str) -> int:
         try:
@@ -177,6 +191,34 @@ def add_datapath_options(p: argparse.ArgumentParser) -> None:
         dest="offloads",
         action="store_false",
         help="TAP links: no checksum/segmentation offloads (plain MTU-sized frames)",
+    )
+    v6 = p.add_argument_group("IPv6")
+    v6.add_argument(
+        "--no-ipv6",
+        dest="ipv6",
+        action="store_false",
+        help="no IPv6 on the guest link (IPv6 frames are counted and dropped)",
+    )
+    v6.add_argument(
+        "--ipv6-prefix",
+        type=_prefix6,
+        default=d.ipv6_prefix,
+        help="the guest link's IPv6 prefix, advertised for SLAAC (%(default)s)",
+    )
+    v6.add_argument(
+        "--gateway6",
+        type=_ipv6,
+        default=d.gateway6,
+        help="guestnet's IPv6 address, stands for the host's ::1 (%(default)s)",
+    )
+    v6.add_argument(
+        "--dns-ip6", type=_ipv6, default=d.dns_ip6, help="built-in DNS over IPv6 (%(default)s)"
+    )
+    v6.add_argument(
+        "--guest-ip6",
+        type=_ipv6,
+        default=d.guest_ip6,
+        help="the first guest's IPv6 address (DHCPv6; --configure) (%(default)s)",
     )
     h = p.add_argument_group("DHCP")
     h.add_argument(
@@ -296,6 +338,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         pcap=args.pcap,
         pcap_max_bytes=args.pcap_max_bytes,
         publish=tuple(spec for specs in args.publish for spec in specs),
+        ipv6=args.ipv6,
+        ipv6_prefix=args.ipv6_prefix,
+        gateway6=args.gateway6,
+        dns_ip6=args.dns_ip6,
+        guest_ip6=args.guest_ip6,
     )
     check_dhcp_config(config)
     return config

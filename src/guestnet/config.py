@@ -2,7 +2,9 @@
 
 What can change while guestnet runs (forwards added through the API, leases) lives with the
 service that owns it, not here. Addresses are kept both as ``ipaddress`` objects (for people and
-validation) and packed as 4-byte ``bytes`` (for the datapath, which compares raw header fields).
+validation) and packed as ``bytes`` (for the datapath, which compares raw header fields): 4 bytes
+for IPv4, 16 for IPv6. IPv6 defaults are slirp4netns's (fd00::/64, gateway ::2, DNS ::3), so
+podman and rootlesskit users see what they expect; ``ipv6=False`` (``--no-ipv6``) turns it off.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from functools import cached_property
 
 IPv4Address = ipaddress.IPv4Address
 IPv4Network = ipaddress.IPv4Network
+IPv6Address = ipaddress.IPv6Address
+IPv6Network = ipaddress.IPv6Network
 
 #: Largest IPv4 datagram; with TAP offloads a super-frame may carry this much at any MTU.
 MAX_IP_PACKET = 65535
@@ -85,6 +89,17 @@ class Config:
     pcap_max_bytes: int = 1 << 30
     #: Forwards from -p/--publish: (proto, host_ip, host_port, guest_port), created at start.
     publish: tuple[tuple[str, str, int, int], ...] = ()
+    #: IPv6 on the guest link (NDP, router advertisements, DHCPv6, the NAT); False: IPv6
+    #: frames are counted and dropped.
+    ipv6: bool = True
+    #: The guest link's IPv6 prefix (a /64, so kernels do SLAAC from our advertisements).
+    ipv6_prefix: IPv6Network = field(default_factory=lambda: IPv6Network("fd00::/64"))
+    #: guestnet's IPv6 address standing for the host (TCP/UDP to it reach the host's ::1).
+    gateway6: IPv6Address = field(default_factory=lambda: IPv6Address("fd00::2"))
+    #: Address of the built-in DNS service over IPv6.
+    dns_ip6: IPv6Address = field(default_factory=lambda: IPv6Address("fd00::3"))
+    #: The first guest's IPv6 address (DHCPv6 lease; what --configure and run set).
+    guest_ip6: IPv6Address = field(default_factory=lambda: IPv6Address("fd00::15"))
 
     def __post_init__(self) -> None:
         if not MIN_MTU <= self.mtu <= MAX_MTU:
@@ -105,6 +120,24 @@ class Config:
             raise ValueError("--mac and --guest-mac must be unicast addresses")
         if not 1 <= self.pool_slots <= 65536:
             raise ValueError("--pool-slots must be between 1 and 65536")
+        self._check_ipv6()
+
+    def _check_ipv6(self) -> None:
+        prefix = self.ipv6_prefix
+        if prefix.prefixlen > 64:
+            raise ValueError("--ipv6-prefix must be /64 or shorter (SLAAC needs 64 bits)")
+        if prefix.is_multicast or prefix.is_link_local or prefix.is_loopback:
+            raise ValueError(f"--ipv6-prefix {prefix} is not a unicast global or ULA prefix")
+        for name in ("gateway6", "dns_ip6", "guest_ip6"):
+            addr = getattr(self, name)
+            if addr not in prefix:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} {addr} is outside --ipv6-prefix {prefix}"
+                )
+            if addr == prefix.network_address:
+                raise ValueError(f"--{name.replace('_', '-')} {addr} is the subnet-router anycast")
+        if len({self.gateway6, self.dns_ip6, self.guest_ip6}) != 3:
+            raise ValueError("--gateway6, --dns-ip6 and --guest-ip6 must differ")
 
     @cached_property
     def gateway_b(self) -> bytes:
@@ -130,3 +163,30 @@ class Config:
     def broadcast_b(self) -> bytes:
         """The subnet's directed broadcast address packed."""
         return self.subnet.broadcast_address.packed
+
+    @cached_property
+    def link_local6(self) -> IPv6Address:
+        """guestnet's IPv6 link-local address (modified EUI-64 of ``mac``, RFC 4291 2.5.1): the
+        router's address, source of its advertisements."""
+        return eui64_address(IPv6Network("fe80::/64"), self.mac)
+
+    @cached_property
+    def gateway6_b(self) -> bytes:
+        """The IPv6 gateway address packed."""
+        return self.gateway6.packed
+
+    @cached_property
+    def dns_ip6_b(self) -> bytes:
+        """The IPv6 DNS address packed."""
+        return self.dns_ip6.packed
+
+    @cached_property
+    def owned6_b(self) -> frozenset[bytes]:
+        """Every IPv6 address guestnet answers for on the guest link (NDP, ICMPv6 echo)."""
+        return frozenset((self.gateway6_b, self.dns_ip6_b, self.link_local6.packed))
+
+
+def eui64_address(prefix: IPv6Network, mac: bytes) -> IPv6Address:
+    """The address in ``prefix`` (/64) whose interface identifier is ``mac``'s modified EUI-64."""
+    iid = bytes((mac[0] ^ 0x02, mac[1], mac[2], 0xFF, 0xFE, mac[3], mac[4], mac[5]))
+    return IPv6Address(prefix.network_address.packed[:8] + iid)
