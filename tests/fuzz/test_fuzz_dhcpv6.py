@@ -3,7 +3,7 @@
 Seeds are valid messages of every type a client sends (built by scapy) from three clients,
 each maybe mutated (flip, overwrite, truncate, extend, splice) before it reaches the server, on
 a clock that moves forward by random steps. After every step: nothing but WireError (with a
-``dhcpv6.`` reason) was raised, counters only grew, every reply is a well-formed Ethernet/IPv6/
+``dhcp6.`` reason) was raised, counters only grew, every reply is a well-formed Ethernet/IPv6/
 UDP frame from port 547 to 546 with a correct checksum holding a DHCPv6 Advertise or Reply that
 our parser reads back, the lease table is within its bound and its two indexes agree, and no
 pooled frame is left checked out.
@@ -169,7 +169,7 @@ def test_parser_raises_only_wire_error(data: bytes) -> None:
     try:
         msg = parse_dhcpv6(data)
     except WireError as exc:
-        assert exc.reason.startswith("dhcpv6.")
+        assert exc.reason.startswith("dhcp6.")
         return
     assert 0 <= msg.xid < 1 << 24
 
@@ -207,7 +207,7 @@ def test_server_scripts(steps: list[tuple[int, str, int, bytes, float]]) -> None
             try:
                 server.handle_udp(pkt, 546, 547, memoryview(payload), now)
             except WireError as exc:
-                assert exc.reason.startswith("dhcpv6.")
+                assert exc.reason.startswith("dhcp6.")
             for frame in sent:
                 _check_reply(bytes(frame.data), mac)
                 pool.release(frame)

@@ -294,18 +294,18 @@ def test_parse_scapy_messages() -> None:
 @pytest.mark.parametrize(
     ("raw", "reason"),
     [
-        (b"\x01\x00\x00", "dhcpv6.truncated"),
-        (b"\x01\x00\x00\x01\x00\x01\x00", "dhcpv6.options.truncated"),
-        (b"\x01\x00\x00\x01\x00\x01\x00\x05abc", "dhcpv6.options.truncated"),
-        (b"\x01\x00\x00\x01" + b"\x00\x63\x00\x00" * 65, "dhcpv6.options.too_many"),
-        (b"\x01\x00\x00\x01\x00\x01\x00\x02ab", "dhcpv6.duid.bad_length"),
+        (b"\x01\x00\x00", "dhcp6.truncated"),
+        (b"\x01\x00\x00\x01\x00\x01\x00", "dhcp6.options.truncated"),
+        (b"\x01\x00\x00\x01\x00\x01\x00\x05abc", "dhcp6.options.truncated"),
+        (b"\x01\x00\x00\x01" + b"\x00\x63\x00\x00" * 65, "dhcp6.options.too_many"),
+        (b"\x01\x00\x00\x01\x00\x01\x00\x02ab", "dhcp6.duid.bad_length"),
         (
             b"\x01\x00\x00\x01\x00\x02" + struct.pack("!H", 131) + bytes(131),
-            "dhcpv6.duid.bad_length",
+            "dhcp6.duid.bad_length",
         ),
-        (b"\x01\x00\x00\x01\x00\x08\x00\x01a", "dhcpv6.elapsed_time.bad_length"),
-        (b"\x01\x00\x00\x01\x00\x0e\x00\x01a", "dhcpv6.rapid_commit.bad_length"),
-        (b"\x01\x00\x00\x01\x00\x06\x00\x03abc", "dhcpv6.oro.bad_length"),
+        (b"\x01\x00\x00\x01\x00\x08\x00\x01a", "dhcp6.elapsed_time.bad_length"),
+        (b"\x01\x00\x00\x01\x00\x0e\x00\x01a", "dhcp6.rapid_commit.bad_length"),
+        (b"\x01\x00\x00\x01\x00\x06\x00\x03abc", "dhcp6.oro.bad_length"),
     ],
 )
 def test_parse_malformed(raw: bytes, reason: str) -> None:
@@ -317,10 +317,10 @@ def test_parse_malformed(raw: bytes, reason: str) -> None:
 @pytest.mark.parametrize(
     ("ia_value", "reason"),
     [
-        (bytes(11), "dhcpv6.ia_na.truncated"),
-        (bytes(12) + b"\x00\x05\x00\x04abcd", "dhcpv6.iaaddr.truncated"),
-        (bytes(12) + b"\x00\x05\x00\x20" + bytes(10), "dhcpv6.ia_na.truncated"),
-        (bytes(12) + b"\x00\x05\x00\x1b" + bytes(24) + b"\x00\x0d\x00", "dhcpv6.iaaddr.truncated"),
+        (bytes(11), "dhcp6.ia_na.truncated"),
+        (bytes(12) + b"\x00\x05\x00\x04abcd", "dhcp6.iaaddr.truncated"),
+        (bytes(12) + b"\x00\x05\x00\x20" + bytes(10), "dhcp6.ia_na.truncated"),
+        (bytes(12) + b"\x00\x05\x00\x1b" + bytes(24) + b"\x00\x0d\x00", "dhcp6.iaaddr.truncated"),
     ],
 )
 def test_malformed_ia_counted_and_stateless(rig: Rig, ia_value: bytes, reason: str) -> None:
@@ -353,8 +353,8 @@ def test_solicit_advertise(rig: Rig) -> None:
     assert (iaaddr.preflft, iaaddr.validlft) == (3600, 3600)
     assert adv[DHCP6OptDNSServers].dnsservers == ["fd00::3"]
     assert DHCP6OptRapidCommit not in adv
-    assert rig.counters["dhcpv6.solicit"] == 1
-    assert rig.counters["dhcpv6.advertise.sent"] == 1
+    assert rig.counters["dhcp6.solicit"] == 1
+    assert rig.counters["dhcp6.advertise.sent"] == 1
     # Advertised, not bound.
     assert rig.server.leases(0.0) == []
 
@@ -386,7 +386,7 @@ def test_rapid_commit(rig: Rig) -> None:
     assert DHCP6OptRapidCommit in rep
     assert granted(rep)[0] == "fd00::15"
     assert [lease["ip"] for lease in rig.server.leases(0.0)] == ["fd00::15"]
-    assert rig.counters["dhcpv6.rapid_commit"] == 1
+    assert rig.counters["dhcp6.rapid_commit"] == 1
 
 
 def test_second_client_gets_next_address(rig: Rig) -> None:
@@ -424,8 +424,8 @@ def test_renew_and_rebind_extend(rig: Rig) -> None:
     check_reply(rep, DHCP6_Reply)
     assert granted(rep)[0] == addr
     assert rig.server.leases(3000.0)[0]["expires_in_s"] == 3600.0
-    assert rig.counters["dhcpv6.renew"] == 1
-    assert rig.counters["dhcpv6.rebind"] == 1
+    assert rig.counters["dhcp6.renew"] == 1
+    assert rig.counters["dhcp6.rebind"] == 1
 
 
 def test_renew_after_restart_keeps_address() -> None:
@@ -449,7 +449,7 @@ def test_server_id_mismatch_ignored(rig: Rig) -> None:
     assert rig.send(DHCP6_Request(trid=XID) / cid() / other / ia(1, "fd00::15")) == []
     assert rig.send(DHCP6_Renew(trid=XID) / cid() / other / ia(1, "fd00::15")) == []
     assert rig.send(DHCP6_InfoRequest(trid=XID) / cid() / other) == []
-    assert rig.counters["dhcpv6.other_server"] == 3
+    assert rig.counters["dhcp6.other_server"] == 3
     assert rig.server.leases(0.0) == []
 
 
@@ -459,23 +459,23 @@ def test_rule_violations_dropped(rig: Rig) -> None:
     assert rig.send(DHCP6_Request(trid=XID) / cid() / ia(1)) == []
     assert rig.send(DHCP6_Renew(trid=XID) / sid(rig) / ia(1)) == []
     assert rig.send(DHCP6_InfoRequest(trid=XID) / cid() / ia(1)) == []
-    assert rig.counters["dhcpv6.solicit.invalid"] == 1
-    assert rig.counters["dhcpv6.request.invalid"] == 1
-    assert rig.counters["dhcpv6.renew.invalid"] == 1
-    assert rig.counters["dhcpv6.information_request.invalid"] == 1
+    assert rig.counters["dhcp6.solicit.invalid"] == 1
+    assert rig.counters["dhcp6.request.invalid"] == 1
+    assert rig.counters["dhcp6.renew.invalid"] == 1
+    assert rig.counters["dhcp6.information_request.invalid"] == 1
 
 
 def test_other_messages_counted(rig: Rig) -> None:
     assert rig.send(DHCP6_Reply(trid=XID) / cid()) == []
     assert rig.send(DHCP6(b"\x0c\x00" + bytes(32))) == []
     assert rig.send(DHCP6(b"\x63\x00\x00\x01")) == []
-    assert rig.counters["dhcpv6.message_type.server_only"] == 1
-    assert rig.counters["dhcpv6.relay.unsupported"] == 1
-    assert rig.counters["dhcpv6.message_type.unknown"] == 1
+    assert rig.counters["dhcp6.message_type.server_only"] == 1
+    assert rig.counters["dhcp6.relay.unsupported"] == 1
+    assert rig.counters["dhcp6.message_type.unknown"] == 1
     # Not to us: another unicast address, or a multicast group that is not the servers'.
     assert rig.send(DHCP6_Solicit(trid=XID) / cid() / ia(1), dst="fd00::99") == []
     assert rig.send(DHCP6_Solicit(trid=XID) / cid() / ia(1), dst="ff02::1") == []
-    assert rig.counters["dhcpv6.dst.not_ours"] == 2
+    assert rig.counters["dhcp6.dst.not_ours"] == 2
     # To guestnet's link-local address directly: answered.
     assert len(rig.send(DHCP6_Solicit(trid=XID) / cid() / ia(1), dst=OUR_LL)) == 1
 
@@ -487,7 +487,7 @@ def test_release(rig: Rig) -> None:
     assert status(rep) == 0
     assert DHCP6OptIA_NA not in rep
     assert rig.server.leases(5.0) == []
-    assert rig.counters["dhcpv6.release.done"] == 1
+    assert rig.counters["dhcp6.release.done"] == 1
     # Released, the address is the client's preference still.
     assert bind(rig, now=6.0) == addr
     # An IA with no binding says NoBinding.
@@ -504,7 +504,7 @@ def test_decline(rig: Rig) -> None:
     check_reply(rep, DHCP6_Reply)
     assert status(rep) == 0
     assert rig.server.leases(1.0) == []
-    assert rig.counters["dhcpv6.decline.done"] == 1
+    assert rig.counters["dhcp6.decline.done"] == 1
     # The declined address is unusable for a while: the client (and others) get another one.
     assert bind(rig, MAC1, now=2.0) == "fd00::16"
     assert bind(rig, MAC2, now=3.0) == "fd00::17"
@@ -518,10 +518,10 @@ def test_confirm(rig: Rig) -> None:
     assert status(rep) == 0
     (rep,) = rig.send(DHCP6_Confirm(trid=XID) / cid() / ia(1, "fd00::15") / ia(2, "fd01::1"))
     assert status(rep) == 4  # NotOnLink
-    assert rig.counters["dhcpv6.confirm.not_on_link"] == 1
+    assert rig.counters["dhcp6.confirm.not_on_link"] == 1
     # No address to confirm: no reply (RFC 8415 §18.3.3).
     assert rig.send(DHCP6_Confirm(trid=XID) / cid() / ia(1)) == []
-    assert rig.counters["dhcpv6.confirm.no_addresses"] == 1
+    assert rig.counters["dhcp6.confirm.no_addresses"] == 1
     assert rig.server.leases(0.0) == []
 
 
@@ -559,7 +559,7 @@ def test_lease_table_bound(monkeypatch: pytest.MonkeyPatch, rig: Rig) -> None:
     (adv,) = rig.send(DHCP6_Solicit(trid=XID) / cid(macs[3]) / ia(1), macs[3], now=1.0)
     assert status(adv) == 2
     assert status(adv[DHCP6OptIA_NA]) == 2
-    assert rig.counters["dhcpv6.lease_table.full"] == 1
+    assert rig.counters["dhcp6.lease_table.full"] == 1
     assert len(rig.server.leases(1.0)) == 3
     # One released and expired: purged, room for the new client.
     rig.send(DHCP6_Release(trid=XID) / cid(macs[0]) / sid(rig) / ia(1, "fd00::15"), macs[0])
@@ -568,7 +568,7 @@ def test_lease_table_bound(monkeypatch: pytest.MonkeyPatch, rig: Rig) -> None:
     # The table holds one offer now: the next client evicts it.
     (adv,) = rig.send(DHCP6_Solicit(trid=XID) / cid(macs[4]) / ia(1), macs[4], now=3.0)
     assert granted(adv)[0] == "fd00::19"
-    assert rig.counters["dhcpv6.lease_table.evicted"] == 1
+    assert rig.counters["dhcp6.lease_table.evicted"] == 1
     assert len(rig.server._by_key) == 3
     assert (duid_ll(bytes.fromhex(macs[3].replace(":", ""))), 1) not in rig.server._by_key
     # The evicted offer's address is free again.
@@ -577,4 +577,4 @@ def test_lease_table_bound(monkeypatch: pytest.MonkeyPatch, rig: Rig) -> None:
 
 def test_not_ipv6_and_bad_source(rig: Rig) -> None:
     assert rig.send(DHCP6_Solicit(trid=XID) / cid() / ia(1), src="::") == []
-    assert rig.counters["dhcpv6.src.unusable"] == 1
+    assert rig.counters["dhcp6.src.unusable"] == 1

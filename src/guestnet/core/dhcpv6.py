@@ -8,9 +8,9 @@ and answers every client as an authoritative server would.
 
 *Identity.* The server's DUID is a DUID-LL built from ``config.mac`` (stable across restarts,
 no clock in it). Messages that carry another server's DUID were meant for someone else: they
-are ignored and counted (``dhcpv6.other_server``). Messages that break RFC 8415 §16's rules
+are ignored and counted (``dhcp6.other_server``). Messages that break RFC 8415 §16's rules
 (a Solicit with a Server ID, a Request without one, no Client ID) are dropped and counted as
-``dhcpv6.<message>.invalid``.
+``dhcp6.<message>.invalid``.
 
 *Leases* are keyed by (client DUID, IAID): one per IA_NA, so a client with two interfaces or two
 IAs gets two addresses. The first client gets ``config.guest_ip6``; others get the next free
@@ -213,30 +213,30 @@ class Dhcpv6Server:
         """Handle one datagram to port 547; WireError (counted by the caller) on bad bytes."""
         counters = self.counters
         if pkt.family.version != 6:
-            counters.inc("dhcpv6.not_ipv6")
+            counters.inc("dhcp6.not_ipv6")
             return
         if pkt.dst not in self._dst_ok:
-            counters.inc("dhcpv6.dst.not_ours")
+            counters.inc("dhcp6.dst.not_ours")
             return
         if pkt.src == bytes(16) or pkt.src[0] == 0xFF:
-            counters.inc("dhcpv6.src.unusable")
+            counters.inc("dhcp6.src.unusable")
             return
         if len(payload) < DHCPV6_HLEN:
-            counters.inc("dhcpv6.truncated")
+            counters.inc("dhcp6.truncated")
             return
         kind = payload[0]
         rule = _SERVER_ID_RULE.get(kind)
         if rule is None:
             if kind in (ADVERTISE, REPLY, RECONFIGURE):
-                counters.inc("dhcpv6.message_type.server_only")
+                counters.inc("dhcp6.message_type.server_only")
             elif kind in (RELAY_FORW, RELAY_REPL):
-                counters.inc("dhcpv6.relay.unsupported")
+                counters.inc("dhcp6.relay.unsupported")
             else:
-                counters.inc("dhcpv6.message_type.unknown")
+                counters.inc("dhcp6.message_type.unknown")
             return
         msg = parse_dhcpv6(payload)
         name = _NAMES[kind]
-        counters.inc(f"dhcpv6.{name}")
+        counters.inc(f"dhcp6.{name}")
         if not self._acceptable(msg, rule, name):
             return
         if kind == SOLICIT:
@@ -256,18 +256,18 @@ class Dhcpv6Server:
         """RFC 8415 §16: the Server ID and Client ID rules of the message type."""
         server_id = msg.get(OPT_SERVERID)
         if server_id is not None and rule != "must_not" and server_id != self.duid:
-            self.counters.inc("dhcpv6.other_server")
+            self.counters.inc("dhcp6.other_server")
             return False
         if (rule == "must") != (server_id is not None) and rule != "may":
-            self.counters.inc(f"dhcpv6.{name}.invalid")
+            self.counters.inc(f"dhcp6.{name}.invalid")
             return False
         if rule == "may":
             # Information-Request: no IAs (RFC 8415 §16.12); the Client ID is optional.
             if any(code in (OPT_IA_NA, OPT_IA_TA, OPT_IA_PD) for code, _ in msg.options):
-                self.counters.inc(f"dhcpv6.{name}.invalid")
+                self.counters.inc(f"dhcp6.{name}.invalid")
                 return False
         elif msg.get(OPT_CLIENTID) is None:
-            self.counters.inc(f"dhcpv6.{name}.invalid")
+            self.counters.inc(f"dhcp6.{name}.invalid")
             return False
         return True
 
@@ -275,7 +275,7 @@ class Dhcpv6Server:
         """The message's IA_NAs, parsed (WireError on a malformed one), at most :data:`MAX_IAS`."""
         values = msg.all(OPT_IA_NA)
         if len(values) > MAX_IAS:
-            self.counters.inc("dhcpv6.ia_na.too_many")
+            self.counters.inc("dhcp6.ia_na.too_many")
             values = values[:MAX_IAS]
         ias = [parse_ia_na(value) for value in values]
         for ia in ias:
@@ -289,9 +289,9 @@ class Dhcpv6Server:
             if code == OPT_IA_PD and len(value) >= IA_NA_LEN:
                 body = value[:4] + bytes(8) + encode_status(STATUS_NO_PREFIX_AVAIL)
                 out += encode_option(OPT_IA_PD, body)
-                self.counters.inc("dhcpv6.ia_pd.unsupported")
+                self.counters.inc("dhcp6.ia_pd.unsupported")
             elif code == OPT_IA_TA:
-                self.counters.inc("dhcpv6.ia_ta.unsupported")
+                self.counters.inc("dhcp6.ia_ta.unsupported")
         return out
 
     def _solicit(self, pkt: IpPacket, msg: Dhcpv6Message, now: float) -> None:
@@ -310,10 +310,10 @@ class Dhcpv6Server:
         body += self._unsupported_ias(msg)
         if not granted:
             # RFC 8415 §18.3.9: the Advertise says only that there is nothing to give.
-            self.counters.inc("dhcpv6.no_addrs_avail")
+            self.counters.inc("dhcp6.no_addrs_avail")
             body = encode_status(STATUS_NO_ADDRS_AVAIL, "no addresses") + body
         if rapid:
-            self.counters.inc("dhcpv6.rapid_commit")
+            self.counters.inc("dhcp6.rapid_commit")
             body = encode_option(OPT_RAPID_COMMIT, b"") + body
             self._send(pkt, msg, REPLY, body, configure=True)
         else:
@@ -327,7 +327,7 @@ class Dhcpv6Server:
         for ia in self._ias(msg):
             addr = self._assign(pkt, duid, ia, now, bound=True)
             if addr is None:
-                self.counters.inc("dhcpv6.no_addrs_avail")
+                self.counters.inc("dhcp6.no_addrs_avail")
                 body += encode_ia_na(ia.iaid, 0, 0, encode_status(STATUS_NO_ADDRS_AVAIL))
             else:
                 body += self._ia_reply(ia, addr)
@@ -340,10 +340,10 @@ class Dhcpv6Server:
         for ia in self._ias(msg):
             lease = self._binding(duid, ia)
             if lease is None:
-                self.counters.inc("dhcpv6.release.no_binding")
+                self.counters.inc("dhcp6.release.no_binding")
                 body += encode_ia_na(ia.iaid, 0, 0, encode_status(STATUS_NO_BINDING))
                 continue
-            self.counters.inc("dhcpv6.release.done")
+            self.counters.inc("dhcp6.release.done")
             # Kept, expired: the client gets the same address back if it is still free then.
             lease.expires = min(lease.expires, now)
             lease.bound = False
@@ -357,10 +357,10 @@ class Dhcpv6Server:
         for ia in self._ias(msg):
             lease = self._binding(duid, ia)
             if lease is None:
-                self.counters.inc("dhcpv6.decline.no_binding")
+                self.counters.inc("dhcp6.decline.no_binding")
                 body += encode_ia_na(ia.iaid, 0, 0, encode_status(STATUS_NO_BINDING))
                 continue
-            self.counters.inc("dhcpv6.decline.done")
+            self.counters.inc("dhcp6.decline.done")
             self._forget(lease)
             if len(self._declined) >= MAX_DECLINED:
                 del self._declined[min(self._declined, key=self._declined.__getitem__)]
@@ -370,13 +370,13 @@ class Dhcpv6Server:
     def _confirm(self, pkt: IpPacket, msg: Dhcpv6Message) -> None:
         addrs = [a.address for ia in self._ias(msg) for a in ia.addresses()]
         if not addrs:
-            self.counters.inc("dhcpv6.confirm.no_addresses")
+            self.counters.inc("dhcp6.confirm.no_addresses")
             return
         prefix = self.config.ipv6_prefix
         if all(IPv6Address(a) in prefix for a in addrs):
             body = encode_status(STATUS_SUCCESS, "on link")
         else:
-            self.counters.inc("dhcpv6.confirm.not_on_link")
+            self.counters.inc("dhcp6.confirm.not_on_link")
             body = encode_status(STATUS_NOT_ON_LINK, "not on link")
         self._send(pkt, msg, REPLY, body, configure=False)
 
@@ -467,7 +467,7 @@ class Dhcpv6Server:
             self._forget(holder)
         if lease is None:
             if len(self._by_key) >= MAX_LEASES and not self._make_room(now):
-                self.counters.inc("dhcpv6.lease_table.full")
+                self.counters.inc("dhcp6.lease_table.full")
                 return False
             lease = Lease6(key[0], key[1], mac, addr, now + hold_s, bound)
             self._by_key[key] = lease
@@ -489,7 +489,7 @@ class Dhcpv6Server:
             offers = [lease for lease in self._by_key.values() if not lease.bound]
             if offers:
                 dead = [min(offers, key=lambda lease: lease.expires)]
-                self.counters.inc("dhcpv6.lease_table.evicted")
+                self.counters.inc("dhcp6.lease_table.evicted")
         for lease in dead:
             self._forget(lease)
         return bool(dead)
@@ -529,10 +529,10 @@ class Dhcpv6Server:
             if len(options) + len(self._domain_opt) <= limit:
                 options += self._domain_opt
             elif self._domain_opt:
-                self.counters.inc("dhcpv6.reply.option_dropped")
+                self.counters.inc("dhcp6.reply.option_dropped")
         family = pkt.family
         if DHCPV6_HLEN + len(options) > self.config.mtu - family.header_len - UDP_HLEN:
-            self.counters.inc("dhcpv6.reply.too_large")
+            self.counters.inc("dhcp6.reply.too_large")
             return
         frame = self.pool.acquire()
         buf = frame.view
@@ -542,7 +542,7 @@ class Dhcpv6Server:
             family, buf, frame.start, pkt.src_mac, self.config.mac, self._src, pkt.src,
             DHCPV6_SERVER_PORT, DHCPV6_CLIENT_PORT, end - l7,
         )  # fmt: skip
-        self.counters.inc(f"dhcpv6.{_NAMES[kind]}.sent")
+        self.counters.inc(f"dhcp6.{_NAMES[kind]}.sent")
         pkt.port.send(frame)
 
     # ------------------------------------------------------------------------- for the API

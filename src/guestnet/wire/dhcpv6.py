@@ -150,13 +150,13 @@ def parse_options(data: memoryview | bytes, start: int, end: int, what: str) -> 
     i = start
     while i < end:
         if i + OPTION_HLEN > end:
-            raise WireError(f"dhcpv6.{what}.truncated")
+            raise WireError(f"dhcp6.{what}.truncated")
         code, length = _OPT.unpack_from(data, i)
         value_end = i + OPTION_HLEN + length
         if value_end > end:
-            raise WireError(f"dhcpv6.{what}.truncated")
+            raise WireError(f"dhcp6.{what}.truncated")
         if len(out) >= MAX_OPTIONS:
-            raise WireError(f"dhcpv6.{what}.too_many")
+            raise WireError(f"dhcp6.{what}.too_many")
         out.append((code, bytes(data[i + OPTION_HLEN : value_end])))
         i = value_end
     return tuple(out)
@@ -170,7 +170,7 @@ def parse_dhcpv6(data: memoryview | bytes) -> Dhcpv6Message:
     Rapid Commit empty. Which options a message type needs is the server's business.
     """
     if len(data) < DHCPV6_HLEN:
-        raise WireError("dhcpv6.truncated")
+        raise WireError("dhcp6.truncated")
     msg_type = data[0]
     xid = int.from_bytes(data[1:4], "big")
     if msg_type in (RELAY_FORW, RELAY_REPL):
@@ -179,20 +179,20 @@ def parse_dhcpv6(data: memoryview | bytes) -> Dhcpv6Message:
     for code, value in options:
         length = len(value)
         if code in (OPT_CLIENTID, OPT_SERVERID) and not DUID_MIN_LEN <= length <= DUID_MAX_LEN:
-            raise WireError("dhcpv6.duid.bad_length")
+            raise WireError("dhcp6.duid.bad_length")
         if code == OPT_ELAPSED_TIME and length != 2:
-            raise WireError("dhcpv6.elapsed_time.bad_length")
+            raise WireError("dhcp6.elapsed_time.bad_length")
         if code == OPT_RAPID_COMMIT and length:
-            raise WireError("dhcpv6.rapid_commit.bad_length")
+            raise WireError("dhcp6.rapid_commit.bad_length")
         if code == OPT_ORO and length % 2:
-            raise WireError("dhcpv6.oro.bad_length")
+            raise WireError("dhcp6.oro.bad_length")
     return Dhcpv6Message(msg_type, xid, options)
 
 
 def parse_ia_na(value: bytes) -> IaNa:
     """Parse an IA_NA option's value."""
     if len(value) < IA_NA_LEN:
-        raise WireError("dhcpv6.ia_na.truncated")
+        raise WireError("dhcp6.ia_na.truncated")
     iaid, t1, t2 = _IA.unpack_from(value, 0)
     return IaNa(iaid, t1, t2, parse_options(value, IA_NA_LEN, len(value), "ia_na"))
 
@@ -200,7 +200,7 @@ def parse_ia_na(value: bytes) -> IaNa:
 def parse_ia_address(value: bytes) -> IaAddress:
     """Parse an IA Address option's value."""
     if len(value) < IAADDR_LEN:
-        raise WireError("dhcpv6.iaaddr.truncated")
+        raise WireError("dhcp6.iaaddr.truncated")
     address, preferred, valid = _IAADDR.unpack_from(value, 0)
     return IaAddress(
         address, preferred, valid, parse_options(value, IAADDR_LEN, len(value), "iaaddr")
@@ -210,14 +210,14 @@ def parse_ia_address(value: bytes) -> IaAddress:
 def parse_oro(value: bytes) -> tuple[int, ...]:
     """The option codes an Option Request option asks for."""
     if len(value) % 2:
-        raise WireError("dhcpv6.oro.bad_length")
+        raise WireError("dhcp6.oro.bad_length")
     return struct.unpack(f"!{len(value) // 2}H", value)
 
 
 def parse_status(value: bytes) -> tuple[int, str]:
     """A Status Code option's code and message (UTF-8, undecodable bytes replaced)."""
     if len(value) < 2:
-        raise WireError("dhcpv6.status.truncated")
+        raise WireError("dhcp6.status.truncated")
     return int.from_bytes(value[:2], "big"), value[2:].decode("utf-8", "replace")
 
 
