@@ -522,7 +522,16 @@ def test_confirm(rig: Rig) -> None:
     # No address to confirm: no reply (RFC 8415 §18.3.3).
     assert rig.send(DHCP6_Confirm(trid=XID) / cid() / ia(1)) == []
     assert rig.counters["dhcp6.confirm.no_addresses"] == 1
-    assert rig.server.leases(0.0) == []
+    # The confirmed address (free here: a restarted server) is recorded as the client's, so
+    # another client does not get it.
+    assert [(lease["ip"], lease["iaid"]) for lease in rig.server.leases(0.0)] == [("fd00::15", 1)]
+    assert rig.counters["dhcp6.confirm.recorded"] == 1
+    assert bind(rig, MAC2) == "fd00::16"
+    # Confirming an address another client holds is answered (on link) but changes no lease.
+    (rep,) = rig.send(DHCP6_Confirm(trid=XID) / cid(MAC3) / ia(1, "fd00::16"), MAC3)
+    assert status(rep) == 0
+    assert rig.counters["dhcp6.confirm.recorded"] == 1
+    assert [lease["mac"] for lease in rig.server.leases(0.0)] == [MAC1, MAC2]
 
 
 def test_information_request() -> None:

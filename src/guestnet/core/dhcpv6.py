@@ -29,7 +29,8 @@ comes back with lifetimes 0 so the client drops it. Release ends the lease (kept
 client gets the same address back later); Decline ends it and keeps the address out of the pool
 for :data:`DECLINE_HOLD_S`; for an IA with no binding both say NoBinding in that IA. Confirm is an
 on-link check: Success when every address in it is in ``config.ipv6_prefix``, NotOnLink
-otherwise, and no reply when it lists no address (RFC 8415 §18.3.3). Information-Request gets the
+otherwise, and no reply when it lists no address (RFC 8415 §18.3.3); a confirmed address nobody
+else holds is recorded as the client's, since the client goes on using it. Information-Request gets the
 DNS servers and the domain list, no address. IA_PD is answered with NoPrefixAvail; IA_TA is not
 supported and counted.
 
@@ -248,7 +249,7 @@ class Dhcpv6Server:
         elif kind == DECLINE:
             self._decline(pkt, msg, now)
         elif kind == CONFIRM:
-            self._confirm(pkt, msg)
+            self._confirm(pkt, msg, now)
         else:
             self._information(pkt, msg)
 
@@ -367,18 +368,41 @@ class Dhcpv6Server:
             self._declined[lease.addr] = now + DECLINE_HOLD_S
         self._send(pkt, msg, REPLY, body, configure=False)
 
-    def _confirm(self, pkt: IpPacket, msg: Dhcpv6Message) -> None:
-        addrs = [a.address for ia in self._ias(msg) for a in ia.addresses()]
+    def _confirm(self, pkt: IpPacket, msg: Dhcpv6Message, now: float) -> None:
+        ias = self._ias(msg)
+        addrs = [a.address for ia in ias for a in ia.addresses()]
         if not addrs:
             self.counters.inc("dhcp6.confirm.no_addresses")
             return
         prefix = self.config.ipv6_prefix
         if all(IPv6Address(a) in prefix for a in addrs):
             body = encode_status(STATUS_SUCCESS, "on link")
+            self._record_confirmed(pkt, msg, ias, now)
         else:
             self.counters.inc("dhcp6.confirm.not_on_link")
             body = encode_status(STATUS_NOT_ON_LINK, "not on link")
         self._send(pkt, msg, REPLY, body, configure=False)
+
+    def _record_confirmed(
+        self, pkt: IpPacket, msg: Dhcpv6Message, ias: list[IaNa], now: float
+    ) -> None:
+        """Take a confirmed address into the table when nobody else holds it.
+
+        The client goes on using the address it confirmed, whether or not this server remembers
+        it (after a restart, or a Release before the client restarted): recording it keeps the
+        address from being handed to another client. An address another client holds is left
+        alone; the guests' DAD finds the clash and one of them declines.
+        """
+        duid = msg.get(OPT_CLIENTID) or b""
+        mac = duid_mac(duid) or pkt.src_mac
+        for ia in ias:
+            key = (duid, ia.iaid)
+            for found in ia.addresses()[:1]:
+                addr = IPv6Address(found.address)
+                if self._is_free(key, addr, now) and self._hold(
+                    key, mac, addr, now, float(self.config.lease_time), bound=True
+                ):
+                    self.counters.inc("dhcp6.confirm.recorded")
 
     def _information(self, pkt: IpPacket, msg: Dhcpv6Message) -> None:
         self._send(pkt, msg, REPLY, b"", configure=True)
