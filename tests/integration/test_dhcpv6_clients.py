@@ -109,14 +109,16 @@ def addresses6(ns: Netns, ifname: str = "eth0") -> list[str]:
     proc = ns.run(["ip", "-j", "-6", "addr", "show", "dev", ifname, "scope", "global"])
     out: list[str] = []
     for link in json.loads(proc.stdout or "[]"):
-        for a in link.get("addr_info", []):
-            out.append(f"{a['local']}/{a['prefixlen']}")
+        # ip's JSON has entries without an address (other families' lifetimes): skipped.
+        out.extend(f"{a['local']}/{a['prefixlen']}" for a in link["addr_info"] if "local" in a)
     return out
 
 
 def _link_local_ready(ns: Netns, ifname: str = "eth0") -> bool:
     proc = ns.run(["ip", "-j", "-6", "addr", "show", "dev", ifname, "scope", "link"])
-    infos = [a for link in json.loads(proc.stdout or "[]") for a in link.get("addr_info", [])]
+    infos = [
+        a for link in json.loads(proc.stdout or "[]") for a in link["addr_info"] if "local" in a
+    ]
     return bool(infos) and not any(a.get("tentative") for a in infos)
 
 
