@@ -587,3 +587,19 @@ def test_lease_table_bound(monkeypatch: pytest.MonkeyPatch, rig: Rig) -> None:
 def test_not_ipv6_and_bad_source(rig: Rig) -> None:
     assert rig.send(DHCP6_Solicit(trid=XID) / cid() / ia(1), src="::") == []
     assert rig.counters["dhcp6.src.unusable"] == 1
+
+
+def test_reply_within_mtu() -> None:
+    """A domain list that would not fit the link MTU is left out; the address still goes."""
+    long_names = tuple(f"{'a' * 60}.{'b' * 60}.{'c' * 60}.{i}.example" for i in range(8))
+    r = make_rig(mtu=1280, dns_search=long_names)
+    (adv,) = r.send(DHCP6_Solicit(trid=XID) / cid() / ia(1))
+    assert granted(adv)[0] == "fd00::15"
+    assert DHCP6OptDNSDomains not in adv
+    assert len(bytes(adv[IPv6])) <= 1280
+    assert r.counters["dhcp6.reply.option_dropped"] == 1
+    # Short enough: included.
+    r = make_rig(mtu=1280, dns_search=long_names[:2])
+    (adv,) = r.send(DHCP6_Solicit(trid=XID) / cid() / ia(1))
+    assert len(adv[DHCP6OptDNSDomains].dnsdomains) == 2
+    assert r.pool.in_use == 0

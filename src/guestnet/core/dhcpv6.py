@@ -30,9 +30,9 @@ client gets the same address back later); Decline ends it and keeps the address 
 for :data:`DECLINE_HOLD_S`; for an IA with no binding both say NoBinding in that IA. Confirm is an
 on-link check: Success when every address in it is in ``config.ipv6_prefix``, NotOnLink
 otherwise, and no reply when it lists no address (RFC 8415 §18.3.3); a confirmed address nobody
-else holds is recorded as the client's, since the client goes on using it. Information-Request gets the
-DNS servers and the domain list, no address. IA_PD is answered with NoPrefixAvail; IA_TA is not
-supported and counted.
+else holds is recorded as the client's, since the client goes on using it. Information-Request
+gets the DNS servers and the domain list, no address. IA_PD is answered with NoPrefixAvail;
+IA_TA is not supported and counted.
 
 *Replies* are built in a pooled frame of the guest packet's address family, from guestnet's
 link-local address (``config.link_local6``) port 547 to the client's source address port 546,
@@ -118,6 +118,9 @@ MAX_IAS = 8
 
 #: The Preference option's maximum: "use this server now" (RFC 8415 §18.2.1).
 MAX_PREFERENCE = b"\xff"
+
+#: Most addresses a client listed in one IA that a reply returns at lifetime 0.
+MAX_ADDRS_PER_IA = 4
 
 #: A lease's key: the client's DUID and the IA's IAID.
 LeaseKey = tuple[bytes, int]
@@ -532,7 +535,7 @@ class Dhcpv6Server:
         """The IA_NA granting ``addr``, with any other address the client listed at lifetime 0."""
         t1, t2, preferred, valid = self._lifetimes
         inner = encode_ia_address(addr.packed, preferred, valid)
-        for other in ia.addresses():
+        for other in ia.addresses()[:MAX_ADDRS_PER_IA]:
             if other.address != addr.packed:
                 inner += encode_ia_address(other.address, 0, 0)
         return encode_ia_na(ia.iaid, t1, t2, inner)
@@ -546,16 +549,15 @@ class Dhcpv6Server:
         if client_id is not None:
             head += encode_option(OPT_CLIENTID, client_id)
         options = head + body
+        family = pkt.family
+        limit = self.config.mtu - family.header_len - UDP_HLEN - DHCPV6_HLEN
         if configure:
             options += self._dns_opt
-            family = pkt.family
-            limit = self.config.mtu - family.header_len - UDP_HLEN - DHCPV6_HLEN
             if len(options) + len(self._domain_opt) <= limit:
                 options += self._domain_opt
             elif self._domain_opt:
                 self.counters.inc("dhcp6.reply.option_dropped")
-        family = pkt.family
-        if DHCPV6_HLEN + len(options) > self.config.mtu - family.header_len - UDP_HLEN:
+        if len(options) > limit:
             self.counters.inc("dhcp6.reply.too_large")
             return
         frame = self.pool.acquire()
