@@ -258,17 +258,36 @@ def _receive_fd(sock: socket.socket, pid: int) -> int:
     raise HelperError(text or "namespace helper exited without a word")
 
 
+def _link_exists(ifname: str) -> bool:
+    """Whether ``ifname`` exists in the caller's network namespace (its socket's)."""
+    try:
+        socket.if_nametoindex(ifname)
+    except OSError:
+        return False
+    return True
+
+
 def reap(pid: int) -> int:
     """Wait for child ``pid``; its exit code as ``subprocess`` gives it (-N: killed by N)."""
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
 
 
-def open_tap_in(netns_path: str, userns_path: str | None, setup: TapSetup) -> int:
+def open_tap_in(
+    netns_path: str,
+    userns_path: str | None,
+    setup: TapSetup,
+    *,
+    userns_optional: bool = False,
+    adopt_existing: bool = False,
+) -> int:
     """Create TAP ``setup.ifname`` inside the namespace at ``netns_path``; return its fd.
 
     A forked child joins ``userns_path`` (if given) and the network namespace, makes and sets up
-    the TAP, and passes the fd back; the caller stays where it is.
+    the TAP, and passes the fd back; the caller stays where it is. ``userns_optional``: a
+    failure to join the user namespace is ignored (slirp4netns does so: the caller may already
+    be in it, or privileged enough). ``adopt_existing``: when the interface already exists
+    (rootlesskit creates and configures ``tap0`` itself), open it and leave its settings alone.
     """
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
@@ -277,10 +296,16 @@ def open_tap_in(netns_path: str, userns_path: str | None, setup: TapSetup) -> in
 
         def body() -> int:
             if userns_path is not None:
-                setns_path(userns_path, CLONE_NEWUSER)
+                try:
+                    setns_path(userns_path, CLONE_NEWUSER)
+                except OSError:
+                    if not userns_optional:
+                        raise
             setns_path(netns_path, CLONE_NEWNET)
+            existed = adopt_existing and _link_exists(setup.ifname)
             fd = open_tap(setup.ifname)
-            setup_interface(setup)
+            if not existed:
+                setup_interface(setup)
             return fd
 
         _child_main(child_sock, body)
