@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 MAX_REQUEST = 4096
 #: A connection that has not sent a whole request by then is answered (or closed) and closed.
 REQUEST_TIMEOUT_S = 10.0
+#: Reads (of 64 KiB) that discard what a client sent past its request before we close.
+DRAIN_READS = 16
 #: Connections served at once; more are closed at once (counted).
 MAX_CONNECTIONS = 16
 
@@ -307,6 +309,11 @@ class _Conn:
             except OSError:
                 break
             self.out = self.out[sent:]
+        # Unread input would make closing reset the connection, and the client lose the answer.
+        with contextlib.suppress(OSError):
+            for _ in range(DRAIN_READS):
+                if not self.sock.recv(65536):
+                    break
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.close()
