@@ -319,3 +319,52 @@ def test_program_name_disable_dns_and_sigterm(
     with contextlib.suppress(TimeoutError):
         wait_for(lambda: link_info(guest_ns, "tap0") is None, 5, "tap0 to go away")
     assert link_info(guest_ns, "tap0") is None
+
+
+PEER_SERVERS = """
+import socket, sys, threading
+t = socket.socket()
+t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+t.bind(("127.0.0.1", int(sys.argv[1])))
+t.listen(4)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind(("127.0.0.1", int(sys.argv[1])))
+def udp():
+    while True:
+        data, peer = u.recvfrom(100)
+        u.sendto(peer[0].encode(), peer)
+threading.Thread(target=udp, daemon=True).start()
+print("listening", flush=True)
+while True:
+    c, peer = t.accept()
+    c.sendall(peer[0].encode())
+    c.close()
+"""
+
+ASK_PEER = """
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+print("tcp", c.recv(100).decode())
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(5)
+u.sendto(b"?", (sys.argv[1], int(sys.argv[2])))
+print("udp", u.recv(100).decode())
+"""
+
+
+def test_outbound_addr_binds_nat_sockets(sandbox: Netns, guest_ns: Netns, helpers: Any) -> None:
+    """--outbound-addr: the host's servers see the NAT's TCP and UDP sockets come from it."""
+    servers = sandbox.popen([sys.executable, "-c", PEER_SERVERS, "18085"], stdout=subprocess.PIPE)
+    try:
+        assert servers.stdout is not None and servers.stdout.readline().strip() == b"listening"
+        helper = helpers(
+            ["-c", "--outbound-addr=127.0.0.5", "--netns-type=path", guest_ns.path, "tap0"]
+        )
+        wait_for(lambda: bool(addresses(guest_ns, "tap0")), 15, "tap0 configured")
+        wait_for(lambda: "default" in guest_ns.run(["ip", "route"]).stdout, 5, "the default route")
+        out = _guest_py(guest_ns, ASK_PEER, GATEWAY, "18085").splitlines()
+        assert out == ["tcp 127.0.0.5", "udp 127.0.0.5"], helper.output()
+        assert "* Outbound IPv4:    127.0.0.5" in helper.output()
+    finally:
+        servers.kill()
+        servers.wait(5)
