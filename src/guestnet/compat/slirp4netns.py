@@ -542,7 +542,11 @@ def run(o: Options, config: Config) -> int:
             net.instance.on_close(server.close)
         hup = [False]
         if o.exit_fd >= 0:
-            _watch_exit_fd(net, o.exit_fd, hup)
+            try:
+                _watch_exit_fd(net, o.exit_fd, hup)
+            except OSError as exc:
+                print(f"exit-fd {o.exit_fd}: {exc.strerror or exc}", file=sys.stderr)
+                return EXIT_FAILURE
         if o.ready_fd >= 0:
             _say_ready(o.ready_fd)
         sys.stdout.write(banner(o, config))
