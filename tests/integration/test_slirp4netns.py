@@ -10,6 +10,9 @@ namespaces the tests make; guestnet runs in the loopback-only sandbox.
   (a client speaking the protocol) reach a server in the guest and show in guestnet's own control
   API; SIGKILL leaves no process behind.
 - the program name (a ``slirp4netns`` symlink) with ``--disable-dns``: nothing answers on 10.0.2.3.
+- ``--outbound-addr``: the host's servers see the NAT's sockets come from that address.
+- rootless PID mode: an unprivileged user's ``unshare -Urn`` process, served by guestnet run as
+  that user (it joins the user namespace first).
 """
 
 from __future__ import annotations
@@ -61,15 +64,20 @@ class Helper:
 
 @pytest.fixture
 def helpers(sandbox: Netns) -> Iterator[Any]:
-    """Factory ``start(args, fds=(), env=None, argv0=None)``; every helper is killed at teardown."""
+    """Factory ``start(args, fds=(), env=None, program=None, prefix=())``: the helper (or
+    ``program``, a link to guestnet), after ``prefix`` (setpriv...); all killed at teardown."""
     started: list[Helper] = []
 
     def start(
-        args: list[str], fds: tuple[int, ...] = (), env: Any = None, program: str | None = None
+        args: list[str],
+        fds: tuple[int, ...] = (),
+        env: Any = None,
+        program: str | None = None,
+        prefix: tuple[str, ...] | list[str] = (),
     ) -> Helper:
         if not SCRIPT.exists():
             pytest.skip("guestnet-slirp4netns is not installed (pip install -e .)")
-        helper = Helper(sandbox, [program or str(SCRIPT), *args], fds, env)
+        helper = Helper(sandbox, [*prefix, program or str(SCRIPT), *args], fds, env)
         started.append(helper)
         return helper
 
@@ -357,9 +365,11 @@ def test_outbound_addr_binds_nat_sockets(sandbox: Netns, guest_ns: Netns, helper
     servers = sandbox.popen([sys.executable, "-c", PEER_SERVERS, "18085"], stdout=subprocess.PIPE)
     try:
         assert servers.stdout is not None and servers.stdout.readline().strip() == b"listening"
+        # Also: joining a user namespace we are in already fails (EINVAL), and is ignored.
         helper = helpers(
-            ["-c", "--outbound-addr=127.0.0.5", "--netns-type=path", guest_ns.path, "tap0"]
-        )
+            ["-c", "--outbound-addr=127.0.0.5", "--userns-path=/proc/self/ns/user",
+             "--netns-type=path", guest_ns.path, "tap0"]
+        )  # fmt: skip
         wait_for(lambda: bool(addresses(guest_ns, "tap0")), 15, "tap0 configured")
         wait_for(lambda: "default" in guest_ns.run(["ip", "route"]).stdout, 5, "the default route")
         out = _guest_py(guest_ns, ASK_PEER, GATEWAY, "18085").splitlines()
@@ -368,3 +378,38 @@ def test_outbound_addr_binds_nat_sockets(sandbox: Netns, guest_ns: Netns, helper
     finally:
         servers.kill()
         servers.wait(5)
+
+
+def test_rootless_pid_mode_joins_the_user_namespace(
+    sandbox: Netns, helpers: Any, tmp_path: Path
+) -> None:
+    """Rootless, as podman runs it for a user: an unprivileged user's ``unshare -Urn`` process
+    is the target; guestnet-slirp4netns, run as that user, joins its user namespace first."""
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    target = sandbox.popen([*nobody, "unshare", "-Urn", "sleep", "60"])
+    server = sandbox.popen(
+        [sys.executable, "-c", SERVE_ONCE, "127.0.0.1", "18086", "via-gateway"],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        ours = os.readlink("/proc/self/ns/user")
+        wait_for(lambda: os.readlink(f"/proc/{target.pid}/ns/user") != ours, 5, "unshare")
+        assert server.stdout is not None and server.stdout.readline().strip() == b"listening"
+        helper = helpers(["-c", "--mtu", "1500", str(target.pid), "tap0"], prefix=nobody)
+        guest = ["nsenter", "-t", str(target.pid), "-n"]
+
+        def configured() -> bool:
+            show = subprocess.run([*guest, "ip", "-4", "addr", "show", "tap0"],
+                                  capture_output=True, text=True, check=False)  # fmt: skip
+            return f"{GUEST_IP}/24" in show.stdout
+
+        wait_for(configured, 15, "tap0 configured in the user's namespace")
+        out = subprocess.run(
+            [*guest, sys.executable, "-c", CONNECT, GATEWAY, "18086"],
+            capture_output=True, text=True, timeout=20, check=False,
+        ).stdout.split()  # fmt: skip
+        assert out == ["connected", "via-gateway"], helper.output()
+    finally:
+        for proc in (target, server):
+            proc.kill()
+            proc.wait(5)
