@@ -17,7 +17,7 @@ import pytest
 from guestnet.compat import slirp4netns as s4
 from guestnet.compat.slirp_api import MAX_REQUEST, SlirpApi, SlirpApiServer
 from guestnet.counters import Counters
-from guestnet.io.forwards import Forwards
+from guestnet.io.forwards import Forward, ForwardError, Forwards
 from guestnet.io.loop import Loop
 
 PROG = "slirp4netns"
@@ -408,3 +408,47 @@ def test_api_server_one_request_per_connection(tmp_path: Path) -> None:
         forwards.close()
         loop.close()
     assert not (tmp_path / "api.sock").exists()
+
+
+def test_api_answers_anything_with_one_json_object() -> None:
+    """Whatever a client sends, the answer is one JSON object slirp4netns could have sent."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    class LoopbackOnly(Forwards):
+        """The registry, refusing (as a port in use would be) anything but loopback."""
+
+        def add(self, proto: str, host_port: int, guest_port: int, host_ip: str = "",
+                guest_ip: str | None = None) -> Forward:  # fmt: skip
+            if host_ip != "127.0.0.1":
+                raise ForwardError(409, "this test binds loopback only")
+            return super().add(proto, host_port, guest_port, host_ip, guest_ip)
+
+    loop = Loop()
+    forwards = LoopbackOnly(loop, Counters(), ipaddress.IPv4Network("10.0.2.0/24"), lambda: "x")
+    api = SlirpApi(forwards, "10.0.2.100")
+    scalars = st.none() | st.booleans() | st.integers(-5, 70000) | st.text(max_size=12)
+    values = st.recursive(
+        scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+            st.sampled_from(["execute", "arguments", "proto", "host_port", "guest_port", "id",
+                             "host_addr", "guest_addr"]), inner, max_size=6),
+        max_leaves=12,
+    )  # fmt: skip
+    requests = st.binary(max_size=200) | values.map(lambda v: json.dumps(v).encode())
+    executes = st.sampled_from(["add_hostfwd", "list_hostfwd", "remove_hostfwd", "x"])
+    structured = st.builds(
+        lambda e, a: json.dumps({"execute": e, "arguments": a}).encode(), executes, values
+    )
+
+    @settings(max_examples=150, deadline=None)
+    @given(requests | structured)
+    def check(data: bytes) -> None:
+        answer = json.loads(api.handle(data))
+        assert isinstance(answer, dict) and len(answer) == 1
+        assert next(iter(answer)) in ("return", "entries", "error")
+
+    try:
+        check()
+    finally:
+        forwards.close()
+        loop.close()

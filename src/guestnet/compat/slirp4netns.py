@@ -32,10 +32,11 @@ The options map onto guestnet's :class:`~guestnet.config.Config` and
   end it too, and everything is closed on the way out. guestnet keeps no child process, so
   SIGKILL leaves none behind either.
 
-Not available yet, accepted with a warning: ``-6/--enable-ipv6`` (IPv6 is being built),
-``--enable-sandbox`` and ``--enable-seccomp`` (hardening), ``--outbound-addr6``. The last two
-of the first three are left out of ``--help`` (tools read it to decide what to pass);
-``--enable-ipv6`` is listed because podman refuses a helper whose help lacks it.
+Not available yet, accepted with a warning on stdout: ``-6/--enable-ipv6`` (IPv6 is being
+built), ``--enable-sandbox`` and ``--enable-seccomp`` (hardening), ``--outbound-addr6``.
+``--help`` does not list sandbox and seccomp (podman and rootlesskit read it to decide what to
+pass); it lists ``--enable-ipv6``, because podman refuses a helper whose help lacks it.
+Refused: ``--target-type=bess`` and ``--netns-type=tapfd``, and an MTU below 576.
 """
 
 from __future__ import annotations
