@@ -603,3 +603,17 @@ def test_reply_within_mtu() -> None:
     (adv,) = r.send(DHCP6_Solicit(trid=XID) / cid() / ia(1))
     assert len(adv[DHCP6OptDNSDomains].dnsdomains) == 2
     assert r.pool.in_use == 0
+
+
+def test_renew_of_address_taken_meanwhile(rig: Rig) -> None:
+    """A client whose lease ran out and whose address went to another gets a new address, and
+    its old one back at lifetime 0 so it stops using it."""
+    assert bind(rig, MAC1, now=0.0) == "fd00::15"
+    later = 3600.0 + 10
+    assert bind(rig, MAC2, now=later) == "fd00::15"
+    (rep,) = rig.send(DHCP6_Renew(trid=XID) / cid() / sid(rig) / ia(1, "fd00::15"), now=later)
+    addr, opt = granted(rep)
+    assert addr == "fd00::16"
+    dead = [o for o in opt.ianaopts if isinstance(o, DHCP6OptIAAddress) and not o.validlft]
+    assert [str(o.addr) for o in dead] == ["fd00::15"]
+    assert [lease["mac"] for lease in rig.server.leases(later)] == [MAC2, MAC1]
