@@ -10,6 +10,13 @@ counters, the switch and the classifier, builds each service and its driver with
 they use, and is the only code that plugs services into the classifier's slots and the forward
 registry's hooks. Nothing below it imports it.
 
+IPv6 (``config.ipv6``): the NDP service answers neighbour and router solicitations and echo to
+guestnet's IPv6 addresses; its periodic router advertisements run on a loop timer re-armed from
+:meth:`~guestnet.core.ndp.NdpService.next_deadline`, the first goes out at start and one more to
+each port where a new guest shows up (the switch's ``on_new_guest``). DNS over UDP takes IPv6
+queries; the other IPv6 slots (``icmp6``, ``dhcp6``, ``dns6_tcp``, ``udp_nat6``, ``tcp_nat6``,
+``reassembly6``) stay empty until their services exist, and the classifier counts those drops.
+
 Shutdown runs the ``on_close`` registry last-registered first (the TCP NAT, then UDP, ICMP, DNS,
 forwards), then closes the links and the loop: :meth:`Instance.close` leaves no descriptor, file
 or timer behind.
@@ -28,9 +35,11 @@ from guestnet.config import Config
 from guestnet.core.classifier import FrameClassifier
 from guestnet.core.dhcp import DhcpServer
 from guestnet.core.fragments import Reassembler
+from guestnet.core.ndp import NdpService
 from guestnet.core.policy import Policy
 from guestnet.core.switch import Switch
 from guestnet.core.tcp import TcpNat
+from guestnet.core.timers import Timer
 from guestnet.counters import Counters
 from guestnet.io.dns_upstream import DnsUpstreamIO, upstream_servers
 from guestnet.io.forwards import Forwards, PublishSpec, add_published
@@ -123,6 +132,37 @@ class Instance:
         c.tcp_nat = nat
         c.tcp_fast = nat.handle_fast
         c.reassembly = self.reassembly
+        self.ndp: NdpService | None = None
+        if cfg.ipv6:
+            self._build_ipv6()
+
+    def _build_ipv6(self) -> None:
+        """NDP and router advertisements, and the IPv6 slots whose services take IPv6."""
+        c = self.classifier
+        ndp = NdpService(self.config, self.pool_to_guest, self.counters, self.switch)
+        self.ndp = ndp
+        c.ndp = ndp
+        c.dns6_udp = self.dns
+        self.switch.on_new_guest = ndp.port_up
+        timer: list[Timer] = []
+
+        def arm() -> None:
+            when = ndp.next_deadline()
+            if when is not None:
+                timer[:] = [self.loop.call_at(when, fire)]
+
+        def fire(now: float) -> None:
+            ndp.handle_timeout(now)
+            arm()
+
+        def stop() -> None:
+            for t in timer:
+                t.cancel()
+            self.switch.on_new_guest = None
+
+        ndp.start(self.loop.now())
+        arm()
+        self.on_close(stop)
 
     def on_close(self, closer: Callable[[], None]) -> None:
         """Run ``closer`` at shutdown (sockets, files, devices), last registered first."""

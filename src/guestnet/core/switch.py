@@ -15,6 +15,8 @@ guests are not switched (yet): the classifier drops unicast that is not for gues
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from guestnet.core.port import Port
 from guestnet.counters import Counters
 from guestnet.pool import Frame, FramePool
@@ -23,13 +25,16 @@ from guestnet.pool import Frame, FramePool
 class Switch:
     """Guest MAC -> port table and the send path toward guests."""
 
-    __slots__ = ("_by_mac", "counters", "pool", "ports")
+    __slots__ = ("_by_mac", "counters", "on_new_guest", "pool", "ports")
 
     def __init__(self, pool: FramePool, counters: Counters) -> None:
         self.pool = pool
         self.counters = counters
         self.ports: list[Port] = []
         self._by_mac: dict[bytes, Port] = {}
+        #: Called with the port when a guest MAC is first seen on it (the guest is alive there):
+        #: the router advertisement it gets without waiting (NDP).
+        self.on_new_guest: Callable[[Port], None] | None = None
 
     def attach(self, port: Port) -> None:
         """Add a port (a link came up)."""
@@ -58,10 +63,19 @@ class Switch:
             prev.guest_mac = None
         port.guest_mac = mac
         self._by_mac[mac] = port
+        if old is None and self.on_new_guest is not None:
+            self.on_new_guest(port)
 
     def port_for(self, mac: bytes) -> Port | None:
         """The port a guest MAC was last seen on."""
         return self._by_mac.get(mac)
+
+    def port_for_ip6(self, addr: bytes) -> Port | None:
+        """The port whose guest last sent from IPv6 ``addr`` (see ``Port.learn_ip6``)."""
+        for port in self.ports:
+            if addr in port.guest_ip6:
+                return port
+        return None
 
     def send(self, frame: Frame) -> None:
         """Deliver ``frame`` toward its destination MAC; takes ownership of the frame."""
