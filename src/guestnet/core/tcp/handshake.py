@@ -105,10 +105,8 @@ class _Handshake(_Irregular):
             return
         flow = TcpFlow(key, pkt.port, pkt.src_mac, host, host_port, seq, self._isn(), now)
         flow.dns = dns
-        if opts.mss:
-            flow.mss = min(opts.mss, self.our_mss)
-        else:
-            flow.mss = min(DEFAULT_MSS, self.our_mss)
+        ours = self._our_mss(flow)
+        flow.mss = min(opts.mss, ours) if opts.mss else min(DEFAULT_MSS, ours)
         if opts.wscale is not None:
             flow.wscale_ok = True
             flow.guest_wscale = opts.wscale
@@ -272,7 +270,7 @@ class _Handshake(_Irregular):
         if sport is None:
             counters.inc("tcp.forward.no_port")
             return None
-        key = (guest_ip, guest_port, self.config.gateway_b, sport)
+        key = (guest_ip, guest_port, self._gateway_for(guest_ip), sport)
         flow = TcpFlow(key, port, guest_mac, peer[0], peer[1], 0, self._isn(), now)
         flow.io_data = io_data
         flow.forward_id = forward_id
@@ -286,6 +284,10 @@ class _Handshake(_Irregular):
         self._arm(flow)
         return flow
 
+    def _gateway_for(self, guest_ip: bytes) -> bytes:
+        """The address host clients appear from to a guest address: the gateway of its family."""
+        return self.config.gateway_b if len(guest_ip) == 4 else self.config.gateway6_b
+
     def _forward_port(self, guest_ip: bytes, guest_port: int) -> int | None:
         """The next source port (as the guest sees it) that no flow to that guest port uses.
 
@@ -293,7 +295,7 @@ class _Handshake(_Irregular):
         still hold in TIME_WAIT comes back as late as possible.
         """
         span = FORWARD_PORT_MAX - FORWARD_PORT_MIN + 1
-        gateway = self.config.gateway_b
+        gateway = self._gateway_for(guest_ip)
         port = self._fwd_port
         table = self.table
         for _ in range(span):  # ends early: the table holds far fewer flows than the span
@@ -342,7 +344,7 @@ class _Handshake(_Irregular):
         opts = parse_tcp_options(l4, hlen)
         flow.guest_isn = seq
         flow.rcv_nxt = (seq + 1) & SEQ_MASK
-        flow.mss = min(opts.mss or DEFAULT_MSS, self.our_mss)
+        flow.mss = min(opts.mss or DEFAULT_MSS, self._our_mss(flow))
         if opts.wscale is not None:
             flow.wscale_ok = True
             flow.guest_wscale = opts.wscale
