@@ -43,7 +43,7 @@ from guestnet.core.timers import Timer
 from guestnet.counters import Counters
 from guestnet.io.dns_upstream import DnsUpstreamIO, upstream_servers
 from guestnet.io.forwards import Forwards, PublishSpec, add_published
-from guestnet.io.host import host_ipv4_addrs
+from guestnet.io.host import host_addrs
 from guestnet.io.icmp_sock import IcmpDriver, no_echo_warning, probe_echo_mode
 from guestnet.io.links import Link, LinkHub
 from guestnet.io.loop import Loop
@@ -100,7 +100,7 @@ class Instance:
         self.on_close(self.forwards.close)
         self.dns = DnsUpstreamIO(cfg, loop, pool, counters, upstream_servers(cfg))
         self.on_close(self.dns.close)
-        self.policy = Policy(cfg, host_ipv4_addrs() if cfg.no_host_loopback else frozenset())
+        self.policy = Policy(cfg, host_addrs() if cfg.no_host_loopback else frozenset())
         self.icmp = IcmpDriver(
             cfg, loop, pool, counters, self.switch, self.policy, _echo_mode(echo_mode)
         )

@@ -38,6 +38,7 @@ from guestnet.pool import Frame, FramePool
 from guestnet.wire.checksum import checksum
 from guestnet.wire.ethernet import ETH_HLEN
 from guestnet.wire.ipv4 import FLAG_MF, IPV4_HLEN, build_ipv4, parse_ipv4
+from guestnet.wire.ipv6 import FRAG_HLEN, IPV6_HLEN, NH_FRAGMENT
 
 #: Datagrams in reassembly at once; a new one beyond this evicts the oldest.
 MAX_DATAGRAMS = 64
@@ -237,6 +238,74 @@ def send_ipv4_to_guest(
         send(frame)
         return 1
     frames = fragment_frame(frame, mtu, pool)
+    for part in frames:
+        send(part)
+    return len(frames)
+
+
+def fragment_ipv6_frame(frame: Frame, mtu: int, pool: FramePool, ident: int) -> list[Frame]:
+    """Split an Ethernet + IPv6 frame whose packet exceeds ``mtu`` into fragments (RFC 8200 4.5).
+
+    ``frame`` holds a packet with a bare 40-byte header (as guestnet builds them): all of its
+    payload is the fragmentable part. Each fragment carries the header (next header 44), an
+    8-byte Fragment header with the original next header, the offset, M and ``ident`` (32
+    bits, unique per datagram toward that guest), and a piece of the payload; pieces but the
+    last are multiples of 8 bytes. ``frame`` becomes the first fragment.
+    """
+    buf = frame.view
+    l3 = frame.start + ETH_HLEN
+    payload_len, next_header = struct.unpack_from("!HB", buf, l3 + 4)
+    chunk = (mtu - IPV6_HLEN - FRAG_HLEN) & ~7
+    assert chunk > 0 and payload_len > chunk
+    head = bytes(buf[frame.start : l3 + IPV6_HLEN])
+    data_at = l3 + IPV6_HLEN
+    frames = []
+    offset = chunk  # the first fragment is written last, in place
+    while offset < payload_len:
+        size = min(chunk, payload_len - offset)
+        frag = pool.acquire()
+        fbuf = frag.view
+        f_l3 = frag.start + ETH_HLEN
+        fbuf[frag.start : f_l3 + IPV6_HLEN] = head
+        body = f_l3 + IPV6_HLEN + FRAG_HLEN
+        fbuf[body : body + size] = buf[data_at + offset : data_at + offset + size]
+        _set_fragment6(fbuf, f_l3, next_header, size, offset, offset + size < payload_len, ident)
+        frag.length = ETH_HLEN + IPV6_HLEN + FRAG_HLEN + size
+        frames.append(frag)
+        offset += size
+    # The first piece moves up by the Fragment header's 8 bytes.
+    buf[data_at + FRAG_HLEN : data_at + FRAG_HLEN + chunk] = bytes(buf[data_at : data_at + chunk])
+    _set_fragment6(buf, l3, next_header, chunk, 0, True, ident)
+    frame.length = ETH_HLEN + IPV6_HLEN + FRAG_HLEN + chunk
+    frame.csum_start = -1  # every piece carries whole checksums (a fragment has no offload)
+    return [frame, *frames]
+
+
+def _set_fragment6(
+    buf: memoryview, l3: int, next_header: int, size: int, offset: int, more: bool, ident: int
+) -> None:
+    """Payload length and next header of the IPv6 header at ``l3``, and its Fragment header."""
+    struct.pack_into("!HB", buf, l3 + 4, FRAG_HLEN + size, NH_FRAGMENT)
+    flags = offset | (1 if more else 0)  # offset is a multiple of 8: its low bits hold M
+    struct.pack_into("!BBHI", buf, l3 + IPV6_HLEN, next_header, 0, flags, ident)
+
+
+def send_to_guest(
+    frame: Frame, mtu: int, pool: FramePool, send: Callable[[Frame], None], ident: int = 0
+) -> int:
+    """Send a built Ethernet + IP frame of either family, fragmented when it exceeds ``mtu``.
+
+    IPv4 uses the frame's own identification; IPv6 fragments carry ``ident``. Takes ownership;
+    returns how many frames were sent.
+    """
+    if frame.length - ETH_HLEN <= mtu:
+        send(frame)
+        return 1
+    buf = frame.view
+    if buf[frame.start + 12] == 0x86 and buf[frame.start + 13] == 0xDD:
+        frames = fragment_ipv6_frame(frame, mtu, pool, ident)
+    else:
+        frames = fragment_frame(frame, mtu, pool)
     for part in frames:
         send(part)
     return len(frames)
