@@ -143,6 +143,11 @@ class Instance:
         self.ndp = ndp
         c.ndp = ndp
         c.dns6_udp = self.dns
+        # The NAT services are family-neutral: the same objects take IPv6.
+        c.dns6_tcp = c.dns_tcp
+        c.udp_nat6 = c.udp_nat
+        c.tcp_nat6 = c.tcp_nat
+        c.icmp6 = self.icmp.icmp
         self.switch.on_new_guest = ndp.port_up
         timer: list[Timer] = []
 

@@ -265,6 +265,10 @@ class IcmpService:
             return
         self.counters.inc("icmp.echo.sent")
 
+    def handle_icmp6(self, pkt: IpPacket, now: float) -> None:
+        """The classifier's ``icmp6`` slot: ICMPv6 that is not NDP (echo to the outside)."""
+        self.handle_icmp(pkt, now)
+
     def _gateway(self, family: L3Family) -> bytes:
         """The gateway address of ``family``: where guestnet's own errors come from."""
         return self.config.gateway_b if family is IPV4 else self.config.gateway6_b
