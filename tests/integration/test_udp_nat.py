@@ -29,7 +29,7 @@ import json, select, socket, sys
 host = sys.argv[1]
 socks = []
 for port in sys.argv[2:]:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
     s.bind((host, int(port)))
     socks.append(s)
 print("ready", flush=True)
@@ -55,8 +55,9 @@ while True:
 CLIENT = r"""
 import json, socket, sys
 req = json.loads(sys.argv[1])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", 0))
+v6 = ":" in req["sends"][0][0]
+s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("::" if v6 else "0.0.0.0", 0))
 s.settimeout(3)
 got = []
 try:
@@ -195,3 +196,40 @@ def test_published_udp_port_reaches_the_guest(
     who = json.loads(got[0][2])
     assert who[0] == "10.0.2.2"  # the guest sees the client as the gateway
     assert got[1][2] == b"hi"
+
+
+# -- IPv6 -------------------------------------------------------------------------------------
+
+
+def test_udp6_echo_through_the_gateway(
+    attach_guest: Callable[..., Guestnet], sandbox: Netns, servers: list[Any]
+) -> None:
+    servers.append(start_echo(sandbox, "::1", 7007))
+    gn = attach_guest()
+    got = guest_udp(gn.guest, [("fd00::2", 7007, b"hello over IPv6")], 1)
+    assert got == [("fd00::2", 7007, b"hello over IPv6")]
+
+
+def test_udp6_4000_byte_datagrams_both_ways_at_mtu_1500(
+    attach_guest: Callable[..., Guestnet], sandbox: Netns, servers: list[Any]
+) -> None:
+    """Fragments both ways: the guest's kernel fragments toward guestnet (Fragment headers,
+    reassembled), guestnet fragments the echo toward the guest."""
+    servers.append(start_echo(sandbox, "::1", 7000))
+    gn = attach_guest("--mtu", "1500")
+    payload = (bytes(range(256)) * 16)[:4000]
+    got = guest_udp(gn.guest, [("fd00::2", 7000, payload)], 1)
+    assert got == [("fd00::2", 7000, payload)]
+
+
+def test_udp6_no_host_loopback_and_port_unreachable(
+    attach_guest: Callable[..., Guestnet], sandbox: Netns, servers: list[Any]
+) -> None:
+    gn = attach_guest()
+    got = guest_udp(gn.guest, [("fd00::2", 9, b"nobody listens")], 1, connect=True)
+    assert got == {"error": 111}  # ECONNREFUSED, from guestnet's ICMPv6 port unreachable
+    servers.append(start_echo(sandbox, "::1", 7007))
+    gn2 = attach_guest("--no-host-loopback")
+    got = guest_udp(gn2.guest, [("fd00::2", 7007, b"x")], 1, connect=True)
+    # ICMPv6 "administratively prohibited" reaches a connected socket as EACCES (13).
+    assert got == {"error": 13}
