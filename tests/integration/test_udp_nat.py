@@ -222,14 +222,17 @@ def test_udp6_4000_byte_datagrams_both_ways_at_mtu_1500(
     assert got == [("fd00::2", 7000, payload)]
 
 
-def test_udp6_no_host_loopback_and_port_unreachable(
-    attach_guest: Callable[..., Guestnet], sandbox: Netns, servers: list[Any]
-) -> None:
+def test_udp6_host_port_unreachable(attach_guest: Callable[..., Guestnet]) -> None:
     gn = attach_guest()
     got = guest_udp(gn.guest, [("fd00::2", 9, b"nobody listens")], 1, connect=True)
     assert got == {"error": 111}  # ECONNREFUSED, from guestnet's ICMPv6 port unreachable
+
+
+def test_udp6_no_host_loopback(
+    attach_guest: Callable[..., Guestnet], sandbox: Netns, servers: list[Any]
+) -> None:
     servers.append(start_echo(sandbox, "::1", 7007))
-    gn2 = attach_guest("--no-host-loopback")
-    got = guest_udp(gn2.guest, [("fd00::2", 7007, b"x")], 1, connect=True)
+    gn = attach_guest("--no-host-loopback")
+    got = guest_udp(gn.guest, [("fd00::2", 7007, b"x")], 1, connect=True)
     # ICMPv6 "administratively prohibited" reaches a connected socket as EACCES (13).
     assert got == {"error": 13}
