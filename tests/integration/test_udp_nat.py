@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from nsutil import OUTSIDE_IP, SANDBOX_VETH_IP, Guestnet, Netns
+from nsutil import OUTSIDE_IP, OUTSIDE_IP6, SANDBOX_VETH_IP, SANDBOX_VETH_IP6, Guestnet, Netns
 
 pytestmark = pytest.mark.root
 
@@ -236,3 +236,14 @@ def test_udp6_no_host_loopback(
     got = guest_udp(gn.guest, [("fd00::2", 7007, b"x")], 1, connect=True)
     # ICMPv6 "administratively prohibited" reaches a connected socket as EACCES (13).
     assert got == {"error": 13}
+
+
+def test_udp6_outside_by_its_address(
+    attach_guest: Callable[..., Guestnet], outside: Netns, servers: list[Any]
+) -> None:
+    """An IPv6 address beyond the host, reached from the host's own IPv6 address."""
+    servers.append(start_echo(outside, OUTSIDE_IP6, 7000))
+    gn = attach_guest()
+    got = guest_udp(gn.guest, [(OUTSIDE_IP6, 7000, b"who")], 1)
+    assert len(got) == 1 and got[0][:2] == (OUTSIDE_IP6, 7000)
+    assert json.loads(got[0][2])[0] == SANDBOX_VETH_IP6
