@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 
 import pytest
-from nsutil import OUTSIDE_IP, OUTSIDE_IP6, Guestnet, Netns
+from nsutil import OUTSIDE_IP, OUTSIDE_IP6, SANDBOX_VETH_IP6, Guestnet, Netns
 
 pytestmark = pytest.mark.root
 
@@ -115,9 +115,12 @@ def test_ping6_outside(
         assert f"{int(size) + 8} bytes from {OUTSIDE_IP6}" in proc.stdout
 
 
-def test_ping6_refused_destination_is_unreachable(attach_guest: Callable[..., Guestnet]) -> None:
-    """An address of the guest prefix that nobody holds: guestnet answers ICMPv6 unreachable."""
-    gn = attach_guest()
-    proc = gn.guest.run(["ping", "-6", "-c", "1", "-W", "2", "fd00::99"], check=False)
+def test_ping6_refused_destination_is_unreachable(
+    attach_guest: Callable[..., Guestnet], outside: Netns
+) -> None:
+    """--no-host-loopback refuses the host's own IPv6 addresses: guestnet answers the echo
+    with an ICMPv6 "administratively prohibited" from the gateway at once."""
+    gn = attach_guest("--no-host-loopback")
+    proc = gn.guest.run(["ping", "-6", "-c", "1", "-W", "2", SANDBOX_VETH_IP6], check=False)
     assert proc.returncode != 0
-    assert "Unreachable" in proc.stdout or "unreachable" in proc.stdout, proc.stdout
+    assert "From fd00::2" in proc.stdout and "prohibited" in proc.stdout, proc.stdout
