@@ -59,6 +59,14 @@ class TcpNatBase:
         def _arm(self, flow: TcpFlow) -> None:
             """Tell the driver the flow's next deadline."""
 
+        # Implemented in handshake.py.
+
+        def _send_syn(self, flow: TcpFlow) -> None:
+            """Our SYN to the guest (a forwarded connection)."""
+
+        def _send_syn_ack(self, flow: TcpFlow) -> None:
+            """Our SYN-ACK to the guest (its host connect completed)."""
+
         # Implemented in irregular.py.
 
         def _irregular_control(self, flow: TcpFlow, seq: int, flags: int) -> None:
