@@ -1,4 +1,4 @@
-"""The TCP NAT's I/O driver: host sockets, loop registration and timers for core/tcp.py.
+"""The TCP NAT's I/O driver: host sockets, loop registration and timers for core/tcp/.
 
 Everything protocol-shaped lives in :class:`guestnet.core.tcp.TcpNat`; this module only does what
 it is asked (:class:`guestnet.core.tcp.TcpIo`) and reports what the kernel says.
