@@ -27,6 +27,7 @@ end, which the control API and the library face (``guestnet.network``) use.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import resource
 from collections.abc import Callable, Iterable, Mapping
@@ -96,7 +97,14 @@ class Instance:
         cfg, loop, pool, counters = self.config, self.loop, self.pool_to_guest, self.counters
         c = self.classifier
         self.dhcp = DhcpServer(cfg, pool, counters)
-        self.forwards = Forwards(loop, counters, cfg.subnet, self.guest_address)
+        self.forwards = Forwards(
+            loop,
+            counters,
+            cfg.subnet,
+            self.guest_address,
+            cfg.ipv6_prefix if cfg.ipv6 else None,
+            self.guest_address6 if cfg.ipv6 else None,
+        )
         self.on_close(self.forwards.close)
         self.dns = DnsUpstreamIO(cfg, loop, pool, counters, upstream_servers(cfg))
         self.on_close(self.dns.close)
@@ -176,6 +184,21 @@ class Instance:
     def guest_address(self) -> str:
         """Where traffic for "the guest" goes now: its latest DHCP lease, else ``--guest-ip``."""
         return str(self.dhcp.guest_address())
+
+    def guest_address6(self) -> str:
+        """Where IPv6 traffic for "the guest" goes now: ``--guest-ip6`` when the guest uses it
+        (DHCPv6 or --configure), else the global address in the prefix it used last (SLAAC,
+        a privacy address), else ``--guest-ip6``."""
+        cfg = self.config
+        wanted = cfg.guest_ip6.packed
+        latest = None
+        for port in self.switch.ports:
+            for addr in port.guest_ip6:
+                if addr == wanted:
+                    return str(cfg.guest_ip6)
+                if ipaddress.IPv6Address(addr) in cfg.ipv6_prefix:
+                    latest = addr
+        return str(ipaddress.IPv6Address(latest)) if latest is not None else str(cfg.guest_ip6)
 
     # -- what the operator asked for at start -----------------------------------------------------
 

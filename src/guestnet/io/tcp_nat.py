@@ -246,9 +246,9 @@ class TcpNatDriver:
         """A host client connected to ``fwd``: open a flow toward the guest, or close it."""
         counters = self.counters
         try:
-            guest_ip = ipaddress.IPv4Address(self.forwards.guest_ip_for(fwd)).packed
+            guest_ip = ipaddress.ip_address(self.forwards.guest_ip_for(fwd)).packed
         except ValueError:
-            counters.inc("forward.tcp.guest_not_ipv4")
+            counters.inc("forward.tcp.guest_address_invalid")
             _close_now(conn)
             return
         port = _guest_port(self.switch)

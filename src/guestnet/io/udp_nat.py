@@ -226,9 +226,9 @@ class UdpNatDriver:
     ) -> None:
         """One datagram from a host client of a published port: into the guest."""
         try:
-            guest_ip = ipaddress.IPv4Address(self.forwards.guest_ip_for(fwd)).packed
+            guest_ip = ipaddress.ip_address(self.forwards.guest_ip_for(fwd)).packed
         except ValueError:
-            self.counters.inc("nat.udp.forward.guest_not_ipv4")
+            self.counters.inc("nat.udp.forward.guest_address_invalid")
             return
         sock = fwd.sock
 
