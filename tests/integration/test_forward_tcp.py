@@ -254,8 +254,8 @@ def test_32mib_exact_both_ways(
 def test_ipv6_published_port_reaches_the_guest_ipv6_address(
     attach_guest: Callable[..., Guestnet], guest_server: Callable[..., Any], sandbox: Netns
 ) -> None:
-    """``-p [::1]:P:G`` reaches the guest's IPv6 address and ``-p 127.0.0.1:P:G``
-    its IPv4 address, side by side: each server listens on one family only."""
+    """``-p [::1]:P:G`` reaches the guest over IPv6 and ``-p 127.0.0.1:P:G`` over IPv4, side
+    by side (the IPv4 server listens on 10.0.2.15 only)."""
     gn = _attach(
         attach_guest,
         "--mtu",
