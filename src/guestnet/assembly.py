@@ -143,7 +143,6 @@ class Instance:
         self.ndp = ndp
         c.ndp = ndp
         c.dns6_udp = self.dns
-        self.switch.on_new_guest = ndp.port_up
         timer: list[Timer] = []
 
         def arm() -> None:
@@ -158,7 +157,6 @@ class Instance:
         def stop() -> None:
             for t in timer:
                 t.cancel()
-            self.switch.on_new_guest = None
 
         ndp.start(self.loop.now())
         arm()

@@ -16,11 +16,12 @@ does not proxy for other guests.
 
 *Router Solicitations* are answered at once with a Router Advertisement on the soliciting port
 (unicast to the solicitor, or to all-nodes when it has no address yet). *Unsolicited* RAs go to
-all-nodes through the switch (every port): at start, when a new guest is seen on a port, and
-then periodically: every MaxRtrAdvInterval (600 s) at most, a random time between
-MinRtrAdvInterval (200 s) and that, with the first :data:`INITIAL_ADVERTS` at most 16 s apart
-(RFC 4861 6.2.4). The service is sans-I/O: :meth:`next_deadline` says when it next wants to run
-and :meth:`handle_timeout` is called then (the assembly arms a loop timer with it).
+all-nodes through the switch (every port): at start, then every MaxRtrAdvInterval (600 s) at
+most, a random time between MinRtrAdvInterval (200 s) and that, with the first
+:data:`INITIAL_ADVERTS` at most 16 s apart (RFC 4861 6.2.4); and one to a port as soon as its
+guest sends its first IPv6 packet (usually a DAD probe or an MLD report, before its router
+solicitation). The service is sans-I/O: :meth:`next_deadline` says when it next wants to run and
+:meth:`handle_timeout` is called then (the assembly arms a loop timer with it).
 
 Every advertisement is the same bytes (computed once from the configuration): hop limit 64,
 flags M and O (so DHCPv6 clients ask for an address and DNS), router lifetime 1800 s; options
@@ -162,7 +163,7 @@ class NdpService:
         self._next_ra = now + interval
 
     def port_up(self, port: Port) -> None:
-        """A new guest appeared on ``port``: tell it about the router without waiting."""
+        """``port``'s guest started speaking IPv6: tell it about the router without waiting."""
         self.counters.inc("ndp.ra.unsolicited")
         port.send(self._ra_frame(ALL_NODES_MAC, ALL_NODES))
 
