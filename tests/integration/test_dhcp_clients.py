@@ -25,13 +25,9 @@ BUSYBOX = shutil.which("busybox")
 DHCLIENT = shutil.which("dhclient")
 
 UDHCPC_SCRIPT = """#!/bin/sh
-# udhcpc event script for tests: record the event and what the server said; configure on bind.
-{{
-  echo "event=$1"
-  for v in ip subnet mask router dns domain search mtu lease serverid; do
-    eval "echo $v=\\$$v"
-  done
-}} >> {log}
+# udhcpc event script for tests: configure on bind; then record the event and what the server
+# said, in one append after configuring, so a test that sees an event sees all of it and its
+# effect on the interface.
 case "$1" in
   bound|renew)
     ip addr flush dev "$interface"
@@ -43,15 +39,20 @@ case "$1" in
     ip addr flush dev "$interface"
     ;;
 esac
+{{
+  echo "event=$1"
+  for v in ip subnet mask router dns domain search mtu lease serverid; do
+    eval "echo $v=\\$$v"
+  done
+}} > {log}.$$
+cat {log}.$$ >> {log}
+rm -f {log}.$$
 exit 0
 """
 
 DHCLIENT_SCRIPT = """#!/bin/sh
-# dhclient-script for tests: record the reason and the new_* options; configure on bind.
-{{
-  echo "reason=$reason"
-  env | grep -E '^new_' | sort
-}} >> {log}
+# dhclient-script for tests: configure on bind; then record the reason and the new_* options, in
+# one append after configuring (a test that sees an event sees all of it and its effect).
 case "$reason" in
   BOUND|RENEW|REBIND|REBOOT)
     ip link set dev "$interface" up
@@ -67,6 +68,12 @@ case "$reason" in
     ip addr flush dev "$interface"
     ;;
 esac
+{{
+  echo "reason=$reason"
+  env | grep -E '^new_' | sort
+}} > {log}.$$
+cat {log}.$$ >> {log}
+rm -f {log}.$$
 exit 0
 """
 

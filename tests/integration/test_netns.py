@@ -339,3 +339,39 @@ kill "$holder"
     assert "inet 10.0.2.15/24" in proc.stdout, proc.stdout + proc.stderr
     assert "gn_status=0" in proc.stdout, proc.stderr
     assert "eth0 gone" in proc.stdout
+
+
+def test_netns_rootless_tap_moved_in_serves_traffic(sandbox: Netns) -> None:
+    """Unprivileged, the TAP is made in a private namespace of the target's user namespace and
+    moved in finished (issue 9): it shows the guest MAC and MTU, and frames cross it both ways
+    (the guest kernel resolves the gateway through guestnet's ARP responder)."""
+    found = _python_for_nobody()
+    if found is None:
+        pytest.skip(f"no Python {sys.version_info[:2]} with guestnet that uid 65534 may run")
+    exe, env = found
+    gn = shlex.join([exe, "-m", "guestnet", "netns", "--configure"])
+    poke = shlex.join([exe, *poke_cmd(GATEWAY)[1:]])
+    script = f"""
+unshare -Urn sleep 30 & holder=$!
+sleep 0.3
+{gn} "$holder" & gn=$!
+ns="nsenter -t $holder -U -n --preserve-credentials"
+for i in $(seq 50); do
+  $ns ip -o -4 addr show dev eth0 2>/dev/null | grep -q 10.0.2.15 && break
+  sleep 0.1
+done
+for i in $(seq 25); do
+  $ns {poke}
+  $ns ip neigh show {GATEWAY} | grep -q lladdr && break
+  sleep 0.2
+done
+echo "neigh: $($ns ip neigh show {GATEWAY})"
+$ns ip -o link show dev eth0
+kill "$gn"; wait "$gn"; echo "gn_status=$?"
+kill "$holder"
+"""
+    proc = sandbox.run([*NOBODY, "sh", "-c", script], check=False, cwd="/", env=env)
+    assert f"lladdr {GATEWAY_MAC}" in proc.stdout, proc.stdout + proc.stderr
+    assert f"link/ether {GUEST_MAC}" in proc.stdout
+    assert "mtu 65520" in proc.stdout
+    assert "gn_status=0" in proc.stdout, proc.stderr

@@ -19,7 +19,13 @@ from scapy.layers.l2 import Ether
 
 from guestnet.config import Config, parse_mac
 from guestnet.core.classifier import FrameClassifier
-from guestnet.core.dhcp import MAX_LEASES, OFFER_HOLD_S, DhcpServer, check_config
+from guestnet.core.dhcp import (
+    MAX_LEASES,
+    MAX_PENDING_OFFERS,
+    OFFER_HOLD_S,
+    DhcpServer,
+    check_config,
+)
 from guestnet.core.packet import ipv4_packet
 from guestnet.core.port import Port
 from guestnet.core.switch import Switch
@@ -732,4 +738,147 @@ def test_fuzzed_options_never_raise_other_than_wire_error(
             assert len(bytes(reply[IP])) <= 576
             r.pool.release(frame)
         r.sent.clear()
+    assert r.pool.in_use == 0
+
+
+# ------------------------------------------------------------- addressing and MAC changes (#9)
+
+RANDOM_MAC = "ce:6b:a1:47:67:06"
+
+
+def test_replies_go_to_chaddr_not_the_learned_mac(rig: Rig) -> None:
+    """RFC 2131 §4.1: with ``ciaddr`` 0 and the broadcast bit clear, the reply is unicast to
+    ``yiaddr`` at ``chaddr``, whatever source MAC the link has shown (the switch has learned)."""
+    rig.send(Ether(src=RANDOM_MAC, dst=BCAST_MAC) / IP(src="0.0.0.0", dst="255.255.255.255"))
+    assert rig.port.guest_mac == parse_mac(RANDOM_MAC)
+    discover = request(MAC1, "discover")
+    discover[Ether].src = RANDOM_MAC  # a frame whose Ethernet source is not its chaddr
+    (offer,) = rig.send(discover)
+    check_reply(offer, 2, "10.0.2.15", "10.0.2.15", MAC1)
+    ask = request(MAC1, "request", ("server_id", GW), ("requested_addr", "10.0.2.15"))
+    ask[Ether].src = RANDOM_MAC
+    (ack,) = rig.send(ask)
+    check_reply(ack, 5, "10.0.2.15", "10.0.2.15", MAC1)
+    assert rig.server.lease_for_mac(parse_mac(MAC1)) == ipaddress.IPv4Address("10.0.2.15")
+    assert rig.server.lease_for_mac(parse_mac(RANDOM_MAC)) is None
+
+
+def test_broadcast_bit_and_ciaddr_addressing_ignore_the_learned_mac(rig: Rig) -> None:
+    """Broadcast bit set: 255.255.255.255 at ff:ff:ff:ff:ff:ff; ``ciaddr`` set: unicast to
+    ``ciaddr`` at ``chaddr``; a NAK is broadcast. None of them at the learned MAC."""
+    discover = request(MAC1, "discover", flags=0x8000)
+    discover[Ether].src = RANDOM_MAC
+    (offer,) = rig.send(discover)
+    check_reply(offer, 2, "10.0.2.15", "255.255.255.255", BCAST_MAC)
+    bind(rig, MAC1)
+    renew = request(
+        MAC1, "request", ciaddr="10.0.2.15", src="10.0.2.15", dst=GW, eth_dst="52:55:0a:00:02:02"
+    )
+    renew[Ether].src = RANDOM_MAC
+    (ack,) = rig.send(renew)
+    check_reply(ack, 5, "10.0.2.15", "10.0.2.15", MAC1)
+    assert ack[BOOTP].ciaddr == "10.0.2.15"
+    wrong = request(MAC2, "request", ("requested_addr", "10.0.2.15"))
+    wrong[Ether].src = RANDOM_MAC
+    (nak,) = rig.send(wrong)
+    check_reply(nak, 6, "0.0.0.0", "255.255.255.255", BCAST_MAC)
+
+
+def test_mac_change_mid_transaction_keeps_the_offer(rig: Rig) -> None:
+    """The client's MAC changes between DISCOVER and REQUEST (a TAP whose MAC is set after the
+    guest started DHCP; busybox udhcpc re-reads it before every send): its REQUEST for the
+    address offered in that transaction (same xid, same link) is ACKed to the new chaddr, where
+    it used to be NAKed and the client sent on to the next address."""
+    (offer,) = rig.send(request(RANDOM_MAC, "discover", xid=0x5EED), 1.0)
+    check_reply(offer, 2, "10.0.2.15", "10.0.2.15", RANDOM_MAC, xid=0x5EED)
+    ask = request(MAC1, "request", ("server_id", GW), ("requested_addr", "10.0.2.15"), xid=0x5EED)
+    (ack,) = rig.send(ask, 1.5)
+    check_reply(ack, 5, "10.0.2.15", "10.0.2.15", MAC1, xid=0x5EED)
+    assert rig.server.lease_for_mac(parse_mac(MAC1)) == ipaddress.IPv4Address("10.0.2.15")
+    assert rig.counters["dhcp.request.mac_changed"] == 1
+    assert rig.counters["dhcp.nak.not_yours"] == 0
+    # The old MAC's offer went with it: nothing is held for it any more.
+    (offer,) = rig.send(request(MAC2, "discover", xid=0x77), 2.0)
+    assert offer[BOOTP].yiaddr == "10.0.2.16"
+    assert [d["mac"] for d in rig.server.leases(2.0)] == [MAC1]
+
+
+def test_offer_not_taken_by_another_transaction_or_link(rig: Rig) -> None:
+    """Only the transaction the offer was made in (its xid, on its link) may take it under a
+    new chaddr: another client's REQUEST for it is still NAKed."""
+    rig.send(request(MAC1, "discover", xid=0x1111), 1.0)
+    other_xid = request(MAC2, "request", ("server_id", GW), ("requested_addr", "10.0.2.15"),
+                        xid=0x2222)  # fmt: skip
+    (nak,) = rig.send(other_xid, 1.5)
+    assert options(nak)["message-type"] == 6
+    # Same xid, but from another link.
+    other_port = Port("other", rig.sent.append)
+    rig.classifier.switch.attach(other_port)
+    same_xid = request(MAC2, "request", ("server_id", GW), ("requested_addr", "10.0.2.15"),
+                       xid=0x1111)  # fmt: skip
+    rig.sent.clear()
+    rig.classifier.handle_frame(memoryview(bytes(same_xid)), other_port, 1.6)
+    (frame,) = rig.sent
+    assert options(Ether(bytes(frame.data)))["message-type"] == 6
+    rig.pool.release(frame)
+    rig.sent.clear()
+    # The offer is still MAC1's.
+    (ack,) = rig.send(
+        request(MAC1, "request", ("server_id", GW), ("requested_addr", "10.0.2.15"), xid=0x1111),
+        2.0,
+    )
+    assert options(ack)["message-type"] == 5
+    assert rig.counters["dhcp.request.mac_changed"] == 0
+
+
+def test_bound_lease_not_moved_by_a_request_in_its_old_transaction(rig: Rig) -> None:
+    """Once ACKed, a lease is its chaddr's: a REQUEST from another MAC repeating that xid is
+    NAKed (a guest that comes back with another MAC gets another address, as before)."""
+    bind(rig, MAC1)
+    (nak,) = rig.send(
+        request(MAC2, "request", ("server_id", GW), ("requested_addr", "10.0.2.15")), 1.0
+    )
+    assert options(nak)["message-type"] == 6
+    assert rig.server.lease_for_mac(parse_mac(MAC1)) == ipaddress.IPv4Address("10.0.2.15")
+
+
+def test_xid_offered_to_two_macs_is_followed_no_more(rig: Rig) -> None:
+    """Two clients that drew the same xid: a REQUEST in it from a third MAC moves nothing."""
+    rig.send(request(MAC1, "discover", xid=0x4242), 1.0)
+    (offer,) = rig.send(request(MAC2, "discover", xid=0x4242), 1.1)
+    assert offer[BOOTP].yiaddr == "10.0.2.16"
+    (nak,) = rig.send(
+        request(MAC3, "request", ("server_id", GW), ("requested_addr", "10.0.2.16"), xid=0x4242),
+        1.2,
+    )
+    assert options(nak)["message-type"] == 6
+    assert rig.counters["dhcp.request.mac_changed"] == 0
+
+
+def test_pending_offers_bounded() -> None:
+    """The offers remembered by xid are bounded; the oldest go first."""
+    r = make_rig(
+        subnet=ipaddress.IPv4Network("10.0.0.0/16"),
+        gateway=ipaddress.IPv4Address("10.0.2.2"),
+        dns_ip=ipaddress.IPv4Address("10.0.2.3"),
+        guest_ip=ipaddress.IPv4Address("10.0.2.15"),
+    )
+    offered = []
+    for i in range(MAX_PENDING_OFFERS + 20):
+        (offer,) = r.send(request(f"52:54:00:00:{i >> 8:02x}:{i & 0xFF:02x}", "discover", xid=i))
+        offered.append(str(offer[BOOTP].yiaddr))
+    assert len(r.server._pending) == MAX_PENDING_OFFERS
+    # The oldest transaction is forgotten: a new MAC in it is NAKed ...
+    (nak,) = r.send(
+        request(MAC1, "request", ("server_id", GW), ("requested_addr", offered[0]), xid=0), 1.0
+    )
+    assert options(nak)["message-type"] == 6
+    # ... the newest is still followed.
+    last = MAX_PENDING_OFFERS + 19
+    (ack,) = r.send(
+        request(MAC1, "request", ("server_id", GW), ("requested_addr", offered[-1]), xid=last),
+        1.0,
+    )
+    assert options(ack)["message-type"] == 5
+    assert r.counters["dhcp.request.mac_changed"] == 1
     assert r.pool.in_use == 0

@@ -25,6 +25,19 @@ different addresses. A REQUEST is told apart by its fields (RFC 2131 §4.3.2):
 
 In every state the address is granted (DHCPACK) when it is the client's current lease or, for a
 client with no current lease or static address, when it is free; otherwise the answer is DHCPNAK.
+
+A client whose MAC changes in the middle of a transaction (a TAP whose MAC was set after the
+guest's DHCP client had started; busybox udhcpc reads the MAC again before every message) sends
+its SELECTING REQUEST with a new ``chaddr`` for the address offered to the old one. That REQUEST
+repeats the offer's ``xid`` (RFC 2131 §4.4.1), names this server, asks for the offered address
+and comes in on the link the offer went out on: only the client that received that OFFER can
+send it. So the unbound offer moves to the new ``chaddr`` and is ACKed (counted
+``dhcp.request.mac_changed``) instead of NAKed, which would have sent the client on to the next
+address while the old MAC's offer held its first one. Bound leases never move this way. The
+offers in flight are remembered by ``xid`` in a small bounded table
+(:data:`MAX_PENDING_OFFERS`); an ``xid`` in which two MACs were made offers is ambiguous and
+followed no more. A DISCOVER is not matched by ``xid`` (independent clients may repeat one): it
+gets an offer of its own as before.
 So after guestnet restarts, guests keep their addresses. DECLINE marks the address unusable for
 :data:`DECLINE_HOLD_S`; RELEASE ends the lease (the address stays the client's preference);
 INFORM gets the configuration without a lease.
@@ -48,6 +61,7 @@ from dataclasses import dataclass
 
 from guestnet.config import Config, IPv4Address, format_mac
 from guestnet.core.packet import IpPacket
+from guestnet.core.port import Port
 from guestnet.counters import Counters
 from guestnet.pool import FramePool
 from guestnet.wire.dhcp import (
@@ -100,6 +114,8 @@ DECLINE_HOLD_S = 600.0
 MAX_LEASES = 4096
 #: Most declined addresses remembered at once.
 MAX_DECLINED = 256
+#: Most offers in flight remembered by xid (to follow a client whose MAC changes; oldest go).
+MAX_PENDING_OFFERS = 256
 #: IP and UDP headers: option 57 and the MTU bound the IP datagram, not just the DHCP message.
 _IP_UDP_HLEN = IPV4.header_len + UDP_HLEN
 _ALL_ONES = b"\xff\xff\xff\xff"
@@ -165,6 +181,9 @@ class DhcpServer:
         self._by_mac: dict[bytes, Lease] = {}
         self._by_ip: dict[IPv4Address, Lease] = {}
         self._declined: dict[IPv4Address, float] = {}
+        #: Unbound offers by the xid they were made in, with the link they went out on; None
+        #: for an xid that offers to two MACs have used (two clients: follow neither).
+        self._pending: dict[int, tuple[Port, Lease] | None] = {}
         self._last_acked: Lease | None = None
         #: Offset in the subnet where the search for a free address goes on.
         self._cursor = int(config.guest_ip) - int(subnet.network_address) + 1
@@ -248,6 +267,8 @@ class DhcpServer:
             pass  # A bound client rediscovering keeps its lease as it is.
         elif not self._hold(mac, ip, now, OFFER_HOLD_S, bound=False):
             return
+        else:
+            self._note_offer(msg.xid, pkt.port, self._by_mac[mac])
         self._hostname(mac, msg)
         self._reply(pkt, msg, DHCPOFFER, ip.packed, with_lease=True)
 
@@ -282,6 +303,8 @@ class DhcpServer:
         ip = ipaddress.IPv4Address(wanted)
         if state == "selecting":
             lease = self._by_mac.get(mac)
+            if (lease is None or lease.ip != ip) and self._pending:
+                lease = self._follow_new_mac(pkt, msg, ip, now) or lease
             # The offer may have run out while the client dawdled: still fine if nobody took it.
             grant = (
                 lease is not None
@@ -298,8 +321,59 @@ class DhcpServer:
         lease = self._by_mac[mac]
         lease.acked_at = now
         self._last_acked = lease
+        self._pending.pop(msg.xid, None)
         self._hostname(mac, msg)
         self._reply(pkt, msg, DHCPACK, ip.packed, with_lease=True)
+
+    def _note_offer(self, xid: int, port: Port, lease: Lease) -> None:
+        """Remember the offer made in transaction ``xid`` on ``port`` (bounded, oldest go).
+
+        An xid already used for an offer to another MAC is ambiguous (a second client that
+        happened to draw it, or one that rediscovered after its MAC changed and has an offer
+        of its own now): it is marked so that no REQUEST in it moves an offer.
+        """
+        pending = self._pending
+        seen = xid in pending
+        before = pending.pop(xid, None)
+        if len(pending) >= MAX_PENDING_OFFERS:
+            del pending[next(iter(pending))]
+        ambiguous = seen and (before is None or before[1].mac != lease.mac)
+        pending[xid] = None if ambiguous else (port, lease)
+
+    def _follow_new_mac(
+        self, pkt: IpPacket, msg: DhcpMessage, ip: IPv4Address, now: float
+    ) -> Lease | None:
+        """Move the offer of ``ip`` made in this transaction to the REQUEST's new ``chaddr``.
+
+        Only an unbound, unexpired offer of the requested address, made in the same ``xid`` on
+        the same link to another MAC, moves; and only to a MAC without a current bound lease of
+        its own that may have the address. Returns the moved lease, or None.
+        """
+        entry = self._pending.get(msg.xid)
+        if entry is None:  # no offer in this xid, or an ambiguous one
+            return None
+        port, old = entry
+        mac = msg.chaddr
+        if (
+            port is not pkt.port
+            or old.mac == mac
+            or old.bound
+            or old.ip != ip
+            or old.expires <= now
+            or self._by_mac.get(old.mac) is not old
+        ):
+            return None
+        mine = self._by_mac.get(mac)
+        if mine is not None and mine.bound and mine.expires > now:
+            return None
+        if self._static_by_mac.get(mac, ip) != ip or self._static_by_ip.get(ip, mac) != mac:
+            return None
+        del self._pending[msg.xid]
+        self._forget(old)
+        if not self._hold(mac, ip, now, OFFER_HOLD_S, bound=False):
+            return None
+        self.counters.inc("dhcp.request.mac_changed")
+        return self._by_mac[mac]
 
     def _decline(self, msg: DhcpMessage, now: float) -> None:
         server_id = msg.options.get(OPT_SERVER_ID)

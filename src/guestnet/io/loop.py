@@ -9,8 +9,11 @@ Kernel subtleties worth remembering:
 - epoll reports by fd number. A handler may close an fd that a later event in the same batch
   refers to, and a new socket may reuse that number at once; handlers are looked up afresh for
   each event, and a handler on a reused number sees at worst a spurious wake-up (EAGAIN).
-- Level-triggered registration is used throughout: a handler that stops before EAGAIN (budget
-  spent) is woken again on the next turn.
+- Registration is level-triggered unless the caller asks otherwise: a handler that stops before
+  EAGAIN (budget spent) is woken again on the next turn. The loop passes the events through as
+  given, so a handler may register with ``EPOLLET``; the TCP NAT's host sockets do (see
+  :mod:`guestnet.io.tcp_nat`), and their handlers must then remember an edge they could not act
+  on, since the kernel will not report it again.
 - Signals (SIGINT/SIGTERM) are delivered through ``signal.set_wakeup_fd`` so that a blocking
   epoll wait returns at once.
 """
@@ -27,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from guestnet.core.timers import Timer, TimerWheel
+from guestnet.core.timers import Timer, TimerHeap
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ class Loop:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
-        self.timers = TimerWheel()
+        self.timers = TimerHeap()
         self._epoll = select.epoll()
         self._handlers: dict[int, Handler] = {}
         self._events: dict[int, int] = {}

@@ -8,11 +8,11 @@ user namespace refuses threaded callers), so a forked *helper child* does the na
 
 ``netns TARGET``
     The child joins the target's user namespace (``--userns``, or the target process's own when
-    TARGET is a PID and it differs from ours) and network namespace with ``setns``, opens the
-    TAP, sets MAC and MTU, with ``--configure`` brings ``lo`` and the interface up with address,
-    default route and MTU, sends the fd back over a unix socketpair (``SCM_RIGHTS``) and exits.
-    guestnet serves the TAP (``guestnet.network.Network.attach_netns``) until it closes; the TAP
-    is not persistent, so it disappears when guestnet closes the fd.
+    TARGET is a PID and it differs from ours) and network namespace with ``setns``, makes the
+    TAP out of the target's sight (below), with ``--configure`` brings ``lo`` and the interface
+    up with address and default route, sends the fd back over a unix socketpair
+    (``SCM_RIGHTS``) and exits. guestnet serves the TAP (``guestnet.network.Network.attach_netns``)
+    until it closes; the TAP is not persistent, so it disappears when guestnet closes the fd.
 
 ``run -- CMD``
     The child unshares a new network namespace and a private mount namespace (plus a user
@@ -23,6 +23,15 @@ user namespace refuses threaded callers), so a forked *helper child* does the na
     (``guestnet.network.Network.spawn``) watches the child with a pidfd in its loop; the CLI exits
     with CMD's status (128 + signal when it was killed), forwards SIGTERM to CMD and leaves
     SIGINT to CMD (a terminal sends it to both).
+
+Making the TAP out of sight. A TAP opened in the target would appear there with a random MAC
+and the default MTU until guestnet changed them; a guest that sets the interface up the moment
+it appears would send its first frames, and start DHCP, with that MAC, and lose its offer when
+the MAC changed (issue 9). So the child creates the TAP in a private network namespace of its
+own, owned by the user namespace it is in (the target's, or the initial one as root), sets MAC
+and MTU there, and moves it into the target already named in one netlink request
+(:func:`make_tap_hidden`): the target only ever sees the finished interface, and the fd serves
+the device wherever it lives. ``run`` makes its TAP the same way.
 
 Every wait on the child is bounded (``HELPER_TIMEOUT_S``). The child reports a failure as a
 one-line message on the socketpair instead of an fd, and the parent prints it.
@@ -170,22 +179,81 @@ class TapSetup:
         )
 
 
-def setup_interface(setup: TapSetup) -> None:
-    """In the current network namespace: MAC and MTU; with ``configure``, addresses and route."""
-    from pyroute2 import IPRoute
-
+def _quiet_pyroute2() -> None:
     # pyroute2 logs every netlink message at debug level: not what --log-level debug is for.
     logging.getLogger("pyroute2").setLevel(logging.WARNING)
+
+
+def make_tap_hidden(setup: TapSetup, target_netns_fd: int) -> int:
+    """Create the TAP out of sight and hand it to the namespace ``target_netns_fd``; its fd.
+
+    Runs in a helper child that is already in the target's user namespace (or is root). The
+    child moves into a private network namespace of its own (owned by that same user namespace,
+    so its capabilities there are the ones it has over the target), creates the TAP there, gives
+    it its MAC and MTU, and then moves it into the target under ``setup.ifname`` in one netlink
+    request (``IFLA_NET_NS_FD`` with ``IFLA_IFNAME``). The interface therefore never exists in
+    the target with the kernel's random MAC or the default MTU: a guest that sets it up the
+    moment it appears sends its first frame (and its DHCP client reads its MAC) with the final
+    one. The fd keeps serving the device after the move. The child ends in the target
+    namespace, where :func:`configure_interface` may finish the job; the private namespace
+    lives on only as long as the fd (the TAP's socket holds it) and holds nothing.
+    """
+    unshare(CLONE_NEWNET)
+    fd = open_tap(setup.ifname)
+    try:
+        move_link(setup, target_netns_fd)
+        setns(target_netns_fd, CLONE_NEWNET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def move_link(setup: TapSetup, target_netns_fd: int) -> None:
+    """In the current namespace: MAC and MTU on ``setup.ifname``, then move it to the target."""
+    from pyroute2 import IPRoute, NetlinkError
+
+    _quiet_pyroute2()
     with IPRoute() as ipr:
         (idx,) = ipr.link_lookup(ifname=setup.ifname)
         ipr.link("set", index=idx, address=setup.mac, mtu=setup.mtu)
-        if not setup.configure:
-            return
+        try:
+            # One RTM_NEWLINK: the device leaves here and appears there already named.
+            ipr.link("set", index=idx, net_ns_fd=target_netns_fd, ifname=setup.ifname)
+        except NetlinkError as exc:
+            # EEXIST: the target has an interface of that name already.
+            raise OSError(exc.code, os.strerror(exc.code)) from None
+
+
+def configure_interface(setup: TapSetup) -> None:
+    """In the current network namespace, with ``configure``: lo up, address, link up, route."""
+    if not setup.configure:
+        return
+    from pyroute2 import IPRoute
+
+    _quiet_pyroute2()
+    with IPRoute() as ipr:
+        (idx,) = ipr.link_lookup(ifname=setup.ifname)
         for lo in ipr.link_lookup(ifname="lo"):
             ipr.link("set", index=lo, state="up")
         ipr.addr("add", index=idx, address=setup.address, prefixlen=setup.prefixlen)
         ipr.link("set", index=idx, state="up")
         ipr.route("add", dst="0.0.0.0/0", gateway=setup.gateway, oif=idx)
+
+
+def open_tap_here(setup: TapSetup) -> int:
+    """The TAP for the caller's own network namespace, made as :func:`make_tap_hidden` does."""
+    own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fd = make_tap_hidden(setup, own)
+    finally:
+        os.close(own)
+    try:
+        configure_interface(setup)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def resolv_conf_text(config: Config) -> str:
@@ -267,8 +335,9 @@ def reap(pid: int) -> int:
 def open_tap_in(netns_path: str, userns_path: str | None, setup: TapSetup) -> int:
     """Create TAP ``setup.ifname`` inside the namespace at ``netns_path``; return its fd.
 
-    A forked child joins ``userns_path`` (if given) and the network namespace, makes and sets up
-    the TAP, and passes the fd back; the caller stays where it is.
+    A forked child joins ``userns_path`` (if given) and the network namespace, makes the TAP
+    out of sight and moves it in (:func:`make_tap_hidden`), sets it up, and passes the fd back;
+    the caller stays where it is.
     """
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
@@ -279,9 +348,7 @@ def open_tap_in(netns_path: str, userns_path: str | None, setup: TapSetup) -> in
             if userns_path is not None:
                 setns_path(userns_path, CLONE_NEWUSER)
             setns_path(netns_path, CLONE_NEWNET)
-            fd = open_tap(setup.ifname)
-            setup_interface(setup)
-            return fd
+            return open_tap_here(setup)
 
         _child_main(child_sock, body)
     child_sock.close()
@@ -349,8 +416,7 @@ def _run_child(
                 file=sys.stderr,
                 flush=True,
             )
-        fd = open_tap(setup.ifname)
-        setup_interface(setup)
+        fd = open_tap_here(setup)
         socket.send_fds(sock, [b"ok"], [fd])
         os.close(fd)
     except BaseException as exc:

@@ -35,9 +35,10 @@ needs no ``TUNSETOFFLOAD`` (that only governs what the kernel sends us), but we 
 directions to the one switch. When the ioctl fails (a kernel or fd without it) the link runs
 without offloads and counts ``link.tap.offload.unsupported``.
 
-Which network namespace a TAP belongs to is fixed when ``/dev/net/tun`` is *opened*: the opener's
-namespace. :func:`open_tap` is therefore called by a child process that has joined the target
-namespace (see :mod:`guestnet.io.netns`), which passes the fd back; guestnet itself never leaves
+A TAP is created in the network namespace of the process that calls ``TUNSETIFF``, and may then
+be moved to another one (the fd keeps serving it). :func:`open_tap` is therefore called by a
+child process, in a private namespace of its own from which it moves the finished interface into
+the target (see :mod:`guestnet.io.netns`), and passes the fd back; guestnet itself never leaves
 its own namespaces.
 """
 
