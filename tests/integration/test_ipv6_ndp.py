@@ -155,3 +155,15 @@ def test_capture_shows_well_formed_ndp(
         "Other configuration: Set",
     ):
         assert text in ra, (text, ra[:3000])
+
+
+def test_large_echo_fragmented_both_ways(attach_guest: Callable[..., Guestnet]) -> None:
+    """At MTU 1500 a 4000-byte echo goes out in fragments, is reassembled, and the reply comes
+    back in fragments the guest kernel reassembles."""
+    gn = attach_guest("--mtu", "1500")
+    guest = gn.guest
+    assert guest is not None
+    assert _ping6(guest, "fd00::2").returncode == 0
+    proc = guest.run(["ping", "-6", "-c2", "-W2", "-s", "4000", "fd00::2"], check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "4008 bytes from fd00::2" in proc.stdout, proc.stdout

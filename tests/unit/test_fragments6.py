@@ -1,7 +1,9 @@
-"""IPv6 reassembly (guest -> guestnet): the same Reassembler with ``family=IPV6``.
+"""IPv6 reassembly (guest -> guestnet), the same Reassembler with ``family=IPV6``, and IPv6
+fragmentation toward the guest (``fragment_frame6``).
 
 Guest fragments are made by scapy's ``fragment6`` and fed through the classifier; a recording
-UDP handler in the ``udp_nat6`` slot shows what the reassembler re-injected.
+UDP handler in the ``udp_nat6`` slot shows what the reassembler re-injected. Fragments toward
+the guest are put back together by scapy's ``defragment6``.
 """
 
 from __future__ import annotations
@@ -11,11 +13,21 @@ from typing import Any
 
 import pytest
 from scapy.layers.inet import UDP
-from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, fragment6
+from scapy.layers.inet6 import (
+    ICMPv6EchoReply,
+    ICMPv6EchoRequest,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    defragment6,
+    fragment6,
+)
 from scapy.layers.l2 import Ether
 
-from guestnet.core.fragments import REASSEMBLY_TIMEOUT_S, Reassembler
+from guestnet.core.fragments import REASSEMBLY_TIMEOUT_S, Reassembler, send_ipv6_to_guest
+from guestnet.core.ndp import NdpService
 from guestnet.core.packet import IpPacket
+from guestnet.pool import FramePool
 from guestnet.wire.l3 import IPV6
 
 GUEST_MAC = "52:54:00:12:34:56"
@@ -117,3 +129,67 @@ def test_reassembled_header_error_counted(rig: Any) -> None:
     core.feed(bytes(second))
     assert core.counters["ipv6.fragment.reassembled"] == 0
     assert core.counters["ipv6.ext.truncated"] == 1 and rec.got == []
+
+
+@pytest.mark.parametrize(("mtu", "size"), [(1280, 1233), (1500, 4000), (1500, 1453), (9000, 30000)])
+def test_fragments_toward_guest_defragment_with_scapy(mtu: int, size: int) -> None:
+    pool = FramePool(mtu, 8)
+    payload = bytes(random.Random(size).getrandbits(8) for _ in range(size))
+    whole = bytes(
+        Ether(dst=GUEST_MAC, src=OUR_MAC)
+        / IPv6(src="2001:db8::9", dst="fd00::15", hlim=64)
+        / UDP(sport=9999, dport=40000)
+        / payload
+    )
+    frame = pool.acquire()
+    frame.view[frame.start : frame.start + len(whole)] = whole
+    frame.length = len(whole)
+    sent: list[bytes] = []
+
+    def send(f: Any) -> None:
+        sent.append(bytes(f.data))
+        pool.release(f)
+
+    n = send_ipv6_to_guest(frame, mtu, pool, send, ident=0xABCDEF01)
+    assert pool.in_use == 0 and n == len(sent)
+    if 40 + 8 + size <= mtu:
+        assert sent == [whole]
+        return
+    assert n > 1
+    for raw in sent:
+        assert len(raw) - 14 <= mtu
+        frag = Ether(raw)[IPv6ExtHdrFragment]
+        assert frag.id == 0xABCDEF01 and frag.nh == 17
+    assert [Ether(r)[IPv6ExtHdrFragment].m for r in sent] == [1] * (n - 1) + [0]
+    back = IPv6(bytes(defragment6([Ether(r)[IPv6] for r in sent])))
+    assert bytes(back[UDP].payload) == payload
+    assert back[UDP].chksum == Ether(whole)[UDP].chksum
+
+
+def test_large_echo_to_gateway_reassembled_and_answered_in_fragments(make_core: Any) -> None:
+    core = make_core(mtu=1500)
+    core.classifier.ndp = NdpService(core.config, core.pool, core.counters, core.switch)
+    core.classifier.reassembly6 = Reassembler(
+        core.counters, core.classifier.route_ipv6, family=IPV6
+    )
+    core.port.ip6_seen = True
+    data = bytes(range(256)) * 12
+    req = IPv6(src="fd00::15", dst="fd00::2") / ICMPv6EchoRequest(id=5, seq=6, data=data)
+    for f in fragment6(_with_frag(req), 1500):
+        core.feed(bytes(Ether(dst=OUR_MAC, src=GUEST_MAC) / f))
+    sent = core.take_sent()
+    assert len(sent) == 3 and all(len(r) - 14 <= 1500 for r in sent)
+    reply = defragment6([Ether(r)[IPv6] for r in sent])
+    echo = IPv6(bytes(reply))[ICMPv6EchoReply]
+    assert (echo.id, echo.seq, bytes(echo.data)) == (5, 6, data)
+    ref = IPv6(bytes(IPv6(src="fd00::2", dst="fd00::15") / ICMPv6EchoReply(id=5, seq=6, data=data)))
+    assert echo.cksum == ref[ICMPv6EchoReply].cksum
+    assert core.counters["ipv6.fragment.reassembled"] == 1
+    assert core.counters["icmp6.echo.answered"] == 1
+    assert core.pool.in_use == 0
+
+
+def _with_frag(pkt: Any) -> Any:
+    """``pkt`` with a Fragment header after the IPv6 header, as fragment6 wants."""
+    ip = pkt[IPv6]
+    return IPv6(src=ip.src, dst=ip.dst) / IPv6ExtHdrFragment(id=31) / ip.payload

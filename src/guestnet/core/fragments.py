@@ -31,7 +31,8 @@ packet, then handed to ``classifier.route_ipv6``.
 reply) is built whole in one pooled frame and then split by :func:`fragment_frame`: the first
 fragment stays in that frame (its header is rewritten and its length cut), the others are copied
 into fresh pooled frames. Each fragment carries a multiple of 8 bytes except the last. TCP never
-needs this: it segments by MSS.
+needs this: it segments by MSS. An IPv6 packet is split the same way by :func:`fragment_frame6`,
+each piece behind a Fragment header (RFC 8200 4.5) with an identification the caller gives.
 """
 
 from __future__ import annotations
@@ -47,7 +48,14 @@ from guestnet.wire import WireError
 from guestnet.wire.checksum import checksum
 from guestnet.wire.ethernet import ETH_HLEN
 from guestnet.wire.ipv4 import FLAG_MF, IPV4_HLEN, build_ipv4, parse_ipv4
-from guestnet.wire.ipv6 import IPV6_HLEN, IPv6Header, build_ipv6, parse_ipv6
+from guestnet.wire.ipv6 import (
+    FRAG_HLEN,
+    IPV6_HLEN,
+    NH_FRAGMENT,
+    IPv6Header,
+    build_ipv6,
+    parse_ipv6,
+)
 from guestnet.wire.l3 import IPV4, IPV6, L3Family
 
 #: Datagrams in reassembly at once; a new one beyond this evicts the oldest.
@@ -299,6 +307,66 @@ def send_ipv4_to_guest(
         send(frame)
         return 1
     frames = fragment_frame(frame, mtu, pool)
+    for part in frames:
+        send(part)
+    return len(frames)
+
+
+def fragment_frame6(frame: Frame, mtu: int, pool: FramePool, ident: int) -> list[Frame]:
+    """Split an Ethernet + IPv6 frame whose packet exceeds ``mtu`` into fragments (RFC 8200 4.5).
+
+    ``frame`` holds a packet with a 40-byte header and no extension headers (as guestnet builds
+    them); every fragment gets a Fragment header with the packet's next header and ``ident``
+    (unique per packet toward that guest) and carries a multiple of 8 bytes except the last.
+    ``frame`` becomes the first fragment (its payload moved 8 bytes on, after the others were
+    copied out); the list holds it and the rest, in order, each owned by the caller.
+    """
+    buf = frame.view
+    l3 = frame.start + ETH_HLEN
+    payload_len = struct.unpack_from("!H", buf, l3 + 4)[0]
+    next_header = buf[l3 + 6]
+    chunk = (mtu - IPV6_HLEN - FRAG_HLEN) & ~7
+    assert chunk > 0 and payload_len > chunk
+    head = bytes(buf[frame.start : l3 + IPV6_HLEN])
+    frames = [frame]
+    offset = chunk
+    while offset < payload_len:
+        size = min(chunk, payload_len - offset)
+        frag = pool.acquire()
+        fbuf = frag.view
+        f_l3 = frag.start + ETH_HLEN
+        fbuf[frag.start : f_l3 + IPV6_HLEN] = head
+        data = f_l3 + IPV6_HLEN + FRAG_HLEN
+        src = l3 + IPV6_HLEN + offset
+        fbuf[data : data + size] = buf[src : src + size]
+        _set_fragment6(fbuf, f_l3, next_header, size, offset, offset + size < payload_len, ident)
+        frag.length = ETH_HLEN + IPV6_HLEN + FRAG_HLEN + size
+        frames.append(frag)
+        offset += size
+    first = l3 + IPV6_HLEN
+    buf[first + FRAG_HLEN : first + FRAG_HLEN + chunk] = bytes(buf[first : first + chunk])
+    _set_fragment6(buf, l3, next_header, chunk, 0, True, ident)
+    frame.length = ETH_HLEN + IPV6_HLEN + FRAG_HLEN + chunk
+    return frames
+
+
+def _set_fragment6(
+    buf: memoryview, l3: int, next_header: int, size: int, offset: int, more: bool, ident: int
+) -> None:
+    """Payload length and next header of the header at ``l3``, and the Fragment header after."""
+    struct.pack_into("!HB", buf, l3 + 4, FRAG_HLEN + size, NH_FRAGMENT)
+    struct.pack_into("!BxHI", buf, l3 + IPV6_HLEN, next_header, offset | more, ident)
+
+
+def send_ipv6_to_guest(
+    frame: Frame, mtu: int, pool: FramePool, send: Callable[[Frame], None], ident: int
+) -> int:
+    """Send a built Ethernet + IPv6 frame, fragmented first (identification ``ident``) when its
+    packet exceeds ``mtu``. Takes ownership of ``frame``; returns how many frames were sent."""
+    if frame.length - ETH_HLEN <= mtu:
+        send(frame)
+        return 1
+    frames = fragment_frame6(frame, mtu, pool, ident)
     for part in frames:
         send(part)
     return len(frames)

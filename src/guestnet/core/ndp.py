@@ -38,7 +38,8 @@ counted and ignored (guestnet keeps no neighbour cache: it answers to the MAC a 
 an advertisement for one of guestnet's own addresses is counted as a conflict.
 
 *Echo.* ICMPv6 echo requests to an owned address are answered here, from a pooled frame, like
-ICMPv4 echo to the gateway.
+ICMPv4 echo to the gateway; a reply larger than the link's MTU (to a request the guest sent in
+fragments) goes out in fragments.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from __future__ import annotations
 import random
 
 from guestnet.config import Config
+from guestnet.core.fragments import send_ipv6_to_guest
 from guestnet.core.packet import IpPacket
 from guestnet.core.port import Port
 from guestnet.core.switch import Switch
@@ -135,6 +137,9 @@ class NdpService:
         self.ra_message = build_ra_message(config)
         self._next_ra: float | None = None
         self._adverts_sent = 0
+        #: Fragment identification for echo replies larger than the MTU (unpredictable start,
+        #: RFC 7739).
+        self._frag_ident = self.rng.getrandbits(32)
 
     # -- the timer --------------------------------------------------------------------------
 
@@ -256,7 +261,8 @@ class NdpService:
         set_icmpv6_checksum(buf, l4, l4 + n, pkt.dst, src)
         frame.length = _NDP_L4_OFF + n
         self.counters.inc("icmp6.echo.answered")
-        pkt.port.send(frame)
+        self._frag_ident = (self._frag_ident + 1) & 0xFFFFFFFF
+        send_ipv6_to_guest(frame, self.config.mtu, self.pool, pkt.port.send, self._frag_ident)
 
     # -- frames -------------------------------------------------------------------------------
 
