@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from nsutil import Guestnet, Netns, guestnet_argv, wait_for
 
+from guestnet.client import request
+
 pytestmark = pytest.mark.root
 
 #: The kernel's SLAAC address from fd00::/64 and the guest MAC 52:54:00:12:34:56 (EUI-64).
@@ -54,8 +56,11 @@ def _wait_slaac(guest: Netns, ifname: str = "eth0") -> None:
     wait_for(ready, 15.0, "SLAAC address and default route from guestnet's RA", step=0.2)
 
 
-def test_slaac_from_our_router_advertisement(attach_guest: Callable[..., Guestnet]) -> None:
-    gn = attach_guest(configure=False)
+def test_slaac_from_our_router_advertisement(
+    attach_guest: Callable[..., Guestnet], tmp_path: Path
+) -> None:
+    api = str(tmp_path / "api.sock")
+    gn = attach_guest("--api-socket", api, configure=False)
     guest = gn.guest
     assert guest is not None
     guest.run(["ip", "link", "set", "eth0", "up"])
@@ -75,6 +80,14 @@ def test_slaac_from_our_router_advertisement(attach_guest: Callable[..., Guestne
     # The guest learned guestnet's MAC for the gateway through neighbour discovery.
     neigh = _ip6(guest, "neigh", "show", "fd00::2")
     assert "lladdr 52:55:0a:00:02:02" in neigh and "router" in neigh, neigh
+    # /stats: the guest's addresses learned on its link, and the IPv6 counters.
+    status, stats = request(api, "GET", "/stats")
+    assert status == 200, stats
+    (link,) = stats["links"]
+    assert SLAAC_ADDR in link["guest_ip6"] and "fe80::5054:ff:fe12:3456" in link["guest_ip6"]
+    drops = stats["drops"]
+    assert drops.get("ndp.ra.solicited", 0) >= 1 and drops.get("ndp.na.sent", 0) >= 1, drops
+    assert drops.get("icmp6.echo.answered", 0) >= 3, drops
 
 
 def test_configure_sets_address_and_route(attach_guest: Callable[..., Guestnet]) -> None:
