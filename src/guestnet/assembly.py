@@ -121,14 +121,16 @@ class Instance:
             self.policy,
             dns_upstream=self.dns.tcp_upstream,
             dns_failed=self.dns.tcp_upstream_failed,
+            unreachable=self.icmp.icmp.send_unreachable,
         )
-        self.tcp_nat = TcpNatDriver(loop, counters, self.switch, nat)
+        self.tcp_nat = TcpNatDriver(loop, counters, self.switch, nat, cfg.outbound_addr)
         self.tcp_nat.attach_forwards(self.forwards)
         self.on_close(self.tcp_nat.close_all)
         self.reassembly = Reassembler(counters, c.route_ipv4)
         c.dhcp = self.dhcp
-        c.dns_udp = self.dns
-        c.dns_tcp = nat.dns_handler
+        if cfg.dns:  # else (--disable-dns) queries to the DNS address are dropped, unanswered
+            c.dns_udp = self.dns
+            c.dns_tcp = nat.dns_handler
         c.icmp = self.icmp.icmp
         c.udp_nat = self.udp_nat.nat
         c.tcp_nat = nat

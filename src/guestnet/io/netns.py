@@ -360,18 +360,37 @@ def _receive_fd(sock: socket.socket, pid: int) -> int:
     raise HelperError(text or "namespace helper exited without a word")
 
 
+def _link_exists(ifname: str) -> bool:
+    """Whether ``ifname`` exists in the caller's network namespace (its socket's)."""
+    try:
+        socket.if_nametoindex(ifname)
+    except OSError:
+        return False
+    return True
+
+
 def reap(pid: int) -> int:
     """Wait for child ``pid``; its exit code as ``subprocess`` gives it (-N: killed by N)."""
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
 
 
-def open_tap_in(netns_path: str, userns_path: str | None, setup: TapSetup) -> int:
+def open_tap_in(
+    netns_path: str,
+    userns_path: str | None,
+    setup: TapSetup,
+    *,
+    userns_optional: bool = False,
+    adopt_existing: bool = False,
+) -> int:
     """Create TAP ``setup.ifname`` inside the namespace at ``netns_path``; return its fd.
 
     A forked child joins ``userns_path`` (if given) and the network namespace, makes the TAP
     out of sight and moves it in (:func:`make_tap_hidden`), sets it up, and passes the fd back;
-    the caller stays where it is.
+    the caller stays where it is. ``userns_optional``: a failure to join the user namespace is
+    ignored (slirp4netns does so: the caller may already be in it, or privileged enough).
+    ``adopt_existing``: when the interface already exists (rootlesskit creates and configures
+    ``tap0`` itself), open it and leave its settings alone.
     """
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
@@ -380,8 +399,14 @@ def open_tap_in(netns_path: str, userns_path: str | None, setup: TapSetup) -> in
 
         def body() -> int:
             if userns_path is not None:
-                setns_path(userns_path, CLONE_NEWUSER)
+                try:
+                    setns_path(userns_path, CLONE_NEWUSER)
+                except OSError:
+                    if not userns_optional:
+                        raise
             setns_path(netns_path, CLONE_NEWNET)
+            if adopt_existing and _link_exists(setup.ifname):
+                return open_tap(setup.ifname)
             return open_tap_here(setup)
 
         _child_main(child_sock, body)
