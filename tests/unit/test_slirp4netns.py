@@ -223,6 +223,12 @@ def test_config_from_slirp_options() -> None:
     assert default.mac == bytes.fromhex("52550a000202") and default.outbound_addr is None
 
 
+@pytest.mark.parametrize("extra", [(), ("--enable-ipv6",)])
+def test_slirp_mode_keeps_ipv6_off(extra: tuple[str, ...]) -> None:
+    """No router advertisements or IPv6 address from this mode (--enable-ipv6 not honoured)."""
+    assert not s4.config_from_options(parse(*extra, "1", "tap0")).ipv6
+
+
 def test_config_errors() -> None:
     with pytest.raises(ValueError, match=r"^outbound-addr has to be valid ipv4 address"):
         s4.config_from_options(parse("--outbound-addr=nosuchif0", "1", "t"))

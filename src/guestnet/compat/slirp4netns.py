@@ -449,6 +449,9 @@ def config_from_options(o: Options) -> Config:
         dns=not o.disable_dns,
         outbound_addr=outbound,
         api_socket=_abspath(o.guestnet_api_socket or os.environ.get("GUESTNET_API_SOCKET")),
+        # slirp4netns speaks IPv6 only with --enable-ipv6, which this mode does not honour yet:
+        # no router advertisements, no IPv6 address or route with -c.
+        ipv6=False,
     )
 
 
