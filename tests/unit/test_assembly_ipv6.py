@@ -72,7 +72,8 @@ def test_ipv6_slots_plugged(inst: Instance) -> None:
 
 def test_periodic_ra_on_the_loop_timer(inst: Instance, clock: Clock) -> None:
     ours, theirs = socket.socketpair()
-    StreamLink(inst.hub, ours, "qemu0")
+    link = StreamLink(inst.hub, ours, "qemu0")
+    link.port.ip6_seen = True  # its guest has spoken IPv6 (else it gets no advertisements)
     try:
         ndp = inst.ndp
         assert ndp is not None

@@ -279,8 +279,10 @@ def test_rs_from_unspecified_answered_to_all_nodes(core: Any) -> None:
     assert ra[IPv6].src == OUR_LL and ICMPv6ND_RA in ra
 
 
-def test_unsolicited_ra_at_start_and_periodically_to_every_port(core: Any) -> None:
+def test_unsolicited_ra_at_start_and_periodically_to_every_ipv6_port(core: Any) -> None:
     other = core.add_port("guest1")
+    other.ip6_seen = True
+    ipv4_only = core.add_port("guest2")  # its guest never spoke IPv6: no advertisements
     ndp = with_ndp(core)
     assert ndp.next_deadline() is None
     now = 100.0
@@ -304,7 +306,8 @@ def test_unsolicited_ra_at_start_and_periodically_to_every_port(core: Any) -> No
     assert all(i <= MAX_INITIAL_RTR_ADVERT_INTERVAL_S for i in first)
     assert all(MIN_RTR_ADV_INTERVAL_S <= i <= MAX_RTR_ADV_INTERVAL_S for i in rest)
     assert len(set(rest)) == len(rest)  # randomised, as RFC 4861 asks
-    assert core.counters["ndp.ra.unsolicited"] == 11
+    assert core.counters["ndp.ra.unsolicited"] == 2 * 11
+    assert len(other.sent) == 11 and ipv4_only.sent == []
 
 
 def test_no_ports_no_frame(make_core: Any) -> None:

@@ -16,12 +16,14 @@ does not proxy for other guests.
 
 *Router Solicitations* are answered at once with a Router Advertisement on the soliciting port
 (unicast to the solicitor, or to all-nodes when it has no address yet). *Unsolicited* RAs go to
-all-nodes through the switch (every port): at start, then every MaxRtrAdvInterval (600 s) at
-most, a random time between MinRtrAdvInterval (200 s) and that, with the first
-:data:`INITIAL_ADVERTS` at most 16 s apart (RFC 4861 6.2.4); and one to a port as soon as its
-guest sends its first IPv6 packet (usually a DAD probe or an MLD report, before its router
-solicitation). The service is sans-I/O: :meth:`next_deadline` says when it next wants to run and
-:meth:`handle_timeout` is called then (the assembly arms a loop timer with it).
+all-nodes: one to a port as soon as its guest sends its first IPv6 packet (a host bringing up
+IPv6 always sends some, DAD probes and MLD reports, before its router solicitation), then to
+every such port at start and periodically: every MaxRtrAdvInterval (600 s) at most, a random
+time between MinRtrAdvInterval (200 s) and that, with the first :data:`INITIAL_ADVERTS` at most
+16 s apart (RFC 4861 6.2.4). Ports whose guests never spoke IPv6 (IPv4-only guests, or a
+harness reading IPv4) get none. The service is sans-I/O: :meth:`next_deadline` says when it
+next wants to run and :meth:`handle_timeout` is called then (the assembly arms a loop timer
+with it).
 
 Every advertisement is the same bytes (computed once from the configuration): hop limit 64,
 flags M and O (so DHCPv6 clients ask for an address and DNS), router lifetime 1800 s; options
@@ -157,10 +159,10 @@ class NdpService:
             self._unsolicited(now)
 
     def _unsolicited(self, now: float) -> None:
-        if self.switch.ports:
-            frame = self._ra_frame(ALL_NODES_MAC, ALL_NODES)
-            self.counters.inc("ndp.ra.unsolicited")
-            self.switch.send(frame)
+        for port in self.switch.ports:
+            if port.ip6_seen:
+                self.counters.inc("ndp.ra.unsolicited")
+                port.send(self._ra_frame(ALL_NODES_MAC, ALL_NODES))
         self._adverts_sent += 1
         interval = self.rng.uniform(MIN_RTR_ADV_INTERVAL_S, MAX_RTR_ADV_INTERVAL_S)
         if self._adverts_sent < INITIAL_ADVERTS:
