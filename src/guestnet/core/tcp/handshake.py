@@ -41,6 +41,7 @@ from guestnet.core.tcp.flow import (
     FORWARD_PORT_MAX,
     FORWARD_PORT_MIN,
     FORWARD_SYN_RTO_S,
+    OUR_WSCALE,
     RTO_INITIAL_S,
     SEQ_MASK,
     SYN_RCVD,
@@ -50,7 +51,7 @@ from guestnet.core.tcp.flow import (
 )
 from guestnet.core.tcp.irregular import _Irregular
 from guestnet.wire.icmp import UNREACH_NET
-from guestnet.wire.tcp import ACK, FIN, RST, SYN, parse_tcp_options
+from guestnet.wire.tcp import ACK, FIN, RST, SYN, build_syn_options, parse_tcp_options
 
 
 class _Handshake(_Irregular):
@@ -75,6 +76,14 @@ class _Handshake(_Irregular):
         flow.rto_deadline = now + flow.rto
         self.counters.inc("tcp.connect.ok")
         self._arm(flow)
+
+    def _send_syn_ack(self, flow: TcpFlow) -> None:
+        """Our SYN-ACK: our MSS, window scaling if the guest offered it, window unscaled."""
+        self._update_window(flow)
+        opts = build_syn_options(self.our_mss, OUR_WSCALE if flow.wscale_ok else None)
+        # The SYN-ACK's window is never scaled (RFC 7323 2.2).
+        field = min(flow.rcv_wnd, 0xFFFF)
+        self._control(flow, flow.iss, flow.rcv_nxt, SYN | ACK, field, opts)
 
     def _open(
         self,
@@ -313,6 +322,13 @@ class _Handshake(_Irregular):
                 self._fwd_port = port
                 return port
         return None
+
+    def _send_syn(self, flow: TcpFlow) -> None:
+        """Our SYN to the guest, offering our MSS and window scaling (window unscaled)."""
+        flow.wscale_ok = False
+        field = self._update_window(flow)
+        opts = build_syn_options(self.our_mss, OUR_WSCALE)
+        self._control(flow, flow.iss, 0, SYN, field, opts)
 
     def _syn_sent(
         self,

@@ -33,12 +33,12 @@ from guestnet.core.flows import FlowKey
 from guestnet.core.packet import IpPacket
 from guestnet.core.port import Port
 from guestnet.core.tcp.base import TcpNatBase
-from guestnet.core.tcp.flow import CONNECTING, OUR_WSCALE, SEQ_MASK, TcpFlow
+from guestnet.core.tcp.flow import CONNECTING, SEQ_MASK, TcpFlow
 from guestnet.pool import HEADROOM, Frame
 from guestnet.wire.checksum import checksum, pseudo_header_sum
 from guestnet.wire.ethernet import ETH_HLEN, ETH_ZLEN, ETHERTYPE_IPV4
 from guestnet.wire.ipv4 import IPV4_HLEN, PROTO_TCP, build_ipv4
-from guestnet.wire.tcp import ACK, RST, SYN, TCP_HLEN, build_syn_options
+from guestnet.wire.tcp import ACK, RST, TCP_HLEN
 
 #: Ethernet + IPv4 + TCP header bytes in front of a data segment's payload.
 HDRS_LEN = ETH_HLEN + IPV4_HLEN + TCP_HLEN
@@ -109,20 +109,6 @@ class _SegmentWriter(TcpNatBase):
         slot = self.pool.slot_size - HEADROOM - ETH_HLEN
         room = (cap if cap < slot else slot) - IPV4_HLEN - TCP_HLEN
         return max(mss, room - room % mss)
-
-    def _send_syn(self, flow: TcpFlow) -> None:
-        """Our SYN to the guest, offering our MSS and window scaling (window unscaled)."""
-        flow.wscale_ok = False
-        field = self._update_window(flow)
-        opts = build_syn_options(self.our_mss, OUR_WSCALE)
-        self._control(flow, flow.iss, 0, SYN, field, opts)
-
-    def _send_syn_ack(self, flow: TcpFlow) -> None:
-        self._update_window(flow)
-        opts = build_syn_options(self.our_mss, OUR_WSCALE if flow.wscale_ok else None)
-        # The SYN-ACK's window is never scaled (RFC 7323 2.2).
-        field = min(flow.rcv_wnd, 0xFFFF)
-        self._control(flow, flow.iss, flow.rcv_nxt, SYN | ACK, field, opts)
 
     def _send_rst_to_guest(self, flow: TcpFlow) -> None:
         seq = 0 if flow.state == CONNECTING else flow.snd_nxt
