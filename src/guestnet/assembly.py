@@ -12,10 +12,11 @@ registry's hooks. Nothing below it imports it.
 
 IPv6 (``config.ipv6``): the NDP service answers neighbour and router solicitations and echo to
 guestnet's IPv6 addresses; its periodic router advertisements run on a loop timer re-armed from
-:meth:`~guestnet.core.ndp.NdpService.next_deadline`, the first goes out at start and one more to
-each port where a new guest shows up (the switch's ``on_new_guest``). DNS over UDP takes IPv6
-queries; the other IPv6 slots (``icmp6``, ``dhcp6``, ``dns6_tcp``, ``udp_nat6``, ``tcp_nat6``,
-``reassembly6``) stay empty until their services exist, and the classifier counts those drops.
+:meth:`~guestnet.core.ndp.NdpService.next_deadline`; the first goes out at start, and one more
+to each port whose guest starts speaking IPv6 (the classifier calls ``port_up``). DNS over UDP
+takes IPv6 queries and IPv6 fragments are reassembled; the other IPv6 slots (``icmp6``,
+``dhcp6``, ``dns6_tcp``, ``udp_nat6``, ``tcp_nat6``) stay empty until their services exist, and
+the classifier counts those drops.
 
 Shutdown runs the ``on_close`` registry last-registered first (the TCP NAT, then UDP, ICMP, DNS,
 forwards), then closes the links and the loop: :meth:`Instance.close` leaves no descriptor, file
@@ -52,6 +53,7 @@ from guestnet.io.pcap import PcapWriter, open_capture
 from guestnet.io.tcp_nat import TcpNatDriver
 from guestnet.io.udp_nat import UdpNatDriver
 from guestnet.pool import FramePool
+from guestnet.wire.l3 import IPV6
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +129,16 @@ class Instance:
             self.policy,
             dns_upstream=self.dns.tcp_upstream,
             dns_failed=self.dns.tcp_upstream_failed,
+            unreachable=self.icmp.icmp.send_unreachable,
         )
-        self.tcp_nat = TcpNatDriver(loop, counters, self.switch, nat)
+        self.tcp_nat = TcpNatDriver(loop, counters, self.switch, nat, cfg.outbound_addr)
         self.tcp_nat.attach_forwards(self.forwards)
         self.on_close(self.tcp_nat.close_all)
         self.reassembly = Reassembler(counters, c.route_ipv4)
         c.dhcp = self.dhcp
-        c.dns_udp = self.dns
-        c.dns_tcp = nat.dns_handler
+        if cfg.dns:  # else (--disable-dns) queries to the DNS address are dropped, unanswered
+            c.dns_udp = self.dns
+            c.dns_tcp = nat.dns_handler
         c.icmp = self.icmp.icmp
         c.udp_nat = self.udp_nat.nat
         c.tcp_nat = nat
@@ -151,12 +155,13 @@ class Instance:
         self.ndp = ndp
         c.ndp = ndp
         c.dns6_udp = self.dns
+        self.reassembly6 = Reassembler(self.counters, c.route_ipv6, family=IPV6)
+        c.reassembly6 = self.reassembly6
         # The NAT services are family-neutral: the same objects take IPv6.
         c.dns6_tcp = c.dns_tcp
         c.udp_nat6 = c.udp_nat
         c.tcp_nat6 = c.tcp_nat
         c.icmp6 = self.icmp.icmp
-        self.switch.on_new_guest = ndp.port_up
         timer: list[Timer] = []
 
         def arm() -> None:
@@ -171,7 +176,6 @@ class Instance:
         def stop() -> None:
             for t in timer:
                 t.cancel()
-            self.switch.on_new_guest = None
 
         ndp.start(self.loop.now())
         arm()

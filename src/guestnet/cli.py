@@ -1,4 +1,5 @@
-"""The command line: ``guestnet run|netns|qemu|dgram`` and the options they share.
+"""The command line: ``guestnet run|netns|qemu|dgram`` and the options they share;
+``guestnet slirp4netns`` hands its arguments to :mod:`guestnet.compat.slirp4netns`.
 
 Every datapath subcommand takes the same options (:func:`add_datapath_options`), after the
 subcommand name; later features add theirs there, so all four stay in step. Invalid values get a
@@ -21,6 +22,7 @@ from typing import NoReturn
 from guestnet import __version__
 from guestnet.assembly import raise_nofile_limit
 from guestnet.client import add_client_parsers, run_client
+from guestnet.compat import slirp4netns
 from guestnet.config import MAX_MTU, MIN_MTU, Config, parse_mac
 from guestnet.core.dhcp import check_config as check_dhcp_config
 from guestnet.io.forwards import parse_publish
@@ -400,6 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     dgram.add_argument(
         "--socket", required=True, help="unix datagram socket path to bind (mode 0600)"
     )
+    sub.add_parser(
+        "slirp4netns",
+        help="slirp4netns's command line (guestnet slirp4netns --help), for podman and rootlesskit",
+        add_help=False,
+    )
     add_client_parsers(sub)
     return parser
 
@@ -547,7 +554,17 @@ def _forward_stop_signals(net: Network, child: Child) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``guestnet`` command."""
+    """Entry point of the ``guestnet`` command.
+
+    ``guestnet slirp4netns ARGS``, and ``guestnet`` run through a link named ``slirp4netns``,
+    are slirp4netns's command line (:mod:`guestnet.compat.slirp4netns`), not argparse's.
+    """
+    if argv is None:
+        argv = sys.argv[1:]
+        if os.path.basename(sys.argv[0]) == "slirp4netns":
+            return slirp4netns.main(argv, prog=sys.argv[0])
+    if argv and argv[0] == "slirp4netns":
+        return slirp4netns.main(argv[1:], prog="guestnet slirp4netns")
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "client", None) is not None:

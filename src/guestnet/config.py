@@ -22,6 +22,9 @@ IPv6Network = ipaddress.IPv6Network
 MAX_IP_PACKET = 65535
 #: Largest MTU we accept: passt's default, so a 65535-byte IP packet plus headers fits a frame.
 MAX_MTU = 65520
+#: Largest MTU a link may have: slirp4netns's limit (its IP packet plus the Ethernet header is
+#: 65,535 bytes). The command line's ``--mtu`` stops at :data:`MAX_MTU`.
+MTU_LIMIT = 65521
 #: Smallest MTU IPv4 allows (RFC 791).
 MIN_MTU = 576
 
@@ -75,6 +78,14 @@ class Config:
     dhcp_static: tuple[tuple[bytes, IPv4Address], ...] = ()
     #: Refuse the guest access to the host's loopback and own addresses.
     no_host_loopback: bool = False
+    #: With ``no_host_loopback``: a guest's TCP connect so refused gets an ICMP network
+    #: unreachable ("Network is unreachable" at once, as slirp4netns answers) instead of RST.
+    host_loopback_unreachable: bool = False
+    #: Serve DNS on ``dns_ip`` (and the gateway's port 53); False (slirp4netns
+    #: ``--disable-dns``): queries there go unanswered.
+    dns: bool = True
+    #: IPv4 source address every NAT host socket (TCP, UDP) binds to; None: the kernel picks.
+    outbound_addr: str | None = None
     #: Allow destinations in 169.254.0.0/16 (cloud metadata), refused by default.
     allow_link_local: bool = False
     #: Upper bound on NAT flows (TCP and UDP together).
@@ -102,8 +113,8 @@ class Config:
     guest_ip6: IPv6Address = field(default_factory=lambda: IPv6Address("fd00::15"))
 
     def __post_init__(self) -> None:
-        if not MIN_MTU <= self.mtu <= MAX_MTU:
-            raise ValueError(f"--mtu must be between {MIN_MTU} and {MAX_MTU}")
+        if not MIN_MTU <= self.mtu <= MTU_LIMIT:
+            raise ValueError(f"--mtu must be between {MIN_MTU} and {MTU_LIMIT}")
         for name in ("gateway", "dns_ip", "guest_ip"):
             addr = getattr(self, name)
             if addr not in self.subnet:
@@ -120,6 +131,11 @@ class Config:
             raise ValueError("--mac and --guest-mac must be unicast addresses")
         if not 1 <= self.pool_slots <= 65536:
             raise ValueError("--pool-slots must be between 1 and 65536")
+        if self.outbound_addr is not None:
+            try:
+                IPv4Address(self.outbound_addr)
+            except ValueError:
+                raise ValueError(f"not an IPv4 address: {self.outbound_addr!r}") from None
         self._check_ipv6()
 
     def _check_ipv6(self) -> None:

@@ -153,21 +153,31 @@ class Network:
         ifname: str = "eth0",
         configure: bool = False,
         userns: str | None = None,
+        userns_optional: bool = False,
+        adopt_existing: bool = False,
     ) -> TapLink:
         """Create a TAP ``ifname`` in an existing network namespace and serve it.
 
         ``target``: a PID, ``/proc/PID/ns/net``, a path under ``/run/netns`` or a name there.
         ``configure``: bring ``lo`` and the interface up with address, route and MTU (else it
         is left down for the guest's own DHCP client). ``userns``: the user namespace owning the
-        target (a PID's own is found by itself). ValueError for a bad name or target; OSError
-        or :class:`~guestnet.io.netns.HelperError` when the namespace work fails.
+        target (a PID's own is found by itself); ``userns_optional``: go on when joining it
+        fails. ``adopt_existing``: an interface ``ifname`` that already exists is opened and
+        served as it is, not configured. ValueError for a bad name or target; OSError or
+        :class:`~guestnet.io.netns.HelperError` when the namespace work fails.
         """
         check_ifname(ifname)
         netns_path, pid_userns = resolve_target(target)
         if userns is not None and not os.path.exists(userns):
             raise ValueError(f"no such user namespace: {userns}")
         setup = TapSetup.from_config(self.config, ifname, configure)
-        fd = open_tap_in(netns_path, userns or pid_userns, setup)
+        fd = open_tap_in(
+            netns_path,
+            userns or pid_userns,
+            setup,
+            userns_optional=userns_optional,
+            adopt_existing=adopt_existing,
+        )
         return self.attach_tap(fd, ifname)
 
     def spawn(self, cmd: Sequence[str], *, ifname: str = "eth0") -> Child:

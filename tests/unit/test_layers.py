@@ -1,8 +1,8 @@
 """The package's layering: dependencies point one way (pyproject.toml, [tool.importlinter]).
 
-``wire <- config/pool/counters <- core <- io <- assembly <- api <- network <- cli``: a module
-imports only from layers below its own, TYPE_CHECKING imports included. A change that makes an
-io driver import the assembly (or the core import io) fails here, in CI.
+``wire <- config/pool/counters <- core <- io <- assembly <- api <- network <- compat <- cli``:
+a module imports only from layers below its own, TYPE_CHECKING imports included. A change that
+makes an io driver import the assembly (or the core import io) fails here, in CI.
 """
 
 from __future__ import annotations

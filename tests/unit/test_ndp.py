@@ -62,10 +62,15 @@ def sn_addr(addr: str) -> str:
     return str(ipaddress.IPv6Address(bytes.fromhex("ff0200000000000000000001ff") + low))
 
 
-def with_ndp(core: Any, **kw: Any) -> NdpService:
-    """Put an NDP service (seeded randomness) into the harness's classifier."""
-    ndp = NdpService(core.config, core.pool, core.counters, core.switch, random.Random(7), **kw)
+def with_ndp(core: Any, greeted: bool = True) -> NdpService:
+    """Put an NDP service (seeded randomness) into the harness's classifier.
+
+    ``greeted``: the port has already had its first IPv6 packet (and the RA that greets it), so
+    a test sees only the answers to what it feeds.
+    """
+    ndp = NdpService(core.config, core.pool, core.counters, core.switch, random.Random(7))
     core.classifier.ndp = ndp
+    core.port.ip6_seen = greeted
     return ndp
 
 
@@ -274,8 +279,10 @@ def test_rs_from_unspecified_answered_to_all_nodes(core: Any) -> None:
     assert ra[IPv6].src == OUR_LL and ICMPv6ND_RA in ra
 
 
-def test_unsolicited_ra_at_start_and_periodically_to_every_port(core: Any) -> None:
+def test_unsolicited_ra_at_start_and_periodically_to_every_ipv6_port(core: Any) -> None:
     other = core.add_port("guest1")
+    other.ip6_seen = True
+    ipv4_only = core.add_port("guest2")  # its guest never spoke IPv6: no advertisements
     ndp = with_ndp(core)
     assert ndp.next_deadline() is None
     now = 100.0
@@ -299,7 +306,8 @@ def test_unsolicited_ra_at_start_and_periodically_to_every_port(core: Any) -> No
     assert all(i <= MAX_INITIAL_RTR_ADVERT_INTERVAL_S for i in first)
     assert all(MIN_RTR_ADV_INTERVAL_S <= i <= MAX_RTR_ADV_INTERVAL_S for i in rest)
     assert len(set(rest)) == len(rest)  # randomised, as RFC 4861 asks
-    assert core.counters["ndp.ra.unsolicited"] == 11
+    assert core.counters["ndp.ra.unsolicited"] == 2 * 11
+    assert len(other.sent) == 11 and ipv4_only.sent == []
 
 
 def test_no_ports_no_frame(make_core: Any) -> None:
@@ -311,15 +319,16 @@ def test_no_ports_no_frame(make_core: Any) -> None:
     assert ndp.next_deadline() is not None
 
 
-def test_new_guest_on_a_port_gets_an_ra(core: Any, frames: Any) -> None:
-    ndp = with_ndp(core)
-    core.switch.on_new_guest = ndp.port_up
+def test_first_ipv6_packet_on_a_port_gets_an_ra(core: Any, frames: Any) -> None:
+    with_ndp(core, greeted=False)
     core.feed(frames.arp())
-    sent = core.take_sent()
-    assert len(sent) == 2  # the RA for the newcomer, then the ARP reply
-    assert ICMPv6ND_RA in Ether(sent[0])
-    core.feed(frames.arp())
-    assert len(core.take_sent()) == 1  # the same guest again: no RA
+    assert len(core.take_sent()) == 1  # the ARP reply: no RA for an IPv4 frame
+    dad = ns("fd00::15", src="::", lladdr=None)
+    sent = feed(core, dad)
+    assert len(sent) == 1 and ICMPv6ND_RA in Ether(sent[0])
+    assert Ether(sent[0])[IPv6].dst == ALL_NODES
+    assert feed(core, dad) == []  # once per port
+    assert core.port.ip6_seen
 
 
 def test_prefix_not_64_is_not_autonomous() -> None:

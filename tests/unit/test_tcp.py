@@ -873,3 +873,36 @@ def test_stats(tcp: Tcp) -> None:
     assert info["state"] == "ESTABLISHED" and info["bytes_to_host"] == 5
     assert info["age_s"] == 2
     assert tcp.nat.counts_by_state() == {"ESTABLISHED": 1}
+
+
+def test_host_loopback_unreachable_answers_icmp_net_unreachable(
+    make_core: Any, frames: Any
+) -> None:
+    """slirp4netns's --disable-host-loopback: the SYN gets ICMP net unreachable, not RST."""
+    from scapy.layers.inet import ICMP, IP, TCP, IPerror, TCPerror
+    from scapy.layers.l2 import Ether
+
+    from guestnet.core.icmp import IcmpService
+
+    core = make_core(no_host_loopback=True, host_loopback_unreachable=True)
+    policy = Policy(core.config)
+    icmp = IcmpService(core.config, core.pool, core.counters, core.switch, policy, None)
+    core.classifier.icmp = icmp
+    t = Tcp(core, frames)
+    t.nat.unreachable = icmp.send_unreachable
+    t.send(SYN, ISN, dst=GATEWAY_IP, dport=8080)
+    (raw,) = core.take_sent()
+    pkt = Ether(raw)
+    assert TCP not in pkt or TCPerror in pkt
+    assert (pkt[ICMP].type, pkt[ICMP].code, pkt[IP].src) == (3, 0, "10.0.2.2")
+    assert pkt[IPerror].dst == "10.0.2.2" and pkt[TCPerror].dport == 8080
+    assert core.counters["tcp.policy.host_loopback"] == 1
+    assert t.io.connects == []
+    # Other refusals keep their RST; so does the gateway without the option (test above).
+    t.send(SYN, ISN, dst=bytes([169, 254, 169, 254]))
+    (s,) = t.out()
+    assert s.flags == RST | ACK
+    # The gateway still answers ping.
+    core.feed(frames.icmp(dst=GATEWAY_IP))
+    (reply,) = core.take_sent()
+    assert (Ether(reply)[ICMP].type, Ether(reply)[IP].src) == (0, "10.0.2.2")

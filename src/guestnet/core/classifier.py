@@ -10,7 +10,8 @@ It checks the Ethernet header, learns the guest's MAC for its link, and routes:
   to IPv6 reassembly, then Neighbor Discovery and echo to guestnet's addresses to NDP, other
   ICMPv6 to the ICMPv6 service, UDP to port 547 to DHCPv6, UDP and TCP to port 53 on the IPv6
   DNS or gateway address to DNS, other unicast UDP and TCP to the IPv6 NAT; other multicast is
-  dropped. The source of every IPv6 packet is learned onto the guest's Port (``learn_ip6``);
+  dropped. The source of every IPv6 packet is learned onto the guest's Port (``learn_ip6``), and
+  the first IPv6 packet on a port has NDP advertise the router there at once (``port_up``);
 - everything else is dropped and counted under a dotted reason (``eth.vlan.unsupported``...).
 
 Services not present yet (``None``) get a counted drop. Any :class:`WireError` raised while
@@ -30,6 +31,7 @@ from guestnet.core.packet import (
     Icmp6Handler,
     IcmpHandler,
     IpPacket,
+    NdpHandler,
     TcpHandler,
     UdpHandler,
 )
@@ -91,7 +93,7 @@ class FrameClassifier:
         self.reassembly: FragmentHandler | None = None
         # IPv6 (see the module docstring); None: counted drops under the reason in brackets.
         #: NDP and echo to guestnet's IPv6 addresses (guestnet.core.ndp) [ndp.unavailable].
-        self.ndp: Icmp6Handler | None = None
+        self.ndp: NdpHandler | None = None
         #: Other ICMPv6 from the guest: echo elsewhere, errors [icmp6.unavailable].
         self.icmp6: Icmp6Handler | None = None
         #: DHCPv6: UDP to port 547 on ff02::1:2 or an owned address [dhcp6.unavailable].
@@ -285,6 +287,10 @@ class FrameClassifier:
         self, data: memoryview, port: Port, src_mac: bytes, now: float, trusted: bool
     ) -> None:
         ip = parse_ipv6(data)
+        if not port.ip6_seen:
+            port.ip6_seen = True
+            if self.ndp is not None:
+                self.ndp.port_up(port)
         src = ip.src
         if src != port.ip6_last and src != _UNSPECIFIED6:
             port.learn_ip6(src)
@@ -320,6 +326,7 @@ class FrameClassifier:
         dst = pkt.dst
         msg = parse_icmpv6(l4, pkt.src, dst, verify=not pkt.csum_trusted)
         type_ = msg.type
+        handler: Icmp6Handler | None
         if type_ in NDP_TYPES or (type_ == ICMPV6_ECHO_REQUEST and dst in self._owned6):
             handler, reason = self.ndp, "ndp.unavailable"
         elif type_ in MLD_TYPES:

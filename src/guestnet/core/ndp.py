@@ -16,11 +16,14 @@ does not proxy for other guests.
 
 *Router Solicitations* are answered at once with a Router Advertisement on the soliciting port
 (unicast to the solicitor, or to all-nodes when it has no address yet). *Unsolicited* RAs go to
-all-nodes through the switch (every port): at start, when a new guest is seen on a port, and
-then periodically: every MaxRtrAdvInterval (600 s) at most, a random time between
-MinRtrAdvInterval (200 s) and that, with the first :data:`INITIAL_ADVERTS` at most 16 s apart
-(RFC 4861 6.2.4). The service is sans-I/O: :meth:`next_deadline` says when it next wants to run
-and :meth:`handle_timeout` is called then (the assembly arms a loop timer with it).
+all-nodes: one to a port as soon as its guest sends its first IPv6 packet (a host bringing up
+IPv6 always sends some, DAD probes and MLD reports, before its router solicitation), then to
+every such port at start and periodically: every MaxRtrAdvInterval (600 s) at most, a random
+time between MinRtrAdvInterval (200 s) and that, with the first :data:`INITIAL_ADVERTS` at most
+16 s apart (RFC 4861 6.2.4). Ports whose guests never spoke IPv6 (IPv4-only guests, or a
+harness reading IPv4) get none. The service is sans-I/O: :meth:`next_deadline` says when it
+next wants to run and :meth:`handle_timeout` is called then (the assembly arms a loop timer
+with it).
 
 Every advertisement is the same bytes (computed once from the configuration): hop limit 64,
 flags M and O (so DHCPv6 clients ask for an address and DNS), router lifetime 1800 s; options
@@ -37,7 +40,8 @@ counted and ignored (guestnet keeps no neighbour cache: it answers to the MAC a 
 an advertisement for one of guestnet's own addresses is counted as a conflict.
 
 *Echo.* ICMPv6 echo requests to an owned address are answered here, from a pooled frame, like
-ICMPv4 echo to the gateway.
+ICMPv4 echo to the gateway; a reply larger than the link's MTU (to a request the guest sent in
+fragments) goes out in fragments.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from __future__ import annotations
 import random
 
 from guestnet.config import Config
+from guestnet.core.fragments import send_ipv6_to_guest
 from guestnet.core.packet import IpPacket
 from guestnet.core.port import Port
 from guestnet.core.switch import Switch
@@ -134,6 +139,9 @@ class NdpService:
         self.ra_message = build_ra_message(config)
         self._next_ra: float | None = None
         self._adverts_sent = 0
+        #: Fragment identification for echo replies larger than the MTU (unpredictable start,
+        #: RFC 7739).
+        self._frag_ident = self.rng.getrandbits(32)
 
     # -- the timer --------------------------------------------------------------------------
 
@@ -151,10 +159,10 @@ class NdpService:
             self._unsolicited(now)
 
     def _unsolicited(self, now: float) -> None:
-        if self.switch.ports:
-            frame = self._ra_frame(ALL_NODES_MAC, ALL_NODES)
-            self.counters.inc("ndp.ra.unsolicited")
-            self.switch.send(frame)
+        for port in self.switch.ports:
+            if port.ip6_seen:
+                self.counters.inc("ndp.ra.unsolicited")
+                port.send(self._ra_frame(ALL_NODES_MAC, ALL_NODES))
         self._adverts_sent += 1
         interval = self.rng.uniform(MIN_RTR_ADV_INTERVAL_S, MAX_RTR_ADV_INTERVAL_S)
         if self._adverts_sent < INITIAL_ADVERTS:
@@ -162,7 +170,7 @@ class NdpService:
         self._next_ra = now + interval
 
     def port_up(self, port: Port) -> None:
-        """A new guest appeared on ``port``: tell it about the router without waiting."""
+        """``port``'s guest started speaking IPv6: tell it about the router without waiting."""
         self.counters.inc("ndp.ra.unsolicited")
         port.send(self._ra_frame(ALL_NODES_MAC, ALL_NODES))
 
@@ -255,7 +263,8 @@ class NdpService:
         set_icmpv6_checksum(buf, l4, l4 + n, pkt.dst, src)
         frame.length = _NDP_L4_OFF + n
         self.counters.inc("icmp6.echo.answered")
-        pkt.port.send(frame)
+        self._frag_ident = (self._frag_ident + 1) & 0xFFFFFFFF
+        send_ipv6_to_guest(frame, self.config.mtu, self.pool, pkt.port.send, self._frag_ident)
 
     # -- frames -------------------------------------------------------------------------------
 

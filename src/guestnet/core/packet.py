@@ -91,6 +91,13 @@ class Icmp6Handler(Protocol):
         """Handle one ICMPv6 message; ``pkt.l4`` is the whole message, checksum verified."""
 
 
+class NdpHandler(Icmp6Handler, Protocol):
+    """Neighbor Discovery: ICMPv6 messages, and a greeting for a port that starts IPv6."""
+
+    def port_up(self, port: Port) -> None:
+        """The first IPv6 packet came from ``port``: advertise the router there at once."""
+
+
 class FragmentHandler(Protocol):
     """Reassembly: takes fragments, hands whole datagrams back to the classifier."""
 

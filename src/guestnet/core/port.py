@@ -24,6 +24,7 @@ class Port:
         "guest_ip6",
         "guest_mac",
         "ip6_last",
+        "ip6_seen",
         "name",
         "offload_max",
         "rx_bytes",
@@ -45,6 +46,8 @@ class Port:
         self.guest_ip6: dict[bytes, None] = {}
         #: The source of the last IPv6 packet learned (most packets repeat it).
         self.ip6_last = b""
+        #: An IPv6 packet came from this port (the guest speaks IPv6: NDP greets it once).
+        self.ip6_seen = False
         #: Offloads the link takes toward the guest: 0, none (full checksums, one MSS per
         #: frame); above 0, frames may carry a partial checksum (``Frame.csum_start``) and TCP
         #: super-frames (``Frame.gso_size``) of up to this many bytes of IP packet.

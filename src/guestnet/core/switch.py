@@ -15,8 +15,6 @@ guests are not switched (yet): the classifier drops unicast that is not for gues
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from guestnet.core.port import Port
 from guestnet.counters import Counters
 from guestnet.pool import Frame, FramePool
@@ -25,16 +23,13 @@ from guestnet.pool import Frame, FramePool
 class Switch:
     """Guest MAC -> port table and the send path toward guests."""
 
-    __slots__ = ("_by_mac", "counters", "on_new_guest", "pool", "ports")
+    __slots__ = ("_by_mac", "counters", "pool", "ports")
 
     def __init__(self, pool: FramePool, counters: Counters) -> None:
         self.pool = pool
         self.counters = counters
         self.ports: list[Port] = []
         self._by_mac: dict[bytes, Port] = {}
-        #: Called with the port when a guest MAC is first seen on it (the guest is alive there):
-        #: the router advertisement it gets without waiting (NDP).
-        self.on_new_guest: Callable[[Port], None] | None = None
 
     def attach(self, port: Port) -> None:
         """Add a port (a link came up)."""
@@ -63,8 +58,6 @@ class Switch:
             prev.guest_mac = None
         port.guest_mac = mac
         self._by_mac[mac] = port
-        if old is None and self.on_new_guest is not None:
-            self.on_new_guest(port)
 
     def port_for(self, mac: bytes) -> Port | None:
         """The port a guest MAC was last seen on."""

@@ -86,11 +86,20 @@ class TcpNatDriver:
     ``switch`` is where forwarded connections find the guest link to open their flow on.
     """
 
-    def __init__(self, loop: Loop, counters: Counters, switch: Switch, nat: TcpNat) -> None:
+    def __init__(
+        self,
+        loop: Loop,
+        counters: Counters,
+        switch: Switch,
+        nat: TcpNat,
+        outbound_addr: str | None = None,
+    ) -> None:
         self.loop = loop
         self.counters = counters
         self.switch = switch
         self.nat = nat
+        #: IPv4 source every host connection binds to before connecting (``--outbound-addr``).
+        self.outbound_addr = outbound_addr
         nat.io = self
 
     # -- TcpIo -----------------------------------------------------------------------------------
@@ -105,6 +114,8 @@ class TcpNatDriver:
             return exc.errno or errno.EIO
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.outbound_addr is not None and family == socket.AF_INET:
+                sock.bind((self.outbound_addr, 0))
             err = sock.connect_ex((flow.host, flow.host_port))
         except OSError as exc:
             sock.close()

@@ -110,7 +110,7 @@ class HostUdpSocket(FlowSocket):
             sock.bind(("::", 0))
         else:
             sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
-            sock.bind(("0.0.0.0", 0))
+            sock.bind((self.driver.outbound_addr, 0))
 
     def sendto(self, data: memoryview, addr: tuple[str, int]) -> int:
         """Send one datagram (non-blocking; OSError on EAGAIN and friends)."""
@@ -202,6 +202,8 @@ class UdpNatDriver:
         self.loop = loop
         self.pool = pool
         self.counters = counters
+        #: Source address the flows' host sockets bind to (``--outbound-addr``, else any).
+        self.outbound_addr = config.outbound_addr or "0.0.0.0"
         self.nat = UdpNat(config, pool, counters, switch, policy, icmp, self._open)
         self.interval = max(1.0, min(SWEEP_INTERVAL_S, self.nat.timeout / 4))
         self._timer = self.loop.call_later(self.interval, self._sweep)

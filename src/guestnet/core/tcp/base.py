@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from guestnet.config import Config
 from guestnet.core.flows import FlowTable
+from guestnet.core.packet import IpPacket
 from guestnet.core.policy import Policy
 from guestnet.core.tcp.flow import TcpFlow, TcpIo
 from guestnet.counters import Counters
@@ -36,6 +37,9 @@ class TcpNatBase:
     #: Told when a DNS upstream could not be reached over TCP (refused, unreachable, timed
     #: out), so that ``dns_upstream`` moves on to the next, as the UDP relay does.
     dns_failed: Callable[[tuple[str, int], float], None] | None
+    #: Sends the guest an ICMP destination unreachable (datagram, code, from address): how a
+    #: SYN refused by ``--no-host-loopback`` is answered when ``host_loopback_unreachable``.
+    unreachable: Callable[[IpPacket, int, bytes], None] | None
     _isn: Callable[[], int]
     table: FlowTable[TcpFlow]
     #: The MSS we announce: what one guest-link frame carries.

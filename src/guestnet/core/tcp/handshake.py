@@ -19,8 +19,10 @@ closes its listening socket, never its flows.
 
 Refusals, RFC 9293 and counted under ``tcp.*``: a segment for no flow gets RST (unless it is an
 RST), a full flow table (``config.max_flows``), a destination the policy refuses or no
-descriptors (EMFILE) an RST for the SYN. A flow that lingers closed answers a retransmitted FIN
-with an ACK and gives way to a new SYN on its 4-tuple.
+descriptors (EMFILE) an RST for the SYN; but a SYN that ``--no-host-loopback`` refuses gets an
+ICMP network unreachable instead when ``config.host_loopback_unreachable`` asks for slirp4netns's
+answer (the guest's connect fails at once with ENETUNREACH). A flow that lingers closed answers
+a retransmitted FIN with an ACK and gives way to a new SYN on its 4-tuple.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from guestnet.core.tcp.flow import (
     seq_delta,
 )
 from guestnet.core.tcp.irregular import _Irregular
+from guestnet.wire.icmp import UNREACH_NET
 from guestnet.wire.tcp import ACK, FIN, RST, SYN, build_syn_options, parse_tcp_options
 
 
@@ -105,7 +108,15 @@ class _Handshake(_Irregular):
             verdict = self.policy.destination(key[2])
             if verdict.host is None:
                 counters.inc("tcp." + verdict.reason)
-                self._rst_for_syn(pkt, key, seq)
+                if (
+                    verdict.reason == "policy.host_loopback"
+                    and self.config.host_loopback_unreachable
+                    and self.unreachable is not None
+                ):
+                    # slirp4netns --disable-host-loopback: "Network is unreachable" at once.
+                    self.unreachable(pkt, UNREACH_NET, self.config.gateway_b)
+                else:
+                    self._rst_for_syn(pkt, key, seq)
                 return
             host, host_port = verdict.host, key[3]
         if self.table.full:

@@ -61,6 +61,7 @@ class TcpNat(_Handshake):
         dns_upstream: Callable[[], tuple[str, int] | None] | None = None,
         isn: Callable[[], int] | None = None,
         dns_failed: Callable[[tuple[str, int], float], None] | None = None,
+        unreachable: Callable[[IpPacket, int, bytes], None] | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
@@ -69,6 +70,7 @@ class TcpNat(_Handshake):
         self.io = io  # type: ignore[assignment]
         self.dns_upstream = dns_upstream
         self.dns_failed = dns_failed
+        self.unreachable = unreachable
         self._isn = isn if isn is not None else (lambda: random.getrandbits(32))
         self.table = FlowTable(config.max_flows)
         self.dns_handler = _DnsTcp(self)
