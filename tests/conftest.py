@@ -12,8 +12,9 @@ other settings (``make_core(pool_slots=4)``, any Config field) or a fresh core p
 example (function-scoped fixtures do not reset between examples; a factory call does).
 
 ``frames`` (session scope) hands out guest frame builders (``frames.arp``, ``frames.udp``,
-``frames.tcp``, ``frames.icmp``, ``frames.ipv4``) and the default addresses; they
-use guestnet's own codecs, which tests/unit/test_wire.py checks against scapy and golden bytes.
+``frames.tcp``, ``frames.icmp``, ``frames.ipv4``; for IPv6 ``frames.ipv6``, ``frames.udp6``,
+``frames.tcp6``, ``frames.icmp6``) and the default addresses; they use guestnet's own codecs,
+which tests/unit/test_wire.py and test_ipv6.py check against scapy and golden bytes.
 """
 
 from __future__ import annotations
@@ -31,9 +32,17 @@ from guestnet.core.switch import Switch
 from guestnet.counters import Counters
 from guestnet.pool import Frame, FramePool
 from guestnet.wire.arp import ARP_REQUEST, build_arp
-from guestnet.wire.ethernet import BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4, build_ethernet
+from guestnet.wire.ethernet import (
+    BROADCAST,
+    ETHERTYPE_ARP,
+    ETHERTYPE_IPV4,
+    ETHERTYPE_IPV6,
+    build_ethernet,
+)
 from guestnet.wire.icmp import ICMP_ECHO_REQUEST, build_icmp
+from guestnet.wire.icmpv6 import ICMPV6_ECHO_REQUEST, build_icmpv6
 from guestnet.wire.ipv4 import FLAG_DF, PROTO_ICMP, PROTO_TCP, PROTO_UDP, build_ipv4
+from guestnet.wire.ipv6 import PROTO_ICMPV6, build_ipv6
 from guestnet.wire.tcp import SYN, build_tcp
 from guestnet.wire.udp import build_udp
 
@@ -43,6 +52,14 @@ GATEWAY_IP = bytes([10, 0, 2, 2])
 DNS_IP = bytes([10, 0, 2, 3])
 OUR_MAC = bytes.fromhex("52550a000202")
 REMOTE_IP = bytes([93, 184, 216, 34])
+GUEST_IP6 = bytes.fromhex("fd000000000000000000000000000015")
+#: The guest's EUI-64 link-local address (from GUEST_MAC).
+GUEST_LL6 = bytes.fromhex("fe80000000000000505400fffe123456")
+GATEWAY_IP6 = bytes.fromhex("fd000000000000000000000000000002")
+DNS_IP6 = bytes.fromhex("fd000000000000000000000000000003")
+#: guestnet's link-local address (EUI-64 of OUR_MAC).
+OUR_LL6 = bytes.fromhex("fe8000000000000050550afffe000202")
+REMOTE_IP6 = bytes.fromhex("20010db8000000000000000000000001")
 
 
 class CollectingPort(Port):
@@ -208,6 +225,75 @@ def icmp_frame(
     return ipv4_frame(PROTO_ICMP, bytes(buf), dst=dst, **kw)
 
 
+def ipv6_frame(
+    next_header: int,
+    payload: bytes,
+    src: bytes = GUEST_IP6,
+    dst: bytes = REMOTE_IP6,
+    eth_src: bytes = GUEST_MAC,
+    eth_dst: bytes = OUR_MAC,
+    hop_limit: int = 64,
+) -> bytes:
+    """Ethernet + 40-byte IPv6 header + ``payload`` (extension headers and L4) as given."""
+    buf = bytearray(54 + len(payload))
+    off = build_ethernet(buf, 0, eth_dst, eth_src, ETHERTYPE_IPV6)
+    off = build_ipv6(buf, off, src, dst, next_header, len(payload), hop_limit)
+    buf[off:] = payload
+    return bytes(buf)
+
+
+def udp6_frame(
+    sport: int = 40000,
+    dport: int = 9999,
+    payload: bytes = b"hello",
+    src: bytes = GUEST_IP6,
+    dst: bytes = REMOTE_IP6,
+    **kw: Any,
+) -> bytes:
+    """A whole guest UDP-over-IPv6 frame with its checksum."""
+    return ipv6_frame(PROTO_UDP, udp_segment(sport, dport, payload, src, dst), src, dst, **kw)
+
+
+def tcp6_frame(
+    sport: int = 40000,
+    dport: int = 80,
+    flags: int = SYN,
+    payload: bytes = b"",
+    src: bytes = GUEST_IP6,
+    dst: bytes = REMOTE_IP6,
+    **kw: Any,
+) -> bytes:
+    """A whole guest TCP-over-IPv6 frame with its checksum."""
+    seg = tcp_segment(sport, dport, flags, payload, b"", src, dst)
+    return ipv6_frame(PROTO_TCP, seg, src, dst, **kw)
+
+
+def icmp6_message(
+    type_: int, code: int, word1: int, word2: int, body: bytes, src: bytes, dst: bytes
+) -> bytes:
+    """An ICMPv6 message with its checksum over the pseudo-header of ``src`` -> ``dst``."""
+    buf = bytearray(8 + len(body))
+    buf[8:] = body
+    build_icmpv6(buf, 0, type_, code, word1, word2, len(body), src, dst)
+    return bytes(buf)
+
+
+def icmp6_frame(
+    type_: int = ICMPV6_ECHO_REQUEST,
+    code: int = 0,
+    word1: int = 7,
+    word2: int = 1,
+    body: bytes = b"ping",
+    src: bytes = GUEST_IP6,
+    dst: bytes = GATEWAY_IP6,
+    hop_limit: int = 64,
+    **kw: Any,
+) -> bytes:
+    """A guest ICMPv6 frame (an echo request to the gateway by default)."""
+    msg = icmp6_message(type_, code, word1, word2, body, src, dst)
+    return ipv6_frame(PROTO_ICMPV6, msg, src, dst, hop_limit=hop_limit, **kw)
+
+
 def be16(value: int) -> bytes:
     """Two bytes, big-endian."""
     return struct.pack("!H", value)
@@ -226,6 +312,17 @@ class FrameBuilders:
     DNS_IP = DNS_IP
     OUR_MAC = OUR_MAC
     REMOTE_IP = REMOTE_IP
+    GUEST_IP6 = GUEST_IP6
+    GUEST_LL6 = GUEST_LL6
+    GATEWAY_IP6 = GATEWAY_IP6
+    DNS_IP6 = DNS_IP6
+    OUR_LL6 = OUR_LL6
+    REMOTE_IP6 = REMOTE_IP6
+    ipv6 = staticmethod(ipv6_frame)
+    udp6 = staticmethod(udp6_frame)
+    tcp6 = staticmethod(tcp6_frame)
+    icmp6 = staticmethod(icmp6_frame)
+    icmp6_message = staticmethod(icmp6_message)
     arp = staticmethod(arp_frame)
     ipv4 = staticmethod(ipv4_frame)
     udp = staticmethod(udp_frame)

@@ -10,6 +10,14 @@ counters, the switch and the classifier, builds each service and its driver with
 they use, and is the only code that plugs services into the classifier's slots and the forward
 registry's hooks. Nothing below it imports it.
 
+IPv6 (``config.ipv6``): the NDP service answers neighbour and router solicitations and echo to
+guestnet's IPv6 addresses; its periodic router advertisements run on a loop timer re-armed from
+:meth:`~guestnet.core.ndp.NdpService.next_deadline`; the first goes out at start, and one more
+to each port whose guest starts speaking IPv6 (the classifier calls ``port_up``). DNS over UDP
+takes IPv6 queries and IPv6 fragments are reassembled; the other IPv6 slots (``icmp6``,
+``dhcp6``, ``dns6_tcp``, ``udp_nat6``, ``tcp_nat6``) stay empty until their services exist, and
+the classifier counts those drops.
+
 Shutdown runs the ``on_close`` registry last-registered first (the TCP NAT, then UDP, ICMP, DNS,
 forwards), then closes the links and the loop: :meth:`Instance.close` leaves no descriptor, file
 or timer behind.
@@ -20,6 +28,7 @@ end, which the control API and the library face (``guestnet.network``) use.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import resource
 from collections.abc import Callable, Iterable, Mapping
@@ -28,13 +37,15 @@ from guestnet.config import Config
 from guestnet.core.classifier import FrameClassifier
 from guestnet.core.dhcp import DhcpServer
 from guestnet.core.fragments import Reassembler
+from guestnet.core.ndp import NdpService
 from guestnet.core.policy import Policy
 from guestnet.core.switch import Switch
 from guestnet.core.tcp import TcpNat
+from guestnet.core.timers import Timer
 from guestnet.counters import Counters
 from guestnet.io.dns_upstream import DnsUpstreamIO, upstream_servers
 from guestnet.io.forwards import Forwards, PublishSpec, add_published
-from guestnet.io.host import host_ipv4_addrs
+from guestnet.io.host import host_addrs
 from guestnet.io.icmp_sock import IcmpDriver, no_echo_warning, probe_echo_mode
 from guestnet.io.links import Link, LinkHub
 from guestnet.io.loop import Loop
@@ -42,6 +53,7 @@ from guestnet.io.pcap import PcapWriter, open_capture
 from guestnet.io.tcp_nat import TcpNatDriver
 from guestnet.io.udp_nat import UdpNatDriver
 from guestnet.pool import FramePool
+from guestnet.wire.l3 import IPV6
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +99,18 @@ class Instance:
         cfg, loop, pool, counters = self.config, self.loop, self.pool_to_guest, self.counters
         c = self.classifier
         self.dhcp = DhcpServer(cfg, pool, counters)
-        self.forwards = Forwards(loop, counters, cfg.subnet, self.guest_address)
+        self.forwards = Forwards(
+            loop,
+            counters,
+            cfg.subnet,
+            self.guest_address,
+            cfg.ipv6_prefix if cfg.ipv6 else None,
+            self.guest_address6 if cfg.ipv6 else None,
+        )
         self.on_close(self.forwards.close)
         self.dns = DnsUpstreamIO(cfg, loop, pool, counters, upstream_servers(cfg))
         self.on_close(self.dns.close)
-        self.policy = Policy(cfg, host_ipv4_addrs() if cfg.no_host_loopback else frozenset())
+        self.policy = Policy(cfg, host_addrs() if cfg.no_host_loopback else frozenset())
         self.icmp = IcmpDriver(
             cfg, loop, pool, counters, self.switch, self.policy, _echo_mode(echo_mode)
         )
@@ -125,6 +144,42 @@ class Instance:
         c.tcp_nat = nat
         c.tcp_fast = nat.handle_fast
         c.reassembly = self.reassembly
+        self.ndp: NdpService | None = None
+        if cfg.ipv6:
+            self._build_ipv6()
+
+    def _build_ipv6(self) -> None:
+        """NDP and router advertisements, and the IPv6 slots whose services take IPv6."""
+        c = self.classifier
+        ndp = NdpService(self.config, self.pool_to_guest, self.counters, self.switch)
+        self.ndp = ndp
+        c.ndp = ndp
+        c.dns6_udp = self.dns
+        self.reassembly6 = Reassembler(self.counters, c.route_ipv6, family=IPV6)
+        c.reassembly6 = self.reassembly6
+        # The NAT services are family-neutral: the same objects take IPv6.
+        c.dns6_tcp = c.dns_tcp
+        c.udp_nat6 = c.udp_nat
+        c.tcp_nat6 = c.tcp_nat
+        c.icmp6 = self.icmp.icmp
+        timer: list[Timer] = []
+
+        def arm() -> None:
+            when = ndp.next_deadline()
+            if when is not None:
+                timer[:] = [self.loop.call_at(when, fire)]
+
+        def fire(now: float) -> None:
+            ndp.handle_timeout(now)
+            arm()
+
+        def stop() -> None:
+            for t in timer:
+                t.cancel()
+
+        ndp.start(self.loop.now())
+        arm()
+        self.on_close(stop)
 
     def on_close(self, closer: Callable[[], None]) -> None:
         """Run ``closer`` at shutdown (sockets, files, devices), last registered first."""
@@ -133,6 +188,21 @@ class Instance:
     def guest_address(self) -> str:
         """Where traffic for "the guest" goes now: its latest DHCP lease, else ``--guest-ip``."""
         return str(self.dhcp.guest_address())
+
+    def guest_address6(self) -> str:
+        """Where IPv6 traffic for "the guest" goes now: ``--guest-ip6`` when the guest uses it
+        (DHCPv6 or --configure), else the global address in the prefix it used last (SLAAC,
+        a privacy address), else ``--guest-ip6``."""
+        cfg = self.config
+        wanted = cfg.guest_ip6.packed
+        latest = None
+        for port in self.switch.ports:
+            for addr in port.guest_ip6:
+                if addr == wanted:
+                    return str(cfg.guest_ip6)
+                if ipaddress.IPv6Address(addr) in cfg.ipv6_prefix:
+                    latest = addr
+        return str(ipaddress.IPv6Address(latest)) if latest is not None else str(cfg.guest_ip6)
 
     # -- what the operator asked for at start -----------------------------------------------------
 

@@ -103,6 +103,8 @@ def format_stats(stats: dict[str, Any]) -> str:
             f"in {link.get('frames_in')} frames {link.get('bytes_in')} bytes, "
             f"out {link.get('frames_out')} frames {link.get('bytes_out')} bytes"
         )
+        if link.get("guest_ip6"):
+            out.append(f"    guest IPv6: {', '.join(link['guest_ip6'])}")
     if not stats.get("links"):
         out.append("  (none)")
     out.append("pool:")

@@ -1,10 +1,12 @@
 """Fuzz the classifier with random and mutated guest frames (Hypothesis).
 
 Starting points are valid frames of every kind the classifier routes (ARP, DHCP, DNS, UDP and
-TCP to the NAT, ICMP, a fragment). Each example mutates a few of them (flip, overwrite, truncate,
-extend, splice) and feeds them, with and without ``csum_trusted`` so corrupted L4 bytes also reach
-the services behind the checksum check. Whatever comes in, nothing may raise out of
-``handle_frame`` and no pooled frame may be left checked out.
+TCP to the NAT, ICMP, a fragment; over IPv6: neighbour and router solicitations, echo to the
+gateway, DHCPv6, DNS, UDP and TCP to the NAT, extension headers, a fragment) and the NDP service
+is in place, so mutated NDP messages reach its validation. Each example mutates a few of them
+(flip, overwrite, truncate, extend, splice) and feeds them, with and without ``csum_trusted``
+so corrupted L4 bytes also reach the services behind the checksum check. Whatever comes in,
+nothing may raise out of ``handle_frame`` and no pooled frame may be left checked out.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guestnet.core.dhcp import DhcpServer
+from guestnet.core.ndp import NdpService
 from guestnet.wire.ethernet import BROADCAST
 from guestnet.wire.ipv4 import FLAG_MF, PROTO_UDP
 from guestnet.wire.tcp import ACK, PSH, SYN, build_syn_options
@@ -70,6 +73,28 @@ def seed_frames(f: Any) -> list[bytes]:
         f.tcp(40000, 53, ACK | PSH, payload=b"\x00\x05hello", dst=f.GATEWAY_IP),
         f.icmp(),
         f.ipv4(PROTO_UDP, bytes(24), frag=FLAG_MF),
+        *seed_frames6(f),
+    ]
+
+
+def seed_frames6(f: Any) -> list[bytes]:
+    """IPv6 seeds: NDP with options, echo, DHCPv6, DNS, NAT, extension headers, a fragment."""
+    gw = f.GATEWAY_IP6
+    sn_gw = bytes.fromhex("ff0200000000000000000001ff000002")
+    sll = bytes([1, 1]) + f.GUEST_MAC
+    all_routers = bytes.fromhex("ff020000000000000000000000000002")
+    all_dhcp = bytes.fromhex("ff020000000000000000000000010002")
+    udp = f.udp_segment(4000, 9999, b"six", f.GUEST_IP6, f.REMOTE_IP6)
+    return [
+        f.icmp6(135, 0, 0, 0, gw + sll, dst=sn_gw, hop_limit=255),
+        f.icmp6(135, 0, 0, 0, f.GUEST_IP6, src=bytes(16), dst=sn_gw, hop_limit=255),
+        f.icmp6(133, 0, 0, 0, sll, src=f.GUEST_LL6, dst=all_routers, hop_limit=255),
+        f.icmp6(128, 0, 7, 1, b"ping6"),
+        f.udp6(546, 547, b"\x01\x00\x00\x01", src=f.GUEST_LL6, dst=all_dhcp),
+        f.udp6(5353, 53, b"\x12\x34\x01\x00\x00\x01" + bytes(6), dst=f.DNS_IP6),
+        f.tcp6(40000, 80, SYN),
+        f.ipv6(0, bytes([60, 0, 1, 4, 0, 0, 0, 0]) + bytes([17, 0]) + bytes(6) + udp),
+        f.ipv6(44, bytes([PROTO_UDP, 0, 0, 1, 0, 0, 0, 9]) + bytes(16)),
     ]
 
 
@@ -93,15 +118,20 @@ def mutate(frame: bytes, ops: list[tuple[int, int, int]]) -> bytes:
 
 
 mutation = st.tuples(st.integers(0, 4), st.integers(0, 2000), st.integers(0, 255))
-mutated_frame = st.tuples(st.integers(0, 11), st.lists(mutation, min_size=1, max_size=6))
+mutated_frame = st.tuples(st.integers(0, 20), st.lists(mutation, min_size=1, max_size=6))
 random_frame = st.binary(min_size=0, max_size=200).map(
     lambda b: bytes.fromhex("52550a000202525400123456") + b
+)
+#: Random bytes behind an Ethernet header and a plausible IPv6 version nibble.
+random_frame6 = st.binary(min_size=0, max_size=200).map(
+    lambda b: bytes.fromhex("52550a00020252540012345686dd60") + b
 )
 
 
 def new_core(make_core: Any) -> Any:
     core = make_core()
     core.classifier.dhcp = DhcpServer(core.config, core.pool, core.counters)
+    core.classifier.ndp = NdpService(core.config, core.pool, core.counters, core.switch)
     return core
 
 
@@ -120,7 +150,11 @@ def test_fuzz_mutated_frames(make_core: Any, frames: Any, batch: list[Any]) -> N
 
 
 @settings(FUZZ_SETTINGS, max_examples=1000)
-@given(batch=st.lists(st.tuples(random_frame, st.booleans()), min_size=1, max_size=5))
+@given(
+    batch=st.lists(
+        st.tuples(st.one_of(random_frame, random_frame6), st.booleans()), min_size=1, max_size=5
+    )
+)
 def test_fuzz_random_frames(make_core: Any, batch: list[Any]) -> None:
     core = new_core(make_core)
     for data, trusted in batch:
@@ -138,4 +172,6 @@ def test_seed_frames_are_valid(make_core: Any, frames: Any) -> None:
     assert bad == {}, counts
     assert counts["arp.reply.sent"] == 3
     assert counts.get("dhcp.discover") == 1
+    assert counts["ndp.na.sent"] == 1 and counts["ndp.ns.dad_ignored"] == 1
+    assert counts["ndp.ra.solicited"] == 1 and counts["icmp6.echo.answered"] == 1
     assert core.pool.in_use == 0

@@ -337,10 +337,14 @@ def poke_cmd(addr: str) -> list[str]:
 #: 198.18.0.0/15 (the benchmarking range) and no route to anything else.
 SANDBOX_VETH_IP = "198.18.0.1"
 OUTSIDE_IP = "198.18.0.2"
+#: The same veth's IPv6 addresses (2001:db8::/32 is the documentation range: routed nowhere).
+SANDBOX_VETH_IP6 = "2001:db8:18::1"
+OUTSIDE_IP6 = "2001:db8:18::2"
 
 
 def make_outside(sandbox: Netns) -> Netns:
-    """A namespace joined to ``sandbox`` by a veth: 198.18.0.1 (sandbox) - 198.18.0.2 (outside)."""
+    """A namespace joined to ``sandbox`` by a veth: 198.18.0.1 (sandbox) - 198.18.0.2 (outside),
+    and 2001:db8:18::1 - ::2 (no DAD, so the addresses work at once)."""
     outside = make_netns("gnout")
     try:
         a, b = unique_name("gv")[:15], unique_name("gw")[:15]
@@ -352,6 +356,8 @@ def make_outside(sandbox: Netns) -> Netns:
         sandbox.run(["ip", "addr", "add", f"{SANDBOX_VETH_IP}/24", "dev", a])
         sandbox.run(["ip", "link", "set", a, "up"])
         outside.run(["ip", "addr", "add", f"{OUTSIDE_IP}/24", "dev", b])
+        sandbox.run(["ip", "-6", "addr", "add", f"{SANDBOX_VETH_IP6}/64", "dev", a, "nodad"])
+        outside.run(["ip", "-6", "addr", "add", f"{OUTSIDE_IP6}/64", "dev", b, "nodad"])
         outside.run(["ip", "link", "set", b, "up"])
 
         def reachable() -> bool:

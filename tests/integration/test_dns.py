@@ -169,6 +169,8 @@ def test_builtin_names(attach_guest: Callable[..., Guestnet], dnsmasq: int) -> N
         out = dig(gn.guest, name, "A")
         assert status(out) == "NOERROR" and answers(out) == ["10.0.2.2"], out
     out = dig(gn.guest, "host.containers.internal", "AAAA")
+    assert status(out) == "NOERROR" and answers(out) == ["fd00::2"], out
+    out = dig(gn.guest, "host.containers.internal", "MX")
     assert status(out) == "NOERROR" and answers(out) == [], out
 
 

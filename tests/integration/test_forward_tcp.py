@@ -30,8 +30,10 @@ GUEST_SERVER = r"""
 import hashlib, socket, sys, threading
 mode, port = sys.argv[1], int(sys.argv[2])
 arg = int(sys.argv[3]) if len(sys.argv) > 3 else 0
-ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-ls.bind(("10.0.2.15", port)); ls.listen(128)
+host = sys.argv[4] if len(sys.argv) > 4 else "10.0.2.15"
+ls = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind((host, port)); ls.listen(128)
 print("ready", flush=True)
 def chunks(n, seed):
     block = hashlib.sha256(seed).digest() * 32768  # 1 MiB, same on both ends
@@ -68,12 +70,13 @@ CLIENT = r"""
 import hashlib, socket, sys, time
 mode, port = sys.argv[1], int(sys.argv[2])
 arg = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+host = sys.argv[4] if len(sys.argv) > 4 else "127.0.0.1"
 def chunks(n, seed):
     block = hashlib.sha256(seed).digest() * 32768
     while n > 0:
         yield block[: min(n, len(block))]
         n -= len(block)
-s = socket.create_connection(("127.0.0.1", port), timeout=30)
+s = socket.create_connection((host, port), timeout=30)
 if mode == "up":
     h = hashlib.sha256()
     for b in chunks(arg, b"up"):
@@ -147,9 +150,9 @@ def guest_server(guest_ns: Netns) -> Iterator[Callable[..., subprocess.Popen[str
     """Factory: ``guest_server(mode, port, arg=0)`` starts GUEST_SERVER in the guest."""
     procs: list[subprocess.Popen[str]] = []
 
-    def start(mode: str, port: int, arg: int = 0) -> subprocess.Popen[str]:
+    def start(mode: str, port: int, arg: int = 0, host: str = GUEST_IP) -> subprocess.Popen[str]:
         proc = guest_ns.popen(
-            [sys.executable, "-c", GUEST_SERVER, mode, str(port), str(arg)],
+            [sys.executable, "-c", GUEST_SERVER, mode, str(port), str(arg), host],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -246,6 +249,34 @@ def test_32mib_exact_both_ways(
     n, sha, want_n, want_sha = _client(sandbox, "down", "18082", str(size)).split()
     assert (n, sha) == (want_n, want_sha), gn.stderr_text()
     assert gn.alive()
+
+
+def test_ipv6_published_port_reaches_the_guest_ipv6_address(
+    attach_guest: Callable[..., Guestnet], guest_server: Callable[..., Any], sandbox: Netns
+) -> None:
+    """``-p [::1]:P:G`` reaches the guest over IPv6 and ``-p 127.0.0.1:P:G`` over IPv4, side
+    by side (the IPv4 server listens on 10.0.2.15 only)."""
+    gn = _attach(
+        attach_guest,
+        "--mtu",
+        "1500",
+        "-p",
+        "[::1]:18083:5003",
+        "-p",
+        "127.0.0.1:18084:5004",
+        "-p",
+        "[::1]:18085:5005",
+    )
+    size = 8 * MIB
+    guest_server("source", 5003, size, "::")
+    guest_server("source", 5004, size, GUEST_IP)
+    n, sha, want_n, want_sha = _client(sandbox, "down", "18083", str(size), "::1").split()
+    assert (n, sha) == (want_n, want_sha), gn.stderr_text()
+    n, sha, want_n, want_sha = _client(sandbox, "down", "18084", str(size), "127.0.0.1").split()
+    assert (n, sha) == (want_n, want_sha), gn.stderr_text()
+    guest_server("sink", 5005, 0, "::")
+    got_n, got_sha, sent_n, sent_sha = _client(sandbox, "up", "18085", str(size), "::1").split()
+    assert (got_n, got_sha) == (sent_n, sent_sha), gn.stderr_text()
 
 
 def test_forwards_added_and_removed_while_traffic_flows(

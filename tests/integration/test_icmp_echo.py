@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 
 import pytest
-from nsutil import OUTSIDE_IP, Guestnet, Netns
+from nsutil import OUTSIDE_IP, OUTSIDE_IP6, SANDBOX_VETH_IP6, Guestnet, Netns
 
 pytestmark = pytest.mark.root
 
@@ -93,3 +93,34 @@ def test_big_ping_to_the_gateway_at_mtu_1500(attach_guest: Callable[..., Guestne
                         check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "4008 bytes from 10.0.2.2" in proc.stdout
+
+
+@pytest.mark.parametrize("mode", ["ping", "raw"])
+def test_ping6_outside(
+    attach_guest: Callable[..., Guestnet], sandbox: Netns, outside: Netns, mode: str
+) -> None:
+    """ICMPv6 echo beyond the host, through an ICMPv6 ping socket or the raw ICMPv6 socket;
+    big enough at MTU 1500 that both the request and the reply travel in fragments."""
+    if mode == "ping":
+        sandbox.run(["sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647"])
+    else:
+        sandbox.run(["sysctl", "-q", "-w", "net.ipv4.ping_group_range=1 0"])
+    gn = attach_guest("--mtu", "1500", "--log-level", "info")
+    for size in ("56", "3000"):
+        proc = gn.guest.run(
+            ["ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", "-s", size, OUTSIDE_IP6],
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr + gn.stderr_text()
+        assert f"{int(size) + 8} bytes from {OUTSIDE_IP6}" in proc.stdout
+
+
+def test_ping6_refused_destination_is_unreachable(
+    attach_guest: Callable[..., Guestnet], outside: Netns
+) -> None:
+    """--no-host-loopback refuses the host's own IPv6 addresses: guestnet answers the echo
+    with an ICMPv6 "administratively prohibited" from the gateway at once."""
+    gn = attach_guest("--no-host-loopback")
+    proc = gn.guest.run(["ping", "-6", "-c", "1", "-W", "2", SANDBOX_VETH_IP6], check=False)
+    assert proc.returncode != 0
+    assert "From fd00::2" in proc.stdout and "prohibited" in proc.stdout, proc.stdout

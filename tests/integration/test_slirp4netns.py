@@ -153,8 +153,10 @@ def test_podman_argv_configure_ready_exit_and_no_host_loopback(
         assert float(out[2]) < 2.0
         ping = guest_ns.run(["ping", "-c", "1", "-W", "3", GATEWAY], check=False)
         assert ping.returncode == 0, ping.stdout + ping.stderr
+        # --enable-ipv6 (podman passes it): IPv6 through the gateway too.
+        ping6 = guest_ns.run(["ping", "-6", "-c", "1", "-W", "3", "fd00::2"], check=False)
+        assert ping6.returncode == 0, ping6.stdout + ping6.stderr
         text = helper.output()
-        assert "IPv6 is not available in guestnet yet" in text
         assert "--enable-sandbox is not available" in text
         # Closing the exit pipe (POLLHUP) ends guestnet, with status 0; the TAP goes with it.
         os.close(exit_w)

@@ -1,5 +1,7 @@
 """TCP NAT end to end: a guest namespace's kernel talks TCP through guestnet to servers on the
-sandbox's 127.0.0.1 (the guest reaches them as the gateway, 10.0.2.2).
+sandbox's 127.0.0.1 (the guest reaches them as the gateway, 10.0.2.2), and over IPv6 to servers
+on the sandbox's ::1 (the guest reaches them as fd00::2): the transfer, half-close, refusal and
+loopback tests run for both families.
 
 Transfers are checked byte for byte (sha256 on both ends), with and without 2% random loss both
 ways injected in the guest namespace with nftables. Servers run in the sandbox and clients in
@@ -22,7 +24,10 @@ from nsutil import Guestnet, Netns, wait_for
 pytestmark = pytest.mark.root
 
 GATEWAY = "10.0.2.2"
+GATEWAY6 = "fd00::2"
 PORT = 5001
+#: Per family: the guest's name for the host, the host's loopback the server listens on.
+FAMILIES = {4: (GATEWAY, "127.0.0.1"), 6: (GATEWAY6, "::1")}
 MIB = 1 << 20
 
 # A server on the sandbox's loopback: prints "ready", serves one mode, prints its result.
@@ -30,8 +35,10 @@ SERVER = r"""
 import hashlib, os, socket, struct, sys, threading
 mode, port = sys.argv[1], int(sys.argv[2])
 arg = int(sys.argv[3]) if len(sys.argv) > 3 else 0
-ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-ls.bind(("127.0.0.1", port)); ls.listen(512)
+host = sys.argv[4] if len(sys.argv) > 4 else "127.0.0.1"
+ls = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind((host, port)); ls.listen(512)
 print("ready", flush=True)
 def chunks(n, seed):
     block = hashlib.sha256(seed).digest() * 32768  # 1 MiB, same on both ends
@@ -84,7 +91,7 @@ UPLOAD = r"""
 import hashlib, socket, sys, time
 n = int(sys.argv[1])
 block = hashlib.sha256(b"up").digest() * 32768
-h = hashlib.sha256(); s = socket.create_connection(("10.0.2.2", 5001), timeout=60)
+h = hashlib.sha256(); s = socket.create_connection((sys.argv[2], 5001), timeout=60)
 t = time.monotonic(); left = n
 while left > 0:
     b = block[: min(left, len(block))]; s.sendall(b); h.update(b); left -= len(b)
@@ -100,7 +107,7 @@ print(reply.decode(), h.hexdigest(), f"{n * 8 / (time.monotonic() - t) / 1e9:.3f
 
 DOWNLOAD = r"""
 import hashlib, socket, sys, time
-s = socket.create_connection(("10.0.2.2", 5001), timeout=60)
+s = socket.create_connection((sys.argv[1], 5001), timeout=60)
 h = hashlib.sha256(); n = 0; t = time.monotonic()
 while True:
     d = s.recv(1 << 20)
@@ -112,7 +119,7 @@ print(n, h.hexdigest(), f"{n * 8 / (time.monotonic() - t) / 1e9:.3f}")
 
 CONNECT = r"""
 import socket, sys
-s = socket.socket(); s.settimeout(10)
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET); s.settimeout(10)
 try:
     s.connect((sys.argv[1], int(sys.argv[2])))
     s.sendall(b"hi")
@@ -122,8 +129,8 @@ except OSError as e:
 """
 
 HALFCLOSE = r"""
-import socket
-s = socket.create_connection(("10.0.2.2", 5001), timeout=10)
+import socket, sys
+s = socket.create_connection((sys.argv[1], 5001), timeout=10)
 got = b""
 while True:
     d = s.recv(100)
@@ -169,12 +176,13 @@ def _sha(seed: bytes, n: int) -> str:
 
 @pytest.fixture
 def server(sandbox: Netns) -> Iterator[Callable[..., subprocess.Popen[str]]]:
-    """Factory: ``server(mode, arg=0)`` starts SERVER in the sandbox and waits for "ready"."""
+    """Factory: ``server(mode, arg=0, host="127.0.0.1")`` starts SERVER in the sandbox and waits
+    for "ready"."""
     procs: list[subprocess.Popen[str]] = []
 
-    def start(mode: str, arg: int = 0) -> subprocess.Popen[str]:
+    def start(mode: str, arg: int = 0, host: str = "127.0.0.1") -> subprocess.Popen[str]:
         proc = sandbox.popen(
-            [sys.executable, "-c", SERVER, mode, str(PORT), str(arg)],
+            [sys.executable, "-c", SERVER, mode, str(PORT), str(arg), host],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -218,30 +226,43 @@ def _add_loss(ns: Netns, percent: int) -> None:
         )  # fmt: skip
 
 
-def _transfer_both_ways(gn: Guestnet, server: Any, size: int, timeout: float) -> list[str]:
-    server("sink")
-    out = _run(gn, UPLOAD, str(size), timeout=timeout).split()
+@pytest.fixture(params=[4, 6], ids=["ipv4", "ipv6"])
+def family(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(the guest's address for the host, the host loopback the server listens on)."""
+    return FAMILIES[request.param]
+
+
+def _transfer_both_ways(
+    gn: Guestnet, server: Any, size: int, timeout: float, family: tuple[str, str] = FAMILIES[4]
+) -> list[str]:
+    gateway, loopback = family
+    server("sink", host=loopback)
+    out = _run(gn, UPLOAD, str(size), gateway, timeout=timeout).split()
     n, host_sha, guest_sha, up_gbps = out
     assert int(n) == size
     assert host_sha == guest_sha == _sha(b"up", size)
-    server("source", size)
-    n, sha, down_gbps = _run(gn, DOWNLOAD, timeout=timeout).split()
+    server("source", size, host=loopback)
+    n, sha, down_gbps = _run(gn, DOWNLOAD, gateway, timeout=timeout).split()
     assert int(n) == size
     assert sha == _sha(b"down", size)
     return [up_gbps, down_gbps]
 
 
 @pytest.mark.parametrize("mtu", [1500, 65520])
-def test_exact_transfers_both_ways(attach_guest: Any, server: Any, mtu: int) -> None:
+def test_exact_transfers_both_ways(
+    attach_guest: Any, server: Any, mtu: int, family: tuple[str, str]
+) -> None:
     gn = attach_guest("--mtu", str(mtu))
-    _transfer_both_ways(gn, server, 64 * MIB, timeout=120)
+    _transfer_both_ways(gn, server, 64 * MIB, timeout=120, family=family)
 
 
 @pytest.mark.parametrize("mtu", [1500, 65520])
-def test_exact_transfers_under_2_percent_loss(attach_guest: Any, server: Any, mtu: int) -> None:
+def test_exact_transfers_under_2_percent_loss(
+    attach_guest: Any, server: Any, mtu: int, family: tuple[str, str]
+) -> None:
     gn = attach_guest("--mtu", str(mtu))
     _add_loss(_guest(gn), 2)
-    _transfer_both_ways(gn, server, 64 * MIB, timeout=180)
+    _transfer_both_ways(gn, server, 64 * MIB, timeout=180, family=family)
 
 
 @pytest.mark.slow
@@ -252,19 +273,19 @@ def test_exact_transfers_1gib(attach_guest: Any, server: Any, mtu: int) -> None:
     _transfer_both_ways(gn, server, 1024 * MIB, timeout=600)
 
 
-def test_half_close_both_ways(attach_guest: Any, server: Any) -> None:
+def test_half_close_both_ways(attach_guest: Any, server: Any, family: tuple[str, str]) -> None:
     gn = attach_guest()
-    srv = server("halfclose")
-    out = _run(gn, HALFCLOSE, timeout=30).split()
+    srv = server("halfclose", host=family[1])
+    out = _run(gn, HALFCLOSE, family[0], timeout=30).split()
     assert out == ["from", "host", "True"]
     assert srv.stdout is not None
     assert srv.stdout.readline().strip() == "guest still talks after from host"
     # The upload test covers the other way: the guest half-closes, then reads the reply.
 
 
-def test_refused_port_is_rst(attach_guest: Any) -> None:
+def test_refused_port_is_rst(attach_guest: Any, family: tuple[str, str]) -> None:
     gn = attach_guest()
-    assert _run(gn, CONNECT, GATEWAY, "9", timeout=30).strip() == "ConnectionRefusedError"
+    assert _run(gn, CONNECT, family[0], "9", timeout=30).strip() == "ConnectionRefusedError"
 
 
 def test_abrupt_host_close_resets_guest(attach_guest: Any, server: Any) -> None:
@@ -274,11 +295,12 @@ def test_abrupt_host_close_resets_guest(attach_guest: Any, server: Any) -> None:
     assert out == "ConnectionResetError"
 
 
-def test_no_host_loopback_refuses(attach_guest: Any, server: Any) -> None:
+def test_no_host_loopback_refuses(attach_guest: Any, server: Any, family: tuple[str, str]) -> None:
+    gateway, loopback = family
     gn = attach_guest("--no-host-loopback")
-    server("echo")
-    assert _run(gn, CONNECT, GATEWAY, str(PORT), timeout=30).strip() == "ConnectionRefusedError"
-    assert _run(gn, CONNECT, "127.0.0.1", str(PORT), timeout=30).strip() in (
+    server("echo", host=loopback)
+    assert _run(gn, CONNECT, gateway, str(PORT), timeout=30).strip() == "ConnectionRefusedError"
+    assert _run(gn, CONNECT, loopback, str(PORT), timeout=30).strip() in (
         "ConnectionRefusedError",
         "OSError",  # the guest's own kernel may refuse 127/8 on eth0 before guestnet sees it
         "TimeoutError",

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from nsutil import OUTSIDE_IP, SANDBOX_VETH_IP, Guestnet, Netns
+from nsutil import OUTSIDE_IP, OUTSIDE_IP6, SANDBOX_VETH_IP, SANDBOX_VETH_IP6, Guestnet, Netns
 
 pytestmark = pytest.mark.root
 
@@ -29,7 +29,7 @@ import json, select, socket, sys
 host = sys.argv[1]
 socks = []
 for port in sys.argv[2:]:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
     s.bind((host, int(port)))
     socks.append(s)
 print("ready", flush=True)
@@ -55,8 +55,9 @@ while True:
 CLIENT = r"""
 import json, socket, sys
 req = json.loads(sys.argv[1])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", 0))
+v6 = ":" in req["sends"][0][0]
+s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("::" if v6 else "0.0.0.0", 0))
 s.settimeout(3)
 got = []
 try:
@@ -195,3 +196,54 @@ def test_published_udp_port_reaches_the_guest(
     who = json.loads(got[0][2])
     assert who[0] == "10.0.2.2"  # the guest sees the client as the gateway
     assert got[1][2] == b"hi"
+
+
+# -- IPv6 -------------------------------------------------------------------------------------
+
+
+def test_udp6_echo_through_the_gateway(
+    attach_guest: Callable[..., Guestnet], sandbox: Netns, servers: list[Any]
+) -> None:
+    servers.append(start_echo(sandbox, "::1", 7007))
+    gn = attach_guest()
+    got = guest_udp(gn.guest, [("fd00::2", 7007, b"hello over IPv6")], 1)
+    assert got == [("fd00::2", 7007, b"hello over IPv6")]
+
+
+def test_udp6_4000_byte_datagrams_both_ways_at_mtu_1500(
+    attach_guest: Callable[..., Guestnet], sandbox: Netns, servers: list[Any]
+) -> None:
+    """Fragments both ways: the guest's kernel fragments toward guestnet (Fragment headers,
+    reassembled), guestnet fragments the echo toward the guest."""
+    servers.append(start_echo(sandbox, "::1", 7000))
+    gn = attach_guest("--mtu", "1500")
+    payload = (bytes(range(256)) * 16)[:4000]
+    got = guest_udp(gn.guest, [("fd00::2", 7000, payload)], 1)
+    assert got == [("fd00::2", 7000, payload)]
+
+
+def test_udp6_host_port_unreachable(attach_guest: Callable[..., Guestnet]) -> None:
+    gn = attach_guest()
+    got = guest_udp(gn.guest, [("fd00::2", 9, b"nobody listens")], 1, connect=True)
+    assert got == {"error": 111}  # ECONNREFUSED, from guestnet's ICMPv6 port unreachable
+
+
+def test_udp6_no_host_loopback(
+    attach_guest: Callable[..., Guestnet], sandbox: Netns, servers: list[Any]
+) -> None:
+    servers.append(start_echo(sandbox, "::1", 7007))
+    gn = attach_guest("--no-host-loopback")
+    got = guest_udp(gn.guest, [("fd00::2", 7007, b"x")], 1, connect=True)
+    # ICMPv6 "administratively prohibited" reaches a connected socket as EACCES (13).
+    assert got == {"error": 13}
+
+
+def test_udp6_outside_by_its_address(
+    attach_guest: Callable[..., Guestnet], outside: Netns, servers: list[Any]
+) -> None:
+    """An IPv6 address beyond the host, reached from the host's own IPv6 address."""
+    servers.append(start_echo(outside, OUTSIDE_IP6, 7000))
+    gn = attach_guest()
+    got = guest_udp(gn.guest, [(OUTSIDE_IP6, 7000, b"who")], 1)
+    assert len(got) == 1 and got[0][:2] == (OUTSIDE_IP6, 7000)
+    assert json.loads(got[0][2])[0] == SANDBOX_VETH_IP6

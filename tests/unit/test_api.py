@@ -30,6 +30,7 @@ from guestnet.api import (
     start_control,
 )
 from guestnet.assembly import Instance
+from guestnet.client import format_stats
 from guestnet.config import Config
 from guestnet.io.forwards import Forward, parse_publish
 from guestnet.io.links import StreamLink
@@ -705,3 +706,15 @@ def test_client_commands(served: tuple[Instance, str], capsys: pytest.CaptureFix
         t.join()
     assert main(["stats", "--api-socket", path + ".missing"]) == 1
     assert "cannot reach" in capsys.readouterr().err
+
+
+def test_plain_stats_show_guest_ipv6() -> None:
+    link = {
+        "name": "tap0",
+        "kind": "tap",
+        "guest_mac": "52:54:00:12:34:56",
+        "guest_ip6": ["fd00::15", "fe80::1"],
+    }
+    text = format_stats({"links": [link], "drops": {"ndp.na.sent": 2}})
+    assert "    guest IPv6: fd00::15, fe80::1" in text.splitlines()
+    assert "guest IPv6" not in format_stats({"links": [dict(link, guest_ip6=[])]})

@@ -9,10 +9,13 @@ import pytest
 
 from guestnet.core.classifier import MAX_FRAME
 from guestnet.core.packet import IpPacket
+from guestnet.core.port import MAX_GUEST_IP6, Port
 from guestnet.wire import WireError
 from guestnet.wire.checksum import checksum
 from guestnet.wire.ethernet import BROADCAST, ETHERTYPE_IPV4, build_ethernet
 from guestnet.wire.ipv4 import FLAG_MF, PROTO_TCP, PROTO_UDP, build_ipv4
+from guestnet.wire.ipv6 import parse_ipv6
+from guestnet.wire.l3 import IPV6
 from guestnet.wire.tcp import ACK, SYN
 
 
@@ -56,6 +59,12 @@ class Recorder:
 
     def handle_fragment(self, pkt: IpPacket, now: float) -> None:
         self._record("fragment", pkt, now)
+
+    def handle_icmp6(self, pkt: IpPacket, now: float) -> None:
+        self._record("icmp6", pkt, now, hop_limit=pkt.hop_limit, family=pkt.family)
+
+    def port_up(self, port: Port) -> None:
+        self.calls.append(("port_up", {"port": port.name}))
 
 
 SERVICES = ("dhcp", "dns_udp", "dns_tcp", "icmp", "udp_nat", "tcp_nat", "reassembly")
@@ -189,7 +198,6 @@ def test_ethernet_padding_is_cut_off(core: Any, frames: Any, services: dict[str,
 @pytest.mark.parametrize(
     ("ethertype", "reason"),
     [
-        (0x86DD, "ipv6.unsupported"),
         (0x8100, "eth.vlan.unsupported"),
         (0x88CC, "eth.type.unsupported"),
     ],
@@ -202,6 +210,16 @@ def test_other_ethertypes(
     core.feed(frame)
     assert core.counters.snapshot() == {reason: 1}
     assert not any(r.calls for r in services.values())
+
+
+def test_ipv6_when_off(make_core: Any, frames: Any) -> None:
+    """With ``ipv6=False`` (--no-ipv6) an IPv6 frame is counted as unsupported, as before."""
+    core = make_core(ipv6=False)
+    frame = bytearray(60)
+    build_ethernet(frame, 0, frames.OUR_MAC, frames.GUEST_MAC, 0x86DD)
+    core.feed(frame)
+    assert core.counters.snapshot() == {"ipv6.unsupported": 1}
+    assert core.take_sent() == []
 
 
 @pytest.mark.parametrize(
@@ -473,3 +491,261 @@ def test_mac_moving_back_is_relearned(core: Any, frames: Any) -> None:
     assert core.switch.port_for(mac_b) is core.port
     core.feed(frames.udp(eth_src=mac_b), port=port_b)
     assert core.switch.port_for(mac_b) is port_b
+
+
+# --- IPv6 --------------------------------------------------------------------------------------
+
+SERVICES6 = (
+    "ndp",
+    "icmp6",
+    "dhcp6",
+    "dns6_udp",
+    "dns6_tcp",
+    "udp_nat6",
+    "tcp_nat6",
+    "reassembly6",
+)
+ALL_DHCP6 = bytes.fromhex("ff020000000000000000000000010002")
+ALL_NODES = bytes.fromhex("ff020000000000000000000000000001")
+MDNS6 = bytes.fromhex("ff0200000000000000000000000000fb")
+
+
+@pytest.fixture
+def services6(core: Any, services: dict[str, Recorder]) -> dict[str, Recorder]:
+    """Recorders in every IPv4 and IPv6 slot; the port counts as greeted by NDP already."""
+    recs = dict(services)
+    for name in SERVICES6:
+        recs[name] = Recorder()
+        setattr(core.classifier, name, recs[name])
+    core.port.ip6_seen = True
+    return recs
+
+
+def test_ipv6_udp_and_tcp_to_the_nat(
+    core: Any, frames: Any, services6: dict[str, Recorder]
+) -> None:
+    core.feed(frames.udp6(4000, 9999, b"six"))
+    kind, call = only_call(services6, "udp_nat6")
+    assert (kind, call["sport"], call["dport"], call["payload"]) == ("udp", 4000, 9999, b"six")
+    assert (call["src"], call["dst"], call["proto"]) == (
+        frames.GUEST_IP6, frames.REMOTE_IP6, PROTO_UDP,
+    )  # fmt: skip
+    services6["udp_nat6"].calls.clear()
+    core.feed(frames.tcp6(4000, 443, SYN))
+    kind, call = only_call(services6, "tcp_nat6")
+    assert kind == "tcp" and call["proto"] == PROTO_TCP and call["l4"][:4] == b"\x0f\xa0\x01\xbb"
+    assert core.counters.snapshot() == {}
+
+
+@pytest.mark.parametrize("dst_name", ["DNS_IP6", "GATEWAY_IP6"])
+def test_ipv6_dns(core: Any, frames: Any, services6: dict[str, Recorder], dst_name: str) -> None:
+    dst = getattr(frames, dst_name)
+    core.feed(frames.udp6(5353, 53, b"query", dst=dst))
+    assert only_call(services6, "dns6_udp")[1]["payload"] == b"query"
+    services6["dns6_udp"].calls.clear()
+    core.feed(frames.tcp6(5353, 53, SYN, dst=dst))
+    assert only_call(services6, "dns6_tcp")[0] == "tcp"
+
+
+def test_ipv6_port_53_elsewhere_goes_to_the_nat(
+    core: Any, frames: Any, services6: dict[str, Recorder]
+) -> None:
+    core.feed(frames.udp6(5353, 53, b"q"))
+    only_call(services6, "udp_nat6")
+
+
+@pytest.mark.parametrize("dst", [ALL_DHCP6, bytes.fromhex("fd00" + "00" * 13 + "02")])
+def test_dhcpv6_to_servers_group_or_ours(
+    core: Any, frames: Any, services6: dict[str, Recorder], dst: bytes
+) -> None:
+    eth = bytes.fromhex("333300010002") if dst[0] == 0xFF else frames.OUR_MAC
+    core.feed(frames.udp6(546, 547, b"\x01abc", src=frames.GUEST_LL6, dst=dst, eth_dst=eth))
+    _, call = only_call(services6, "dhcp6")
+    assert (call["sport"], call["dport"], call["payload"]) == (546, 547, b"\x01abc")
+
+
+@pytest.mark.parametrize(
+    ("type_", "dst_name", "slot"),
+    [
+        (133, "ALL_ROUTERS", "ndp"),
+        (135, "GATEWAY_IP6", "ndp"),
+        (136, "GATEWAY_IP6", "ndp"),
+        (134, "ALL_NODES", "ndp"),
+        (137, "GATEWAY_IP6", "ndp"),
+        (128, "GATEWAY_IP6", "ndp"),
+        (128, "DNS_IP6", "ndp"),
+        (128, "OUR_LL6", "ndp"),
+        (128, "REMOTE_IP6", "icmp6"),
+        (1, "REMOTE_IP6", "icmp6"),
+        (129, "REMOTE_IP6", "icmp6"),
+    ],
+)
+def test_icmpv6_routing(
+    core: Any, frames: Any, services6: dict[str, Recorder], type_: int, dst_name: str, slot: str
+) -> None:
+    dst = {
+        "ALL_ROUTERS": bytes.fromhex("ff020000000000000000000000000002"),
+        "ALL_NODES": ALL_NODES,
+    }.get(dst_name) or getattr(frames, dst_name)
+    core.feed(frames.icmp6(type_, 0, 0, 0, bytes(16), dst=dst, hop_limit=255))
+    kind, call = only_call(services6, slot)
+    assert kind == "icmp6" and call["hop_limit"] == 255 and call["dst"] == dst
+    assert call["l4"][0] == type_ and repr(call["family"]) == "IPV6"
+
+
+def test_multicast_and_mld_dropped(core: Any, frames: Any, services6: dict[str, Recorder]) -> None:
+    mcast = bytes.fromhex("3333000000fb")
+    core.feed(frames.udp6(5353, 5353, b"mdns", dst=MDNS6, eth_dst=mcast))
+    core.feed(frames.tcp6(5000, 80, SYN, dst=MDNS6, eth_dst=mcast))
+    core.feed(frames.icmp6(128, dst=ALL_NODES, eth_dst=bytes.fromhex("333300000001")))
+    mld_dst = bytes.fromhex("ff020000000000000000000000000016")
+    core.feed(frames.icmp6(143, 0, 0, 1, bytes(20), dst=mld_dst, hop_limit=1))
+    assert core.counters.snapshot() == {"ipv6.dst.multicast": 3, "icmp6.mld.ignored": 1}
+    assert not any(r.calls for r in services6.values())
+
+
+def test_ipv6_unavailable_services_counted(core: Any, frames: Any) -> None:
+    for name in SERVICES6:
+        assert getattr(core.classifier, name) is None
+    core.port.ip6_seen = True
+    core.feed(frames.icmp6(135, 0, 0, 0, bytes(16), hop_limit=255))
+    core.feed(frames.icmp6(128, dst=frames.REMOTE_IP6))
+    core.feed(frames.udp6(546, 547, b"x", dst=ALL_DHCP6, eth_dst=bytes.fromhex("333300010002")))
+    core.feed(frames.udp6(5353, 53, b"q", dst=frames.DNS_IP6))
+    core.feed(frames.tcp6(5353, 53, SYN, dst=frames.DNS_IP6))
+    core.feed(frames.udp6())
+    core.feed(frames.tcp6())
+    frag = bytes([PROTO_UDP, 0, 0, 1, 0, 0, 0, 9]) + bytes(16)  # offset 0, M set
+    core.feed(frames.ipv6(44, frag))
+    core.feed(frames.ipv6(132, b"sctp" * 4))
+    assert core.counters.snapshot() == {
+        "ndp.unavailable": 1,
+        "icmp6.unavailable": 1,
+        "dhcp6.unavailable": 1,
+        "dns6.unavailable": 1,
+        "dns6.tcp.unavailable": 1,
+        "nat6.udp.unavailable": 1,
+        "nat6.tcp.unavailable": 1,
+        "ipv6.fragment.unsupported": 1,
+        "ipv6.proto.unsupported": 1,
+    }
+    assert core.take_sent() == []
+
+
+def test_ipv6_extension_headers_walked_to_udp(
+    core: Any, frames: Any, services6: dict[str, Recorder]
+) -> None:
+    src, dst = frames.GUEST_IP6, frames.REMOTE_IP6
+    udp = frames.udp_segment(4000, 9999, b"behind options", src, dst)
+    hop_by_hop = bytes([60, 0, 1, 4, 0, 0, 0, 0])  # PadN
+    dest_opts = bytes([17, 1]) + bytes(14)
+    core.feed(frames.ipv6(0, hop_by_hop + dest_opts + udp))
+    _, call = only_call(services6, "udp_nat6")
+    assert call["payload"] == b"behind options" and call["proto"] == PROTO_UDP
+    assert call["l4"] == udp
+
+
+def test_ipv6_fragment_goes_to_reassembly6(
+    core: Any, frames: Any, services6: dict[str, Recorder]
+) -> None:
+    frag = bytes([PROTO_UDP, 0, 0, 8 | 1, 0, 0, 0, 9]) + b"y" * 16  # offset 8, M set
+    core.feed(frames.ipv6(44, frag))
+    kind, call = only_call(services6, "reassembly6")
+    assert kind == "fragment" and call["proto"] == PROTO_UDP and call["l4"] == b"y" * 16
+
+
+def test_ipv6_reassembled_packet_reenters_route_ipv6(
+    core: Any, frames: Any, services6: dict[str, Recorder]
+) -> None:
+    """``route_ipv6`` is the entry for whole packets; its WireErrors are counted, not raised."""
+    frame = frames.udp6(1, 2, b"whole")
+    ip = parse_ipv6(frame[14:])
+    l4 = memoryview(frame)[14 + 40 :]
+    pkt = IpPacket(core.port, frames.GUEST_MAC, ip, l4, False, IPV6, ip.src, ip.dst, 17, 64)
+    core.classifier.route_ipv6(pkt, core.now)
+    assert only_call(services6, "udp_nat6")[1]["payload"] == b"whole"
+    bad = pkt._replace(l4=l4[:5])
+    core.classifier.route_ipv6(bad, core.now)
+    assert core.counters.snapshot() == {"udp.truncated": 1}
+
+
+def test_ipv6_checksums(core: Any, frames: Any, services6: dict[str, Recorder]) -> None:
+    good = frames.udp6(4000, 9999, b"abc")
+    zero = bytearray(good)
+    zero[60:62] = b"\x00\x00"  # IPv6 forbids "no checksum"
+    core.feed(zero)
+    bad = bytearray(good)
+    bad[-1] ^= 1
+    core.feed(bad)
+    tcp = bytearray(frames.tcp6())
+    tcp[-1] ^= 1
+    core.feed(tcp)
+    icmp = bytearray(frames.icmp6())
+    icmp[-1] ^= 1
+    core.feed(icmp)
+    assert core.counters.snapshot() == {
+        "udp6.zero_checksum": 1,
+        "udp.bad_checksum": 1,
+        "tcp.bad_checksum": 1,
+        "icmp6.bad_checksum": 1,
+    }
+    core.feed(bad, csum_trusted=True)  # the link vouches: not verified
+    assert only_call(services6, "udp_nat6")[1]["trusted"] is True
+
+
+MALFORMED6 = [
+    ("short", lambda f: f.udp6()[:53], "ipv6.truncated"),
+    ("version", lambda f: f.udp6()[:14] + b"\x40" + f.udp6()[15:], "ipv6.bad_version"),
+    (
+        "payload_len",
+        lambda f: f.udp6()[:18] + b"\x01\x00" + f.udp6()[20:],
+        "ipv6.bad_payload_length",
+    ),
+    ("udp_short", lambda f: f.ipv6(17, b"\x00" * 7), "udp.truncated"),
+    ("icmp_short", lambda f: f.ipv6(58, b"\x80\x00"), "icmp6.truncated"),
+    ("ext_truncated", lambda f: f.ipv6(60, b"\x11\x05" + bytes(6)), "ipv6.ext.truncated"),
+]
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"), [m[1:] for m in MALFORMED6], ids=[m[0] for m in MALFORMED6]
+)
+def test_malformed_ipv6_counted(
+    core: Any, frames: Any, services6: dict[str, Recorder], make: Any, reason: str
+) -> None:
+    core.feed(make(frames))
+    assert core.counters.snapshot() == {reason: 1}
+    assert not any(r.calls for r in services6.values())
+
+
+def test_guest_ipv6_addresses_learned(
+    core: Any, frames: Any, services6: dict[str, Recorder]
+) -> None:
+
+    core.feed(frames.icmp6(135, 0, 0, 0, bytes(16), src=bytes(16), hop_limit=255))  # DAD: ::
+    assert core.port.guest_ip6 == {}
+    core.feed(frames.udp6(src=frames.GUEST_LL6))
+    core.feed(frames.udp6())
+    core.feed(frames.udp6())
+    core.feed(frames.udp6(src=frames.GUEST_LL6))
+    assert list(core.port.guest_ip6) == [frames.GUEST_IP6, frames.GUEST_LL6]
+    assert core.port.stats()["guest_ip6"] == ["fd00::15", "fe80::5054:ff:fe12:3456"]
+    assert core.switch.port_for_ip6(frames.GUEST_IP6) is core.port
+    assert core.switch.port_for_ip6(frames.REMOTE_IP6) is None
+    privacy = [bytes.fromhex("fd00" + "00" * 12 + f"{i:04x}") for i in range(100, 120)]
+    for addr in privacy:
+        core.feed(frames.udp6(src=addr))
+    assert len(core.port.guest_ip6) == MAX_GUEST_IP6
+    assert list(core.port.guest_ip6) == privacy[-MAX_GUEST_IP6:]  # least recently used go
+
+
+def test_first_ipv6_packet_greets_once(
+    core: Any, frames: Any, services: dict[str, Recorder]
+) -> None:
+    ndp = Recorder()
+    core.classifier.ndp = ndp
+    core.feed(frames.udp())
+    assert ndp.calls == []
+    core.feed(frames.udp6())
+    core.feed(frames.udp6())
+    assert ndp.calls == [("port_up", {"port": "guest0"})]

@@ -135,7 +135,20 @@ def test_builtin_answer_comes_from_the_address_asked(d: Dns) -> None:
     assert [src for _, _, src in d.replies()] == [d.frames.GATEWAY_IP, d.frames.DNS_IP]
 
 
-@pytest.mark.parametrize("rdtype", ["AAAA", "MX", "TXT", "ANY"])
+def test_builtin_aaaa_is_the_ipv6_gateway(d: Dns) -> None:
+    d.ask("host.containers.internal", "AAAA")
+    r = d.one_reply()
+    assert r.rcode() == dns.rcode.NOERROR and [str(rd) for rd in r.answer[0]] == ["fd00::2"]
+
+
+def test_builtin_aaaa_nodata_without_ipv6(make_core: Any, frames: Any) -> None:
+    d = Dns(make_core(ipv6=False), frames)
+    d.ask("host.containers.internal", "AAAA")
+    r = d.one_reply()
+    assert r.rcode() == dns.rcode.NOERROR and r.answer == []
+
+
+@pytest.mark.parametrize("rdtype", ["MX", "TXT", "ANY"])
 def test_builtin_other_types_nodata(d: Dns, rdtype: str) -> None:
     d.ask("gateway.guestnet.internal", rdtype)
     r = d.one_reply()

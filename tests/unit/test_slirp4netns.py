@@ -49,9 +49,9 @@ def test_podman_431_argv_path_mode(tmp_path: Path) -> None:
         str(netns), None, "tap0", str(netns)
     )  # fmt: skip
     assert o.enable_sandbox and o.enable_seccomp
-    # IPv6, sandbox and seccomp are not there yet: each is said so on stdout.
+    # Sandbox and seccomp are not there yet: each is said so on stdout. IPv6 is.
     text = "\n".join(o.warnings)
-    assert "IPv6 is not available" in text
+    assert "IPv6" not in text
     assert "--enable-sandbox is not available" in text
     assert "--enable-seccomp is not available" in text
 
@@ -221,6 +221,16 @@ def test_config_from_slirp_options() -> None:
         "10.0.2.0/24", 1500, True, False
     )  # fmt: skip
     assert default.mac == bytes.fromhex("52550a000202") and default.outbound_addr is None
+
+
+@pytest.mark.parametrize(("extra", "ipv6"), [((), False), (("--enable-ipv6",), True)])
+def test_slirp_mode_ipv6_only_with_enable_ipv6(extra: tuple[str, ...], ipv6: bool) -> None:
+    """As slirp4netns: IPv6 (fd00::/64, gateway ::2, DNS ::3) only with --enable-ipv6."""
+    config = s4.config_from_options(parse(*extra, "1", "tap0"))
+    assert config.ipv6 is ipv6
+    assert (str(config.ipv6_prefix), str(config.gateway6), str(config.dns_ip6)) == (
+        "fd00::/64", "fd00::2", "fd00::3"
+    )  # fmt: skip
 
 
 def test_config_errors() -> None:

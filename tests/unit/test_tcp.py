@@ -26,6 +26,7 @@ from guestnet.core.tcp import (
     TcpNat,
 )
 from guestnet.wire.ipv4 import PROTO_TCP, parse_ipv4
+from guestnet.wire.ipv6 import parse_ipv6
 from guestnet.wire.tcp import (
     ACK,
     FIN,
@@ -143,9 +144,21 @@ class Seg(NamedTuple):
 class Tcp:
     """A TcpNat on the core harness, with helpers to play the guest."""
 
-    def __init__(self, core: Any, frames: Any) -> None:
+    def __init__(self, core: Any, frames: Any, version: int = 4) -> None:
         self.core = core
         self.frames = frames
+        #: The guest speaks IPv4 or IPv6: addresses, frames and parsing follow.
+        self.version = version
+        self.guest_ip = GUEST_IP if version == 4 else frames.GUEST_IP6
+        self.gateway = GATEWAY_IP if version == 4 else frames.GATEWAY_IP6
+        #: What the gateway stands for on the host.
+        self.loopback = "127.0.0.1" if version == 4 else "::1"
+        #: IP + TCP header bytes: MSS = MTU - this.
+        self.overhead = 40 if version == 4 else 60
+        self.dns_ip = frames.DNS_IP if version == 4 else frames.DNS_IP6
+        #: An outside address, and how the host socket names it.
+        self.remote = REMOTE_IP if version == 4 else frames.REMOTE_IP6
+        self.remote_host = "198.18.0.7" if version == 4 else "2001:db8::1"
         self.io = FakeIo()
         self.nat = TcpNat(
             core.config,
@@ -157,9 +170,11 @@ class Tcp:
             isn=lambda: OUR_ISS,
         )
         core.classifier.tcp_nat = self.nat
+        core.classifier.tcp_nat6 = self.nat
         core.classifier.dns_tcp = self.nat.dns_handler
+        core.classifier.dns6_tcp = self.nat.dns_handler
         self.sport = 40000
-        self.dst = GATEWAY_IP
+        self.dst = self.gateway
         self.dport = 8080
 
     @property
@@ -193,11 +208,14 @@ class Tcp:
             flags,
             window,
             len(payload),
-            GUEST_IP,
+            self.guest_ip,
             dst,
             options,
         )
-        self.core.feed(self.frames.ipv4(PROTO_TCP, bytes(buf), dst=dst))
+        if self.version == 4:
+            self.core.feed(self.frames.ipv4(PROTO_TCP, bytes(buf), dst=dst))
+        else:
+            self.core.feed(self.frames.ipv6(PROTO_TCP, bytes(buf), dst=dst))
         self.flush()
 
     def flush(self) -> None:
@@ -209,7 +227,11 @@ class Tcp:
         """Segments sent to the guest since the last call."""
         segs = []
         for raw in self.core.take_sent():
-            ip = parse_ipv4(memoryview(raw)[14:])
+            ip = (
+                parse_ipv4(memoryview(raw)[14:])
+                if self.version == 4
+                else parse_ipv6(memoryview(raw)[14:])
+            )
             assert ip.proto == PROTO_TCP
             l4 = memoryview(raw)[14 + ip.header_len : 14 + ip.total_len]
             t = parse_tcp(l4)
@@ -265,9 +287,10 @@ class Tcp:
         self.nat.host_readable(self.flow, self.now)
 
 
-@pytest.fixture
-def tcp(core: Any, frames: Any) -> Iterator[Tcp]:
-    harness = Tcp(core, frames)
+@pytest.fixture(params=[4, 6], ids=["ipv4", "ipv6"])
+def tcp(core: Any, frames: Any, request: pytest.FixtureRequest) -> Iterator[Tcp]:
+    """The TCP translation over IPv4 and over IPv6: every test using it runs for both."""
+    harness = Tcp(core, frames, request.param)
     yield harness
     harness.nat.close_all()
 
@@ -281,15 +304,15 @@ def c(tcp: Tcp, name: str) -> int:
 
 def test_syn_connects_then_synack_with_mss_and_window_scale(tcp: Tcp) -> None:
     tcp.send(SYN, ISN, options=build_syn_options(1460, 7))
-    assert tcp.io.connects == [("127.0.0.1", 8080)]
+    assert tcp.io.connects == [(tcp.loopback, 8080)]
     assert tcp.out() == [], "no SYN-ACK before the host connect completes"
     assert tcp.flow.state_name == "CONNECTING"
     tcp.nat.host_connected(tcp.flow, 0, tcp.now)
     (s,) = tcp.out()
     assert s.flags == SYN | ACK
-    assert (s.src, s.sport, s.dst, s.dport) == (GATEWAY_IP, 8080, GUEST_IP, 40000)
+    assert (s.src, s.sport, s.dst, s.dport) == (tcp.gateway, 8080, tcp.guest_ip, 40000)
     assert s.seq == OUR_ISS and s.ack == ISN + 1
-    assert s.options.mss == tcp.core.config.mtu - 40
+    assert s.options.mss == tcp.core.config.mtu - tcp.overhead
     assert s.options.wscale == OUR_WSCALE
     assert not s.options.sack_permitted and s.options.timestamp is None
     assert tcp.flow.state_name == "SYN_RCVD"
@@ -305,8 +328,8 @@ def test_no_window_scale_when_guest_offers_none(tcp: Tcp) -> None:
 
 
 def test_other_destination_connects_as_is(tcp: Tcp) -> None:
-    tcp.send(SYN, ISN, dst=REMOTE_IP, dport=443)
-    assert tcp.io.connects == [("198.18.0.7", 443)]
+    tcp.send(SYN, ISN, dst=tcp.remote, dport=443)
+    assert tcp.io.connects == [(tcp.remote_host, 443)]
 
 
 def test_syn_retransmits_absorbed_while_connecting(tcp: Tcp) -> None:
@@ -413,7 +436,7 @@ def test_link_local_allowed_by_option(make_core: Any, frames: Any) -> None:
 
 
 def test_dns_over_tcp_goes_to_upstream(tcp: Tcp) -> None:
-    tcp.send(SYN, ISN, dst=bytes([10, 0, 2, 3]), dport=53)
+    tcp.send(SYN, ISN, dst=tcp.dns_ip, dport=53)
     assert tcp.io.connects == [("127.0.0.53", 53)]
     assert c(tcp, "tcp.syn.dns") == 1
 
@@ -841,8 +864,12 @@ def test_stats(tcp: Tcp) -> None:
     tcp.out()
     (info,) = tcp.nat.flows_info(tcp.now + 2)
     assert info["proto"] == "tcp"
-    assert info["guest"] == "10.0.2.15:40000" and info["dst"] == "10.0.2.2:8080"
-    assert info["host"] == "127.0.0.1:8080"
+    if tcp.version == 4:
+        assert info["guest"] == "10.0.2.15:40000" and info["dst"] == "10.0.2.2:8080"
+        assert info["host"] == "127.0.0.1:8080"
+    else:
+        assert info["guest"] == "[fd00::15]:40000" and info["dst"] == "[fd00::2]:8080"
+        assert info["host"] == "[::1]:8080"
     assert info["state"] == "ESTABLISHED" and info["bytes_to_host"] == 5
     assert info["age_s"] == 2
     assert tcp.nat.counts_by_state() == {"ESTABLISHED": 1}

@@ -32,10 +32,11 @@ The options map onto guestnet's :class:`~guestnet.config.Config` and
   end it too, and everything is closed on the way out. guestnet keeps no child process, so
   SIGKILL leaves none behind either.
 
-Not available yet, accepted with a warning on stdout: ``-6/--enable-ipv6`` (IPv6 is being
-built), ``--enable-sandbox`` and ``--enable-seccomp`` (hardening), ``--outbound-addr6``.
-``--help`` does not list sandbox and seccomp (podman and rootlesskit read it to decide what to
-pass); it lists ``--enable-ipv6``, because podman refuses a helper whose help lacks it.
+``-6/--enable-ipv6`` turns on guestnet's IPv6 on slirp4netns's addresses (router
+advertisements for fd00::/64, gateway fd00::2, DNS fd00::3); without it the guest link is
+IPv4 only, as with slirp4netns. Not available yet, accepted with a warning on stdout:
+``--enable-sandbox`` and ``--enable-seccomp`` (hardening), ``--outbound-addr6``. ``--help``
+does not list sandbox and seccomp (podman and rootlesskit read it to decide what to pass).
 Refused: ``--target-type=bess`` and ``--netns-type=tapfd``, and an MTU below 576.
 """
 
@@ -245,7 +246,7 @@ User-mode networking for unprivileged network namespaces (guestnet {__version__}
 -e, --exit-fd=FD         specify the FD for terminating slirp4netns
 -r, --ready-fd=FD        specify the FD to write to when the network is configured
 -m, --mtu=MTU            specify MTU (default={DEFAULT_MTU}, max={MAX_MTU})
--6, --enable-ipv6        enable IPv6 (not available in guestnet yet: accepted, with a warning)
+-6, --enable-ipv6        enable IPv6 (router advertisements for fd00::/64)
 -a, --api-socket=PATH    specify API socket path
 --cidr=CIDR              specify network address CIDR (default={DEFAULT_CIDR})
 --disable-host-loopback  prohibit connecting to 127.0.0.1:* on the host namespace
@@ -333,9 +334,6 @@ def _parse(prog: str, args: Sequence[str]) -> Options:
             o.api_socket = v
         elif name == "enable-ipv6":
             o.enable_ipv6 = True
-            o.warnings.append(
-                "WARNING: IPv6 is not available in guestnet yet: --enable-ipv6 is ignored"
-            )
         elif name == "help":
             raise SlirpExit(0, out=usage(prog))
         elif name == "version":
@@ -449,6 +447,8 @@ def config_from_options(o: Options) -> Config:
         dns=not o.disable_dns,
         outbound_addr=outbound,
         api_socket=_abspath(o.guestnet_api_socket or os.environ.get("GUESTNET_API_SOCKET")),
+        # slirp4netns speaks IPv6 only with --enable-ipv6 (fd00::/64, ::2, ::3: our defaults).
+        ipv6=o.enable_ipv6,
     )
 
 

@@ -142,7 +142,7 @@ class SlirpApi:
         if host_port is None:
             return _bad_argument("host_port")
         guest_addr = _ipv4_or_default(args.get("guest_addr"), self.default_guest)
-        if guest_addr is None or ipaddress.IPv4Address(guest_addr) not in self.forwards.subnet:
+        if guest_addr is None or ipaddress.IPv4Address(guest_addr) not in self.forwards.subnets[0]:
             return _bad_argument("guest_addr")
         guest_port = _port(args.get("guest_port"))
         if guest_port is None:

@@ -6,7 +6,13 @@ It checks the Ethernet header, learns the guest's MAC for its link, and routes:
 - IPv4 fragments to reassembly (whole datagrams come back through :meth:`route_ipv4`);
 - UDP to port 67 to DHCP; UDP and TCP to port 53 on the DNS or gateway address to DNS;
 - ICMP to the ICMP service, other TCP and UDP to the NAT;
-- everything else is dropped and counted under a dotted reason (``ipv6.unsupported``...).
+- IPv6 (when ``config.ipv6``; else ``ipv6.unsupported``): the extension headers walked, fragments
+  to IPv6 reassembly, then Neighbor Discovery and echo to guestnet's addresses to NDP, other
+  ICMPv6 to the ICMPv6 service, UDP to port 547 to DHCPv6, UDP and TCP to port 53 on the IPv6
+  DNS or gateway address to DNS, other unicast UDP and TCP to the IPv6 NAT; other multicast is
+  dropped. The source of every IPv6 packet is learned onto the guest's Port (``learn_ip6``), and
+  the first IPv6 packet on a port has NDP advertise the router there at once (``port_up``);
+- everything else is dropped and counted under a dotted reason (``eth.vlan.unsupported``...).
 
 Services not present yet (``None``) get a counted drop. Any :class:`WireError` raised while
 parsing becomes a drop counted by its reason; no bad frame ever raises out of
@@ -22,8 +28,10 @@ from guestnet.config import Config
 from guestnet.core.arp import ArpResponder
 from guestnet.core.packet import (
     FragmentHandler,
+    Icmp6Handler,
     IcmpHandler,
     IpPacket,
+    NdpHandler,
     TcpHandler,
     UdpHandler,
 )
@@ -41,8 +49,10 @@ from guestnet.wire.ethernet import (
     ETHERTYPE_VLAN,
 )
 from guestnet.wire.icmp import parse_icmp
+from guestnet.wire.icmpv6 import ICMPV6_ECHO_REQUEST, MLD_TYPES, NDP_TYPES, parse_icmpv6
 from guestnet.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, parse_ipv4
-from guestnet.wire.l3 import IPV4
+from guestnet.wire.ipv6 import PROTO_ICMPV6, parse_ipv6
+from guestnet.wire.l3 import IPV4, IPV6
 from guestnet.wire.tcp import parse_tcp, verify_tcp
 from guestnet.wire.udp import DNS_PORT, parse_udp, verify_udp
 
@@ -57,6 +67,10 @@ MAX_FRAME = ETH_HLEN + 4 + 65535
 _FAST = struct.Struct("!6s6sHBxHxxHxBxx4s4sHHIIBBH")
 #: Smallest frame the fast path looks at: Ethernet + IPv4 + TCP headers.
 _FAST_MIN = ETH_HLEN + 40
+#: DHCPv6 servers and relay agents listen on UDP 547 (RFC 8415 7.2).
+DHCP6_SERVER_PORT = 547
+#: All_DHCP_Relay_Agents_and_Servers: where DHCPv6 clients send (ff02::1:2).
+ALL_DHCP6_SERVERS = bytes.fromhex("ff020000000000000000000000010002")
 #: TCP segment handler for the fast path; see :attr:`FrameClassifier.tcp_fast`.
 TcpFast = Callable[[memoryview, bytes, bytes, int, int, int, int, int, int, int, float], bool]
 
@@ -77,6 +91,23 @@ class FrameClassifier:
         self.udp_nat: UdpHandler | None = None
         self.tcp_nat: TcpHandler | None = None
         self.reassembly: FragmentHandler | None = None
+        # IPv6 (see the module docstring); None: counted drops under the reason in brackets.
+        #: NDP and echo to guestnet's IPv6 addresses (guestnet.core.ndp) [ndp.unavailable].
+        self.ndp: NdpHandler | None = None
+        #: Other ICMPv6 from the guest: echo elsewhere, errors [icmp6.unavailable].
+        self.icmp6: Icmp6Handler | None = None
+        #: DHCPv6: UDP to port 547 on ff02::1:2 or an owned address [dhcp6.unavailable].
+        self.dhcp6: UdpHandler | None = None
+        #: DNS over IPv6 (port 53 on the IPv6 DNS or gateway address) [dns6.unavailable,
+        #: dns6.tcp.unavailable]: set only to services that answer an IPv6 packet.
+        self.dns6_udp: UdpHandler | None = None
+        self.dns6_tcp: TcpHandler | None = None
+        #: The NAT for other unicast IPv6 [nat6.udp.unavailable, nat6.tcp.unavailable].
+        self.udp_nat6: UdpHandler | None = None
+        self.tcp_nat6: TcpHandler | None = None
+        #: IPv6 reassembly; whole packets come back through route_ipv6
+        #: [ipv6.fragment.unsupported].
+        self.reassembly6: FragmentHandler | None = None
         #: Capture tap (pcap): sees every guest frame first, with the link's checksum verdict.
         self.capture: Callable[[memoryview, bool], None] | None = None
         #: The TCP NAT's entry for a segment of an established flow
@@ -86,6 +117,10 @@ class FrameClassifier:
         self._mac = config.mac
         self._dns_dsts = frozenset((config.dns_ip_b, config.gateway_b))
         self._broadcast = config.broadcast_b
+        self._ipv6 = config.ipv6
+        self._owned6 = config.owned6_b
+        self._dns6_dsts = frozenset((config.dns_ip6_b, config.gateway6_b))
+        self._dhcp6_dsts = frozenset((ALL_DHCP6_SERVERS, *config.owned6_b))
 
     def handle_frame(
         self, frame: memoryview, port: Port, now: float, csum_trusted: bool = False
@@ -157,7 +192,10 @@ class FrameClassifier:
         elif ethertype == ETHERTYPE_ARP:
             self.arp.handle_arp(frame[ETH_HLEN:], port)
         elif ethertype == ETHERTYPE_IPV6:
-            self.counters.inc("ipv6.unsupported")
+            if self._ipv6:
+                self._ipv6_frame(frame[ETH_HLEN:], port, src, now, csum_trusted)
+            else:
+                self.counters.inc("ipv6.unsupported")
         elif ethertype == ETHERTYPE_VLAN:
             self.counters.inc("eth.vlan.unsupported")
         else:
@@ -242,3 +280,108 @@ class FrameClassifier:
             self.counters.inc("icmp.unavailable")
             return
         self.icmp.handle_icmp(pkt, now)
+
+    # -- IPv6 -------------------------------------------------------------------------------------
+
+    def _ipv6_frame(
+        self, data: memoryview, port: Port, src_mac: bytes, now: float, trusted: bool
+    ) -> None:
+        ip = parse_ipv6(data)
+        if not port.ip6_seen:
+            port.ip6_seen = True
+            if self.ndp is not None:
+                self.ndp.port_up(port)
+        src = ip.src
+        if src != port.ip6_last and src != _UNSPECIFIED6:
+            port.learn_ip6(src)
+        l4 = data[ip.header_len : ip.total_len]
+        pkt = _new(
+            IpPacket, (port, src_mac, ip, l4, trusted, IPV6, src, ip.dst, ip.proto, ip.hop_limit)
+        )
+        if ip.is_fragment:
+            if self.reassembly6 is None:
+                self.counters.inc("ipv6.fragment.unsupported")
+            else:
+                self.reassembly6.handle_fragment(pkt, now)
+            return
+        self.route_ipv6(pkt, now)
+
+    def route_ipv6(self, pkt: IpPacket, now: float) -> None:
+        """Dispatch a whole IPv6 packet (also the entry for reassembled ones)."""
+        try:
+            proto = pkt.proto
+            if proto == PROTO_TCP:
+                self._tcp6(pkt, now)
+            elif proto == PROTO_UDP:
+                self._udp6(pkt, now)
+            elif proto == PROTO_ICMPV6:
+                self._icmp6(pkt, now)
+            else:
+                self.counters.inc("ipv6.proto.unsupported")
+        except WireError as exc:
+            self.counters.inc(exc.reason)
+
+    def _icmp6(self, pkt: IpPacket, now: float) -> None:
+        l4 = pkt.l4
+        dst = pkt.dst
+        msg = parse_icmpv6(l4, pkt.src, dst, verify=not pkt.csum_trusted)
+        type_ = msg.type
+        handler: Icmp6Handler | None
+        if type_ in NDP_TYPES or (type_ == ICMPV6_ECHO_REQUEST and dst in self._owned6):
+            handler, reason = self.ndp, "ndp.unavailable"
+        elif type_ in MLD_TYPES:
+            self.counters.inc("icmp6.mld.ignored")
+            return
+        elif dst[0] == 0xFF:
+            raise WireError("ipv6.dst.multicast")
+        else:
+            handler, reason = self.icmp6, "icmp6.unavailable"
+        if handler is None:
+            self.counters.inc(reason)
+            return
+        handler.handle_icmp6(pkt, now)
+
+    def _udp6(self, pkt: IpPacket, now: float) -> None:
+        l4 = pkt.l4
+        udp = parse_udp(l4)
+        dst = pkt.dst
+        if not pkt.csum_trusted:
+            # IPv6 makes the UDP checksum mandatory (RFC 8200 8.1): 0 is no exemption.
+            if udp.checksum == 0:
+                raise WireError("udp6.zero_checksum")
+            if not verify_udp(l4, pkt.src, dst, udp.length):
+                raise WireError("udp.bad_checksum")
+        payload = l4[8 : udp.length]
+        dport = udp.dport
+        if dport == DHCP6_SERVER_PORT and dst in self._dhcp6_dsts:
+            handler, reason = self.dhcp6, "dhcp6.unavailable"
+        elif dport == DNS_PORT and dst in self._dns6_dsts:
+            handler, reason = self.dns6_udp, "dns6.unavailable"
+        elif IPV6.not_unicast(dst):
+            raise WireError("ipv6.dst.multicast")
+        else:
+            handler, reason = self.udp_nat6, "nat6.udp.unavailable"
+        if handler is None:
+            self.counters.inc(reason)
+            return
+        handler.handle_udp(pkt, udp.sport, dport, payload, now)
+
+    def _tcp6(self, pkt: IpPacket, now: float) -> None:
+        l4 = pkt.l4
+        tcp = parse_tcp(l4)
+        dst = pkt.dst
+        if not pkt.csum_trusted and not verify_tcp(l4, pkt.src, dst):
+            raise WireError("tcp.bad_checksum")
+        if tcp.dport == DNS_PORT and dst in self._dns6_dsts:
+            handler, reason = self.dns6_tcp, "dns6.tcp.unavailable"
+        elif IPV6.not_unicast(dst):
+            raise WireError("ipv6.dst.multicast")
+        else:
+            handler, reason = self.tcp_nat6, "nat6.tcp.unavailable"
+        if handler is None:
+            self.counters.inc(reason)
+            return
+        handler.handle_tcp(pkt, now)
+
+
+_UNSPECIFIED6 = bytes(16)

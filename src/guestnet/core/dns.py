@@ -7,7 +7,8 @@ Each is checked with dnspython (a query that does not parse gets FORMERR when it
 is there to answer, else a counted drop), then either answered here or forwarded:
 
 - **Built-in names** (:data:`BUILTIN_NAMES`, any case): an A query gets the gateway address,
-  any other type gets NOERROR with no records (NODATA). Other names inside our own zone
+  an AAAA query the IPv6 gateway address (with IPv6 on), any other type gets NOERROR with no
+  records (NODATA). Other names inside our own zone
   (:data:`LOCAL_ZONE`) get NXDOMAIN here, so no query for them leaves the host.
 - **Everything else** goes to the upstream resolvers (``/etc/resolv.conf`` or
   ``--dns-upstream``; the I/O driver chooses the list). The core does not send: it appends
@@ -172,7 +173,15 @@ class DnsService:
         self._timeouts: list[tuple[float, int, int]] = []
         self._seq = itertools.count()
         self._down_until = [0.0] * len(self.upstreams)
-        gateway = dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.A, str(config.gateway))
+        gateway: dict[int, dns.rdata.Rdata] = {
+            dns.rdatatype.A: dns.rdata.from_text(
+                dns.rdataclass.IN, dns.rdatatype.A, str(config.gateway)
+            )
+        }
+        if config.ipv6:
+            gateway[dns.rdatatype.AAAA] = dns.rdata.from_text(
+                dns.rdataclass.IN, dns.rdatatype.AAAA, str(config.gateway6)
+            )
         self._builtin = {dns.name.from_text(n): gateway for n in BUILTIN_NAMES}
         self._zone = dns.name.from_text(LOCAL_ZONE)
         self._mtu = config.mtu
@@ -219,13 +228,14 @@ class DnsService:
 
     def _answer_builtin(self, pkt: IpPacket, sport: int, query: dns.message.Message) -> None:
         q = query.question[0]
-        rdata = self._builtin.get(q.name)
-        if rdata is None:
+        by_type = self._builtin.get(q.name)
+        if by_type is None:
             self.counters.inc("dns.builtin.nxdomain")
             self._reply(pkt, sport, self._response(query, dns.rcode.NXDOMAIN, aa=True))
             return
         answer = None
-        if q.rdtype == dns.rdatatype.A and q.rdclass == dns.rdataclass.IN:
+        rdata = by_type.get(q.rdtype) if q.rdclass == dns.rdataclass.IN else None
+        if rdata is not None:
             self.counters.inc("dns.builtin.answer")
             answer = dns.rrset.from_rdata(q.name, BUILTIN_TTL, rdata)
         else:

@@ -1,4 +1,4 @@
-"""IPv4 fragments: reassembly of the guest's datagrams, fragmentation of datagrams toward it.
+"""IP fragments: reassembly of the guest's datagrams (IPv4 and IPv6), fragmentation toward it.
 
 Theory of operation
 -------------------
@@ -19,11 +19,20 @@ piece that overlaps another piece of the same datagram, other than an exact dupl
 datagram is dropped, and later pieces of it are dropped too until its timeout ends. An exact
 duplicate (same offset, same length) is a retransmission and is ignored.
 
+*IPv6.* The same reassembly serves IPv6 (one :class:`Reassembler` per family, ``family=IPV6``,
+counters under ``ipv6.fragment.*``): the classifier stops its walk of the extension headers at
+a Fragment header, whose identification, offset and M flag the parsed header carries under
+IPv4's names (``ident``, ``frag_offset``, ``frag``), and its next header as ``proto``. The
+whole packet is rebuilt as a 40-byte header with that next header in front of the reassembled
+bytes and parsed again, so extension headers of the fragmentable part are walked as in any
+packet, then handed to ``classifier.route_ipv6``.
+
 *Toward the guest.* A datagram from the host larger than the guest's MTU (a UDP reply, an echo
 reply) is built whole in one pooled frame and then split by :func:`fragment_frame`: the first
 fragment stays in that frame (its header is rewritten and its length cut), the others are copied
 into fresh pooled frames. Each fragment carries a multiple of 8 bytes except the last. TCP never
-needs this: it segments by MSS.
+needs this: it segments by MSS. An IPv6 packet is split the same way by :func:`fragment_frame6`,
+each piece behind a Fragment header (RFC 8200 4.5) with an identification the caller gives.
 """
 
 from __future__ import annotations
@@ -35,9 +44,19 @@ from collections.abc import Callable
 from guestnet.core.packet import IpPacket, ipv4_packet
 from guestnet.counters import Counters
 from guestnet.pool import Frame, FramePool
+from guestnet.wire import WireError
 from guestnet.wire.checksum import checksum
 from guestnet.wire.ethernet import ETH_HLEN
 from guestnet.wire.ipv4 import FLAG_MF, IPV4_HLEN, build_ipv4, parse_ipv4
+from guestnet.wire.ipv6 import (
+    FRAG_HLEN,
+    IPV6_HLEN,
+    NH_FRAGMENT,
+    IPv6Header,
+    build_ipv6,
+    parse_ipv6,
+)
+from guestnet.wire.l3 import IPV4, IPV6, L3Family
 
 #: Datagrams in reassembly at once; a new one beyond this evicts the oldest.
 MAX_DATAGRAMS = 64
@@ -45,6 +64,8 @@ MAX_DATAGRAMS = 64
 REASSEMBLY_TIMEOUT_S = 30.0
 #: Largest IP payload a datagram can carry (65,535 minus a 20-byte header).
 MAX_PAYLOAD = 65535 - IPV4_HLEN
+#: Largest IPv6 payload (the payload length field, without jumbograms).
+MAX_PAYLOAD6 = 65535
 
 FragmentKey = tuple[bytes, bytes, int, int]
 
@@ -69,9 +90,19 @@ class _Datagram:
 
 
 class Reassembler:
-    """Collects the guest's IPv4 fragments and re-injects whole datagrams into the classifier."""
+    """Collects the guest's fragments of one IP family and re-injects whole datagrams into the
+    classifier."""
 
-    __slots__ = ("_datagrams", "counters", "deliver", "max_datagrams", "timeout")
+    __slots__ = (
+        "_datagrams",
+        "_max_payload",
+        "_reason",
+        "counters",
+        "deliver",
+        "family",
+        "max_datagrams",
+        "timeout",
+    )
 
     def __init__(
         self,
@@ -79,12 +110,19 @@ class Reassembler:
         deliver: Callable[[IpPacket, float], None],
         max_datagrams: int = MAX_DATAGRAMS,
         timeout: float = REASSEMBLY_TIMEOUT_S,
+        family: L3Family = IPV4,
     ) -> None:
-        """``deliver`` is ``route_ipv4(pkt, now)``: usually ``classifier.route_ipv4``."""
+        """``deliver`` is the classifier's ``route_ipv4(pkt, now)`` (``route_ipv6`` for
+        ``family=IPV6``)."""
         self.counters = counters
         self.deliver = deliver
         self.max_datagrams = max_datagrams
         self.timeout = timeout
+        self.family = family
+        v6 = family is IPV6
+        self._max_payload = MAX_PAYLOAD6 if v6 else MAX_PAYLOAD
+        #: Counter names: ``ipv4.fragment.<what>`` or ``ipv6.fragment.<what>``.
+        self._reason = "ipv6.fragment." if v6 else "ipv4.fragment."
         self._datagrams: OrderedDict[FragmentKey, _Datagram] = OrderedDict()
 
     def __len__(self) -> int:
@@ -104,7 +142,7 @@ class Reassembler:
                 break
             del datagrams[key]
             if not dgram.dead:
-                self.counters.inc("ipv4.fragment.timeout")
+                self.counters.inc(self._reason + "timeout")
             n += 1
         return n
 
@@ -118,44 +156,44 @@ class Reassembler:
         more = bool(ip.frag & FLAG_MF)
         counters = self.counters
         if more and (size == 0 or size % 8):
-            counters.inc("ipv4.fragment.bad_length")
+            counters.inc(self._reason + "bad_length")
             return
         end = offset + size
-        if end > MAX_PAYLOAD:
-            counters.inc("ipv4.fragment.too_big")
+        if end > self._max_payload:
+            counters.inc(self._reason + "too_big")
             return
         key = (ip.src, ip.dst, ip.proto, ip.ident)
         dgram = self._datagrams.get(key)
         if dgram is None:
             if len(self._datagrams) >= self.max_datagrams:
                 self._datagrams.popitem(last=False)
-                counters.inc("ipv4.fragment.evicted")
+                counters.inc(self._reason + "evicted")
             dgram = _Datagram(now + self.timeout)
             self._datagrams[key] = dgram
         if dgram.dead:
-            counters.inc("ipv4.fragment.after_overlap")
+            counters.inc(self._reason + "after_overlap")
             return
         if dgram.total >= 0 and (end > dgram.total or (not more and end != dgram.total)):
-            self._kill(dgram, "ipv4.fragment.bad_end")
+            self._kill(dgram, self._reason + "bad_end")
             return
         for p_off, p_data in dgram.pieces:
             p_end = p_off + len(p_data)
             if offset < p_end and p_off < end:
                 if p_off == offset and p_end == end:
-                    counters.inc("ipv4.fragment.duplicate")
+                    counters.inc(self._reason + "duplicate")
                     return
-                self._kill(dgram, "ipv4.fragment.overlap")
+                self._kill(dgram, self._reason + "overlap")
                 return
         if not more:
             if any(p_off + len(p_data) > end for p_off, p_data in dgram.pieces):
-                self._kill(dgram, "ipv4.fragment.bad_end")
+                self._kill(dgram, self._reason + "bad_end")
                 return
             dgram.total = end
         dgram.pieces.append((offset, bytes(data)))
         dgram.received += size
         if offset == 0:
             dgram.first = pkt
-        counters.inc("ipv4.fragment.accepted")
+        counters.inc(self._reason + "accepted")
         if dgram.total >= 0 and dgram.received == dgram.total:
             del self._datagrams[key]
             self._complete(dgram, now)
@@ -170,6 +208,9 @@ class Reassembler:
     def _complete(self, dgram: _Datagram, now: float) -> None:
         first = dgram.first
         assert first is not None  # no overlaps and every byte present: offset 0 is there
+        if self.family is IPV6:
+            self._complete6(dgram, first, now)
+            return
         buf = bytearray(IPV4_HLEN + dgram.total)
         ip = first.ip
         build_ipv4(buf, 0, ip.src, ip.dst, ip.proto, dgram.total, ip.ident, ip.ttl, 0, ip.tos)
@@ -177,9 +218,38 @@ class Reassembler:
             buf[IPV4_HLEN + p_off : IPV4_HLEN + p_off + len(p_data)] = p_data
         view = memoryview(buf)
         whole = parse_ipv4(view, verify=False)
-        self.counters.inc("ipv4.fragment.reassembled")
+        self.counters.inc(self._reason + "reassembled")
         # The checksum of a reassembled datagram is always verified: no link vouches for it.
         out = ipv4_packet(first.port, first.src_mac, whole, view[IPV4_HLEN:], False)
+        self.deliver(out, now)
+
+    def _complete6(self, dgram: _Datagram, first: IpPacket, now: float) -> None:
+        """The whole IPv6 packet: a fixed header with the Fragment header's next header, then
+        the reassembled bytes, parsed again (see the module docstring)."""
+        ip = first.ip
+        assert isinstance(ip, IPv6Header)
+        buf = bytearray(IPV6_HLEN + dgram.total)
+        build_ipv6(
+            buf, 0, ip.src, ip.dst, ip.proto, dgram.total, ip.hop_limit, ip.traffic_class,
+            ip.flow_label,
+        )  # fmt: skip
+        for p_off, p_data in dgram.pieces:
+            buf[IPV6_HLEN + p_off : IPV6_HLEN + p_off + len(p_data)] = p_data
+        view = memoryview(buf)
+        try:
+            whole = parse_ipv6(view)
+        except WireError as exc:
+            self.counters.inc(exc.reason)
+            return
+        if whole.is_fragment:  # a Fragment header inside the fragmentable part
+            self.counters.inc("ipv6.fragment.nested")
+            return
+        self.counters.inc("ipv6.fragment.reassembled")
+        l4 = view[whole.header_len : whole.total_len]
+        out = IpPacket(
+            first.port, first.src_mac, whole, l4, False, IPV6, whole.src, whole.dst,
+            whole.proto, whole.hop_limit,
+        )  # fmt: skip
         self.deliver(out, now)
 
 
@@ -240,3 +310,75 @@ def send_ipv4_to_guest(
     for part in frames:
         send(part)
     return len(frames)
+
+
+def fragment_frame6(frame: Frame, mtu: int, pool: FramePool, ident: int) -> list[Frame]:
+    """Split an Ethernet + IPv6 frame whose packet exceeds ``mtu`` into fragments (RFC 8200 4.5).
+
+    ``frame`` holds a packet with a 40-byte header and no extension headers (as guestnet builds
+    them); every fragment gets a Fragment header with the packet's next header and ``ident``
+    (unique per packet toward that guest) and carries a multiple of 8 bytes except the last.
+    ``frame`` becomes the first fragment (its payload moved 8 bytes on, after the others were
+    copied out); the list holds it and the rest, in order, each owned by the caller.
+    """
+    buf = frame.view
+    l3 = frame.start + ETH_HLEN
+    payload_len = struct.unpack_from("!H", buf, l3 + 4)[0]
+    next_header = buf[l3 + 6]
+    chunk = (mtu - IPV6_HLEN - FRAG_HLEN) & ~7
+    assert chunk > 0 and payload_len > chunk
+    head = bytes(buf[frame.start : l3 + IPV6_HLEN])
+    frames = [frame]
+    offset = chunk
+    while offset < payload_len:
+        size = min(chunk, payload_len - offset)
+        frag = pool.acquire()
+        fbuf = frag.view
+        f_l3 = frag.start + ETH_HLEN
+        fbuf[frag.start : f_l3 + IPV6_HLEN] = head
+        data = f_l3 + IPV6_HLEN + FRAG_HLEN
+        src = l3 + IPV6_HLEN + offset
+        fbuf[data : data + size] = buf[src : src + size]
+        _set_fragment6(fbuf, f_l3, next_header, size, offset, offset + size < payload_len, ident)
+        frag.length = ETH_HLEN + IPV6_HLEN + FRAG_HLEN + size
+        frames.append(frag)
+        offset += size
+    first = l3 + IPV6_HLEN
+    buf[first + FRAG_HLEN : first + FRAG_HLEN + chunk] = bytes(buf[first : first + chunk])
+    _set_fragment6(buf, l3, next_header, chunk, 0, True, ident)
+    frame.length = ETH_HLEN + IPV6_HLEN + FRAG_HLEN + chunk
+    return frames
+
+
+def _set_fragment6(
+    buf: memoryview, l3: int, next_header: int, size: int, offset: int, more: bool, ident: int
+) -> None:
+    """Payload length and next header of the header at ``l3``, and the Fragment header after."""
+    struct.pack_into("!HB", buf, l3 + 4, FRAG_HLEN + size, NH_FRAGMENT)
+    struct.pack_into("!BxHI", buf, l3 + IPV6_HLEN, next_header, offset | more, ident)
+
+
+def send_ipv6_to_guest(
+    frame: Frame, mtu: int, pool: FramePool, send: Callable[[Frame], None], ident: int
+) -> int:
+    """Send a built Ethernet + IPv6 frame, fragmented first (identification ``ident``) when its
+    packet exceeds ``mtu``. Takes ownership of ``frame``; returns how many frames were sent."""
+    if frame.length - ETH_HLEN <= mtu:
+        send(frame)
+        return 1
+    frames = fragment_frame6(frame, mtu, pool, ident)
+    for part in frames:
+        send(part)
+    return len(frames)
+
+
+def send_to_guest(
+    frame: Frame, mtu: int, pool: FramePool, send: Callable[[Frame], None], ident: int = 0
+) -> int:
+    """Send a built Ethernet + IP frame of either family, fragmented when it exceeds ``mtu``
+    (IPv4 with the frame's own identification, IPv6 with ``ident``). Takes ownership; returns
+    how many frames were sent."""
+    buf = frame.view
+    if buf[frame.start + 12] == 0x86 and buf[frame.start + 13] == 0xDD:
+        return send_ipv6_to_guest(frame, mtu, pool, send, ident)
+    return send_ipv4_to_guest(frame, mtu, pool, send)

@@ -16,9 +16,17 @@ from the address it pinged. Flows remember the destinations they were used for (
 anyone else are dropped), expire after :data:`ECHO_TIMEOUT_S` idle, and the table holds at most
 :data:`MAX_ECHO_FLOWS` (the least recently used is evicted).
 
+*IPv6.* The same service speaks ICMPv6 (RFC 4443) for IPv6 flows: a :class:`Dialect` per IP
+version holds what differs (protocol number 1 or 58, echo types 8/0 or 128/129, the error
+types and codes, and that the ICMPv6 checksum covers the IPv6 pseudo-header); flows, policy,
+echo sockets (``IPPROTO_ICMPV6`` ping sockets on the I/O side) and error quoting are shared.
+Echo to guestnet's own IPv6 addresses is answered by the NDP service, next to neighbour
+discovery.
+
 *Errors toward the guest.* :meth:`IcmpService.send_unreachable` quotes a guest datagram (its IP
-header and as much of its payload as keeps the error within 576 bytes, RFC 1812) in a
-destination-unreachable message. Two cases use it:
+header and as much of its payload as keeps the error within 576 bytes for IPv4, RFC 1812, and
+1,280 for IPv6, RFC 4443 2.4) in a destination-unreachable message. Callers name the reason in
+IPv4's codes; the ICMPv6 code is the dialect's. Two cases use it:
 
 - a destination the policy refuses: type 3 code 13 (communication administratively
   prohibited), from the gateway, since guestnet plays the router that filtered it. Linux reports
@@ -33,11 +41,11 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from guestnet.config import Config
 from guestnet.core.flows import IdleFlows, ip_text
-from guestnet.core.fragments import send_ipv4_to_guest
+from guestnet.core.fragments import send_to_guest
 from guestnet.core.packet import IpPacket
 from guestnet.core.policy import Policy
 from guestnet.core.switch import Switch
@@ -49,13 +57,26 @@ from guestnet.wire.icmp import (
     ICMP_ECHO_REPLY,
     ICMP_ECHO_REQUEST,
     ICMP_HLEN,
+    ICMP_TIME_EXCEEDED,
     UNREACH_ADMIN_PROHIBITED,
+    UNREACH_HOST,
+    UNREACH_NET,
+    UNREACH_PORT,
     build_icmp,
     parse_icmp,
 )
+from guestnet.wire.icmpv6 import (
+    ICMPV6_DEST_UNREACH,
+    ICMPV6_ECHO_REPLY,
+    ICMPV6_ECHO_REQUEST,
+    ICMPV6_TIME_EXCEEDED,
+)
 from guestnet.wire.ipv4 import IPV4_HLEN, PROTO_ICMP, build_ipv4
-from guestnet.wire.l3 import IPV4, L3Family, build_l3_frame
+from guestnet.wire.l3 import IPV4, IPV6, L3Family, build_l3_frame
 from guestnet.wire.udp import UDP_HLEN
+
+#: IPv6's next header for ICMPv6.
+PROTO_ICMPV6 = 58
 
 #: Seconds an echo flow lives without a request or reply (Linux's ping conntrack uses 30).
 ECHO_TIMEOUT_S = 60.0
@@ -65,8 +86,41 @@ MAX_ECHO_FLOWS = 1024
 MAX_PEERS = 256
 #: ICMP errors stay within the minimum reassembly size (RFC 1812 4.3.2.3).
 ICMP_ERROR_MAX = 576
+#: ICMPv6 errors stay within the IPv6 minimum MTU (RFC 4443 2.4 (c)).
+ICMPV6_ERROR_MAX = 1280
 
 EchoKey = tuple[bytes, int]
+
+
+class Dialect(NamedTuple):
+    """What ICMP looks like in one IP version."""
+
+    proto: int
+    echo_request: int
+    echo_reply: int
+    dest_unreach: int
+    time_exceeded: int
+    #: IPv4 destination-unreachable codes (what callers name) -> this version's codes.
+    unreach_codes: dict[int, int]
+    #: The checksum covers the IP pseudo-header (ICMPv6) or the message alone (ICMP).
+    pseudo: bool
+    #: Largest error message, IP header included.
+    error_max: int
+
+
+ICMP4 = Dialect(
+    PROTO_ICMP, ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY, ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED,
+    {}, False, ICMP_ERROR_MAX,
+)  # fmt: skip
+#: RFC 4443 3.1: 0 no route, 1 administratively prohibited, 3 address unreachable, 4 port.
+ICMP6 = Dialect(
+    PROTO_ICMPV6, ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY, ICMPV6_DEST_UNREACH,
+    ICMPV6_TIME_EXCEEDED,
+    {UNREACH_NET: 0, UNREACH_HOST: 3, UNREACH_PORT: 4, UNREACH_ADMIN_PROHIBITED: 1},
+    True, ICMPV6_ERROR_MAX,
+)  # fmt: skip
+#: The dialect of each IP version.
+DIALECTS = {4: ICMP4, 6: ICMP6}
 
 
 class EchoSocket(Protocol):
@@ -137,7 +191,12 @@ class EchoFlow:
 
 
 def quote_header(pkt: IpPacket) -> bytes:
-    """A 20-byte header equal to the guest's (options left out), for quoting in an error."""
+    """A header equal to the guest's (IPv4 options and IPv6 extension headers left out), for
+    quoting in an error."""
+    if pkt.family is IPV6:
+        buf = bytearray(IPV6.header_len)
+        IPV6.build(buf, 0, pkt.src, pkt.dst, pkt.proto, len(pkt.l4), ttl=pkt.hop_limit)
+        return bytes(buf)
     ip = pkt.ip
     buf = bytearray(IPV4_HLEN)
     build_ipv4(
@@ -175,19 +234,20 @@ class IcmpService:
     # -- from the guest --------------------------------------------------------------------
 
     def handle_icmp(self, pkt: IpPacket, now: float) -> None:
-        """Handle one ICMP message from the guest (checksum already verified)."""
+        """Handle one ICMP or ICMPv6 message from the guest (checksum already verified)."""
         hdr = parse_icmp(pkt.l4, verify=False)
-        if hdr.type != ICMP_ECHO_REQUEST:
+        dialect = DIALECTS[pkt.family.version]
+        if hdr.type != dialect.echo_request:
             self.counters.inc(f"icmp.type.{hdr.type}.ignored")
             return
         dst = pkt.dst
-        if dst in self.config.owned_b:
+        if dst in self.config.owned_b or dst in self.config.owned6_b:
             self._answer_echo(pkt)
             return
         verdict = self.policy.destination(dst)
         if verdict.host is None:
             self.counters.inc(f"icmp.echo.{verdict.reason}")
-            self.send_unreachable(pkt, UNREACH_ADMIN_PROHIBITED, self.config.gateway_b)
+            self.send_unreachable(pkt, UNREACH_ADMIN_PROHIBITED, self._gateway(pkt.family))
             return
         if self.backend is None:
             self.counters.inc("icmp.echo.no_socket")
@@ -204,6 +264,14 @@ class IcmpService:
             self.counters.inc(f"icmp.echo.send.{errname(exc)}")
             return
         self.counters.inc("icmp.echo.sent")
+
+    def handle_icmp6(self, pkt: IpPacket, now: float) -> None:
+        """The classifier's ``icmp6`` slot: ICMPv6 that is not NDP (echo to the outside)."""
+        self.handle_icmp(pkt, now)
+
+    def _gateway(self, family: L3Family) -> bytes:
+        """The gateway address of ``family``: where guestnet's own errors come from."""
+        return self.config.gateway_b if family is IPV4 else self.config.gateway6_b
 
     def _flow_for(self, pkt: IpPacket, ident: int, now: float) -> EchoFlow | None:
         """The guest's echo flow, opened (and room made) on first use; None if no socket."""
@@ -237,7 +305,7 @@ class IcmpService:
         l4 = pkt.l4
         n = len(l4)
         buf[icmp_off : icmp_off + n] = l4
-        buf[icmp_off] = ICMP_ECHO_REPLY
+        buf[icmp_off] = DIALECTS[family.version].echo_reply
         buf[icmp_off + 1] = 0
         self._finish_icmp(family, frame, n, pkt.dst, pkt.src, pkt.src_mac)
         self.counters.inc("icmp.echo.answered")
@@ -254,7 +322,8 @@ class IcmpService:
         buf = frame.view
         icmp_off = frame.start + flow.family.l4_off
         guest_src = flow.peers.get(host)
-        if icmp_len < ICMP_HLEN or buf[icmp_off] != ICMP_ECHO_REPLY:
+        echo_reply = DIALECTS[flow.family.version].echo_reply
+        if icmp_len < ICMP_HLEN or buf[icmp_off] != echo_reply:
             self.counters.inc("icmp.echo.reply.not_echo")
             self.pool.release(frame)
             return
@@ -270,7 +339,8 @@ class IcmpService:
 
     def send_unreachable(self, pkt: IpPacket, code: int, origin: bytes) -> None:
         """Destination unreachable (``code``) from ``origin``, quoting the guest's datagram."""
-        if pkt.proto == PROTO_ICMP and (len(pkt.l4) < 1 or pkt.l4[0] != ICMP_ECHO_REQUEST):
+        dialect = DIALECTS[pkt.family.version]
+        if pkt.proto == dialect.proto and (len(pkt.l4) < 1 or pkt.l4[0] != dialect.echo_request):
             # Never an error about an error (RFC 1122 3.2.2).
             self.counters.inc("icmp.error.about_icmp")
             return
@@ -290,14 +360,17 @@ class IcmpService:
 
         Used for host ICMP errors on NAT flows, where the guest's datagram is long gone: the
         quoted IP and UDP headers are rebuilt (UDP length 8, no checksum), which is what the
-        guest's stack matches errors against.
+        guest's stack matches errors against. ``type_`` and ``code`` are in the flow's own
+        version (the host's ICMP or ICMPv6 error as it came).
         """
-        head = bytearray(IPV4_HLEN + UDP_HLEN)
-        build_ipv4(head, 0, guest_ip, guest_dst, 17, UDP_HLEN)
-        struct.pack_into("!HHHH", head, IPV4_HLEN, guest_port, dport, UDP_HLEN, 0)
+        family = IPV6 if len(guest_ip) == 16 else IPV4
+        hlen = family.header_len
+        head = bytearray(hlen + UDP_HLEN)
+        family.build(head, 0, guest_ip, guest_dst, 17, UDP_HLEN)
+        struct.pack_into("!HHHH", head, hlen, guest_port, dport, UDP_HLEN, 0)
         view = memoryview(head)
-        self._send_error(IPV4, guest_mac, guest_dst, guest_ip, bytes(head[:IPV4_HLEN]),
-                         view[IPV4_HLEN:], code, type_)  # fmt: skip
+        self._send_error(family, guest_mac, guest_dst, guest_ip, bytes(head[:hlen]),
+                         view[hlen:], code, type_, native=True)  # fmt: skip
 
     def _send_error(
         self,
@@ -309,9 +382,18 @@ class IcmpService:
         l4: memoryview,
         code: int,
         type_: int = ICMP_DEST_UNREACH,
+        native: bool = False,
     ) -> None:
-        """The error message both senders share: ``ip_head`` and the start of ``l4`` quoted."""
-        quote_len = min(len(l4), ICMP_ERROR_MAX - family.header_len - ICMP_HLEN - len(ip_head))
+        """The error message both senders share: ``ip_head`` and the start of ``l4`` quoted.
+
+        ``type_``/``code`` are IPv4's (a destination unreachable) unless ``native``: then they
+        are already the family's own.
+        """
+        dialect = DIALECTS[family.version]
+        if not native and dialect is ICMP6:
+            type_, code = dialect.dest_unreach, dialect.unreach_codes.get(code, 0)
+        room = dialect.error_max - family.header_len - ICMP_HLEN - len(ip_head)
+        quote_len = min(len(l4), room)
         frame = self.pool.acquire()
         buf = frame.view
         icmp_off = frame.start + family.l4_off
@@ -320,8 +402,10 @@ class IcmpService:
         buf[body + len(ip_head) : body + len(ip_head) + quote_len] = l4[:quote_len]
         body_len = len(ip_head) + quote_len
         build_icmp(buf, icmp_off, type_, code, 0, 0, body_len)
+        if dialect.pseudo:
+            self._checksum(family, frame, ICMP_HLEN + body_len, origin, guest_ip)
         self._headers(family, frame, ICMP_HLEN + body_len, origin, guest_ip, guest_mac)
-        self.counters.inc(f"icmp.error.sent.{type_}.{code}")
+        self.counters.inc(f"icmp{'v6' if dialect.pseudo else ''}.error.sent.{type_}.{code}")
         self.switch.send(frame)
 
     # -- building --------------------------------------------------------------------------
@@ -330,12 +414,21 @@ class IcmpService:
         self, family: L3Family, frame: Frame, icmp_len: int, src: bytes, dst: bytes, mac: bytes
     ) -> None:
         """Checksum the ICMP message in ``frame``, add headers, send (fragmented if needed)."""
+        self._checksum(family, frame, icmp_len, src, dst)
+        self._headers(family, frame, icmp_len, src, dst, mac)
+        send_to_guest(frame, self.config.mtu, self.pool, self.switch.send, self._ident)
+
+    def _checksum(
+        self, family: L3Family, frame: Frame, icmp_len: int, src: bytes, dst: bytes
+    ) -> None:
+        """The ICMP checksum; ICMPv6's covers the IPv6 pseudo-header too (RFC 4443 2.3)."""
         buf = frame.view
         icmp_off = frame.start + family.l4_off
+        dialect = DIALECTS[family.version]
+        initial = family.pseudo_sum(src, dst, dialect.proto, icmp_len) if dialect.pseudo else 0
         struct.pack_into("!H", buf, icmp_off + 2, 0)
-        struct.pack_into("!H", buf, icmp_off + 2, checksum(buf[icmp_off : icmp_off + icmp_len]))
-        self._headers(family, frame, icmp_len, src, dst, mac)
-        send_ipv4_to_guest(frame, self.config.mtu, self.pool, self.switch.send)
+        value = checksum(buf[icmp_off : icmp_off + icmp_len], initial)
+        struct.pack_into("!H", buf, icmp_off + 2, value)
 
     def _headers(
         self, family: L3Family, frame: Frame, icmp_len: int, src: bytes, dst: bytes, mac: bytes
@@ -344,8 +437,8 @@ class IcmpService:
         (fragmentable: an echo reply may exceed the guest's MTU)."""
         self._ident = ident = (self._ident + 1) & 0xFFFF
         frame.length = build_l3_frame(
-            family, frame.view, frame.start, mac, self.config.mac, src, dst, PROTO_ICMP,
-            icmp_len, ident, False,
+            family, frame.view, frame.start, mac, self.config.mac, src, dst,
+            DIALECTS[family.version].proto, icmp_len, ident, False,
         )  # fmt: skip
 
     # -- lifetime --------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import NamedTuple, Protocol
 
 from guestnet.core.port import Port
 from guestnet.wire.ipv4 import IPv4Header
+from guestnet.wire.ipv6 import IPv6Header
 from guestnet.wire.l3 import IPV4, L3Family
 
 #: ``tuple.__new__``: builds an :class:`IpPacket` from a tuple of all its fields without the
@@ -32,8 +33,9 @@ class IpPacket(NamedTuple):
     port: Port
     #: The guest's MAC (the frame's source).
     src_mac: bytes
-    #: The version's parsed header (an IPv6 header type joins this union with IPv6).
-    ip: IPv4Header
+    #: The version's parsed header. IPv6's names IPv4's fields the same way (``header_len``,
+    #: ``total_len``, ``ident``, ``ttl``, ``frag``...: see guestnet.wire.ipv6).
+    ip: IPv4Header | IPv6Header
     #: The L4 message, exactly as long as the IP header says (Ethernet padding cut off).
     l4: memoryview
     #: The link vouches for the L4 checksum (TAP ``DATA_VALID``) or left it partial for an
@@ -80,6 +82,20 @@ class IcmpHandler(Protocol):
 
     def handle_icmp(self, pkt: IpPacket, now: float) -> None:
         """Handle one ICMP message; ``pkt.l4`` is the whole message, checksum verified."""
+
+
+class Icmp6Handler(Protocol):
+    """A service that takes ICMPv6 messages (NDP and echo to guestnet's addresses, the rest)."""
+
+    def handle_icmp6(self, pkt: IpPacket, now: float) -> None:
+        """Handle one ICMPv6 message; ``pkt.l4`` is the whole message, checksum verified."""
+
+
+class NdpHandler(Icmp6Handler, Protocol):
+    """Neighbor Discovery: ICMPv6 messages, and a greeting for a port that starts IPv6."""
+
+    def port_up(self, port: Port) -> None:
+        """The first IPv6 packet came from ``port``: advertise the router there at once."""
 
 
 class FragmentHandler(Protocol):

@@ -3,14 +3,15 @@
 One place decides, for TCP, UDP and ICMP alike, so later features (CIDR allow/deny lists) add
 rules here and every protocol obeys them:
 
-- the gateway address stands for the host: it maps to the host's loopback (127.0.0.1), unless
-  ``--no-host-loopback``;
+- the gateway address stands for the host: it maps to the host's loopback (127.0.0.1; the
+  IPv6 gateway to ::1), unless ``--no-host-loopback``;
 - the DNS address serves only DNS (port 53 is taken before the NAT sees it); anything else to it
   is refused, as is any other address inside the guest subnet (nobody is there);
 - with ``--no-host-loopback``, loopback (127.0.0.0/8), "this network" (0.0.0.0/8) and the host's
   own addresses are refused;
 - link-local destinations (169.254.0.0/16, where cloud metadata services live) are refused
-  unless ``--allow-link-local``;
+  unless ``--allow-link-local``; IPv6 link-local ones (fe80::/10) always: they name no
+  host beyond the guest link;
 - multicast, broadcast and reserved (240.0.0.0/4) destinations are never translated.
 
 The rules are written with :mod:`ipaddress` (``is_multicast``, ``is_reserved``,
@@ -58,6 +59,9 @@ class Policy:
         self.subnets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (config.subnet,)
         #: guestnet's gateway addresses, packed, and the host loopback each stands for.
         self._gateways = {config.gateway_b: "127.0.0.1"}
+        if config.ipv6:
+            self.subnets += (config.ipv6_prefix,)
+            self._gateways[config.gateway6_b] = "::1"
         self._cache: dict[bytes, Verdict] = {}
         self._sources: dict[bytes, bool] = {}
 
@@ -110,6 +114,6 @@ class Policy:
             return Verdict(str(addr), "policy.host")
         if addr.is_multicast or addr.is_reserved:
             return Verdict(None, "policy.multicast")
-        if addr.is_link_local and not cfg.allow_link_local:
+        if addr.is_link_local and (addr.version == 6 or not cfg.allow_link_local):
             return Verdict(None, "policy.link_local")
         return Verdict(str(addr), "policy.forward")

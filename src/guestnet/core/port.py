@@ -7,16 +7,24 @@ Counters here are what the stats API reports per link.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 
 from guestnet.pool import Frame
+
+#: IPv6 addresses remembered per port (link-local, SLAAC, privacy addresses, a DHCPv6 lease);
+#: beyond this the one seen longest ago is forgotten.
+MAX_GUEST_IP6 = 16
 
 
 class Port:
     """One guest link as the core sees it."""
 
     __slots__ = (
+        "guest_ip6",
         "guest_mac",
+        "ip6_last",
+        "ip6_seen",
         "name",
         "offload_max",
         "rx_bytes",
@@ -33,6 +41,13 @@ class Port:
         self.send = send
         #: The guest's MAC, learned from the source of its frames; None until the first frame.
         self.guest_mac: bytes | None = None
+        #: The guest's IPv6 addresses (packed), learned from the source of its IPv6 packets, in
+        #: the order they were last used (most recent last); at most MAX_GUEST_IP6.
+        self.guest_ip6: dict[bytes, None] = {}
+        #: The source of the last IPv6 packet learned (most packets repeat it).
+        self.ip6_last = b""
+        #: An IPv6 packet came from this port (the guest speaks IPv6: NDP greets it once).
+        self.ip6_seen = False
         #: Offloads the link takes toward the guest: 0, none (full checksums, one MSS per
         #: frame); above 0, frames may carry a partial checksum (``Frame.csum_start``) and TCP
         #: super-frames (``Frame.gso_size``) of up to this many bytes of IP packet.
@@ -43,11 +58,28 @@ class Port:
         self.tx_bytes = 0
         self.tx_dropped = 0
 
+    def learn_ip6(self, addr: bytes) -> None:
+        """Record that the guest uses IPv6 ``addr`` (a unicast source it sent from).
+
+        Called for every IPv6 packet: the address of the previous packet costs one comparison;
+        another moves to the end, so the bound evicts the address unused longest.
+        """
+        if addr == self.ip6_last:
+            return
+        self.ip6_last = addr
+        known = self.guest_ip6
+        if addr in known:
+            del known[addr]
+        elif len(known) >= MAX_GUEST_IP6:
+            del known[next(iter(known))]
+        known[addr] = None
+
     def stats(self) -> dict[str, object]:
         """Counters for the stats API."""
         return {
             "name": self.name,
             "guest_mac": None if self.guest_mac is None else self.guest_mac.hex(":"),
+            "guest_ip6": [str(ipaddress.IPv6Address(a)) for a in self.guest_ip6],
             "frames_in": self.rx_frames,
             "bytes_in": self.rx_bytes,
             "frames_out": self.tx_frames,

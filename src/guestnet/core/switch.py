@@ -63,6 +63,13 @@ class Switch:
         """The port a guest MAC was last seen on."""
         return self._by_mac.get(mac)
 
+    def port_for_ip6(self, addr: bytes) -> Port | None:
+        """The port whose guest last sent from IPv6 ``addr`` (see ``Port.learn_ip6``)."""
+        for port in self.ports:
+            if addr in port.guest_ip6:
+                return port
+        return None
+
     def send(self, frame: Frame) -> None:
         """Deliver ``frame`` toward its destination MAC; takes ownership of the frame."""
         data = frame.view

@@ -54,7 +54,7 @@ from typing import Protocol
 
 from guestnet.config import Config
 from guestnet.core.flows import IdleFlows, ip_text
-from guestnet.core.fragments import send_ipv4_to_guest
+from guestnet.core.fragments import send_to_guest
 from guestnet.core.icmp import IcmpService, errname
 from guestnet.core.packet import IpPacket
 from guestnet.core.policy import Policy
@@ -62,7 +62,7 @@ from guestnet.core.switch import Switch
 from guestnet.counters import Counters
 from guestnet.pool import Frame, FramePool
 from guestnet.wire.icmp import UNREACH_ADMIN_PROHIBITED
-from guestnet.wire.l3 import IPV4, L3Family, build_udp_frame
+from guestnet.wire.l3 import IPV4, IPV6, L3Family, build_udp_frame
 from guestnet.wire.udp import UDP_HLEN
 
 #: Destinations a flow remembers for filtering; the oldest is forgotten beyond this.
@@ -195,6 +195,9 @@ class UdpNat:
         #: The MAC each guest address last sent from (where inbound datagrams go).
         self.guest_macs: dict[bytes, bytes] = {}
         self._ident = 0
+        #: guestnet's gateway address of each family: where the guest answers a published
+        #: port's client (and the origin of our ICMP errors).
+        self._gateways = {4: config.gateway_b, 6: config.gateway6_b}
 
     # -- from the guest --------------------------------------------------------------------
 
@@ -213,7 +216,8 @@ class UdpNat:
             return
         if self.guest_macs.get(src) != pkt.src_mac:
             self.guest_macs[src] = pkt.src_mac
-        if dst == self.config.gateway_b and self.inbound:
+        gateway = self._gateways[pkt.family.version]
+        if dst == gateway and self.inbound:
             inbound = self.inbound.get((src, sport, dport))
             if inbound is not None:
                 self._reply_inbound(inbound, payload, now)
@@ -222,7 +226,7 @@ class UdpNat:
         host = verdict.host
         if host is None:
             counters.inc(f"nat.udp.{verdict.reason}")
-            self.icmp.send_unreachable(pkt, UNREACH_ADMIN_PROHIBITED, self.config.gateway_b)
+            self.icmp.send_unreachable(pkt, UNREACH_ADMIN_PROHIBITED, gateway)
             return
         flow = self._flow_for(pkt, sport, now)
         if flow is None or flow.sock is None:
@@ -305,7 +309,7 @@ class UdpNat:
             family, frame.view, frame.start, mac, self.config.mac, src, dst, sport, dport,
             payload_len, ident, False,
         )  # fmt: skip
-        if send_ipv4_to_guest(frame, self.config.mtu, self.pool, self.switch.send) > 1:
+        if send_to_guest(frame, self.config.mtu, self.pool, self.switch.send, ident) > 1:
             self.counters.inc("nat.udp.to_guest.fragmented")
 
     def deliver_inbound(
@@ -324,7 +328,7 @@ class UdpNat:
         guest's answers back to it. The payload is copied into a pooled frame.
         """
         n = len(payload)
-        family = IPV4  # forwards publish IPv4 ports only, so far
+        family = IPV6 if len(guest_ip) == 16 else IPV4
         if n > family.max_l4_len - UDP_HLEN:
             self.counters.inc("nat.udp.forward.too_big")
             return
@@ -350,7 +354,7 @@ class UdpNat:
         frame.view[off : off + n] = payload
         mac = self.guest_macs.get(guest_ip, self.config.guest_mac)
         self.counters.inc("nat.udp.forward.to_guest")
-        self._emit(family, frame, n, self.config.gateway_b, flow.visible_port, guest_ip,
+        self._emit(family, frame, n, self._gateways[family.version], flow.visible_port, guest_ip,
                    guest_port, mac)  # fmt: skip
 
     def _free_visible_port(self, guest_ip: bytes, guest_port: int, want: int) -> int:

@@ -22,7 +22,9 @@ The datapath is not here: the TCP and UDP NAT plug into two hooks.
 Until a hook is set, an accepted connection is closed at once (``forward.tcp.no_datapath``) and a
 datagram dropped (``forward.udp.no_datapath``). The guest address of a forward is its own
 ``guest_ip`` when given, else what the ``guest_address`` callable the registry was built with
-says (the assembly hands it the DHCP server's latest lease): see :meth:`Forwards.guest_ip_for`.
+says (the assembly hands it the DHCP server's latest lease), in the family of the forward's host
+address: a client of an IPv4 published port reaches the guest's IPv4 address, one of an IPv6
+port its IPv6 address (``guest_address6``): see :meth:`Forwards.guest_ip_for`.
 
 Host sockets are non-blocking and CLOEXEC; reads and accepts are bounded per wake-up; TCP
 listeners accept through :class:`~guestnet.io.listener.Listener`, which pauses (counted) while
@@ -114,13 +116,18 @@ class Forwards:
         counters: Counters,
         subnet: ipaddress.IPv4Network,
         guest_address: Callable[[], str],
+        subnet6: ipaddress.IPv6Network | None = None,
+        guest_address6: Callable[[], str] | None = None,
     ) -> None:
         self.loop = loop
         self.counters = counters
-        #: Fixed guest addresses must lie in it.
-        self.subnet = subnet
-        #: Where a forward without a fixed guest address sends its traffic now.
+        #: Fixed guest addresses must lie in one of them (no IPv6 one: IPv6 is off).
+        self.subnets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (subnet,)
+        if subnet6 is not None:
+            self.subnets += (subnet6,)
+        #: Where a forward without a fixed guest address sends its traffic now, per family.
         self.guest_address = guest_address
+        self.guest_address6 = guest_address6
         self._by_id: dict[str, Forward] = {}
         self._ids = itertools.count(1)
         self._rx = bytearray(UDP_MAX)
@@ -145,9 +152,12 @@ class Forwards:
         return self._by_id.get(fid)
 
     def guest_ip_for(self, forward: Forward) -> str:
-        """Where the forward's traffic goes now (fixed address, DHCP lease, or configured)."""
+        """Where the forward's traffic goes now (fixed address, DHCP lease, or configured), in
+        the family of its host address."""
         if forward.guest_ip is not None:
             return forward.guest_ip
+        if ":" in forward.host_ip and self.guest_address6 is not None:
+            return self.guest_address6()
         return self.guest_address()
 
     def to_json(self, now: float) -> list[dict[str, object]]:
@@ -173,10 +183,10 @@ class Forwards:
             raise ForwardError(400, f"host_ip is not an IP address: {host_ip!r}") from None
         if guest_ip is not None:
             try:
-                guest_addr = ipaddress.IPv4Address(guest_ip)
+                guest_addr = ipaddress.ip_address(guest_ip)
             except ValueError:
-                raise ForwardError(400, f"guest_ip is not an IPv4 address: {guest_ip!r}") from None
-            if guest_addr not in self.subnet:
+                raise ForwardError(400, f"guest_ip is not an IP address: {guest_ip!r}") from None
+            if not any(guest_addr in net for net in self.subnets):
                 raise ForwardError(400, f"guest_ip {guest_ip} is outside the guest subnet")
             guest_ip = str(guest_addr)
         host_ip = str(host_addr)

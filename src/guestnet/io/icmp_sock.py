@@ -20,13 +20,14 @@ identifier.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
 import struct
 
 from guestnet.config import Config
-from guestnet.core.icmp import EchoFlow, IcmpService
+from guestnet.core.icmp import DIALECTS, EchoFlow, IcmpService
 from guestnet.core.policy import Policy
 from guestnet.core.switch import Switch
 from guestnet.counters import Counters
@@ -36,10 +37,13 @@ from guestnet.pool import FramePool
 from guestnet.wire.checksum import checksum, ones_sum
 from guestnet.wire.ethernet import ETH_HLEN
 from guestnet.wire.icmp import ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_HLEN
+from guestnet.wire.icmpv6 import ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST
+from guestnet.wire.l3 import IPV6
 
 log = logging.getLogger(__name__)
 
 _ECHO = struct.Struct("!BBHHH")
+IPPROTO_ICMPV6 = getattr(socket, "IPPROTO_ICMPV6", 58)
 _FLAGS = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 
 
@@ -73,12 +77,15 @@ class PingSocket(FlowSocket):
     def __init__(self, driver: IcmpDriver, flow: EchoFlow) -> None:
         self.driver = driver
         self.flow = flow
-        super().__init__(driver.loop, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+        if flow.family.version == 6:
+            super().__init__(driver.loop, socket.SOCK_DGRAM, IPPROTO_ICMPV6, socket.AF_INET6)
+        else:
+            super().__init__(driver.loop, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
 
     def send_echo(self, host: str, seq: int, payload: memoryview) -> None:
         """Send an echo request; the kernel sets identifier and checksum."""
-        self.sock.sendmsg([_ECHO.pack(ICMP_ECHO_REQUEST, 0, 0, 0, seq), payload], [], 0,
-                          (host, 0))  # fmt: skip
+        kind = DIALECTS[self.flow.family.version].echo_request
+        self.sock.sendmsg([_ECHO.pack(kind, 0, 0, 0, seq), payload], [], 0, (host, 0))
 
     def on_events(self, _events: int) -> None:
         """Receive replies (ICMP header + data) into pooled frames."""
@@ -112,11 +119,20 @@ class RawEcho:
         self.ident = ident
 
     def send_echo(self, host: str, seq: int, payload: memoryview) -> None:
-        """Send a whole echo request with this flow's identifier."""
-        hdr = bytearray(_ECHO.pack(ICMP_ECHO_REQUEST, 0, 0, self.ident, seq))
-        struct.pack_into("!H", hdr, 2, checksum(hdr, ones_sum(payload)))
-        raw = self.driver.raw
-        assert raw is not None
+        """Send a whole echo request with this flow's identifier.
+
+        ICMPv6 raw sockets compute the checksum themselves (it covers the pseudo-header,
+        whose source address only the kernel knows); for ICMP it is ours to write.
+        """
+        if self.flow.family.version == 6:
+            hdr = bytearray(_ECHO.pack(ICMPV6_ECHO_REQUEST, 0, 0, self.ident, seq))
+            raw = self.driver.raw6
+        else:
+            hdr = bytearray(_ECHO.pack(ICMP_ECHO_REQUEST, 0, 0, self.ident, seq))
+            struct.pack_into("!H", hdr, 2, checksum(hdr, ones_sum(payload)))
+            raw = self.driver.raw
+        if raw is None:
+            raise OSError(errno.EAFNOSUPPORT, "no raw socket for this family")
         raw.sendmsg([hdr, payload], [], 0, (host, 0))
 
     def close(self) -> None:
@@ -144,11 +160,21 @@ class IcmpDriver:
         self.pool = pool
         self.counters = counters
         self.raw: socket.socket | None = None
+        self.raw6: socket.socket | None = None
         self.raw_flows: dict[int, RawEcho] = {}
         self._next_ident = os.getpid() & 0xFFFF
         if mode == "raw":
             self.raw = socket.socket(socket.AF_INET, socket.SOCK_RAW | _FLAGS, socket.IPPROTO_ICMP)
             self.loop.add_fd(self.raw.fileno(), EPOLLIN, self._on_raw)
+            if config.ipv6:
+                try:
+                    self.raw6 = socket.socket(
+                        socket.AF_INET6, socket.SOCK_RAW | _FLAGS, IPPROTO_ICMPV6
+                    )
+                except OSError as exc:  # a kernel without IPv6
+                    log.info("no raw ICMPv6 socket (%s): no IPv6 echo to outside addresses", exc)
+                else:
+                    self.loop.add_fd(self.raw6.fileno(), EPOLLIN, self._on_raw6)
         self.icmp = IcmpService(
             config,
             pool,
@@ -198,13 +224,40 @@ class IcmpDriver:
                 continue
             ident = (buf[l3 + ihl + 4] << 8) | buf[l3 + ihl + 5]
             echo = self.raw_flows.get(ident)
-            if echo is None:
+            if echo is None or echo.flow.family.version != 4:
                 pool.release(frame)
                 continue
             dst = frame.start + echo.flow.family.l4_off
             if l3 + ihl != dst:  # move the message to where the header we write leaves it
                 buf[dst : dst + icmp_len] = bytes(buf[l3 + ihl : l3 + ihl + icmp_len])
             self.icmp.deliver_echo_reply(echo.flow, frame, icmp_len, addr[0])
+
+    def _on_raw6(self, _events: int) -> None:
+        """Receive from the raw ICMPv6 socket (messages without the IPv6 header); keep only
+        echo replies carrying one of our identifiers."""
+        raw = self.raw6
+        assert raw is not None
+        pool = self.pool
+        for _ in range(RECV_BUDGET):
+            frame = pool.acquire()
+            off = frame.start + IPV6.l4_off
+            try:
+                n, _anc, _flags, addr = raw.recvmsg_into([frame.view[off : off + 65535]])
+            except BlockingIOError:
+                pool.release(frame)
+                return
+            except OSError as exc:
+                pool.release(frame)
+                self.counters.inc(f"icmp.echo.recv.{exc.errno}")
+                return
+            buf = frame.view
+            echo = None
+            if n >= ICMP_HLEN and buf[off] == ICMPV6_ECHO_REPLY:
+                echo = self.raw_flows.get((buf[off + 4] << 8) | buf[off + 5])
+            if echo is None or echo.flow.family.version != 6:
+                pool.release(frame)  # the raw socket sees all ICMPv6: not ours to count
+                continue
+            self.icmp.deliver_echo_reply(echo.flow, frame, n, addr[0].partition("%")[0])
 
     def _sweep(self, now: float) -> None:
         self.icmp.expire(now)
@@ -219,7 +272,8 @@ class IcmpDriver:
         self._timer.cancel()
         with contextlib.suppress(OSError):
             self.icmp.close_all()
-        if self.raw is not None:
-            self.loop.remove_fd(self.raw.fileno())
-            self.raw.close()
-            self.raw = None
+        for raw in (self.raw, self.raw6):
+            if raw is not None:
+                self.loop.remove_fd(raw.fileno())
+                raw.close()
+        self.raw = self.raw6 = None

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import signal
@@ -63,6 +64,9 @@ MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
 PR_SET_PDEATHSIG = 1
+
+#: ``ifa_flags``: the address skips duplicate address detection (linux/if_addr.h).
+IFA_F_NODAD = 0x02
 
 NETNS_RUN_DIR = "/run/netns"
 #: Longest we wait for a helper child to hand over the TAP (pyroute2's import is most of it).
@@ -165,6 +169,11 @@ class TapSetup:
     address: str
     prefixlen: int
     gateway: str
+    #: The IPv6 address, its prefix length and the IPv6 default gateway; None: IPv4 only
+    #: (``--no-ipv6``). The kernel still does SLAAC from guestnet's advertisements besides.
+    address6: str | None = None
+    prefixlen6: int = 64
+    gateway6: str | None = None
 
     @classmethod
     def from_config(cls, config: Config, ifname: str, configure: bool) -> TapSetup:
@@ -176,6 +185,9 @@ class TapSetup:
             address=str(config.guest_ip),
             prefixlen=config.subnet.prefixlen,
             gateway=str(config.gateway),
+            address6=str(config.guest_ip6) if config.ipv6 else None,
+            prefixlen6=config.ipv6_prefix.prefixlen,
+            gateway6=str(config.gateway6) if config.ipv6 else None,
         )
 
 
@@ -229,7 +241,7 @@ def configure_interface(setup: TapSetup) -> None:
     """In the current network namespace, with ``configure``: lo up, address, link up, route."""
     if not setup.configure:
         return
-    from pyroute2 import IPRoute
+    from pyroute2 import IPRoute, NetlinkError
 
     _quiet_pyroute2()
     with IPRoute() as ipr:
@@ -237,8 +249,27 @@ def configure_interface(setup: TapSetup) -> None:
         for lo in ipr.link_lookup(ifname="lo"):
             ipr.link("set", index=lo, state="up")
         ipr.addr("add", index=idx, address=setup.address, prefixlen=setup.prefixlen)
+        if setup.address6 is not None:
+            # No duplicate address detection: guestnet hands the address out and answers for
+            # nobody else's, and CMD may use it the moment it starts.
+            ipr.addr(
+                "add",
+                index=idx,
+                address=setup.address6,
+                prefixlen=setup.prefixlen6,
+                flags=IFA_F_NODAD,
+            )
         ipr.link("set", index=idx, state="up")
         ipr.route("add", dst="0.0.0.0/0", gateway=setup.gateway, oif=idx)
+        if setup.gateway6 is not None:
+            try:
+                ipr.route(
+                    "add", dst="::/0", gateway=setup.gateway6, oif=idx, family=socket.AF_INET6
+                )
+            except NetlinkError as exc:
+                # EEXIST: the default route from guestnet's own advertisement came first.
+                if exc.code != errno.EEXIST:
+                    raise
 
 
 def open_tap_here(setup: TapSetup) -> int:
@@ -257,8 +288,11 @@ def open_tap_here(setup: TapSetup) -> int:
 
 
 def resolv_conf_text(config: Config) -> str:
-    """The resolv.conf ``run`` shows CMD: guestnet's DNS, and the search domains if any."""
+    """The resolv.conf ``run`` shows CMD: guestnet's DNS (IPv4, then IPv6 unless
+    ``--no-ipv6``), and the search domains if any."""
     lines = [f"# written by guestnet run\nnameserver {config.dns_ip}"]
+    if config.ipv6:
+        lines.append(f"nameserver {config.dns_ip6}")
     if config.dns_search:
         lines.append("search " + " ".join(config.dns_search))
     return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""The TCP NAT's I/O driver: host sockets, loop registration and timers for core/tcp.py.
+"""The TCP NAT's I/O driver: host sockets, loop registration and timers for core/tcp/.
 
 Everything protocol-shaped lives in :class:`guestnet.core.tcp.TcpNat`; this module only does what
 it is asked (:class:`guestnet.core.tcp.TcpIo`) and reports what the kernel says.
@@ -257,9 +257,9 @@ class TcpNatDriver:
         """A host client connected to ``fwd``: open a flow toward the guest, or close it."""
         counters = self.counters
         try:
-            guest_ip = ipaddress.IPv4Address(self.forwards.guest_ip_for(fwd)).packed
+            guest_ip = ipaddress.ip_address(self.forwards.guest_ip_for(fwd)).packed
         except ValueError:
-            counters.inc("forward.tcp.guest_not_ipv4")
+            counters.inc("forward.tcp.guest_address_invalid")
             _close_now(conn)
             return
         port = _guest_port(self.switch)

@@ -30,6 +30,7 @@ from guestnet.io.forwards import Forward, Forwards
 from guestnet.io.loop import EPOLLERR, EPOLLIN, Loop
 from guestnet.pool import FramePool
 from guestnet.wire.icmp import ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, UNREACH_FRAG_NEEDED
+from guestnet.wire.icmpv6 import ICMPV6_DEST_UNREACH, ICMPV6_TIME_EXCEEDED
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +38,20 @@ log = logging.getLogger(__name__)
 RECV_BUDGET = 64
 #: Longest pause between idle-flow sweeps.
 SWEEP_INTERVAL_S = 10.0
-#: Largest UDP payload in one IPv4 datagram.
-MAX_UDP_PAYLOAD = 65535 - 28
 
 IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
 SO_EE_ORIGIN_ICMP = 2
+SO_EE_ORIGIN_ICMP6 = 3
+#: (level, type) of the error-queue control messages of either family.
+_RECVERR = frozenset({(socket.SOL_IP, IP_RECVERR), (socket.IPPROTO_IPV6, IPV6_RECVERR)})
 #: struct sock_extended_err: errno, origin, type, code, pad, info, data.
 _EXT_ERR = struct.Struct("=IBBBBII")
 
 
 class FlowSocket:
-    """A NAT flow's own non-blocking IPv4 socket, watched for EPOLLIN until :meth:`close`.
+    """A NAT flow's own non-blocking socket (IPv4 or IPv6), watched for EPOLLIN until
+    :meth:`close`.
 
     Shared by the UDP flows here and the ICMP ping sockets (``io/icmp_sock.py``). ``fd`` is -1
     once closed: a receive loop checks it after each hand-off, since the core may close the flow
@@ -56,9 +60,9 @@ class FlowSocket:
 
     __slots__ = ("fd", "loop", "sock")
 
-    def __init__(self, loop: Loop, kind: int, proto: int = 0) -> None:
+    def __init__(self, loop: Loop, kind: int, proto: int = 0, family: int = socket.AF_INET) -> None:
         flags = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
-        sock = socket.socket(socket.AF_INET, kind | flags, proto)
+        sock = socket.socket(family, kind | flags, proto)
         try:
             self.prepare(sock)
             loop.add_fd(sock.fileno(), EPOLLIN, self.on_events)
@@ -85,19 +89,28 @@ class FlowSocket:
 
 
 class HostUdpSocket(FlowSocket):
-    """One UDP flow's host socket: bound to an ephemeral port, with IP_RECVERR."""
+    """One UDP flow's host socket: bound to an ephemeral port, with IP_RECVERR (IPV6_RECVERR
+    for an IPv6 flow, on an IPv6-only socket)."""
 
     __slots__ = ("driver", "flow")
 
     def __init__(self, driver: UdpNatDriver, flow: UdpFlow) -> None:
         self.driver = driver
         self.flow = flow
-        super().__init__(driver.loop, socket.SOCK_DGRAM)
+        v6 = flow.family.version == 6
+        super().__init__(
+            driver.loop, socket.SOCK_DGRAM, 0, socket.AF_INET6 if v6 else socket.AF_INET
+        )
 
     def prepare(self, sock: socket.socket) -> None:
         """Queue the host's ICMP errors for this socket; take an ephemeral port."""
-        sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
-        sock.bind((self.driver.outbound_addr, 0))
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+            sock.bind(("::", 0))
+        else:
+            sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
+            sock.bind((self.driver.outbound_addr, 0))
 
     def sendto(self, data: memoryview, addr: tuple[str, int]) -> int:
         """Send one datagram (non-blocking; OSError on EAGAIN and friends)."""
@@ -121,8 +134,9 @@ class HostUdpSocket(FlowSocket):
             if self.fd < 0:
                 return
             frame = pool.acquire()
-            off = frame.start + self.flow.family.udp_payload_off
-            room = min(len(frame.view) - off, MAX_UDP_PAYLOAD)
+            family = self.flow.family
+            off = frame.start + family.udp_payload_off
+            room = min(len(frame.view) - off, family.max_l4_len - 8)
             try:
                 n, _anc, flags, addr = recv([frame.view[off : off + room]])
             except BlockingIOError:
@@ -154,14 +168,18 @@ class HostUdpSocket(FlowSocket):
             except OSError:
                 return
             for level, kind, cdata in anc:
-                if level != socket.SOL_IP or kind != IP_RECVERR or len(cdata) < _EXT_ERR.size:
+                if len(cdata) < _EXT_ERR.size or (level, kind) not in _RECVERR:
                     continue
                 _errno, origin, type_, code, _pad, _info, _d = _EXT_ERR.unpack_from(cdata)
-                if origin != SO_EE_ORIGIN_ICMP:
+                if origin == SO_EE_ORIGIN_ICMP:
+                    forward = type_ == ICMP_TIME_EXCEEDED or (
+                        type_ == ICMP_DEST_UNREACH and code != UNREACH_FRAG_NEEDED
+                    )
+                elif origin == SO_EE_ORIGIN_ICMP6:
+                    # Packet too big (2) is the host's to handle, as fragmentation needed is.
+                    forward = type_ in (ICMPV6_DEST_UNREACH, ICMPV6_TIME_EXCEEDED)
+                else:
                     continue
-                forward = type_ == ICMP_TIME_EXCEEDED or (
-                    type_ == ICMP_DEST_UNREACH and code != UNREACH_FRAG_NEEDED
-                )
                 if forward:
                     self.driver.nat.handle_host_error(self.flow, addr[0], addr[1], type_, code)
                 else:
@@ -210,9 +228,9 @@ class UdpNatDriver:
     ) -> None:
         """One datagram from a host client of a published port: into the guest."""
         try:
-            guest_ip = ipaddress.IPv4Address(self.forwards.guest_ip_for(fwd)).packed
+            guest_ip = ipaddress.ip_address(self.forwards.guest_ip_for(fwd)).packed
         except ValueError:
-            self.counters.inc("nat.udp.forward.guest_not_ipv4")
+            self.counters.inc("nat.udp.forward.guest_address_invalid")
             return
         sock = fwd.sock
 

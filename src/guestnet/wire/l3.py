@@ -35,8 +35,9 @@ from __future__ import annotations
 from typing import Protocol
 
 from guestnet.wire.checksum import pseudo_header_sum
-from guestnet.wire.ethernet import ETH_HLEN, ETHERTYPE_IPV4, build_ethernet
+from guestnet.wire.ethernet import ETH_HLEN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, build_ethernet
 from guestnet.wire.ipv4 import FLAG_DF, IPV4_HLEN, PROTO_UDP, build_ipv4
+from guestnet.wire.ipv6 import IPV6_HLEN, build_ipv6
 from guestnet.wire.tcp import TCP_HLEN
 from guestnet.wire.udp import UDP_HLEN, build_udp
 
@@ -153,10 +154,62 @@ class Ipv4Family:
         return "IPV4"
 
 
-#: The IPv4 family; IPv6's ``IPV6`` joins it in :data:`BY_ETHERTYPE`.
+class Ipv6Family:
+    """IPv6 (RFC 8200): 40-byte headers without extension headers; no header checksum.
+
+    ``ident`` and ``dont_fragment`` are ignored: guestnet never fragments what it builds as an
+    IPv6 packet on the way (a source that must fragment adds a Fragment header itself).
+    """
+
+    __slots__ = ()
+
+    version = 6
+    ethertype = ETHERTYPE_IPV6
+    addr_len = 16
+    header_len = IPV6_HLEN
+    l4_off = ETH_HLEN + IPV6_HLEN
+    udp_payload_off = ETH_HLEN + IPV6_HLEN + UDP_HLEN
+    max_l4_len = MAX_IP_PACKET
+
+    def build(
+        self,
+        buf: memoryview | bytearray,
+        off: int,
+        src: bytes,
+        dst: bytes,
+        proto: int,
+        l4_len: int,
+        ident: int = 0,
+        ttl: int = 64,
+        dont_fragment: bool = True,
+    ) -> int:
+        """Write a 40-byte IPv6 header (see :meth:`L3Family.build`)."""
+        return build_ipv6(buf, off, src, dst, proto, l4_len, ttl)
+
+    def pseudo_sum(self, src: bytes, dst: bytes, proto: int, l4_len: int) -> int:
+        """The IPv6 pseudo-header sum (RFC 8200 8.1)."""
+        return pseudo_header_sum(src, dst, proto, l4_len)
+
+    def tcp_mss(self, mtu: int) -> int:
+        """MTU minus 40 bytes of IPv6 and 20 of TCP."""
+        return mtu - IPV6_HLEN - TCP_HLEN
+
+    def not_unicast(self, addr: bytes) -> bool:
+        """Multicast (ff00::/8) and the unspecified address ``::``."""
+        return addr[0] == 0xFF or addr == _UNSPECIFIED6
+
+    def __repr__(self) -> str:
+        return "IPV6"
+
+
+_UNSPECIFIED6 = bytes(16)
+
+#: The IPv4 family.
 IPV4: L3Family = Ipv4Family()
+#: The IPv6 family.
+IPV6: L3Family = Ipv6Family()
 #: Families by the EtherType of the frames that carry them.
-BY_ETHERTYPE: dict[int, L3Family] = {ETHERTYPE_IPV4: IPV4}
+BY_ETHERTYPE: dict[int, L3Family] = {ETHERTYPE_IPV4: IPV4, ETHERTYPE_IPV6: IPV6}
 
 
 def build_l3_frame(

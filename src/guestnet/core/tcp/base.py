@@ -72,6 +72,12 @@ class TcpNatBase:
             """Connect a failed DNS flow to its next upstream; False when none is left."""
             raise NotImplementedError
 
+        def _send_syn(self, flow: TcpFlow) -> None:
+            """Our SYN to the guest (a forwarded connection)."""
+
+        def _send_syn_ack(self, flow: TcpFlow) -> None:
+            """Our SYN-ACK to the guest (its host connect completed)."""
+
         # Implemented in irregular.py.
 
         def _irregular_control(self, flow: TcpFlow, seq: int, flags: int) -> None:

@@ -54,7 +54,7 @@ from guestnet.core.tcp.flow import (
     seq_delta,
 )
 from guestnet.core.tcp.recovery import _Recovery
-from guestnet.core.tcp.segment import HDRS_LEN
+from guestnet.core.tcp.segment import hdrs_len
 from guestnet.pool import Frame
 from guestnet.wire.tcp import ACK, FIN, PSH, RST, SYN
 
@@ -293,6 +293,7 @@ class _Established(_Recovery):
             pool = self.pool
             io = self.io
             seg_max = self._seg_max(flow)
+            hdrs = hdrs_len(flow.family)
             while True:
                 flight = seq_delta(flow.snd_nxt, flow.snd_una)
                 limit = flow.snd_wnd
@@ -315,7 +316,7 @@ class _Established(_Recovery):
                     room -= n
                     asked += n
                     frame = pool.acquire()
-                    base = frame.start + HDRS_LEN
+                    base = frame.start + hdrs
                     frames.append(frame)
                     views.append(frame.view[base : base + n])
                 try:

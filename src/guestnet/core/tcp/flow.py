@@ -17,11 +17,13 @@ and the retransmit logic simple. Sequence numbers are compared in modular space
 
 from __future__ import annotations
 
+from ipaddress import IPv6Address
 from typing import Any, Protocol
 
 from guestnet.core.dns import UPSTREAM_TIMEOUT_S
 from guestnet.core.flows import FlowKey
 from guestnet.core.port import Port
+from guestnet.wire.l3 import IPV4, IPV6, L3Family
 
 # -- limits and timeouts -----------------------------------------------------------------------
 
@@ -135,6 +137,7 @@ class TcpFlow:
         "dst_ip",
         "dst_port",
         "dupacks",
+        "family",
         "fin_acked",
         "fin_sent",
         "forward_id",
@@ -197,6 +200,8 @@ class TcpFlow:
     ) -> None:
         self.key = key
         self.guest_ip, self.guest_port, self.dst_ip, self.dst_port = key
+        #: The flow's IP version (from its addresses): headers, MSS, where payload sits.
+        self.family: L3Family = IPV6 if len(self.guest_ip) == 16 else IPV4
         self.port = port
         self.guest_mac = guest_mac
         #: Where the host socket connects (after policy: the gateway is 127.0.0.1).
@@ -282,9 +287,11 @@ class TcpFlow:
             "proto": "tcp",
             "origin": "guest" if self.forward_id is None else "host",
             "forward": self.forward_id,
-            "guest": f"{_ip(self.guest_ip)}:{self.guest_port}",
-            "dst": f"{_ip(self.dst_ip)}:{self.dst_port}",
-            "host": f"{self.host}:{self.host_port}",
+            "guest": _endpoint(self.guest_ip, self.guest_port),
+            "dst": _endpoint(self.dst_ip, self.dst_port),
+            "host": f"[{self.host}]:{self.host_port}"
+            if ":" in self.host
+            else f"{self.host}:{self.host_port}",
             "state": self.state_name,
             "bytes_to_host": self.bytes_to_host,
             "bytes_to_guest": self.bytes_to_guest,
@@ -294,5 +301,9 @@ class TcpFlow:
         }
 
 
+def _endpoint(packed: bytes, port: int) -> str:
+    return f"{_ip(packed)}:{port}" if len(packed) == 4 else f"[{_ip(packed)}]:{port}"
+
+
 def _ip(packed: bytes) -> str:
-    return ".".join(str(b) for b in packed)
+    return ".".join(str(b) for b in packed) if len(packed) == 4 else str(IPv6Address(packed))

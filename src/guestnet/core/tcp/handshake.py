@@ -41,6 +41,7 @@ from guestnet.core.tcp.flow import (
     FORWARD_PORT_MAX,
     FORWARD_PORT_MIN,
     FORWARD_SYN_RTO_S,
+    OUR_WSCALE,
     RTO_INITIAL_S,
     SEQ_MASK,
     SYN_RCVD,
@@ -50,7 +51,7 @@ from guestnet.core.tcp.flow import (
 )
 from guestnet.core.tcp.irregular import _Irregular
 from guestnet.wire.icmp import UNREACH_NET
-from guestnet.wire.tcp import ACK, FIN, RST, SYN, parse_tcp_options
+from guestnet.wire.tcp import ACK, FIN, RST, SYN, build_syn_options, parse_tcp_options
 
 
 class _Handshake(_Irregular):
@@ -75,6 +76,14 @@ class _Handshake(_Irregular):
         flow.rto_deadline = now + flow.rto
         self.counters.inc("tcp.connect.ok")
         self._arm(flow)
+
+    def _send_syn_ack(self, flow: TcpFlow) -> None:
+        """Our SYN-ACK: our MSS, window scaling if the guest offered it, window unscaled."""
+        self._update_window(flow)
+        opts = build_syn_options(self._our_mss(flow), OUR_WSCALE if flow.wscale_ok else None)
+        # The SYN-ACK's window is never scaled (RFC 7323 2.2).
+        field = min(flow.rcv_wnd, 0xFFFF)
+        self._control(flow, flow.iss, flow.rcv_nxt, SYN | ACK, field, opts)
 
     def _open(
         self,
@@ -116,10 +125,8 @@ class _Handshake(_Irregular):
             return
         flow = TcpFlow(key, pkt.port, pkt.src_mac, host, host_port, seq, self._isn(), now)
         flow.dns = dns
-        if opts.mss:
-            flow.mss = min(opts.mss, self.our_mss)
-        else:
-            flow.mss = min(DEFAULT_MSS, self.our_mss)
+        ours = self._our_mss(flow)
+        flow.mss = min(opts.mss, ours) if opts.mss else min(DEFAULT_MSS, ours)
         if opts.wscale is not None:
             flow.wscale_ok = True
             flow.guest_wscale = opts.wscale
@@ -283,7 +290,7 @@ class _Handshake(_Irregular):
         if sport is None:
             counters.inc("tcp.forward.no_port")
             return None
-        key = (guest_ip, guest_port, self.config.gateway_b, sport)
+        key = (guest_ip, guest_port, self._gateway_for(guest_ip), sport)
         flow = TcpFlow(key, port, guest_mac, peer[0], peer[1], 0, self._isn(), now)
         flow.io_data = io_data
         flow.forward_id = forward_id
@@ -297,6 +304,10 @@ class _Handshake(_Irregular):
         self._arm(flow)
         return flow
 
+    def _gateway_for(self, guest_ip: bytes) -> bytes:
+        """The address host clients appear from to a guest address: the gateway of its family."""
+        return self.config.gateway_b if len(guest_ip) == 4 else self.config.gateway6_b
+
     def _forward_port(self, guest_ip: bytes, guest_port: int) -> int | None:
         """The next source port (as the guest sees it) that no flow to that guest port uses.
 
@@ -304,7 +315,7 @@ class _Handshake(_Irregular):
         still hold in TIME_WAIT comes back as late as possible.
         """
         span = FORWARD_PORT_MAX - FORWARD_PORT_MIN + 1
-        gateway = self.config.gateway_b
+        gateway = self._gateway_for(guest_ip)
         port = self._fwd_port
         table = self.table
         for _ in range(span):  # ends early: the table holds far fewer flows than the span
@@ -313,6 +324,13 @@ class _Handshake(_Irregular):
                 self._fwd_port = port
                 return port
         return None
+
+    def _send_syn(self, flow: TcpFlow) -> None:
+        """Our SYN to the guest, offering our MSS and window scaling (window unscaled)."""
+        flow.wscale_ok = False
+        field = self._update_window(flow)
+        opts = build_syn_options(self._our_mss(flow), OUR_WSCALE)
+        self._control(flow, flow.iss, 0, SYN, field, opts)
 
     def _syn_sent(
         self,
@@ -353,7 +371,7 @@ class _Handshake(_Irregular):
         opts = parse_tcp_options(l4, hlen)
         flow.guest_isn = seq
         flow.rcv_nxt = (seq + 1) & SEQ_MASK
-        flow.mss = min(opts.mss or DEFAULT_MSS, self.our_mss)
+        flow.mss = min(opts.mss or DEFAULT_MSS, self._our_mss(flow))
         if opts.wscale is not None:
             flow.wscale_ok = True
             flow.guest_wscale = opts.wscale

@@ -94,8 +94,7 @@ class TcpNat(_Handshake):
         l4 = pkt.l4
         sport, dport, seq, ack, off_byte, flags, window = _TCP_HDR.unpack_from(l4, 0)
         hlen = (off_byte >> 4) * 4
-        ip = pkt.ip
-        key = (ip.src, sport, ip.dst, dport)
+        key = (pkt.src, sport, pkt.dst, dport)
         flow = self.table.get(key)
         if flow is None:
             if flags & (SYN | ACK | RST | FIN) == SYN:

@@ -37,7 +37,7 @@ from guestnet.core.tcp.flow import (
     WND_CHECK_MAX_S,
     TcpFlow,
 )
-from guestnet.core.tcp.segment import HDRS_LEN, _SegmentWriter
+from guestnet.core.tcp.segment import _SegmentWriter, hdrs_len
 from guestnet.wire.tcp import ACK, FIN, PSH
 
 
@@ -97,7 +97,7 @@ class _Recovery(_SegmentWriter):
             # already has and acknowledges the rest.
             n = min(self._seg_max(flow), pending)
             frame = self.pool.acquire()
-            base = frame.start + HDRS_LEN
+            base = frame.start + hdrs_len(flow.family)
             frame.view[base : base + n] = flow.unacked[:n]
             flags = ACK | PSH
             if n == pending and flow.fin_sent:

@@ -4,13 +4,14 @@ A segment's addressing comes from its flow (:class:`SegmentEnds`: the guest's po
 and port, and the address and port the guest connected to), so a caller names the flow and the
 TCP fields that change (sequence, acknowledgement, flags, window). A segment for no flow (an RST
 answering a stray segment) is addressed back where that segment came from (:class:`_Reply`).
-Data is read from the host straight into a pooled frame's payload area, ``HDRS_LEN`` bytes after
-its start, and the headers are written in front of it here.
+Data is read from the host straight into a pooled frame's payload area, :func:`hdrs_len` bytes
+after its start (54 for IPv4, 74 for IPv6), and the headers are written in front of it here.
 
-This is the one module that knows the IP version: the MSS we announce (MTU - 40: IPv4 and TCP
-headers without options), the 20-byte IPv4 header in front of TCP, the checksum's pseudo-header
-and where the checksum starts for a link that completes it. A writer for another address family
-replaces this module's ``_write``, ``HDRS_LEN`` and :func:`mss_for_mtu`.
+The IP version comes from the flow's address family (``flow.family``, a
+:class:`~guestnet.wire.l3.L3Family`): the IP header written in front of TCP, the checksum's
+pseudo-header, where the checksum starts for a link that completes it, and the MSS we announce
+(MTU - 40 for IPv4, MTU - 60 for IPv6: IP and TCP headers without options). Nothing else in
+the package knows the version.
 
 Offloads. A link that takes them (a TAP with a virtio-net header) says so on its Port
 (``offload_max``, the largest IP packet it accepts). Toward such a port every segment leaves
@@ -33,24 +34,31 @@ from guestnet.core.flows import FlowKey
 from guestnet.core.packet import IpPacket
 from guestnet.core.port import Port
 from guestnet.core.tcp.base import TcpNatBase
-from guestnet.core.tcp.flow import CONNECTING, OUR_WSCALE, SEQ_MASK, TcpFlow
+from guestnet.core.tcp.flow import CONNECTING, SEQ_MASK, TcpFlow
 from guestnet.pool import HEADROOM, Frame
-from guestnet.wire.checksum import checksum, pseudo_header_sum
-from guestnet.wire.ethernet import ETH_HLEN, ETH_ZLEN, ETHERTYPE_IPV4
-from guestnet.wire.ipv4 import IPV4_HLEN, PROTO_TCP, build_ipv4
-from guestnet.wire.tcp import ACK, RST, SYN, TCP_HLEN, build_syn_options
+from guestnet.wire.checksum import checksum
+from guestnet.wire.ethernet import ETH_HLEN, ETH_ZLEN
+from guestnet.wire.ipv4 import PROTO_TCP
+from guestnet.wire.l3 import IPV4, L3Family
+from guestnet.wire.tcp import ACK, RST, TCP_HLEN
 
-#: Ethernet + IPv4 + TCP header bytes in front of a data segment's payload.
-HDRS_LEN = ETH_HLEN + IPV4_HLEN + TCP_HLEN
+#: Ethernet + IPv4 + TCP header bytes in front of an IPv4 data segment's payload.
+HDRS_LEN = IPV4.l4_off + TCP_HLEN
+
+
+def hdrs_len(family: L3Family) -> int:
+    """Header bytes in front of a data segment's payload for ``family``."""
+    return family.l4_off + TCP_HLEN
+
 
 _TCP_OUT = struct.Struct("!HHIIBBHHH")
 _ETH = struct.Struct("!6s6sH")
 _ZEROS = bytes(ETH_ZLEN)
 
 
-def mss_for_mtu(mtu: int) -> int:
-    """The MSS we announce on a link of ``mtu``: what one frame carries after IPv4 and TCP."""
-    return mtu - IPV4_HLEN - TCP_HLEN
+def mss_for_mtu(mtu: int, family: L3Family = IPV4) -> int:
+    """The MSS we announce on a link of ``mtu``: what one frame carries after IP and TCP."""
+    return family.tcp_mss(mtu)
 
 
 class SegmentEnds(Protocol):
@@ -64,16 +72,19 @@ class SegmentEnds(Protocol):
     #: The address and port the guest connected to: the segment's source.
     dst_ip: bytes
     dst_port: int
+    #: The IP version of both addresses.
+    family: L3Family
 
 
 class _Reply:
     """The ends of an answer to a guest segment that has no flow: back where it came from."""
 
-    __slots__ = ("dst_ip", "dst_port", "guest_ip", "guest_mac", "guest_port", "port")
+    __slots__ = ("dst_ip", "dst_port", "family", "guest_ip", "guest_mac", "guest_port", "port")
 
     def __init__(self, pkt: IpPacket, key: FlowKey) -> None:
         self.port = pkt.port
         self.guest_mac = pkt.src_mac
+        self.family = pkt.family
         self.guest_ip, self.guest_port, self.dst_ip, self.dst_port = key
 
 
@@ -107,22 +118,12 @@ class _SegmentWriter(TcpNatBase):
         if cap <= 0:
             return mss
         slot = self.pool.slot_size - HEADROOM - ETH_HLEN
-        room = (cap if cap < slot else slot) - IPV4_HLEN - TCP_HLEN
+        room = (cap if cap < slot else slot) - flow.family.header_len - TCP_HLEN
         return max(mss, room - room % mss)
 
-    def _send_syn(self, flow: TcpFlow) -> None:
-        """Our SYN to the guest, offering our MSS and window scaling (window unscaled)."""
-        flow.wscale_ok = False
-        field = self._update_window(flow)
-        opts = build_syn_options(self.our_mss, OUR_WSCALE)
-        self._control(flow, flow.iss, 0, SYN, field, opts)
-
-    def _send_syn_ack(self, flow: TcpFlow) -> None:
-        self._update_window(flow)
-        opts = build_syn_options(self.our_mss, OUR_WSCALE if flow.wscale_ok else None)
-        # The SYN-ACK's window is never scaled (RFC 7323 2.2).
-        field = min(flow.rcv_wnd, 0xFFFF)
-        self._control(flow, flow.iss, flow.rcv_nxt, SYN | ACK, field, opts)
+    def _our_mss(self, flow: TcpFlow) -> int:
+        """The MSS we announce on ``flow``: the link MTU less its family's headers."""
+        return self.our_mss if flow.family is IPV4 else flow.family.tcp_mss(self.config.mtu)
 
     def _send_rst_to_guest(self, flow: TcpFlow) -> None:
         seq = 0 if flow.state == CONNECTING else flow.snd_nxt
@@ -157,18 +158,20 @@ class _SegmentWriter(TcpNatBase):
         plen: int,
         options: bytes = b"",
     ) -> None:
-        """Write Ethernet, IPv4 and TCP headers in front of the ``plen`` payload bytes at
-        ``frame.start + HDRS_LEN`` and send the frame (options: a SYN's, without payload)."""
+        """Write Ethernet, IP and TCP headers in front of the ``plen`` payload bytes at
+        ``frame.start + hdrs_len(ends.family)`` and send the frame (options: a SYN's, without
+        payload)."""
         buf = frame.view
         start = frame.start
         port = ends.port
+        family = ends.family
         src_ip = ends.dst_ip
         dst_ip = ends.guest_ip
-        _ETH.pack_into(buf, start, ends.guest_mac, self._mac, ETHERTYPE_IPV4)
+        _ETH.pack_into(buf, start, ends.guest_mac, self._mac, family.ethertype)
         hlen = TCP_HLEN + len(options)
         tcp_len = hlen + plen
         ident = self._ident = (self._ident + 1) & 0xFFFF
-        tcp_off = build_ipv4(buf, start + ETH_HLEN, src_ip, dst_ip, PROTO_TCP, tcp_len, ident)
+        tcp_off = family.build(buf, start + ETH_HLEN, src_ip, dst_ip, PROTO_TCP, tcp_len, ident)
         if options:
             # Options go between the header and a payload; only SYNs carry them (no payload).
             buf[tcp_off + TCP_HLEN : tcp_off + hlen] = options
@@ -185,17 +188,17 @@ class _SegmentWriter(TcpNatBase):
             0,
             0,
         )
-        psum = pseudo_header_sum(src_ip, dst_ip, PROTO_TCP, tcp_len)
+        psum = family.pseudo_sum(src_ip, dst_ip, PROTO_TCP, tcp_len)
         if port.offload_max:
             # The link completes checksums: leave the pseudo-header sum for it (NEEDS_CSUM).
             csum = psum
-            frame.csum_start = ETH_HLEN + IPV4_HLEN
+            frame.csum_start = family.l4_off
             frame.csum_offset = 16
         else:
             csum = checksum(buf[tcp_off : tcp_off + tcp_len], psum)
         buf[tcp_off + 16] = csum >> 8
         buf[tcp_off + 17] = csum & 0xFF
-        length = ETH_HLEN + IPV4_HLEN + tcp_len
+        length = family.l4_off + tcp_len
         if length < ETH_ZLEN:
             buf[start + length : start + ETH_ZLEN] = _ZEROS[: ETH_ZLEN - length]
             length = ETH_ZLEN
