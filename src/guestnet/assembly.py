@@ -14,9 +14,9 @@ IPv6 (``config.ipv6``): the NDP service answers neighbour and router solicitatio
 guestnet's IPv6 addresses; its periodic router advertisements run on a loop timer re-armed from
 :meth:`~guestnet.core.ndp.NdpService.next_deadline`; the first goes out at start, and one more
 to each port whose guest starts speaking IPv6 (the classifier calls ``port_up``). DNS over UDP
-takes IPv6 queries and IPv6 fragments are reassembled; the other IPv6 slots (``icmp6``,
-``dhcp6``, ``dns6_tcp``, ``udp_nat6``, ``tcp_nat6``) stay empty until their services exist, and
-the classifier counts those drops.
+takes IPv6 queries, IPv6 fragments are reassembled, the DHCPv6 server (``core/dhcpv6.py``)
+takes the ``dhcp6`` slot, and the family-neutral NAT services take ``icmp6``, ``dns6_tcp``,
+``udp_nat6`` and ``tcp_nat6``.
 
 Shutdown runs the ``on_close`` registry last-registered first (the TCP NAT, then UDP, ICMP, DNS,
 forwards), then closes the links and the loop: :meth:`Instance.close` leaves no descriptor, file
@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Mapping
 from guestnet.config import Config
 from guestnet.core.classifier import FrameClassifier
 from guestnet.core.dhcp import DhcpServer
+from guestnet.core.dhcpv6 import Dhcpv6Server
 from guestnet.core.fragments import Reassembler
 from guestnet.core.ndp import NdpService
 from guestnet.core.policy import Policy
@@ -145,6 +146,7 @@ class Instance:
         c.tcp_fast = nat.handle_fast
         c.reassembly = self.reassembly
         self.ndp: NdpService | None = None
+        self.dhcp6: Dhcpv6Server | None = None
         if cfg.ipv6:
             self._build_ipv6()
 
@@ -155,6 +157,8 @@ class Instance:
         self.ndp = ndp
         c.ndp = ndp
         c.dns6_udp = self.dns
+        self.dhcp6 = Dhcpv6Server(self.config, self.pool_to_guest, self.counters)
+        c.dhcp6 = self.dhcp6
         self.reassembly6 = Reassembler(self.counters, c.route_ipv6, family=IPV6)
         c.reassembly6 = self.reassembly6
         # The NAT services are family-neutral: the same objects take IPv6.

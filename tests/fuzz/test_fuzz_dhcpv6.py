@@ -47,6 +47,7 @@ from guestnet.pool import Frame, FramePool
 from guestnet.wire import WireError
 from guestnet.wire.checksum import checksum, pseudo_header_sum
 from guestnet.wire.dhcpv6 import ADVERTISE, REPLY, parse_dhcpv6
+from guestnet.wire.l3 import IPV6
 
 FUZZ_SETTINGS = settings(
     max_examples=400,
@@ -61,33 +62,7 @@ OUR_MAC = bytes.fromhex("52550a000202")
 ALL_SERVERS = bytes.fromhex("ff020000000000000000000000010002")
 
 
-class _TestIpv6Family:
-    """IPv6 for these tests only, until wire/l3's IPV6 lands (the NDP branch): 40-byte header."""
-
-    version = 6
-    ethertype = 0x86DD
-    addr_len = 16
-    header_len = 40
-    l4_off = 54
-    udp_payload_off = 62
-    max_l4_len = 65535
-
-    def build(self, buf: Any, off: int, src: bytes, dst: bytes, proto: int, l4_len: int,
-              ident: int = 0, ttl: int = 64, dont_fragment: bool = True) -> int:  # fmt: skip
-        struct.pack_into("!IHBB16s16s", buf, off, 6 << 28, l4_len, proto, ttl, src, dst)
-        return off + 40
-
-    def pseudo_sum(self, src: bytes, dst: bytes, proto: int, l4_len: int) -> int:
-        return pseudo_header_sum(src, dst, proto, l4_len)
-
-    def tcp_mss(self, mtu: int) -> int:
-        return mtu - 60
-
-    def not_unicast(self, addr: bytes) -> bool:
-        return addr[0] == 0xFF
-
-
-FAMILY = _TestIpv6Family()
+FAMILY = IPV6  # the server builds its replies through the packet's family
 
 
 def ll(mac: bytes) -> bytes:

@@ -115,3 +115,18 @@ def test_close_cancels_the_ra_timer(clock: Clock) -> None:
     instance.close()
     assert instance.loop.timers.next_deadline() is None
     assert deadline is not None
+
+
+def test_dhcp6_slot_plugged(clock: Clock) -> None:
+    instance = Instance(Config(), loop=Loop(clock), echo_mode=None)
+    try:
+        assert instance.dhcp6 is not None
+        assert instance.classifier.dhcp6 is instance.dhcp6
+        assert instance.dhcp6.leases(clock.now) == []
+    finally:
+        instance.close()
+    off = Instance(Config(ipv6=False), loop=Loop(clock), echo_mode=None)
+    try:
+        assert off.dhcp6 is None and off.classifier.dhcp6 is None
+    finally:
+        off.close()
