@@ -91,6 +91,8 @@ class Instance:
         self.closed = False
         #: The running capture (``--pcap``), if any.
         self.capture: PcapWriter | None = None
+        #: A guest was given ``guest_ip6`` by guestnet itself (``--configure``, ``run``).
+        self.guest_ip6_configured = False
         self._build_services(echo_mode)
 
     # -- building ---------------------------------------------------------------------------------
@@ -194,10 +196,12 @@ class Instance:
         return str(self.dhcp.guest_address())
 
     def guest_address6(self) -> str:
-        """Where IPv6 traffic for "the guest" goes now: ``--guest-ip6`` when the guest uses it
-        (DHCPv6 or --configure), else the global address in the prefix it used last (SLAAC,
-        a privacy address), else ``--guest-ip6``."""
+        """Where IPv6 traffic for "the guest" goes now: ``--guest-ip6`` when the guest was
+        given it (``--configure``, ``run``) or uses it (DHCPv6), else the global address in
+        the prefix it used last (SLAAC, a privacy address), else ``--guest-ip6``."""
         cfg = self.config
+        if self.guest_ip6_configured:
+            return str(cfg.guest_ip6)
         wanted = cfg.guest_ip6.packed
         latest = None
         for port in self.switch.ports:

@@ -178,6 +178,8 @@ class Network:
             userns_optional=userns_optional,
             adopt_existing=adopt_existing,
         )
+        if configure and self.config.ipv6:
+            self._inst.guest_ip6_configured = True
         return self.attach_tap(fd, ifname)
 
     def spawn(self, cmd: Sequence[str], *, ifname: str = "eth0") -> Child:
@@ -190,6 +192,7 @@ class Network:
         check_ifname(ifname)
         setup = TapSetup.from_config(self.config, ifname, configure=True)
         pid, fd, go = spawn_in_new_namespaces(setup, list(cmd), resolv_conf_text(self.config))
+        self._inst.guest_ip6_configured = self.config.ipv6
         child = Child(pid)
         try:
             self.attach_tap(fd, ifname)

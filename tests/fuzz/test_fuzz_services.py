@@ -27,7 +27,7 @@ from __future__ import annotations
 import errno
 import random
 import struct
-from ipaddress import IPv4Address
+from ipaddress import ip_address
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -42,9 +42,10 @@ from guestnet.core.tcp import TcpFlow, TcpNat
 from guestnet.core.udp import UdpFlow, UdpNat
 from guestnet.wire import WireError
 from guestnet.wire.checksum import checksum, pseudo_header_sum
-from guestnet.wire.ethernet import BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4
+from guestnet.wire.ethernet import BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6
 from guestnet.wire.icmp import ICMP_DEST_UNREACH, ICMP_ECHO_REPLY
 from guestnet.wire.ipv4 import FLAG_MF, PROTO_ICMP, PROTO_TCP, PROTO_UDP, parse_ipv4
+from guestnet.wire.ipv6 import PROTO_ICMPV6, parse_ipv6
 from guestnet.wire.tcp import ACK, FIN, PSH, RST, SYN, build_syn_options, parse_tcp, verify_tcp
 from guestnet.wire.udp import parse_udp, verify_udp
 
@@ -180,7 +181,7 @@ class FakeTcpIo:
 
 def plausible_host(policy: Policy, host: str) -> bool:
     """A host address string the policy hands out for some guest destination."""
-    packed = IPv4Address(host).packed
+    packed = ip_address(host).packed
     if host == "127.0.0.1" and policy.destination(policy.config.gateway_b).host == host:
         return True
     return policy.destination(packed).host == host
@@ -281,6 +282,12 @@ class Rig:
         cls.dns_tcp = self.tcp.dns_handler
         self.reassembly = Reassembler(counters, cls.route_ipv4, max_datagrams=4)
         cls.reassembly = self.reassembly
+        # The same services take IPv6, as the assembly plugs them.
+        cls.udp_nat6 = self.udp
+        cls.tcp_nat6 = self.tcp
+        cls.icmp6 = self.icmp
+        cls.dns6_udp = self.dns
+        cls.dns6_tcp = self.tcp.dns_handler
         self.counts: dict[str, int] = {}
         self.to_guest = 0
 
@@ -362,7 +369,7 @@ class Rig:
 
 
 def check_to_guest(frame: bytes, offload: bool = False) -> None:
-    """A frame guestnet sent toward the guest: well-formed Ethernet + IPv4 (or ARP).
+    """A frame guestnet sent toward the guest: well-formed Ethernet + IPv4 or IPv6 (or ARP).
 
     With ``offload`` a TCP segment may exceed the MTU (a super-frame) and carries a partial
     checksum (the pseudo-header sum), which is completed here as the guest's kernel would.
@@ -373,12 +380,14 @@ def check_to_guest(frame: bytes, offload: bool = False) -> None:
     if ethertype == ETHERTYPE_ARP:
         assert len(frame) >= 42
         return
-    assert ethertype == ETHERTYPE_IPV4, hex(ethertype)
+    assert ethertype in (ETHERTYPE_IPV4, ETHERTYPE_IPV6), hex(ethertype)
     l3 = memoryview(frame)[14:]
+    v6 = ethertype == ETHERTYPE_IPV6
     try:
-        ip = parse_ipv4(l3)  # verifies the header checksum and the lengths
+        # Verifies the (IPv4) header checksum and the lengths.
+        ip: Any = parse_ipv6(l3) if v6 else parse_ipv4(l3)
     except WireError as exc:  # pragma: no cover - the assertion is the point
-        raise AssertionError(f"bad IPv4 toward the guest: {exc.reason}: {frame.hex()}") from exc
+        raise AssertionError(f"bad IP toward the guest: {exc.reason}: {frame.hex()}") from exc
     assert ip.total_len <= MTU or (offload and ip.proto == PROTO_TCP), ip.total_len
     assert ip.total_len == len(l3) or len(frame) == 60, "length disagrees with the frame"
     if ip.is_fragment:
@@ -395,8 +404,11 @@ def check_to_guest(frame: bytes, offload: bool = False) -> None:
             struct.pack_into("!H", seg, 16, checksum(seg))
             l4 = memoryview(seg)
         assert verify_tcp(l4, ip.src, ip.dst), "bad TCP checksum toward the guest"
-    elif ip.proto == PROTO_ICMP:
+    elif ip.proto == PROTO_ICMP and not v6:
         assert len(l4) >= 8 and checksum(l4) == 0, "bad ICMP checksum toward the guest"
+    elif ip.proto == PROTO_ICMPV6 and v6:
+        psum = pseudo_header_sum(ip.src, ip.dst, PROTO_ICMPV6, len(l4))
+        assert len(l4) >= 8 and checksum(l4, psum) == 0, "bad ICMPv6 checksum toward the guest"
     else:  # pragma: no cover
         raise AssertionError(f"protocol {ip.proto} toward the guest")
 
@@ -485,7 +497,28 @@ def seed_frames(f: Any) -> list[bytes]:
     ]
     for i, q in enumerate(dns_queries()):
         seeds.append(f.udp(5353 + i % 2, 53, q, dst=f.GATEWAY_IP if i % 3 == 0 else f.DNS_IP))
-    return seeds + tcp_seeds(f) + fragment_seeds(f)
+    return seeds + tcp_seeds(f) + fragment_seeds(f) + ipv6_seeds(f)
+
+
+def ipv6_seeds(f: Any) -> list[bytes]:
+    """The NAT, ICMPv6 echo and DNS over IPv6: to the outside, the gateway, refused places."""
+    prefix_nobody = bytes.fromhex("fd000000000000000000000000000099")
+    link_local = bytes.fromhex("fe800000000000000000000000000001")
+    query = dns_query(FOO)
+    return [
+        f.udp6(40000, 9999, b"to outside"),
+        f.udp6(40001, 7777, b"to the host", dst=f.GATEWAY_IP6),
+        f.udp6(40002, 8888, b"refused", dst=prefix_nobody),
+        f.udp6(40003, 8888, b"link-local", dst=link_local),
+        f.udp6(40004, 9998, b"x" * 1400),
+        f.udp6(5353, 53, query, dst=f.DNS_IP6),
+        f.tcp6(40010, 8080, SYN, dst=f.GATEWAY_IP6),
+        f.tcp6(40011, 443, SYN),
+        f.tcp6(40012, 53, SYN, dst=f.DNS_IP6),
+        f.tcp6(40013, 80, SYN, dst=prefix_nobody),
+        f.icmp6(dst=f.REMOTE_IP6),
+        f.icmp6(dst=prefix_nobody),
+    ]
 
 
 def tcp_seeds(f: Any) -> list[bytes]:

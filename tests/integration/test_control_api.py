@@ -155,7 +155,8 @@ def test_forwards_through_the_api(
         ("1", "tcp", "127.0.0.1", 18080, 80),
         ("2", "udp", "::1", 18053, 53),
     ]
-    assert all(f["guest_ip"] == "10.0.2.15" for f in listed)
+    # Each forward reaches the guest address of its host address's family.
+    assert [f["guest_ip"] for f in listed] == ["10.0.2.15", "fd00::15"]
 
     status, fwd = request(
         api, "POST", "/forwards", {"proto": "tcp", "host_port": 18081, "guest_port": 81}

@@ -191,3 +191,16 @@ def test_echo_to_a_refused_address_is_answered_with_an_error(rig: Rig6, frames: 
     assert rig.pings == []
     (pkt,) = rig.sent()
     assert pkt[ICMPv6DestUnreach].code == 1
+
+
+def test_icmp_errors_are_rate_limited(rig: Rig6, frames: Any) -> None:
+    """A burst of 50, then 1000 per second, as Linux limits its own ICMP errors."""
+    nobody = bytes.fromhex("fd000000000000000000000000000099")
+    for i in range(200):
+        rig.core.feed(frames.udp6(sport=40000 + i, dport=9, dst=nobody))
+    assert len(rig.sent()) == 50
+    assert rig.core.counters["icmp.error.rate_limited"] == 150
+    rig.core.now += 0.0105  # ten more tokens (and a half)
+    for i in range(20):
+        rig.core.feed(frames.udp6(sport=41000 + i, dport=9, dst=nobody))
+    assert len(rig.sent()) == 10

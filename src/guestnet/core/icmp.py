@@ -35,6 +35,11 @@ IPv4's codes; the ICMPv6 code is the dialect's. Two cases use it:
   IP_RECVERR): the same type and code, from the address the guest sent to, quoting a header
   rebuilt from the flow (:meth:`IcmpService.send_flow_error`). Linux reports port unreachable as
   ECONNREFUSED.
+
+Errors are rate-limited as Linux limits its own (``net.ipv4.icmp_msgs_per_sec`` 1000, burst
+50): a token bucket of :data:`ERROR_BURST` refilled at :data:`ERROR_RATE_PER_S`; an error
+beyond it is counted (``icmp.error.rate_limited``) and not sent, so a guest spraying refused
+destinations cannot make guestnet flood it back.
 """
 
 from __future__ import annotations
@@ -88,6 +93,9 @@ MAX_PEERS = 256
 ICMP_ERROR_MAX = 576
 #: ICMPv6 errors stay within the IPv6 minimum MTU (RFC 4443 2.4 (c)).
 ICMPV6_ERROR_MAX = 1280
+#: Errors toward the guests per second, and the burst allowed (Linux's defaults).
+ERROR_RATE_PER_S = 1000.0
+ERROR_BURST = 50.0
 
 EchoKey = tuple[bytes, int]
 
@@ -230,11 +238,16 @@ class IcmpService:
         self.timeout = timeout
         self.flows: IdleFlows[EchoKey, EchoFlow] = IdleFlows(counters, "icmp.echo.flow")
         self._ident = 0
+        #: The error token bucket: tokens left, and when it was last refilled.
+        self._tokens = ERROR_BURST
+        self._refilled = 0.0
+        self._now = 0.0
 
     # -- from the guest --------------------------------------------------------------------
 
     def handle_icmp(self, pkt: IpPacket, now: float) -> None:
         """Handle one ICMP or ICMPv6 message from the guest (checksum already verified)."""
+        self._now = now
         hdr = parse_icmp(pkt.l4, verify=False)
         dialect = DIALECTS[pkt.family.version]
         if hdr.type != dialect.echo_request:
@@ -247,7 +260,7 @@ class IcmpService:
         verdict = self.policy.destination(dst)
         if verdict.host is None:
             self.counters.inc(f"icmp.echo.{verdict.reason}")
-            self.send_unreachable(pkt, UNREACH_ADMIN_PROHIBITED, self._gateway(pkt.family))
+            self.send_unreachable(pkt, UNREACH_ADMIN_PROHIBITED, self._gateway(pkt.family), now)
             return
         if self.backend is None:
             self.counters.inc("icmp.echo.no_socket")
@@ -337,8 +350,14 @@ class IcmpService:
 
     # -- errors toward the guest -----------------------------------------------------------
 
-    def send_unreachable(self, pkt: IpPacket, code: int, origin: bytes) -> None:
-        """Destination unreachable (``code``) from ``origin``, quoting the guest's datagram."""
+    def send_unreachable(
+        self, pkt: IpPacket, code: int, origin: bytes, now: float | None = None
+    ) -> None:
+        """Destination unreachable (``code``) from ``origin``, quoting the guest's datagram.
+
+        ``now``: for the rate limit (the time of the last call that gave one otherwise)."""
+        if now is not None:
+            self._now = now
         dialect = DIALECTS[pkt.family.version]
         if pkt.proto == dialect.proto and (len(pkt.l4) < 1 or pkt.l4[0] != dialect.echo_request):
             # Never an error about an error (RFC 1122 3.2.2).
@@ -355,6 +374,7 @@ class IcmpService:
         dport: int,
         code: int,
         type_: int = ICMP_DEST_UNREACH,
+        now: float | None = None,
     ) -> None:
         """An error about a UDP datagram guest_ip:guest_port -> guest_dst:dport, from guest_dst.
 
@@ -363,6 +383,8 @@ class IcmpService:
         guest's stack matches errors against. ``type_`` and ``code`` are in the flow's own
         version (the host's ICMP or ICMPv6 error as it came).
         """
+        if now is not None:
+            self._now = now
         family = IPV6 if len(guest_ip) == 16 else IPV4
         hlen = family.header_len
         head = bytearray(hlen + UDP_HLEN)
@@ -389,6 +411,9 @@ class IcmpService:
         ``type_``/``code`` are IPv4's (a destination unreachable) unless ``native``: then they
         are already the family's own.
         """
+        if not self._take_token():
+            self.counters.inc("icmp.error.rate_limited")
+            return
         dialect = DIALECTS[family.version]
         if not native and dialect is ICMP6:
             type_, code = dialect.dest_unreach, dialect.unreach_codes.get(code, 0)
@@ -407,6 +432,19 @@ class IcmpService:
         self._headers(family, frame, ICMP_HLEN + body_len, origin, guest_ip, guest_mac)
         self.counters.inc(f"icmp{'v6' if dialect.pseudo else ''}.error.sent.{type_}.{code}")
         self.switch.send(frame)
+
+    def _take_token(self) -> bool:
+        """One error's worth from the bucket, refilled for the time since the last refill."""
+        now = self._now
+        tokens = self._tokens + (now - self._refilled) * ERROR_RATE_PER_S
+        self._refilled = now
+        if tokens > ERROR_BURST:
+            tokens = ERROR_BURST
+        if tokens < 1.0:
+            self._tokens = tokens
+            return False
+        self._tokens = tokens - 1.0
+        return True
 
     # -- building --------------------------------------------------------------------------
 

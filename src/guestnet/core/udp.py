@@ -226,7 +226,7 @@ class UdpNat:
         host = verdict.host
         if host is None:
             counters.inc(f"nat.udp.{verdict.reason}")
-            self.icmp.send_unreachable(pkt, UNREACH_ADMIN_PROHIBITED, gateway)
+            self.icmp.send_unreachable(pkt, UNREACH_ADMIN_PROHIBITED, gateway, now)
             return
         flow = self._flow_for(pkt, sport, now)
         if flow is None or flow.sock is None:
@@ -390,7 +390,7 @@ class UdpNat:
         return len(doomed)
 
     def handle_host_error(
-        self, flow: UdpFlow, host: str, hport: int, type_: int, code: int
+        self, flow: UdpFlow, host: str, hport: int, type_: int, code: int, now: float | None = None
     ) -> None:
         """The host got an ICMP error for a datagram this flow sent to ``host:hport``."""
         guest_dst = flow.peers.get(host)
@@ -399,7 +399,7 @@ class UdpNat:
             return
         self.counters.inc(f"nat.udp.host_error.{type_}.{code}")
         self.icmp.send_flow_error(
-            flow.guest_mac, flow.guest_ip, flow.guest_port, guest_dst, hport, code, type_
+            flow.guest_mac, flow.guest_ip, flow.guest_port, guest_dst, hport, code, type_, now
         )
 
     # -- lifetime --------------------------------------------------------------------------

@@ -181,7 +181,9 @@ class HostUdpSocket(FlowSocket):
                 else:
                     continue
                 if forward:
-                    self.driver.nat.handle_host_error(self.flow, addr[0], addr[1], type_, code)
+                    self.driver.nat.handle_host_error(
+                        self.flow, addr[0], addr[1], type_, code, self.driver.loop.now()
+                    )
                 else:
                     self.driver.counters.inc(f"nat.udp.host_error.{type_}.{code}.ignored")
 
