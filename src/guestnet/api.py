@@ -98,7 +98,10 @@ def control_view(inst: Instance) -> ControlView:
         drops=inst.counters.snapshot,
         pools=inst.pool_stats,
         flow_sources=inst.flow_sources,
-        leases=lambda now: list(inst.dhcp.leases(now)),
+        leases=lambda now: [
+            *inst.dhcp.leases(now),
+            *(inst.dhcp6.leases(now) if inst.dhcp6 is not None else ()),
+        ],
         forwards=inst.forwards,
         capture=inst.capture_stats,
     )

@@ -196,12 +196,15 @@ class Instance:
         return str(self.dhcp.guest_address())
 
     def guest_address6(self) -> str:
-        """Where IPv6 traffic for "the guest" goes now: ``--guest-ip6`` when the guest was
-        given it (``--configure``, ``run``) or uses it (DHCPv6), else the global address in
-        the prefix it used last (SLAAC, a privacy address), else ``--guest-ip6``."""
+        """Where IPv6 traffic for "the guest" goes now: ``--guest-ip6`` when guestnet gave it
+        (``--configure``, ``run``), else the latest DHCPv6 lease, else ``--guest-ip6`` if the
+        guest uses it, else the global address in the prefix it used last (SLAAC, a privacy
+        address), else ``--guest-ip6``."""
         cfg = self.config
         if self.guest_ip6_configured:
             return str(cfg.guest_ip6)
+        if self.dhcp6 is not None and self.dhcp6.has_bound():
+            return str(self.dhcp6.guest_address())
         wanted = cfg.guest_ip6.packed
         latest = None
         for port in self.switch.ports:

@@ -587,3 +587,34 @@ def test_renew_of_address_taken_meanwhile(rig: Rig) -> None:
     dead = [o for o in opt.ianaopts if isinstance(o, DHCP6OptIAAddress) and not o.validlft]
     assert [str(o.addr) for o in dead] == ["fd00::15"]
     assert [lease["mac"] for lease in rig.server.leases(later)] == [MAC2, MAC1]
+
+
+def test_leases_api_and_forwards_follow_dhcpv6(frames: Any) -> None:
+    """A lease bound through an assembled datapath shows in the API's /leases beside the DHCPv4
+    ones, and an IPv6 published port reaches the leased address."""
+    from guestnet.api import Api, control_view
+    from guestnet.assembly import Instance
+    from guestnet.io.loop import Loop
+
+    inst = Instance(Config(), loop=Loop(), echo_mode=None)
+    try:
+        assert inst.dhcp6 is not None
+        rig = Rig(
+            inst.config, inst.pool_to_guest, inst.counters, inst.dhcp6, inst.classifier,
+            Port("guest", lambda f: None),
+        )  # fmt: skip
+        sent: list[Frame] = rig.sent
+        rig.port.send = sent.append
+        rig.port.ip6_seen = True  # NDP has greeted it: only DHCPv6 answers come back
+        inst.switch.attach(rig.port)
+        fwd = inst.forwards.add("tcp", 0, 80, "::1")
+        assert inst.forwards.guest_ip_for(fwd) == "fd00::15"  # nothing leased yet: the default
+        bind(rig, MAC2)  # another client first would get fd00::15; this one does
+        addr = bind(rig, MAC1, iaid=7)
+        status, leases = Api(control_view(inst)).handle("GET", "/leases", b"", 1.0)
+        assert status == 200 and isinstance(leases, list)
+        ips = {str(lease["ip"]) for lease in leases}  # type: ignore[index]
+        assert {"fd00::15", addr} <= ips
+        assert inst.forwards.guest_ip_for(fwd) == addr, "the latest lease"
+    finally:
+        inst.close()

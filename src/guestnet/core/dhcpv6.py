@@ -593,6 +593,10 @@ class Dhcpv6Server:
         out.sort(key=lambda d: ipaddress.IPv6Address(str(d["ip"])))
         return out
 
+    def has_bound(self) -> bool:
+        """Whether any client has been given an address yet."""
+        return self._last_bound is not None
+
     def guest_address(self) -> IPv6Address:
         """The address most recently bound, or ``config.guest_ip6`` before any."""
         if self._last_bound is not None:
