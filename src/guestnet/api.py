@@ -34,10 +34,8 @@ the source when missing; it is passed through as given.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,8 +46,7 @@ from guestnet.assembly import FlowSource, Instance
 from guestnet.core.timers import Timer
 from guestnet.counters import Counters
 from guestnet.io.forwards import DEFAULT_HOST_IP, ForwardError, Forwards
-from guestnet.io.links import bind_private
-from guestnet.io.listener import Listener
+from guestnet.io.listener import UnixServer
 from guestnet.io.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Loop
 
 log = logging.getLogger(__name__)
@@ -384,43 +381,16 @@ def _not_allowed(path: str) -> HttpError:
 # -- I/O --------------------------------------------------------------------------------------
 
 
-class ApiServer:
+class ApiServer(UnixServer):
     """Serves :class:`Api` on a unix socket from the datapath's loop."""
 
     def __init__(self, loop: Loop, counters: Counters, path: str, api: Api) -> None:
-        self.loop = loop
-        self.counters = counters
-        self.path = path
+        super().__init__(loop, counters, path, "api", MAX_CONNECTIONS, ACCEPT_BUDGET)
         self.api = api
-        self.conns: dict[int, _Conn] = {}
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            bind_private(sock, path)
-            sock.listen(16)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-        self.closed = False
-        self.listener = Listener(loop, counters, sock, self._on_accept, "api", ACCEPT_BUDGET)
 
-    def _on_accept(self, conn: socket.socket, _addr: object) -> None:
-        if len(self.conns) >= MAX_CONNECTIONS:
-            self.counters.inc("api.conn.too_many")
-            conn.close()
-            return
-        _Conn(self, conn)
-
-    def close(self) -> None:
-        """Close every connection and the listening socket; remove the socket file."""
-        if self.closed:
-            return
-        self.closed = True
-        for conn in list(self.conns.values()):
-            conn.close()
-        self.listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+    def connection(self, sock: socket.socket) -> None:
+        """An accepted API connection."""
+        _Conn(self, sock)
 
 
 class _Conn:

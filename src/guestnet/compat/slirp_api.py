@@ -27,15 +27,13 @@ import contextlib
 import ipaddress
 import json
 import logging
-import os
 import socket
 from typing import Any
 
 from guestnet.core.timers import Timer
 from guestnet.counters import Counters
 from guestnet.io.forwards import ForwardError, Forwards
-from guestnet.io.links import bind_private
-from guestnet.io.listener import Listener
+from guestnet.io.listener import UnixServer
 from guestnet.io.loop import EPOLLIN, EPOLLOUT, Loop
 
 log = logging.getLogger(__name__)
@@ -208,42 +206,16 @@ def _port(value: object) -> int | None:
 # -- I/O -----------------------------------------------------------------------------------------
 
 
-class SlirpApiServer:
+class SlirpApiServer(UnixServer):
     """Serves :class:`SlirpApi` on a unix socket from the datapath's loop."""
 
     def __init__(self, loop: Loop, counters: Counters, path: str, api: SlirpApi) -> None:
-        self.loop = loop
-        self.counters = counters
-        self.path = path
+        super().__init__(loop, counters, path, "slirp_api", MAX_CONNECTIONS)
         self.api = api
-        self.conns: dict[int, _Conn] = {}
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            bind_private(sock, path)
-            sock.listen(16)
-        except OSError:
-            sock.close()
-            raise
-        self.closed = False
-        self.listener = Listener(loop, counters, sock, self._on_accept, "slirp_api")
 
-    def _on_accept(self, conn: socket.socket, _addr: object) -> None:
-        if len(self.conns) >= MAX_CONNECTIONS:
-            self.counters.inc("slirp_api.conn.too_many")
-            conn.close()
-            return
-        _Conn(self, conn)
-
-    def close(self) -> None:
-        """Close every connection and the listening socket; remove the socket file."""
-        if self.closed:
-            return
-        self.closed = True
-        for conn in list(self.conns.values()):
-            conn.close()
-        self.listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+    def connection(self, sock: socket.socket) -> None:
+        """An accepted request connection."""
+        _Conn(self, sock)
 
 
 class _Conn:

@@ -25,7 +25,6 @@ import errno
 import logging
 import os
 import socket
-import stat
 import struct
 from collections import deque
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from collections.abc import Callable
 from guestnet.core.port import Port
 from guestnet.core.switch import Switch
 from guestnet.counters import Counters
-from guestnet.io.listener import Listener
+from guestnet.io.listener import Listener, bind_private
 from guestnet.io.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Loop
 from guestnet.pool import HEADROOM, Frame, FramePool
 
@@ -420,17 +419,3 @@ class DgramLink(Link):
         if self.path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-
-
-def bind_private(sock: socket.socket, path: str) -> None:
-    """Bind a unix socket so that only its owner can use it (mode 0600 from birth)."""
-    with contextlib.suppress(FileNotFoundError):
-        st = os.lstat(path)
-        if not stat.S_ISSOCK(st.st_mode):
-            raise FileExistsError(f"{path} exists and is not a socket")
-        os.unlink(path)
-    old = os.umask(0o177)
-    try:
-        sock.bind(path)
-    finally:
-        os.umask(old)

@@ -12,6 +12,11 @@ caught by a slow retry (:data:`RETRY_S`). A resumed listener that still cannot a
 again; one accept per freed descriptor is all it costs.
 
 Accepts are bounded per wake-up (``budget``), so a connection storm cannot starve the other fds.
+
+:class:`UnixServer` is the shape both control sockets share (guestnet's API and the
+slirp4netns-compatible one): a unix socket bound mode 0600 from birth (:func:`bind_private`),
+a Listener, at most ``max_conns`` connections (more are accepted and closed at once, counted),
+and a close that takes every connection and the socket file with it.
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import socket
+import stat
 from collections.abc import Callable
+from typing import Protocol
 
 from guestnet.core.timers import Timer
 from guestnet.counters import Counters
@@ -130,3 +138,83 @@ class Listener:
             self.loop.remove_fd(self.fd)
         with contextlib.suppress(OSError):
             self.sock.close()
+
+
+def bind_private(sock: socket.socket, path: str) -> None:
+    """Bind a unix socket so that only its owner can use it (mode 0600 from birth).
+
+    A stale socket file at ``path`` is replaced; any other kind of file is refused.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(f"{path} exists and is not a socket")
+        os.unlink(path)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+
+
+class Connection(Protocol):
+    """What a :class:`UnixServer` keeps of each connection: a way to close it."""
+
+    def close(self) -> None:
+        """Close the connection and forget it (``server.conns.pop(fd)``)."""
+
+
+class UnixServer:
+    """A private unix stream socket with capped connections, served from ``loop``.
+
+    Subclasses implement :meth:`connection`, which takes each accepted socket and registers
+    the connection object in :attr:`conns` by fd (and removes it when it closes).
+    """
+
+    def __init__(
+        self,
+        loop: Loop,
+        counters: Counters,
+        path: str,
+        counter: str,
+        max_conns: int,
+        budget: int = ACCEPT_BUDGET,
+    ) -> None:
+        self.loop = loop
+        self.counters = counters
+        self.path = path
+        self.counter = counter
+        self.max_conns = max_conns
+        self.conns: dict[int, Connection] = {}
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            bind_private(sock, path)
+            sock.listen(16)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+        self.closed = False
+        self.listener = Listener(loop, counters, sock, self._on_accept, counter, budget)
+
+    def _on_accept(self, conn: socket.socket, _addr: object) -> None:
+        if len(self.conns) >= self.max_conns:
+            self.counters.inc(f"{self.counter}.conn.too_many")
+            conn.close()
+            return
+        self.connection(conn)
+
+    def connection(self, sock: socket.socket) -> None:
+        """Serve one accepted connection (non-blocking, close-on-exec)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Close every connection and the listening socket; remove the socket file."""
+        if self.closed:
+            return
+        self.closed = True
+        for conn in list(self.conns.values()):
+            conn.close()
+        self.listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
