@@ -343,7 +343,11 @@ def run(o: Options, config: Config) -> int:
         except StartError as exc:
             print(exc, file=sys.stderr)
             return EXIT_FAILURE
-        write_pid_file(o.pid_file)
+        try:
+            write_pid_file(o.pid_file)
+        except OSError as exc:
+            print(f"{o.pid_file}: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
         if not o.quiet:
             _say(o, qemu_hint(qemu_args))
         if daemon is not None:

@@ -436,9 +436,13 @@ def run(o: Options, config: Config) -> int:
             print(exc, file=sys.stderr)
             return EXIT_FAILURE
         gone = [False]
-        if not o.no_netns_quit:
-            watch_netns(net, target, lambda: _stop(net, gone))
-        write_pid_file(o.pid_file)
+        try:
+            if not o.no_netns_quit:
+                watch_netns(net, target, lambda: _stop(net, gone))
+            write_pid_file(o.pid_file)
+        except (ValueError, OSError) as exc:
+            print(f"{target}: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
         if not o.quiet:
             sys.stderr.write(banner(o, config))
         if o.log_file is not None:
@@ -473,7 +477,11 @@ def run_command(o: Options, config: Config) -> int:
         except StartError as exc:
             print(exc, file=sys.stderr)
             return EXIT_FAILURE
-        write_pid_file(o.pid_file)
+        try:
+            write_pid_file(o.pid_file)
+        except OSError as exc:
+            print(f"{o.pid_file}: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
         net.loop.install_signal_handlers()
         net.run(until=lambda: child.returncode is not None)
         code = child.returncode
