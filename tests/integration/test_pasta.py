@@ -243,3 +243,26 @@ def test_command_mode_runs_in_the_foreground(sandbox: Netns) -> None:
     assert done.returncode == 3, done.stderr
     assert "192.168.50.7/24" in done.stdout
     assert sandbox.pids() == []
+
+
+def test_foreground_serves_until_sigterm(sandbox: Netns, guest_ns: Netns) -> None:
+    _need(PASTA)
+    proc = sandbox.popen(
+        [str(PASTA), "-f", "--config-net", "-4", "-I", "fg0", "--netns", guest_ns.path],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for(lambda: addresses(guest_ns, "fg0") == ["10.0.2.15/24"], 10, "fg0 configured")
+        assert proc.poll() is None  # -f: no fork, the process we started serves
+        ping = guest_ns.run(["ping", "-c", "1", "-W", "3", GATEWAY], check=False)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        wait_for(lambda: link_info(guest_ns, "fg0") is None, 5, "fg0 to go away")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        assert proc.stderr is not None
+        proc.stderr.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from guestnet.compat.passt_common import (
     AddressOptions,
     OptionExit,
     build_config,
+    parent_wait,
     parse_port_spec,
     publish_entries,
 )
@@ -313,3 +315,56 @@ def test_program_name_selects_the_mode(
     monkeypatch.setattr("sys.argv", [f"/usr/local/bin/{name}", "--bogus"])
     assert cli.main() == 1
     assert capsys.readouterr().err == f"{name}: unrecognized option '--bogus'\n"
+
+
+# -- the parent's wait for its daemon ------------------------------------------------------------
+
+
+def _child(body: str) -> tuple[int, int]:
+    """A real child process: ``body`` is "ready", "exit N" or "hang"; (pid, read end)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(r)
+        if body == "ready":
+            os.write(w, b"1")
+            time.sleep(0.2)
+            os._exit(0)
+        if body.startswith("exit"):
+            os._exit(int(body.split()[1]))
+        time.sleep(30)
+        os._exit(0)
+    os.close(w)
+    return pid, r
+
+
+def test_parent_exits_0_once_the_daemon_is_ready() -> None:
+    pid, r = _child("ready")
+    try:
+        assert parent_wait(pid, r, 10.0) == 0
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+
+
+def test_parent_exits_with_the_failed_daemons_status() -> None:
+    pid, r = _child("exit 3")
+    try:
+        assert parent_wait(pid, r, 10.0) == 3
+    finally:
+        os.close(r)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, 0)  # reaped already
+
+
+def test_parent_kills_a_daemon_that_never_gets_ready(capsys: pytest.CaptureFixture[str]) -> None:
+    pid, r = _child("hang")
+    start = time.monotonic()
+    try:
+        assert parent_wait(pid, r, 0.3) == 1
+    finally:
+        os.close(r)
+    assert time.monotonic() - start < 5
+    assert "did not start in time" in capsys.readouterr().err
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, 0)  # killed and reaped: nothing left behind

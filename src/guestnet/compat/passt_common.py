@@ -420,7 +420,7 @@ class Daemon:
         pid = os.fork()
         if pid:
             os.close(w)
-            os._exit(_parent_wait(pid, r, timeout))
+            os._exit(parent_wait(pid, r, timeout))
         os.close(r)
         os.setsid()
         self._w = w
@@ -439,7 +439,7 @@ class Daemon:
         self._w = -1
 
 
-def _parent_wait(pid: int, r: int, timeout: float) -> int:
+def parent_wait(pid: int, r: int, timeout: float) -> int:
     """The parent's side: 0 once the child says ready; its status (or 1) otherwise."""
     deadline = time.monotonic() + timeout
     while True:
