@@ -1,5 +1,6 @@
 """The command line: ``guestnet run|netns|qemu|dgram`` and the options they share;
-``guestnet slirp4netns`` hands its arguments to :mod:`guestnet.compat.slirp4netns`.
+``guestnet slirp4netns``, ``guestnet pasta`` and ``guestnet passt`` hand their arguments to
+:mod:`guestnet.compat.slirp4netns`, :mod:`guestnet.compat.pasta` and :mod:`guestnet.compat.passt`.
 
 Every datapath subcommand takes the same options (:func:`add_datapath_options`), after the
 subcommand name; later features add theirs there, so all four stay in step. Invalid values get a
@@ -22,7 +23,7 @@ from typing import NoReturn
 from guestnet import __version__
 from guestnet.assembly import raise_nofile_limit
 from guestnet.client import add_client_parsers, run_client
-from guestnet.compat import slirp4netns
+from guestnet.compat import passt, pasta, slirp4netns
 from guestnet.config import MAX_MTU, MIN_MTU, Config, parse_mac
 from guestnet.core.dhcp import check_config as check_dhcp_config
 from guestnet.io.forwards import parse_publish
@@ -407,6 +408,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="slirp4netns's command line (guestnet slirp4netns --help), for podman and rootlesskit",
         add_help=False,
     )
+    sub.add_parser(
+        "pasta",
+        help="pasta's command line (guestnet pasta --help), for podman 5 and rootlesskit 2",
+        add_help=False,
+    )
+    sub.add_parser(
+        "passt",
+        help="passt's command line (guestnet passt --help), for libvirt and QEMU",
+        add_help=False,
+    )
     add_client_parsers(sub)
     return parser
 
@@ -557,14 +568,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``guestnet`` command.
 
     ``guestnet slirp4netns ARGS``, and ``guestnet`` run through a link named ``slirp4netns``,
-    are slirp4netns's command line (:mod:`guestnet.compat.slirp4netns`), not argparse's.
+    are slirp4netns's command line (:mod:`guestnet.compat.slirp4netns`), not argparse's; the
+    same goes for ``pasta`` and ``passt``.
     """
+    modes: dict[str, Callable[[Sequence[str], str], int]] = {
+        "slirp4netns": lambda a, p: slirp4netns.main(a, prog=p),
+        "pasta": lambda a, p: pasta.main(a, prog=p),
+        "passt": lambda a, p: passt.main(a, prog=p),
+    }
     if argv is None:
         argv = sys.argv[1:]
-        if os.path.basename(sys.argv[0]) == "slirp4netns":
-            return slirp4netns.main(argv, prog=sys.argv[0])
-    if argv and argv[0] == "slirp4netns":
-        return slirp4netns.main(argv[1:], prog="guestnet slirp4netns")
+        name = os.path.basename(sys.argv[0])
+        if name in modes:
+            return modes[name](argv, sys.argv[0] if name == "slirp4netns" else name)
+    if argv and argv[0] in modes:
+        return modes[argv[0]](argv[1:], f"guestnet {argv[0]}")
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "client", None) is not None:

@@ -53,7 +53,7 @@ class Config:
     subnet: IPv4Network = field(default_factory=lambda: IPv4Network("10.0.2.0/24"))
     #: guestnet's own address on the guest link; stands for the host (slirp's 10.0.2.2).
     gateway: IPv4Address = field(default_factory=lambda: IPv4Address("10.0.2.2"))
-    #: Address of the built-in DNS service (slirp's 10.0.2.3).
+    #: Address of the built-in DNS service (slirp's 10.0.2.3); it may lie outside ``subnet``.
     dns_ip: IPv4Address = field(default_factory=lambda: IPv4Address("10.0.2.3"))
     #: Address the first guest is given (by DHCP, or directly with --configure).
     guest_ip: IPv4Address = field(default_factory=lambda: IPv4Address("10.0.2.15"))
@@ -115,7 +115,9 @@ class Config:
     def __post_init__(self) -> None:
         if not MIN_MTU <= self.mtu <= MTU_LIMIT:
             raise ValueError(f"--mtu must be between {MIN_MTU} and {MTU_LIMIT}")
-        for name in ("gateway", "dns_ip", "guest_ip"):
+        # The DNS address may lie outside the subnet (pasta's --dns-forward 169.254.1.1, as
+        # podman passes it): the guest reaches it through the gateway, and guestnet answers it.
+        for name in ("gateway", "guest_ip"):
             addr = getattr(self, name)
             if addr not in self.subnet:
                 raise ValueError(
