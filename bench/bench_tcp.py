@@ -3,11 +3,14 @@
 Run (root): ``.venv/bin/python bench/bench_tcp.py [--mtus 1500,65520] [--families 4,6]
 [--duration 5] [--reps 1] [--loss 0] [--no-offloads] [--profile DIR]``
 
-For each MTU and address family: a loopback-only sandbox namespace runs guestnet (``netns GUEST
---configure``) and the "host" servers (``iperf3 -s`` and bench/netbench.py's echo server on
+For each MTU: a loopback-only sandbox namespace runs guestnet (``netns GUEST --configure``, which
+sets both families) and the "host" servers (``iperf3 -s`` and bench/netbench.py's echo server on
 127.0.0.1, over IPv6 on ::1); the guest namespace runs the clients against the gateway 10.0.2.2
-(over IPv6 fd00::2, which guestnet maps to the sandbox's ::1). Prints one line per MTU and family:
-Gbit/s each way (median of ``--reps``), then connections/s and the median connect time.
+(over IPv6 fd00::2, which guestnet maps to the sandbox's ::1). With both ``--families`` the two
+families' runs alternate within the one guestnet (IPv4 first in even repetitions, IPv6 first in
+odd ones), so the IPv6/IPv4 ratio is not a ratio of two set-ups or of two moments of a noisy
+machine. Prints one line per MTU and family: Gbit/s each way (median of ``--reps``), guestnet's
+CPU seconds per GB moved over those runs, then connections/s and the median connect time.
 ``--loss N`` drops N% of packets both ways in the guest namespace (nftables), for a look at
 recovery speed. ``--no-offloads`` runs guestnet without TAP offloads (the before/after lever);
 ``--profile DIR`` samples guestnet with py-spy (``pip install py-spy`` into the venv) during the
@@ -81,8 +84,9 @@ def iperf(
     duration: float,
     reverse: bool,
     prof: tuple[int, str] | None = None,
-) -> float:
-    """One iperf3 run, Gbit/s received; ``prof`` (pid, path prefix): py-spy samples the pid."""
+) -> tuple[float, int]:
+    """One iperf3 run: Gbit/s and bytes received; ``prof`` (pid, path prefix): py-spy samples the
+    pid."""
     gateway, bind, _ = FAMILIES[family]
     server = subprocess.Popen(
         in_ns(sandbox, ["iperf3", "-s", "-1", "-B", bind, "-p", str(IPERF_PORT)]),
@@ -105,8 +109,8 @@ def iperf(
         if spy is not None:
             spy.wait(30)
             print(summarize(path), flush=True)
-        data = json.loads(out.stdout)
-        return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
+        received = json.loads(out.stdout)["end"]["sum_received"]
+        return float(received["bits_per_second"]) / 1e9, int(received["bytes"])
     finally:
         server.kill()
         server.wait(5)
@@ -155,8 +159,16 @@ def connrate(guest: str, sandbox: str, family: int, seconds: float) -> dict[str,
         server.wait(5)
 
 
-def cell(mtu: int, family: int, args: argparse.Namespace) -> str:
-    tag = f"{os.getpid()}_{mtu}_{family}"
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` in seconds (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cell(mtu: int, families: list[int], args: argparse.Namespace) -> list[str]:
+    """One guestnet at ``mtu``; every family's runs, interleaved; one line per family."""
+    tag = f"{os.getpid()}_{mtu}"
     sandbox, guest = f"gnbsb{tag}", f"gnbgu{tag}"
     gn: subprocess.Popen[bytes] | None = None
     try:
@@ -172,24 +184,37 @@ def cell(mtu: int, family: int, args: argparse.Namespace) -> str:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )  # fmt: skip
-        wait(lambda: guest_ready(guest, family), 15, "guestnet to configure the guest")
+        wait(lambda: all(guest_ready(guest, f) for f in families), 15, "the guest's addresses")
         if args.loss:
             add_loss(guest, args.loss)
-        prof = None
         if args.profile:
             os.makedirs(args.profile, exist_ok=True)
-            prof = (gn.pid, os.path.join(args.profile, f"guestnet_{mtu}_ipv{family}"))
-        up = [iperf(guest, sandbox, family, args.duration, False, prof if i == 0 else None)
-              for i in range(args.reps)]  # fmt: skip
-        down = [iperf(guest, sandbox, family, args.duration, True, prof if i == 0 else None)
-                for i in range(args.reps)]  # fmt: skip
-        cr = connrate(guest, sandbox, family, 3.0)
-        return (
-            f"MTU {mtu:>5} IPv{family}: guest->host {statistics.median(up):6.2f} Gbit/s, "
-            f"host->guest {statistics.median(down):6.2f} Gbit/s, "
-            f"{cr.get('per_s', 0):7.0f} connections/s "
-            f"(connect median {cr.get('connect_median_ms', 0):.3f} ms)"
-        )
+        gbps: dict[tuple[int, bool], list[float]] = {}
+        cpu = dict.fromkeys(families, 0.0)
+        moved = dict.fromkeys(families, 0)
+        for reverse in (False, True):
+            for i in range(args.reps):
+                for family in families if i % 2 == 0 else families[::-1]:
+                    prof = None
+                    if args.profile and i == 0:
+                        prof = (gn.pid, os.path.join(args.profile, f"guestnet_{mtu}_ipv{family}"))
+                    cpu0 = cpu_seconds(gn.pid)
+                    rate, nbytes = iperf(guest, sandbox, family, args.duration, reverse, prof)
+                    cpu[family] += cpu_seconds(gn.pid) - cpu0
+                    moved[family] += nbytes
+                    gbps.setdefault((family, reverse), []).append(rate)
+        lines = []
+        for family in families:
+            cr = connrate(guest, sandbox, family, 3.0)
+            lines.append(
+                f"MTU {mtu:>5} IPv{family}: "
+                f"guest->host {statistics.median(gbps[family, False]):6.2f} Gbit/s, "
+                f"host->guest {statistics.median(gbps[family, True]):6.2f} Gbit/s, "
+                f"{cpu[family] / max(moved[family] / 1e9, 1e-9):.3f} CPU s/GB, "
+                f"{cr.get('per_s', 0):7.0f} connections/s "
+                f"(connect median {cr.get('connect_median_ms', 0):.3f} ms)"
+            )
+        return lines
     finally:
         if gn is not None:
             gn.terminate()
@@ -223,8 +248,8 @@ def main() -> int:
     if not families or any(f not in FAMILIES for f in families):
         p.error(f"--families takes 4, 6 or 4,6, not {args.families!r}")
     for mtu in (int(m) for m in args.mtus.split(",")):
-        for family in families:  # back to back: their ratio sees the same machine state
-            print(cell(mtu, family, args), flush=True)
+        for line in cell(mtu, families, args):
+            print(line, flush=True)
     return 0
 
 
