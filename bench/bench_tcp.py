@@ -1,12 +1,16 @@
 """TCP through guestnet: iperf3 guest->host and host->guest, and connections per second.
 
-Run (root): ``.venv/bin/python bench/bench_tcp.py [--mtus 1500,65520] [--duration 5]
-[--reps 1] [--loss 0] [--no-offloads] [--profile DIR]``
+Run (root): ``.venv/bin/python bench/bench_tcp.py [--mtus 1500,65520] [--families 4,6]
+[--duration 5] [--reps 1] [--loss 0] [--no-offloads] [--profile DIR]``
 
-For each MTU: a loopback-only sandbox namespace runs guestnet (``netns GUEST --configure``) and
-the "host" servers (``iperf3 -s`` and bench/netbench.py's echo server on 127.0.0.1); the guest
-namespace runs the clients against the gateway 10.0.2.2. Prints one line per MTU:
-Gbit/s each way (median of ``--reps``), then connections/s and the median connect time.
+For each MTU: a loopback-only sandbox namespace runs guestnet (``netns GUEST --configure``, which
+sets both families) and the "host" servers (``iperf3 -s`` and bench/netbench.py's echo server on
+127.0.0.1, over IPv6 on ::1); the guest namespace runs the clients against the gateway 10.0.2.2
+(over IPv6 fd00::2, which guestnet maps to the sandbox's ::1). With both ``--families`` the two
+families' runs alternate within the one guestnet (IPv4 first in even repetitions, IPv6 first in
+odd ones), so the IPv6/IPv4 ratio is not a ratio of two set-ups or of two moments of a noisy
+machine. Prints one line per MTU and family: Gbit/s each way (median of ``--reps``), guestnet's
+CPU seconds per GB moved over those runs, then connections/s and the median connect time.
 ``--loss N`` drops N% of packets both ways in the guest namespace (nftables), for a look at
 recovery speed. ``--no-offloads`` runs guestnet without TAP offloads (the before/after lever);
 ``--profile DIR`` samples guestnet with py-spy (``pip install py-spy`` into the venv) during the
@@ -28,7 +32,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-GATEWAY = "10.0.2.2"
+#: Per IP version: the gateway the guest dials, where the servers listen, the guest's address.
+FAMILIES = {4: ("10.0.2.2", "127.0.0.1", "10.0.2.15"), 6: ("fd00::2", "::1", "fd00::15")}
 IPERF_PORT = 5201
 ECHO_PORT = 5301
 
@@ -49,9 +54,13 @@ def wait(pred: object, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def guest_ready(ns: str) -> bool:
-    out = sh(in_ns(ns, ["ip", "-4", "-o", "addr", "show", "dev", "eth0"]), check=False).stdout
-    return "10.0.2.15" in out
+def guest_ready(ns: str, family: int) -> bool:
+    """guestnet has configured the guest's address (past duplicate address detection)."""
+    out = sh(in_ns(ns, ["ip", f"-{family}", "-o", "addr", "show", "dev", "eth0"]), check=False)
+    address = FAMILIES[family][2]
+    return any(
+        f" {address}/" in line and "tentative" not in line for line in out.stdout.splitlines()
+    )
 
 
 def listening(ns: str, port: int) -> bool:
@@ -69,17 +78,24 @@ def add_loss(ns: str, percent: int) -> None:
 
 
 def iperf(
-    guest: str, sandbox: str, duration: float, reverse: bool, prof: tuple[int, str] | None = None
-) -> float:
-    """One iperf3 run, Gbit/s received; ``prof`` (pid, path prefix): py-spy samples the pid."""
+    guest: str,
+    sandbox: str,
+    family: int,
+    duration: float,
+    reverse: bool,
+    prof: tuple[int, str] | None = None,
+) -> tuple[float, int]:
+    """One iperf3 run: Gbit/s and bytes received; ``prof`` (pid, path prefix): py-spy samples the
+    pid."""
+    gateway, bind, _ = FAMILIES[family]
     server = subprocess.Popen(
-        in_ns(sandbox, ["iperf3", "-s", "-1", "-B", "127.0.0.1", "-p", str(IPERF_PORT)]),
+        in_ns(sandbox, ["iperf3", "-s", "-1", "-B", bind, "-p", str(IPERF_PORT)]),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
         wait(lambda: listening(sandbox, IPERF_PORT), 5, "iperf3 -s")
-        cmd = ["iperf3", "-c", GATEWAY, "-p", str(IPERF_PORT), "-t", f"{duration:g}", "-J"]
+        cmd = ["iperf3", "-c", gateway, "-p", str(IPERF_PORT), "-t", f"{duration:g}", "-J"]
         spy = None
         if prof is not None:
             path = f"{prof[1]}_{'down' if reverse else 'up'}.txt"
@@ -93,8 +109,8 @@ def iperf(
         if spy is not None:
             spy.wait(30)
             print(summarize(path), flush=True)
-        data = json.loads(out.stdout)
-        return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
+        received = json.loads(out.stdout)["end"]["sum_received"]
+        return float(received["bits_per_second"]) / 1e9, int(received["bytes"])
     finally:
         server.kill()
         server.wait(5)
@@ -122,17 +138,18 @@ def summarize(path: str, top: int = 12) -> str:
     return "\n".join(lines)
 
 
-def connrate(guest: str, sandbox: str, seconds: float) -> dict[str, float]:
+def connrate(guest: str, sandbox: str, family: int, seconds: float) -> dict[str, float]:
     netbench = os.path.join(HERE, "netbench.py")
+    gateway, bind, _ = FAMILIES[family]
     server = subprocess.Popen(
-        in_ns(sandbox, [sys.executable, netbench, "serve", "--port", str(ECHO_PORT),
-                        "--max-seconds", str(seconds + 30)]),
+        in_ns(sandbox, [sys.executable, netbench, "serve", "--bind", bind, "--port",
+                        str(ECHO_PORT), "--max-seconds", str(seconds + 30)]),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         wait(lambda: listening(sandbox, ECHO_PORT), 5, "echo server")
-        out = sh(in_ns(guest, [sys.executable, netbench, "connrate", "--host", GATEWAY,
+        out = sh(in_ns(guest, [sys.executable, netbench, "connrate", "--host", gateway,
                                "--port", str(ECHO_PORT), "--seconds", str(seconds)]),
                  timeout=seconds + 30)  # fmt: skip
         result: dict[str, float] = json.loads(out.stdout)
@@ -142,7 +159,15 @@ def connrate(guest: str, sandbox: str, seconds: float) -> dict[str, float]:
         server.wait(5)
 
 
-def cell(mtu: int, args: argparse.Namespace) -> str:
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` in seconds (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cell(mtu: int, families: list[int], args: argparse.Namespace) -> list[str]:
+    """One guestnet at ``mtu``; every family's runs, interleaved; one line per family."""
     tag = f"{os.getpid()}_{mtu}"
     sandbox, guest = f"gnbsb{tag}", f"gnbgu{tag}"
     gn: subprocess.Popen[bytes] | None = None
@@ -159,24 +184,37 @@ def cell(mtu: int, args: argparse.Namespace) -> str:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )  # fmt: skip
-        wait(lambda: guest_ready(guest), 15, "guestnet to configure the guest")
+        wait(lambda: all(guest_ready(guest, f) for f in families), 15, "the guest's addresses")
         if args.loss:
             add_loss(guest, args.loss)
-        prof = None
         if args.profile:
             os.makedirs(args.profile, exist_ok=True)
-            prof = (gn.pid, os.path.join(args.profile, f"guestnet_{mtu}"))
-        up = [iperf(guest, sandbox, args.duration, False, prof if i == 0 else None)
-              for i in range(args.reps)]  # fmt: skip
-        down = [iperf(guest, sandbox, args.duration, True, prof if i == 0 else None)
-                for i in range(args.reps)]  # fmt: skip
-        cr = connrate(guest, sandbox, 3.0)
-        return (
-            f"MTU {mtu:>5}: guest->host {statistics.median(up):6.2f} Gbit/s, "
-            f"host->guest {statistics.median(down):6.2f} Gbit/s, "
-            f"{cr.get('per_s', 0):7.0f} connections/s "
-            f"(connect median {cr.get('connect_median_ms', 0):.3f} ms)"
-        )
+        gbps: dict[tuple[int, bool], list[float]] = {}
+        cpu = dict.fromkeys(families, 0.0)
+        moved = dict.fromkeys(families, 0)
+        for reverse in (False, True):
+            for i in range(args.reps):
+                for family in families if i % 2 == 0 else families[::-1]:
+                    prof = None
+                    if args.profile and i == 0:
+                        prof = (gn.pid, os.path.join(args.profile, f"guestnet_{mtu}_ipv{family}"))
+                    cpu0 = cpu_seconds(gn.pid)
+                    rate, nbytes = iperf(guest, sandbox, family, args.duration, reverse, prof)
+                    cpu[family] += cpu_seconds(gn.pid) - cpu0
+                    moved[family] += nbytes
+                    gbps.setdefault((family, reverse), []).append(rate)
+        lines = []
+        for family in families:
+            cr = connrate(guest, sandbox, family, 3.0)
+            lines.append(
+                f"MTU {mtu:>5} IPv{family}: "
+                f"guest->host {statistics.median(gbps[family, False]):6.2f} Gbit/s, "
+                f"host->guest {statistics.median(gbps[family, True]):6.2f} Gbit/s, "
+                f"{cpu[family] / max(moved[family] / 1e9, 1e-9):.3f} CPU s/GB, "
+                f"{cr.get('per_s', 0):7.0f} connections/s "
+                f"(connect median {cr.get('connect_median_ms', 0):.3f} ms)"
+            )
+        return lines
     finally:
         if gn is not None:
             gn.terminate()
@@ -195,6 +233,7 @@ def cell(mtu: int, args: argparse.Namespace) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--mtus", default="1500,65520")
+    p.add_argument("--families", default="4,6", help="IP versions: 4, 6 or 4,6")
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--loss", type=int, default=0, help="percent dropped both ways in the guest")
@@ -205,8 +244,12 @@ def main() -> int:
         print("bench_tcp: needs root (network namespaces)", file=sys.stderr)
         return 2
     os.environ["PYTHONPATH"] = os.path.join(ROOT, "src")
+    families = [int(f) for f in args.families.split(",") if f]
+    if not families or any(f not in FAMILIES for f in families):
+        p.error(f"--families takes 4, 6 or 4,6, not {args.families!r}")
     for mtu in (int(m) for m in args.mtus.split(",")):
-        print(cell(mtu, args), flush=True)
+        for line in cell(mtu, families, args):
+            print(line, flush=True)
     return 0
 
 

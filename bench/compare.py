@@ -1,11 +1,14 @@
 """guestnet side by side with pasta, slirp4netns and a plain veth pair: one command, one table.
 
 Run (root): ``.venv/bin/python bench/compare.py [--quick]
-[--backends guestnet,pasta,slirp4netns,veth] [--mtus 1500,65520] [--reps 3] [--duration 10]
-[--budget 840] [--markdown OUT] [--json OUT]``
+[--backends guestnet,pasta,slirp4netns,veth] [--mtus 1500,65520] [--families 4,6] [--reps 3]
+[--duration 10] [--budget 840] [--markdown OUT] [--json OUT]``
 
-Theory of operation. For every backend and MTU (a *cell*) the harness builds a fresh topology of
-its own namespaces, measures, and tears it all down before the next cell:
+Theory of operation. For every MTU, backend and address family (a *cell*) the harness builds a
+fresh topology of its own namespaces, measures, and tears it all down before the next cell. A
+backend's IPv4 and IPv6 cells run one after the other, so their ratio is taken on the same machine
+state. What follows describes IPv4; an IPv6 cell (``--families``, class ``Family``) is the same
+cell with the family's addresses: the gateway fd00::2 and the sandbox's ``::1``:
 
 - a *guest* namespace (only ``lo`` at first): the kernel stack the backend serves; all clients
   (iperf3 -c, bench/netbench.py rr/connrate) run here and talk to the gateway 10.0.2.2;
@@ -20,6 +23,14 @@ its own namespaces, measures, and tears it all down before the next cell:
 - slirp4netns: ``slirp4netns --configure --mtu N --netns-type=path GUEST tap0`` (guest 10.0.2.100);
 - veth: the kernel's own path and the ceiling: a veth pair sandbox 10.0.2.2/24 <-> guest
   10.0.2.15/24; the servers bind 10.0.2.2.
+
+Over IPv6: guestnet's ``--configure`` sets fd00::15/64 and the default route via fd00::2, which
+stands for the sandbox's ``::1``. pasta gets ``-6 -a fd00::15 -g fd00::2`` (its gateway is mapped
+to the host's loopback unless ``--no-map-gw``) and its dead-end veth also carries fd99::1/64 with
+an IPv6 default route (pasta disables IPv6 without an IPv6 route out). slirp4netns gets
+``--enable-ipv6``: the guest does SLAAC on its RA for fd00::/64 and reaches the host's loopback at
+fd00::2, as with guestnet. veth: sandbox fd00::2/64 <-> guest fd00::15/64. The servers bind
+``::1`` (veth: fd00::2).
 
 Measured per cell (medians over ``--reps``): iperf3 TCP guest->host and host->guest (``-R``) for
 ``--duration`` s, 1-byte request/response latency (median, p99) and connections per second with
@@ -36,8 +47,9 @@ tuned "latency-performance" practice); the kernel drops the request when the fil
 at the latest when the harness exits. ``--no-pm-qos`` measures without it.
 
 Bounds: every subprocess has a timeout, every wait a deadline, and the whole run a time budget
-(``--budget``, 14 min by default; cells past it are skipped with an error). Every namespace and
-process is removed at the end of its cell and again in a ``finally`` on exit, Ctrl-C or SIGTERM.
+(``--budget``, 14 min per family by default; cells past it are skipped with an error). Every
+namespace and process is removed at the end of its cell and again in a ``finally`` on exit, Ctrl-C
+or SIGTERM.
 """
 
 from __future__ import annotations
@@ -76,7 +88,33 @@ USER_MODE = ("guestnet", "pasta", "slirp4netns")
 BINARIES = {"pasta": ("pasta", "passt"), "slirp4netns": ("slirp4netns", "slirp4netns")}
 READY_TIMEOUT_S = 15.0
 PROBE_TIMEOUT_S = 8.0
-DEFAULT_BUDGET_S = 14 * 60
+#: 14 minutes per address family at the default settings.
+BUDGET_PER_FAMILY_S = 14 * 60
+
+
+@dataclass(frozen=True)
+class Family:
+    """The addresses one IP version gives a cell: the rest of the harness is family-neutral."""
+
+    version: int
+    gateway: str  # what the guest's clients dial: the backend's stand-in for the host
+    loopback: str  # where the host-side servers listen in the sandbox (user-mode backends)
+    guest: str  # the guest address guestnet, pasta and veth configure
+    prefix_len: int
+    #: slirp4netns's guest: its --configure address for IPv4; over IPv6 whatever SLAAC makes of
+    #: fd00::/64, so only the prefix is known.
+    slirp_guest: str
+
+    @property
+    def ip(self) -> str:
+        """``ip``'s family switch: -4 or -6."""
+        return f"-{self.version}"
+
+
+FAMILIES = {
+    4: Family(4, GATEWAY, "127.0.0.1", "10.0.2.15", 24, "10.0.2.100"),
+    6: Family(6, "fd00::2", "::1", "fd00::15", 64, "fd00::"),
+}
 
 
 @dataclass(frozen=True)
@@ -111,6 +149,7 @@ class Cell:
 
     backend: str
     mtu: int
+    family: int = 4
     values: dict[str, float] = field(default_factory=dict)
     samples: dict[str, list[float]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
@@ -248,10 +287,15 @@ def listening(ns: str, port: int) -> bool:
     return bool(out.strip())
 
 
-def guest_ready(ns: str, address: str) -> bool:
-    addrs = ns_run(ns, ["ip", "-4", "-o", "addr", "show"], check=False).stdout
-    route = ns_run(ns, ["ip", "-4", "route", "show", "default"], check=False).stdout
-    return f" {address}/" in addrs and "default" in route
+def guest_ready(ns: str, address: str, fam: Family = FAMILIES[4]) -> bool:
+    """The guest has ``address`` (over IPv6 a prefix such as ``fd00::`` is enough: SLAAC picks
+    the rest) past duplicate address detection, and a default route of that family."""
+    addrs = ns_run(ns, ["ip", fam.ip, "-o", "addr", "show"], check=False).stdout
+    route = ns_run(ns, ["ip", fam.ip, "route", "show", "default"], check=False).stdout
+    word = "inet6" if fam.version == 6 else "inet"
+    wanted = f" {word} {address}" + ("" if address.endswith("::") else "/")
+    have = any(wanted in line and "tentative" not in line for line in addrs.splitlines())
+    return have and "default" in route
 
 
 # -- per-cell topology ----------------------------------------------------------------------------
@@ -262,6 +306,7 @@ class Topology:
     guest: str
     sandbox: str
     bind: str  # where host-side servers listen in the sandbox
+    gateway: str  # what the guest's clients dial
     backend: subprocess.Popen[Any] | None = None
     backend_log: str | None = None
     #: guestnet's control API socket (guestnet only): pool counters before and after the runs.
@@ -285,7 +330,9 @@ class Harness:
 
     # topology builders -------------------------------------------------------------------------
 
-    def _start_backend(self, topo: Topology, argv: list[str], address: str) -> None:
+    def _start_backend(
+        self, topo: Topology, argv: list[str], address: str, fam: Family = FAMILIES[4]
+    ) -> None:
         topo.backend_log = os.path.join(self.tmp, f"{topo.sandbox}.log")
         with open(topo.backend_log, "w") as out:
             topo.backend = self.box.popen(topo.sandbox, argv, out)
@@ -295,20 +342,20 @@ class Harness:
             if backend.poll() is not None:
                 tail = _short(topo.backend_output(), 200)
                 raise CellError(f"backend exited with {backend.returncode}: {tail}")
-            return guest_ready(topo.guest, address)
+            return guest_ready(topo.guest, address, fam)
 
         wait_until(ready, READY_TIMEOUT_S, "the guest's address and default route")
 
-    def setup(self, backend: str, mtu: int) -> Topology:
+    def setup(self, backend: str, mtu: int, fam: Family = FAMILIES[4]) -> Topology:
         guest = self.box.netns("gu")
         sandbox = self.box.netns("sb")
-        topo = Topology(guest=guest, sandbox=sandbox, bind="127.0.0.1")
+        topo = Topology(guest=guest, sandbox=sandbox, bind=fam.loopback, gateway=fam.gateway)
         guest_path = f"{NETNS_DIR}/{guest}"
         if backend == "guestnet":
             topo.api_socket = os.path.join(self.box.tmpdir, f"{guest}.api")
             argv = [sys.executable, "-m", "guestnet", "netns", guest_path, "--configure",
                     "--api-socket", topo.api_socket]  # fmt: skip
-            self._start_backend(topo, [*argv, "--mtu", str(mtu)], "10.0.2.15")
+            self._start_backend(topo, [*argv, "--mtu", str(mtu)], fam.guest, fam)
         elif backend == "pasta":
             dead = self.box.netns("de")
             a, b = self.box.ifname("p"), self.box.ifname("q")
@@ -320,19 +367,27 @@ class Harness:
             ns_run(dead, ["ip", "addr", "add", "198.18.0.2/24", "dev", b])
             ns_run(dead, ["ip", "link", "set", b, "up"])
             ns_run(sandbox, ["ip", "route", "add", "default", "via", "198.18.0.2"])
+            if fam.version == 6:
+                ns_run(sandbox, ["ip", "-6", "addr", "add", "fd99::1/64", "dev", a, "nodad"])
+                ns_run(dead, ["ip", "-6", "addr", "add", "fd99::2/64", "dev", b, "nodad"])
+                ns_run(sandbox, ["ip", "-6", "route", "add", "default", "via", "fd99::2"])
+                # NDP on: the guest resolves the gateway fd00::2 through pasta's answers.
+                only = ["--no-ra", "--no-dhcpv6", "--ipv6-only"]
+            else:
+                only = ["-n", str(fam.prefix_len), "--no-ndp", "--no-dhcpv6", "--ipv4-only"]
             argv = [
                 "pasta", "--runas", "0", "--netns", guest_path, "--config-net",
-                "-a", "10.0.2.15", "-n", "24", "-g", GATEWAY, "-m", str(mtu),
-                "--no-ndp", "--no-dhcpv6", "--ipv4-only",
+                "-a", fam.guest, "-g", fam.gateway, "-m", str(mtu), *only,
                 "-t", "none", "-u", "none", "-T", "none", "-U", "none", "-f", "-q",
             ]  # fmt: skip
-            self._start_backend(topo, argv, "10.0.2.15")
+            self._start_backend(topo, argv, fam.guest, fam)
         elif backend == "slirp4netns":
             argv = [
                 "slirp4netns", "--configure", "--mtu", str(min(mtu, 65521)),
+                *(["--enable-ipv6"] if fam.version == 6 else []),
                 "--netns-type=path", guest_path, "tap0",
             ]  # fmt: skip
-            self._start_backend(topo, argv, "10.0.2.100")
+            self._start_backend(topo, argv, fam.slirp_guest, fam)
         elif backend == "veth":
             a, b = self.box.ifname("v"), self.box.ifname("w")
             run(
@@ -351,12 +406,14 @@ class Harness:
                     guest,
                 ]
             )
-            for ns, dev, addr in ((sandbox, a, "10.0.2.2/24"), (guest, b, "10.0.2.15/24")):
+            # nodad: the addresses are usable at once (no neighbour can hold them).
+            nodad = ["nodad"] if fam.version == 6 else []
+            for ns, dev, addr in ((sandbox, a, fam.gateway), (guest, b, fam.guest)):
                 ns_run(ns, ["ip", "link", "set", dev, "mtu", str(mtu)])
-                ns_run(ns, ["ip", "addr", "add", addr, "dev", dev])
+                ns_run(ns, ["ip", "addr", "add", f"{addr}/{fam.prefix_len}", "dev", dev, *nodad])
                 ns_run(ns, ["ip", "link", "set", dev, "up"])
-            ns_run(guest, ["ip", "route", "add", "default", "via", GATEWAY])
-            topo.bind = GATEWAY
+            ns_run(guest, ["ip", fam.ip, "route", "add", "default", "via", fam.gateway])
+            topo.bind = fam.gateway
         else:
             raise CellError(f"unknown backend {backend}")
         return topo
@@ -404,7 +461,7 @@ class Harness:
             try:
                 self.netbench(
                     topo,
-                    ["rr", "--host", GATEWAY, "--port", str(ECHO_PORT), "--count", "5",
+                    ["rr", "--host", topo.gateway, "--port", str(ECHO_PORT), "--count", "5",
                      "--timeout", "3"],
                     timeout=6,
                 )  # fmt: skip
@@ -423,7 +480,7 @@ class Harness:
         try:
             wait_until(lambda: listening(topo.sandbox, IPERF_PORT), 5.0, "iperf3 -s")
             argv = [
-                "iperf3", "-c", GATEWAY, "-p", str(IPERF_PORT), "-t", f"{duration:g}", "-J",
+                "iperf3", "-c", topo.gateway, "-p", str(IPERF_PORT), "-t", f"{duration:g}", "-J",
                 "--connect-timeout", "3000", *extra,
             ]  # fmt: skip
             try:
@@ -440,13 +497,13 @@ class Harness:
         finally:
             self.box.stop(server, grace=1.0)
 
-    def measure(self, backend: str, mtu: int) -> Cell:
-        cell = Cell(backend, mtu)
+    def measure(self, backend: str, mtu: int, family: int = 4) -> Cell:
+        cell = Cell(backend, mtu, family)
         start = time.monotonic()
         procs_before, namespaces_before = len(self.box.procs), len(self.box.namespaces)
         try:
             self.need(10)
-            topo = self.setup(backend, mtu)
+            topo = self.setup(backend, mtu, FAMILIES[family])
             self.box.popen(
                 topo.sandbox,
                 [sys.executable, str(NETBENCH), "serve", "--bind", topo.bind, "--port",
@@ -504,7 +561,7 @@ class Harness:
                 self.need(a.rr_timeout)
                 r = self.netbench(
                     topo,
-                    ["rr", "--host", GATEWAY, "--port", str(ECHO_PORT), "--count",
+                    ["rr", "--host", topo.gateway, "--port", str(ECHO_PORT), "--count",
                      str(a.rr_count), "--timeout", str(a.rr_timeout)],
                     timeout=a.rr_timeout + 10,
                 )  # fmt: skip
@@ -518,7 +575,7 @@ class Harness:
                 self.need(a.conn_seconds + 5)
                 r = self.netbench(
                     topo,
-                    ["connrate", "--host", GATEWAY, "--port", str(ECHO_PORT), "--seconds",
+                    ["connrate", "--host", topo.gateway, "--port", str(ECHO_PORT), "--seconds",
                      str(a.conn_seconds), "--max", str(a.conn_max), "--timeout",
                      str(a.conn_seconds + 10)],
                     timeout=a.conn_seconds + 20,
@@ -598,11 +655,12 @@ def peak_rss_mb(pid: int) -> float | None:
 
 
 def render_table(cells: list[Cell], markdown: bool) -> str:
-    headers = ["backend", "MTU", *(m.title for m in METRICS)]
+    headers = ["backend", "MTU", "IP", *(m.title for m in METRICS)]
     rows = [
-        [c.backend, str(c.mtu), *(c.cell_text(m, spread=m.key.startswith("tcp")) for m in METRICS)]
+        [c.backend, str(c.mtu), f"IPv{c.family}",
+         *(c.cell_text(m, spread=m.key.startswith("tcp")) for m in METRICS)]
         for c in cells
-    ]
+    ]  # fmt: skip
     if markdown:
         lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -622,27 +680,62 @@ def render_errors(cells: list[Cell]) -> str:
         for key, msg in c.errors.items():
             if msg not in seen:
                 seen.add(msg)
-                lines.append(f"- {c.backend} MTU {c.mtu} ({key}): {' '.join(msg.split())}")
+                lines.append(
+                    f"- {c.backend} MTU {c.mtu} IPv{c.family} ({key}): {' '.join(msg.split())}"
+                )
     return "\n".join(lines)
 
 
-def ratios(cells: list[Cell]) -> list[tuple[str, int, dict[str, str]]]:
-    """(metric title, MTU, {peer: guestnet/peer}) for every metric and MTU guestnet has."""
-    by = {(c.backend, c.mtu): c for c in cells}
+def _ratio(a: Cell | None, b: Cell | None, key: str) -> str:
+    """a's median over b's, or a dash when either is missing."""
+    x = a.values.get(key) if a is not None else None
+    y = b.values.get(key) if b is not None else None
+    return f"{x / y:.2f}" if x is not None and y else "—"
+
+
+def _title(m: Metric) -> str:
+    return m.title + ("" if m.higher_is_better else " (lower is better)")
+
+
+def ratios(cells: list[Cell]) -> list[tuple[str, str, dict[str, str]]]:
+    """(metric title, "MTU[ IPv6]", {peer: guestnet/peer}) for every metric, MTU and family
+    guestnet has: guestnet beside each peer in the same family."""
+    by = {(c.backend, c.mtu, c.family): c for c in cells}
+    out = []
+    for family in sorted({c.family for c in cells}):
+        for mtu in sorted({c.mtu for c in cells}):
+            gn = by.get(("guestnet", mtu, family))
+            if gn is None:
+                continue
+            label = str(mtu) + ("" if family == 4 else f" IPv{family}")
+            for m in METRICS:
+                row = {
+                    peer: _ratio(gn, by.get((peer, mtu, family)), m.key)
+                    for peer in ("pasta", "slirp4netns", "veth")
+                    if (peer, mtu, family) in by
+                }
+                out.append((_title(m), label, row))
+    return out
+
+
+#: The metrics the IPv6/IPv4 table compares: the traffic a family could change.
+FAMILY_METRICS = ("tcp_up", "tcp_down", "rr_median", "conn_per_s", "udp_gbps", "cpu_s_per_gb")
+
+
+def family_ratios(cells: list[Cell]) -> list[tuple[str, int, dict[str, str]]]:
+    """(metric title, MTU, {backend: IPv6/IPv4}) for every backend measured in both families:
+    what IPv6 costs each backend, from cells run back to back."""
+    by = {(c.backend, c.mtu, c.family): c for c in cells}
+    backends = [b for b in BACKENDS if any((b, c.mtu, 6) in by and (b, c.mtu, 4) in by
+                                           for c in cells)]  # fmt: skip
     out = []
     for mtu in sorted({c.mtu for c in cells}):
-        gn = by.get(("guestnet", mtu))
-        if gn is None:
-            continue
         for m in METRICS:
-            row = {}
-            for peer in ("pasta", "slirp4netns", "veth"):
-                p = by.get((peer, mtu))
-                if p is None:
-                    continue
-                g, v = gn.values.get(m.key), p.values.get(m.key)
-                row[peer] = f"{g / v:.2f}" if g is not None and v else "—"
-            out.append((m.title + ("" if m.higher_is_better else " (lower is better)"), mtu, row))
+            if m.key not in FAMILY_METRICS:
+                continue
+            row = {b: _ratio(by.get((b, mtu, 6)), by.get((b, mtu, 4)), m.key) for b in backends}
+            if row:
+                out.append((_title(m), mtu, row))
     return out
 
 
@@ -720,6 +813,21 @@ def render_markdown(cells: list[Cell], command: str, args: argparse.Namespace) -
             lines.append(
                 f"| {title} | {mtu} | " + " | ".join(row.get(p, "—") for p in peers) + " |"
             )
+    fam = family_ratios(cells)
+    if fam:
+        backends = [b for b in BACKENDS if any(b in r for _, _, r in fam)]
+        lines += [
+            "",
+            "Ratios IPv6 / IPv4 per backend (same MTU, cells run back to back; throughput and "
+            "conn/s: below 1 means IPv6 is slower; latency and CPU: above 1 means it costs more):",
+            "",
+            "| metric | MTU | " + " | ".join(backends) + " |",
+            "|---|---|" + "---|" * len(backends),
+        ]
+        for title, mtu, row in fam:
+            lines.append(
+                f"| {title} | {mtu} | " + " | ".join(row.get(b, "—") for b in backends) + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -752,7 +860,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mtus", default="1500,65520")
     p.add_argument("--reps", type=int, help="repetitions per measurement (3; --quick 1)")
     p.add_argument("--duration", type=float, help="seconds per iperf3 TCP run (10; --quick 2)")
-    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="whole-run seconds")
+    p.add_argument("--families", default="4,6", help="IP versions to measure: 4, 6 or 4,6")
+    p.add_argument(
+        "--budget", type=float, help="whole-run seconds (14 min per family in --families)"
+    )
     p.add_argument("--markdown", metavar="FILE", help="write a markdown section to FILE")
     p.add_argument("--json", metavar="FILE", help="write every cell as JSON to FILE")
     p.add_argument(
@@ -765,6 +876,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for b in args.backends:
         if b not in BACKENDS:
             p.error(f"unknown backend {b!r} (choose from {', '.join(BACKENDS)})")
+    try:
+        args.families = [int(f) for f in args.families.split(",") if f]
+    except ValueError:
+        p.error(f"--families takes 4, 6 or 4,6, not {args.families!r}")
+    if not args.families or any(f not in FAMILIES for f in args.families):
+        p.error(f"--families takes 4, 6 or 4,6, not {args.families!r}")
+    if args.budget is None:
+        args.budget = float(BUDGET_PER_FAMILY_S * len(args.families))
     args.mtus = [int(m) for m in args.mtus.split(",") if m]
     for m in args.mtus:
         if not 576 <= m <= 65520:
@@ -830,14 +949,18 @@ def main(argv: list[str] | None = None) -> int:
             for backend in args.backends:
                 binary = BINARIES.get(backend, ("", ""))[0]
                 if binary in missing:
-                    cells.append(
-                        Cell(backend, mtu, errors={m.key: missing[binary] for m in METRICS})
-                    )
+                    cells += [
+                        Cell(backend, mtu, f, errors={m.key: missing[binary] for m in METRICS})
+                        for f in args.families
+                    ]
                     continue
-                log(f"[{harness.time_left():5.0f} s left] {backend} MTU {mtu} ...")
-                cell = harness.measure(backend, mtu)
-                cells.append(cell)
-                log(f"  done in {cell.seconds:.1f} s")
+                # A backend's families back to back: their ratio sees the same machine state.
+                for family in args.families:
+                    left = harness.time_left()
+                    log(f"[{left:5.0f} s left] {backend} MTU {mtu} IPv{family} ...")
+                    cell = harness.measure(backend, mtu, family)
+                    cells.append(cell)
+                    log(f"  done in {cell.seconds:.1f} s")
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: cleaning up")
@@ -866,6 +989,7 @@ def main(argv: list[str] | None = None) -> int:
                         {
                             "backend": c.backend,
                             "mtu": c.mtu,
+                            "family": c.family,
                             "values": c.values,
                             "samples": c.samples,
                             "errors": c.errors,

@@ -5,16 +5,18 @@ clients in the guest namespace, so every round trip crosses the backend under te
 library only: it starts in a few tens of milliseconds in any namespace.
 
 - ``serve --bind ADDR --port P --max-seconds S``: a single-threaded echo server (selectors,
-  non-blocking). Every byte a connection sends comes back; the connection is closed at EOF. It
-  exits by itself after ``S`` seconds, so a harness that dies cannot leave it running forever.
+  non-blocking) on ADDR, an IPv4 or IPv6 address. Every byte a connection sends comes back; the
+  connection is closed at EOF. It exits by itself after ``S`` seconds, so a harness that dies
+  cannot leave it running forever.
 - ``rr --host H --port P --count N --timeout T``: one connection, ``TCP_NODELAY``, N 1-byte
   ping-pongs after a short warm-up; prints JSON ``{"count", "median_ms", "p99_ms"}``.
 - ``connrate --host H --port P --seconds S --max N --timeout T``: connect, send 1 byte, read the
   echo, close, as fast as one thread can, until S seconds or N connections; prints JSON
   ``{"count", "per_s", "connect_median_ms"}``.
 
-Every loop is bounded by count and by a deadline; a client that cannot finish prints
-``{"error": "..."}`` and exits 1.
+The clients take an IPv4 or IPv6 ``--host`` alike (the family follows the address), so the same
+tool measures both families. Every loop is bounded by count and by a deadline; a client that
+cannot finish prints ``{"error": "..."}`` and exits 1.
 """
 
 from __future__ import annotations
@@ -33,10 +35,15 @@ WARMUP_ROUND_TRIPS = 20
 MAX_SERVER_CONNECTIONS = 4096
 
 
+def family_of(address: str) -> socket.AddressFamily:
+    """AF_INET6 for an IPv6 literal, AF_INET otherwise (the harness passes literals only)."""
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
 def serve(bind: str, port: int, max_seconds: float) -> int:
     """Echo every byte back until EOF, for at most ``max_seconds``."""
     sel = selectors.DefaultSelector()
-    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock = socket.socket(family_of(bind), socket.SOCK_STREAM)
     lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     lsock.bind((bind, port))
     lsock.listen(1024)
@@ -135,12 +142,13 @@ def connrate(
 ) -> dict[str, float | int | str]:
     """Connect + 1 byte + echo + close, until ``seconds`` or ``max_conns``; the rate per second."""
     connect_ms: list[float] = []
+    family = family_of(host)
     start = time.monotonic()
     end = start + seconds
     hard_end = start + timeout
     while len(connect_ms) < max_conns and time.monotonic() < end:
         t0 = time.perf_counter_ns()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.settimeout(max(0.1, min(2.0, hard_end - time.monotonic())))
             sock.connect((host, port))

@@ -4,6 +4,8 @@ It runs the harness as a user would (``--quick`` against guestnet and a veth pai
 1-second runs) and checks the shape of what comes out, never the speed: veth (the kernel's own
 path, which needs nothing of ours) has a number in every traffic column, guestnet has a row
 whose every column holds a number or an ``error: ...``, and no namespace of the harness is left.
+Both address families are measured by default (issue 10): each backend has an IPv4 and an IPv6
+cell that hold up to the same checks, and the report has the IPv6/IPv4 ratio table.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def test_compare_quick_smoke(tmp_path: Path) -> None:
     assert proc.returncode == 0, stderr
     assert not _harness_namespaces(proc.pid % 100000)
 
-    cells = {c["backend"]: c for c in json.loads(out_json.read_text())["cells"]}
+    raw_cells = json.loads(out_json.read_text())["cells"]
+    cells = {c["backend"]: c for c in raw_cells}
     assert set(cells) == {"guestnet", "veth"}
     veth = cells["veth"]
     for key in TRAFFIC:
@@ -66,3 +69,14 @@ def test_compare_quick_smoke(tmp_path: Path) -> None:
     assert any(line.startswith("veth") for line in table)
     md = out_md.read_text()
     assert "Command: `" in md and "guestnet / veth" in md and os.uname().release in md
+
+    by_family = {(c["backend"], c["family"]): c for c in raw_cells}
+    assert set(by_family) == {(b, f) for b in ("guestnet", "veth") for f in (4, 6)}
+    for family in (4, 6):
+        veth, gn = by_family[("veth", family)], by_family[("guestnet", family)]
+        for key in TRAFFIC:
+            assert isinstance(veth["values"].get(key), float), (family, key, veth["errors"])
+        for key in ALL:
+            assert key in gn["values"] or gn["errors"].get(key), (family, key)
+    assert any(line.startswith("guestnet  1500  IPv6") for line in table)
+    assert "Ratios IPv6 / IPv4 per backend" in md

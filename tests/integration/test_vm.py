@@ -7,7 +7,9 @@ console. Host-side servers (dnsmasq, an HTTP server) run beside guestnet in the 
 
 A boot costs about 6 s under TCG, so one boot checks several things: ARP; DHCP, the routes and
 resolver it sets, ICMP echo to the gateway and DNS (forwarded and built-in); a TCP download from,
-and upload to, a host server; and a published port (host -> guest TCP) served by the guest's httpd.
+and upload to, a host server, then SLAAC from guestnet's router advertisement and the same download
+over IPv6 through fd00::2 (the host's ::1); and a published port (host -> guest TCP) served by the
+guest's httpd.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ HTTP_SERVER = Path(__file__).parent / "vm" / "http_server.py"
 MODES = pytest.mark.parametrize("mode", ["qemu", "dgram"], ids=["stream", "dgram"])
 
 GATEWAY_MAC = "52:55:0a:00:02:02"
+GATEWAY6 = "fd00::2"
+#: What SLAAC makes of fd00::/64 and the guest's MAC 52:54:00:12:34:56 (modified EUI-64).
+GUEST_SLAAC6 = "fd00::5054:ff:fe12:3456"
 VM_TIMEOUT_S = 60.0
 #: Ports inside the sandbox: a fresh namespace, so nothing else listens there.
 DNSMASQ_PORT = 5353
@@ -73,6 +78,24 @@ section ns_forwarded nslookup www.test.internal
 section ns_builtin nslookup host.guestnet.internal
 """
 
+# Issue 10, folded into the download boot (no extra VM boot): eth0 has been up since /init, so the
+# guest kernel has done SLAAC on guestnet's RA (fd00::/64) meanwhile; wait (bounded, 10 s) until it
+# has a global fd00:: address that finished DAD, then fetch the same file over IPv6 through the
+# gateway fd00::2, which guestnet maps to the sandbox's ::1 where the HTTP server also listens.
+SLAAC_FETCH6 = f"""
+slaac_ready() {{
+    ip -6 addr show dev eth0 scope global | grep -q 'inet6 fd00::' &&
+        ! ip -6 addr show dev eth0 | grep -q tentative
+}}
+i=0
+while [ $i -lt 100 ] && ! slaac_ready; do usleep 100000; i=$((i + 1)); done
+section slaac slaac_ready
+section addr6 ip -6 addr show dev eth0
+section route6 ip -6 route show
+section fetch6 timeout 30 wget -q -O /tmp/file6 http://[{GATEWAY6}]:{HTTP_PORT}/file
+section sha6 sha256sum /tmp/file6
+"""
+
 # The guest downloads a file from the host's HTTP server (through the TCP NAT) and hashes it, then
 # uploads about 1.2 MB of its own and prints the digest the server computed beside its own. The
 # upload is random bytes written out as hex text: busybox wget sends a --post-file up to its first
@@ -86,7 +109,7 @@ dd if=/dev/urandom bs=1024 count={UPLOAD_RANDOM_KIB} 2>/dev/null | od -An -vtx1 
 section up_sha sha256sum /tmp/up
 section up_len wc -c /tmp/up
 section upload timeout 30 wget -q -O - --post-file=/tmp/up http://10.0.2.2:{HTTP_PORT}/upload
-"""
+{SLAAC_FETCH6}"""
 
 # The guest serves a random file with busybox httpd, announces its digest, and idles until the test
 # has fetched it through the published port and stops QEMU.
@@ -218,7 +241,8 @@ def test_guest_tcp_download_and_upload(
 ) -> None:
     """Issue 4: the guest fetches 1 MiB over TCP from an HTTP server on the sandbox's loopback
     (10.0.2.2 from the guest) and posts 1 MiB back, and the bytes arrive intact both ways: at
-    guestnet's default MTU (large segments) and at 1500."""
+    guestnet's default MTU (large segments) and at 1500. Issue 10, in the same boot: the guest
+    gets its IPv6 address by SLAAC and fetches the file again over IPv6 from [fd00::2]."""
     root, digest = http_root
     api_socket = vm_sock_dir / "api.sock"
     args = ["--mtu", str(mtu), "--api-socket", str(api_socket)]
@@ -239,6 +263,21 @@ def test_guest_tcp_download_and_upload(
     sent_len = result.section("up_len").split()[0]
     assert int(sent_len) > UPLOAD_RANDOM_KIB * 1024 * 3, result.describe()
     assert result.section("upload").split() == [sent_sha, sent_len], result.describe() + report
+    _assert_slaac_and_fetch6(result, digest, report)
+
+
+def _assert_slaac_and_fetch6(result: VmResult, digest: str, report: str) -> None:
+    """Issue 10: the guest configured its SLAAC address from guestnet's RA (prefix fd00::/64, the
+    router's link-local address as default route) and fetched the file intact from the host's
+    ::1 through [fd00::2]."""
+    assert _rc(result, "slaac") == 0, result.describe() + report
+    addr6 = result.section("addr6")
+    assert re.search(rf"inet6 {re.escape(GUEST_SLAAC6)}/64 ", addr6), result.describe()
+    assert re.search(r"^default via fe80::\S+ dev eth0", result.section("route6"), re.M), (
+        result.describe()
+    )
+    assert _rc(result, "fetch6") == 0, result.describe() + report
+    assert result.section("sha6").split()[:1] == [digest], result.describe()
 
 
 def _guestnet_report(gv: GuestnetVm, api_socket: Path) -> str:

@@ -1,15 +1,18 @@
-"""A host-side HTTP server for VM tests: `python http_server.py PORT DIR` on 127.0.0.1.
+"""A host-side HTTP server for VM tests: `python http_server.py PORT DIR` on 127.0.0.1 and ::1.
 
 GET serves the files in DIR (http.server's handler). POST reads the body (Content-Length bytes)
 and answers with its sha256 in hex, so a guest can prove an upload arrived intact by comparing
-the answer with its own `sha256sum`.
+the answer with its own `sha256sum`. Both loopback addresses are served (one listener each, bound
+before either serves), so a guest reaches it as the gateway over IPv4 (10.0.2.2) and IPv6 (fd00::2).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import socket
 import sys
+import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 #: Largest upload accepted: the tests send a few MiB at most.
@@ -40,11 +43,19 @@ class Handler(SimpleHTTPRequestHandler):
         self.wfile.write(body)
 
 
+class Server6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 def main() -> None:
     port, directory = int(sys.argv[1]), sys.argv[2]
     handler = functools.partial(Handler, directory=directory)
-    with ThreadingHTTPServer(("127.0.0.1", port), handler) as server:
-        server.serve_forever()
+    with (
+        Server6(("::1", port), handler) as v6,
+        ThreadingHTTPServer(("127.0.0.1", port), handler) as v4,
+    ):
+        threading.Thread(target=v6.serve_forever, daemon=True).start()
+        v4.serve_forever()
 
 
 if __name__ == "__main__":
