@@ -21,6 +21,9 @@ Rows:
 - ``icmp echo gateway``: an echo request to the gateway, answered by the ICMP service.
 - ``dns builtin``: an A query for host.guestnet.internal, answered (dnspython dominates).
 - ``dhcp discover``: a DHCPDISCOVER answered with an OFFER.
+- ``tcp ack ipv4`` / ``tcp ack ipv6``: a bare ACK of an established TCP flow from a link that
+  vouches for checksums (a TAP with offloads), through the classifier's fast path into the TCP
+  NAT (nothing in flight, nothing sent): the per-segment cost of each family.
 
 Only in-process objects: no sockets, no namespaces.
 """
@@ -45,13 +48,22 @@ from guestnet.core.icmp import IcmpService
 from guestnet.core.policy import Policy
 from guestnet.core.port import Port
 from guestnet.core.switch import Switch
+from guestnet.core.tcp import TcpFlow, TcpNat
 from guestnet.core.udp import UdpFlow, UdpNat
 from guestnet.counters import Counters
 from guestnet.pool import FramePool
 from guestnet.wire.arp import ARP_REQUEST, build_arp
-from guestnet.wire.ethernet import BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4, build_ethernet
+from guestnet.wire.ethernet import (
+    BROADCAST,
+    ETHERTYPE_ARP,
+    ETHERTYPE_IPV4,
+    ETHERTYPE_IPV6,
+    build_ethernet,
+)
 from guestnet.wire.icmp import ICMP_ECHO_REQUEST, build_icmp
-from guestnet.wire.ipv4 import PROTO_ICMP, PROTO_UDP, build_ipv4
+from guestnet.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, build_ipv4
+from guestnet.wire.ipv6 import build_ipv6
+from guestnet.wire.tcp import ACK, SYN, build_syn_options, build_tcp
 from guestnet.wire.udp import build_udp
 
 GUEST_MAC = bytes.fromhex("525400123456")
@@ -138,6 +150,79 @@ def dhcp_frame() -> memoryview:
     return memoryview(bytes(pkt))
 
 
+GUEST_IP6 = bytes.fromhex("fd000000000000000000000000000015")
+GATEWAY_IP6 = bytes.fromhex("fd000000000000000000000000000002")
+
+
+class NullTcpIo:
+    """A TcpIo whose host socket takes everything and has nothing to read."""
+
+    def connect(self, flow: TcpFlow) -> int:
+        flow.io_data = object()
+        return 0
+
+    def send(self, flow: TcpFlow, data: memoryview) -> int:
+        return len(data)
+
+    def recv_into(self, flow: TcpFlow, bufs: list[memoryview]) -> int:
+        return -1
+
+    def send_room(self, flow: TcpFlow) -> int:
+        return 1 << 20
+
+    def shutdown_write(self, flow: TcpFlow) -> None:
+        pass
+
+    def close(self, flow: TcpFlow, reset: bool) -> None:
+        pass
+
+    def set_timer(self, flow: TcpFlow, when: float | None) -> None:
+        pass
+
+    def request_flush(self) -> None:
+        pass
+
+
+def tcp_frame(v6: bool, flags: int, seq: int, ack: int, options: bytes = b"") -> memoryview:
+    src, dst = (GUEST_IP6, GATEWAY_IP6) if v6 else (GUEST_IP, GATEWAY_IP)
+    hlen = 20 + len(options)
+    l4 = bytearray(hlen)
+    build_tcp(l4, 0, 40000, 8080, seq, ack, flags, 65535, 0, src, dst, options)
+    l3 = 54 if v6 else 34
+    buf = bytearray(l3 + hlen)
+    off = build_ethernet(buf, 0, OUR_MAC, GUEST_MAC, ETHERTYPE_IPV6 if v6 else ETHERTYPE_IPV4)
+    if v6:
+        build_ipv6(buf, off, src, dst, PROTO_TCP, hlen, 64)
+    else:
+        build_ipv4(buf, off, src, dst, PROTO_TCP, hlen)
+    buf[l3:] = l4
+    return memoryview(buf)
+
+
+def tcp_ack_call(v6: bool) -> Callable[[], object]:
+    """A classifier with the TCP NAT on its fast path and one established flow; the call
+    feeds that flow's bare ACK, as a TAP with offloads hands it over."""
+    config = Config()
+    pool = FramePool(config.mtu, config.pool_slots)
+    counters = Counters()
+    switch = Switch(pool, counters)
+    cl = FrameClassifier(config, pool, counters, switch)
+    port = Port("bench0", pool.release)
+    port.guest_mac = GUEST_MAC
+    switch.attach(port)
+    nat = TcpNat(config, pool, counters, Policy(config), NullTcpIo(), isn=lambda: 1000)
+    cl.tcp_nat = cl.tcp_nat6 = nat
+    cl.tcp_fast = nat.handle_fast
+    handle = cl.handle_frame
+    handle(tcp_frame(v6, SYN, 5000, 0, build_syn_options(1460, 7)), port, 0.0, True)
+    (flow,) = nat.table
+    nat.host_connected(flow, 0, 0.0)
+    handle(tcp_frame(v6, ACK, 5001, 1001), port, 0.0, True)
+    assert flow.state_name == "ESTABLISHED"
+    ack = tcp_frame(v6, ACK, 5001, 1001)
+    return lambda: handle(ack, port, 0.0, True)
+
+
 def cpu_per_call(fn: Callable[[], object], n: int, batches: int) -> tuple[float, float]:
     """(min, median) thread CPU µs per call over ``batches`` batches of ``n`` calls."""
     clock = time.thread_time
@@ -186,6 +271,9 @@ def main() -> None:
 
     lo, med = cpu_per_call(reply, 2000, batches)
     print(f"{'nat reply->guest':<20} {lo:8.2f} {med:8.2f}")
+    for name, v6 in (("tcp ack ipv4", False), ("tcp ack ipv6", True)):
+        lo, med = cpu_per_call(tcp_ack_call(v6), 2000, batches)
+        print(f"{name:<20} {lo:8.2f} {med:8.2f}")
 
 
 if __name__ == "__main__":

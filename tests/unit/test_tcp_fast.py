@@ -20,9 +20,9 @@ from unit.test_tcp import *  # noqa: F403  (re-collect every test with the fixtu
 TAKEN: dict[int, int] = {}
 
 
-@pytest.fixture
-def tcp(core: Any, frames: Any) -> Iterator[base.Tcp]:
-    harness = base.Tcp(core, frames)
+@pytest.fixture(params=[4, 6], ids=["ipv4", "ipv6"])
+def tcp(core: Any, frames: Any, request: pytest.FixtureRequest) -> Iterator[base.Tcp]:
+    harness = base.Tcp(core, frames, request.param)
     nat = harness.nat
     TAKEN[id(harness)] = 0
 
@@ -58,9 +58,35 @@ def test_fast_path_takes_established_segments_only(tcp: base.Tcp) -> None:
 
 
 def test_fast_path_leaves_a_bad_ip_checksum_to_the_ordinary_path(tcp: base.Tcp) -> None:
+    if tcp.version == 6:
+        pytest.skip("IPv6 has no header checksum")
     tcp.open()
     frame = bytearray(tcp.frames.ipv4(base.PROTO_TCP, bytes(20), dst=tcp.dst))
     frame[24] ^= 0xFF  # the IPv4 header checksum
     tcp.core.feed(frame)
     assert TAKEN[id(tcp)] == 0
     assert base.c(tcp, "ipv4.bad_checksum") == 1
+
+
+def test_fast_path_leaves_ipv6_extension_headers_to_the_ordinary_path(tcp: base.Tcp) -> None:
+    """A segment behind a destination-options header is walked by the ordinary path."""
+    if tcp.version == 4:
+        pytest.skip("IPv6 only")
+    tcp.open()
+    seg = bytearray(20)
+    flags = base.ACK | base.PSH
+    base.build_tcp(seg, 0, tcp.sport, tcp.dport, base.ISN + 1, base.OUR_ISS + 1, flags, 65535, 0,
+                   tcp.guest_ip, tcp.dst)  # fmt: skip
+    dest_opts = bytes([base.PROTO_TCP, 0, 1, 4, 0, 0, 0, 0])  # next header TCP, PadN
+    tcp.core.feed(tcp.frames.ipv6(60, dest_opts + bytes(seg), dst=tcp.dst))
+    assert TAKEN[id(tcp)] == 0, "not the fast path"
+    assert tcp.flow.state_name == "ESTABLISHED"
+
+
+def test_ipv6_guest_address_learned_on_the_fast_path(tcp: base.Tcp) -> None:
+    if tcp.version == 4:
+        pytest.skip("IPv6 only")
+    tcp.open()
+    tcp.core.port.ip6_last = b""
+    tcp.send(base.ACK | base.PSH, base.ISN + 1, base.OUR_ISS + 1, b"x")
+    assert TAKEN[id(tcp)] == 1 and tcp.core.port.ip6_last == tcp.guest_ip

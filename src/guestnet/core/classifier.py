@@ -71,6 +71,12 @@ _FAST_MIN = ETH_HLEN + 40
 DHCP6_SERVER_PORT = 547
 #: All_DHCP_Relay_Agents_and_Servers: where DHCPv6 clients send (ff02::1:2).
 ALL_DHCP6_SERVERS = bytes.fromhex("ff020000000000000000000000010002")
+#: The same for IPv6 (a 40-byte header whose next header is TCP, no extension header): dst MAC,
+#: src MAC, ethertype, version/class/flow label, payload length, next header, hop limit, src,
+#: dst, ports, seq, ack, data offset, flags, window.
+_FAST6 = struct.Struct("!6s6sHIHBx16s16sHHIIBBH")
+_FAST6_MIN = ETH_HLEN + 40 + 20
+_L4_6 = ETH_HLEN + 40
 #: TCP segment handler for the fast path; see :attr:`FrameClassifier.tcp_fast`.
 TcpFast = Callable[[memoryview, bytes, bytes, int, int, int, int, int, int, int, float], bool]
 
@@ -137,6 +143,7 @@ class FrameClassifier:
                 # without options, checksum valid, not a fragment, not for DNS: exactly the
                 # frames the ordinary path would hand to the TCP NAT unchanged. The NAT takes it
                 # only for an established flow; anything else (and any doubt) goes the long way.
+                # IPv6 has the same, in :meth:`_fast6`.
                 (dst, src, etype, vihl, total_len, frag, proto, sip, dip, sport, dport, seq, ack,
                  off, flags, window) = _FAST.unpack_from(frame, 0)  # fmt: skip
                 hlen = (off >> 4) * 4
@@ -168,9 +175,35 @@ class FrameClassifier:
                     )
                 ):
                     return
+                if etype == ETHERTYPE_IPV6 and self._ipv6 and self._fast6(frame, port, now, fast):
+                    return
             self._dispatch(frame, port, now, csum_trusted)
         except WireError as exc:
             self.counters.inc(exc.reason)
+
+    def _fast6(self, frame: memoryview, port: Port, now: float, fast: TcpFast) -> bool:
+        """The fast path for IPv6: a unicast TCP segment from the port's known guest, right
+        after a bare 40-byte header, checksum vouched for by the link, not for DNS; True when
+        the NAT took it (an established flow), else nothing happened."""
+        if len(frame) < _FAST6_MIN:
+            return False
+        (dst, src, _etype, vtf, plen, nh, sip, dip, sport, dport, seq, ack, off, flags,
+         window) = _FAST6.unpack_from(frame, 0)  # fmt: skip
+        hlen = (off >> 4) * 4
+        if not (
+            nh == PROTO_TCP
+            and vtf >> 28 == 6
+            and dst == self._mac
+            and src == port.guest_mac
+            and 20 <= hlen <= plen <= len(frame) - _L4_6
+            and dip[0] != 0xFF
+            and (dport != DNS_PORT or dip not in self._dns6_dsts)
+        ):
+            return False
+        if sip != port.ip6_last:
+            port.learn_ip6(sip)
+        return fast(frame[_L4_6 : _L4_6 + plen], sip, dip, sport, dport, seq, ack, hlen, flags,
+                    window, now)  # fmt: skip
 
     def _dispatch(self, frame: memoryview, port: Port, now: float, csum_trusted: bool) -> None:
         n = len(frame)
