@@ -88,6 +88,9 @@ class Config:
     outbound_addr: str | None = None
     #: Allow destinations in 169.254.0.0/16 (cloud metadata), refused by default.
     allow_link_local: bool = False
+    #: Egress rules from ``--allow``/``--deny`` in command-line order: (allow, network). The
+    #: first rule whose network holds the guest's destination decides; none: allowed.
+    egress: tuple[tuple[bool, IPv4Network | IPv6Network], ...] = ()
     #: Upper bound on NAT flows (TCP and UDP together).
     max_flows: int = 16384
     #: UDP flow idle timeout in seconds (RFC 4787 asks at least 120).

@@ -21,8 +21,11 @@ Refusals, RFC 9293 and counted under ``tcp.*``: a segment for no flow gets RST (
 RST), a full flow table (``config.max_flows``), a destination the policy refuses or no
 descriptors (EMFILE) an RST for the SYN; but a SYN that ``--no-host-loopback`` refuses gets an
 ICMP network unreachable instead when ``config.host_loopback_unreachable`` asks for slirp4netns's
-answer (the guest's connect fails at once with ENETUNREACH). A flow that lingers closed answers
-a retransmitted FIN with an ACK and gives way to a new SYN on its 4-tuple.
+answer (the guest's connect fails at once with ENETUNREACH), and a SYN an egress rule denies
+(``policy.deny``) gets ICMP administratively prohibited, as UDP does (EHOSTUNREACH at once;
+ICMPv6 code 1, EACCES, over IPv6). Both come from the gateway of the SYN's IP version. A flow
+that lingers closed answers a retransmitted FIN with an ACK and gives way to a new SYN on its
+4-tuple.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from guestnet.core.tcp.flow import (
     seq_delta,
 )
 from guestnet.core.tcp.irregular import _Irregular
-from guestnet.wire.icmp import UNREACH_NET
+from guestnet.wire.icmp import UNREACH_ADMIN_PROHIBITED, UNREACH_NET
 from guestnet.wire.tcp import ACK, FIN, RST, SYN, build_syn_options, parse_tcp_options
 
 
@@ -108,13 +111,11 @@ class _Handshake(_Irregular):
             verdict = self.policy.destination(key[2])
             if verdict.host is None:
                 counters.inc("tcp." + verdict.reason)
-                if (
-                    verdict.reason == "policy.host_loopback"
-                    and self.config.host_loopback_unreachable
-                    and self.unreachable is not None
-                ):
-                    # slirp4netns --disable-host-loopback: "Network is unreachable" at once.
-                    self.unreachable(pkt, UNREACH_NET, self.config.gateway_b)
+                code = self._unreachable_code(verdict.reason)
+                if code is not None and self.unreachable is not None:
+                    cfg = self.config
+                    origin = cfg.gateway6_b if len(key[2]) == 16 else cfg.gateway_b
+                    self.unreachable(pkt, code, origin)
                 else:
                     self._rst_for_syn(pkt, key, seq)
                 return
@@ -143,6 +144,16 @@ class _Handshake(_Irregular):
         self.table.add(key, flow)
         counters.inc("tcp.syn.dns" if dns else "tcp.syn.accepted")
         self._arm(flow)
+
+    def _unreachable_code(self, reason: str) -> int | None:
+        """The ICMP unreachable code a refused SYN is answered with, or None for RST: an
+        egress rule's denial is "administratively prohibited" (as UDP and ICMP are answered);
+        slirp4netns --disable-host-loopback is "Network is unreachable"."""
+        if reason == "policy.deny":
+            return UNREACH_ADMIN_PROHIBITED
+        if reason == "policy.host_loopback" and self.config.host_loopback_unreachable:
+            return UNREACH_NET
+        return None
 
     def _dns_pick_next(self, flow: TcpFlow, now: float) -> bool:
         """DNS over TCP could not reach ``flow``'s upstream: report it and point the flow at
