@@ -306,6 +306,14 @@ def add_datapath_options(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="most NAT flows at once; a TCP SYN beyond it gets RST (%(default)s)",
     )
+    nat.add_argument(
+        "--max-half-open",
+        type=_int_range(1, 1 << 20),
+        default=d.max_half_open,
+        metavar="N",
+        help="most TCP flows with an unfinished handshake; beyond it the oldest is dropped "
+        "(a SYN flood's bound; %(default)s)",
+    )
     ctl = p.add_argument_group("forwards, control API and capture")
     ctl.add_argument(
         "-p",
@@ -364,6 +372,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         allow_link_local=args.allow_link_local,
         egress=tuple(args.egress),
         max_flows=args.max_flows,
+        max_half_open=args.max_half_open,
         api_socket=os.path.abspath(args.api_socket) if args.api_socket else None,
         pcap=args.pcap,
         pcap_max_bytes=args.pcap_max_bytes,

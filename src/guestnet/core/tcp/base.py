@@ -43,6 +43,9 @@ class TcpNatBase:
     unreachable: Callable[[IpPacket, int, bytes], None] | None
     _isn: Callable[[], int]
     table: FlowTable[TcpFlow]
+    #: Flows whose handshake is not complete (CONNECTING, SYN_RCVD, SYN_SENT), oldest first:
+    #: bounded by ``config.max_half_open`` (see ``handshake``).
+    _half_open: dict[TcpFlow, None]
     #: The MSS we announce: what one guest-link frame carries.
     our_mss: int
     #: Our MAC address, the source of every frame to the guest.
