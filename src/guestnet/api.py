@@ -11,7 +11,7 @@ Three layers, each testable alone:
 - :class:`Api` (sans-I/O): routes ``(method, path, body, now)`` to a status and a JSON value,
   reading and commanding the datapath only through a :class:`ControlView` (what it may see and
   change: links, counters, pools, flow listings, leases, the capture, the forward registry).
-  Routes: ``GET /stats``, ``GET /flows``, ``GET /leases``,
+  Routes: ``GET /stats``, ``GET /flows``, ``GET /leases``, ``GET /policy``,
   ``GET /forwards``, ``POST /forwards``, ``DELETE /forwards/ID``. Errors are
   ``{"error": "..."}`` with 400, 404, 405, 409.
 - :class:`ApiServer` (I/O): a listening unix socket (mode 0600 from birth, accepting through
@@ -86,6 +86,8 @@ class ControlView:
     forwards: Forwards
     #: The pcap writer's counters while a capture runs, else None.
     capture: Callable[[], dict[str, object] | None] = lambda: None
+    #: The egress rules (``--allow``/``--deny``) in order, each with its hits.
+    policy: Callable[[], list[dict[str, object]]] = lambda: []
 
 
 def control_view(inst: Instance) -> ControlView:
@@ -101,6 +103,7 @@ def control_view(inst: Instance) -> ControlView:
         ],
         forwards=inst.forwards,
         capture=inst.capture_stats,
+        policy=inst.policy.rules,
     )
 
 
@@ -294,6 +297,7 @@ class Api:
             "/stats": self.stats,
             "/flows": self.flows,
             "/leases": self.leases,
+            "/policy": self.policy,
         }.get(path)
         if getter is None:
             raise HttpError(404, f"no such resource: {path}")
@@ -328,7 +332,7 @@ class Api:
 
     def stats(self, now: float) -> dict[str, object]:
         """Links, drops (reason -> count), flows by protocol and state, both pools, forwards;
-        and the capture's counters while one runs."""
+        the capture's counters while one runs; the egress rules with their hits when any."""
         view = self.view
         out: dict[str, object] = {
             "links": view.links(),
@@ -340,7 +344,14 @@ class Api:
         capture = view.capture()
         if capture is not None:
             out["capture"] = capture
+        rules = view.policy()
+        if rules:
+            out["policy"] = rules
         return out
+
+    def policy(self, now: float) -> list[dict[str, object]]:
+        """The egress rules in command-line order: action, CIDR, hits (verdicts given)."""
+        return self.view.policy()
 
     def leases(self, now: float) -> list[object]:
         """The DHCP server's leases."""

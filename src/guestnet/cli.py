@@ -87,6 +87,21 @@ def _prefix6(text: str) -> ipaddress.IPv6Network:
         raise argparse.ArgumentTypeError(f"not an IPv6 prefix: {text!r}") from exc
 
 
+def _egress_rule(
+    allow: bool,
+) -> Callable[[str], tuple[bool, ipaddress.IPv4Network | ipaddress.IPv6Network]]:
+    """The type of ``--allow``/``--deny``: a CIDR (host bits must be zero; a bare address is
+    its /32 or /128), tagged with the verdict it gives."""
+
+    def parse(text: str) -> tuple[bool, ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        try:
+            return allow, ipaddress.ip_network(text.strip())
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not a CIDR: {text!r} ({exc})") from exc
+
+    return parse
+
+
 def _int_range(lo: int, hi: int) -> type[int]:
     def parse(text: str) -> int:
         try:
@@ -273,12 +288,31 @@ def add_datapath_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow destinations in 169.254.0.0/16 (cloud metadata), refused by default",
     )
+    for flag, allow in (("--allow", True), ("--deny", False)):
+        nat.add_argument(
+            flag,
+            dest="egress",
+            action="append",
+            type=_egress_rule(allow),
+            default=[],
+            metavar="CIDR",
+            help=f"{flag[2:]} guest destinations in CIDR (IPv4 or IPv6; repeatable): --allow and "
+            "--deny rules are tried in command-line order, the first match wins, none: allowed",
+        )
     nat.add_argument(
         "--max-flows",
         type=_int_range(1, 1 << 20),
         default=d.max_flows,
         metavar="N",
         help="most NAT flows at once; a TCP SYN beyond it gets RST (%(default)s)",
+    )
+    nat.add_argument(
+        "--max-half-open",
+        type=_int_range(1, 1 << 20),
+        default=d.max_half_open,
+        metavar="N",
+        help="most TCP flows with an unfinished handshake; beyond it the oldest is dropped "
+        "(a SYN flood's bound; %(default)s)",
     )
     ctl = p.add_argument_group("forwards, control API and capture")
     ctl.add_argument(
@@ -336,7 +370,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         udp_timeout=float(args.udp_timeout),
         no_host_loopback=args.no_host_loopback,
         allow_link_local=args.allow_link_local,
+        egress=tuple(args.egress),
         max_flows=args.max_flows,
+        max_half_open=args.max_half_open,
         api_socket=os.path.abspath(args.api_socket) if args.api_socket else None,
         pcap=args.pcap,
         pcap_max_bytes=args.pcap_max_bytes,

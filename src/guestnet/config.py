@@ -88,8 +88,14 @@ class Config:
     outbound_addr: str | None = None
     #: Allow destinations in 169.254.0.0/16 (cloud metadata), refused by default.
     allow_link_local: bool = False
+    #: Egress rules from ``--allow``/``--deny`` in command-line order: (allow, network). The
+    #: first rule whose network holds the guest's destination decides; none: allowed.
+    egress: tuple[tuple[bool, IPv4Network | IPv6Network], ...] = ()
     #: Upper bound on NAT flows (TCP and UDP together).
     max_flows: int = 16384
+    #: Upper bound on TCP flows whose handshake is not complete (connecting on the host, or
+    #: waiting for the guest); beyond it the oldest is evicted (a SYN flood's bound).
+    max_half_open: int = 1024
     #: UDP flow idle timeout in seconds (RFC 4787 asks at least 120).
     udp_timeout: float = 180.0
     #: Unix socket path of the control API (HTTP/1.1 + JSON, mode 0600); None: no API.
@@ -113,6 +119,8 @@ class Config:
     guest_ip6: IPv6Address = field(default_factory=lambda: IPv6Address("fd00::15"))
 
     def __post_init__(self) -> None:
+        if self.max_half_open < 1:
+            raise ValueError("--max-half-open must be at least 1")
         if not MIN_MTU <= self.mtu <= MTU_LIMIT:
             raise ValueError(f"--mtu must be between {MIN_MTU} and {MTU_LIMIT}")
         # The DNS address may lie outside the subnet (pasta's --dns-forward 169.254.1.1, as

@@ -317,8 +317,13 @@ class Network:
     # -- reading and commanding -------------------------------------------------------------------
 
     def stats(self) -> dict[str, object]:
-        """What ``GET /stats`` answers: links, drops by reason, flows, pools, forwards."""
+        """What ``GET /stats`` answers: links, drops by reason, flows, pools, forwards (and
+        ``policy``, the egress rules with their hits, when there are any)."""
         return self._call(lambda: self._api.stats(self._inst.loop.now()))
+
+    def policy(self) -> list[dict[str, object]]:
+        """What ``GET /policy`` answers: the egress rules in order, each with its hits."""
+        return self._call(lambda: self._api.policy(self._inst.loop.now()))
 
     def flows(self) -> list[dict[str, object]]:
         """What ``GET /flows`` answers: every live TCP, UDP and ICMP flow."""

@@ -14,6 +14,17 @@ rules here and every protocol obeys them:
   host beyond the guest link;
 - multicast, broadcast and reserved (240.0.0.0/4) destinations are never translated.
 
+Then the egress rules (``--allow CIDR``, ``--deny CIDR``, ``config.egress``), in command-line
+order, the first whose network holds the destination deciding, none: allowed. They are asked
+only about destinations the built-in rules let through, and they match the destination as the
+guest sent it, before any mapping: ``--deny 10.0.2.2/32`` (or ``--deny 0.0.0.0/0``) closes the
+gateway's way to the host's loopback, and ``--allow`` never opens what a built-in rule refuses.
+A denial's reason is ``policy.deny``; the NAT answers it with an ICMP (ICMPv6) destination
+unreachable, administratively prohibited, for TCP as for UDP and ICMP, so the guest's connect or
+send fails at once (EHOSTUNREACH over IPv4, EACCES over IPv6) instead of timing out. Each rule
+counts its hits (:meth:`Policy.rules`): every verdict it gives, cached or not, so a rule's hits
+are the datagrams and connection attempts it decided.
+
 The rules are written with :mod:`ipaddress` (``is_multicast``, ``is_reserved``,
 ``is_loopback``, ``is_link_local``, network membership), so they read the same for IPv6
 addresses (16 packed bytes) as for IPv4 ones. That costs a few microseconds per decision, which
@@ -44,12 +55,23 @@ class Verdict(NamedTuple):
 
     host: str | None
     reason: str
+    #: Index of the egress rule that decided (its hit counter), or -1: the built-in rules did.
+    rule: int = -1
 
 
 class Policy:
     """Maps guest destinations to host destinations, or refuses them."""
 
-    __slots__ = ("_cache", "_gateways", "_sources", "config", "host_addrs", "subnets")
+    __slots__ = (
+        "_cache",
+        "_gateways",
+        "_sources",
+        "config",
+        "egress",
+        "hits",
+        "host_addrs",
+        "subnets",
+    )
 
     def __init__(self, config: Config, host_addrs: frozenset[bytes] = frozenset()) -> None:
         self.config = config
@@ -64,6 +86,9 @@ class Policy:
             self._gateways[config.gateway6_b] = "::1"
         self._cache: dict[bytes, Verdict] = {}
         self._sources: dict[bytes, bool] = {}
+        #: The egress rules, fixed at start (so cached verdicts stay true), and their hits.
+        self.egress = config.egress
+        self.hits = [0] * len(self.egress)
 
     def destination(self, dst: bytes) -> Verdict:
         """The verdict for a guest destination address (packed, 4 or 16 bytes)."""
@@ -72,7 +97,16 @@ class Policy:
             verdict = self._decide(dst)
             if len(self._cache) < CACHE_MAX:
                 self._cache[dst] = verdict
+        if verdict.rule >= 0:
+            self.hits[verdict.rule] += 1
         return verdict
+
+    def rules(self) -> list[dict[str, object]]:
+        """The egress rules in order, each with its hits (what ``GET /policy`` lists)."""
+        return [
+            {"action": "allow" if allow else "deny", "cidr": str(net), "hits": hits}
+            for (allow, net), hits in zip(self.egress, self.hits, strict=True)
+        ]
 
     def guest_source(self, src: bytes) -> bool:
         """True when ``src`` (packed) may be a guest's own address: inside a guest network and
@@ -93,6 +127,20 @@ class Policy:
         return False
 
     def _decide(self, dst: bytes) -> Verdict:
+        verdict = self._builtin(dst)
+        if verdict.host is None or not self.egress:
+            return verdict
+        addr = ipaddress.ip_address(dst)
+        for index, (allow, net) in enumerate(self.egress):
+            # ``in`` is False across families, so IPv4 rules never match IPv6 and back.
+            if addr in net:
+                if allow:
+                    return verdict._replace(rule=index)
+                return Verdict(None, "policy.deny", index)
+        return verdict
+
+    def _builtin(self, dst: bytes) -> Verdict:
+        """The built-in rules (module docstring), before any egress rule."""
         cfg = self.config
         loopback = self._gateways.get(dst)
         if loopback is not None:

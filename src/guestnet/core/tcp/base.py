@@ -38,10 +38,14 @@ class TcpNatBase:
     #: out), so that ``dns_upstream`` moves on to the next, as the UDP relay does.
     dns_failed: Callable[[tuple[str, int], float], None] | None
     #: Sends the guest an ICMP destination unreachable (datagram, code, from address): how a
-    #: SYN refused by ``--no-host-loopback`` is answered when ``host_loopback_unreachable``.
+    #: SYN an egress rule denies is answered, and one refused by ``--no-host-loopback`` when
+    #: ``host_loopback_unreachable``; without it, RST.
     unreachable: Callable[[IpPacket, int, bytes], None] | None
     _isn: Callable[[], int]
     table: FlowTable[TcpFlow]
+    #: Flows whose handshake is not complete (CONNECTING, SYN_RCVD, SYN_SENT), oldest first:
+    #: bounded by ``config.max_half_open`` (see ``handshake``).
+    _half_open: dict[TcpFlow, None]
     #: The MSS we announce: what one guest-link frame carries.
     our_mss: int
     #: Our MAC address, the source of every frame to the guest.

@@ -17,12 +17,23 @@ from the guest (nobody listens) resets the host connection at once. The SYN-ACK 
 ``ESTABLISHED`` and from there it is exactly a guest-opened flow; removing the forward only
 closes its listening socket, never its flows.
 
+Half-open bound. A SYN flood (random source ports) would otherwise fill the whole flow table
+with flows that never finish their handshake and hold a host connect each. Flows are tracked in
+creation order from their SYN until ESTABLISHED (CONNECTING and SYN_RCVD toward the guest's
+peer, SYN_SENT for forwarded ones), at most ``config.max_half_open`` (``--max-half-open``); a
+new flow beyond it evicts the oldest (``tcp.half_open.evicted``): one still connecting is dropped
+silently (the guest's SYN retransmission starts it again, as after a kernel's full SYN queue),
+one waiting on the guest gets RST both ways. Established flows are never touched by this bound.
+
 Refusals, RFC 9293 and counted under ``tcp.*``: a segment for no flow gets RST (unless it is an
 RST), a full flow table (``config.max_flows``), a destination the policy refuses or no
 descriptors (EMFILE) an RST for the SYN; but a SYN that ``--no-host-loopback`` refuses gets an
 ICMP network unreachable instead when ``config.host_loopback_unreachable`` asks for slirp4netns's
-answer (the guest's connect fails at once with ENETUNREACH). A flow that lingers closed answers
-a retransmitted FIN with an ACK and gives way to a new SYN on its 4-tuple.
+answer (the guest's connect fails at once with ENETUNREACH), and a SYN an egress rule denies
+(``policy.deny``) gets ICMP administratively prohibited, as UDP does (EHOSTUNREACH at once;
+ICMPv6 code 1, EACCES, over IPv6). Both come from the gateway of the SYN's IP version. A flow
+that lingers closed answers a retransmitted FIN with an ACK and gives way to a new SYN on its
+4-tuple.
 """
 
 from __future__ import annotations
@@ -50,7 +61,7 @@ from guestnet.core.tcp.flow import (
     seq_delta,
 )
 from guestnet.core.tcp.irregular import _Irregular
-from guestnet.wire.icmp import UNREACH_NET
+from guestnet.wire.icmp import UNREACH_ADMIN_PROHIBITED, UNREACH_NET
 from guestnet.wire.tcp import ACK, FIN, RST, SYN, build_syn_options, parse_tcp_options
 
 
@@ -108,17 +119,16 @@ class _Handshake(_Irregular):
             verdict = self.policy.destination(key[2])
             if verdict.host is None:
                 counters.inc("tcp." + verdict.reason)
-                if (
-                    verdict.reason == "policy.host_loopback"
-                    and self.config.host_loopback_unreachable
-                    and self.unreachable is not None
-                ):
-                    # slirp4netns --disable-host-loopback: "Network is unreachable" at once.
-                    self.unreachable(pkt, UNREACH_NET, self.config.gateway_b)
+                code = self._unreachable_code(verdict.reason)
+                if code is not None and self.unreachable is not None:
+                    cfg = self.config
+                    origin = cfg.gateway6_b if len(key[2]) == 16 else cfg.gateway_b
+                    self.unreachable(pkt, code, origin)
                 else:
                     self._rst_for_syn(pkt, key, seq)
                 return
             host, host_port = verdict.host, key[3]
+        self._make_half_open_room()
         if self.table.full:
             counters.inc("tcp.syn.table_full")
             self._rst_for_syn(pkt, key, seq)
@@ -141,8 +151,36 @@ class _Handshake(_Irregular):
                 return
             err = self.io.connect(flow)
         self.table.add(key, flow)
+        self._half_open[flow] = None
         counters.inc("tcp.syn.dns" if dns else "tcp.syn.accepted")
         self._arm(flow)
+
+    def _make_half_open_room(self) -> None:
+        """Before a new flow: at ``max_half_open`` unfinished handshakes, evict the oldest.
+
+        A flow still connecting on the host is dropped silently (its host connect reset): the
+        guest's SYN retransmission starts it afresh, as a full SYN queue does in a kernel. One
+        waiting for the guest (SYN_RCVD, SYN_SENT) is aborted with RST both ways, so neither a
+        host client nor the guest is left waiting for it."""
+        half_open = self._half_open
+        while len(half_open) >= self.config.max_half_open:
+            oldest = next(iter(half_open))
+            del half_open[oldest]
+            self.counters.inc("tcp.half_open.evicted")
+            if oldest.state == CONNECTING:
+                self._drop(oldest, reset=True)
+            else:
+                self._abort(oldest)
+
+    def _unreachable_code(self, reason: str) -> int | None:
+        """The ICMP unreachable code a refused SYN is answered with, or None for RST: an
+        egress rule's denial is "administratively prohibited" (as UDP and ICMP are answered);
+        slirp4netns --disable-host-loopback is "Network is unreachable"."""
+        if reason == "policy.deny":
+            return UNREACH_ADMIN_PROHIBITED
+        if reason == "policy.host_loopback" and self.config.host_loopback_unreachable:
+            return UNREACH_NET
+        return None
 
     def _dns_pick_next(self, flow: TcpFlow, now: float) -> bool:
         """DNS over TCP could not reach ``flow``'s upstream: report it and point the flow at
@@ -218,6 +256,7 @@ class _Handshake(_Irregular):
             self._control(flow, ack, 0, RST)
             return
         flow.state = ESTABLISHED
+        self._half_open.pop(flow, None)
         flow.snd_una = ack
         flow.snd_wnd = window << flow.guest_wscale
         flow.snd_wl1 = seq
@@ -283,6 +322,7 @@ class _Handshake(_Irregular):
         """
         self._now = now
         counters = self.counters
+        self._make_half_open_room()
         if self.table.full:
             counters.inc("tcp.forward.table_full")
             return None
@@ -299,6 +339,7 @@ class _Handshake(_Irregular):
         flow.rto = FORWARD_SYN_RTO_S
         flow.rto_deadline = now + flow.rto
         self.table.add(key, flow)
+        self._half_open[flow] = None
         counters.inc("tcp.forward.syn")
         self._send_syn(flow)
         self._arm(flow)
@@ -376,6 +417,7 @@ class _Handshake(_Irregular):
             flow.wscale_ok = True
             flow.guest_wscale = opts.wscale
         flow.state = ESTABLISHED
+        self._half_open.pop(flow, None)
         flow.connect_deadline = None
         flow.last_active = now
         flow.snd_una = ack

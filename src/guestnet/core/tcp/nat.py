@@ -73,6 +73,7 @@ class TcpNat(_Handshake):
         self.unreachable = unreachable
         self._isn = isn if isn is not None else (lambda: random.getrandbits(32))
         self.table = FlowTable(config.max_flows)
+        self._half_open = {}
         self.dns_handler = _DnsTcp(self)
         self.our_mss = mss_for_mtu(config.mtu)
         self._mac = config.mac
@@ -123,6 +124,11 @@ class TcpNat(_Handshake):
         """Every flow, for the API's ``/flows`` (through the driver's ``flows``)."""
         return [flow.info(now) for flow in self.table]
 
+    @property
+    def half_open(self) -> int:
+        """How many flows have not finished their handshake (bounded by max_half_open)."""
+        return len(self._half_open)
+
     def counts_by_state(self) -> dict[str, int]:
         """How many flows are in each state."""
         out: dict[str, int] = {}
@@ -138,3 +144,4 @@ class TcpNat(_Handshake):
             self.io.set_timer(flow, None)
             flow.state = CLOSED
             self.table.remove(flow.key, flow)
+        self._half_open.clear()

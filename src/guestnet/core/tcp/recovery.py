@@ -189,3 +189,4 @@ class _Recovery(_SegmentWriter):
         self.io.close(flow, reset)
         self.io.set_timer(flow, None)
         self.table.remove(flow.key, flow)
+        self._half_open.pop(flow, None)
