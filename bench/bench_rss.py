@@ -5,8 +5,8 @@ Run (root): ``.venv/bin/python bench/bench_rss.py [--mtus 1500,65520] [--duratio
 
 Cells, each with a fresh guestnet process in a loopback-only sandbox namespace:
 
-- ``qemu idle``: ``guestnet qemu --socket PATH`` with no guest attached, read one second after its
-  socket appears (what a VM's backend costs before the VM boots).
+- ``qemu MTU idle``: ``guestnet qemu --socket PATH --mtu MTU`` with no guest attached, read one
+  second after its socket appears (what a VM's backend costs before the VM boots).
 - ``netns MTU``: ``guestnet netns GUEST --configure --mtu MTU``; ``start`` is read once the guest
   has its address, then iperf3 runs guest->host and host->guest (``--duration`` s each, through
   bench/bench_tcp.py's helpers) and ``peak`` is read at the end.
@@ -85,21 +85,24 @@ def add_ns(*names: str) -> None:
         sh(in_ns(ns, ["ip", "link", "set", "lo", "up"]))
 
 
-def qemu_cell(tmp: str) -> str:
-    sandbox = f"gnrsq{os.getpid()}"
-    sock = os.path.join(tmp, "gn.sock")
+def qemu_cell(mtu: int, tmp: str) -> str:
+    sandbox = f"gnrsq{os.getpid()}_{mtu}"
+    sock = os.path.join(tmp, f"gn{mtu}.sock")
     gn: subprocess.Popen[bytes] | None = None
     try:
         add_ns(sandbox)
         gn = subprocess.Popen(
-            in_ns(sandbox, [sys.executable, "-m", "guestnet", "qemu", "--socket", sock]),
+            in_ns(
+                sandbox,
+                [sys.executable, "-m", "guestnet", "qemu", "--socket", sock, "--mtu", str(mtu)],
+            ),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         wait(lambda: os.path.exists(sock), 15, "guestnet qemu to listen")
         time.sleep(1.0)
         rss, hwm = status_kb(gn.pid, "VmRSS"), status_kb(gn.pid, "VmHWM")
-        return f"qemu idle      : start {mb(rss)}, peak {mb(hwm)}"
+        return f"qemu  MTU {mtu:>5}: start {mb(rss)}, peak {mb(hwm)} (idle)"
     finally:
         stop(gn)
         remove_ns(sandbox)
@@ -143,12 +146,12 @@ def main() -> int:
         print("bench_rss: needs root (network namespaces)", file=sys.stderr)
         return 2
     os.environ["PYTHONPATH"] = os.path.join(ROOT, "src")
+    mtus = [int(m) for m in args.mtus.split(",")]
     with tempfile.TemporaryDirectory(prefix="gnrss") as tmp:
-        if not args.skip_qemu:
-            print(qemu_cell(tmp), flush=True)
-        if not args.skip_netns:
-            for mtu in (int(m) for m in args.mtus.split(",")):
-                print(netns_cell(mtu, args.duration, tmp), flush=True)
+        for mtu in [] if args.skip_qemu else mtus:
+            print(qemu_cell(mtu, tmp), flush=True)
+        for mtu in [] if args.skip_netns else mtus:
+            print(netns_cell(mtu, args.duration, tmp), flush=True)
     return 0
 
 
