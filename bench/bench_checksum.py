@@ -50,6 +50,7 @@ def with_threshold(threshold: int) -> object:
 
 def main() -> None:
     budget = 0.02 if "--quick" in sys.argv else 0.1
+    ck.load_vector_path()  # as the datapath does above VECTOR_MIN_MTU
     pure = with_threshold(1 << 40)
     vect = with_threshold(0)
     # The wrappers above cost the same for both paths; time the dispatch through one too.

@@ -11,6 +11,9 @@ from guestnet.wire.checksum import NUMPY_THRESHOLD, checksum, ones_sum, pseudo_h
 from guestnet.wire.ipv4 import PROTO_UDP
 from guestnet.wire.udp import build_udp, verify_udp
 
+# numpy is loaded only for datapaths whose MTU needs it; these tests cover both paths.
+ck.load_vector_path()
+
 
 def ref_ones_sum(data: bytes, initial: int = 0) -> int:
     """RFC 1071 the slow, obvious way: 16-bit big-endian words, end-around carry."""
@@ -97,6 +100,21 @@ def test_numpy_and_integer_paths_agree_across_threshold(monkeypatch: pytest.Monk
     monkeypatch.setattr(ck, "NUMPY_THRESHOLD", 1 << 30)
     via_int = [checksum(d, 0x1F) for d in datas]
     assert via_numpy == via_int == [ref_checksum(d, 0x1F) for d in datas]
+
+
+def test_without_numpy_every_size_takes_the_integer_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before :func:`load_vector_path` (MTU 1500) sums above the threshold are still right."""
+    monkeypatch.setattr(ck, "_np", None)
+    rng = random.Random(7)
+    for n in (T, T + 1, 1500, 9001, 65535):
+        data = rng.randbytes(n)
+        assert checksum(data, 0x1F) == ref_checksum(data, 0x1F)
+
+
+def test_vector_path_pays_above_mtu_1500_only() -> None:
+    assert not ck.vector_path_pays(1500)
+    assert ck.vector_path_pays(1501)
+    assert ck.vector_path_pays(65520)
 
 
 def _udp_payload_with_zero_checksum(src: bytes, dst: bytes, sport: int, dport: int) -> bytes:

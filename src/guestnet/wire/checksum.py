@@ -5,16 +5,44 @@ modulo 0xffff (since 2**16 == 1 mod 0xffff), which CPython computes in C. That i
 small buffers (0.6 us at 256 bytes here, against numpy's fixed ~1.7 us); from about 768 bytes
 numpy's vectorised sum of ``>u2`` words wins, by 10x at 64 KiB (14 us against 138 us).
 ``bench/bench_checksum.py`` measures the crossover.
+
+numpy costs about 17 MB of resident memory, a third of guestnet's at start (issue 12), so it is
+loaded only where it pays: :func:`load_vector_path` imports it, and the datapath's assembly calls
+it before the loop starts when the MTU lets frames checksummed in full be larger than
+:data:`VECTOR_MIN_MTU` (a link without offloads at MTU 65520, QEMU's default; UDP and ICMP at that
+MTU). At MTU 1500 every frame summed in full is at most 1514 bytes, where the integer path is as
+fast (bench/bench_checksum.py); TCP super-frames on a TAP with offloads carry partial checksums
+that the kernel completes. Until it is loaded every size takes the integer path, so nothing is
+imported while frames flow.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Any
 
-#: Above this many bytes the numpy path is used (see bench/bench_checksum.py).
+#: Above this many bytes the numpy path is used, once loaded (see bench/bench_checksum.py).
 NUMPY_THRESHOLD = 768
+#: At or below this MTU the numpy path is not worth its memory (see the module docstring).
+VECTOR_MIN_MTU = 1500
 
-_BE16 = np.dtype(">u2")
+#: numpy and its big-endian 16-bit dtype, once :func:`load_vector_path` ran.
+_np: Any = None
+_BE16: Any = None
+
+
+def vector_path_pays(mtu: int) -> bool:
+    """Whether a datapath at ``mtu`` sums frames large enough for numpy to win."""
+    return mtu > VECTOR_MIN_MTU
+
+
+def load_vector_path() -> None:
+    """Import numpy for sums from :data:`NUMPY_THRESHOLD` bytes up. Call before the loop runs."""
+    global _np, _BE16
+    if _np is None:
+        import numpy
+
+        _BE16 = numpy.dtype(">u2")
+        _np = numpy
 
 
 def _fold(total: int) -> int:
@@ -29,9 +57,9 @@ def ones_sum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
     An odd length is padded with a zero byte, as RFC 1071 says.
     """
     n = len(data)
-    if n >= NUMPY_THRESHOLD:
+    if n >= NUMPY_THRESHOLD and _np is not None:
         even = n & ~1
-        total = int(np.frombuffer(data, dtype=_BE16, count=even >> 1).sum(dtype=np.uint64))
+        total = int(_np.frombuffer(data, dtype=_BE16, count=even >> 1).sum(dtype=_np.uint64))
         if n & 1:
             total += data[n - 1] << 8
         return _fold(total + initial)
