@@ -1,4 +1,5 @@
-"""Real DHCPv6 clients against guestnet's server: busybox ``udhcpc6`` and ISC ``dhclient -6``.
+"""Real DHCPv6 clients against guestnet's server: busybox ``udhcpc6``, ISC ``dhclient -6`` and
+``dhcpcd`` (which, as distributions run it, follows our RA's M flag into DHCPv6 by itself).
 
 guestnet runs in the loopback-only sandbox and serves a TAP in the guest namespace, attached
 without ``--configure``: the guest brings the link up, waits for its link-local address to leave
@@ -7,7 +8,8 @@ script of ours that records what the client was told and adds the address as a d
 script would. Client processes are bounded in time and killed at teardown.
 
 ``udhcpc6`` is not in Debian's busybox builds (bookworm's 1.35 has only udhcpc); the tests use
-``udhcpc6`` from PATH or a busybox that has the applet, and are skipped without one.
+``udhcpc6`` from PATH or a busybox that has the applet, and are skipped without one; dhcpcd
+(Debian's dhcpcd-base) stands in as the second real client.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ pytestmark = pytest.mark.root
 
 BUSYBOX = shutil.which("busybox")
 DHCLIENT = shutil.which("dhclient")
+DHCPCD = shutil.which("dhcpcd")
+#: Where dhcpcd keeps its DUID and leases (on the host file system: removed after the test).
+DHCPCD_DB = Path("/var/lib/dhcpcd")
 MAC1 = "52:54:00:12:34:56"
 MAC2 = "52:54:00:00:0a:0b"
 
@@ -273,4 +278,33 @@ def test_dhclient6_bound_confirm_release_next(
     wait_for(lambda: count("BOUND6") + count("REBOOT6") == 4, 20, "a second client to bind")
     last = [e for e in reasons() if e["reason"] in ("BOUND6", "REBOOT6")][-1]
     assert last["new_ip6_address"] == "fd00::16"
+    assert gn.alive(), gn.stderr_text()
+
+
+@pytest.mark.skipif(DHCPCD is None, reason="dhcpcd not installed (dhcpcd-base)")
+def test_dhcpcd_follows_the_ra_into_dhcpv6(
+    attach_guest: Callable[..., Guestnet], client_procs: list[subprocess.Popen[bytes]]
+) -> None:
+    """dhcpcd sees the RA's M flag, solicits, and adds fd00::15/128 with our lifetimes."""
+    assert DHCPCD is not None
+    before = set(DHCPCD_DB.iterdir()) if DHCPCD_DB.exists() else set()
+    gn = attach_guest(configure=False)
+    guest = _up(gn)
+    proc = guest.popen(
+        [DHCPCD, "-6", "-B", "-d", "-f", "/dev/null", "--nohook", "resolv.conf", "eth0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    client_procs.append(proc)
+    try:
+        wait_for(lambda: "fd00::15/128" in addresses6(guest), 20, "dhcpcd to add fd00::15")
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+        for path in set(DHCPCD_DB.iterdir()) - before if DHCPCD_DB.exists() else ():
+            path.unlink(missing_ok=True)
+    assert proc.stdout is not None
+    out = proc.stdout.read().decode(errors="replace")
+    assert "fd00::15/128 from fe80::5055:aff:fe00:202" in out, out
+    assert "renew in 1800, rebind in 2880, expire in 3600 seconds" in out, out
     assert gn.alive(), gn.stderr_text()
