@@ -376,8 +376,9 @@ DNSMASQ = "/usr/sbin/dnsmasq"
 
 
 def dnsmasq_argv(port: int) -> list[str]:
-    """dnsmasq authoritative for test.internal (www.test.internal is 198.18.0.10), forwarding
-    nowhere, listening on 127.0.0.1:``port`` of the namespace it runs in."""
+    """dnsmasq authoritative for test.internal (www.test.internal is 198.18.0.10 and
+    2001:db8::10), forwarding nowhere, listening on 127.0.0.1:``port`` and [::1]:``port`` of the
+    namespace it runs in."""
     return [
         DNSMASQ,
         "--no-resolv",
@@ -388,7 +389,9 @@ def dnsmasq_argv(port: int) -> list[str]:
         "--user=root",
         "--local=/test.internal/",
         "--address=/www.test.internal/198.18.0.10",
+        "--address=/www.test.internal/2001:db8::10",
         f"--port={port}",
         "--listen-address=127.0.0.1",
+        "--listen-address=::1",
         "--bind-interfaces",
     ]

@@ -274,3 +274,19 @@ def test_tcp_fails_over_like_udp(
     assert status(dig(gn.guest, "+tcp", "nosuch.test.internal", "A")) == "NXDOMAIN"
     assert status(dig(gn.guest, "nosuch.test.internal", "A")) == "NXDOMAIN"
     assert time.monotonic() - t0 < 1.5
+
+
+def test_ipv6_service_upstream_and_aaaa(
+    attach_guest: Callable[..., Guestnet], dnsmasq: int
+) -> None:
+    """DNS over IPv6 end to end: the guest asks fd00::3 (UDP and TCP), guestnet forwards to an
+    upstream on the host's ::1, AAAA records come back."""
+    gn = attach_guest("--dns-upstream", f"[::1]:{dnsmasq}")
+    assert gn.guest is not None
+    for transport in ((), ("+tcp",)):
+        out = dig(gn.guest, *transport, "www.test.internal", "AAAA", server="fd00::3")
+        assert answers(out) == ["2001:db8::10"], out
+        out = dig(gn.guest, *transport, "www.test.internal", "A", server="fd00::3")
+        assert answers(out) == ["198.18.0.10"], out
+    out = dig(gn.guest, "host.guestnet.internal", "AAAA", server="fd00::3")
+    assert answers(out) == ["fd00::2"], out
