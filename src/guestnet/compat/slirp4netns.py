@@ -53,6 +53,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from guestnet import __version__
+from guestnet.compat.passt_common import OptionExit, OptionTable
+from guestnet.compat.passt_common import getopt_long as shared_getopt_long
 from guestnet.compat.slirp_api import SlirpApi, SlirpApiServer
 from guestnet.config import MIN_MTU, Config, parse_mac
 from guestnet.io.host import interface_ipv4
@@ -79,7 +81,6 @@ SLIRP4NETNS_VERSION = "1.2.0"
 #: --disable-dns (>= 3) on it.
 SLIRP_CONFIG_VERSION_MAX = 3
 
-_SHORT = "ce:r:m:a:6hv"
 #: Long options: name -> takes an argument.
 _LONG: dict[str, bool] = {
     "configure": False,
@@ -119,83 +120,17 @@ _SHORT_LONG = {
 }
 
 
-class SlirpExit(Exception):
-    """Leave with ``status``, after ``out`` on stdout and ``err`` on stderr."""
+#: Leave with ``status``, after ``out`` on stdout and ``err`` on stderr (the compat modes'
+#: one exit exception).
+SlirpExit = OptionExit
 
-    def __init__(self, status: int, out: str = "", err: str = "") -> None:
-        super().__init__(err or out)
-        self.status = status
-        self.out = out
-        self.err = err
-
-
-# -- getopt_long, as glibc does it -------------------------------------------------------------
+TABLE = OptionTable(_SHORT_LONG, _LONG)
 
 
 def getopt_long(prog: str, args: Sequence[str]) -> tuple[list[tuple[str, str | None]], list[str]]:
-    """Split ``args`` into ([(long name, value)], operands); SlirpExit with glibc's message."""
-    opts: list[tuple[str, str | None]] = []
-    operands: list[str] = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        i += 1
-        if arg == "--":
-            operands.extend(args[i:])
-            break
-        if arg.startswith("--"):
-            name, eq, value = arg[2:].partition("=")
-            full = _long_name(prog, name, arg[2:])
-            if _LONG[full]:
-                if not eq:
-                    if i >= len(args):
-                        raise _bad_option(f"{prog}: option '--{full}' requires an argument")
-                    value = args[i]
-                    i += 1
-                opts.append((full, value))
-            else:
-                if eq:
-                    raise _bad_option(f"{prog}: option '--{full}' doesn't allow an argument")
-                opts.append((full, None))
-        elif arg.startswith("-") and arg != "-":
-            j = 1
-            while j < len(arg):
-                ch = arg[j]
-                j += 1
-                pos = _SHORT.find(ch)
-                if ch == ":" or pos < 0:
-                    raise _bad_option(f"{prog}: invalid option -- '{ch}'")
-                if pos + 1 < len(_SHORT) and _SHORT[pos + 1] == ":":
-                    if j < len(arg):
-                        value = arg[j:]
-                    elif i < len(args):
-                        value = args[i]
-                        i += 1
-                    else:
-                        raise _bad_option(f"{prog}: option requires an argument -- '{ch}'")
-                    opts.append((_SHORT_LONG[ch], value))
-                    break
-                opts.append((_SHORT_LONG[ch], None))
-        else:
-            operands.append(arg)
-    return opts, operands
-
-
-def _long_name(prog: str, name: str, text: str) -> str:
-    """The long option ``name`` stands for (exact, or an unambiguous prefix)."""
-    if name in _LONG:
-        return name
-    matches = [n for n in _LONG if n.startswith(name)] if name else []
-    if len(matches) == 1:
-        return matches[0]
-    if matches:
-        listed = " ".join(f"'--{m}'" for m in matches)
-        raise _bad_option(f"{prog}: option '--{name}' is ambiguous; possibilities: {listed}")
-    raise _bad_option(f"{prog}: unrecognized option '--{text}'")
-
-
-def _bad_option(message: str) -> SlirpExit:
-    return SlirpExit(EXIT_FAILURE, err=message + "\n")
+    """Split ``args`` into ([(long name, value)], operands) as glibc's getopt_long does (options
+    and operands in any order); SlirpExit with glibc's message for a bad option."""
+    return shared_getopt_long(prog, args, TABLE, stop_at_operand=False)
 
 
 # -- options -------------------------------------------------------------------------------------
