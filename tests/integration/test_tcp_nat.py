@@ -319,3 +319,25 @@ def test_thousand_connections_and_no_fd_leak(attach_guest: Any, server: Any) -> 
     before = _fds(gn.pid)
     assert _run(gn, MANY, "1000", "100", timeout=120).strip() == "1000"
     wait_for(lambda: _fds(gn.pid) <= before, timeout=10, what="host sockets to be closed")
+
+
+ERRNO_CONNECT = r"""
+import errno, socket, sys, time
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET); s.settimeout(10)
+t = time.monotonic()
+try:
+    s.connect((sys.argv[1], 80))
+    print("connected")
+except OSError as e:
+    print(errno.errorcode.get(e.errno, e.errno), round(time.monotonic() - t, 3))
+"""
+
+
+@pytest.mark.parametrize("addr", ["203.0.113.5", "2001:db8:ffff::5"])
+def test_unroutable_destination_fails_at_once(attach_guest: Any, addr: str) -> None:
+    """The sandbox (guestnet's host) has no route there: the guest's connect fails at once with
+    "Network is unreachable" (guestnet answers the SYN with ICMP/ICMPv6 no route), not
+    "Connection refused"."""
+    gn = attach_guest()
+    name, seconds = _run(gn, ERRNO_CONNECT, addr, timeout=30).split()
+    assert name == "ENETUNREACH" and float(seconds) < 2.0, (name, seconds)

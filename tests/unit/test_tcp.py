@@ -906,3 +906,28 @@ def test_host_loopback_unreachable_answers_icmp_net_unreachable(
     core.feed(frames.icmp(dst=GATEWAY_IP))
     (reply,) = core.take_sent()
     assert (Ether(reply)[ICMP].type, Ether(reply)[IP].src) == (0, "10.0.2.2")
+
+
+@pytest.mark.parametrize(("err", "code"), [(errno.ENETUNREACH, 0), (errno.EHOSTUNREACH, 1)])
+def test_unroutable_destination_answered_with_icmp_unreachable(
+    tcp: Tcp, err: int, code: int
+) -> None:
+    """No route on the host (connect fails at once): the guest hears ICMP destination
+    unreachable from the gateway, as a router would answer, not an RST."""
+    sent: list[tuple[object, int, bytes]] = []
+    tcp.nat.unreachable = lambda pkt, code, origin: sent.append((pkt, code, origin))
+    tcp.io.connect_error = err
+    tcp.send(SYN, ISN, dst=tcp.remote, dport=443)
+    assert tcp.out() == [], "no RST"
+    # IPv4's codes (net 0, host 1), whatever the family: the ICMP service maps them to ICMPv6's.
+    assert [(got, origin) for _pkt, got, origin in sent] == [(code, tcp.gateway)]
+    assert len(tcp.nat.table) == 0 and c(tcp, "tcp.connect.unreachable") == 1
+
+
+def test_refused_connect_still_rst_with_icmp_wired(tcp: Tcp) -> None:
+    sent: list[object] = []
+    tcp.nat.unreachable = lambda *a: sent.append(a)
+    tcp.io.connect_error = errno.ECONNREFUSED
+    tcp.send(SYN, ISN)
+    (s,) = tcp.out()
+    assert s.flags == RST | ACK and sent == []

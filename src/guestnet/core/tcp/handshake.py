@@ -31,13 +31,16 @@ descriptors (EMFILE) an RST for the SYN; but a SYN that ``--no-host-loopback`` r
 ICMP network unreachable instead when ``config.host_loopback_unreachable`` asks for slirp4netns's
 answer (the guest's connect fails at once with ENETUNREACH), and a SYN an egress rule denies
 (``policy.deny``) gets ICMP administratively prohibited, as UDP does (EHOSTUNREACH at once;
-ICMPv6 code 1, EACCES, over IPv6). Both come from the gateway of the SYN's IP version. A flow
+ICMPv6 code 1, EACCES, over IPv6); a host connect that fails at once for want of a route
+(ENETUNREACH, EHOSTUNREACH) gets network or host unreachable, as the router on the way would
+send. All come from the gateway of the SYN's IP version. A flow
 that lingers closed answers a retransmitted FIN with an ACK and gives way to a new SYN on its
 4-tuple.
 """
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from guestnet.core.flows import FlowKey
@@ -61,7 +64,7 @@ from guestnet.core.tcp.flow import (
     seq_delta,
 )
 from guestnet.core.tcp.irregular import _Irregular
-from guestnet.wire.icmp import UNREACH_ADMIN_PROHIBITED, UNREACH_NET
+from guestnet.wire.icmp import UNREACH_ADMIN_PROHIBITED, UNREACH_HOST, UNREACH_NET
 from guestnet.wire.tcp import ACK, FIN, RST, SYN, build_syn_options, parse_tcp_options
 
 
@@ -119,13 +122,7 @@ class _Handshake(_Irregular):
             verdict = self.policy.destination(key[2])
             if verdict.host is None:
                 counters.inc("tcp." + verdict.reason)
-                code = self._unreachable_code(verdict.reason)
-                if code is not None and self.unreachable is not None:
-                    cfg = self.config
-                    origin = cfg.gateway6_b if len(key[2]) == 16 else cfg.gateway_b
-                    self.unreachable(pkt, code, origin)
-                else:
-                    self._rst_for_syn(pkt, key, seq)
+                self._refuse_syn(pkt, key, seq, self._unreachable_code(verdict.reason))
                 return
             host, host_port = verdict.host, key[3]
         self._make_half_open_room()
@@ -147,7 +144,8 @@ class _Handshake(_Irregular):
         while err:
             counters.inc(_connect_reason(err))
             if not (dns and self._dns_pick_next(flow, now)):
-                self._rst_for_syn(pkt, key, seq)
+                # No route on the host (connect says so at once): answered as a router would.
+                self._refuse_syn(pkt, key, seq, _UNROUTABLE.get(err))
                 return
             err = self.io.connect(flow)
         self.table.add(key, flow)
@@ -171,6 +169,17 @@ class _Handshake(_Irregular):
                 self._drop(oldest, reset=True)
             else:
                 self._abort(oldest)
+
+    def _refuse_syn(self, pkt: IpPacket, key: FlowKey, seq: int, code: int | None) -> None:
+        """Answer a SYN no flow will serve: ICMP (ICMPv6) destination unreachable with
+        ``code`` from the gateway of its family when there is a code and the ICMP service is
+        wired, else RST."""
+        if code is not None and self.unreachable is not None:
+            cfg = self.config
+            origin = cfg.gateway6_b if len(key[2]) == 16 else cfg.gateway_b
+            self.unreachable(pkt, code, origin)
+        else:
+            self._rst_for_syn(pkt, key, seq)
 
     def _unreachable_code(self, reason: str) -> int | None:
         """The ICMP unreachable code a refused SYN is answered with, or None for RST: an
@@ -462,6 +471,10 @@ class _Handshake(_Irregular):
             seg_len = len(l4) - hlen + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
             self._answer(pkt, key, 0, (seq + seg_len) & SEQ_MASK, RST | ACK)
         self.counters.inc("tcp.rst.sent")
+
+
+#: Host connect errors that mean "no route": the ICMP unreachable code a router would send.
+_UNROUTABLE = {errno.ENETUNREACH: UNREACH_NET, errno.EHOSTUNREACH: UNREACH_HOST}
 
 
 def _connect_reason(err: int) -> str:
