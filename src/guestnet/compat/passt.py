@@ -48,7 +48,6 @@ from guestnet.compat.passt_common import (
     getopt_long,
     log_to_file,
     parse_mac_option,
-    parse_mtu,
     parse_port_spec,
     spec_notes,
     write_pid_file,
@@ -182,7 +181,8 @@ def parse_args(prog: str, args: Sequence[str]) -> Options:
 
 
 def _apply_value(o: Options, name: str, v: str) -> None:
-    a = o.addr
+    if o.addr.apply(name, v):
+        return
     if name == "quiet":
         o.quiet = True
     elif name == "foreground":
@@ -193,22 +193,6 @@ def _apply_value(o: Options, name: str, v: str) -> None:
         o.pid_file = os.path.abspath(v)
     elif name == "socket":
         o.socket = os.path.abspath(v)
-    elif name == "pcap":
-        a.pcap = v
-    elif name == "mtu":
-        a.mtu = parse_mtu(v)
-    elif name == "address":
-        a.addresses.append(v)
-    elif name == "netmask":
-        a.netmask = v
-    elif name == "gateway":
-        a.gateways.append(v)
-    elif name == "dns-forward":
-        a.dns_forward.append(v)
-    elif name == "no-map-gw":
-        a.no_map_gw = True
-    elif name == "ipv4-only":
-        a.ipv4_only = True
     elif name == "one-off":
         o.one_off = True
 

@@ -301,6 +301,25 @@ class AddressOptions:
     tcp: list[PortSpec] = field(default_factory=list)
     udp: list[PortSpec] = field(default_factory=list)
 
+    def apply(self, name: str, value: str) -> bool:
+        """Take option ``--name value`` if it is one of these; False when it is not."""
+        if name == "mtu":
+            self.mtu = parse_mtu(value)
+        elif name in ("address", "gateway", "dns-forward"):
+            {"address": self.addresses, "gateway": self.gateways,
+             "dns-forward": self.dns_forward}[name].append(value)  # fmt: skip
+        elif name == "netmask":
+            self.netmask = value
+        elif name == "pcap":
+            self.pcap = value
+        elif name == "no-map-gw":
+            self.no_map_gw = True
+        elif name == "ipv4-only":
+            self.ipv4_only = True
+        else:
+            return False
+        return True
+
 
 def parse_mtu(text: str) -> int:
     """``-m``: 0 leaves guestnet's default (passt: no MTU assigned); else 576 to 65520."""

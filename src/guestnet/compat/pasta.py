@@ -57,7 +57,6 @@ from guestnet.compat.passt_common import (
     getopt_long,
     log_to_file,
     parse_mac_option,
-    parse_mtu,
     parse_port_spec,
     spec_notes,
     watch_netns,
@@ -252,7 +251,8 @@ def _apply(prog: str, o: Options, name: str, v: str) -> None:
 
 
 def _apply_value(o: Options, name: str, v: str) -> None:
-    a = o.addr
+    if o.addr.apply(name, v):
+        return
     if name == "quiet":
         o.quiet = True
     elif name == "foreground":
@@ -263,8 +263,6 @@ def _apply_value(o: Options, name: str, v: str) -> None:
         o.log_file = os.path.abspath(v)
     elif name == "pid":
         o.pid_file = os.path.abspath(v)
-    elif name == "pcap":
-        a.pcap = v
     elif name == "ns-ifname":
         try:
             o.ifname = check_ifname(v)
@@ -272,20 +270,6 @@ def _apply_value(o: Options, name: str, v: str) -> None:
             raise fail(f"Invalid interface name: {v}") from None
     elif name == "ns-mac-addr":
         o.ns_mac = parse_mac_option(v)
-    elif name == "mtu":
-        a.mtu = parse_mtu(v)
-    elif name == "address":
-        a.addresses.append(v)
-    elif name == "netmask":
-        a.netmask = v
-    elif name == "gateway":
-        a.gateways.append(v)
-    elif name == "dns-forward":
-        a.dns_forward.append(v)
-    elif name == "no-map-gw":
-        a.no_map_gw = True
-    elif name == "ipv4-only":
-        a.ipv4_only = True
     elif name == "userns":
         o.userns = v
     elif name == "netns":

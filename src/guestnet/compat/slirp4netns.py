@@ -277,7 +277,7 @@ def _parse(prog: str, args: Sequence[str]) -> Options:
             o.outbound_addr = v
         elif name == "outbound-addr6":
             o.warnings.append(
-                "WARNING: IPv6 is not available in guestnet yet: --outbound-addr6 is ignored"
+                "WARNING: --outbound-addr6 is not available in guestnet yet: it is ignored"
             )
             o.outbound_addr6 = v
         elif name == "disable-dns":
