@@ -31,6 +31,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -230,6 +231,28 @@ class Guestnet:
         self.cleanup()
 
 
+#: Subcommands that take --pcap (the datapath options).
+_CAPTURING = frozenset({"run", "netns", "qemu", "dgram"})
+
+
+def with_capture(args: Sequence[str]) -> list[str]:
+    """``args`` with ``--pcap DIR/test-N.pcap`` when GUESTNET_TEST_PCAP_DIR asks for captures.
+
+    ``bench/fuzz.py record`` sets it to seed the fuzz corpus with what real clients send (the
+    first 4 MiB of each run is plenty: bulk transfers repeat themselves); the test's own --pcap,
+    if any, wins.
+    """
+    out = list(args)
+    directory = os.environ.get("GUESTNET_TEST_PCAP_DIR")
+    if not directory or not out or out[0] not in _CAPTURING or "--pcap" in out:
+        return out
+    test = os.environ.get("PYTEST_CURRENT_TEST", "guestnet").split(" ")[0]
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", test)[-120:]
+    fd, path = tempfile.mkstemp(prefix=stem + "-", suffix=".pcap", dir=directory)
+    os.close(fd)
+    return [out[0], "--pcap", path, "--pcap-max-bytes", str(4 << 20), *out[1:]]
+
+
 def start_guestnet(
     sandbox: Netns,
     args: Sequence[str],
@@ -242,6 +265,7 @@ def start_guestnet(
     Raises RuntimeError (with guestnet's stderr) if it exits first, TimeoutError if it never
     becomes ready; in both cases the process is stopped first.
     """
+    args = with_capture(args)
     fd_out, out_path = tempfile.mkstemp(prefix="guestnet-out-", suffix=".txt")
     fd_err, err_path = tempfile.mkstemp(prefix="guestnet-err-", suffix=".txt")
     try:
