@@ -15,6 +15,9 @@ from scapy.layers.l2 import Ether
 
 from guestnet.core.fragments import (
     MAX_DATAGRAMS,
+    MAX_HELD_BYTES,
+    MAX_PIECES,
+    PIECE_OVERHEAD,
     REASSEMBLY_TIMEOUT_S,
     Reassembler,
     fragment_frame,
@@ -159,6 +162,30 @@ def test_memory_bound(rig: Any) -> None:
     assert reasm.held_bytes() <= MAX_DATAGRAMS * 65535
     core.feed(big[-1])  # the big datagram was evicted: its last piece completes nothing
     assert rec.got == []
+
+
+def test_tiny_pieces_are_bounded_per_datagram_and_in_bytes(rig: Any) -> None:
+    """8-byte pieces: a datagram is dropped at MAX_PIECES; across datagrams, the bytes charged
+    (payload plus per-piece overhead) never pass MAX_HELD_BYTES, the oldest go first."""
+    core, reasm, rec = rig
+    for i in range(MAX_PIECES + 5):
+        core.feed(raw_fragment(8 * (2 * i + 1), b"t" * 8, True, ident=1))
+    assert core.counters["ipv4.fragment.too_many_pieces"] == 1
+    assert core.counters["ipv4.fragment.after_overlap"] == 4  # the dead datagram's later pieces
+    assert reasm.charged_bytes() == 0
+    # Many datagrams of many 1,480-byte pieces each: the byte bound holds, oldest evicted.
+    for ident in range(2, 40):
+        for i in range(40):
+            core.feed(raw_fragment(1480 * i, b"p" * 1480, True, ident=ident))
+        assert reasm.charged_bytes() <= MAX_HELD_BYTES
+    assert core.counters["ipv4.fragment.evicted_bytes"] > 0
+    assert reasm.held_bytes() + len(reasm) * 40 * PIECE_OVERHEAD >= reasm.charged_bytes() > 0
+    # A datagram that completes gives its bytes back; the count stays exact.
+    for p in guest_fragments(b"w" * 3000, ident=999):
+        core.feed(p)
+    assert rec.got == [(40000, 9999, b"w" * 3000)]
+    reasm.expire(core.now + 3600)
+    assert len(reasm) == 0 and reasm.charged_bytes() == 0
 
 
 def _udp_frame(pool: Any, payload: bytes) -> Any:

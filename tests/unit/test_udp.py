@@ -18,7 +18,7 @@ from scapy.layers.l2 import Ether
 
 from guestnet.core.icmp import IcmpService
 from guestnet.core.policy import Policy
-from guestnet.core.udp import UdpFlow, UdpNat
+from guestnet.core.udp import ACTIVE_S, UdpFlow, UdpNat
 
 OTHER_IP = bytes([198, 18, 0, 9])
 
@@ -175,11 +175,32 @@ def test_table_bound_evicts_the_least_recently_used(core: Any, frames: Any) -> N
     core.feed(frames.udp(sport=1002))
     core.now += 1
     core.feed(frames.udp(sport=1001))  # 1001 is now the most recently used
-    core.now += 1
+    core.now += ACTIVE_S  # 1002 has been idle long enough to give way
     core.feed(frames.udp(sport=1003))
     assert [s.closed for s in rig.sockets] == [False, True, False]
     assert sorted(port for _, port in rig.nat.flows) == [1001, 1003]
     assert core.counters["nat.udp.flow.evicted"] == 1
+    rig.nat.close_all()
+
+
+def test_a_sweep_never_evicts_a_flow_in_active_use(core: Any, frames: Any) -> None:
+    """A full table of flows used within ACTIVE_S refuses newcomers (counted) and keeps every
+    live flow and its socket; once the oldest has been idle ACTIVE_S, a newcomer takes its place."""
+    rig = Rig(core, max_flows=3)
+    for port in (1001, 1002, 1003):
+        core.feed(frames.udp(sport=port))
+    for port in range(2000, 2050):  # the sweep, while 1001-1003 are live
+        core.now += 0.1
+        core.feed(frames.udp(sport=port))
+        core.feed(frames.udp(sport=1001 + port % 3))  # the guest's own flows keep talking
+    assert sorted(port for _, port in rig.nat.flows) == [1001, 1002, 1003]
+    assert len(rig.sockets) == 3 and not any(s.closed for s in rig.sockets)
+    assert core.counters["nat.udp.flow.refused_full"] == 50
+    assert core.counters["nat.udp.flow.evicted"] == 0
+    core.now += ACTIVE_S
+    core.feed(frames.udp(sport=3000))
+    assert core.counters["nat.udp.flow.evicted"] == 1
+    assert (frames.GUEST_IP, 3000) in rig.nat.flows
     rig.nat.close_all()
 
 

@@ -9,7 +9,9 @@ opening connections without end costs a bounded amount of memory and host descri
 :class:`IdleFlows` is the other kind of table, for the UDP NAT and ICMP echo: flows that own a
 host socket, kept in last-use order, so expiring idle ones stops at the first live flow and a
 new flow beyond the bound evicts the least recently used (these protocols have no reset to
-refuse with, and an idle mapping is cheap to lose).
+refuse with, and an idle mapping is cheap to lose) -- unless that one is itself in active use
+(:meth:`IdleFlows.make_room`): then the newcomer is refused, so a sweep cannot push out live
+flows.
 """
 
 from __future__ import annotations
@@ -122,6 +124,18 @@ class IdleFlows(OrderedDict[K, F]):
         _, old = self.popitem(last=False)
         old.close()
         self.counters.inc(f"{self.prefix}.evicted")
+
+    def make_room(self, now: float, active_s: float) -> bool:
+        """Evict the least recently used flow for a newcomer, unless even that one was used in
+        the last ``active_s`` seconds: a flow in active use is never given up for a newcomer (a
+        source-port sweep then fills the table with its own flows and is refused, counted as
+        ``<prefix>.refused_full``, while the guest's live flows carry on)."""
+        _, oldest = next(iter(self.items()))
+        if oldest.last_used + active_s > now:
+            self.counters.inc(f"{self.prefix}.refused_full")
+            return False
+        self.evict_oldest()
+        return True
 
     def close_all(self) -> None:
         """Close every flow and empty the table (instance shutdown)."""

@@ -9,9 +9,13 @@ the whole datagram back to ``classifier.route_ipv4`` once every byte from 0 to t
 from the piece without MF) is there. The reassembled datagram is checked like any other: its L4
 checksum covers all of it, so it is verified after reassembly.
 
-Memory is bounded: at most :data:`MAX_DATAGRAMS` datagrams in progress (a new one evicts the
-oldest, counted), each at most 65,535 bytes of IP packet, and each given
-:data:`REASSEMBLY_TIMEOUT_S` from its first piece. Pieces are copied (the guest's frame buffer is
+Memory is bounded by count and by bytes: at most :data:`MAX_DATAGRAMS` datagrams in progress
+(a new one evicts the oldest, counted), each at most 65,535 bytes of IP packet in at most
+:data:`MAX_PIECES` pieces, all of them together at most :data:`MAX_HELD_BYTES` (each piece
+charged its payload plus :data:`PIECE_OVERHEAD`, so tiny pieces cost what they really cost; the
+oldest datagrams make room, counted as ``evicted_bytes``), and each given
+:data:`REASSEMBLY_TIMEOUT_S` from its first piece. The piece cap also bounds the overlap check,
+which compares a new piece with every kept one. Pieces are copied (the guest's frame buffer is
 only lent for the call).
 
 Overlaps are refused, after RFC 5722 (written for IPv6, and the safe policy for IPv4 too): a
@@ -60,6 +64,15 @@ from guestnet.wire.l3 import IPV4, IPV6, L3Family
 
 #: Datagrams in reassembly at once; a new one beyond this evicts the oldest.
 MAX_DATAGRAMS = 64
+#: Bytes held in reassembly at once, across datagrams, each piece charged its payload plus
+#: :data:`PIECE_OVERHEAD`; beyond it the oldest datagrams are evicted (Linux's ipfrag_high_thresh
+#: is 4 MiB per namespace; one guest needs far less).
+MAX_HELD_BYTES = 1 << 20
+#: What a kept piece costs beyond its payload (the tuple, the bytes object's header), so a flood
+#: of 8-byte pieces is bounded by memory, not only by payload.
+PIECE_OVERHEAD = 96
+#: Pieces one datagram may have (65,535 bytes in 1,280-byte pieces is 52); more is an attack.
+MAX_PIECES = 128
 #: Seconds a datagram may take to arrive whole, counted from its first piece (RFC 791 suggests 15).
 REASSEMBLY_TIMEOUT_S = 30.0
 #: Largest IP payload a datagram can carry (65,535 minus a 20-byte header).
@@ -73,7 +86,7 @@ FragmentKey = tuple[bytes, bytes, int, int]
 class _Datagram:
     """One datagram in reassembly: its pieces, sorted by offset when complete."""
 
-    __slots__ = ("dead", "deadline", "first", "pieces", "received", "total")
+    __slots__ = ("charge", "dead", "deadline", "first", "pieces", "received", "total")
 
     def __init__(self, deadline: float) -> None:
         self.deadline = deadline
@@ -87,6 +100,8 @@ class _Datagram:
         self.first: IpPacket | None = None
         #: Set after an overlap: the datagram is dropped, its later pieces too.
         self.dead = False
+        #: What the pieces cost against :data:`MAX_HELD_BYTES`.
+        self.charge = 0
 
 
 class Reassembler:
@@ -95,12 +110,14 @@ class Reassembler:
 
     __slots__ = (
         "_datagrams",
+        "_held",
         "_max_payload",
         "_reason",
         "counters",
         "deliver",
         "family",
         "max_datagrams",
+        "max_held",
         "timeout",
     )
 
@@ -111,12 +128,16 @@ class Reassembler:
         max_datagrams: int = MAX_DATAGRAMS,
         timeout: float = REASSEMBLY_TIMEOUT_S,
         family: L3Family = IPV4,
+        max_held: int = MAX_HELD_BYTES,
     ) -> None:
         """``deliver`` is the classifier's ``route_ipv4(pkt, now)`` (``route_ipv6`` for
         ``family=IPV6``)."""
         self.counters = counters
         self.deliver = deliver
         self.max_datagrams = max_datagrams
+        self.max_held = max_held
+        #: The sum of every datagram's ``charge``.
+        self._held = 0
         self.timeout = timeout
         self.family = family
         v6 = family is IPV6
@@ -132,6 +153,19 @@ class Reassembler:
         """Payload bytes held across every datagram in progress (for tests and stats)."""
         return sum(d.received for d in self._datagrams.values())
 
+    def charged_bytes(self) -> int:
+        """What the held pieces count against ``max_held`` (payload plus per-piece overhead)."""
+        return self._held
+
+    def _forget(self, key: FragmentKey) -> _Datagram:
+        dgram = self._datagrams.pop(key)
+        self._held -= dgram.charge
+        return dgram
+
+    def _evict_oldest(self, reason: str) -> None:
+        self._forget(next(iter(self._datagrams)))
+        self.counters.inc(self._reason + reason)
+
     def expire(self, now: float) -> int:
         """Drop datagrams whose time is up; return how many. Oldest first, so stop early."""
         datagrams = self._datagrams
@@ -140,7 +174,7 @@ class Reassembler:
             key, dgram = next(iter(datagrams.items()))
             if dgram.deadline > now:
                 break
-            del datagrams[key]
+            self._forget(key)
             if not dgram.dead:
                 self.counters.inc(self._reason + "timeout")
             n += 1
@@ -166,8 +200,7 @@ class Reassembler:
         dgram = self._datagrams.get(key)
         if dgram is None:
             if len(self._datagrams) >= self.max_datagrams:
-                self._datagrams.popitem(last=False)
-                counters.inc(self._reason + "evicted")
+                self._evict_oldest("evicted")
             dgram = _Datagram(now + self.timeout)
             self._datagrams[key] = dgram
         if dgram.dead:
@@ -189,13 +222,21 @@ class Reassembler:
                 self._kill(dgram, self._reason + "bad_end")
                 return
             dgram.total = end
+        if len(dgram.pieces) >= MAX_PIECES:
+            self._kill(dgram, self._reason + "too_many_pieces")
+            return
+        charge = size + PIECE_OVERHEAD
+        while self._held + charge > self.max_held and next(iter(self._datagrams)) != key:
+            self._evict_oldest("evicted_bytes")
         dgram.pieces.append((offset, bytes(data)))
         dgram.received += size
+        dgram.charge += charge
+        self._held += charge
         if offset == 0:
             dgram.first = pkt
         counters.inc(self._reason + "accepted")
         if dgram.total >= 0 and dgram.received == dgram.total:
-            del self._datagrams[key]
+            self._forget(key)
             self._complete(dgram, now)
 
     def _kill(self, dgram: _Datagram, reason: str) -> None:
@@ -204,6 +245,8 @@ class Reassembler:
         dgram.pieces = []
         dgram.received = 0
         dgram.first = None
+        self._held -= dgram.charge
+        dgram.charge = 0
 
     def _complete(self, dgram: _Datagram, now: float) -> None:
         first = dgram.first

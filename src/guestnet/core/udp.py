@@ -26,7 +26,9 @@ the DNS and gateway addresses belongs to the DNS service.
 REQ-5 asks at least 120) after the last datagram in either direction; the table is an
 ``OrderedDict`` in last-use order, so :meth:`UdpNat.expire` stops at the first live flow. At most
 ``max_flows`` flows (``Config.max_flows``): a new flow beyond that evicts the least recently used
-one, counted. Each flow remembers at most :data:`MAX_PEERS` destinations.
+one, counted, unless that one was used in the last :data:`ACTIVE_S` seconds: then the newcomer
+is dropped (``nat.udp.flow.refused_full``), so a source-port sweep cannot push out the guest's
+live flows. Each flow remembers at most :data:`MAX_PEERS` destinations.
 
 *Buffers.* The I/O side receives a reply straight into a pooled to-guest frame at the flow's
 ``family.udp_payload_off`` (:class:`~guestnet.wire.l3.L3Family`); :meth:`UdpNat.deliver_reply`
@@ -67,6 +69,8 @@ from guestnet.wire.udp import UDP_HLEN
 
 #: Destinations a flow remembers for filtering; the oldest is forgotten beyond this.
 MAX_PEERS = 1024
+#: A flow used within this many seconds is in active use: never evicted for a newcomer.
+ACTIVE_S = 10.0
 
 FlowKey = tuple[bytes, int]
 
@@ -258,8 +262,8 @@ class UdpNat:
                 flow.guest_mac = pkt.src_mac
             return flow
         self.expire(now)
-        if len(flows) >= self.max_flows:
-            flows.evict_oldest()
+        if len(flows) >= self.max_flows and not flows.make_room(now, ACTIVE_S):
+            return None
         flow = UdpFlow(pkt.family, pkt.src, sport, pkt.src_mac, now)
         try:
             flow.sock = self.open_socket(flow)
