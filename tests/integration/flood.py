@@ -1,9 +1,10 @@
 """A hostile guest: floods of crafted frames sent raw on an interface (AF_PACKET), bounded.
 
 Run inside the guest namespace: ``python flood.py KIND --ifname eth0 --count N --seconds S
-[--port P]``. Frames are built with guestnet's own codecs (checked against scapy in the unit
-tests) from the interface's MAC and IPv4 address; every flood stops after ``--count`` frames or
-``--seconds``, whichever comes first, and prints ``{"sent": N, "seconds": T}`` as JSON.
+[--port P] [--rate R]``. Frames are built with the test suite's builders (guestnet's own codecs,
+checked against scapy in the unit tests) from the interface's MAC and IPv4 address; a flood
+sends at most ``--rate`` frames per second and stops after ``--count`` frames or ``--seconds``,
+whichever comes first, then prints ``{"sent": N, "seconds": T}`` as JSON.
 
 Kinds: ``syn`` (TCP SYNs from random source ports to the gateway's ``--port``), ``udp`` (a
 source-port sweep: each datagram from a new source port to the gateway's ``--port``), ``frag``
@@ -132,6 +133,7 @@ def main() -> None:
     p.add_argument("--count", type=int, default=100_000)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--port", type=int, default=9)
+    p.add_argument("--rate", type=float, default=0.0, help="frames per second (0: no limit)")
     args = p.parse_args()
     flood = Flood(args.ifname, args.port)
     make: Callable[[], bytes] = getattr(flood, args.kind)
@@ -141,8 +143,13 @@ def main() -> None:
     end = start + args.seconds
     sent = 0
     while sent < args.count:
-        if sent % 256 == 0 and time.monotonic() >= end:
-            break
+        if sent % 64 == 0:
+            now = time.monotonic()
+            if now >= end:
+                break
+            if args.rate and sent > args.rate * (now - start):
+                time.sleep(0.001)  # ahead of the rate: let it catch up
+                continue
         try:
             sock.send(make())
             sent += 1

@@ -363,6 +363,47 @@ def test_pool_exhausted_and_expired_reuse() -> None:
     assert r.pool.in_use == 0
 
 
+def test_full_pool_is_not_searched_again_until_an_address_can_be_free(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A DISCOVER storm from new MACs against a full pool: after one search that finds nothing,
+    the next ones are refused without walking the subnet, until a hold ends or a RELEASE gives
+    an address back; then the search runs again and finds it."""
+    r = make_rig(
+        subnet=ipaddress.IPv4Network("192.168.7.0/29"),
+        gateway=ipaddress.IPv4Address("192.168.7.1"),
+        dns_ip=ipaddress.IPv4Address("192.168.7.2"),
+        guest_ip=ipaddress.IPv4Address("192.168.7.3"),
+        lease_time=100,
+    )
+    for i in range(4):
+        bind(r, f"52:54:00:00:01:{i:02x}", 0.0)
+    looked = []
+    real = r.server._is_free
+    monkeypatch.setattr(r.server, "_is_free", lambda *a: looked.append(a[1]) or real(*a))
+    assert r.send(request(MAC1, "discover"), 10.0) == []
+    first = len(looked)
+    assert first >= 4  # one search over the subnet
+    for i in range(50):
+        assert r.send(request(f"52:54:00:00:02:{i:02x}", "discover"), 11.0) == []
+    assert len(looked) - first <= 2 * 50  # the client's own and guest_ip checks, no walk
+    assert r.counters["dhcp.pool.exhausted"] == 51
+    # A RELEASE gives an address back: the next DISCOVER finds it at once.
+    out = r.send(
+        request("52:54:00:00:01:01", "release", ("server_id", "192.168.7.1"),
+                ciaddr="192.168.7.4", src="192.168.7.4", dst="192.168.7.1"),
+        12.0,
+    )  # fmt: skip
+    assert out == []
+    (offer,) = r.send(request(MAC2, "discover"), 13.0)
+    assert offer[BOOTP].yiaddr == "192.168.7.4"
+    # Full again; once the holds end by themselves (lease_time 100) a search runs again.
+    assert r.send(request(MAC3, "discover"), 14.0) == []
+    (offer,) = r.send(request(MAC3, "discover"), 101.0)
+    assert offer[BOOTP].yiaddr in {"192.168.7.3", "192.168.7.5", "192.168.7.6"}
+    assert r.pool.in_use == 0
+
+
 def test_offer_hold_expires(rig: Rig) -> None:
     rig.send(request(MAC1, "discover"), 0.0)
     (offer,) = rig.send(request(MAC2, "discover"), OFFER_HOLD_S + 1)

@@ -50,7 +50,9 @@ link and are dropped. Replies never exceed the client's maximum message size (op
 least 576) nor the link MTU: the optional options (search list, domain) are left out first.
 
 The lease table is bounded (:data:`MAX_LEASES`), and finding a free address looks at no more
-candidates than there are taken addresses, plus one.
+candidates than there are taken addresses, plus one; when none is free, none is looked for again
+until a hold ends or an address is given back (a DISCOVER storm from new MACs against a full
+pool then costs a dictionary lookup per message).
 """
 
 from __future__ import annotations
@@ -187,6 +189,11 @@ class DhcpServer:
         self._last_acked: Lease | None = None
         #: Offset in the subnet where the search for a free address goes on.
         self._cursor = int(config.guest_ip) - int(subnet.network_address) + 1
+        #: After a search found no free address: the earliest time one can free up by itself
+        #: (a hold or a decline ending). Until then, and unless an address is given back
+        #: (:meth:`_freed`), a DISCOVER is refused without searching again: a storm of new MACs
+        #: against a full pool costs a lookup each, not a walk of the subnet each.
+        self._exhausted_until = 0.0
         self._server_id = config.gateway_b
         lease_time = config.lease_time
         self._lease_opts = encode_options(
@@ -403,6 +410,7 @@ class DhcpServer:
         self.counters.inc("dhcp.release")
         # Kept, expired: the client gets the same address back if it is still free then.
         lease.expires = min(lease.expires, now)
+        self._freed()
 
     def _inform(self, pkt: IpPacket, msg: DhcpMessage) -> None:
         if msg.ciaddr == _ZERO_IP:
@@ -430,14 +438,26 @@ class DhcpServer:
         size = subnet.num_addresses
         taken = len(self._reserved) + len(self._static_by_ip) + len(self._by_ip)
         taken += len(self._declined)
+        if now < self._exhausted_until:
+            return None
         start = self._cursor
+        soonest = float("inf")
         for i in range(min(size, taken + 1)):
             offset = (start + i) % size
             ip = ipaddress.IPv4Address(first + offset)
             if self._is_free(mac, ip, now):
                 self._cursor = offset + 1
                 return ip
+            holder = self._by_ip.get(ip)
+            soonest = min(soonest, self._declined.get(ip, soonest))
+            if holder is not None:
+                soonest = min(soonest, holder.expires)
+        self._exhausted_until = soonest
         return None
+
+    def _freed(self) -> None:
+        """An address was given back: the next DISCOVER searches again."""
+        self._exhausted_until = 0.0
 
     def _is_free(self, mac: bytes, ip: IPv4Address, now: float) -> bool:
         """True if ``mac`` may take ``ip`` without taking it from anyone."""
@@ -481,6 +501,7 @@ class DhcpServer:
             if lease.ip != ip:
                 self._by_ip.pop(lease.ip, None)
                 lease.ip = ip
+                self._freed()
             lease.expires = expires
             lease.bound = bound
         self._by_ip[ip] = lease
@@ -494,6 +515,7 @@ class DhcpServer:
         return bool(dead)
 
     def _forget(self, lease: Lease) -> None:
+        self._freed()
         if self._by_mac.get(lease.mac) is lease:
             del self._by_mac[lease.mac]
         if self._by_ip.get(lease.ip) is lease:
