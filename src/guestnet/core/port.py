@@ -21,6 +21,7 @@ class Port:
     """One guest link as the core sees it."""
 
     __slots__ = (
+        "backlog",
         "guest_ip6",
         "guest_mac",
         "ip6_last",
@@ -52,6 +53,9 @@ class Port:
         #: frame); above 0, frames may carry a partial checksum (``Frame.csum_start``) and TCP
         #: super-frames (``Frame.gso_size``) of up to this many bytes of IP packet.
         self.offload_max = 0
+        #: The link's last read burst ended on its budget, not on an empty queue: the guest
+        #: sends faster than we take in (the TCP NAT answers SYNs with cookies then).
+        self.backlog = False
         self.rx_frames = 0
         self.rx_bytes = 0
         self.tx_frames = 0

@@ -234,11 +234,13 @@ class TapLink(Link):
         start = frame.start
         hdr_at = start - VNET_HDR_LEN
         bufs = [view[hdr_at:]]
+        port.backlog = True  # unless a read finds the queue empty
         try:
             for _ in range(RX_BUDGET):
                 try:
                     n = os.readv(fd, bufs)
                 except BlockingIOError:
+                    port.backlog = False
                     return
                 except OSError as exc:
                     if exc.errno == errno.EINTR:

@@ -18,6 +18,7 @@ from guestnet.config import Config
 from guestnet.core.flows import FlowTable
 from guestnet.core.packet import IpPacket
 from guestnet.core.policy import Policy
+from guestnet.core.tcp.cookies import SynCookies
 from guestnet.core.tcp.flow import TcpFlow, TcpIo
 from guestnet.counters import Counters
 from guestnet.pool import FramePool
@@ -46,6 +47,8 @@ class TcpNatBase:
     #: Flows whose handshake is not complete (CONNECTING, SYN_RCVD, SYN_SENT), oldest first:
     #: bounded by ``config.max_half_open`` (see ``handshake``).
     _half_open: dict[TcpFlow, None]
+    #: Makes and checks the SYN cookies that answer SYNs past the half-open bound.
+    cookies: SynCookies
     #: The MSS we announce: what one guest-link frame carries.
     our_mss: int
     #: Our MAC address, the source of every frame to the guest.

@@ -129,6 +129,7 @@ class TcpFlow:
         "bytes_to_guest",
         "bytes_to_host",
         "connect_deadline",
+        "cookie",
         "created",
         "deferred",
         "delack_deadline",
@@ -208,6 +209,8 @@ class TcpFlow:
         self.host = host
         self.host_port = host_port
         self.dns = False
+        #: Opened by an ACK that carried a SYN cookie: the guest already thinks it is open.
+        self.cookie = False
         #: The forward a host-opened flow came in on (None: the guest opened it).
         self.forward_id: str | None = None
         self.state = CONNECTING

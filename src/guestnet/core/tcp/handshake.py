@@ -17,13 +17,17 @@ from the guest (nobody listens) resets the host connection at once. The SYN-ACK 
 ``ESTABLISHED`` and from there it is exactly a guest-opened flow; removing the forward only
 closes its listening socket, never its flows.
 
-Half-open bound. A SYN flood (random source ports) would otherwise fill the whole flow table
-with flows that never finish their handshake and hold a host connect each. Flows are tracked in
-creation order from their SYN until ESTABLISHED (CONNECTING and SYN_RCVD toward the guest's
-peer, SYN_SENT for forwarded ones), at most ``config.max_half_open`` (``--max-half-open``); a
-new flow beyond it evicts the oldest (``tcp.half_open.evicted``): one still connecting is dropped
-silently (the guest's SYN retransmission starts it again, as after a kernel's full SYN queue),
-one waiting on the guest gets RST both ways. Established flows are never touched by this bound.
+Half-open bound and SYN cookies. A SYN flood (random source ports) would otherwise fill the
+whole flow table with flows that never finish their handshake and hold a host connect each, and
+a full host connect per SYN costs more than a guest can send SYNs. Flows are tracked in creation
+order from their SYN until ESTABLISHED (CONNECTING and SYN_RCVD toward the guest's peer,
+SYN_SENT for forwarded ones), at most ``config.max_half_open`` (``--max-half-open``). Past it,
+or when the guest sends faster than we read (``Port.backlog``) while a sixteenth of it is taken,
+a SYN is answered with a SYN cookie and nothing is kept (``core/tcp/cookies.py``); the guest's
+ACK of a cookie opens the flow then. Only a flow so opened, or a forwarded one, may evict the
+oldest half-open flow (``tcp.half_open.evicted``): one still connecting is dropped silently (the
+guest's SYN retransmission starts it again, as after a kernel's full SYN queue), one waiting on
+the guest gets RST both ways. Established flows are never touched by this bound.
 
 Refusals, RFC 9293 and counted under ``tcp.*``: a segment for no flow gets RST (unless it is an
 RST), a full flow table (``config.max_flows``), a destination the policy refuses or no
@@ -64,7 +68,9 @@ from guestnet.core.tcp.flow import (
     seq_delta,
 )
 from guestnet.core.tcp.irregular import _Irregular
+from guestnet.core.tcp.segment import _Reply
 from guestnet.wire.icmp import UNREACH_ADMIN_PROHIBITED, UNREACH_HOST, UNREACH_NET
+from guestnet.wire.l3 import IPV6
 from guestnet.wire.tcp import ACK, FIN, RST, SYN, build_syn_options, parse_tcp_options
 
 
@@ -83,6 +89,9 @@ class _Handshake(_Irregular):
                 return
             self._send_rst_to_guest(flow)
             self._drop(flow, reset=False)
+            return
+        if flow.cookie:
+            self._cookie_established(flow, now)
             return
         flow.state = SYN_RCVD
         flow.last_active = now
@@ -125,6 +134,9 @@ class _Handshake(_Irregular):
                 self._refuse_syn(pkt, key, seq, self._unreachable_code(verdict.reason))
                 return
             host, host_port = verdict.host, key[3]
+        if not dns and self._cookie_time(pkt.port):
+            self._send_cookie(pkt, key, seq, opts.mss, opts.wscale)
+            return
         self._make_half_open_room()
         if self.table.full:
             counters.inc("tcp.syn.table_full")
@@ -153,6 +165,78 @@ class _Handshake(_Irregular):
         counters.inc("tcp.syn.dns" if dns else "tcp.syn.accepted")
         self._arm(flow)
 
+    def _cookie_time(self, port: Port) -> bool:
+        """Answer a SYN with a cookie: the half-open table is full, or the guest sends faster
+        than we read while a sixteenth of it is taken (a flood whose handshakes end at once,
+        as when the guest's kernel resets SYN-ACKs it never asked for, never fills it; a bulk
+        upload with a connect or two beside it never takes that many)."""
+        cap = self.config.max_half_open
+        n = len(self._half_open)
+        return n >= cap or (port.backlog and n >= max(cap // 16, 1))
+
+    def _send_cookie(
+        self, pkt: IpPacket, key: FlowKey, seq: int, mss: int | None, wscale: int | None
+    ) -> None:
+        """The half-open table is full: a SYN-ACK whose ISN is a SYN cookie, and no state (see
+        ``core/tcp/cookies.py``). Our options as for any SYN-ACK; the window unscaled."""
+        ours = self.our_mss if len(key[0]) == 4 else IPV6.tcp_mss(self.config.mtu)
+        guest_mss = min(mss, ours) if mss else min(DEFAULT_MSS, ours)
+        cookie = self.cookies.make(key, seq, guest_mss, wscale, self._now)
+        opts = build_syn_options(ours, OUR_WSCALE if wscale is not None else None)
+        reply = _Reply(pkt, key)
+        self._control(reply, cookie, (seq + 1) & SEQ_MASK, SYN | ACK, 0xFFFF, opts)
+        self.counters.inc("tcp.syn.cookie_sent")
+
+    def _open_from_cookie(
+        self, pkt: IpPacket, key: FlowKey, seq: int, ack: int, window: int, now: float
+    ) -> bool:
+        """An ACK for no flow: if it acknowledges a SYN cookie of ours, open the flow it
+        stands for (host connect started; ESTABLISHED once the host accepts) and say True."""
+        guest_isn = (seq - 1) & SEQ_MASK
+        cookie = (ack - 1) & SEQ_MASK
+        got = self.cookies.check(key, guest_isn, cookie, now)
+        if got is None:
+            return False
+        counters = self.counters
+        verdict = self.policy.destination(key[2])
+        if verdict.host is None or self.table.full:
+            counters.inc("tcp.cookie.refused")
+            self._answer(pkt, key, ack, 0, RST)
+            return True
+        self._make_half_open_room()
+        flow = TcpFlow(key, pkt.port, pkt.src_mac, verdict.host, key[3], guest_isn, cookie, now)
+        flow.cookie = True
+        flow.mss = min(got[0], self._our_mss(flow))
+        if got[1] is not None:
+            flow.wscale_ok = True
+            flow.guest_wscale = got[1]
+        flow.snd_wnd = window << flow.guest_wscale
+        err = self.io.connect(flow)
+        if err:
+            counters.inc(_connect_reason(err))
+            self._answer(pkt, key, ack, 0, RST)
+            return True
+        self.table.add(key, flow)
+        self._half_open[flow] = None
+        counters.inc("tcp.syn.cookie_accepted")
+        self._arm(flow)
+        return True
+
+    def _cookie_established(self, flow: TcpFlow, now: float) -> None:
+        """The host accepted a flow a cookie opened: it is ESTABLISHED, as the guest thinks."""
+        flow.state = ESTABLISHED
+        self._half_open.pop(flow, None)
+        flow.last_active = now
+        flow.snd_una = flow.snd_nxt
+        flow.snd_wl1 = flow.rcv_nxt
+        flow.snd_wl2 = flow.snd_nxt
+        self.counters.inc("tcp.connect.ok")
+        self.counters.inc("tcp.flow.established")
+        self._update_window(flow)
+        self._arm(flow)
+        if flow.host_readable:
+            self._pump(flow, now)
+
     def _make_half_open_room(self) -> None:
         """Before a new flow: at ``max_half_open`` unfinished handshakes, evict the oldest.
 
@@ -165,7 +249,7 @@ class _Handshake(_Irregular):
             oldest = next(iter(half_open))
             del half_open[oldest]
             self.counters.inc("tcp.half_open.evicted")
-            if oldest.state == CONNECTING:
+            if oldest.state == CONNECTING and not oldest.cookie:
                 self._drop(oldest, reset=True)
             else:
                 self._abort(oldest)
@@ -460,7 +544,12 @@ class _Handshake(_Irregular):
         ack: int,
         flags: int,
     ) -> None:
-        """RFC 9293 3.10.7.1: a segment for no connection gets RST, unless it is one."""
+        """RFC 9293 3.10.7.1: a segment for no connection gets RST, unless it is one (or it
+        acknowledges a SYN cookie of ours: then it opens its flow)."""
+        if flags & (SYN | RST | ACK) == ACK and self._open_from_cookie(
+            pkt, key, seq, ack, (l4[14] << 8) | l4[15], self._now
+        ):
+            return
         if flags & RST:
             self.counters.inc("tcp.segment.unknown_flow_rst")
             return

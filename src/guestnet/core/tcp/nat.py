@@ -5,6 +5,7 @@ ordinary (classifier-routed) entry for guest segments, which dispatches on the f
 from __future__ import annotations
 
 import random
+import secrets
 import struct
 from collections.abc import Callable
 
@@ -12,6 +13,7 @@ from guestnet.config import Config
 from guestnet.core.flows import FlowTable
 from guestnet.core.packet import IpPacket
 from guestnet.core.policy import Policy
+from guestnet.core.tcp.cookies import SynCookies
 from guestnet.core.tcp.flow import (
     CLOSED,
     CONNECTING,
@@ -74,6 +76,7 @@ class TcpNat(_Handshake):
         self._isn = isn if isn is not None else (lambda: random.getrandbits(32))
         self.table = FlowTable(config.max_flows)
         self._half_open = {}
+        self.cookies = SynCookies(secrets.token_bytes(16))
         self.dns_handler = _DnsTcp(self)
         self.our_mss = mss_for_mtu(config.mtu)
         self._mac = config.mac

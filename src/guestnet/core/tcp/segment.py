@@ -126,7 +126,9 @@ class _SegmentWriter(TcpNatBase):
         return self.our_mss if flow.family is IPV4 else flow.family.tcp_mss(self.config.mtu)
 
     def _send_rst_to_guest(self, flow: TcpFlow) -> None:
-        seq = 0 if flow.state == CONNECTING else flow.snd_nxt
+        # The guest has seen our ISN unless we are still connecting for its SYN (a flow a SYN
+        # cookie opened is connecting too, but the guest took our cookie as the ISN).
+        seq = 0 if flow.state == CONNECTING and not flow.cookie else flow.snd_nxt
         self._control(flow, seq, flow.rcv_nxt, RST | ACK)
         self.counters.inc("tcp.rst.sent")
 
