@@ -51,6 +51,7 @@ write; ping sockets opened per flow need the new group inside ``net.ipv4.ping_gr
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import ctypes
 import errno
@@ -60,8 +61,10 @@ import logging
 import os
 import pkgutil
 import pwd
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 from guestnet.io.netns import (
@@ -189,13 +192,19 @@ def parse_runas(text: str) -> tuple[int, int]:
 #: Standard modules some path of the datapath imports on first use (codecs of DNS names,
 #: tracebacks of a logged exception).
 _LAZY_STDLIB = ("encodings.idna", "stringprep", "unicodedata", "traceback", "linecache")
+#: Imports found inside functions that the loop never makes after start: numpy is loaded at
+#: start when the MTU pays for it (``wire.checksum.load_vector_path``) or never; pyroute2 runs
+#: in set-up and in helper children; rich and http.client serve the client commands; pyseccomp
+#: is imported when ``--seccomp`` asks for it (it looks libseccomp up with ldconfig).
+_NOT_AFTER_START = ("numpy", "pyroute2", "rich", "http", "pyseccomp")
 
 
 def preload(seccomp: bool = False) -> list[str]:
-    """Import every guestnet module and what they import on first use; the names imported.
+    """Import every guestnet module, and every module they import inside a function (found in
+    their source), but :data:`_NOT_AFTER_START`; the names imported.
 
-    Called before the sandbox closes the filesystem; lazy imports elsewhere (start-up speed and
-    memory) then cost nothing later.
+    Called before the sandbox closes the filesystem, so lazy imports elsewhere (start-up time
+    and memory) cost nothing later and cannot fail in the sandbox.
     """
     package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     names = [
@@ -203,9 +212,18 @@ def preload(seccomp: bool = False) -> list[str]:
         for info in pkgutil.walk_packages([package_dir], "guestnet.")
         if not info.name.startswith(("guestnet.client", "guestnet.__main__"))
     ]
-    names.extend(_LAZY_STDLIB)
-    for name in names:
+    for name in list(names):
         importlib.import_module(name)
+    lazy = sorted({n for name in names for n in _function_imports(sys.modules[name])})
+    for name in [*lazy, *_LAZY_STDLIB]:
+        if name.partition(".")[0] in _NOT_AFTER_START or name in sys.modules:
+            continue
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:  # an optional module this installation lacks
+            log.debug("preload: %s", exc)
+            continue
+        names.append(name)
     # dnspython imports a record type's module when it first parses one: all of them now.
     import dns.rdata
 
@@ -214,6 +232,25 @@ def preload(seccomp: bool = False) -> list[str]:
         importlib.import_module("pyseccomp")
         names.append("pyseccomp")
     return names
+
+
+def _function_imports(module: ModuleType) -> set[str]:
+    """Absolute names of the modules ``module`` imports inside its functions."""
+    path = getattr(module, "__file__", None)
+    if not path or not path.endswith(".py"):
+        return set()
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    found: set[str] = set()
+    for func in ast.walk(tree):
+        if not isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for node in ast.walk(func):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module)
+    return found
 
 
 # -- libc ----------------------------------------------------------------------------------------
