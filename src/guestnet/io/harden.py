@@ -61,6 +61,7 @@ import logging
 import os
 import pkgutil
 import pwd
+import re
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -234,13 +235,19 @@ def preload(seccomp: bool = False) -> list[str]:
     return names
 
 
+_INDENTED_IMPORT = re.compile(r"^[ \t]+(?:import|from)[ \t]", re.MULTILINE)
+
+
 def _function_imports(module: ModuleType) -> set[str]:
     """Absolute names of the modules ``module`` imports inside its functions."""
     path = getattr(module, "__file__", None)
     if not path or not path.endswith(".py"):
         return set()
     with open(path, encoding="utf-8") as f:
-        tree = ast.parse(f.read(), path)
+        source = f.read()
+    if _INDENTED_IMPORT.search(source) is None:  # parsing all of guestnet costs ~0.3 s
+        return set()
+    tree = ast.parse(source, path)
     found: set[str] = set()
     for func in ast.walk(tree):
         if not isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
