@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from nsutil import (
     make_netns,
     wait_for,
 )
+from test_links import GATEWAY_IP, arp_request, check_arp_reply, stream_client, stream_exchange
 
 pytestmark = pytest.mark.root
 
@@ -245,9 +247,10 @@ def test_sandbox_leaves_the_callers_run_mounts_and_follows_new_ones(
     sandbox: Netns, guest_ns: Netns, procs: list[subprocess.Popen[Any]]
 ) -> None:
     """guestnet started in the test's own mount namespace (``nsenter --net``: ``/run/netns`` is
-    a shared mount here, so a careless sandbox would unmount the caller's namespaces)."""
-    before = _run_mounts()
-    assert f"/run/netns/{sandbox.name}" in before and f"/run/netns/{guest_ns.name}" in before
+    a shared mount here, so a careless sandbox would unmount the caller's namespaces). Other
+    jobs add and delete namespaces on this machine meanwhile: only our own mounts are counted."""
+    ours = ["/run/netns", *(f"/run/netns/{ns.name}" for ns in (sandbox, guest_ns))]
+    assert set(ours) <= set(_run_mounts())
     gn = subprocess.Popen(
         ["nsenter", f"--net={sandbox.path}",
          *guestnet_argv(["netns", guest_ns.path, "--configure", "--sandbox"])],
@@ -262,23 +265,23 @@ def test_sandbox_leaves_the_callers_run_mounts_and_follows_new_ones(
     )
     assert gn.poll() is None, gn.stderr.read() if gn.stderr else ""
     # The caller's mounts under /run: all there, and visible inside the sandbox too.
-    assert _run_mounts() == before
-    inside = _run_mounts(f"/proc/{pid}/mountinfo")
-    assert f"/run/netns/{sandbox.name}" in inside and f"/run/netns/{guest_ns.name}" in inside
+    assert set(ours) <= set(_run_mounts())
+    assert set(ours) <= set(_run_mounts(f"/proc/{pid}/mountinfo"))
     # A namespace the caller adds later appears inside (slave propagation), and goes when the
     # caller deletes it: guestnet's copy of /run does not pin it, nor refuse the unlink.
     late = make_netns("gnlate")
+    where = f"/run/netns/{late.name}"
     try:
-        where = f"/run/netns/{late.name}"
         wait_for(lambda: where in _run_mounts(f"/proc/{pid}/mountinfo"), 5, "propagation in")
     finally:
         late.delete()
-    assert not os.path.exists(f"/run/netns/{late.name}")
+    assert not os.path.exists(where)
     wait_for(lambda: where not in _run_mounts(f"/proc/{pid}/mountinfo"), 5, "propagation out")
     assert link_info(guest_ns, "eth0") is not None
     gn.terminate()
     assert gn.wait(10) == 0
-    assert _run_mounts() == before
+    assert set(ours) <= set(_run_mounts())
+    assert where not in _run_mounts()
 
 
 #: The library face, hardened with the seccomp filter only (or not at all), serving a guest
@@ -359,3 +362,52 @@ def test_seccomp_refuses_calls_outside_the_list_while_serving(
     assert guest_ns.run(fetch, timeout=20).stdout.strip() == "from-guest"
     probe.terminate()
     assert probe.wait(10) == 0
+
+
+@pytest.mark.parametrize("user", ["root", "nobody"])
+def test_qemu_stream_served_hardened_as_root_and_rootless(
+    sandbox: Netns, procs: list[subprocess.Popen[Any]], user: str
+) -> None:
+    """``qemu --socket``: connections accepted after the drop are served. Root drops to nobody;
+    started as nobody, the sandbox is made in a user namespace guestnet makes for itself."""
+    with tempfile.TemporaryDirectory(prefix="gnh-", dir="/tmp") as where:
+        os.chmod(where, 0o777)  # nobody binds its socket here
+        _qemu_hardened(sandbox, procs, user, Path(where) / "q.sock")
+
+
+def _qemu_hardened(
+    sandbox: Netns, procs: list[subprocess.Popen[Any]], user: str, path: Path
+) -> None:
+    args = ["qemu", "--socket", str(path), "--sandbox", "--seccomp"]
+    prefix: list[str] = []
+    if user == "root":
+        args += ["--runas", "nobody"]
+    else:
+        prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    gn = sandbox.popen([*prefix, *guestnet_argv(args)], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE)  # fmt: skip
+    procs.append(gn)
+    wait_for(
+        lambda: gn.poll() is not None or (path.exists() and _status(gn.pid)["Seccomp"] == "2"),
+        15,
+        "the filter",
+    )
+    assert gn.poll() is None, gn.stderr.read() if gn.stderr else ""
+    assert sorted(os.listdir(f"/proc/{gn.pid}/root")) == ["etc", "run"]
+    status = _status(gn.pid)
+    assert status["Uid"].split()[0] == "65534"
+    # Root: CAP_NET_BIND_SERVICE in the initial namespace; rootless: the same bit, in its own.
+    assert int(status["CapEff"], 16) == CAP_NET_BIND_SERVICE
+    for _ in range(2):  # two connections, both accepted under the filter
+        with stream_client(path) as sock:
+            check_arp_reply(stream_exchange(sock, arp_request(GATEWAY_IP)), GATEWAY_IP)
+    gn.terminate()
+    assert gn.wait(10) == 0
+
+
+def test_run_with_sandbox_and_seccomp_passes_the_exit_status(sandbox: Netns) -> None:
+    """``run``: the command (forked before the drop) is served, signalled and reaped."""
+    cmd = ["run", "--sandbox", "--seccomp", "--", "sh", "-c",
+           f"ping -c 1 -W 3 {GATEWAY} >/dev/null && exit 7"]  # fmt: skip
+    proc = sandbox.run(guestnet_argv(cmd), check=False, timeout=60)
+    assert proc.returncode == 7, proc.stderr

@@ -393,14 +393,15 @@ def test_outbound_addr_binds_nat_sockets(sandbox: Netns, guest_ns: Netns, helper
         servers.wait(5)
 
 
-@pytest.mark.parametrize("hardening", [[], ["--enable-sandbox", "--enable-seccomp"]])
+@pytest.mark.parametrize("hardening", [[], ["--enable-sandbox", "--enable-seccomp", "--mtu=65520"]])
 def test_rootless_pid_mode_joins_the_user_namespace(
     sandbox: Netns, helpers: Any, tmp_path: Path, hardening: list[str]
 ) -> None:
     """Rootless, as podman runs it for a user: an unprivileged user's ``unshare -Urn`` process
     is the target; guestnet-slirp4netns, run as that user, joins its user namespace first.
-    With podman's ``--enable-sandbox --enable-seccomp`` the sandbox is made in that user
-    namespace too (as slirp4netns makes it), and the NAT still works."""
+    With podman's ``--enable-sandbox --enable-seccomp --mtu=65520`` the sandbox is made in that
+    user namespace too (as slirp4netns makes it; numpy, loaded for that MTU, must not have made
+    the process threaded), and the NAT still works."""
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     target = sandbox.popen([*nobody, "unshare", "-Urn", "sleep", "60"])
     server = sandbox.popen(
@@ -412,7 +413,7 @@ def test_rootless_pid_mode_joins_the_user_namespace(
         wait_for(lambda: os.readlink(f"/proc/{target.pid}/ns/user") != ours, 5, "unshare")
         assert server.stdout is not None and server.stdout.readline().strip() == b"listening"
         helper = helpers(
-            [*hardening, "-c", "--mtu", "1500", str(target.pid), "tap0"], prefix=nobody
+            ["-c", "--mtu", "1500", *hardening, str(target.pid), "tap0"], prefix=nobody
         )
         guest = ["nsenter", "-t", str(target.pid), "-n"]
 

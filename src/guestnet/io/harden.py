@@ -332,6 +332,12 @@ def enter_sandbox(userns: str | None = None) -> None:
 
 def _own_user_namespace(userns: str | None) -> None:
     """Not root: join ``userns`` (where we may act as root) or make one mapping us to root."""
+    threads = len(os.listdir("/proc/self/task"))
+    if threads > 1:  # the kernel refuses both with EINVAL: say why
+        raise OSError(
+            errno.EINVAL,
+            f"a user namespace needs a single-threaded process; this one has {threads} threads",
+        )
     if userns is not None and os.stat(userns).st_ino != os.stat("/proc/self/ns/user").st_ino:
         setns_path(userns, CLONE_NEWUSER)
         return
