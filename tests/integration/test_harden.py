@@ -138,6 +138,17 @@ def _readline(proc: subprocess.Popen[Any], timeout: float = 10.0) -> str:
     return line.decode().strip()
 
 
+def _add_forward(sandbox: Netns, api: str, host_port: int) -> tuple[int, object]:
+    """POST /forwards (tcp HOST_PORT -> guest 8091): the HTTP status and the bound port."""
+    body = json.dumps({"proto": "tcp", "host_port": host_port, "guest_port": 8091})
+    out = sandbox.run(
+        ["curl", "-s", "--unix-socket", api, "-X", "POST", "-d", body, "-w", "\n%{http_code}",
+         "http://x/forwards"],
+        timeout=10,
+    ).stdout.rsplit("\n", 1)  # fmt: skip
+    return int(out[1]), json.loads(out[0]).get("host_port")
+
+
 def _guest_py(ns: Netns, code: str, *args: str) -> list[str]:
     return ns.run([sys.executable, "-c", code, *args], timeout=30).stdout.split()
 
@@ -221,15 +232,11 @@ def _exercise_hardened(
     fetch = [sys.executable, "-c", "import socket; c = socket.create_connection("
              "('127.0.0.1', 18090), timeout=5); print(c.recv(100).decode())"]  # fmt: skip
     assert sandbox.run(fetch, timeout=20).stdout.strip() == "from-guest"
-    # The control API (its socket bound before the drop) answers; a forward added now binds.
+    # The control API (its socket bound before the drop) answers; a forward added now binds,
+    # below 1024 too: CAP_NET_BIND_SERVICE is what --sandbox keeps.
     stats = sandbox.run(["curl", "-sf", "--unix-socket", api, "http://x/stats"], timeout=10)
     assert json.loads(stats.stdout)["links"][0]["frames_in"] > 0
-    added = sandbox.run(
-        ["curl", "-sf", "--unix-socket", api, "-X", "POST", "-d",
-         '{"proto": "tcp", "host_port": 18091, "guest_port": 8091}', "http://x/forwards"],
-        timeout=10,
-    )  # fmt: skip
-    assert json.loads(added.stdout)["host_port"] == 18091
+    assert _add_forward(sandbox, api, 81) == (201, 81)
     assert gn.alive()
     # SIGTERM: a clean exit under the filter, the capture (opened before the drop) flushed
     # with everything above in it.
@@ -411,3 +418,24 @@ def test_run_with_sandbox_and_seccomp_passes_the_exit_status(sandbox: Netns) -> 
            f"ping -c 1 -W 3 {GATEWAY} >/dev/null && exit 7"]  # fmt: skip
     proc = sandbox.run(guestnet_argv(cmd), check=False, timeout=60)
     assert proc.returncode == 7, proc.stderr
+
+
+def test_runas_alone_keeps_no_capability(
+    attach_guest: Callable[..., Guestnet], sandbox: Netns
+) -> None:
+    """``--runas`` without ``--sandbox``: an ordinary user (passt's way), so a port below 1024
+    can no longer be bound, one above still can; the filesystem is not hidden."""
+    api = f"/run/gn-runas-{os.getpid()}.sock"
+    gn = attach_guest("--runas", "nobody", "--api-socket", api)
+    try:
+        wait_for(lambda: _status(gn.pid)["Uid"].startswith("65534"), 10, "the drop")
+        status = _status(gn.pid)
+        assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == 0
+        assert status["Seccomp"] == "0"
+        assert "usr" in os.listdir(f"/proc/{gn.pid}/root")
+        assert _add_forward(sandbox, api, 82)[0] >= 400
+        assert _add_forward(sandbox, api, 18092) == (201, 18092)
+    finally:
+        gn.stop()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(api)

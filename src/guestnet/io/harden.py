@@ -310,6 +310,8 @@ def enter_sandbox(userns: str | None = None) -> None:
     stage = SANDBOX_STAGE
     _mount("tmpfs", stage, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=16k,mode=0755")
     for keep in SANDBOX_KEEP:
+        if not os.path.isdir(keep):  # a minimal container may lack /run
+            continue
         inside = stage + keep
         os.mkdir(inside, 0o755)
         _mount(keep, inside, None, MS_BIND | MS_REC)
