@@ -514,10 +514,8 @@ def _harden(net: Network, hardening: Hardening) -> None:
     """Start the services and apply ``hardening``; StartError says why it failed."""
     try:
         net.harden(hardening)
-    except OSError as exc:
+    except OSError as exc:  # a step refused, or no libseccomp for --seccomp
         raise StartError(f"cannot drop privileges: {exc}") from exc
-    except ImportError as exc:  # pyseccomp, or libseccomp under it
-        raise StartError(f"--seccomp needs libseccomp2 and pyseccomp: {exc}") from exc
 
 
 def _serve(

@@ -254,8 +254,8 @@ class Network:
         ``--sandbox``, ``--seccomp``; :mod:`guestnet.io.harden`), for good, in this process.
 
         Call it once everything is attached and before :meth:`run` (not with :meth:`start`:
-        a new mount namespace needs a single-threaded process). Raises :class:`StartError`
-        like :meth:`start_services`, OSError when a step fails.
+        a user namespace needs a single-threaded process). Raises :class:`StartError` like
+        :meth:`start_services`, OSError when a step fails (or libseccomp is missing).
         """
         if self._thread is not None:
             raise RuntimeError("harden() before start(): the loop's thread already runs")

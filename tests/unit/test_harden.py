@@ -12,6 +12,7 @@ import grp
 import pwd
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +119,21 @@ def test_preload_imports_every_module_the_datapath_can_reach() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     ).stdout.splitlines()
     assert out == ["[]", "True True", "False False False"]
+
+
+def test_seccomp_without_libseccomp_is_a_clear_start_error(tmp_path: Path) -> None:
+    """No binding (a None in sys.modules makes its import fail as a missing one would): guestnet
+    says what to install and exits 1 before serving, instead of serving unfiltered."""
+    code = (
+        "import sys\n"
+        "sys.modules['pyseccomp'] = None\n"
+        "from guestnet.cli import main\n"
+        f"sys.exit(main(['qemu', '--socket', {str(tmp_path / 'q.sock')!r}, '--seccomp']))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "cannot drop privileges" in proc.stderr
+    assert "libseccomp (Debian: libseccomp2) and pyseccomp (PyPI)" in proc.stderr
+    assert not (tmp_path / "q.sock").exists()  # closed and removed on the way out

@@ -508,7 +508,7 @@ def run(o: Options, config: Config) -> int:
         if hardening:
             try:
                 net.harden(hardening)
-            except (OSError, ImportError) as exc:
+            except OSError as exc:
                 what = "create_sandbox" if o.enable_sandbox else "enable_seccomp"
                 print(f"{what} failed: {exc}", file=sys.stderr)
                 return EXIT_FAILURE

@@ -230,7 +230,7 @@ def preload(seccomp: bool = False) -> list[str]:
 
     dns.rdata.load_all_types(disable_dynamic_load=True)  # type: ignore[no-untyped-call]
     if seccomp:
-        importlib.import_module("pyseccomp")
+        _pyseccomp()
         names.append("pyseccomp")
     return names
 
@@ -405,10 +405,22 @@ def set_capabilities(keep: int) -> None:
 # -- 6. seccomp ----------------------------------------------------------------------------------
 
 
+def _pyseccomp() -> Any:
+    """The binding, or OSError saying what to install (pyseccomp raises RuntimeError when it
+    finds no libseccomp)."""
+    try:
+        return importlib.import_module("pyseccomp")
+    except (ImportError, RuntimeError, OSError) as exc:
+        raise OSError(
+            errno.ENOSYS,
+            f"--seccomp needs libseccomp (Debian: libseccomp2) and pyseccomp (PyPI): {exc}",
+        ) from exc
+
+
 def build_seccomp_filter(syscalls: Iterable[str] = ALLOWED_SYSCALLS) -> Any:
     """libseccomp's filter allowing ``syscalls`` (names this machine lacks are skipped),
     failing every other call with EPERM, on every thread."""
-    import pyseccomp
+    pyseccomp = _pyseccomp()
 
     filt = pyseccomp.SyscallFilter(pyseccomp.ERRNO(errno.EPERM))
     filt.set_attr(pyseccomp.Attr.CTL_TSYNC, 1)
