@@ -51,7 +51,6 @@ write; ping sockets opened per flow need the new group inside ``net.ipv4.ping_gr
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import ctypes
 import errno
@@ -59,7 +58,6 @@ import grp
 import importlib
 import logging
 import os
-import pkgutil
 import pwd
 import re
 import sys
@@ -207,6 +205,8 @@ def preload(seccomp: bool = False) -> list[str]:
     Called before the sandbox closes the filesystem, so lazy imports elsewhere (start-up time
     and memory) cost nothing later and cannot fail in the sandbox.
     """
+    import pkgutil  # here, not at the top: only a hardened start pays for it
+
     package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     names = [
         info.name
@@ -240,6 +240,8 @@ _INDENTED_IMPORT = re.compile(r"^[ \t]+(?:import|from)[ \t]", re.MULTILINE)
 
 def _function_imports(module: ModuleType) -> set[str]:
     """Absolute names of the modules ``module`` imports inside its functions."""
+    import ast
+
     path = getattr(module, "__file__", None)
     if not path or not path.endswith(".py"):
         return set()
