@@ -27,6 +27,7 @@ from guestnet.compat import passt, pasta, slirp4netns
 from guestnet.config import MAX_MTU, MIN_MTU, Config, parse_mac
 from guestnet.core.dhcp import check_config as check_dhcp_config
 from guestnet.io.forwards import parse_publish
+from guestnet.io.harden import Hardening, parse_runas
 from guestnet.io.netns import STOP_SIGNALS, HelperError
 from guestnet.io.tap import check_ifname
 from guestnet.network import Child, Network, StartError
@@ -166,6 +167,48 @@ def _publish(text: str) -> list[tuple[str, str, int, int]]:
         return parse_publish(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _runas(text: str) -> tuple[int, int]:
+    try:
+        return parse_runas(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def add_hardening_options(p: argparse.ArgumentParser) -> None:
+    """``--runas``, ``--sandbox``, ``--seccomp``: applied once everything is set up."""
+    g = p.add_argument_group(
+        "least privilege (applied once the link, forwards, API socket and capture are set up)"
+    )
+    g.add_argument(
+        "--runas",
+        type=_runas,
+        metavar="USER[:GROUP]",
+        help="then run as USER (name or uid) and GROUP (default: USER's group), with no "
+        "supplementary groups and no capabilities (with --sandbox: CAP_NET_BIND_SERVICE only)",
+    )
+    g.add_argument(
+        "--sandbox",
+        action="store_true",
+        help="then move into a private mount namespace holding only /etc and /run (read-only) "
+        "and drop every capability but CAP_NET_BIND_SERVICE (slirp4netns --enable-sandbox)",
+    )
+    g.add_argument(
+        "--seccomp",
+        action="store_true",
+        help="then allow only the system calls serving needs (libseccomp); others fail: EPERM",
+    )
+
+
+def hardening_from_args(args: argparse.Namespace) -> Hardening:
+    """The :class:`Hardening` the options ask for."""
+    return Hardening(
+        runas=args.runas,
+        sandbox=args.sandbox,
+        seccomp=args.seccomp,
+        userns=getattr(args, "userns", None),
+    )
 
 
 def add_datapath_options(p: argparse.ArgumentParser) -> None:
@@ -343,6 +386,7 @@ def add_datapath_options(p: argparse.ArgumentParser) -> None:
         help="stop capturing (it does not rotate; a log line says so) once the file would "
         "exceed N bytes; 0: no limit (%(default)s)",
     )
+    add_hardening_options(p)
     p.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
@@ -466,11 +510,26 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def _serve(net: Network, prog: str, until: Callable[[], bool] | None = None) -> int:
+def _harden(net: Network, hardening: Hardening) -> None:
+    """Start the services and apply ``hardening``; StartError says why it failed."""
+    try:
+        net.harden(hardening)
+    except OSError as exc:  # a step refused, or no libseccomp for --seccomp
+        raise StartError(f"cannot drop privileges: {exc}") from exc
+
+
+def _serve(
+    net: Network,
+    prog: str,
+    until: Callable[[], bool] | None = None,
+    hardening: Hardening | None = None,
+) -> int:
     """Serve until SIGINT/SIGTERM (or ``until``); 1 when the start-up services fail."""
     net.loop.install_signal_handlers()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
+        if hardening:
+            _harden(net, hardening)
         net.run(until)
     except StartError as exc:  # --pcap, -p or --api-socket could not be set up
         print(f"{prog}: error: {exc}", file=sys.stderr)
@@ -494,7 +553,7 @@ def cmd_qemu(args: argparse.Namespace, config: Config) -> int:
         print(f"guestnet qemu: error: cannot listen: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     print(qemu_args, flush=True)
-    return _serve(net, "guestnet")
+    return _serve(net, "guestnet", hardening=hardening_from_args(args))
 
 
 def cmd_dgram(args: argparse.Namespace, config: Config) -> int:
@@ -508,7 +567,7 @@ def cmd_dgram(args: argparse.Namespace, config: Config) -> int:
         print(f"guestnet dgram: error: cannot bind {path}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     print(qemu_args, flush=True)
-    return _serve(net, "guestnet")
+    return _serve(net, "guestnet", hardening=hardening_from_args(args))
 
 
 def cmd_netns(args: argparse.Namespace, config: Config) -> int:
@@ -541,7 +600,9 @@ def cmd_netns(args: argparse.Namespace, config: Config) -> int:
         )
         return EXIT_FAILURE
     log.info("serving %s in %s", args.ifname, args.target)
-    return _serve(net, "guestnet netns", until=lambda: link.closed)
+    return _serve(
+        net, "guestnet netns", until=lambda: link.closed, hardening=hardening_from_args(args)
+    )
 
 
 def _command_of(args: argparse.Namespace) -> list[str]:
@@ -560,6 +621,15 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     except ValueError as exc:
         print(f"guestnet run: error: --ifname: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.runas is not None:
+        # CMD keeps the caller's user: guestnet, as another, could not forward signals to it.
+        print(
+            "guestnet run: error: --runas: not with run (CMD runs as the caller, whom guestnet "
+            "could no longer signal); use guestnet netns",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    hardening = hardening_from_args(args)
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     net = Network(config)
     try:
@@ -571,6 +641,8 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     try:
         _forward_stop_signals(net, child)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        if hardening:
+            _harden(net, hardening)
         # Published ports, the API socket and the capture exist before CMD starts (run()
         # starts them, then lets CMD go), so CMD finds them ready; a StartError kills CMD.
         while child.returncode is None:

@@ -37,6 +37,8 @@ from typing import TypeVar
 from guestnet.api import Api, ApiServer, StartError, control_view, start_control
 from guestnet.assembly import Instance
 from guestnet.config import Config
+from guestnet.io.harden import Hardening
+from guestnet.io.harden import apply as apply_hardening
 from guestnet.io.links import DgramLink, StreamServer
 from guestnet.io.loop import EPOLLIN, Loop
 from guestnet.io.netns import (
@@ -246,6 +248,19 @@ class Network:
         self._services_started = True
         self._services = self._call(lambda: start_control(self._inst))
         self._let_go()
+
+    def harden(self, hardening: Hardening) -> None:
+        """Start the services, then drop what the loop does not need (``--runas``,
+        ``--sandbox``, ``--seccomp``; :mod:`guestnet.io.harden`), for good, in this process.
+
+        Call it once everything is attached and before :meth:`run` (not with :meth:`start`:
+        a user namespace needs a single-threaded process). Raises :class:`StartError` like
+        :meth:`start_services`, OSError when a step fails (or libseccomp is missing).
+        """
+        if self._thread is not None:
+            raise RuntimeError("harden() before start(): the loop's thread already runs")
+        self.start_services()
+        apply_hardening(hardening)
 
     def run(self, until: Callable[[], bool] | None = None, timeout: float | None = None) -> None:
         """Run the loop in this thread until :meth:`stop`, a signal the loop handles,

@@ -104,6 +104,12 @@ def _wait_ready(helper: Helper, ready_r: int, timeout: float = 15.0) -> bytes:
     raise AssertionError(f"not ready (got {data!r}); output:\n{helper.output()}")
 
 
+def _status(pid: int) -> dict[str, str]:
+    """/proc/PID/status as a dict of its fields."""
+    with open(f"/proc/{pid}/status") as f:
+        return {k: v.strip() for k, _, v in (line.partition(":") for line in f)}
+
+
 def _guest_py(ns: Netns, code: str, *args: str, timeout: float = 20) -> str:
     return ns.run([sys.executable, "-c", code, *args], timeout=timeout).stdout.strip()
 
@@ -156,8 +162,13 @@ def test_podman_argv_configure_ready_exit_and_no_host_loopback(
         # --enable-ipv6 (podman passes it): IPv6 through the gateway too.
         ping6 = guest_ns.run(["ping", "-6", "-c", "1", "-W", "3", "fd00::2"], check=False)
         assert ping6.returncode == 0, ping6.stdout + ping6.stderr
-        text = helper.output()
-        assert "--enable-sandbox is not available" in text
+        # --enable-sandbox and --enable-seccomp (podman passes both): in place before "ready".
+        root = sorted(os.listdir(f"/proc/{helper.proc.pid}/root"))
+        assert root == ["etc", "run"], root
+        status = _status(helper.proc.pid)
+        assert status["CapEff"] == status["CapPrm"] == f"{1 << 10:016x}"  # NET_BIND_SERVICE
+        assert (status["Seccomp"], status["NoNewPrivs"]) == ("2", "1")
+        assert "not available" not in helper.output()
         # Closing the exit pipe (POLLHUP) ends guestnet, with status 0; the TAP goes with it.
         os.close(exit_w)
         exit_w = -1
@@ -382,11 +393,15 @@ def test_outbound_addr_binds_nat_sockets(sandbox: Netns, guest_ns: Netns, helper
         servers.wait(5)
 
 
+@pytest.mark.parametrize("hardening", [[], ["--enable-sandbox", "--enable-seccomp", "--mtu=65520"]])
 def test_rootless_pid_mode_joins_the_user_namespace(
-    sandbox: Netns, helpers: Any, tmp_path: Path
+    sandbox: Netns, helpers: Any, tmp_path: Path, hardening: list[str]
 ) -> None:
     """Rootless, as podman runs it for a user: an unprivileged user's ``unshare -Urn`` process
-    is the target; guestnet-slirp4netns, run as that user, joins its user namespace first."""
+    is the target; guestnet-slirp4netns, run as that user, joins its user namespace first.
+    With podman's ``--enable-sandbox --enable-seccomp --mtu=65520`` the sandbox is made in that
+    user namespace too (as slirp4netns makes it; numpy, loaded for that MTU, must not have made
+    the process threaded), and the NAT still works."""
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     target = sandbox.popen([*nobody, "unshare", "-Urn", "sleep", "60"])
     server = sandbox.popen(
@@ -397,7 +412,9 @@ def test_rootless_pid_mode_joins_the_user_namespace(
         ours = os.readlink("/proc/self/ns/user")
         wait_for(lambda: os.readlink(f"/proc/{target.pid}/ns/user") != ours, 5, "unshare")
         assert server.stdout is not None and server.stdout.readline().strip() == b"listening"
-        helper = helpers(["-c", "--mtu", "1500", str(target.pid), "tap0"], prefix=nobody)
+        helper = helpers(
+            ["-c", "--mtu", "1500", *hardening, str(target.pid), "tap0"], prefix=nobody
+        )
         guest = ["nsenter", "-t", str(target.pid), "-n"]
 
         def configured() -> bool:
@@ -411,6 +428,13 @@ def test_rootless_pid_mode_joins_the_user_namespace(
             capture_output=True, text=True, timeout=20, check=False,
         ).stdout.split()  # fmt: skip
         assert out == ["connected", "via-gateway"], helper.output()
+        if hardening:
+            pid = helper.proc.pid
+            assert sorted(os.listdir(f"/proc/{pid}/root")) == ["etc", "run"]
+            status = _status(pid)
+            assert status["Uid"].split()[0] == "65534"
+            assert status["Seccomp"] == "2"
+            assert status["CapEff"] == f"{1 << 10:016x}"
     finally:
         for proc in (target, server):
             proc.kill()

@@ -49,11 +49,10 @@ def test_podman_431_argv_path_mode(tmp_path: Path) -> None:
         str(netns), None, "tap0", str(netns)
     )  # fmt: skip
     assert o.enable_sandbox and o.enable_seccomp
-    # Sandbox and seccomp are not there yet: each is said so on stdout. IPv6 is.
-    text = "\n".join(o.warnings)
-    assert "IPv6" not in text
-    assert "--enable-sandbox is not available" in text
-    assert "--enable-seccomp is not available" in text
+    # Sandbox, seccomp and IPv6 are all there: no warning on stdout.
+    assert o.warnings == []
+    h = o.hardening()
+    assert h.sandbox and h.seccomp and h.runas is None
 
 
 def test_podman_pid_mode_and_api_socket() -> None:
@@ -148,7 +147,8 @@ def test_help_lists_what_tools_look_for_and_nothing_unreal() -> None:
         "--exit-fd", "--ready-fd", "--macaddress", "--target-type",
     ):  # fmt: skip
         assert option in text, option
-    assert "--enable-sandbox" not in text and "--enable-seccomp" not in text
+    # Sandbox and seccomp are real now: listed (podman reads --help to decide what to pass).
+    assert "--enable-sandbox " in text and "--enable-seccomp " in text
     assert "--create-sandbox" not in text
     # -h wins wherever it stands, once the options before it parsed.
     assert fails("1", "tap0", "--help").out == text
@@ -167,6 +167,10 @@ def test_deprecated_aliases() -> None:
     o = parse("--no-host-loopback", "--create-sandbox", "1", "t")
     assert o.disable_host_loopback and o.enable_sandbox
     assert o.warnings[0].startswith("WARNING: --no-host-loopback is deprecated")
+    assert o.warnings[1].startswith("WARNING: --create-sandbox is deprecated")
+    # Not root, the sandbox is made in the target's user namespace, as slirp4netns makes it.
+    assert o.hardening().userns == "/proc/1/ns/user"
+    assert not o.hardening().seccomp
 
 
 # -- --cidr and the Config -----------------------------------------------------------------------

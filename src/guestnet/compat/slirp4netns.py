@@ -34,9 +34,12 @@ The options map onto guestnet's :class:`~guestnet.config.Config` and
 
 ``-6/--enable-ipv6`` turns on guestnet's IPv6 on slirp4netns's addresses (router
 advertisements for fd00::/64, gateway fd00::2, DNS fd00::3); without it the guest link is
-IPv4 only, as with slirp4netns. Not available yet, accepted with a warning on stdout:
-``--enable-sandbox`` and ``--enable-seccomp`` (hardening), ``--outbound-addr6``. ``--help``
-does not list sandbox and seccomp (podman and rootlesskit read it to decide what to pass).
+IPv4 only, as with slirp4netns. ``--enable-sandbox`` is guestnet's ``--sandbox`` and
+``--enable-seccomp`` its ``--seccomp`` (:mod:`guestnet.io.harden`), applied as slirp4netns
+applies them: after the TAP, the API socket and the exit fd are set up, before ``1`` is written
+on the ready fd; not root, guestnet first joins the target's user namespace (``--userns-path``,
+or the PID's), as slirp4netns does. Both are listed in ``--help``. Not available yet, accepted
+with a warning on stdout: ``--outbound-addr6``.
 Refused: ``--target-type=bess`` and ``--netns-type=tapfd``, and an MTU below 576.
 """
 
@@ -57,6 +60,7 @@ from guestnet.compat.passt_common import OptionExit, OptionTable
 from guestnet.compat.passt_common import getopt_long as shared_getopt_long
 from guestnet.compat.slirp_api import SlirpApi, SlirpApiServer
 from guestnet.config import MIN_MTU, Config, parse_mac
+from guestnet.io.harden import Hardening
 from guestnet.io.host import interface_ipv4
 from guestnet.io.loop import EPOLLHUP
 from guestnet.io.netns import STOP_SIGNALS, HelperError
@@ -171,6 +175,21 @@ class Options:
         """What :meth:`guestnet.network.Network.attach_netns` takes."""
         return self.netns_path if self.netns_path is not None else str(self.target_pid)
 
+    def hardening(self) -> Hardening:
+        """``--enable-sandbox`` and ``--enable-seccomp`` as guestnet's ``--sandbox`` and
+        ``--seccomp``; the user namespace a non-root sandbox joins is the target's."""
+        userns = self.userns_path
+        if userns is None and self.target_pid is not None:
+            userns = f"/proc/{self.target_pid}/ns/user"
+        return Hardening(sandbox=self.enable_sandbox, seccomp=self.enable_seccomp, userns=userns)
+
+
+#: slirp4netns's own line, one line as it prints it.
+_SANDBOX_HELP = (
+    "--enable-sandbox         create a new mount namespace (and drop all caps except "
+    "CAP_NET_BIND_SERVICE if running as the root)"
+)
+
 
 def usage(prog: str) -> str:
     """``--help``: what tools look for, and no option that is not real yet."""
@@ -187,6 +206,8 @@ User-mode networking for unprivileged network namespaces (guestnet {__version__}
 --disable-host-loopback  prohibit connecting to 127.0.0.1:* on the host namespace
 --netns-type=TYPE        specify network namespace type ([path|pid], default=pid)
 --userns-path=PATH       specify user namespace path
+{_SANDBOX_HELP}
+--enable-seccomp         enable seccomp to limit syscalls
 --outbound-addr=IPv4     sets outbound ipv4 address to bound to
 --disable-dns            disables 10.0.2.3 (or configured internal ip) to host dns redirect
 --macaddress=MAC         specify the MAC address of the TAP (only valid with -c)
@@ -250,15 +271,14 @@ def _parse(prog: str, args: Sequence[str]) -> Options:
                 )
             o.disable_host_loopback = True
         elif name in ("enable-sandbox", "create-sandbox"):
+            if name == "create-sandbox":
+                o.warnings.append(
+                    "WARNING: --create-sandbox is deprecated and will be removed in future "
+                    "releases, please use --enable-sandbox instead."
+                )
             o.enable_sandbox = True
-            o.warnings.append(
-                f"WARNING: --{name} is not available in guestnet yet: ignored, no sandbox"
-            )
         elif name == "enable-seccomp":
             o.enable_seccomp = True
-            o.warnings.append(
-                "WARNING: --enable-seccomp is not available in guestnet yet: ignored, no seccomp"
-            )
         elif name == "netns-type":
             o.netns_type = v
         elif name == "userns-path":
@@ -483,11 +503,19 @@ def run(o: Options, config: Config) -> int:
             except OSError as exc:
                 print(f"exit-fd {o.exit_fd}: {exc.strerror or exc}", file=sys.stderr)
                 return EXIT_FAILURE
+        net.loop.install_signal_handlers()  # its wake-up pipe is made before seccomp
+        hardening = o.hardening()
+        if hardening:
+            try:
+                net.harden(hardening)
+            except OSError as exc:
+                what = "create_sandbox" if o.enable_sandbox else "enable_seccomp"
+                print(f"{what} failed: {exc}", file=sys.stderr)
+                return EXIT_FAILURE
         if o.ready_fd >= 0:
             _say_ready(o.ready_fd)
         sys.stdout.write(banner(o, config))
         sys.stdout.flush()
-        net.loop.install_signal_handlers()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         net.run(until=lambda: link.closed or hup[0])
         return 0

@@ -343,7 +343,8 @@ class StreamServer:
         """Stop listening; remove the socket file."""
         self.listener.close()
         if self.unix_path is not None:
-            with contextlib.suppress(FileNotFoundError):
+            # OSError: gone, or out of reach after --sandbox/--runas (io/harden.py)
+            with contextlib.suppress(OSError):
                 os.unlink(self.unix_path)
 
 
@@ -417,5 +418,6 @@ class DgramLink(Link):
     def _close_fd(self) -> None:
         self.sock.close()
         if self.path is not None:
-            with contextlib.suppress(FileNotFoundError):
+            # OSError: gone, or out of reach after --sandbox/--runas (io/harden.py)
+            with contextlib.suppress(OSError):
                 os.unlink(self.path)

@@ -216,5 +216,6 @@ class UnixServer:
         for conn in list(self.conns.values()):
             conn.close()
         self.listener.close()
-        with contextlib.suppress(FileNotFoundError):
+        # OSError: gone, or out of reach after --sandbox/--runas (io/harden.py)
+        with contextlib.suppress(OSError):
             os.unlink(self.path)

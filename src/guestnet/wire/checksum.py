@@ -18,6 +18,7 @@ imported while frames flow.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 #: Above this many bytes the numpy path is used, once loaded (see bench/bench_checksum.py).
@@ -39,6 +40,9 @@ def load_vector_path() -> None:
     """Import numpy for sums from :data:`NUMPY_THRESHOLD` bytes up. Call before the loop runs."""
     global _np, _BE16
     if _np is None:
+        # numpy's BLAS would start a worker thread per core at import; sums never use it, and
+        # a threaded process can no longer join or make a user namespace (rootless --sandbox).
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
         import numpy
 
         _BE16 = numpy.dtype(">u2")
