@@ -3,7 +3,7 @@ and a plain veth pair: every cell of issue 12's targets in one command, one tabl
 
 Run (root): ``.venv/bin/python bench/compare.py [--quick]
 [--peers guestnet,pasta,pasta2026,slirp4netns,veth] [--mtus 1500,65520] [--families 4]
-[--reps 3] [--duration 10] [--budget 1500] [--markdown OUT] [--json OUT]``
+[--reps 3] [--duration 8] [--budget 1800] [--udp-window 4M] [--markdown OUT] [--json OUT]``
 (``--backends`` is the same option as ``--peers``.)
 
 Theory of operation. For every MTU, backend and address family (a *cell*) the harness builds a
@@ -87,8 +87,8 @@ tuned "latency-performance" practice); the kernel drops the request when the fil
 at the latest when the harness exits. ``--no-pm-qos`` measures without it.
 
 Bounds: every subprocess has a timeout, every wait a deadline, and the whole run a time budget
-(``--budget``, 25 min per family by default; cells past it are skipped with an error). The
-default run (five backends, two MTUs, IPv4) takes about 20 minutes on an idle 2-CPU machine.
+(``--budget``, 30 min per family by default; cells past it are skipped with an error). The
+default run (five backends, two MTUs, IPv4: ten cells of about 145 s) takes about 24 minutes.
 Every namespace, ``/etc/netns`` directory and process is removed at the end of its cell and
 again in a ``finally`` on exit, Ctrl-C or SIGTERM. The load average at start and end is in the
 report: a busy machine shows in the numbers.
@@ -146,8 +146,8 @@ PASTA2026 = os.environ.get("GUESTNET_BENCH_PASTA2026", "/opt/passt-new/pasta")
 BINARIES = {"pasta": ("pasta", "passt"), "slirp4netns": ("slirp4netns", "slirp4netns")}
 READY_TIMEOUT_S = 15.0
 PROBE_TIMEOUT_S = 8.0
-#: 25 minutes per address family at the default settings.
-BUDGET_PER_FAMILY_S = 25 * 60
+#: A bound, not the expected time: the default IPv4 run takes about 24 minutes on an idle machine.
+BUDGET_PER_FAMILY_S = 30 * 60
 
 
 @dataclass(frozen=True)
@@ -778,7 +778,7 @@ class Harness:
             for _ in range(a.reps):
                 try:
                     data = self.iperf(
-                        topo, ["-u", "-b", UDP_RATE, "-l", str(UDP_LEN), *extra], a.udp_duration
+                        topo, ["-u", "-b", UDP_RATE, *self._udp_opts(), *extra], a.udp_duration
                     )
                     gbps, loss = udp_result(data)
                     if keys[0] is not None:
@@ -802,6 +802,11 @@ class Harness:
             except (CellError, KeyError, TypeError) as exc:
                 cell.errors[key] = str(exc) if isinstance(exc, CellError) else repr(exc)
 
+    def _udp_opts(self) -> list[str]:
+        """Datagram size, and the socket buffers if ``--udp-window`` asks for them."""
+        window = ["-w", self.args.udp_window] if self.args.udp_window else []
+        return ["-l", str(UDP_LEN), *window]
+
     def udp_search(self, topo: Topology, extra: list[str]) -> tuple[float, str]:
         """Offered rates from UDP_MIN_BPS to UDP_MAX_BPS: both ends, then a geometric
         bisection of ``--udp-steps`` steps between the highest passing and the lowest failing
@@ -811,7 +816,7 @@ class Harness:
 
         def probe(bps: float) -> bool:
             data = self.iperf(
-                topo, ["-u", "-b", f"{bps:.0f}", "-l", str(UDP_LEN), *extra], a.udp_probe
+                topo, ["-u", "-b", f"{bps:.0f}", *self._udp_opts(), *extra], a.udp_probe
             )
             gbps, loss = udp_result(data)
             probes.append((bps, gbps, loss))
@@ -995,11 +1000,175 @@ def ratios(cells: list[Cell]) -> list[tuple[str, str, dict[str, str]]]:
             for m in METRICS:
                 row = {
                     peer: _ratio(gn, by.get((peer, mtu, family)), m.key)
-                    for peer in ("pasta", "slirp4netns", "veth")
-                    if (peer, mtu, family) in by
+                    for peer in BACKENDS
+                    if peer != "guestnet" and (peer, mtu, family) in by
                 }
                 out.append((_title(m), label, row))
     return out
+
+
+@dataclass(frozen=True)
+class Target:
+    """One of issue 12's targets, read off one run: guestnet against the best peer's value (or
+    an absolute bound), per MTU and family."""
+
+    key: str
+    #: The target in words, as the report prints it.
+    text: str
+    #: guestnet / best peer must be at least (higher is better) or at most this; None: no ratio.
+    ratio: float | None = None
+    #: An absolute bound on guestnet's value (at most, lower-is-better metrics; at least else).
+    bound: float | None = None
+    #: Also at least this fraction of veth measured in the same run (bulk TCP).
+    veth: float | None = None
+    #: The peers that count (default: all of PEERS); the peer metric compared (default: key).
+    peers: tuple[str, ...] = PEERS
+    peer_key: str | None = None
+
+
+TARGETS = (
+    Target("tcp_up", "≥ best peer and ≥ 0.85 x veth", ratio=1.0, veth=0.85),
+    Target("tcp_down", "≥ best peer and ≥ 0.85 x veth", ratio=1.0, veth=0.85),
+    Target("connect_ms", "≤ best peer", ratio=1.0),
+    Target("conn_per_s", "≥ best peer", ratio=1.0),
+    Target("fwd_conn_per_s", "≥ pasta's -t", ratio=1.0, peers=("pasta", "pasta2026")),
+    Target("rr_median", "≤ best peer", ratio=1.0),
+    Target("udp_loss", "≤ 0.1 %", bound=0.1),
+    Target("udp_loss_down", "≤ 0.1 %", bound=0.1),
+    Target("udp_max_up", "≥ 2 x best peer", ratio=2.0),
+    Target("udp_max_down", "≥ 2 x best peer", ratio=2.0),
+    Target(
+        "dns_builtin_ms", "≤ best peer (peers: forwarded)", ratio=1.0, peer_key="dns_forward_ms"
+    ),
+    Target("dns_forward_ms", "≤ best peer", ratio=1.0),
+    Target("rss_mb", "≤ 40 MB", bound=40.0),
+    Target("cpu_s_per_gb", "no worse than before (not a one-run target)"),
+)
+
+
+@dataclass
+class TargetRow:
+    target: Target
+    mtu: int
+    family: int
+    guestnet: float | None
+    best_peer: str | None
+    best_value: float | None
+    veth: float | None
+    #: True pass, False fail, None cannot tell (a value missing, or no target to read).
+    passed: bool | None
+
+    @property
+    def ratio(self) -> float | None:
+        if self.guestnet is None or not self.best_value:
+            return None
+        return self.guestnet / self.best_value
+
+
+def best_peer(
+    by: dict[tuple[str, int, int], Cell], key: str, mtu: int, family: int, peers: Sequence[str]
+) -> tuple[str | None, float | None]:
+    """The peer with the best median of ``key`` in this MTU and family, and that median."""
+    m = METRIC[key]
+    found = [
+        (cell.values[key], peer)
+        for peer in peers
+        if (cell := by.get((peer, mtu, family))) is not None and key in cell.values
+    ]
+    if not found:
+        return None, None
+    value, peer = max(found) if m.higher_is_better else min(found)
+    return peer, value
+
+
+def target_rows(cells: list[Cell]) -> list[TargetRow]:
+    """Every target, per MTU and family guestnet was measured in, judged on this run."""
+    by = {(c.backend, c.mtu, c.family): c for c in cells}
+    rows = []
+    for family in sorted({c.family for c in cells}):
+        for mtu in sorted({c.mtu for c in cells}):
+            gn = by.get(("guestnet", mtu, family))
+            if gn is None:
+                continue
+            veth_cell = by.get(("veth", mtu, family))
+            for t in TARGETS:
+                higher = METRIC[t.key].higher_is_better
+                peer, best = best_peer(by, t.peer_key or t.key, mtu, family, t.peers)
+                value = gn.values.get(t.key)
+                vv = veth_cell.values.get(t.key) if veth_cell is not None else None
+                checks: list[bool | None] = []
+                if t.ratio is not None:
+                    if value is None or best is None:
+                        checks.append(None)
+                    else:
+                        checks.append(
+                            value >= t.ratio * best if higher else value <= t.ratio * best
+                        )
+                if t.bound is not None:
+                    checks.append(
+                        None
+                        if value is None
+                        else (value >= t.bound if higher else value <= t.bound)
+                    )
+                if t.veth is not None:
+                    checks.append(None if value is None or vv is None else value >= t.veth * vv)
+                passed: bool | None
+                if not checks or None in checks:
+                    passed = False if False in checks else None
+                else:
+                    passed = all(checks)
+                rows.append(TargetRow(t, mtu, family, value, peer, best, vv, passed))
+    return rows
+
+
+def render_targets(rows: list[TargetRow]) -> str:
+    lines = [
+        "| cell | MTU | guestnet | best peer | guestnet / best peer | veth | target | result |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        m = METRIC[r.target.key]
+        label = str(r.mtu) + ("" if r.family == 4 else f" IPv{r.family}")
+        gn = "—" if r.guestnet is None else m.fmt.format(r.guestnet)
+        peer = "—" if r.best_peer is None else f"{r.best_peer} {m.fmt.format(r.best_value)}"
+        ratio = "—" if r.ratio is None else f"{r.ratio:.2f}"
+        veth = "—" if r.veth is None else m.fmt.format(r.veth)
+        result = {True: "pass", False: "**FAIL**", None: "—"}[r.passed]
+        lines.append(
+            f"| {_title(m)} | {label} | {gn} | {peer} | {ratio} | {veth} | {r.target.text} "
+            f"| {result} |"
+        )
+    return "\n".join(lines)
+
+
+def render_cells_md(cells: list[Cell]) -> str:
+    """One table per family and MTU: a row per metric, a column per backend (median, and for
+    TCP the range over the repetitions)."""
+    out = []
+    for family in sorted({c.family for c in cells}):
+        for mtu in sorted({c.mtu for c in cells}):
+            row_cells = [c for c in cells if c.family == family and c.mtu == mtu]
+            if not row_cells:
+                continue
+            out += [
+                f"MTU {mtu}, IPv{family}:",
+                "",
+                "| metric | " + " | ".join(c.backend for c in row_cells) + " |",
+                "|---|" + "---|" * len(row_cells),
+            ]
+            for m in METRICS:
+                texts = [c.cell_text(m, spread=m.key.startswith("tcp")) for c in row_cells]
+                out.append(f"| {_title(m)} | " + " | ".join(texts) + " |")
+            out.append("")
+    return "\n".join(out).rstrip()
+
+
+def render_notes(cells: list[Cell]) -> str:
+    return "\n".join(
+        f"- {c.backend} MTU {c.mtu} IPv{c.family} ({key}): {note}"
+        for c in cells
+        for key, note in c.notes.items()
+    )
 
 
 #: The metrics the IPv6/IPv4 table compares: the traffic a family could change.
@@ -1058,33 +1227,57 @@ def versions() -> str:
 
 def render_markdown(cells: list[Cell], command: str, args: argparse.Namespace) -> str:
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    backends = list(dict.fromkeys(c.backend for c in cells))
+    load = getattr(args, "load", {})
     lines = [
-        f"## Side by side: guestnet, pasta, slirp4netns, veth ({now})",
+        f"## Side by side: {', '.join(backends)} ({now})",
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {machine()}. Versions: {versions()}.",
+        f"Machine: {machine()}. Versions: {versions()}. Load average (1 min) at start "
+        f"{load.get('start', float('nan')):.2f}, at end {load.get('end', float('nan')):.2f}"
+        f" (2 CPUs shared: above ~1 the numbers are a busy machine's).",
         "",
         f"Medians over {args.reps} repetition(s); iperf3 TCP {args.duration:g} s per run (TCP "
-        "cells show the median and, in parentheses, the range); UDP offered "
-        f"{UDP_RATE}bit/s in {UDP_LEN}-byte datagrams for {args.udp_duration:g} s, receiver-side "
-        f"loss; RR: {args.rr_count} 1-byte round trips on one connection; conn/s: connect + 1 "
-        f"byte + close for {args.conn_seconds:g} s (at most {args.conn_max}); CPU s/GB and RSS: "
-        "the backend process (utime+stime over the TCP runs / bytes moved; VmHWM). "
+        "cells show the median and, in parentheses, the range); UDP 500M: offered "
+        f"{UDP_RATE}bit/s in {UDP_LEN}-byte datagrams for {args.udp_duration:g} s each way, "
+        "receiver-side loss"
+        + (
+            f" (iperf3 -w {args.udp_window} on every UDP run)"
+            if args.udp_window
+            else " (iperf3's default socket buffers)"
+        )
+        + "; UDP <1%: received Gbit/s of the best probe under 1 % loss in a "
+        f"search of {args.udp_probe:g}-s probes from {UDP_MIN_BPS / 1e6:.0f} Mbit/s to "
+        f"{UDP_MAX_BPS / 1e9:.0f} Gbit/s offered ({args.udp_steps} bisection steps, one search "
+        f"per cell); RR: {args.rr_count} 1-byte round trips on one connection; conn/s: connect "
+        f"+ 1 byte + close for {args.conn_seconds:g} s (at most {args.conn_max}), guest to "
+        "host; connect ms: the median connect() of those; fwd conn/s: the same from the host "
+        f"side to the published port (127.0.0.1:{FWD_HOST_PORT} -> guest {FWD_GUEST_PORT}); DNS: "
+        f"{args.dns_count} A queries one at a time from the guest to the backend's DNS address "
+        f"(fwd: {DNS_FORWARD_NAME}, answered by dnsmasq on the sandbox's loopback; built-in: "
+        f"{GUESTNET_BUILTIN_NAME}, guestnet only); CPU s/GB and RSS: the backend process "
+        "(utime+stime over the TCP runs / bytes moved; VmHWM). "
         + (
             "CPU idle states: /dev/cpu_dma_latency held at 0 (idle vCPUs poll)."
             if args.pm_qos
             else "CPU idle states left alone (--no-pm-qos or no /dev/cpu_dma_latency)."
         ),
         "",
-        render_table(cells, markdown=True),
+        render_cells_md(cells),
     ]
-    errors = render_errors(cells)
-    if errors:
-        lines += ["", "Errors:", "", errors]
+    rows = target_rows(cells)
+    if rows:
+        lines += [
+            "",
+            "Issue 12's targets, read off this run (best peer among "
+            f"{', '.join(PEERS)} per cell; veth is the kernel's ceiling, not a peer):",
+            "",
+            render_targets(rows),
+        ]
     rat = ratios(cells)
     if rat:
-        peers = [p for p in ("pasta", "slirp4netns", "veth") if any(p in r for _, _, r in rat)]
+        peers = [p for p in BACKENDS if any(p in r for _, _, r in rat)]
         lines += [
             "",
             "Ratios guestnet / peer (throughput and conn/s: above 1 is better; latency, CPU, "
@@ -1093,25 +1286,31 @@ def render_markdown(cells: list[Cell], command: str, args: argparse.Namespace) -
             "| metric | MTU | " + " | ".join(f"guestnet / {p}" for p in peers) + " |",
             "|---|---|" + "---|" * len(peers),
         ]
-        for title, mtu, row in rat:
+        for title, label, row in rat:
             lines.append(
-                f"| {title} | {mtu} | " + " | ".join(row.get(p, "—") for p in peers) + " |"
+                f"| {title} | {label} | " + " | ".join(row.get(p, "—") for p in peers) + " |"
             )
     fam = family_ratios(cells)
     if fam:
-        backends = [b for b in BACKENDS if any(b in r for _, _, r in fam)]
+        fam_backends = [b for b in BACKENDS if any(b in r for _, _, r in fam)]
         lines += [
             "",
             "Ratios IPv6 / IPv4 per backend (same MTU, cells run back to back; throughput and "
             "conn/s: below 1 means IPv6 is slower; latency and CPU: above 1 means it costs more):",
             "",
-            "| metric | MTU | " + " | ".join(backends) + " |",
-            "|---|---|" + "---|" * len(backends),
+            "| metric | MTU | " + " | ".join(fam_backends) + " |",
+            "|---|---|" + "---|" * len(fam_backends),
         ]
         for title, mtu, row in fam:
             lines.append(
-                f"| {title} | {mtu} | " + " | ".join(row.get(b, "—") for b in backends) + " |"
+                f"| {title} | {mtu} | " + " | ".join(row.get(b, "—") for b in fam_backends) + " |"
             )
+    notes = render_notes(cells)
+    if notes:
+        lines += ["", "Notes:", "", notes]
+    errors = render_errors(cells)
+    if errors:
+        lines += ["", "Errors and skipped cells:", "", errors]
     return "\n".join(lines) + "\n"
 
 
@@ -1161,7 +1360,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--mtus", default="1500,65520")
     p.add_argument("--reps", type=int, help="repetitions per measurement (3; --quick 1)")
-    p.add_argument("--duration", type=float, help="seconds per iperf3 TCP run (10; --quick 2)")
+    p.add_argument("--duration", type=float, help="seconds per iperf3 TCP run (8; --quick 2)")
     p.add_argument("--families", default="4", help="IP versions to measure: 4, 6 or 4,6")
     p.add_argument(
         "--budget", type=float, help="whole-run seconds (25 min per family in --families)"
@@ -1170,7 +1369,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--udp-probe", type=float, help="seconds per probe of the UDP rate search (2; --quick 1)"
     )
     p.add_argument(
-        "--udp-steps", type=int, help="bisection steps of the UDP rate search (5; --quick 2)"
+        "--udp-steps", type=int, help="bisection steps of the UDP rate search (4; --quick 2)"
+    )
+    p.add_argument(
+        "--udp-window",
+        metavar="BYTES",
+        help="iperf3 -w for every UDP run (socket buffers of both iperf3 ends, e.g. 4M); "
+        "default: iperf3's own, as issue 12's figures were taken",
     )
     p.add_argument("--markdown", metavar="FILE", help="write a markdown section to FILE")
     p.add_argument("--json", metavar="FILE", help="write every cell as JSON to FILE")
@@ -1199,14 +1404,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.reps is None:
         args.reps = 1 if args.quick else 3
     if args.duration is None:
-        args.duration = 2.0 if args.quick else 10.0
+        args.duration = 2.0 if args.quick else 8.0
     if not (1 <= args.reps <= 20 and 0.5 <= args.duration <= 120):
         p.error("--reps must be 1..20 and --duration 0.5..120")
-    args.udp_duration = min(args.duration, 5.0)
+    args.udp_duration = min(args.duration, 3.0)
     if args.udp_probe is None:
         args.udp_probe = 1.0 if args.quick else 2.0
     if args.udp_steps is None:
-        args.udp_steps = 2 if args.quick else 5
+        args.udp_steps = 2 if args.quick else 4
     if not (1 <= args.udp_probe <= 30 and 0 <= args.udp_steps <= 10):
         p.error("--udp-probe must be 1..30 and --udp-steps 0..10")
     args.dns_count = 200 if args.quick else 1000
@@ -1257,6 +1462,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = ensure_binaries(args.backends, log)
     qos_fd = None if args.no_pm_qos else hold_pm_qos()
     args.pm_qos = qos_fd is not None
+    args.load = {"start": os.getloadavg()[0]}
     harness = Harness(args, log)
     cells: list[Cell] = []
     interrupted = False
@@ -1289,6 +1495,7 @@ def main(argv: list[str] | None = None) -> int:
             os.close(qos_fd)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    args.load["end"] = os.getloadavg()[0]
     print(render_table(cells, markdown=False))
     errors = render_errors(cells)
     if errors:
@@ -1301,6 +1508,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "command": command,
                     "machine": machine(),
+                    "load_average_1min": args.load,
                     "cells": [
                         {
                             "backend": c.backend,
