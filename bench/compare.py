@@ -3,7 +3,8 @@ and a plain veth pair: every cell of issue 12's targets in one command, one tabl
 
 Run (root): ``.venv/bin/python bench/compare.py [--quick]
 [--peers guestnet,pasta,pasta2026,slirp4netns,veth] [--mtus 1500,65520] [--families 4]
-[--reps 3] [--duration 8] [--budget 1800] [--udp-window 4M] [--markdown OUT] [--json OUT]``
+[--reps 3] [--duration 8] [--budget 1800] [--udp-window 4M|default] [--markdown OUT]
+[--json OUT]``
 (``--backends`` is the same option as ``--peers``.)
 
 Theory of operation. For every MTU, backend and address family (a *cell*) the harness builds a
@@ -61,7 +62,9 @@ Measured per cell (medians over ``--reps``; the issue-12 cells):
   podman's ``-p`` uses;
 - 1-byte round trip (median, p99) on one connection: netbench rr;
 - UDP at a fixed offered 500 Mbit/s (1400-byte datagrams, so no fragments at MTU 1500), both
-  ways (host->guest with ``-R``), receiver-side loss (iperf3's ``sum_received``);
+  ways (host->guest with ``-R``), receiver-side loss (iperf3's ``sum_received``); the iperf3
+  ends get 4 MiB socket buffers (``--udp-window``, :data:`UDP_WINDOW`), so what is lost is lost
+  in the backend, not in an endpoint waiting for a CPU;
 - UDP's highest rate with < 1 % loss, both ways: iperf3 ``-u -l 1400`` probes of
   ``--udp-probe`` s at offered rates from 100 Mbit/s to 20 Gbit/s, a geometric bisection of
   ``--udp-steps`` steps after probing both ends. The cell is the *received* Gbit/s of the best
@@ -132,6 +135,11 @@ UDP_LEN = 1400
 UDP_MIN_BPS = 100e6
 UDP_MAX_BPS = 20e9
 UDP_MAX_LOSS = 1.0
+#: iperf3 -w for UDP: the endpoints' socket buffers. With iperf3's default (rmem_default, about
+#: 90 datagrams) a receiver that waits a few milliseconds for a CPU drops datagrams itself: on a
+#: busy 2-CPU machine a veth pair lost 33-49 % at 500 Mbit/s, with 4 MiB none (BENCHMARKS.md).
+#: The loss measured is then the backend's. Linux caps it at net.core.rmem_max/wmem_max.
+UDP_WINDOW = "4M"
 #: DNS: the names dnsmasq answers in the sandbox (forwarded) and guestnet answers itself.
 DNS_FORWARD_NAME = "q.bench.test"
 DNS_ANSWER = "192.0.2.7"
@@ -813,7 +821,7 @@ class Harness:
 
     def _udp_opts(self) -> list[str]:
         """Datagram size, and the socket buffers if ``--udp-window`` asks for them."""
-        window = ["-w", self.args.udp_window] if self.args.udp_window else []
+        window = ["-w", self.args.udp_window] if self.args.udp_window != "default" else []
         return ["-l", str(UDP_LEN), *window]
 
     def udp_search(self, topo: Topology, extra: list[str]) -> tuple[float, str]:
@@ -1253,7 +1261,7 @@ def render_markdown(cells: list[Cell], command: str, args: argparse.Namespace) -
         "receiver-side loss"
         + (
             f" (iperf3 -w {args.udp_window} on every UDP run)"
-            if args.udp_window
+            if args.udp_window != "default"
             else " (iperf3's default socket buffers)"
         )
         + "; UDP <1%: received Gbit/s of the best probe under 1 % loss in a "
@@ -1383,8 +1391,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--udp-window",
         metavar="BYTES",
-        help="iperf3 -w for every UDP run (socket buffers of both iperf3 ends, e.g. 4M); "
-        "default: iperf3's own, as issue 12's figures were taken",
+        default=UDP_WINDOW,
+        help=f"iperf3 -w for every UDP run: the socket buffers of both iperf3 ends ({UDP_WINDOW}; "
+        "'default' leaves iperf3's own, as issue 12's first figures were taken)",
     )
     p.add_argument("--markdown", metavar="FILE", help="write a markdown section to FILE")
     p.add_argument("--json", metavar="FILE", help="write every cell as JSON to FILE")
