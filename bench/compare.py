@@ -91,7 +91,7 @@ at the latest when the harness exits. ``--no-pm-qos`` measures without it.
 
 Bounds: every subprocess has a timeout, every wait a deadline, and the whole run a time budget
 (``--budget``, 30 min per family by default; cells past it are skipped with an error). The
-default run (five backends, two MTUs, IPv4: ten cells of about 145 s) takes about 24 minutes.
+default run (five backends, two MTUs, IPv4: ten cells of 80-120 s) takes 16-20 minutes.
 Every namespace, ``/etc/netns`` directory and process is removed at the end of its cell and
 again in a ``finally`` on exit, Ctrl-C or SIGTERM. The load average at start and end is in the
 report: a busy machine shows in the numbers.
@@ -154,7 +154,7 @@ PASTA2026 = os.environ.get("GUESTNET_BENCH_PASTA2026", "/opt/passt-new/pasta")
 BINARIES = {"pasta": ("pasta", "passt"), "slirp4netns": ("slirp4netns", "slirp4netns")}
 READY_TIMEOUT_S = 15.0
 PROBE_TIMEOUT_S = 8.0
-#: A bound, not the expected time: the default IPv4 run takes about 24 minutes on an idle machine.
+#: A bound, not the expected time: the default IPv4 run takes 16-20 minutes.
 BUDGET_PER_FAMILY_S = 30 * 60
 
 
