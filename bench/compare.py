@@ -411,6 +411,8 @@ class Topology:
     #: itself (None: the backend has no built-in names).
     dns_server: str | None = None
     builtin_name: str | None = None
+    #: Why forwarded DNS is not measured although ``dns_server`` is set (no dnsmasq here).
+    dns_forward_skip: str | None = None
     #: Set when a UDP iperf3 run hung (pasta 2023 over IPv6 never delivers iperf3's UDP end of
     #: test): the cell's other UDP runs are skipped rather than each waiting out its timeout.
     udp_hung: str | None = None
@@ -669,7 +671,9 @@ class Harness:
              "0.0.0.0" if fam.version == 4 else "::", "--port", str(FWD_GUEST_PORT),
              "--max-seconds", life],
         )  # fmt: skip
-        if topo.dns_server is not None:
+        if topo.dns_server is not None and not shutil.which("dnsmasq"):
+            topo.dns_forward_skip = "dnsmasq not installed (Debian package dnsmasq-base)"
+        elif topo.dns_server is not None:
             listen = sorted({"127.0.0.1", topo.bind})
             self.box.popen(
                 topo.sandbox,
@@ -861,7 +865,11 @@ class Harness:
         if topo.dns_server is None:
             return
         a = self.args
-        names = [("dns_forward_ms", DNS_FORWARD_NAME)]
+        names = []
+        if topo.dns_forward_skip is not None:
+            cell.errors["dns_forward_ms"] = "skipped: " + topo.dns_forward_skip
+        else:
+            names.append(("dns_forward_ms", DNS_FORWARD_NAME))
         if topo.builtin_name is not None:
             names.append(("dns_builtin_ms", topo.builtin_name))
         for key, name in names:
