@@ -1,7 +1,8 @@
 """guestnet's memory: RSS after start and peak RSS, idle and under bulk TCP (issue 12).
 
 Run (root): ``.venv/bin/python bench/bench_rss.py [--mtus 1500,65520] [--duration 3]
-[--skip-qemu] [--skip-netns]``
+[--skip-qemu] [--skip-netns] [--reps N] [--src DIR]`` (``--src``: the guestnet tree to run,
+for an A/B against a ``git archive`` of another commit)
 
 Cells, each with a fresh guestnet process in a loopback-only sandbox namespace:
 
@@ -12,8 +13,9 @@ Cells, each with a fresh guestnet process in a loopback-only sandbox namespace:
   bench/bench_tcp.py's helpers) and ``peak`` is read at the end.
 
 Each cell prints VmRSS at start, VmHWM (the kernel's peak RSS, from /proc/PID/status) at the end,
-and, for netns, the frame pools' high-water marks from the stats API (slots in use at once, each
-direction), which is what bounds the pools' share of the peak.
+and, for netns, guestnet's CPU seconds (utime + stime) per GB moved by both iperf3 runs and the
+frame pools' high-water marks from the stats API (slots in use at once, each direction), which is
+what bounds the pools' share of the peak.
 Every process and namespace is removed at the end, also on error or Ctrl-C.
 """
 
@@ -41,6 +43,12 @@ def status_kb(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise KeyError(field)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` (/proc/PID/stat), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def mb(kb: int) -> str:
@@ -121,14 +129,18 @@ def netns_cell(mtu: int, duration: float, tmp: str) -> str:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        wait(lambda: guest_ready(guest), 15, "guestnet to configure the guest")
+        wait(lambda: guest_ready(guest, 4), 15, "guestnet to configure the guest")
         rss = status_kb(gn.pid, "VmRSS")
-        up = iperf(guest, sandbox, duration, False)
-        down = iperf(guest, sandbox, duration, True)
+        cpu0 = cpu_seconds(gn.pid)
+        up, up_bytes = iperf(guest, sandbox, 4, duration, False)
+        down, down_bytes = iperf(guest, sandbox, 4, duration, True)
+        cpu = cpu_seconds(gn.pid) - cpu0
         hwm = status_kb(gn.pid, "VmHWM")
+        per_gb = cpu / ((up_bytes + down_bytes) / 1e9)
         return (
             f"netns MTU {mtu:>5}: start {mb(rss)}, peak {mb(hwm)} "
-            f"(up {up:.2f}, down {down:.2f} Gbit/s; {pool_high_water(api)})"
+            f"(up {up:.2f}, down {down:.2f} Gbit/s, CPU {per_gb:.2f} s/GB; "
+            f"{pool_high_water(api)})"
         )
     finally:
         stop(gn)
@@ -141,17 +153,24 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=3.0)
     p.add_argument("--skip-qemu", action="store_true")
     p.add_argument("--skip-netns", action="store_true")
+    p.add_argument(
+        "--src",
+        default=os.path.join(ROOT, "src"),
+        help="the guestnet source tree to run (an A/B against another checkout)",
+    )
+    p.add_argument("--reps", type=int, default=1, help="runs of every cell")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("bench_rss: needs root (network namespaces)", file=sys.stderr)
         return 2
-    os.environ["PYTHONPATH"] = os.path.join(ROOT, "src")
+    os.environ["PYTHONPATH"] = os.path.abspath(args.src)
     mtus = [int(m) for m in args.mtus.split(",")]
     with tempfile.TemporaryDirectory(prefix="gnrss") as tmp:
-        for mtu in [] if args.skip_qemu else mtus:
-            print(qemu_cell(mtu, tmp), flush=True)
-        for mtu in [] if args.skip_netns else mtus:
-            print(netns_cell(mtu, args.duration, tmp), flush=True)
+        for _ in range(args.reps):
+            for mtu in [] if args.skip_qemu else mtus:
+                print(qemu_cell(mtu, tmp), flush=True)
+            for mtu in [] if args.skip_netns else mtus:
+                print(netns_cell(mtu, args.duration, tmp), flush=True)
     return 0
 
 
