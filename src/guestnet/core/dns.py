@@ -48,11 +48,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
 import random
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from guestnet.config import Config
 from guestnet.core.packet import IpPacket
@@ -90,6 +91,8 @@ UPSTREAM_TIMEOUT_S = 2.0
 DOWN_HOLD_S = 30.0
 #: Most forwarded queries outstanding at once.
 MAX_PENDING = 1024
+#: Upstream query ids drawn from the kernel per ``getrandom`` call.
+ID_BATCH = 512
 #: TTL of built-in answers.
 BUILTIN_TTL = 60
 #: Names that stand for the host (the gateway address), as other backends name it.
@@ -104,6 +107,35 @@ LOCAL_ZONE = "guestnet.internal"
 
 _HDR = struct.Struct("!HHH")
 _ID = struct.Struct("!H")
+
+
+class _Bits(Protocol):
+    def getrandbits(self, k: int, /) -> int: ...
+
+
+class UrandomIds:
+    """Upstream query ids from the kernel's CSPRNG, drawn :data:`ID_BATCH` at a time.
+
+    ``random.SystemRandom`` makes one ``getrandom`` system call per id, which was one of the
+    nine system calls of a forwarded query; these ids are as unpredictable, for one call per
+    :data:`ID_BATCH` queries.
+    """
+
+    __slots__ = ("_buf", "_off")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._off = 0
+
+    def getrandbits(self, k: int, /) -> int:
+        """``k`` (at most 16) random bits."""
+        assert 0 < k <= 16
+        off = self._off
+        if off + 2 > len(self._buf):
+            self._buf = os.urandom(2 * ID_BATCH)
+            off = 0
+        self._off = off + 2
+        return int.from_bytes(self._buf[off : off + 2], "big") >> (16 - k)
 
 
 class UpstreamQuery(NamedTuple):
@@ -163,7 +195,7 @@ class DnsService:
         self.upstreams = tuple(upstreams)
         self.timeout_s = timeout_s
         self.max_pending = max_pending
-        self._rng = rng if rng is not None else random.SystemRandom()
+        self._rng: _Bits = rng if rng is not None else UrandomIds()
         #: Queries for the driver to send, in order; the driver empties it.
         self.outbox: list[UpstreamQuery] = []
         self._by_id: dict[int, _Pending] = {}

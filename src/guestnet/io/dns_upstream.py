@@ -204,6 +204,11 @@ class DnsUpstreamIO:
                 self._failed(upstream, now, "dns.upstream.recv_error")
                 break
             core.handle_upstream_answer(upstream, view[:n], now)
+            if not core.pending_count:
+                # Nothing else is awaited: another recv would only say EAGAIN (one system call
+                # per query saved). A late or stray datagram still queued wakes epoll again,
+                # the fd being level-triggered.
+                break
         self._flush(now)
 
     def _arm_timer(self) -> None:
