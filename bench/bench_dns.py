@@ -306,6 +306,7 @@ def peers_main(argv: list[str]) -> int:
     p.add_argument("--count", type=int, default=2000)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--strace", action="store_true")
+    p.add_argument("--profile", metavar="DIR", help="py-spy guestnet during one more run")
     p.add_argument("--src", help="the guestnet source tree to run (PYTHONPATH), for an A/B")
     a = p.parse_args(argv)
     if os.geteuid() != 0:
@@ -406,6 +407,8 @@ def _peer_cell(
             calls = ""
             if a.strace:
                 calls = _strace_run(compare, topo, pid, argv)
+            if a.profile and kind == "guestnet":
+                _profile_run(compare, topo, pid, argv, f"{a.profile}/dns_{label}_{mtu}.txt")
             errs = f" lost {lost} bad {bad}" if lost or bad else ""
             rows.append(
                 f"{backend:12s} {mtu:5d} {label:10s} {statistics.median(medians) / 1000:9.3f} "
@@ -418,6 +421,30 @@ def _peer_cell(
     finally:
         harness.teardown(procs_before, ns_before)
     return rows
+
+
+def _profile_run(compare: Any, topo: Any, pid: int, argv: list[str], path: str) -> None:
+    """One more client run with py-spy sampling guestnet; prints the hottest functions."""
+    from bench_tcp import summarize
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    spy = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "--pid", str(pid),
+         "--rate", "1000", "--nonblocking", "-f", "raw", "-o", path],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        time.sleep(1.0)
+        compare.ns_run(topo.guest, [*argv, "--count", "10000"], timeout=300)
+    finally:
+        spy.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            spy.wait(30)
+        if spy.poll() is None:
+            spy.kill()
+            spy.wait(5)
+    print(path, file=sys.stderr)
+    print(summarize(path, top=25), file=sys.stderr, flush=True)
 
 
 def _strace_run(compare: Any, topo: Any, pid: int, argv: list[str]) -> str:
