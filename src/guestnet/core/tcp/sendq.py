@@ -8,30 +8,37 @@ front when the guest acknowledges it; a retransmission reads a prefix. The queue
 under bulk: after a front deletion CPython's bytearray keeps an offset, and the next append that
 does not fit allocates a new buffer, copies everything still queued into it and frees the old
 one. With up to ``MAX_UNACKED`` (4 MiB) in flight that is a copy of megabytes every few appends
-and, for a moment, two buffers of that size alive at once, which is what set the process's peak
-RSS under bulk host-to-guest (issue 12).
+and, for a moment, two buffers of that size alive at once, which set the process's peak RSS
+under bulk host-to-guest (issue 12). A deque of one ``bytes`` per segment fixed the memory but
+cost more CPU per GB (an allocation and a free of up to 64 KiB per segment).
 
-Here the queue is a deque of the appended chunks (one per segment, up to a TSO super-frame) and
-an offset into the first: an append copies only its own bytes, an acknowledgement pops whole
-chunks and moves the offset, and memory is what is in flight plus the allocator's slack. The
-interface is the bytearray's as the TCP code used it (``len``, ``+=``, ``del q[:n]``, ``q[:n]``,
-``bytes(q)``), so nothing else changed.
+Here the queue is a ring in one ``bytearray``: an append copies its bytes in at the tail (two
+pieces where it wraps), an acknowledgement moves the head, and nothing is allocated while the
+flight fits. When it does not, the ring doubles in place (``buf *= 2``: a ``realloc`` and one
+copy of the old contents into the new half), and the doubled buffer needs no fix-up: what
+wrapped to the front of the old ring now also sits right after its end, so the queued bytes are
+contiguous from the same head. So the buffer is the power of two above the largest flight the
+flow has had (at most ``MAX_UNACKED``), and the CPU cost one ``memcpy`` per segment. When the
+queue empties the buffer is dropped if it grew past :data:`KEEP`, so an idle flow that once
+moved bulk holds little. The interface is the bytearray's as the TCP code used it (``len``,
+``+=``, ``del q[:n]``, ``q[:n]``, ``bytes(q)``), so nothing else changed.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any
+
+#: First ring size, and the most an empty queue keeps.
+KEEP = 1 << 14
 
 
 class SendQueue:
-    """Unacknowledged bytes as a queue of chunks; only prefix reads and deletions."""
+    """Unacknowledged bytes in a ring that doubles when full; prefix reads and deletions only."""
 
-    __slots__ = ("_chunks", "_head", "_len")
+    __slots__ = ("_buf", "_head", "_len")
 
     def __init__(self) -> None:
-        self._chunks: deque[bytes] = deque()
-        #: Bytes of the first chunk already acknowledged.
+        self._buf = bytearray()
         self._head = 0
         self._len = 0
 
@@ -40,34 +47,62 @@ class SendQueue:
 
     def __iadd__(self, data: bytes | bytearray | memoryview) -> SendQueue:
         n = len(data)
-        if n:
-            self._chunks.append(bytes(data))
-            self._len += n
+        if not n:
+            return self
+        buf = self._buf
+        size = self._len
+        cap = len(buf)
+        if size + n > cap:
+            buf = self._grow(size + n)
+            cap = len(buf)
+        tail = self._head + size
+        if tail >= cap:
+            tail -= cap
+        first = cap - tail
+        if n <= first:
+            buf[tail : tail + n] = data
+        else:
+            buf[tail:] = data[:first]
+            buf[: n - first] = data[first:]
+        self._len = size + n
         return self
+
+    def _grow(self, need: int) -> bytearray:
+        buf = self._buf
+        if not buf:
+            cap = KEEP
+            while cap < need:
+                cap *= 2
+            self._buf = buf = bytearray(cap)
+            self._head = 0
+            return buf
+        while len(buf) < need:
+            buf *= 2  # in place; the wrapped part reappears after the old end (see above)
+        return buf
 
     def __delitem__(self, key: slice) -> None:
         """``del q[:n]``: drop the first ``n`` bytes (all of them if fewer are queued)."""
         n = _prefix_len(key, self._len)
         self._len -= n
-        chunks = self._chunks
+        if not self._len:
+            self._head = 0
+            if len(self._buf) > KEEP:
+                self._buf = bytearray()
+            return
         head = self._head + n
-        while chunks and head >= len(chunks[0]):
-            head -= len(chunks.popleft())
-        self._head = head
+        cap = len(self._buf)
+        self._head = head - cap if head >= cap else head
 
     def __getitem__(self, key: slice) -> bytes:
         """``q[:n]``: a copy of the first ``n`` bytes."""
         n = _prefix_len(key, self._len)
-        out = []
-        start = self._head
-        for chunk in self._chunks:
-            if n <= 0:
-                break
-            piece = chunk[start : start + n]
-            out.append(piece)
-            n -= len(piece)
-            start = 0
-        return b"".join(out)
+        buf = self._buf
+        head = self._head
+        end = head + n
+        cap = len(buf)
+        if end <= cap:
+            return bytes(buf[head:end])
+        return bytes(buf[head:]) + bytes(buf[: end - cap])
 
     def __bytes__(self) -> bytes:
         return self[: self._len]
