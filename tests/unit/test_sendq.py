@@ -91,3 +91,26 @@ def test_bulk_pattern() -> None:
         del q[:n]
         acked = min(acked + n, sent)
         assert len(q) == sent - acked
+
+
+def test_ring_grows_while_wrapped() -> None:
+    """The ring doubles in place while its contents wrap around the end: they stay in order."""
+    from guestnet.core.tcp.sendq import KEEP
+
+    q = SendQueue()
+    first = bytes(i % 251 for i in range(KEEP))
+    q += first  # exactly full
+    del q[: KEEP - 100]  # head near the end
+    wrapped = bytes(range(200))
+    q += wrapped  # wraps to the front
+    assert bytes(q) == first[-100:] + wrapped
+    more = b"x" * (3 * KEEP)
+    q += more  # needs two doublings
+    assert bytes(q) == first[-100:] + wrapped + more
+    assert q[:150] == first[-100:] + wrapped[:50]
+    del q[:300]
+    assert bytes(q) == more
+    del q[: len(q)]
+    assert len(q) == 0 and q == b""
+    q += b"again"
+    assert bytes(q) == b"again"
