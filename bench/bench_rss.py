@@ -13,9 +13,9 @@ Cells, each with a fresh guestnet process in a loopback-only sandbox namespace:
   bench/bench_tcp.py's helpers) and ``peak`` is read at the end.
 
 Each cell prints VmRSS at start, VmHWM (the kernel's peak RSS, from /proc/PID/status) at the end,
-and, for netns, guestnet's CPU seconds (utime + stime) per GB moved by both iperf3 runs and the
-frame pools' high-water marks from the stats API (slots in use at once, each direction), which is
-what bounds the pools' share of the peak.
+and, for netns, each iperf3 run's Gbit/s and guestnet's CPU seconds (utime + stime) per GB it
+moved, and the frame pools' high-water marks from the stats API (slots in use at once, each
+direction), which is what bounds the pools' share of the peak.
 Every process and namespace is removed at the end, also on error or Ctrl-C.
 """
 
@@ -131,16 +131,17 @@ def netns_cell(mtu: int, duration: float, tmp: str) -> str:
         )  # fmt: skip
         wait(lambda: guest_ready(guest, 4), 15, "guestnet to configure the guest")
         rss = status_kb(gn.pid, "VmRSS")
-        cpu0 = cpu_seconds(gn.pid)
-        up, up_bytes = iperf(guest, sandbox, 4, duration, False)
-        down, down_bytes = iperf(guest, sandbox, 4, duration, True)
-        cpu = cpu_seconds(gn.pid) - cpu0
+        runs = []
+        for reverse in (False, True):
+            cpu0 = cpu_seconds(gn.pid)
+            gbps, nbytes = iperf(guest, sandbox, 4, duration, reverse)
+            runs.append(
+                f"{gbps:.2f} Gbit/s {(cpu_seconds(gn.pid) - cpu0) / (nbytes / 1e9):.2f} s/GB"
+            )
         hwm = status_kb(gn.pid, "VmHWM")
-        per_gb = cpu / ((up_bytes + down_bytes) / 1e9)
         return (
             f"netns MTU {mtu:>5}: start {mb(rss)}, peak {mb(hwm)} "
-            f"(up {up:.2f}, down {down:.2f} Gbit/s, CPU {per_gb:.2f} s/GB; "
-            f"{pool_high_water(api)})"
+            f"(up {runs[0]}, down {runs[1]}; {pool_high_water(api)})"
         )
     finally:
         stop(gn)
