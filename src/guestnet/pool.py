@@ -17,10 +17,12 @@ acquire is a *hit* and the datapath allocates nothing.
 Memory: a slot is sized for the largest frame any link may deliver (a TAP with offloads: a
 64 KiB super-frame, at any MTU), but most frames are far smaller: every frame a QEMU stream or
 datagram link carries is at most its MTU, and a bare ACK or a DNS answer is under 100 bytes. So
-a large slot is an anonymous ``mmap`` (:data:`MMAP_MIN`), whose pages the kernel provides only
-when first written: a slot costs resident memory for the bytes frames actually used in it, not
-its size (a ``bytearray`` is zero-filled, which touches every page at once). Slots are
-allocated only on a miss, so the ``mmap``/``munmap`` system calls stay off the steady path.
+a large slot is a private anonymous ``mmap`` (:data:`MMAP_MIN`; private: plain process memory,
+not the shared memory Python's default would make, and not shared with a forked helper), whose
+pages the kernel provides only when first written: a slot costs resident memory for the bytes
+frames actually used in it, not its size (a ``bytearray`` is zero-filled, which touches every
+page at once). Slots are allocated only on a miss, so the ``mmap``/``munmap`` system calls stay
+off the steady path.
 
 The pool belongs to the one loop that uses it. Nothing here is thread-safe, by design: the loop is
 the only owner (OpenVMM removed the locks from its single-owner RX pools for the same reason).
@@ -62,7 +64,7 @@ class Frame:
 
     def __init__(self, size: int) -> None:
         self.buf: bytearray | mmap.mmap = (
-            bytearray(size) if size < MMAP_MIN else mmap.mmap(-1, size)
+            bytearray(size) if size < MMAP_MIN else mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
         )
         self.view = memoryview(self.buf)
         self.start = HEADROOM
