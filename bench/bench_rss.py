@@ -1,18 +1,23 @@
 """guestnet's memory: RSS after start and peak RSS, idle and under bulk TCP (issue 12).
 
 Run (root): ``.venv/bin/python bench/bench_rss.py [--mtus 1500,65520] [--duration 3]
-[--skip-qemu] [--skip-netns]``
+[--skip-qemu] [--skip-slirp] [--skip-netns] [--reps N] [--src DIR]`` (``--src``: the guestnet
+tree to run, for an A/B against a ``git archive`` of another commit)
 
 Cells, each with a fresh guestnet process in a loopback-only sandbox namespace:
 
 - ``qemu MTU idle``: ``guestnet qemu --socket PATH --mtu MTU`` with no guest attached, read one
   second after its socket appears (what a VM's backend costs before the VM boots).
+- ``slirp MTU idle``: ``guestnet slirp4netns --configure --disable-host-loopback --mtu MTU
+  --netns-type=path GUEST tap0``, podman's way (``--disable-host-loopback`` makes guestnet list
+  the host's addresses), read one second after the guest has its address.
 - ``netns MTU``: ``guestnet netns GUEST --configure --mtu MTU``; ``start`` is read once the guest
   has its address, then iperf3 runs guest->host and host->guest (``--duration`` s each, through
   bench/bench_tcp.py's helpers) and ``peak`` is read at the end.
 
 Each cell prints VmRSS at start, VmHWM (the kernel's peak RSS, from /proc/PID/status) at the end,
-and, for netns, the frame pools' high-water marks from the stats API (slots in use at once, each
+and, for netns, each iperf3 run's Gbit/s and guestnet's CPU seconds (utime + stime) per GB it
+moved, and the frame pools' high-water marks from the stats API (slots in use at once, each
 direction), which is what bounds the pools' share of the peak.
 Every process and namespace is removed at the end, also on error or Ctrl-C.
 """
@@ -41,6 +46,12 @@ def status_kb(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise KeyError(field)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` (/proc/PID/stat), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def mb(kb: int) -> str:
@@ -108,6 +119,34 @@ def qemu_cell(mtu: int, tmp: str) -> str:
         remove_ns(sandbox)
 
 
+def slirp_cell(mtu: int) -> str:
+    """``guestnet slirp4netns`` as podman starts it (--disable-host-loopback), idle."""
+    tag = f"{os.getpid()}_{mtu}"
+    sandbox, guest = f"gnrsl{tag}", f"gnrsm{tag}"
+    gn: subprocess.Popen[bytes] | None = None
+    try:
+        add_ns(sandbox, guest)
+        gn = subprocess.Popen(
+            in_ns(sandbox, [sys.executable, "-m", "guestnet", "slirp4netns", "--configure",
+                            "--disable-host-loopback", "--mtu", str(min(mtu, 65520)),
+                            "--netns-type=path", f"/run/netns/{guest}", "tap0"]),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+        def configured() -> bool:
+            out = sh(in_ns(guest, ["ip", "-4", "-o", "addr", "show", "dev", "tap0"]), check=False)
+            return " 10.0.2.100/" in out.stdout
+
+        wait(configured, 15, "guestnet slirp4netns to configure tap0")
+        time.sleep(1.0)
+        rss, hwm = status_kb(gn.pid, "VmRSS"), status_kb(gn.pid, "VmHWM")
+        return f"slirp MTU {mtu:>5}: start {mb(rss)}, peak {mb(hwm)} (idle, podman's argv)"
+    finally:
+        stop(gn)
+        remove_ns(guest, sandbox)
+
+
 def netns_cell(mtu: int, duration: float, tmp: str) -> str:
     tag = f"{os.getpid()}_{mtu}"
     sandbox, guest = f"gnrss{tag}", f"gnrsg{tag}"
@@ -121,14 +160,19 @@ def netns_cell(mtu: int, duration: float, tmp: str) -> str:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        wait(lambda: guest_ready(guest), 15, "guestnet to configure the guest")
+        wait(lambda: guest_ready(guest, 4), 15, "guestnet to configure the guest")
         rss = status_kb(gn.pid, "VmRSS")
-        up = iperf(guest, sandbox, duration, False)
-        down = iperf(guest, sandbox, duration, True)
+        runs = []
+        for reverse in (False, True):
+            cpu0 = cpu_seconds(gn.pid)
+            gbps, nbytes = iperf(guest, sandbox, 4, duration, reverse)
+            runs.append(
+                f"{gbps:.2f} Gbit/s {(cpu_seconds(gn.pid) - cpu0) / (nbytes / 1e9):.2f} s/GB"
+            )
         hwm = status_kb(gn.pid, "VmHWM")
         return (
             f"netns MTU {mtu:>5}: start {mb(rss)}, peak {mb(hwm)} "
-            f"(up {up:.2f}, down {down:.2f} Gbit/s; {pool_high_water(api)})"
+            f"(up {runs[0]}, down {runs[1]}; {pool_high_water(api)})"
         )
     finally:
         stop(gn)
@@ -141,17 +185,27 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=3.0)
     p.add_argument("--skip-qemu", action="store_true")
     p.add_argument("--skip-netns", action="store_true")
+    p.add_argument("--skip-slirp", action="store_true")
+    p.add_argument(
+        "--src",
+        default=os.path.join(ROOT, "src"),
+        help="the guestnet source tree to run (an A/B against another checkout)",
+    )
+    p.add_argument("--reps", type=int, default=1, help="runs of every cell")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("bench_rss: needs root (network namespaces)", file=sys.stderr)
         return 2
-    os.environ["PYTHONPATH"] = os.path.join(ROOT, "src")
+    os.environ["PYTHONPATH"] = os.path.abspath(args.src)
     mtus = [int(m) for m in args.mtus.split(",")]
     with tempfile.TemporaryDirectory(prefix="gnrss") as tmp:
-        for mtu in [] if args.skip_qemu else mtus:
-            print(qemu_cell(mtu, tmp), flush=True)
-        for mtu in [] if args.skip_netns else mtus:
-            print(netns_cell(mtu, args.duration, tmp), flush=True)
+        for _ in range(args.reps):
+            for mtu in [] if args.skip_qemu else mtus:
+                print(qemu_cell(mtu, tmp), flush=True)
+            for mtu in [] if args.skip_slirp else mtus:
+                print(slirp_cell(mtu), flush=True)
+            for mtu in [] if args.skip_netns else mtus:
+                print(netns_cell(mtu, args.duration, tmp), flush=True)
     return 0
 
 

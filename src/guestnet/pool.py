@@ -14,16 +14,30 @@ buffer (a *miss*); on ``release()`` a buffer is kept only while the free list ho
 ``capacity``, so a burst is served but never grows memory for good. In steady state every
 acquire is a *hit* and the datapath allocates nothing.
 
+Memory: a slot is sized for the largest frame any link may deliver (a TAP with offloads: a
+64 KiB super-frame, at any MTU), but most frames are far smaller: every frame a QEMU stream or
+datagram link carries is at most its MTU, and a bare ACK or a DNS answer is under 100 bytes. So
+a large slot is a private anonymous ``mmap`` (:data:`MMAP_MIN`; private: plain process memory,
+not the shared memory Python's default would make, and not shared with a forked helper), whose
+pages the kernel provides only when first written: a slot costs resident memory for the bytes
+frames actually used in it, not its size (a ``bytearray`` is zero-filled, which touches every
+page at once). Slots are allocated only on a miss, so the ``mmap``/``munmap`` system calls stay
+off the steady path.
+
 The pool belongs to the one loop that uses it. Nothing here is thread-safe, by design: the loop is
 the only owner (OpenVMM removed the locks from its single-owner RX pools for the same reason).
 """
 
 from __future__ import annotations
 
+import mmap
+
 #: Bytes kept free in front of every frame for a link prefix (virtio-net header is 10 or 12).
 HEADROOM = 16
 #: Ethernet header plus one VLAN tag.
 LINK_HEADERS = 18
+#: Slots from this size up are anonymous mappings, resident only where written (see above).
+MMAP_MIN = 16384
 
 
 def slot_size_for(mtu: int, offloads: bool = True) -> int:
@@ -49,7 +63,9 @@ class Frame:
     __slots__ = ("buf", "csum_offset", "csum_start", "gso_size", "length", "start", "taken", "view")
 
     def __init__(self, size: int) -> None:
-        self.buf = bytearray(size)
+        self.buf: bytearray | mmap.mmap = (
+            bytearray(size) if size < MMAP_MIN else mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+        )
         self.view = memoryview(self.buf)
         self.start = HEADROOM
         self.length = 0

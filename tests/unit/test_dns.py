@@ -545,3 +545,23 @@ def test_driver_refused_upstream_servfail_at_once(frames: Any) -> None:
         assert h.inst.counters["dns.upstream.refused"] == 1
     finally:
         h.inst.close()
+
+
+def test_default_ids_come_from_urandom_in_batches(monkeypatch: Any) -> None:
+    import os
+
+    from guestnet.core import dns as core_dns
+
+    calls = []
+    real = os.urandom
+
+    def counting(n: int) -> bytes:
+        calls.append(n)
+        return real(n)
+
+    monkeypatch.setattr(core_dns.os, "urandom", counting)
+    ids = core_dns.UrandomIds()
+    got = [ids.getrandbits(16) for _ in range(core_dns.ID_BATCH + 1)]
+    assert len(calls) == 2 and all(0 <= i < 65536 for i in got)
+    assert len(set(got)) > core_dns.ID_BATCH * 0.9
+    assert all(0 <= ids.getrandbits(4) < 16 for _ in range(100))

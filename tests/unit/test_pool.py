@@ -141,3 +141,36 @@ def test_steady_state_has_no_misses_after_warm_up() -> None:
     assert pool.hits == 6 + 30_000
     assert pool.high_water == 3
     assert pool.in_use == 0
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_large_slots_are_resident_only_where_written() -> None:
+    """64 super-frame slots holding small frames (a QEMU link's, ACKs, DNS answers) cost a page
+    or two each, not 64 KiB: a large slot is an anonymous mapping, not a zero-filled buffer."""
+    pool = FramePool(1500, capacity=64)
+    assert pool.slot_size > 65536
+    before = _rss_kb()
+    frames = [pool.acquire() for _ in range(64)]
+    for frame in frames:
+        frame.room[:1514] = bytes(range(256)) * 5 + bytes(234)
+        frame.length = 1514
+    grown = _rss_kb() - before
+    assert grown < 64 * 16, f"{grown} kB for 64 frames of 1514 bytes"
+    assert bytes(frames[7].data[:3]) == b"\x00\x01\x02"
+    # and the whole slot is usable: a full super-frame fits
+    frames[0].room[: 65535 + LINK_HEADERS] = b"\xab" * (65535 + LINK_HEADERS)
+    assert frames[0].room[65535 + LINK_HEADERS - 1] == 0xAB
+    for frame in frames:
+        pool.release(frame)
+
+
+def test_small_slots_stay_bytearrays() -> None:
+    frame = FramePool(1500, slot_size=2048).acquire()
+    assert isinstance(frame.buf, bytearray)

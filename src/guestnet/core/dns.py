@@ -3,8 +3,9 @@
 Theory of operation
 -------------------
 Queries to UDP port 53 on ``config.dns_ip`` or ``config.gateway`` arrive in :meth:`handle_udp`.
-Each is checked with dnspython (a query that does not parse gets FORMERR when its 12-byte header
-is there to answer, else a counted drop), then either answered here or forwarded:
+Each is checked by :func:`guestnet.wire.dns.parse_query` (a query that does not parse gets
+FORMERR when its 12-byte header is there to answer, else a counted drop), then either answered
+here or forwarded:
 
 - **Built-in names** (:data:`BUILTIN_NAMES`, any case): an A query gets the gateway address,
   an AAAA query the IPv6 gateway address (with IPv6 on), any other type gets NOERROR with no
@@ -36,47 +37,62 @@ Limits: at most :data:`MAX_PENDING` forwarded queries wait at once; beyond that 
 SERVFAIL (``dns.pending.full``). A guest retransmitting a query still outstanding (same address,
 port, id and question) is not forwarded twice (``dns.query.duplicate``).
 
-dnspython raises its own exceptions for bad input (compression loops, counts that lie, short
-records); they are caught by name in :data:`_PARSE_ERRORS` and never leave this module.
+Cost. The forwarding path parses only the header and question (names, counts and record
+bounds are checked, record data is skipped by length), keeps the guest's bytes for the upstream
+with two bytes of id changed, and copies the upstream's answer into the guest's frame as it came,
+its id restored: nothing is decoded or re-encoded either way. Bad input raises
+:class:`~guestnet.wire.dns.DnsError`, which never leaves this module.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import os
 import random
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
-
-import dns.exception
-import dns.flags
-import dns.message
-import dns.name
-import dns.opcode
-import dns.rcode
-import dns.rdata
-import dns.rdataclass
-import dns.rdatatype
-import dns.rrset
+from typing import NamedTuple, Protocol
 
 from guestnet.config import Config
 from guestnet.core.packet import IpPacket
 from guestnet.core.port import Port
 from guestnet.counters import Counters
 from guestnet.pool import FramePool
+from guestnet.wire.dns import (
+    CLASS_IN,
+    DNS_HLEN,
+    FORMERR,
+    NOERROR,
+    NOTIMP,
+    NXDOMAIN,
+    OPCODE_QUERY,
+    QR,
+    REFUSED,
+    SERVFAIL,
+    TC,
+    TYPE_A,
+    TYPE_AAAA,
+    DnsError,
+    Query,
+    build_response,
+    encode_name,
+    header_only,
+    is_subdomain,
+    parse_query,
+)
 from guestnet.wire.l3 import L3Family, build_udp_frame
 from guestnet.wire.udp import DNS_PORT, UDP_HLEN
 
-#: DNS header length: id, flags and four counts.
-DNS_HLEN = 12
 #: How long one upstream has to answer before the query moves to the next one.
 UPSTREAM_TIMEOUT_S = 2.0
 #: How long an upstream that timed out or refused is skipped by new queries.
 DOWN_HOLD_S = 30.0
 #: Most forwarded queries outstanding at once.
 MAX_PENDING = 1024
+#: Upstream query ids drawn from the kernel per ``getrandom`` call.
+ID_BATCH = 512
 #: TTL of built-in answers.
 BUILTIN_TTL = 60
 #: Names that stand for the host (the gateway address), as other backends name it.
@@ -89,23 +105,37 @@ BUILTIN_NAMES = (
 #: Our own zone: names in it that are not built in do not exist.
 LOCAL_ZONE = "guestnet.internal"
 
-_QR = 0x8000
-_TC = 0x0200
-_RD = 0x0100
-_RA = 0x0080
-_HDR = struct.Struct("!HHHHHH")
+_HDR = struct.Struct("!HHH")
+_ID = struct.Struct("!H")
 
-#: What dnspython may raise on bad bytes. DNSException covers FormError and its kin (BadPointer
-#: for compression loops, ShortHeader, TrailingJunk, BadLabelType, NameTooLong, UnknownTSIGKey);
-#: the rest are what rdata parsers raise for values they reject.
-_PARSE_ERRORS = (
-    dns.exception.DNSException,
-    ValueError,
-    TypeError,
-    IndexError,
-    KeyError,
-    struct.error,
-)
+
+class _Bits(Protocol):
+    def getrandbits(self, k: int, /) -> int: ...
+
+
+class UrandomIds:
+    """Upstream query ids from the kernel's CSPRNG, drawn :data:`ID_BATCH` at a time.
+
+    ``random.SystemRandom`` makes one ``getrandom`` system call per id, which was one of the
+    nine system calls of a forwarded query; these ids are as unpredictable, for one call per
+    :data:`ID_BATCH` queries.
+    """
+
+    __slots__ = ("_buf", "_off")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._off = 0
+
+    def getrandbits(self, k: int, /) -> int:
+        """``k`` (at most 16) random bits."""
+        assert 0 < k <= 16
+        off = self._off
+        if off + 2 > len(self._buf):
+            self._buf = os.urandom(2 * ID_BATCH)
+            off = 0
+        self._off = off + 2
+        return int.from_bytes(self._buf[off : off + 2], "big") >> (16 - k)
 
 
 class UpstreamQuery(NamedTuple):
@@ -130,7 +160,7 @@ class _Pending:
     client_id: int
     upstream_id: int
     #: The parsed query, for a SERVFAIL built when every upstream failed.
-    query: dns.message.Message
+    query: Query
     #: The query as it leaves: the guest's bytes with our id.
     wire: bytes
     #: Question as it must come back: name (uncompressed, lower case), type, class.
@@ -165,7 +195,7 @@ class DnsService:
         self.upstreams = tuple(upstreams)
         self.timeout_s = timeout_s
         self.max_pending = max_pending
-        self._rng = rng if rng is not None else random.SystemRandom()
+        self._rng: _Bits = rng if rng is not None else UrandomIds()
         #: Queries for the driver to send, in order; the driver empties it.
         self.outbox: list[UpstreamQuery] = []
         self._by_id: dict[int, _Pending] = {}
@@ -173,17 +203,12 @@ class DnsService:
         self._timeouts: list[tuple[float, int, int]] = []
         self._seq = itertools.count()
         self._down_until = [0.0] * len(self.upstreams)
-        gateway: dict[int, dns.rdata.Rdata] = {
-            dns.rdatatype.A: dns.rdata.from_text(
-                dns.rdataclass.IN, dns.rdatatype.A, str(config.gateway)
-            )
-        }
+        #: Built-in names (wire form, lower case) -> record type -> address bytes.
+        gateway = {TYPE_A: config.gateway.packed}
         if config.ipv6:
-            gateway[dns.rdatatype.AAAA] = dns.rdata.from_text(
-                dns.rdataclass.IN, dns.rdatatype.AAAA, str(config.gateway6)
-            )
-        self._builtin = {dns.name.from_text(n): gateway for n in BUILTIN_NAMES}
-        self._zone = dns.name.from_text(LOCAL_ZONE)
+            gateway[TYPE_AAAA] = config.gateway6.packed
+        self._builtin = {encode_name(n): gateway for n in BUILTIN_NAMES}
+        self._zone = encode_name(LOCAL_ZONE)
         self._mtu = config.mtu
 
     # -- queries from the guest -------------------------------------------------------------
@@ -202,66 +227,63 @@ class DnsService:
             counters.inc("dns.query.short")
             return
         client_id, flags = _HDR.unpack_from(payload, 0)[:2]
-        if flags & _QR:
+        if flags & QR:
             counters.inc("dns.query.is_response")
             return
         wire = bytes(payload)
         try:
-            query = dns.message.from_wire(wire, keyring=False)
-        except _PARSE_ERRORS:
+            query = parse_query(wire)
+        except DnsError:
             counters.inc("dns.query.malformed")
-            self._reply(pkt, sport, _header_only(client_id, flags, dns.rcode.FORMERR))
+            self._reply(pkt, sport, header_only(client_id, flags, FORMERR))
             return
-        if query.opcode() != dns.opcode.QUERY:
+        if query.opcode != OPCODE_QUERY:
             counters.inc("dns.query.not_implemented")
-            self._reply(pkt, sport, self._response(query, dns.rcode.NOTIMP))
+            self._reply(pkt, sport, self._response(query, NOTIMP))
             return
-        if len(query.question) != 1:
+        if len(query.questions) != 1:
             counters.inc("dns.query.question_count")
-            self._reply(pkt, sport, self._response(query, dns.rcode.FORMERR))
+            self._reply(pkt, sport, self._response(query, FORMERR))
             return
-        q = query.question[0]
-        if q.name.is_subdomain(self._zone) or q.name in self._builtin:
-            self._answer_builtin(pkt, sport, query)
+        name = query.questions[0].name.lower()
+        if name in self._builtin or is_subdomain(name, self._zone):
+            self._answer_builtin(pkt, sport, query, name)
             return
-        self._forward(pkt, sport, query, wire, now)
+        self._forward(pkt, sport, query, name, wire, now)
 
-    def _answer_builtin(self, pkt: IpPacket, sport: int, query: dns.message.Message) -> None:
-        q = query.question[0]
-        by_type = self._builtin.get(q.name)
+    def _answer_builtin(self, pkt: IpPacket, sport: int, query: Query, name: bytes) -> None:
+        q = query.questions[0]
+        by_type = self._builtin.get(name)
         if by_type is None:
             self.counters.inc("dns.builtin.nxdomain")
-            self._reply(pkt, sport, self._response(query, dns.rcode.NXDOMAIN, aa=True))
+            self._reply(pkt, sport, self._response(query, NXDOMAIN, aa=True))
             return
         answer = None
-        rdata = by_type.get(q.rdtype) if q.rdclass == dns.rdataclass.IN else None
+        rdata = by_type.get(q.qtype) if q.qclass == CLASS_IN else None
         if rdata is not None:
             self.counters.inc("dns.builtin.answer")
-            answer = dns.rrset.from_rdata(q.name, BUILTIN_TTL, rdata)
+            answer = (q.qtype, BUILTIN_TTL, rdata)
         else:
             self.counters.inc("dns.builtin.nodata")
-        self._reply(pkt, sport, self._response(query, dns.rcode.NOERROR, aa=True, answer=answer))
+        self._reply(pkt, sport, self._response(query, NOERROR, aa=True, answer=answer))
 
     def _forward(
-        self, pkt: IpPacket, sport: int, query: dns.message.Message, wire: bytes, now: float
+        self, pkt: IpPacket, sport: int, query: Query, name: bytes, wire: bytes, now: float
     ) -> None:
         counters = self.counters
         if not self.upstreams:
             counters.inc("dns.upstream.none")
-            self._reply(pkt, sport, self._response(query, dns.rcode.SERVFAIL))
+            self._reply(pkt, sport, self._response(query, SERVFAIL))
             return
-        q = query.question[0]
-        name = q.name.to_wire()
-        assert name is not None
-        name = name.lower()
-        question = name + struct.pack("!HH", q.rdtype, q.rdclass)
-        key = (pkt.src, sport, query.id, question)
+        # The question as it must come back: the name lowered, then type and class as sent.
+        question = name + wire[query.question_end - 4 : query.question_end]
+        key = (pkt.src, sport, query.ident, question)
         if key in self._by_client:
             counters.inc("dns.query.duplicate")
             return
         if len(self._by_id) >= self.max_pending:
             counters.inc("dns.pending.full")
-            self._reply(pkt, sport, self._response(query, dns.rcode.SERVFAIL))
+            self._reply(pkt, sport, self._response(query, SERVFAIL))
             return
         uid = self._fresh_id()
         first = self._first_upstream(now)
@@ -272,10 +294,10 @@ class DnsService:
             guest_ip=pkt.src,
             asked_ip=pkt.dst,
             sport=sport,
-            client_id=query.id,
+            client_id=query.ident,
             upstream_id=uid,
             query=query,
-            wire=struct.pack("!H", uid) + wire[2:],
+            wire=_ID.pack(uid) + wire[2:],
             question=question,
             name_len=len(name),
             upstream=first,
@@ -336,7 +358,7 @@ class DnsService:
             return
         uid, flags, qdcount = _HDR.unpack_from(data, 0)[:3]
         pending = self._by_id.get(uid)
-        if pending is None or not flags & _QR or not (pending.tried >> upstream) & 1:
+        if pending is None or not flags & QR or not (pending.tried >> upstream) & 1:
             counters.inc("dns.upstream.unmatched")
             return
         rcode = flags & 0x000F
@@ -349,11 +371,11 @@ class DnsService:
             ):
                 counters.inc("dns.upstream.unmatched")
                 return
-        elif qdcount != 0 or rcode == dns.rcode.NOERROR:
+        elif qdcount != 0 or rcode == NOERROR:
             # Only an error answer may leave the question out (some servers do for FORMERR).
             counters.inc("dns.upstream.unmatched")
             return
-        if rcode == dns.rcode.REFUSED and self._next_untried(pending) is not None:
+        if rcode == REFUSED and self._next_untried(pending) is not None:
             self._fail_over(pending, now, "dns.upstream.refused_answer")
             return
         self._finish(pending)
@@ -413,7 +435,7 @@ class DnsService:
             return
         self._finish(pending)
         self.counters.inc("dns.answer.servfail")
-        wire = self._response(pending.query, dns.rcode.SERVFAIL)
+        wire = self._response(pending.query, SERVFAIL)
         self._send_to_guest(pending, wire, None, 0)
 
     def _finish(self, pending: _Pending) -> None:
@@ -425,24 +447,14 @@ class DnsService:
 
     def _response(
         self,
-        query: dns.message.Message,
-        rcode: dns.rcode.Rcode,
+        query: Query,
+        rcode: int,
         aa: bool = False,
-        answer: dns.rrset.RRset | None = None,
+        answer: tuple[int, int, bytes] | None = None,
     ) -> bytes:
-        """An answer to ``query`` built by dnspython (question and EDNS echoed)."""
-        try:
-            response = dns.message.make_response(query, recursion_available=True)
-            response.set_rcode(rcode)
-            if aa:
-                response.flags |= dns.flags.AA
-            if answer is not None:
-                response.answer.append(answer)
-            return response.to_wire()
-        except _PARSE_ERRORS:
-            # A query dnspython read but cannot echo (an odd TSIG, say): header only.
-            self.counters.inc("dns.answer.header_only")
-            return _header_only(query.id, query.flags, rcode)
+        """An answer to ``query``, questions and EDNS echoed (unsigned: a TSIG in the query is
+        checked for its place, not its key, as the forwarded queries' upstream does the rest)."""
+        return build_response(query, rcode, aa=aa, answer=answer)
 
     def _reply(self, pkt: IpPacket, sport: int, wire: bytes) -> None:
         self._emit(pkt.port, pkt.family, pkt.src_mac, pkt.src, pkt.dst, sport, wire, None, 0)
@@ -488,19 +500,13 @@ class DnsService:
             self.counters.inc("dns.answer.truncated_for_mtu")
             n = DNS_HLEN + qlen
             buf[off : off + n] = data[:n]
-            flags = ((buf[off + 2] << 8) | buf[off + 3]) | _TC
+            flags = ((buf[off + 2] << 8) | buf[off + 3]) | TC
             struct.pack_into("!HHHHH", buf, off + 2, flags, 1 if qlen else 0, 0, 0, 0)
         else:
             buf[off : off + n] = data
         if client_id is not None:
-            struct.pack_into("!H", buf, off, client_id)
+            _ID.pack_into(buf, off, client_id)
         frame.length = build_udp_frame(
             family, buf, start, guest_mac, self.config.mac, our_ip, guest_ip, DNS_PORT, sport, n
         )
         port.send(frame)
-
-
-def _header_only(ident: int, query_flags: int, rcode: dns.rcode.Rcode) -> bytes:
-    """A bare answer header: the query's id, opcode and RD, with ``rcode`` and no sections."""
-    flags = _QR | (query_flags & 0x7800) | (query_flags & _RD) | _RA | (rcode & 0x000F)
-    return _HDR.pack(ident, flags, 0, 0, 0, 0)

@@ -204,15 +204,24 @@ class DnsUpstreamIO:
                 self._failed(upstream, now, "dns.upstream.recv_error")
                 break
             core.handle_upstream_answer(upstream, view[:n], now)
+            if not core.pending_count:
+                # Nothing else is awaited: another recv would only say EAGAIN (one system call
+                # per query saved). A late or stray datagram still queued wakes epoll again,
+                # the fd being level-triggered.
+                break
         self._flush(now)
 
     def _arm_timer(self) -> None:
+        """Keep a loop timer armed no later than the core's next deadline.
+
+        A timer is not cancelled when nothing waits any more: it fires once for nothing (at
+        most one such wake-up per :data:`UPSTREAM_TIMEOUT_S`), while the next queries find it
+        armed early enough. Cancelling and arming one per query cost a timer object and two
+        heap operations on every forwarded query.
+        """
         deadline = self.core.next_deadline()
         timer = self._timer
         if deadline is None:
-            if timer is not None:
-                timer.cancel()
-                self._timer = None
             return
         if timer is not None and not timer.cancelled and timer.when <= deadline:
             return

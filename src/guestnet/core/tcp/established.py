@@ -47,6 +47,7 @@ from guestnet.core.tcp.flow import (
     OUR_WSCALE,
     PERSIST_MIN_S,
     READ_BATCH,
+    READ_BATCH_BYTES,
     REAP_DELAY_S,
     SEQ_MASK,
     WND_CHECK_MIN_S,
@@ -293,6 +294,7 @@ class _Established(_Recovery):
             pool = self.pool
             io = self.io
             seg_max = self._seg_max(flow)
+            most = READ_BATCH_BYTES // seg_max or 1
             hdrs = hdrs_len(flow.family)
             while True:
                 flight = seq_delta(flow.snd_nxt, flow.snd_una)
@@ -309,7 +311,7 @@ class _Established(_Recovery):
                 # frames (adaptive, see below).
                 frames: list[Frame] = []
                 views: list[memoryview] = []
-                batch = flow.read_frames
+                batch = flow.read_frames if flow.read_frames < most else most
                 asked = 0
                 while room > 0 and len(frames) < batch:
                     n = seg_max if room > seg_max else room
