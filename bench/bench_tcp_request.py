@@ -53,6 +53,7 @@ class ScriptedIo:
     def __init__(self) -> None:
         self.readable: dict[TcpFlow, list[bytes]] = {}
         self.timers: dict[TcpFlow, float] = {}
+        self.drained: dict[TcpFlow, bool] = {}
         self.flush = False
 
     def connect(self, flow: TcpFlow) -> int:
@@ -63,6 +64,10 @@ class ScriptedIo:
         return len(data)
 
     def recv_into(self, flow: TcpFlow, bufs: list[memoryview]) -> int:
+        # As the real driver (io/tcp_nat.py): after a short read the queue is known empty;
+        # it says so by clearing ``host_readable`` (trees that read on get -1 at once).
+        if self.drained.pop(flow, False):
+            return -1
         queue = self.readable.get(flow)
         if not queue:
             return -1
@@ -70,6 +75,9 @@ class ScriptedIo:
         if not data:
             return 0
         bufs[0][: len(data)] = data
+        if not queue:
+            self.drained[flow] = True
+            flow.host_readable = False
         return len(data)
 
     def send_room(self, flow: TcpFlow) -> int:
@@ -80,6 +88,7 @@ class ScriptedIo:
 
     def close(self, flow: TcpFlow, reset: bool) -> None:
         self.readable.pop(flow, None)
+        self.drained.pop(flow, None)
 
     def set_timer(self, flow: TcpFlow, when: float | None) -> None:
         if when is None:
@@ -140,6 +149,7 @@ class Rig:
     def host(self, flow: TcpFlow, data: bytes) -> None:
         self.now += 1e-5
         self.io.readable.setdefault(flow, []).append(data)
+        self.io.drained.pop(flow, None)  # the event clears it
         self.nat.host_readable(flow, self.now)
         self.end_turn()
 

@@ -253,6 +253,8 @@ class Forwards:
                 # listeners share a port, so "in use" stays the kernel's answer. (Not for UDP,
                 # where it would let two sockets share the port.)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                # Accepted connections inherit TCP_NODELAY: none needs a setsockopt of its own.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.bind((str(addr), port))
             if proto == "tcp":
                 sock.listen(128)

@@ -360,6 +360,9 @@ class _Established(_Recovery):
                     unacked += view[:take]
                     flow.snd_nxt = (seq + take) & SEQ_MASK
                     self._segment(flow, frame, seq, ACK | PSH, take)
+                if not flow.host_readable:
+                    # The driver knows this read emptied the queue (see TcpIo.recv_into).
+                    break
                 # A short read usually means the socket is drained, but an EOF (or error) may
                 # sit behind the data and edge-triggered epoll would not report it again: read
                 # on until EAGAIN.

@@ -103,7 +103,9 @@ class TcpIo(Protocol):
 
     def recv_into(self, flow: TcpFlow, bufs: list[memoryview]) -> int:
         """Read into ``bufs`` in order (one scatter read): bytes read, 0 at EOF, -1 when
-        nothing is there. Raises OSError."""
+        nothing is there. Raises OSError. A driver that knows the read emptied the queue (a
+        short read with no EOF or error pending) clears ``flow.host_readable``: the core then
+        reads no more until the driver reports the next edge (:meth:`TcpNat.host_readable`)."""
 
     def send_room(self, flow: TcpFlow) -> int:
         """Bytes the host socket's send buffer can take now (an estimate)."""
