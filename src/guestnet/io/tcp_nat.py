@@ -51,6 +51,7 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import mmap
 import select
 import socket
 import struct
@@ -70,6 +71,11 @@ log = logging.getLogger(__name__)
 #: six, of which SNDBUF (index 3) and WMEM_QUEUED (index 5).
 SO_MEMINFO = 55
 _MEMINFO = struct.Struct("12xI4xI")
+#: setsockopt: where the next MSG_PEEK reads, kept by the kernel (TCP since Linux 6.9).
+SO_PEEK_OFF = 42
+#: Most bytes one ``discard`` call drops (a flow has at most MAX_UNACKED in flight).
+_SCRATCH_SIZE = 1 << 22
+_scratch_view: memoryview | None = None
 _EVENTS = EPOLLIN | EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -77,7 +83,7 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 class _HostSock:
     """A flow's host socket and loop timer (the flow's ``io_data``)."""
 
-    __slots__ = ("drained", "fd", "fire", "fresh", "hup", "nagle", "sock", "timer")
+    __slots__ = ("drained", "fd", "fire", "fresh", "hup", "nagle", "peek", "sock", "timer")
 
     def __init__(self, sock: socket.socket, nagle: bool = True) -> None:
         self.sock: socket.socket | None = sock
@@ -95,6 +101,8 @@ class _HostSock:
         self.nagle = nagle
         #: Nothing was sent yet: the send buffer is empty (see ``send_room``).
         self.fresh = True
+        #: Reads peek (``MSG_PEEK`` at ``SO_PEEK_OFF``): the data stays until ``discard``.
+        self.peek = 0
 
 
 class TcpNatDriver:
@@ -120,6 +128,8 @@ class TcpNatDriver:
         #: What ``send_room`` says of a socket that has sent nothing yet: its empty send buffer
         #: is at least the initial ``tcp_wmem`` size, less the same eighth.
         self.fresh_room = _initial_sndbuf() * 7 // 8
+        #: Host sockets can keep data for retransmission (``keep``); off after one refusal.
+        self.peek_ok = True
         nat.io = self
 
     # -- TcpIo -----------------------------------------------------------------------------------
@@ -202,12 +212,13 @@ class TcpNatDriver:
             # it; this is for a caller that reads on).
             hs.drained = False
             return -1
+        flags = hs.peek
         try:
             if len(bufs) == 1:
-                n = int(sock.recv_into(bufs[0]))
+                n = int(sock.recv_into(bufs[0], 0, flags))
                 asked = len(bufs[0])
             else:
-                n = int(sock.recvmsg_into(bufs)[0])
+                n = int(sock.recvmsg_into(bufs, 0, flags)[0])
                 asked = sum(map(len, bufs))
         except BlockingIOError:
             return -1
@@ -218,6 +229,51 @@ class TcpNatDriver:
             hs.drained = True
             flow.host_readable = False
         return n
+
+    def keep(self, flow: TcpFlow) -> bool:
+        hs = flow.io_data
+        sock = hs.sock
+        if sock is None or not self.peek_ok:
+            return False
+        try:
+            # The kernel keeps the offset of the next peek (and moves it back as we discard).
+            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+        except OSError:
+            # A kernel without SO_PEEK_OFF for TCP (before 6.9): keep copying, for every flow.
+            self.peek_ok = False
+            return False
+        hs.peek = socket.MSG_PEEK
+        return True
+
+    def discard(self, flow: TcpFlow, nbytes: int) -> None:
+        sock = flow.io_data.sock
+        if sock is None:
+            return
+        scratch = _scratch()
+        while nbytes > 0:
+            # MSG_TRUNC: TCP drops the bytes without copying them (the scratch is never
+            # written); the peek offset moves back by as many.
+            try:
+                n = int(sock.recv_into(scratch, min(nbytes, len(scratch)), socket.MSG_TRUNC))
+            except BlockingIOError:
+                return
+            if n <= 0:
+                return
+            nbytes -= n
+
+    def reread(self, flow: TcpFlow, bufs: list[memoryview], kept: int) -> int:
+        sock = flow.io_data.sock
+        if sock is None:
+            raise BrokenPipeError(errno.EPIPE, "host socket closed")
+        sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+        try:
+            if len(bufs) == 1:
+                return int(sock.recv_into(bufs[0], 0, socket.MSG_PEEK))
+            return int(sock.recvmsg_into(bufs, 0, socket.MSG_PEEK)[0])
+        except BlockingIOError:
+            return 0
+        finally:
+            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, kept)
 
     def send_room(self, flow: TcpFlow) -> int:
         hs = flow.io_data
@@ -341,6 +397,15 @@ class TcpNatDriver:
     def close_all(self) -> None:
         """Shutdown: close every host socket."""
         self.nat.close_all()
+
+
+def _scratch() -> memoryview:
+    """Where ``discard`` points its reads: anonymous memory the kernel never writes (MSG_TRUNC),
+    so it stays untouched and costs no resident memory."""
+    global _scratch_view
+    if _scratch_view is None:
+        _scratch_view = memoryview(mmap.mmap(-1, _SCRATCH_SIZE))
+    return _scratch_view
 
 
 def _initial_sndbuf() -> int:
