@@ -30,6 +30,14 @@ was ~2% here, tens of KiB, more than the room left; the guest then sent into a w
 could not take, and every short ``send`` cost it a whole window of loss recovery, seconds with
 64 KiB super-frames.)
 
+Data kept in the host socket (``keep``, ``discard``, ``reread``; the core decides when, see
+``core/tcp/established.py``): ``SO_PEEK_OFF`` 0 once, after which every read is ``MSG_PEEK`` and
+the kernel advances the offset; ``discard`` is ``recv(MSG_TRUNC)``, which TCP serves by dropping
+the bytes without copying them (into an anonymous mapping it never writes) and which moves the
+offset back by as many; ``reread`` peeks from offset 0 and sets the offset back to what the core
+says is kept. A kernel without ``SO_PEEK_OFF`` for TCP (before 6.9) refuses the first
+``setsockopt`` and every flow keeps copying.
+
 Timers: one loop timer per flow, armed lazily. A flow's deadline moves later on nearly every
 segment (RTO restart, idle timeout); the loop timer is re-armed only when the new deadline is
 earlier than the armed one, and otherwise fires early, asks the core, and is re-armed. ACKs
