@@ -1,7 +1,7 @@
 """Published TCP ports (host -> guest forwarding): guestnet ``-p`` side by side with pasta ``-t``.
 
 Run (root): ``.venv/bin/python bench/bench_forward.py [--mtus 1500,65520] [--duration 5]
-[--reps 3] [--backends guestnet,pasta] [--conn-seconds 3]``
+[--reps 3] [--backends guestnet,pasta] [--conn-seconds 3] [--src OTHER/src]``
 
 For each backend and MTU: a sandbox namespace runs the backend, which serves a guest namespace and
 publishes host port 15201 -> guest 5201 (``iperf3 -s`` in the guest) and 15301 -> 5301 (bench/
@@ -14,7 +14,9 @@ guestnet's sandbox is loopback-only; pasta refuses to start without a routable i
 sandbox also gets a veth to a dead-end namespace (198.18.0.1/24 <-> 198.18.0.2/24, default route
 via 198.18.0.2, nothing behind it). pasta: ``pasta --runas 0 --netns /run/netns/GUEST
 --config-net -a 10.0.2.15 -n 24 -g 10.0.2.2 -m MTU --no-ndp --no-dhcpv6 --ipv4-only -f -q
--t 15201:5201 -t 15301:5301`` in the sandbox. Prints a table of medians over ``--reps``.
+-t 15201:5201 -t 15301:5301`` in the sandbox. Prints a table of medians over ``--reps``, with
+the backend process's CPU time (utime + stime) per forwarded connection. ``--duration 0`` skips
+iperf3 (connections only); ``--src`` runs another tree's guestnet (A/B).
 Every process and namespace is removed at the end, also on error or Ctrl-C.
 """
 
@@ -139,6 +141,12 @@ class Cell:
             server.kill()
             server.wait(5)
 
+    def cpu_seconds(self) -> float:
+        """utime + stime of the backend process (/proc/PID/stat)."""
+        with open(f"/proc/{self.procs[0].pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def connrate(self, seconds: float) -> float:
         netbench = os.path.join(HERE, "netbench.py")
         out = sh(
@@ -170,13 +178,20 @@ def run_cell(backend: str, mtu: int, args: argparse.Namespace) -> dict[str, floa
     cell = Cell(backend, mtu)
     try:
         cell.start()
-        h2g = [cell.iperf(args.duration, False) for _ in range(args.reps)]
-        g2h = [cell.iperf(args.duration, True) for _ in range(args.reps)]
-        conns = [cell.connrate(args.conn_seconds) for _ in range(args.reps)]
+        reps = range(args.reps if args.duration else 0)
+        h2g = [cell.iperf(args.duration, False) for _ in reps] or [0.0]
+        g2h = [cell.iperf(args.duration, True) for _ in reps] or [0.0]
+        conns, cpu = [], []
+        for _ in range(args.reps):
+            cpu0 = cell.cpu_seconds()
+            rate = cell.connrate(args.conn_seconds)
+            conns.append(rate)
+            cpu.append((cell.cpu_seconds() - cpu0) * 1e6 / max(rate * args.conn_seconds, 1.0))
         return {
             "h2g": statistics.median(h2g),
             "g2h": statistics.median(g2h),
             "conns": statistics.median(conns),
+            "cpu": statistics.median(cpu),
             "spread": f"{min(h2g):.2f}-{max(h2g):.2f} / {min(g2h):.2f}-{max(g2h):.2f}",
         }
     except Exception as exc:  # one failing cell must not lose the others
@@ -192,25 +207,31 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--conn-seconds", type=float, default=3.0)
+    p.add_argument(
+        "--src",
+        metavar="DIR",
+        default=os.path.join(ROOT, "src"),
+        help="the source tree whose guestnet runs (A/B); default: this one's",
+    )
     args = p.parse_args()
     if os.geteuid() != 0:
         print("bench_forward: needs root (network namespaces)", file=sys.stderr)
         return 2
-    os.environ["PYTHONPATH"] = os.path.join(ROOT, "src")
+    os.environ["PYTHONPATH"] = args.src
     print(
         f"| backend | MTU | host->guest Gbit/s | guest->host Gbit/s | forwarded conn/s | "
-        f"range h->g / g->h |   ({args.reps} reps x {args.duration:g} s, medians)"
+        f"CPU us/conn | range h->g / g->h |   ({args.reps} reps x {args.duration:g} s, medians)"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for mtu in (int(m) for m in args.mtus.split(",")):
         for backend in args.backends.split(","):
             r = run_cell(backend, mtu, args)
             if "error" in r:
-                print(f"| {backend} | {mtu} | error: {r['error']} | | | |", flush=True)
+                print(f"| {backend} | {mtu} | error: {r['error']} | | | | |", flush=True)
                 continue
             print(
                 f"| {backend} | {mtu} | {r['h2g']:.2f} | {r['g2h']:.2f} | {r['conns']:.0f} | "
-                f"{r['spread']} |",
+                f"{r['cpu']:.0f} | {r['spread']} |",
                 flush=True,
             )
     return 0

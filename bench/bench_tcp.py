@@ -1,7 +1,8 @@
 """TCP through guestnet: iperf3 guest->host and host->guest, and connections per second.
 
 Run (root): ``.venv/bin/python bench/bench_tcp.py [--mtus 1500,65520] [--families 4,6]
-[--duration 5] [--reps 1] [--loss 0] [--no-offloads] [--profile DIR]``
+[--duration 5] [--reps 1] [--loss 0] [--no-offloads] [--directions both|up|down]
+[--profile DIR] [--src OTHER/src]``
 
 For each MTU: a loopback-only sandbox namespace runs guestnet (``netns GUEST --configure``, which
 sets both families) and the "host" servers (``iperf3 -s`` and bench/netbench.py's echo server on
@@ -9,8 +10,10 @@ sets both families) and the "host" servers (``iperf3 -s`` and bench/netbench.py'
 (over IPv6 fd00::2, which guestnet maps to the sandbox's ::1). With both ``--families`` the two
 families' runs alternate within the one guestnet (IPv4 first in even repetitions, IPv6 first in
 odd ones), so the IPv6/IPv4 ratio is not a ratio of two set-ups or of two moments of a noisy
-machine. Prints one line per MTU and family: Gbit/s each way (median of ``--reps``), guestnet's
-CPU seconds per GB moved over those runs, then connections/s and the median connect time.
+machine. Prints one line per MTU and family: Gbit/s each way (median of ``--reps``) with
+guestnet's CPU seconds per GB moved in that direction, the CPU seconds per GB over all those
+runs, then connections/s and the median connect time (``--directions`` limits the runs to one
+direction, and then skips the connection rate).
 ``--loss N`` drops N% of packets both ways in the guest namespace (nftables), for a look at
 recovery speed. ``--no-offloads`` runs guestnet without TAP offloads (the before/after lever);
 ``--profile DIR`` samples guestnet with py-spy (``pip install py-spy`` into the venv) during the
@@ -192,7 +195,11 @@ def cell(mtu: int, families: list[int], args: argparse.Namespace) -> list[str]:
         gbps: dict[tuple[int, bool], list[float]] = {}
         cpu = dict.fromkeys(families, 0.0)
         moved = dict.fromkeys(families, 0)
-        for reverse in (False, True):
+        #: Per family and direction (False: guest->host), for the per-direction CPU s/GB.
+        cpu_dir: dict[tuple[int, bool], float] = {}
+        moved_dir: dict[tuple[int, bool], int] = {}
+        directions = {"both": (False, True), "up": (False,), "down": (True,)}[args.directions]
+        for reverse in directions:
             for i in range(args.reps):
                 for family in families if i % 2 == 0 else families[::-1]:
                     prof = None
@@ -200,16 +207,26 @@ def cell(mtu: int, families: list[int], args: argparse.Namespace) -> list[str]:
                         prof = (gn.pid, os.path.join(args.profile, f"guestnet_{mtu}_ipv{family}"))
                     cpu0 = cpu_seconds(gn.pid)
                     rate, nbytes = iperf(guest, sandbox, family, args.duration, reverse, prof)
-                    cpu[family] += cpu_seconds(gn.pid) - cpu0
+                    used = cpu_seconds(gn.pid) - cpu0
+                    cpu[family] += used
                     moved[family] += nbytes
+                    cpu_dir[family, reverse] = cpu_dir.get((family, reverse), 0.0) + used
+                    moved_dir[family, reverse] = moved_dir.get((family, reverse), 0) + nbytes
                     gbps.setdefault((family, reverse), []).append(rate)
         lines = []
         for family in families:
-            cr = connrate(guest, sandbox, family, 3.0)
+            cr = connrate(guest, sandbox, family, 3.0) if args.directions == "both" else {}
+            per_dir = []
+            for reverse, name in ((False, "guest->host"), (True, "host->guest")):
+                if (family, reverse) not in gbps:
+                    continue
+                per_gb = cpu_dir[family, reverse] / max(moved_dir[family, reverse] / 1e9, 1e-9)
+                per_dir.append(
+                    f"{name} {statistics.median(gbps[family, reverse]):6.2f} Gbit/s "
+                    f"({per_gb:.3f} CPU s/GB)"
+                )
             lines.append(
-                f"MTU {mtu:>5} IPv{family}: "
-                f"guest->host {statistics.median(gbps[family, False]):6.2f} Gbit/s, "
-                f"host->guest {statistics.median(gbps[family, True]):6.2f} Gbit/s, "
+                f"MTU {mtu:>5} IPv{family}: {', '.join(per_dir)}, "
                 f"{cpu[family] / max(moved[family] / 1e9, 1e-9):.3f} CPU s/GB, "
                 f"{cr.get('per_s', 0):7.0f} connections/s "
                 f"(connect median {cr.get('connect_median_ms', 0):.3f} ms)"
@@ -238,12 +255,24 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--loss", type=int, default=0, help="percent dropped both ways in the guest")
     p.add_argument("--no-offloads", action="store_true", help="guestnet without TAP offloads")
+    p.add_argument(
+        "--directions",
+        choices=("both", "up", "down"),
+        default="both",
+        help="up: guest->host only; down: host->guest only (no connection rate)",
+    )
     p.add_argument("--profile", metavar="DIR", help="py-spy flame graph per MTU into DIR")
+    p.add_argument(
+        "--src",
+        metavar="DIR",
+        default=os.path.join(ROOT, "src"),
+        help="the source tree whose guestnet runs (A/B); default: this one's",
+    )
     args = p.parse_args()
     if os.geteuid() != 0:
         print("bench_tcp: needs root (network namespaces)", file=sys.stderr)
         return 2
-    os.environ["PYTHONPATH"] = os.path.join(ROOT, "src")
+    os.environ["PYTHONPATH"] = args.src
     families = [int(f) for f in args.families.split(",") if f]
     if not families or any(f not in FAMILIES for f in families):
         p.error(f"--families takes 4, 6 or 4,6, not {args.families!r}")

@@ -52,8 +52,13 @@ log = logging.getLogger(__name__)
 DEFAULT_HOST_IP = "127.0.0.1"
 #: Upper bound on forwards (each holds a host socket).
 MAX_FORWARDS = 4096
-#: Accepts or datagrams handled per wake-up of one forward's socket.
+#: Datagrams handled per wake-up of one forward's UDP socket.
 RX_BUDGET = 64
+#: Connections accepted per wake-up of a TCP forward's listener. One: the listener is
+#: level-triggered, so a second pending connection is reported by the loop's next
+#: ``epoll_wait``, which runs anyway; accepting on until EAGAIN cost every connection that came
+#: alone (the usual case) an ``accept4`` that could only fail, and its exception.
+ACCEPTS_PER_WAKE = 1
 #: Largest UDP datagram read from a forward's socket.
 UDP_MAX = 65535
 PROTOS = ("tcp", "udp")
@@ -253,6 +258,8 @@ class Forwards:
                 # listeners share a port, so "in use" stays the kernel's answer. (Not for UDP,
                 # where it would let two sockets share the port.)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                # Accepted connections inherit TCP_NODELAY: none needs a setsockopt of its own.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.bind((str(addr), port))
             if proto == "tcp":
                 sock.listen(128)
@@ -269,7 +276,12 @@ class Forwards:
     def _watch(self, fwd: Forward) -> None:
         if fwd.proto == "tcp":
             fwd.listener = Listener(
-                self.loop, self.counters, fwd.sock, self._tcp_handler(fwd), "forward.tcp"
+                self.loop,
+                self.counters,
+                fwd.sock,
+                self._tcp_handler(fwd),
+                "forward.tcp",
+                ACCEPTS_PER_WAKE,
             )
         else:
             self.loop.add_fd(fwd.sock.fileno(), EPOLLIN, self._udp_handler(fwd))

@@ -78,16 +78,19 @@ class Loop:
             self._epoll.modify(fd, events)
             self._events[fd] = events
 
-    def remove_fd(self, fd: int, closing: bool = True) -> None:
+    def remove_fd(self, fd: int, closing: bool = True, unregister: bool = True) -> None:
         """Stop watching ``fd``; call before closing it.
 
         ``closing=False``: the fd stays open (a paused listener); it frees no descriptor, so
-        :meth:`when_fd_released` callbacks are not woken by it.
+        :meth:`when_fd_released` callbacks are not woken by it. ``unregister=False``: the
+        caller closes the fd at once and holds its only descriptor, and closing takes it out
+        of epoll, so the ``EPOLL_CTL_DEL`` system call is skipped (a TCP flow's host socket).
         """
         if self._handlers.pop(fd, None) is not None:
             self._events.pop(fd, None)
-            with contextlib.suppress(OSError, ValueError):
-                self._epoll.unregister(fd)
+            if unregister:
+                with contextlib.suppress(OSError, ValueError):
+                    self._epoll.unregister(fd)
             if closing and self._fd_waiters:
                 self._wake_fd_waiters()
 

@@ -4,22 +4,39 @@ Everything protocol-shaped lives in :class:`guestnet.core.tcp.TcpNat`; this modu
 it is asked (:class:`guestnet.core.tcp.TcpIo`) and reports what the kernel says.
 
 Host sockets are non-blocking and close-on-exec, with TCP_NODELAY (the guest's own stack already
-decided when to push; Nagle here would only add latency). Each is registered once, for
+decided when to push; Nagle here would only add latency). TCP_NODELAY is set just before a
+flow's second ``send``: Nagle holds a small segment only while data is unacknowledged, which
+the first ``send`` never finds, so a connection that sends once (connect, request, close) needs
+no ``setsockopt``; sockets accepted on published ports inherit it from their listener. Each is
+registered once, for
 ``EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET``: edge-triggered, so a socket holding data the guest
 has no window for does not wake the loop again and again, and no ``epoll_ctl`` is needed when
 the window opens or closes. The core remembers an edge it could not act on (``host_readable``).
-The first EPOLLOUT edge means the connect finished (SO_ERROR says how); later ones mean the send
-buffer has room after an EAGAIN. Linux reports every arrival (data, FIN, reset) on an
-edge-triggered socket as a new event, so a read that came back short with no hang-up in the
-event has emptied the queue: the read after it, which could only say EAGAIN, is skipped.
+The first EPOLLOUT edge means the connect finished (with EPOLLERR or EPOLLHUP it failed, and only
+then is SO_ERROR asked why); later ones mean the send buffer has room after an EAGAIN. Linux
+reports every arrival (data, FIN, reset) on an edge-triggered socket as a new event, so a read
+that came back short with no hang-up in the event has emptied the queue: the driver says so
+(clearing ``flow.host_readable``) and the read after it, which could only say EAGAIN, is never
+made. Closing a host socket takes it out of epoll by itself (it is the only descriptor), so no
+``EPOLL_CTL_DEL`` is made.
 
 The room the core advertises to the guest is the send buffer's free memory as the kernel counts
 it (``SO_MEMINFO``: ``SO_SNDBUF`` minus ``wmem_queued``), less an eighth for per-buffer overhead.
 A ``send`` takes data while ``wmem_queued`` is below ``SO_SNDBUF``, so it takes all of that.
+Before its first ``send`` a socket's buffer is empty and at least ``tcp_wmem``'s initial size,
+so the SYN-ACK's window needs no ``getsockopt``.
 (Payload bytes queued, ``SIOCOUTQ``, are not enough: the overhead on a nearly full 4 MiB buffer
 was ~2% here, tens of KiB, more than the room left; the guest then sent into a window the socket
 could not take, and every short ``send`` cost it a whole window of loss recovery, seconds with
 64 KiB super-frames.)
+
+Data kept in the host socket (``keep``, ``discard``, ``reread``; the core decides when, see
+``core/tcp/established.py``): ``SO_PEEK_OFF`` 0 once, after which every read is ``MSG_PEEK`` and
+the kernel advances the offset; ``discard`` is ``recv(MSG_TRUNC)``, which TCP serves by dropping
+the bytes without copying them (into an anonymous mapping it never writes) and which moves the
+offset back by as many; ``reread`` peeks from offset 0 and sets the offset back to what the core
+says is kept. A kernel without ``SO_PEEK_OFF`` for TCP (before 6.9) refuses the first
+``setsockopt`` and every flow keeps copying.
 
 Timers: one loop timer per flow, armed lazily. A flow's deadline moves later on nearly every
 segment (RTO restart, idle timeout); the loop timer is re-armed only when the new deadline is
@@ -42,9 +59,11 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import mmap
 import select
 import socket
 import struct
+from collections.abc import Callable
 
 from guestnet.core.port import Port
 from guestnet.core.switch import Switch
@@ -60,6 +79,11 @@ log = logging.getLogger(__name__)
 #: six, of which SNDBUF (index 3) and WMEM_QUEUED (index 5).
 SO_MEMINFO = 55
 _MEMINFO = struct.Struct("12xI4xI")
+#: setsockopt: where the next MSG_PEEK reads, kept by the kernel (TCP since Linux 6.9).
+SO_PEEK_OFF = 42
+#: Most bytes one ``discard`` call drops (a flow has at most MAX_UNACKED in flight).
+_SCRATCH_SIZE = 1 << 22
+_scratch_view: memoryview | None = None
 _EVENTS = EPOLLIN | EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -67,17 +91,26 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 class _HostSock:
     """A flow's host socket and loop timer (the flow's ``io_data``)."""
 
-    __slots__ = ("drained", "fd", "hup", "sock", "timer")
+    __slots__ = ("drained", "fd", "fire", "fresh", "hup", "nagle", "peek", "sock", "timer")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, nagle: bool = True) -> None:
         self.sock: socket.socket | None = sock
         self.fd = sock.fileno()
         self.timer: Timer | None = None
+        #: The loop timer's callback, made once per flow (see ``set_timer``).
+        self.fire: Callable[[float], None] | None = None
         #: The last read came back short with no hang-up in the last event: the receive
         #: queue was empty, so the next read would only say EAGAIN (see ``recv_into``).
         self.drained = False
         #: The last event reported EOF or an error (EPOLLRDHUP, EPOLLHUP, EPOLLERR).
         self.hup = False
+        #: TCP_NODELAY is not set yet: it is set before the second ``send`` (see the module
+        #: docstring); an accepted socket inherits it from its listener.
+        self.nagle = nagle
+        #: Nothing was sent yet: the send buffer is empty (see ``send_room``).
+        self.fresh = True
+        #: Reads peek (``MSG_PEEK`` at ``SO_PEEK_OFF``): the data stays until ``discard``.
+        self.peek = 0
 
 
 class TcpNatDriver:
@@ -100,6 +133,11 @@ class TcpNatDriver:
         self.nat = nat
         #: IPv4 source every host connection binds to before connecting (``--outbound-addr``).
         self.outbound_addr = outbound_addr
+        #: What ``send_room`` says of a socket that has sent nothing yet: its empty send buffer
+        #: is at least the initial ``tcp_wmem`` size, less the same eighth.
+        self.fresh_room = _initial_sndbuf() * 7 // 8
+        #: Host sockets can keep data for retransmission (``keep``); off after one refusal.
+        self.peek_ok = True
         nat.io = self
 
     # -- TcpIo -----------------------------------------------------------------------------------
@@ -113,7 +151,6 @@ class TcpNatDriver:
         except OSError as exc:
             return exc.errno or errno.EIO
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.outbound_addr is not None and family == socket.AF_INET:
                 sock.bind((self.outbound_addr, 0))
             err = sock.connect_ex((flow.host, flow.host_port))
@@ -140,8 +177,11 @@ class TcpNatDriver:
             if flow.state == CONNECTING:
                 if not events & (EPOLLOUT | EPOLLERR | EPOLLHUP):
                     return
-                s = hs.sock
-                code = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if s else errno.EBADF
+                # EPOLLOUT alone means connected; only a failure needs SO_ERROR to say why.
+                code = 0
+                if events & (EPOLLERR | EPOLLHUP):
+                    s = hs.sock
+                    code = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if s else errno.EBADF
                 nat.host_connected(flow, code, now)
                 if code:
                     return
@@ -154,9 +194,17 @@ class TcpNatDriver:
         loop.add_fd(hs.fd, _EVENTS, on_events)
 
     def send(self, flow: TcpFlow, data: memoryview) -> int:
-        sock = flow.io_data.sock
+        hs = flow.io_data
+        sock = hs.sock
         if sock is None:
             raise BrokenPipeError(errno.EPIPE, "host socket closed")
+        if hs.fresh:
+            hs.fresh = False
+        elif hs.nagle:
+            # The second send: from here data may be in flight when a small segment is sent,
+            # and Nagle would hold it (up to the peer's delayed ACK).
+            hs.nagle = False
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             return int(sock.send(data))
         except BlockingIOError:
@@ -168,29 +216,82 @@ class TcpNatDriver:
         if sock is None:
             return 0
         if hs.drained:
-            # A short read emptied the queue and no hang-up was reported: skip the read that
-            # would only say EAGAIN. Edge-triggered epoll reports every arrival after that
-            # read (data, FIN, reset) as a new event, which clears the mark.
+            # A short read emptied the queue and no hang-up was reported (the core stops after
+            # it; this is for a caller that reads on).
             hs.drained = False
             return -1
+        flags = hs.peek
         try:
             if len(bufs) == 1:
-                n = int(sock.recv_into(bufs[0]))
+                n = int(sock.recv_into(bufs[0], 0, flags))
                 asked = len(bufs[0])
             else:
-                n = int(sock.recvmsg_into(bufs)[0])
+                n = int(sock.recvmsg_into(bufs, 0, flags)[0])
                 asked = sum(map(len, bufs))
         except BlockingIOError:
             return -1
         if 0 < n < asked and not hs.hup:
+            # A short read emptied the queue and no hang-up was reported: the next read could
+            # only say EAGAIN, so the core stops here. Edge-triggered epoll reports every
+            # arrival after this read (data, FIN, reset) as a new event, which sets it again.
             hs.drained = True
+            flow.host_readable = False
         return n
+
+    def keep(self, flow: TcpFlow) -> bool:
+        hs = flow.io_data
+        sock = hs.sock
+        if sock is None or not self.peek_ok:
+            return False
+        try:
+            # The kernel keeps the offset of the next peek (and moves it back as we discard).
+            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+        except OSError:
+            # A kernel without SO_PEEK_OFF for TCP (before 6.9): keep copying, for every flow.
+            self.peek_ok = False
+            return False
+        hs.peek = socket.MSG_PEEK
+        return True
+
+    def discard(self, flow: TcpFlow, nbytes: int) -> None:
+        sock = flow.io_data.sock
+        if sock is None:
+            return
+        scratch = _scratch()
+        while nbytes > 0:
+            # MSG_TRUNC: TCP drops the bytes without copying them (the scratch is never
+            # written); the peek offset moves back by as many.
+            try:
+                n = int(sock.recv_into(scratch, min(nbytes, len(scratch)), socket.MSG_TRUNC))
+            except BlockingIOError:
+                return
+            if n <= 0:
+                return
+            nbytes -= n
+
+    def reread(self, flow: TcpFlow, bufs: list[memoryview], kept: int) -> int:
+        sock = flow.io_data.sock
+        if sock is None:
+            raise BrokenPipeError(errno.EPIPE, "host socket closed")
+        sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+        try:
+            if len(bufs) == 1:
+                return int(sock.recv_into(bufs[0], 0, socket.MSG_PEEK))
+            return int(sock.recvmsg_into(bufs, 0, socket.MSG_PEEK)[0])
+        except BlockingIOError:
+            return 0
+        finally:
+            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, kept)
 
     def send_room(self, flow: TcpFlow) -> int:
         hs = flow.io_data
         sock = hs.sock if hs is not None else None
         if sock is None:
             return 0
+        if hs.fresh:
+            # Nothing sent yet: the buffer is empty and at least its initial size (the
+            # SYN-ACK's window; the first bare ACK after data asks the kernel).
+            return self.fresh_room
         try:
             sndbuf, queued = _MEMINFO.unpack(
                 sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO.size)
@@ -210,7 +311,8 @@ class TcpNatDriver:
         if hs is None or hs.sock is None:
             return
         sock, hs.sock = hs.sock, None
-        self.loop.remove_fd(hs.fd)
+        # Closing the only descriptor of the socket takes it out of epoll: no EPOLL_CTL_DEL.
+        self.loop.remove_fd(hs.fd, unregister=False)
         if reset:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
@@ -230,13 +332,16 @@ class TcpNatDriver:
             if timer.when <= when:
                 return
             timer.cancel()
-        nat = self.nat
+        fire = hs.fire
+        if fire is None:
+            nat = self.nat
 
-        def fire(now: float) -> None:
-            # Only the armed timer can fire: re-arming cancels the one before.
-            hs.timer = None
-            nat.on_timer(flow, now)
+            def fire(now: float) -> None:
+                # Only the armed timer can fire: re-arming cancels the one before.
+                hs.timer = None
+                nat.on_timer(flow, now)
 
+            hs.fire = fire
         hs.timer = self.loop.call_at(when, fire)
 
     def request_flush(self) -> None:
@@ -269,13 +374,13 @@ class TcpNatDriver:
             _close_now(conn)
             return
         try:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer = conn.getpeername()
         except OSError:
             counters.inc("forward.tcp.accept.gone")
             conn.close()
             return
-        hs = _HostSock(conn)
+        # The listener has TCP_NODELAY (io/forwards.py), which accepted sockets inherit.
+        hs = _HostSock(conn, nagle=False)
         flow = self.nat.open_to_guest(
             port,
             port.guest_mac,
@@ -300,6 +405,25 @@ class TcpNatDriver:
     def close_all(self) -> None:
         """Shutdown: close every host socket."""
         self.nat.close_all()
+
+
+def _scratch() -> memoryview:
+    """Where ``discard`` points its reads: anonymous memory the kernel never writes (MSG_TRUNC),
+    so it stays untouched and costs no resident memory."""
+    global _scratch_view
+    if _scratch_view is None:
+        _scratch_view = memoryview(mmap.mmap(-1, _SCRATCH_SIZE))
+    return _scratch_view
+
+
+def _initial_sndbuf() -> int:
+    """A new TCP socket's send buffer size (``tcp_wmem``'s default, the middle value); the
+    kernel's compiled-in 16 KiB when the sysctl cannot be read."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_wmem") as f:
+            return int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 16384
 
 
 def _close_now(sock: socket.socket) -> None:

@@ -9,7 +9,8 @@ opens a host connect and only its outcome is answered (SYN-ACK or RST); a connec
 a published port is opened toward the guest with our SYN. Established, guest payload goes
 straight into the host socket and is acknowledged only as far as the socket took it, with the
 socket's free send buffer as the window we advertise; host data is read only while the guest's
-window has room, straight into pooled frames, and kept until acknowledged for retransmission.
+window has room, straight into pooled frames, and kept until acknowledged for retransmission
+(copied, or for a bulk transfer left in the host socket and read again with ``MSG_PEEK``).
 FINs are passed on as half-closes, RSTs both ways; no TIME_WAIT holds a descriptor.
 
 The package, one module per concern (each module's docstring tells its part):
@@ -48,6 +49,7 @@ from guestnet.core.tcp.flow import (
     FORWARD_PORT_MIN,
     FORWARD_SYN_RTO_S,
     IDLE_TIMEOUT_S,
+    KEEP_MIN_FRAMES,
     MAX_RETRANSMITS,
     MAX_UNACKED,
     MAX_WINDOW,
@@ -86,6 +88,7 @@ __all__ = [
     "FORWARD_SYN_RTO_S",
     "HDRS_LEN",
     "IDLE_TIMEOUT_S",
+    "KEEP_MIN_FRAMES",
     "MAX_RETRANSMITS",
     "MAX_UNACKED",
     "MAX_WINDOW",

@@ -23,10 +23,17 @@ way, unchanged).
 
 Host to guest. We read the host socket only while the guest's window (and ``MAX_UNACKED``)
 has room, straight into the payload area of a pooled frame, write the headers in front and
-send it; a copy of the bytes stays in the flow's bounded ``unacked`` buffer until the guest
-acknowledges them. The driver registers host sockets edge-triggered: ``host_readable``
-remembers an edge we could not act on yet (window full), and we read until EAGAIN (an EOF can
-hide behind a short read).
+send it. What was sent stays somewhere until the guest acknowledges it, for retransmission. At
+first a copy goes into the flow's bounded ``unacked`` buffer; once a flow's reads keep filling
+every buffer offered (``KEEP_MIN_FRAMES``: a bulk transfer) it asks the driver to leave the
+data in the host socket instead (``TcpIo.keep``: reads peek at an offset the kernel keeps, as
+passt does), which saves that copy of every byte. The oldest bytes in flight are then in
+``unacked`` (copied before the switch) and the rest, ``kept``, in the socket; an ACK releases
+the oldest first, and what it releases from the socket is dropped there (``TcpIo.discard``)
+once per loop turn, in :meth:`flush`, or before the socket is closed (unread data would make
+the close an RST). A request/response flow never switches: it would pay a discard per request.
+The driver registers host sockets edge-triggered: ``host_readable`` remembers an edge we could
+not act on yet (window full), and we read until EAGAIN (an EOF can hide behind a short read).
 
 Close. A FIN either way is a half-close passed on: the guest's FIN becomes ``shutdown(SHUT_WR)``
 on the host once its data is written; host EOF becomes our FIN once everything read is sent.
@@ -42,6 +49,7 @@ from guestnet.core.tcp.flow import (
     DELACK_S,
     ESTABLISHED,
     IDLE_TIMEOUT_S,
+    KEEP_MIN_FRAMES,
     MAX_UNACKED,
     MAX_WINDOW,
     OUR_WSCALE,
@@ -124,6 +132,10 @@ class _Established(_Recovery):
             flow.deferred = False
             if flow.state == CLOSED:
                 continue
+            if flow.to_discard:
+                self._discard(flow)
+                if flow.state == CLOSED:
+                    continue
             if flow.pump_pending:
                 flow.pump_pending = False
                 self._pump(flow, now)
@@ -238,7 +250,10 @@ class _Established(_Recovery):
                 flow.fin_acked = True
                 nbytes -= 1
             if nbytes:
-                del flow.unacked[:nbytes]
+                if flow.kept:
+                    self._release(flow, nbytes)
+                else:
+                    del flow.unacked[:nbytes]
             flow.snd_una = ack
             flow.dupacks = 0
             if flow.rtt_seq is not None and seq_delta(ack, flow.rtt_seq) >= 0:
@@ -286,6 +301,37 @@ class _Established(_Recovery):
             self._defer(flow)
         return True
 
+    def _release(self, flow: TcpFlow, nbytes: int) -> None:
+        """The guest acknowledged ``nbytes`` of a flow keeping data in the host socket: the
+        oldest from ``unacked``, the rest dropped from the socket at the end of the turn."""
+        unacked = flow.unacked
+        copied = len(unacked)
+        if copied:
+            if nbytes <= copied:
+                del unacked[:nbytes]
+                return
+            del unacked[:]
+            nbytes -= copied
+        flow.kept -= nbytes
+        flow.to_discard += nbytes
+        self._defer(flow)
+
+    def _discard(self, flow: TcpFlow) -> None:
+        """Drop the acknowledged bytes still in the host socket."""
+        nbytes = flow.to_discard
+        flow.to_discard = 0
+        try:
+            self.io.discard(flow, nbytes)
+        except OSError as exc:
+            self._host_error(flow, exc)
+
+    def _start_keeping(self, flow: TcpFlow) -> None:
+        """Ask the driver to keep further host data in the socket (once per flow)."""
+        keep = getattr(self.io, "keep", None)
+        flow.keep = 1 if keep is not None and keep(flow) else -1
+        if flow.keep > 0:
+            self.counters.inc("tcp.host.keep")
+
     # -- host to guest --------------------------------------------------------------------------
 
     def _pump(self, flow: TcpFlow, now: float) -> None:
@@ -312,6 +358,9 @@ class _Established(_Recovery):
                 frames: list[Frame] = []
                 views: list[memoryview] = []
                 batch = flow.read_frames if flow.read_frames < most else most
+                if batch >= KEEP_MIN_FRAMES and not flow.keep:
+                    self._start_keeping(flow)
+                keeping = flow.keep > 0
                 asked = 0
                 while room > 0 and len(frames) < batch:
                     n = seg_max if room > seg_max else room
@@ -351,6 +400,8 @@ class _Established(_Recovery):
                     used = got // seg_max + 1
                     flow.read_frames = 2 * used if 2 * used < READ_BATCH else READ_BATCH
                 unacked = flow.unacked
+                if keeping:
+                    flow.kept += got
                 left = got
                 for frame, view in zip(frames, views, strict=True):
                     if left <= 0:
@@ -359,9 +410,13 @@ class _Established(_Recovery):
                     take = len(view) if len(view) < left else left
                     left -= take
                     seq = flow.snd_nxt
-                    unacked += view[:take]
+                    if not keeping:
+                        unacked += view[:take]
                     flow.snd_nxt = (seq + take) & SEQ_MASK
                     self._segment(flow, frame, seq, ACK | PSH, take)
+                if not flow.host_readable:
+                    # The driver knows this read emptied the queue (see TcpIo.recv_into).
+                    break
                 # A short read usually means the socket is drained, but an EOF (or error) may
                 # sit behind the data and edge-triggered epoll would not report it again: read
                 # on until EAGAIN.
@@ -403,6 +458,11 @@ class _Established(_Recovery):
     def _check_done(self, flow: TcpFlow, now: float) -> None:
         """Both directions closed and our FIN acknowledged: close the socket, linger, reap."""
         if flow.guest_fin and flow.fin_acked and flow.state == ESTABLISHED:
+            if flow.to_discard:
+                # Unread data in the socket would turn the close into an RST.
+                self._discard(flow)
+                if flow.state == CLOSED:
+                    return
             self.counters.inc("tcp.flow.closed")
             flow.state = CLOSED
             self.io.close(flow, False)

@@ -63,6 +63,9 @@ READ_BATCH = 64
 #: be 4 MiB of pool slots touched at once for no gain, one read of 1 MiB costing a system call
 #: per 16 super-frames (issue 12: peak RSS). Without offloads 64 frames stay well under it.
 READ_BATCH_BYTES = 1 << 20
+#: A flow whose host reads are offered this many frames (reads kept filling every buffer: a
+#: bulk transfer) asks the driver to keep further data in the host socket (see ``TcpIo.keep``).
+KEEP_MIN_FRAMES = 8
 #: MSS assumed when the guest's SYN carries none (RFC 9293).
 DEFAULT_MSS = 536
 #: A forwarded connection's SYN to the guest: first retransmission after this, doubling; the
@@ -108,10 +111,27 @@ class TcpIo(Protocol):
 
     def recv_into(self, flow: TcpFlow, bufs: list[memoryview]) -> int:
         """Read into ``bufs`` in order (one scatter read): bytes read, 0 at EOF, -1 when
-        nothing is there. Raises OSError."""
+        nothing is there. Raises OSError. A driver that knows the read emptied the queue (a
+        short read with no EOF or error pending) clears ``flow.host_readable``: the core then
+        reads no more until the driver reports the next edge (:meth:`TcpNat.host_readable`)."""
 
     def send_room(self, flow: TcpFlow) -> int:
         """Bytes the host socket's send buffer can take now (an estimate)."""
+
+    # Optional (a driver without them keeps the copy in ``flow.unacked``): data sent to the
+    # guest left in the host socket until the guest acknowledges it.
+
+    def keep(self, flow: TcpFlow) -> bool:
+        """From the next ``recv_into`` on, leave what is read in the host socket (read with
+        ``MSG_PEEK`` at a kernel-kept offset, ``SO_PEEK_OFF``); False when it cannot."""
+
+    def discard(self, flow: TcpFlow, nbytes: int) -> None:
+        """Drop the oldest ``nbytes`` kept bytes from the host socket (the guest acknowledged
+        them). Raises OSError."""
+
+    def reread(self, flow: TcpFlow, bufs: list[memoryview], kept: int) -> int:
+        """Read the oldest kept bytes again into ``bufs`` (a retransmission), leaving the next
+        ``recv_into`` where it was: ``kept`` bytes past them. Bytes read. Raises OSError."""
 
     def shutdown_write(self, flow: TcpFlow) -> None:
         """``shutdown(SHUT_WR)``: pass the guest's FIN on. Raises OSError."""
@@ -161,6 +181,8 @@ class TcpFlow:
         "in_recovery",
         "io_data",
         "iss",
+        "keep",
+        "kept",
         "key",
         "last_active",
         "mss",
@@ -186,6 +208,7 @@ class TcpFlow:
         "snd_wnd",
         "srtt",
         "state",
+        "to_discard",
         "unacked",
         "wnd_check_deadline",
         "wnd_check_interval",
@@ -251,7 +274,13 @@ class TcpFlow:
         self.guest_wscale = 0
         self.wscale_ok = False
         self.mss = DEFAULT_MSS
+        #: Bytes in flight to the guest: the oldest copied here (``unacked``), the newer
+        #: ``kept`` in the host socket (``keep``: 0 not asked yet, 1 keeping, -1 refused).
         self.unacked = SendQueue()
+        self.keep = 0
+        self.kept = 0
+        #: Acknowledged bytes still in the host socket, dropped at the end of the loop turn.
+        self.to_discard = 0
         self.host_readable = False
         self.host_eof = False
         self.fin_sent = False
@@ -303,7 +332,7 @@ class TcpFlow:
             "state": self.state_name,
             "bytes_to_host": self.bytes_to_host,
             "bytes_to_guest": self.bytes_to_guest,
-            "unacked": len(self.unacked),
+            "unacked": len(self.unacked) + self.kept,
             "age_s": round(now - self.created, 3),
             "idle_s": round(now - self.last_active, 3),
         }

@@ -1,14 +1,15 @@
 """Recovery, timers and endings of the TCP translation.
 
-Host to guest, a copy of every byte sent stays in the flow's bounded ``unacked`` buffer until
-the guest acknowledges it. Retransmission: RTO per RFC 6298 (initial 1 s, floor 200 ms,
-exponential backoff, Karn's rule), fast retransmit on three duplicate ACKs with NewReno
-partial-ACK recovery (each partial ACK retransmits the next hole at once; the ACK processing
-that counts them is on the established path). There is no congestion window: the path is one
-local link. A zero window is probed (persist timer, probes with ``seq = snd_nxt - 1`` that make
-the guest answer with its window, backing off to 60 s). A window we advertised below one MSS is
-re-checked on a short timer (``WND_CHECK_*``), because a send buffer that drains without an
-earlier EAGAIN raises no EPOLLOUT.
+Host to guest, every byte sent stays until the guest acknowledges it: copied in the flow's bounded
+``unacked`` buffer, or (a bulk flow, see ``established``) kept in the host socket, where a
+retransmission reads it again from the oldest byte (``TcpIo.reread``). Retransmission: RTO per RFC
+6298 (initial 1 s, floor 200 ms, exponential backoff, Karn's rule), fast retransmit on three
+duplicate ACKs with NewReno partial-ACK recovery (each partial ACK retransmits the next hole at
+once; the ACK processing that counts them is on the established path). There is no congestion
+window: the path is one local link. A zero window is probed (persist timer, probes with ``seq =
+snd_nxt - 1`` that make the guest answer with its window, backing off to 60 s). A window we
+advertised below one MSS is re-checked on a short timer (``WND_CHECK_*``), because a send buffer
+that drains without an earlier EAGAIN raises no EPOLLOUT.
 
 Every deadline of a flow (connect, RTO, persist, window check, delayed ACK, idle, reap) is a
 field on it; the driver holds one timer per flow, armed for the earliest, and :meth:`on_timer`
@@ -91,20 +92,51 @@ class _Recovery(_SegmentWriter):
     def _retransmit(self, flow: TcpFlow) -> None:
         """Send the oldest unacknowledged segment again (data, or our FIN)."""
         flow.rtt_seq = None  # Karn: no RTT sample across a retransmission
-        pending = len(flow.unacked)
+        unacked = flow.unacked
+        copied = len(unacked)
+        pending = copied + flow.kept
         if pending:
             # Up to a super-frame again where the link takes them: the guest keeps what it
             # already has and acknowledges the rest.
             n = min(self._seg_max(flow), pending)
             frame = self.pool.acquire()
+            view = frame.view
             base = frame.start + hdrs_len(flow.family)
-            frame.view[base : base + n] = flow.unacked[:n]
+            if n <= copied:
+                view[base : base + n] = unacked[:n]
+            else:
+                view[base : base + copied] = unacked[:copied]
+                got = self._reread(flow, view[base + copied : base + n])
+                if got < 0:
+                    self.pool.release(frame)
+                    return
+                n = copied + got
             flags = ACK | PSH
             if n == pending and flow.fin_sent:
                 flags |= FIN
             self._segment(flow, frame, flow.snd_una, flags, n)
         elif flow.fin_sent and not flow.fin_acked:
             self._segment(flow, self.pool.acquire(), flow.snd_una, FIN | ACK, 0)
+
+    def _reread(self, flow: TcpFlow, buf: memoryview) -> int:
+        """The oldest kept bytes again, from the host socket, into ``buf``: bytes read, or -1
+        when the socket failed (the flow is gone)."""
+        if flow.to_discard:
+            # Acknowledged bytes still ahead of them: drop them first.
+            nbytes = flow.to_discard
+            flow.to_discard = 0
+            try:
+                self.io.discard(flow, nbytes)
+            except OSError as exc:
+                self._host_error(flow, exc)
+                return -1
+        try:
+            got = self.io.reread(flow, [buf], flow.kept)
+        except OSError as exc:
+            self._host_error(flow, exc)
+            return -1
+        self.counters.inc("tcp.retransmit.reread")
+        return got if got > 0 else 0
 
     def _on_rto(self, flow: TcpFlow, now: float) -> None:
         flow.rto_deadline = None
