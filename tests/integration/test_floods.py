@@ -324,6 +324,9 @@ def test_dhcp_storm(flood_rig: Callable[..., Any]) -> None:
 
 def test_dns_query_storm(flood_rig: Callable[..., Any], host: Host) -> None:
     gn, api, flood = flood_rig("--dns-upstream", f"127.0.0.1:{DNS_UPSTREAM_PORT}")
+    assert gn.guest is not None
+    # One query first: the upstream socket is opened on the first forwarded query, and stays.
+    gn.guest.run(["dig", "+time=1", "+tries=1", "@10.0.2.3", "first.test"], check=False)
     fds0, hwm0 = baseline(gn)
     result = flood.run("dns", 53)
     assert result["sent"] > 20_000
