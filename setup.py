@@ -12,7 +12,7 @@ setup(
         Extension(
             "guestnet.wire._native",
             sources=["src/guestnet/wire/_native.c"],
-            extra_compile_args=["-O2", "-Wall", "-Wno-unused-parameter"],
+            extra_compile_args=["-Wall", "-Wno-unused-parameter"],
             optional=True,
         )
     ]
