@@ -68,8 +68,9 @@ def main() -> None:
         ("checksum 1500 B", lambda m: lambda: m.checksum(d1500, 0)),
         ("checksum 65535 B", lambda m: lambda: m.checksum(d65535, 0)),
         ("pseudo_sum v4", lambda m: lambda: m.pseudo_sum(IP1, IP2, 6, 1480)),
-        ("tcp_fast4", lambda m: lambda: m.tcp_fast4(f4, MAC1, MAC2, IP1, DNS4)),
-        ("tcp_fast6", lambda m: lambda: m.tcp_fast6(f6, MAC1, MAC2, DNS4)),
+        ("tcp_fast4", lambda m: lambda: m.tcp_fast4(f4, MAC1, MAC2, IP1, DNS4, False)),
+        ("tcp_fast4 verify", lambda m: lambda: m.tcp_fast4(f4, MAC1, MAC2, IP1, DNS4, True)),
+        ("tcp_fast6", lambda m: lambda: m.tcp_fast6(f6, MAC1, MAC2, DNS4, False)),
         ("parse_ipv4", lambda m: lambda: m.parse_ipv4(ip, True)),
         ("build_tcp 1 B full", lambda m: lambda: m.build_tcp_frame(
             out, 64, 4, MAC2, MAC1, IP2, IP1, 80, 40000, 1, 2, 0x18, 1000, 7, 1, b"", False)),

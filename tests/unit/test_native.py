@@ -170,9 +170,10 @@ def test_tcp_fast_agrees_on_mutated_frames(v6: bool, data: st.DataObject) -> Non
     muts = data.draw(st.lists(mutation, max_size=3))
     view = memoryview(mutate(frame, muts))
     guest = data.draw(st.sampled_from([GUEST_MAC, None, OUR_MAC]))
-    a4, b4 = both("tcp_fast4", view, OUR_MAC, guest, BROADCAST, DNS4)
+    verify = data.draw(st.booleans())
+    a4, b4 = both("tcp_fast4", view, OUR_MAC, guest, BROADCAST, DNS4, verify)
     assert a4 == b4
-    a6, b6 = both("tcp_fast6", view, OUR_MAC, guest, DNS6)
+    a6, b6 = both("tcp_fast6", view, OUR_MAC, guest, DNS6, verify)
     assert a6 == b6
 
 
@@ -183,23 +184,39 @@ def test_tcp_fast_agrees_on_random_bytes(raw: bytes, guest: bytes | None) -> Non
     # Random bytes behind a valid Ethernet header, so the IP checks are reached.
     for etype in (b"\x08\x00", b"\x86\xdd"):
         view = memoryview(OUR_MAC + GUEST_MAC + etype + raw)
-        a, b = both("tcp_fast4", view, OUR_MAC, guest, BROADCAST, DNS4)
-        assert a == b
-        a, b = both("tcp_fast6", view, OUR_MAC, guest, DNS6)
-        assert a == b
+        for verify in (False, True):
+            a, b = both("tcp_fast4", view, OUR_MAC, guest, BROADCAST, DNS4, verify)
+            assert a == b
+            a, b = both("tcp_fast6", view, OUR_MAC, guest, DNS6, verify)
+            assert a == b
 
 
 @needs_native
-def test_tcp_fast_takes_a_valid_segment_in_both() -> None:
-    """The mutated-frame property also holds trivially when both say None: check one that
-    both take, with the fields the NAT gets."""
-    buf = bytearray(60)
-    src, dst = bytes([10, 0, 2, 15]), bytes([93, 184, 216, 34])
-    n = pure.build_tcp_frame(
-        buf, 0, 4, OUR_MAC, GUEST_MAC, src, dst, 40000, 80, 5, 7, 0x10, 1000, 1, 0, b"", False
-    )
-    a, b = both("tcp_fast4", memoryview(buf)[:n], OUR_MAC, GUEST_MAC, BROADCAST, DNS4)
-    assert a == b == ("memoryview", bytes(buf[34:54]), src, dst, 40000, 80, 5, 7, 20, 0x10, 1000)
+@pytest.mark.parametrize("v6", [False, True])
+def test_tcp_fast_takes_a_valid_segment_in_both(v6: bool) -> None:
+    """The mutated-frame property also holds when both say None: check segments both take,
+    with the fields the NAT gets, and that ``verify`` refuses a wrong TCP checksum in both."""
+    src, dst = (DNS6_SRC, DNS6_DST) if v6 else (bytes([10, 0, 2, 15]), bytes([93, 184, 216, 34]))
+    l4 = 54 if v6 else 34
+    for partial in (False, True):
+        buf = bytearray(100)
+        buf[l4 + 20 : l4 + 23] = b"abc"
+        n = pure.build_tcp_frame(
+            buf, 0, 6 if v6 else 4, OUR_MAC, GUEST_MAC, src, dst, 40000, 80, 5, 7, 0x18, 1000,
+            1, 3, b"", partial,
+        )  # fmt: skip
+        frame = memoryview(buf)[:n]
+        args = (OUR_MAC, GUEST_MAC, DNS6) if v6 else (OUR_MAC, GUEST_MAC, BROADCAST, DNS4)
+        name = "tcp_fast6" if v6 else "tcp_fast4"
+        want = ("memoryview", bytes(buf[l4 : l4 + 23]), src, dst, 40000, 80, 5, 7, 20, 0x18, 1000)
+        assert both(name, frame, *args, False) == (want, want)
+        # Verified: taken with the full checksum, refused with the partial one.
+        a, b = both(name, frame, *args, True)
+        assert a == b == (None if partial else want)
+
+
+DNS6_SRC = bytes.fromhex("fd" + "00" * 14 + "15")
+DNS6_DST = bytes.fromhex("2001db8" + "0" * 24 + "1")
 
 
 @needs_native

@@ -126,19 +126,23 @@ class FrameClassifier:
             self.capture(frame, csum_trusted)
         try:
             fast = self.tcp_fast
-            if fast is not None and csum_trusted:
+            if fast is not None:
                 # Fast path: a unicast IPv4/TCP frame from the port's known guest, header
-                # without options, checksum valid, not a fragment, not for DNS: exactly the
-                # frames the ordinary path would hand to the TCP NAT unchanged. The NAT takes it
-                # only for an established flow; anything else (and any doubt) goes the long way.
-                # IPv6 has the same (TCP right after a bare header). The test and the fields
-                # are one call (guestnet.wire.native: C, or its Python twin).
-                seg = tcp_fast4(frame, self._mac, port.guest_mac, self._broadcast, self._dns_dsts)
+                # without options, checksums valid (the TCP one verified here unless the link
+                # vouches for it), not a fragment, not for DNS: exactly the frames the ordinary
+                # path would hand to the TCP NAT unchanged. The NAT takes it only for an
+                # established flow; anything else (and any doubt) goes the long way. IPv6 has
+                # the same (TCP right after a bare header). The test and the fields are one
+                # call (guestnet.wire.native: C, or its Python twin).
+                verify = not csum_trusted
+                seg = tcp_fast4(
+                    frame, self._mac, port.guest_mac, self._broadcast, self._dns_dsts, verify
+                )
                 if seg is not None:
                     if fast(*seg, now):
                         return
                 elif self._ipv6:
-                    seg = tcp_fast6(frame, self._mac, port.guest_mac, self._dns6_dsts)
+                    seg = tcp_fast6(frame, self._mac, port.guest_mac, self._dns6_dsts, verify)
                     if seg is not None:
                         sip = seg[1]
                         if sip != port.ip6_last:

@@ -288,7 +288,17 @@ in_set(PyObject *set, PyObject *item)
     return PySequence_Contains(set, item);
 }
 
-/* tcp_fast4(frame, our_mac, guest_mac, broadcast, dns_dsts): see guestnet/wire/pure.py. */
+/* True when the TCP segment's checksum is right (its ones' sum with the pseudo-header's is
+ * 0xffff), as verify_tcp says. */
+static int
+tcp_sum_ok(const unsigned char *seg, Py_ssize_t n, const unsigned char *src,
+           const unsigned char *dst, Py_ssize_t alen)
+{
+    uint32_t ps = pseudo(src, alen, dst, alen, 6, (uint64_t)n);
+    return fold((uint64_t)sum16(seg, n) + ps) == 0xffff;
+}
+
+/* tcp_fast4(frame, our_mac, guest_mac, broadcast, dns_dsts, verify): see wire/pure.py. */
 static PyObject *
 n_tcp_fast4(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -297,10 +307,14 @@ n_tcp_fast4(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     unsigned total_len, hlen, dport;
     PyObject *sip, *dip;
     arg_bytes bc;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "expected 5 arguments");
+    int verify;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "expected 6 arguments");
         return NULL;
     }
+    verify = PyObject_IsTrue(args[5]);
+    if (verify < 0)
+        return NULL;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
     p = (const unsigned char *)view.buf;
@@ -327,6 +341,8 @@ n_tcp_fast4(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (s != 0 && s != 0xffff)
             goto no;
     }
+    if (verify && !tcp_sum_ok(tcp, (Py_ssize_t)total_len - 20, ip + 12, ip + 16, 4))
+        goto no;
     dport = be16(tcp + 2);
     dip = PyBytes_FromStringAndSize((const char *)ip + 16, 4);
     if (dip == NULL)
@@ -355,7 +371,7 @@ err:
     return NULL;
 }
 
-/* tcp_fast6(frame, our_mac, guest_mac, dns6_dsts): see guestnet/wire/pure.py. */
+/* tcp_fast6(frame, our_mac, guest_mac, dns6_dsts, verify): see guestnet/wire/pure.py. */
 static PyObject *
 n_tcp_fast6(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -363,10 +379,14 @@ n_tcp_fast6(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     const unsigned char *p, *ip, *tcp;
     unsigned plen, hlen, dport;
     PyObject *sip, *dip;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "expected 4 arguments");
+    int verify;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "expected 5 arguments");
         return NULL;
     }
+    verify = PyObject_IsTrue(args[4]);
+    if (verify < 0)
+        return NULL;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
     p = (const unsigned char *)view.buf;
@@ -379,6 +399,8 @@ n_tcp_fast6(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (be16(p + 12) != 0x86dd || ip[6] != 6 || (ip[0] >> 4) != 6 || !mac_equals(args[1], p) ||
         !mac_equals(args[2], p + 6) || hlen < 20 || hlen > plen ||
         (Py_ssize_t)plen > view.len - 54 || ip[24] == 0xff)
+        goto no;
+    if (verify && !tcp_sum_ok(tcp, (Py_ssize_t)plen, ip + 8, ip + 24, 16))
         goto no;
     dport = be16(tcp + 2);
     dip = PyBytes_FromStringAndSize((const char *)ip + 24, 16);
@@ -726,9 +748,9 @@ static PyMethodDef methods[] = {
     {"pseudo_sum", (PyCFunction)(void (*)(void))n_pseudo_sum, METH_FASTCALL,
      "pseudo_sum(src, dst, proto, length): the TCP/UDP pseudo-header sum."},
     {"tcp_fast4", (PyCFunction)(void (*)(void))n_tcp_fast4, METH_FASTCALL,
-     "tcp_fast4(frame, our_mac, guest_mac, broadcast, dns_dsts): fast-path fields or None."},
+     "tcp_fast4(frame, our_mac, guest_mac, broadcast, dns_dsts, verify): fields or None."},
     {"tcp_fast6", (PyCFunction)(void (*)(void))n_tcp_fast6, METH_FASTCALL,
-     "tcp_fast6(frame, our_mac, guest_mac, dns6_dsts): fast-path fields or None."},
+     "tcp_fast6(frame, our_mac, guest_mac, dns6_dsts, verify): fields or None."},
     {"parse_ipv4", (PyCFunction)(void (*)(void))n_parse_ipv4, METH_FASTCALL,
      "parse_ipv4(data, verify): the IPv4 header's fields, or WireError."},
     {"build_tcp_frame", (PyCFunction)(void (*)(void))n_build_tcp_frame, METH_FASTCALL,

@@ -13,6 +13,7 @@ def tcp_fast4(
     guest_mac: bytes | None,
     broadcast: bytes,
     dns_dsts: Container[bytes],
+    verify: bool,
     /,
 ) -> FastTcp | None: ...
 def tcp_fast6(
@@ -20,6 +21,7 @@ def tcp_fast6(
     our_mac: bytes,
     guest_mac: bytes | None,
     dns6_dsts: Container[bytes],
+    verify: bool,
     /,
 ) -> FastTcp | None: ...
 def parse_ipv4(data: Buffer, verify: bool, /) -> Ipv4Fields: ...

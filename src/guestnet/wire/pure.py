@@ -92,11 +92,13 @@ def tcp_fast4(
     guest_mac: bytes | None,
     broadcast: bytes,
     dns_dsts: Container[bytes],
+    verify: bool,
     /,
 ) -> FastTcp | None:
     """The fields of a unicast IPv4/TCP frame to ``our_mac`` from ``guest_mac`` whose header
     has no options and a valid checksum, not a fragment, not to ``broadcast`` nor to port 53
-    of an address in ``dns_dsts``; else None. Never raises on any frame."""
+    of an address in ``dns_dsts``, with a valid TCP checksum where ``verify`` (a link that does
+    not vouch for it); else None. Never raises on any frame."""
     if len(frame) < 54:
         return None
     (dst, src, etype, vihl, total_len, frag, proto, sip, dip, sport, dport, seq, ack, off,
@@ -115,6 +117,10 @@ def tcp_fast4(
         and dip != broadcast
         and (dport != 53 or dip not in dns_dsts)
         and int.from_bytes(frame[14:34], "big") % 0xFFFF == 0
+        and (
+            not verify
+            or checksum(frame[34 : 14 + total_len], pseudo_sum(sip, dip, 6, total_len - 20)) == 0
+        )
     ):
         return (frame[34 : 14 + total_len], sip, dip, sport, dport, seq, ack, hlen, flags,
                 window)  # fmt: skip
@@ -126,10 +132,12 @@ def tcp_fast6(
     our_mac: bytes,
     guest_mac: bytes | None,
     dns6_dsts: Container[bytes],
+    verify: bool,
     /,
 ) -> FastTcp | None:
     """The same for IPv6: TCP right after a bare 40-byte header, to a unicast address, not to
-    port 53 of an address in ``dns6_dsts``; else None. Never raises on any frame."""
+    port 53 of an address in ``dns6_dsts``, checksum verified where ``verify``; else None.
+    Never raises on any frame."""
     if len(frame) < 74:
         return None
     (dst, src, etype, vtf, plen, nh, sip, dip, sport, dport, seq, ack, off, flags,
@@ -144,6 +152,7 @@ def tcp_fast6(
         and 20 <= hlen <= plen <= len(frame) - 54
         and dip[0] != 0xFF
         and (dport != 53 or dip not in dns6_dsts)
+        and (not verify or checksum(frame[54 : 54 + plen], pseudo_sum(sip, dip, 6, plen)) == 0)
     ):
         return (frame[54 : 54 + plen], sip, dip, sport, dport, seq, ack, hlen, flags, window)
     return None
