@@ -1,6 +1,6 @@
 """CPU time per frame through the core's paths, robust to a busy machine (for A/B runs).
 
-Run: .venv/bin/python bench/bench_paths.py [--quick]
+Run: .venv/bin/python bench/bench_paths.py [--quick] [--ab]
 
 Each row feeds one prepared frame through the :class:`FrameClassifier` (or hands one reply to the
 UDP NAT) in batches and reports the *CPU* time of the calling thread per frame
@@ -16,21 +16,35 @@ Rows:
   trusted) and routed to a NAT that does nothing.
 - ``udp->nat``: the same datagram through the real UDP NAT: source and destination policy, the
   flow lookup and a ``sendto`` on a socket that does nothing.
-- ``nat reply->guest``: a 64-byte reply from the host through ``UdpNat.deliver_reply``: headers
-  and UDP checksum written, frame sent (to a port that releases it).
+- ``nat reply->guest`` / ``nat reply 1400B``: a 64-byte (1400-byte) reply from the host through
+  ``UdpNat.deliver_reply``: headers and UDP checksum written, frame sent (to a port that
+  releases it).
 - ``icmp echo gateway``: an echo request to the gateway, answered by the ICMP service.
 - ``dns builtin``: an A query for host.guestnet.internal, answered (dnspython dominates).
 - ``dhcp discover``: a DHCPDISCOVER answered with an OFFER.
 - ``tcp ack ipv4`` / ``tcp ack ipv6``: a bare ACK of an established TCP flow from a link that
   vouches for checksums (a TAP with offloads), through the classifier's fast path into the TCP
   NAT (nothing in flight, nothing sent): the per-segment cost of each family.
+- ``tcp rr 1B ipv4`` / ``ipv6`` / ``1460B``: one request-response turn of an established flow in
+  the core: the host socket has N bytes (read by ``host_readable`` into a frame, headers and
+  full TCP checksum written, sent to a link without offloads that releases it), then the
+  guest's data segment of N bytes arrives through the classifier's fast path, taken by the
+  NAT (its payload "sent" to the host, and the host data acknowledged).
+- ``... qemu``: the same from a link that does not vouch for checksums (QEMU stream/dgram): the
+  guest's TCP checksum is verified (since the native fast path, on the fast path too).
+
+The leaf operations run in the C extension unless ``GUESTNET_PURE=1`` (guestnet.wire.native);
+run the script both ways back to back for an A/B (``--ab`` does that in child processes,
+interleaved, and prints both columns and their ratio).
 
 Only in-process objects: no sockets, no namespaces.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -155,7 +169,9 @@ GATEWAY_IP6 = bytes.fromhex("fd000000000000000000000000000002")
 
 
 class NullTcpIo:
-    """A TcpIo whose host socket takes everything and has nothing to read."""
+    """A TcpIo whose host socket takes everything and has ``pending`` bytes to read (once)."""
+
+    pending = 0
 
     def connect(self, flow: TcpFlow) -> int:
         flow.io_data = object()
@@ -165,7 +181,8 @@ class NullTcpIo:
         return len(data)
 
     def recv_into(self, flow: TcpFlow, bufs: list[memoryview]) -> int:
-        return -1
+        n, self.pending = self.pending, 0
+        return n if n else -1
 
     def send_room(self, flow: TcpFlow) -> int:
         return 1 << 20
@@ -183,11 +200,14 @@ class NullTcpIo:
         pass
 
 
-def tcp_frame(v6: bool, flags: int, seq: int, ack: int, options: bytes = b"") -> memoryview:
+def tcp_frame(
+    v6: bool, flags: int, seq: int, ack: int, options: bytes = b"", payload: bytes = b""
+) -> memoryview:
     src, dst = (GUEST_IP6, GATEWAY_IP6) if v6 else (GUEST_IP, GATEWAY_IP)
-    hlen = 20 + len(options)
+    hlen = 20 + len(options) + len(payload)
     l4 = bytearray(hlen)
-    build_tcp(l4, 0, 40000, 8080, seq, ack, flags, 65535, 0, src, dst, options)
+    l4[20 + len(options) :] = payload
+    build_tcp(l4, 0, 40000, 8080, seq, ack, flags, 65535, len(payload), src, dst, options)
     l3 = 54 if v6 else 34
     buf = bytearray(l3 + hlen)
     off = build_ethernet(buf, 0, OUR_MAC, GUEST_MAC, ETHERTYPE_IPV6 if v6 else ETHERTYPE_IPV4)
@@ -199,7 +219,46 @@ def tcp_frame(v6: bool, flags: int, seq: int, ack: int, options: bytes = b"") ->
     return memoryview(buf)
 
 
-def tcp_ack_call(v6: bool) -> Callable[[], object]:
+def tcp_rr_call(v6: bool, size: int, turns: int, trusted: bool = True) -> Callable[[], object]:
+    """An established flow on a link without offloads; each call is one turn: ``size`` bytes
+    from the host to the guest (segment built with its checksum), then ``size`` bytes from the
+    guest acknowledging them (classifier fast path, NAT), for up to ``turns`` calls."""
+    config = Config()
+    pool = FramePool(config.mtu, config.pool_slots)
+    counters = Counters()
+    switch = Switch(pool, counters)
+    cl = FrameClassifier(config, pool, counters, switch)
+    port = Port("bench0", pool.release)
+    port.guest_mac = GUEST_MAC
+    switch.attach(port)
+    io = NullTcpIo()
+    nat = TcpNat(config, pool, counters, Policy(config), io, isn=lambda: 1000)
+    cl.tcp_nat = cl.tcp_nat6 = nat
+    cl.tcp_fast = nat.handle_fast
+    handle = cl.handle_frame
+    handle(tcp_frame(v6, SYN, 5000, 0, build_syn_options(1460, 7)), port, 0.0, True)
+    (flow,) = nat.table
+    nat.host_connected(flow, 0, 0.0)
+    handle(tcp_frame(v6, ACK, 5001, 1001), port, 0.0, True)
+    assert flow.state_name == "ESTABLISHED"
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    frames = iter(
+        [
+            tcp_frame(v6, ACK | 0x08, 5001 + k * size, 1001 + (k + 1) * size, b"", payload)
+            for k in range(turns)
+        ]
+    )
+    readable = nat.host_readable
+
+    def turn() -> None:
+        io.pending = size
+        readable(flow, 0.0)
+        handle(next(frames), port, 0.0, trusted)
+
+    return turn
+
+
+def tcp_ack_call(v6: bool, trusted: bool = True) -> Callable[[], object]:
     """A classifier with the TCP NAT on its fast path and one established flow; the call
     feeds that flow's bare ACK, as a TAP with offloads hands it over."""
     config = Config()
@@ -220,7 +279,7 @@ def tcp_ack_call(v6: bool) -> Callable[[], object]:
     handle(tcp_frame(v6, ACK, 5001, 1001), port, 0.0, True)
     assert flow.state_name == "ESTABLISHED"
     ack = tcp_frame(v6, ACK, 5001, 1001)
-    return lambda: handle(ack, port, 0.0, True)
+    return lambda: handle(ack, port, 0.0, trusted)
 
 
 def cpu_per_call(fn: Callable[[], object], n: int, batches: int) -> tuple[float, float]:
@@ -235,7 +294,36 @@ def cpu_per_call(fn: Callable[[], object], n: int, batches: int) -> tuple[float,
     return min(per), statistics.median(per)
 
 
+def ab(rounds: int) -> None:
+    """Run this script pure and native, interleaved, ``rounds`` times each, in child processes;
+    print each row's median (over rounds) of the per-round minimum, both ways, and the ratio."""
+    args = [a for a in sys.argv[1:] if a != "--ab"]
+    mins: dict[str, dict[str, list[float]]] = {"pure": {}, "native": {}}
+    order: list[str] = []
+    for _ in range(rounds):
+        for mode in ("pure", "native"):
+            env = dict(os.environ, GUESTNET_PURE="1" if mode == "pure" else "0")
+            out = subprocess.run(
+                [sys.executable, __file__, *args], env=env, check=True, capture_output=True,
+                text=True, timeout=600,
+            ).stdout  # fmt: skip
+            for line in out.splitlines()[1:]:
+                name, lo = line[:20].strip(), float(line[20:].split()[0])
+                if name not in order:
+                    order.append(name)
+                mins[mode].setdefault(name, []).append(lo)
+    print(f"thread CPU µs per frame, median over {rounds} rounds of the best batch")
+    print(f"{'':<20} {'pure':>8} {'native':>8} {'pure/native':>12}")
+    for name in order:
+        a = statistics.median(mins["pure"][name])
+        b = statistics.median(mins["native"][name])
+        print(f"{name:<20} {a:8.2f} {b:8.2f} {a / b:11.2f}x")
+
+
 def main() -> None:
+    if "--ab" in sys.argv:
+        ab(3)
+        return
     quick = "--quick" in sys.argv
     batches = 8 if quick else 30
     query = dns.message.make_query("host.guestnet.internal", "A").to_wire()
@@ -271,8 +359,31 @@ def main() -> None:
 
     lo, med = cpu_per_call(reply, 2000, batches)
     print(f"{'nat reply->guest':<20} {lo:8.2f} {med:8.2f}")
-    for name, v6 in (("tcp ack ipv4", False), ("tcp ack ipv6", True)):
-        lo, med = cpu_per_call(tcp_ack_call(v6), 2000, batches)
+    big = bytes(1400)
+
+    def reply_1400() -> None:
+        frame = pool.acquire()
+        start = frame.start + off
+        frame.view[start : start + 1400] = big
+        nat.deliver_reply(flow, frame, 1400, "93.184.216.34", 9999, 0.0)
+
+    lo, med = cpu_per_call(reply_1400, 2000, batches)
+    print(f"{'nat reply 1400B':<20} {lo:8.2f} {med:8.2f}")
+    for name, v6, trusted in (
+        ("tcp ack ipv4", False, True),
+        ("tcp ack ipv6", True, True),
+        ("tcp ack ipv4 qemu", False, False),
+    ):
+        lo, med = cpu_per_call(tcp_ack_call(v6, trusted), 2000, batches)
+        print(f"{name:<20} {lo:8.2f} {med:8.2f}")
+    for name, v6, size, trusted in (
+        ("tcp rr 1B ipv4", False, 1, True),
+        ("tcp rr 1B ipv6", True, 1, True),
+        ("tcp rr 1460B ipv4", False, 1460, True),
+        ("tcp rr 1B ipv4 qemu", False, 1, False),
+        ("tcp rr 1460B qemu", False, 1460, False),
+    ):
+        lo, med = cpu_per_call(tcp_rr_call(v6, size, 2000 * batches, trusted), 2000, batches)
         print(f"{name:<20} {lo:8.2f} {med:8.2f}")
 
 

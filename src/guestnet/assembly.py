@@ -54,7 +54,6 @@ from guestnet.io.pcap import PcapWriter, open_capture
 from guestnet.io.tcp_nat import TcpNatDriver
 from guestnet.io.udp_nat import UdpNatDriver
 from guestnet.pool import FramePool
-from guestnet.wire import checksum
 from guestnet.wire.l3 import IPV6
 
 log = logging.getLogger(__name__)
@@ -74,8 +73,6 @@ class Instance:
         self, config: Config, loop: Loop | None = None, echo_mode: str | None = "probe"
     ) -> None:
         self.config = config
-        if checksum.vector_path_pays(config.mtu):
-            checksum.load_vector_path()
         self.loop = loop if loop is not None else Loop()
         self.counters = Counters()
         self.pool_from_guest = FramePool(config.mtu, config.pool_slots)

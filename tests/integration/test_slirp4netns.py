@@ -400,8 +400,8 @@ def test_rootless_pid_mode_joins_the_user_namespace(
     """Rootless, as podman runs it for a user: an unprivileged user's ``unshare -Urn`` process
     is the target; guestnet-slirp4netns, run as that user, joins its user namespace first.
     With podman's ``--enable-sandbox --enable-seccomp --mtu=65520`` the sandbox is made in that
-    user namespace too (as slirp4netns makes it; numpy, loaded for that MTU, must not have made
-    the process threaded), and the NAT still works."""
+    user namespace too (as slirp4netns makes it; the process must not have become threaded), and
+    the NAT still works."""
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     target = sandbox.popen([*nobody, "unshare", "-Urn", "sleep", "60"])
     server = sandbox.popen(

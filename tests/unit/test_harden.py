@@ -103,8 +103,8 @@ def test_allow_list_resolves_here_and_leaves_out_what_an_attacker_wants() -> Non
 
 
 def test_preload_imports_every_module_the_datapath_can_reach() -> None:
-    """In a fresh interpreter: after preload, every guestnet module (but the client's) and
-    every dnspython record type is loaded, and numpy/pyroute2 are not dragged in."""
+    """In a fresh interpreter: after preload, every guestnet module (but the client's) is
+    loaded, and dnspython/numpy/pyroute2 are not dragged in."""
     code = (
         "import sys, pkgutil, guestnet\n"
         "from guestnet.io.harden import preload\n"
@@ -112,13 +112,13 @@ def test_preload_imports_every_module_the_datapath_can_reach() -> None:
         "mods = [i.name for i in pkgutil.walk_packages(guestnet.__path__, 'guestnet.')\n"
         "        if not i.name.startswith(('guestnet.client', 'guestnet.__main__'))]\n"
         "print(sorted(set(mods) - set(sys.modules)))\n"
-        "print('dns.rdtypes.ANY.TXT' in sys.modules, 'dns.rdtypes.IN.SRV' in sys.modules)\n"
+        "print('dns' in sys.modules, 'dns.rdata' in sys.modules)\n"
         "print('numpy' in sys.modules, 'pyroute2' in sys.modules, 'pyseccomp' in sys.modules)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     ).stdout.splitlines()
-    assert out == ["[]", "True True", "False False False"]
+    assert out == ["[]", "False False", "False False False"]
 
 
 def test_seccomp_without_libseccomp_is_a_clear_start_error(tmp_path: Path) -> None:

@@ -21,7 +21,6 @@ parsing becomes a drop counted by its reason; no bad frame ever raises out of
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 
 from guestnet.config import Config
@@ -53,6 +52,7 @@ from guestnet.wire.icmpv6 import ICMPV6_ECHO_REQUEST, MLD_TYPES, NDP_TYPES, pars
 from guestnet.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, parse_ipv4
 from guestnet.wire.ipv6 import PROTO_ICMPV6, parse_ipv6
 from guestnet.wire.l3 import IPV4, IPV6
+from guestnet.wire.native import tcp_fast4, tcp_fast6
 from guestnet.wire.tcp import parse_tcp, verify_tcp
 from guestnet.wire.udp import DNS_PORT, parse_udp, verify_udp
 
@@ -61,22 +61,10 @@ _new = tuple.__new__
 #: The largest frame any link may deliver: a 64 KiB IP packet (TSO) plus Ethernet and a VLAN tag.
 MAX_FRAME = ETH_HLEN + 4 + 65535
 
-#: Ethernet, IPv4 (no options) and the first 16 bytes of TCP in one unpack, for the fast path:
-#: dst MAC, src MAC, ethertype, version/IHL, total length, flags/fragment, protocol, src, dst,
-#: ports, seq, ack, data offset, flags, window.
-_FAST = struct.Struct("!6s6sHBxHxxHxBxx4s4sHHIIBBH")
-#: Smallest frame the fast path looks at: Ethernet + IPv4 + TCP headers.
-_FAST_MIN = ETH_HLEN + 40
 #: DHCPv6 servers and relay agents listen on UDP 547 (RFC 8415 7.2).
 DHCP6_SERVER_PORT = 547
 #: All_DHCP_Relay_Agents_and_Servers: where DHCPv6 clients send (ff02::1:2).
 ALL_DHCP6_SERVERS = bytes.fromhex("ff020000000000000000000000010002")
-#: The same for IPv6 (a 40-byte header whose next header is TCP, no extension header): dst MAC,
-#: src MAC, ethertype, version/class/flow label, payload length, next header, hop limit, src,
-#: dst, ports, seq, ack, data offset, flags, window.
-_FAST6 = struct.Struct("!6s6sHIHBx16s16sHHIIBBH")
-_FAST6_MIN = ETH_HLEN + 40 + 20
-_L4_6 = ETH_HLEN + 40
 #: TCP segment handler for the fast path; see :attr:`FrameClassifier.tcp_fast`.
 TcpFast = Callable[[memoryview, bytes, bytes, int, int, int, int, int, int, int, float], bool]
 
@@ -138,72 +126,32 @@ class FrameClassifier:
             self.capture(frame, csum_trusted)
         try:
             fast = self.tcp_fast
-            if fast is not None and csum_trusted and len(frame) >= _FAST_MIN:
+            if fast is not None:
                 # Fast path: a unicast IPv4/TCP frame from the port's known guest, header
-                # without options, checksum valid, not a fragment, not for DNS: exactly the
-                # frames the ordinary path would hand to the TCP NAT unchanged. The NAT takes it
-                # only for an established flow; anything else (and any doubt) goes the long way.
-                # IPv6 has the same, in :meth:`_fast6`.
-                (dst, src, etype, vihl, total_len, frag, proto, sip, dip, sport, dport, seq, ack,
-                 off, flags, window) = _FAST.unpack_from(frame, 0)  # fmt: skip
-                hlen = (off >> 4) * 4
-                if (
-                    etype == ETHERTYPE_IPV4
-                    and vihl == 0x45
-                    and proto == PROTO_TCP
-                    and not frag & 0x3FFF
-                    and dst == self._mac
-                    and src == port.guest_mac
-                    and 40 <= total_len <= len(frame) - ETH_HLEN
-                    and 20 <= hlen <= total_len - 20
-                    and dip[0] < 224
-                    and dip != self._broadcast
-                    and (dport != DNS_PORT or dip not in self._dns_dsts)
-                    and int.from_bytes(frame[ETH_HLEN : ETH_HLEN + 20], "big") % 0xFFFF == 0
-                    and fast(
-                        frame[ETH_HLEN + 20 : ETH_HLEN + total_len],
-                        sip,
-                        dip,
-                        sport,
-                        dport,
-                        seq,
-                        ack,
-                        hlen,
-                        flags,
-                        window,
-                        now,
-                    )
-                ):
-                    return
-                if etype == ETHERTYPE_IPV6 and self._ipv6 and self._fast6(frame, port, now, fast):
-                    return
+                # without options, checksums valid (the TCP one verified here unless the link
+                # vouches for it), not a fragment, not for DNS: exactly the frames the ordinary
+                # path would hand to the TCP NAT unchanged. The NAT takes it only for an
+                # established flow; anything else (and any doubt) goes the long way. IPv6 has
+                # the same (TCP right after a bare header). The test and the fields are one
+                # call (guestnet.wire.native: C, or its Python twin).
+                verify = not csum_trusted
+                seg = tcp_fast4(
+                    frame, self._mac, port.guest_mac, self._broadcast, self._dns_dsts, verify
+                )
+                if seg is not None:
+                    if fast(*seg, now):
+                        return
+                elif self._ipv6:
+                    seg = tcp_fast6(frame, self._mac, port.guest_mac, self._dns6_dsts, verify)
+                    if seg is not None:
+                        sip = seg[1]
+                        if sip != port.ip6_last:
+                            port.learn_ip6(sip)
+                        if fast(*seg, now):
+                            return
             self._dispatch(frame, port, now, csum_trusted)
         except WireError as exc:
             self.counters.inc(exc.reason)
-
-    def _fast6(self, frame: memoryview, port: Port, now: float, fast: TcpFast) -> bool:
-        """The fast path for IPv6: a unicast TCP segment from the port's known guest, right
-        after a bare 40-byte header, checksum vouched for by the link, not for DNS; True when
-        the NAT took it (an established flow), else nothing happened."""
-        if len(frame) < _FAST6_MIN:
-            return False
-        (dst, src, _etype, vtf, plen, nh, sip, dip, sport, dport, seq, ack, off, flags,
-         window) = _FAST6.unpack_from(frame, 0)  # fmt: skip
-        hlen = (off >> 4) * 4
-        if not (
-            nh == PROTO_TCP
-            and vtf >> 28 == 6
-            and dst == self._mac
-            and src == port.guest_mac
-            and 20 <= hlen <= plen <= len(frame) - _L4_6
-            and dip[0] != 0xFF
-            and (dport != DNS_PORT or dip not in self._dns6_dsts)
-        ):
-            return False
-        if sip != port.ip6_last:
-            port.learn_ip6(sip)
-        return fast(frame[_L4_6 : _L4_6 + plen], sip, dip, sport, dport, seq, ack, hlen, flags,
-                    window, now)  # fmt: skip
 
     def _dispatch(self, frame: memoryview, port: Port, now: float, csum_trusted: bool) -> None:
         n = len(frame)

@@ -9,9 +9,9 @@ ordinary host sockets for NAT flows, and binds more listeners when the API asks.
 set-up and before the loop, :func:`apply` takes away what a compromised guestnet could abuse,
 in the order each step still has the privilege the next one needs:
 
-1. :func:`preload` imports every module the datapath can reach (all of guestnet, dnspython's
-   record types, the codecs DNS names use, libseccomp's binding), because after the sandbox no
-   file of the Python installation is visible and a lazy import would fail.
+1. :func:`preload` imports every module the datapath can reach (all of guestnet, its native
+   extension when built, the codecs DNS names use, libseccomp's binding), because after the
+   sandbox no file of the Python installation is visible and a lazy import would fail.
 2. ``--sandbox`` (slirp4netns's ``--enable-sandbox``): :func:`enter_sandbox` moves guestnet to a
    mount namespace of its own whose root is a small tmpfs holding only ``/etc`` and ``/run``,
    both bound read-only from the caller's (recursively, so what is mounted under ``/run`` stays
@@ -191,11 +191,11 @@ def parse_runas(text: str) -> tuple[int, int]:
 #: Standard modules some path of the datapath imports on first use (codecs of DNS names,
 #: tracebacks of a logged exception).
 _LAZY_STDLIB = ("encodings.idna", "stringprep", "unicodedata", "traceback", "linecache")
-#: Imports found inside functions that the loop never makes after start: numpy is loaded at
-#: start when the MTU pays for it (``wire.checksum.load_vector_path``) or never; pyroute2 runs
-#: in set-up and in helper children; rich and http.client serve the client commands; pyseccomp
-#: is imported when ``--seccomp`` asks for it (it looks libseccomp up with ldconfig).
-_NOT_AFTER_START = ("numpy", "pyroute2", "rich", "http", "pyseccomp")
+#: Imports found inside functions that the loop never makes after start: pyroute2 runs in
+#: set-up and in helper children; rich and http.client serve the client commands; pyseccomp is
+#: imported when ``--seccomp`` asks for it (it looks libseccomp up with ldconfig); numpy and
+#: dnspython are no longer used at all (only by tests and benchmarks).
+_NOT_AFTER_START = ("numpy", "dns", "pyroute2", "rich", "http", "pyseccomp")
 
 
 def preload(seccomp: bool = False) -> list[str]:
@@ -225,10 +225,6 @@ def preload(seccomp: bool = False) -> list[str]:
             log.debug("preload: %s", exc)
             continue
         names.append(name)
-    # dnspython imports a record type's module when it first parses one: all of them now.
-    import dns.rdata
-
-    dns.rdata.load_all_types(disable_dynamic_load=True)  # type: ignore[no-untyped-call]
     if seccomp:
         _pyseccomp()
         names.append("pyseccomp")

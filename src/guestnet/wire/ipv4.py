@@ -5,8 +5,8 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from guestnet.wire import WireError
 from guestnet.wire.checksum import checksum
+from guestnet.wire.native import parse_ipv4 as _parse_fields
 
 IPV4_HLEN = 20
 PROTO_ICMP = 1
@@ -18,6 +18,9 @@ FLAG_MF = 0x2000
 FRAG_OFFSET_MASK = 0x1FFF
 
 _HDR = struct.Struct("!BBHHHBBH4s4s")
+#: ``tuple.__new__``: an :class:`IPv4Header` from the tuple of its fields, without the keyword
+#: handling of the NamedTuple's own ``__new__``.
+_new = tuple.__new__
 
 
 class IPv4Header(NamedTuple):
@@ -47,21 +50,10 @@ def parse_ipv4(data: memoryview | bytes, verify: bool = True) -> IPv4Header:
     """Parse the IPv4 header at the start of ``data`` (which may carry Ethernet padding).
 
     ``total_len`` is checked against what is there; the header checksum is verified unless
-    ``verify`` is False.
+    ``verify`` is False. The checks run in :func:`guestnet.wire.native.parse_ipv4` (C or its
+    Python twin); a bad header raises :class:`WireError` with a dotted reason.
     """
-    if len(data) < IPV4_HLEN:
-        raise WireError("ipv4.truncated")
-    vihl, tos, total_len, ident, frag, ttl, proto, _csum, src, dst = _HDR.unpack_from(data, 0)
-    if vihl >> 4 != 4:
-        raise WireError("ipv4.bad_version")
-    header_len = (vihl & 0x0F) * 4
-    if header_len < IPV4_HLEN:
-        raise WireError("ipv4.bad_header_length")
-    if total_len < header_len or total_len > len(data):
-        raise WireError("ipv4.bad_total_length")
-    if verify and checksum(data[:header_len]) != 0:
-        raise WireError("ipv4.bad_checksum")
-    return IPv4Header(header_len, tos, total_len, ident, frag, ttl, proto, src, dst)
+    return _new(IPv4Header, _parse_fields(data, verify))
 
 
 def build_ipv4(

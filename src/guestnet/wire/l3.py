@@ -27,7 +27,8 @@ that store the partial sum for an offload (the TCP NAT's ``NEEDS_CSUM`` frames).
 (IPv4: the identification field and DF; IPv6 has neither in its fixed header and would carry
 them in a Fragment extension header only when fragmenting). :func:`build_l3_frame` and
 :func:`build_udp_frame` write Ethernet + IP (+ UDP) in one call: the header writers of the UDP
-NAT, ICMP, DNS and DHCP services all go through them.
+NAT, ICMP, DNS and DHCP services all go through them. :func:`build_udp_frame`, on the UDP NAT's
+per-datagram path, is one call into :mod:`guestnet.wire.native` (C or its Python twin).
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ from typing import Protocol
 
 from guestnet.wire.checksum import pseudo_header_sum
 from guestnet.wire.ethernet import ETH_HLEN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, build_ethernet
-from guestnet.wire.ipv4 import FLAG_DF, IPV4_HLEN, PROTO_UDP, build_ipv4
+from guestnet.wire.ipv4 import FLAG_DF, IPV4_HLEN, build_ipv4
 from guestnet.wire.ipv6 import IPV6_HLEN, build_ipv6
+from guestnet.wire.native import build_udp_frame as _build_udp_frame
 from guestnet.wire.tcp import TCP_HLEN
-from guestnet.wire.udp import UDP_HLEN, build_udp
+from guestnet.wire.udp import UDP_HLEN
 
 #: Largest IP packet (IPv4 total length, IPv6 payload length without jumbograms).
 MAX_IP_PACKET = 65535
@@ -248,9 +250,10 @@ def build_udp_frame(
     dont_fragment: bool = True,
 ) -> int:
     """Ethernet, IP and UDP headers (UDP checksum included) in front of a payload already at
-    ``start + family.udp_payload_off``; return the frame length."""
-    off = build_ethernet(buf, start, dst_mac, src_mac, family.ethertype)
-    l4_len = UDP_HLEN + payload_len
-    l4 = family.build(buf, off, src, dst, PROTO_UDP, l4_len, ident, 64, dont_fragment)
-    build_udp(buf, l4, sport, dport, payload_len, src, dst)
-    return l4 + l4_len - start
+    ``start + family.udp_payload_off``; return the frame length. The UDP NAT writes every
+    datagram to the guest through here: the work is one call of
+    :func:`guestnet.wire.native.build_udp_frame` (C, or its Python twin)."""
+    return _build_udp_frame(
+        buf, start, family.version, dst_mac, src_mac, src, dst, sport, dport, payload_len,
+        ident, dont_fragment,
+    )  # fmt: skip

@@ -27,7 +27,6 @@ verify its partial checksum).
 
 from __future__ import annotations
 
-import struct
 from typing import Protocol
 
 from guestnet.core.flows import FlowKey
@@ -36,10 +35,9 @@ from guestnet.core.port import Port
 from guestnet.core.tcp.base import TcpNatBase
 from guestnet.core.tcp.flow import CONNECTING, SEQ_MASK, TcpFlow
 from guestnet.pool import HEADROOM, Frame
-from guestnet.wire.checksum import checksum
-from guestnet.wire.ethernet import ETH_HLEN, ETH_ZLEN
-from guestnet.wire.ipv4 import PROTO_TCP
+from guestnet.wire.ethernet import ETH_HLEN
 from guestnet.wire.l3 import IPV4, L3Family
+from guestnet.wire.native import build_tcp_frame
 from guestnet.wire.tcp import ACK, RST, TCP_HLEN
 
 #: Ethernet + IPv4 + TCP header bytes in front of an IPv4 data segment's payload.
@@ -49,11 +47,6 @@ HDRS_LEN = IPV4.l4_off + TCP_HLEN
 def hdrs_len(family: L3Family) -> int:
     """Header bytes in front of a data segment's payload for ``family``."""
     return family.l4_off + TCP_HLEN
-
-
-_TCP_OUT = struct.Struct("!HHIIBBHHH")
-_ETH = struct.Struct("!6s6sH")
-_ZEROS = bytes(ETH_ZLEN)
 
 
 def mss_for_mtu(mtu: int, family: L3Family = IPV4) -> int:
@@ -163,46 +156,19 @@ class _SegmentWriter(TcpNatBase):
         """Write Ethernet, IP and TCP headers in front of the ``plen`` payload bytes at
         ``frame.start + hdrs_len(ends.family)`` and send the frame (options: a SYN's, without
         payload)."""
-        buf = frame.view
-        start = frame.start
         port = ends.port
         family = ends.family
-        src_ip = ends.dst_ip
-        dst_ip = ends.guest_ip
-        _ETH.pack_into(buf, start, ends.guest_mac, self._mac, family.ethertype)
-        hlen = TCP_HLEN + len(options)
-        tcp_len = hlen + plen
         ident = self._ident = (self._ident + 1) & 0xFFFF
-        tcp_off = family.build(buf, start + ETH_HLEN, src_ip, dst_ip, PROTO_TCP, tcp_len, ident)
-        if options:
-            # Options go between the header and a payload; only SYNs carry them (no payload).
-            buf[tcp_off + TCP_HLEN : tcp_off + hlen] = options
-        _TCP_OUT.pack_into(
-            buf,
-            tcp_off,
-            ends.dst_port,
-            ends.guest_port,
-            seq,
-            ack & SEQ_MASK,
-            (hlen // 4) << 4,
-            flags,
-            window,
-            0,
-            0,
-        )
-        psum = family.pseudo_sum(src_ip, dst_ip, PROTO_TCP, tcp_len)
-        if port.offload_max:
+        offload = port.offload_max
+        if offload:
             # The link completes checksums: leave the pseudo-header sum for it (NEEDS_CSUM).
-            csum = psum
             frame.csum_start = family.l4_off
             frame.csum_offset = 16
-        else:
-            csum = checksum(buf[tcp_off : tcp_off + tcp_len], psum)
-        buf[tcp_off + 16] = csum >> 8
-        buf[tcp_off + 17] = csum & 0xFF
-        length = family.l4_off + tcp_len
-        if length < ETH_ZLEN:
-            buf[start + length : start + ETH_ZLEN] = _ZEROS[: ETH_ZLEN - length]
-            length = ETH_ZLEN
-        frame.length = length
+        # One call (guestnet.wire.native: C, or its Python twin) writes Ethernet, IP and TCP,
+        # the checksum and the padding of a short frame.
+        frame.length = build_tcp_frame(
+            frame.view, frame.start, family.version, ends.guest_mac, self._mac, ends.dst_ip,
+            ends.guest_ip, ends.dst_port, ends.guest_port, seq, ack & SEQ_MASK, flags, window,
+            ident, plen, options, bool(offload),
+        )  # fmt: skip
         port.send(frame)

@@ -1,0 +1,62 @@
+"""Types of the C extension guestnet.wire._native; guestnet/wire/pure.py documents each function."""
+
+from collections.abc import Container
+
+from guestnet.wire.pure import Buffer, FastTcp, Ipv4Fields
+
+def ones_sum(data: Buffer, initial: int = 0, /) -> int: ...
+def checksum(data: Buffer, initial: int = 0, /) -> int: ...
+def pseudo_sum(src: bytes, dst: bytes, proto: int, length: int, /) -> int: ...
+def tcp_fast4(
+    frame: memoryview,
+    our_mac: bytes,
+    guest_mac: bytes | None,
+    broadcast: bytes,
+    dns_dsts: Container[bytes],
+    verify: bool,
+    /,
+) -> FastTcp | None: ...
+def tcp_fast6(
+    frame: memoryview,
+    our_mac: bytes,
+    guest_mac: bytes | None,
+    dns6_dsts: Container[bytes],
+    verify: bool,
+    /,
+) -> FastTcp | None: ...
+def parse_ipv4(data: Buffer, verify: bool, /) -> Ipv4Fields: ...
+def build_tcp_frame(
+    buf: memoryview | bytearray,
+    start: int,
+    version: int,
+    dst_mac: bytes,
+    src_mac: bytes,
+    src: bytes,
+    dst: bytes,
+    sport: int,
+    dport: int,
+    seq: int,
+    ack: int,
+    flags: int,
+    window: int,
+    ident: int,
+    plen: int,
+    options: bytes,
+    partial: bool,
+    /,
+) -> int: ...
+def build_udp_frame(
+    buf: memoryview | bytearray,
+    start: int,
+    version: int,
+    dst_mac: bytes,
+    src_mac: bytes,
+    src: bytes,
+    dst: bytes,
+    sport: int,
+    dport: int,
+    payload_len: int,
+    ident: int,
+    dont_fragment: bool,
+    /,
+) -> int: ...
