@@ -321,6 +321,21 @@ def add_datapath_options(p: argparse.ArgumentParser) -> None:
         help="close a UDP flow after this long without traffic (%(default)s; RFC 4787: >= 120)",
     )
     nat.add_argument(
+        "--forward-silent-timeout",
+        type=_int_range(1, 86400),
+        default=int(d.forward_silent_timeout),
+        metavar="SECONDS",
+        help="reset a published port's connection whose client has sent nothing for this long "
+        "(slowloris; %(default)s)",
+    )
+    nat.add_argument(
+        "--max-silent-forwards",
+        type=_int_range(1, 1 << 20),
+        default=d.max_silent_forwards,
+        metavar="N",
+        help="at most N such silent connections at once, the oldest reset first (%(default)s)",
+    )
+    nat.add_argument(
         "--no-host-loopback",
         action="store_true",
         help="refuse the guest the host's loopback and own addresses (the gateway included)",
@@ -411,6 +426,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         dns_upstreams=tuple(args.dns_upstream),
         dhcp_static=tuple(args.dhcp_static),
         udp_timeout=float(args.udp_timeout),
+        forward_silent_timeout=float(args.forward_silent_timeout),
+        max_silent_forwards=args.max_silent_forwards,
         no_host_loopback=args.no_host_loopback,
         allow_link_local=args.allow_link_local,
         egress=tuple(args.egress),

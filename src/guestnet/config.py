@@ -96,6 +96,11 @@ class Config:
     #: Upper bound on TCP flows whose handshake is not complete (connecting on the host, or
     #: waiting for the guest); beyond it the oldest is evicted (a SYN flood's bound).
     max_half_open: int = 1024
+    #: A connection accepted on a published port whose client has sent nothing for this long is
+    #: reset (slowloris); and at most ``max_silent_forwards`` such connections at once, the
+    #: oldest reset first.
+    forward_silent_timeout: float = 300.0
+    max_silent_forwards: int = 1024
     #: UDP flow idle timeout in seconds (RFC 4787 asks at least 120).
     udp_timeout: float = 180.0
     #: Unix socket path of the control API (HTTP/1.1 + JSON, mode 0600); None: no API.

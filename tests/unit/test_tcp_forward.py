@@ -397,3 +397,51 @@ def test_closed_flow_rearms_reap_after_an_early_timer(fwd: Fwd) -> None:
     assert fwd.tcp.io.timers.get(flow) == reap
     fwd.tcp.advance(reap - fwd.tcp.now)
     assert len(fwd.nat.table) == 0
+
+
+def test_a_silent_host_client_is_reset_after_the_timeout(fwd: Fwd) -> None:
+    """Slowloris: a client of a published port that sends nothing is reset (both ways) once
+    ``forward_silent_timeout`` has passed since the accept; one that spoke is not."""
+    timeout = fwd.tcp.core.config.forward_silent_timeout
+    flow, sock = fwd.establish()
+    talker, tsock = fwd.open()
+    (syn,) = fwd.tcp.out()
+    fwd.guest(talker, SYN | ACK, GISN, syn.seq + 1)
+    fwd.tcp.out()
+    tsock.readable += b"GET /"  # the host client speaks
+    fwd.nat.host_readable(talker, fwd.tcp.now)
+    fwd.tcp.flush()
+    fwd.tcp.out()
+    assert fwd.tcp.io.timers[flow] <= flow.created + timeout  # armed for it
+    fwd.tcp.advance(timeout - 1)
+    assert flow.state_name == "ESTABLISHED" and not sock.closed
+    fwd.tcp.advance(2)
+    assert c(fwd, "tcp.forward.silent_timeout") == 1
+    assert sock.closed and sock.reset
+    to_flow = [s for s in fwd.tcp.out() if s.sport == flow.dst_port]
+    assert [s.flags & RST for s in to_flow] == [RST]
+    assert talker.state_name == "ESTABLISHED" and not tsock.closed
+
+
+def test_silent_host_clients_are_bounded_oldest_reset_first(make_core: Any, frames: Any) -> None:
+    tcp = Tcp(make_core(max_silent_forwards=3), frames)
+    fwd = Fwd(tcp)
+    opened = [fwd.open() for _ in range(3)]
+    spoke_flow, spoke_sock = opened[1]
+    tcp.out()
+    # The second one's client speaks (data waits for the handshake): it is no longer silent.
+    fwd.guest(spoke_flow, SYN | ACK, GISN, OUR_ISS + 1)
+    spoke_sock.readable += b"x"
+    tcp.nat.host_readable(spoke_flow, tcp.now)
+    tcp.flush()
+    tcp.out()
+    assert spoke_flow.bytes_to_guest == 1
+    fwd.open()  # the fourth: the oldest silent one (the first) is reset
+    assert c(fwd, "tcp.forward.silent_evicted") == 1
+    assert opened[0][1].closed and not opened[2][1].closed and not spoke_sock.closed
+    fwd.open()  # the fifth: the second's entry (it spoke) makes the room, nobody is reset
+    assert c(fwd, "tcp.forward.silent_evicted") == 1
+    fwd.open()  # the sixth: the third, silent and now the oldest, is reset
+    assert c(fwd, "tcp.forward.silent_evicted") == 2
+    assert opened[2][1].closed and not spoke_sock.closed
+    tcp.nat.close_all()

@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 
 #: Host address a forward binds when none is given: loopback, unlike docker's 0.0.0.0.
 DEFAULT_HOST_IP = "127.0.0.1"
+#: How long a published port's client may leave what the guest sent unread (TCP_USER_TIMEOUT,
+#: inherited by accepted sockets from the listener).
+FORWARD_USER_TIMEOUT_MS = 300_000
+TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
 #: Upper bound on forwards (each holds a host socket).
 MAX_FORWARDS = 4096
 #: Datagrams handled per wake-up of one forward's UDP socket.
@@ -260,6 +264,10 @@ class Forwards:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 # Accepted connections inherit TCP_NODELAY: none needs a setsockopt of its own.
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # And TCP_USER_TIMEOUT: a client that stops reading (a slowloris, or gone
+                # without a word) holds what the guest sent only this long before the kernel
+                # aborts the connection (zero-window probes count too), and the flow is reset.
+                sock.setsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT, FORWARD_USER_TIMEOUT_MS)
             sock.bind((str(addr), port))
             if proto == "tcp":
                 sock.listen(128)

@@ -47,6 +47,10 @@ class TcpNatBase:
     #: Flows whose handshake is not complete (CONNECTING, SYN_RCVD, SYN_SENT), oldest first:
     #: bounded by ``config.max_half_open`` (see ``handshake``).
     _half_open: dict[TcpFlow, None]
+    #: Flows opened from published ports, oldest first, while their host client has sent
+    #: nothing (entries that spoke or closed are dropped lazily): bounded by
+    #: ``config.max_silent_forwards`` (see ``handshake``).
+    _silent: dict[TcpFlow, None]
     #: Makes and checks the SYN cookies that answer SYNs past the half-open bound.
     cookies: SynCookies
     #: The MSS we announce: what one guest-link frame carries.

@@ -62,7 +62,7 @@ from guestnet.core.tcp.flow import (
     TcpFlow,
     seq_delta,
 )
-from guestnet.core.tcp.recovery import _Recovery
+from guestnet.core.tcp.recovery import _Recovery, _silent_deadline
 from guestnet.core.tcp.segment import hdrs_len
 from guestnet.pool import Frame
 from guestnet.wire.tcp import ACK, FIN, PSH, RST, SYN
@@ -479,6 +479,10 @@ class _Established(_Recovery):
             self.io.set_timer(flow, flow.reap_deadline)
             return
         when = flow.last_active + IDLE_TIMEOUT_S
+        if flow.forward_id is not None and not flow.bytes_to_guest:
+            silent = _silent_deadline(flow, self.config.forward_silent_timeout)
+            if silent < when:
+                when = silent
         d = flow.connect_deadline
         if d is not None and d < when:
             when = d

@@ -51,6 +51,7 @@ from guestnet.core.flows import FlowKey
 from guestnet.core.packet import IpPacket
 from guestnet.core.port import Port
 from guestnet.core.tcp.flow import (
+    CLOSED,
     CONNECTING,
     DEFAULT_MSS,
     DNS_CONNECT_TIMEOUT_S,
@@ -416,6 +417,7 @@ class _Handshake(_Irregular):
         self._now = now
         counters = self.counters
         self._make_half_open_room()
+        self._make_silent_room()
         if self.table.full:
             counters.inc("tcp.forward.table_full")
             return None
@@ -433,10 +435,24 @@ class _Handshake(_Irregular):
         flow.rto_deadline = now + flow.rto
         self.table.add(key, flow)
         self._half_open[flow] = None
+        self._silent[flow] = None
         counters.inc("tcp.forward.syn")
         self._send_syn(flow)
         self._arm(flow)
         return flow
+
+    def _make_silent_room(self) -> None:
+        """Before a new forwarded flow: at ``max_silent_forwards`` connections whose host client
+        has sent nothing (a slowloris holding accepted connections), reset the oldest."""
+        silent = self._silent
+        cap = self.config.max_silent_forwards
+        while len(silent) >= cap:
+            oldest = next(iter(silent))
+            del silent[oldest]
+            if oldest.state == CLOSED or oldest.bytes_to_guest:
+                continue  # spoke or ended since: only the entry was left
+            self.counters.inc("tcp.forward.silent_evicted")
+            self._abort(oldest)
 
     def _gateway_for(self, guest_ip: bytes) -> bytes:
         """The address host clients appear from to a guest address: the gateway of its family."""

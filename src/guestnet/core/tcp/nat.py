@@ -76,6 +76,7 @@ class TcpNat(_Handshake):
         self._isn = isn if isn is not None else (lambda: random.getrandbits(32))
         self.table = FlowTable(config.max_flows)
         self._half_open = {}
+        self._silent = {}
         self.cookies = SynCookies(secrets.token_bytes(16))
         self.dns_handler = _DnsTcp(self)
         self.our_mss = mss_for_mtu(config.mtu)

@@ -70,6 +70,11 @@ class _Recovery(_SegmentWriter):
             self._send_rst_to_guest(flow)
             self._drop(flow, reset=False)
             return
+        if _silent_deadline(flow, self.config.forward_silent_timeout) <= now:
+            self.counters.inc("tcp.forward.silent_timeout")
+            self._silent.pop(flow, None)
+            self._abort(flow)
+            return
         if now - flow.last_active >= IDLE_TIMEOUT_S:
             self.counters.inc("tcp.flow.idle_timeout")
             self._abort(flow)
@@ -222,3 +227,11 @@ class _Recovery(_SegmentWriter):
         self.io.set_timer(flow, None)
         self.table.remove(flow.key, flow)
         self._half_open.pop(flow, None)
+
+
+def _silent_deadline(flow: TcpFlow, timeout: float) -> float:
+    """When a flow from a published port is reset for its host client's silence (slowloris):
+    ``timeout`` after it was accepted, while the client has sent nothing; else never."""
+    if flow.forward_id is None or flow.bytes_to_guest:
+        return float("inf")
+    return flow.created + timeout
