@@ -95,41 +95,40 @@ def bounded_send(ns: Netns, host: str, port: int) -> dict[str, float]:
     return result
 
 
+def stalls_bounded(gn: Guestnet, server_ns: Netns, bind: str, client_ns: Netns, dial: str) -> None:
+    """A server on ``bind`` in ``server_ns`` that never reads, a client in ``client_ns`` sending
+    to ``dial`` for SEND_SECONDS: the sender stalls (the window closed) having got rid of only
+    the buffers on the way (its send buffer, the window, the far end's receive buffer; not 4 s
+    at gigabits per second), guestnet's peak RSS stays within the limit and its descriptors
+    return to their baseline."""
+    fds0, hwm0 = fds(gn), hwm_kb(gn)
+    server = start(server_ns, NEVER_READ, str(PORT), bind, "30")
+    try:
+        result = bounded_send(client_ns, dial, PORT)
+    finally:
+        stop(server)
+    assert result["stalled_s"] > 1.0, result
+    assert result["sent"] < 96 << 20, result
+    assert hwm_kb(gn) - hwm0 < RSS_GROWTH_LIMIT_KB
+    wait_for(lambda: fds(gn) <= fds0, 20, "descriptors back to the baseline")
+
+
 def test_host_server_that_never_reads(
     attach_guest: Callable[..., Guestnet], sandbox: Netns
 ) -> None:
     gn = attach_guest()
     assert gn.guest is not None
-    fds0, hwm0 = fds(gn), hwm_kb(gn)
-    server = start(sandbox, NEVER_READ, str(PORT), "127.0.0.1", "30")
-    try:
-        result = bounded_send(gn.guest, "10.0.2.2", PORT)
-    finally:
-        stop(server)
-    # The sender stalled (the window closed) and what it got rid of is only the buffers on the
-    # way: the guest's send buffer, guestnet's window, the host's receive buffer; not 4 s at
-    # gigabits per second.
-    assert result["stalled_s"] > 1.0, result
-    assert result["sent"] < 96 << 20, result
-    assert hwm_kb(gn) - hwm0 < RSS_GROWTH_LIMIT_KB
-    wait_for(lambda: fds(gn) <= fds0, 20, "descriptors back to the baseline")
+    stalls_bounded(gn, sandbox, "127.0.0.1", gn.guest, "10.0.2.2")
 
 
 def test_guest_server_that_never_reads(
     attach_guest: Callable[..., Guestnet], sandbox: Netns
 ) -> None:
+    """Behind a published port: the guest's window closes, guestnet reads no more from the
+    host client."""
     gn = attach_guest("-p", f"127.0.0.1:{PORT}:{PORT}")
     assert gn.guest is not None
-    fds0, hwm0 = fds(gn), hwm_kb(gn)
-    server = start(gn.guest, NEVER_READ, str(PORT), "0.0.0.0", "30")
-    try:
-        result = bounded_send(sandbox, "127.0.0.1", PORT)
-    finally:
-        stop(server)
-    assert result["stalled_s"] > 1.0, result
-    assert result["sent"] < 96 << 20, result
-    assert hwm_kb(gn) - hwm0 < RSS_GROWTH_LIMIT_KB
-    wait_for(lambda: fds(gn) <= fds0, 20, "descriptors back to the baseline")
+    stalls_bounded(gn, gn.guest, "0.0.0.0", sandbox, "127.0.0.1")
 
 
 def test_slowloris_on_a_published_port(

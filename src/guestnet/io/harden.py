@@ -66,6 +66,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from guestnet.io.libc import check, libc
 from guestnet.io.netns import (
     CLONE_NEWNS,
     CLONE_NEWUSER,
@@ -260,37 +261,22 @@ def _function_imports(module: ModuleType) -> set[str]:
 
 # -- libc ----------------------------------------------------------------------------------------
 
-_libc: ctypes.CDLL | None = None
-
-
-def _c() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    return _libc
-
-
-def _check(ret: int, what: str) -> None:
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
     enc = os.fsencode
-    ret = _c().mount(
+    ret = libc().mount(
         None if source is None else enc(source),
         enc(target),
         None if fstype is None else enc(fstype),
         ctypes.c_ulong(flags),
         enc(data) if data else None,
     )
-    _check(ret, f"mount {target}")
+    check(ret, f"mount {target}")
 
 
 def _prctl(option: int, arg2: int = 0) -> int:
     """prctl(2); the errno on failure (0 on success)."""
-    ret = _c().prctl(option, ctypes.c_ulong(arg2), ctypes.c_ulong(0), ctypes.c_ulong(0), 0)
+    ret = libc().prctl(option, ctypes.c_ulong(arg2), ctypes.c_ulong(0), ctypes.c_ulong(0), 0)
     return 0 if ret == 0 else ctypes.get_errno()
 
 
@@ -323,8 +309,8 @@ def enter_sandbox(userns: str | None = None) -> None:
         raise OSError(errno.ENOSYS, f"pivot_root: unknown system call number on {machine}")
     # pivot_root(".", "."): the old root ends stacked under the new one; detaching "." then
     # leaves only the new root (passt's way: no directory for the old root is needed).
-    _check(_c().syscall(number, b".", b"."), "pivot_root")
-    _check(_c().umount2(b".", MNT_DETACH), "umount old root")
+    check(libc().syscall(number, b".", b"."), "pivot_root")
+    check(libc().umount2(b".", MNT_DETACH), "umount old root")
     os.chdir("/")
     with contextlib.suppress(OSError):  # cosmetic, as slirp4netns treats it (its #163)
         _mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
@@ -390,13 +376,13 @@ def set_capabilities(keep: int) -> None:
     """Effective and permitted = ``keep`` (what we hold of it), inheritable and ambient empty."""
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
-    _check(_c().capget(ctypes.byref(header), data), "capget")
+    check(libc().capget(ctypes.byref(header), data), "capget")
     for i in range(2):
         mask = (keep >> (32 * i)) & 0xFFFFFFFF
         data[i].effective = data[i].permitted & mask
         data[i].permitted &= mask
         data[i].inheritable = 0
-    _check(_c().capset(ctypes.byref(header), data), "capset")
+    check(libc().capset(ctypes.byref(header), data), "capset")
     _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
 
 

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from guestnet.config import Config, format_mac
+from guestnet.io.libc import check, libc
 from guestnet.io.tap import open_tap
 
 log = logging.getLogger(__name__)
@@ -73,25 +74,10 @@ NETNS_RUN_DIR = "/run/netns"
 HELPER_TIMEOUT_S = 30.0
 EXIT_FAILURE = 1
 
-_libc: ctypes.CDLL | None = None
-
-
-def _c() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    return _libc
-
-
-def _check(ret: int, what: str) -> None:
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
 
 def setns(fd: int, nstype: int = 0) -> None:
     """Join the namespace ``fd`` refers to (``setns(2)``; Python 3.11 has no os.setns)."""
-    _check(_c().setns(fd, nstype), "setns")
+    check(libc().setns(fd, nstype), "setns")
 
 
 def setns_path(path: str, nstype: int = 0) -> None:
@@ -105,20 +91,20 @@ def setns_path(path: str, nstype: int = 0) -> None:
 
 def unshare(flags: int) -> None:
     """Move the caller into new namespaces (``unshare(2)``; Python 3.11 has no os.unshare)."""
-    _check(_c().unshare(flags), "unshare")
+    check(libc().unshare(flags), "unshare")
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int) -> None:
     """``mount(2)`` without data."""
     enc = os.fsencode
-    ret = _c().mount(
+    ret = libc().mount(
         None if source is None else enc(source),
         enc(target),
         None if fstype is None else enc(fstype),
         ctypes.c_ulong(flags),
         None,
     )
-    _check(ret, f"mount {target}")
+    check(ret, f"mount {target}")
 
 
 def write_id_maps(uid: int, gid: int) -> None:
@@ -458,7 +444,7 @@ def _run_child(
     """The ``run`` child: namespaces, TAP, then (after the go-ahead) exec CMD."""
     try:
         # If guestnet dies, CMD has lost its network: let it know rather than linger.
-        _c().prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc().prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent_pid:
             os._exit(EXIT_FAILURE)
         if uid == 0:
