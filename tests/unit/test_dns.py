@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from guestnet.assembly import Instance
 from guestnet.cli import build_parser, config_from_args
 from guestnet.config import Config
-from guestnet.core.dns import BUILTIN_NAMES, DOWN_HOLD_S, DnsService
+from guestnet.core.dns import BUILTIN_NAMES, DOWN_HOLD_S, MAX_PENDING_PER_GUEST, DnsService
 from guestnet.io.dns_upstream import read_resolv_conf, upstream_servers
 from guestnet.wire.ethernet import ETH_HLEN, ETHERTYPE_IPV4, parse_ethernet
 from guestnet.wire.ipv4 import PROTO_UDP, parse_ipv4
@@ -351,6 +351,29 @@ def test_pending_table_is_bounded(core: Any, frames: Any) -> None:
     d.svc.handle_timeout(core.now + 100)
     d.svc.handle_timeout(core.now + 200)
     assert len(d.replies()) == 3 and d.svc.pending_count == 0
+
+
+def test_one_guest_cannot_take_every_pending_slot(core: Any, frames: Any) -> None:
+    """MAX_PENDING_PER_GUEST bounds one guest address's outstanding queries; another guest
+    address still gets its queries forwarded; a slot comes back when an answer or timeout ends
+    a query."""
+    d = Dns(core, frames, max_pending=MAX_PENDING_PER_GUEST * 2)
+    for i in range(MAX_PENDING_PER_GUEST + 5):
+        d.ask(qid=i)
+    assert len(d.take_outbox()) == MAX_PENDING_PER_GUEST
+    assert core.counters["dns.pending.guest_full"] == 5
+    assert [r.rcode() for r, _, _ in d.replies()] == [dns.rcode.SERVFAIL] * 5
+    other = bytes([10, 0, 2, 16])
+    q = dns.message.make_query("www.example.com", "A")
+    core.feed(frames.udp(sport=SPORT, dport=53, payload=q.to_wire(), src=other, dst=frames.DNS_IP))
+    assert len(d.take_outbox()) == 1
+    d.svc.handle_timeout(core.now + 100)
+    d.svc.handle_timeout(core.now + 200)
+    core.take_sent()  # the SERVFAILs of the timed-out queries, to both guests
+    d.take_outbox()  # (their failover to the second upstream between the two timeouts)
+    assert d.svc.pending_count == 0 and d.svc._per_guest == {}
+    d.ask(qid=9999)
+    assert len(d.take_outbox()) == 1
 
 
 # -- bad queries --------------------------------------------------------------------------------

@@ -33,8 +33,12 @@ within ``len(upstreams) * UPSTREAM_TIMEOUT_S``. An upstream that failed is skipp
 for :data:`DOWN_HOLD_S` while another is believed up. An upstream REFUSED answer also moves on
 to the next upstream when there is one; other answers (SERVFAIL, NXDOMAIN) are the guest's.
 
-Limits: at most :data:`MAX_PENDING` forwarded queries wait at once; beyond that the guest gets
-SERVFAIL (``dns.pending.full``). A guest retransmitting a query still outstanding (same address,
+Limits: at most :data:`MAX_PENDING` forwarded queries wait at once, and at most
+:data:`MAX_PENDING_PER_GUEST` of one guest address (so one guest's storm cannot take the others'
+share); beyond either the guest gets SERVFAIL (``dns.pending.full``,
+``dns.pending.guest_full``). Each query goes to one upstream at a time, so the upstreams never
+see more queries than the guests sent, times the number of upstreams at worst (no
+amplification). A guest retransmitting a query still outstanding (same address,
 port, id and question) is not forwarded twice (``dns.query.duplicate``).
 
 Cost. The forwarding path parses only the header and question (names, counts and record
@@ -91,6 +95,8 @@ UPSTREAM_TIMEOUT_S = 2.0
 DOWN_HOLD_S = 30.0
 #: Most forwarded queries outstanding at once.
 MAX_PENDING = 1024
+#: Forwarded queries of one guest address waiting at once.
+MAX_PENDING_PER_GUEST = 256
 #: Upstream query ids drawn from the kernel per ``getrandom`` call.
 ID_BATCH = 512
 #: TTL of built-in answers.
@@ -200,6 +206,8 @@ class DnsService:
         self.outbox: list[UpstreamQuery] = []
         self._by_id: dict[int, _Pending] = {}
         self._by_client: dict[tuple[bytes, int, int, bytes], int] = {}
+        #: Outstanding queries per guest address (entries removed at zero).
+        self._per_guest: dict[bytes, int] = {}
         self._timeouts: list[tuple[float, int, int]] = []
         self._seq = itertools.count()
         self._down_until = [0.0] * len(self.upstreams)
@@ -285,6 +293,13 @@ class DnsService:
             counters.inc("dns.pending.full")
             self._reply(pkt, sport, self._response(query, SERVFAIL))
             return
+        per_guest = self._per_guest
+        mine = per_guest.get(pkt.src, 0)
+        if mine >= MAX_PENDING_PER_GUEST:
+            counters.inc("dns.pending.guest_full")
+            self._reply(pkt, sport, self._response(query, SERVFAIL))
+            return
+        per_guest[pkt.src] = mine + 1
         uid = self._fresh_id()
         first = self._first_upstream(now)
         pending = _Pending(
@@ -440,6 +455,11 @@ class DnsService:
 
     def _finish(self, pending: _Pending) -> None:
         del self._by_id[pending.upstream_id]
+        left = self._per_guest.get(pending.guest_ip, 1) - 1
+        if left > 0:
+            self._per_guest[pending.guest_ip] = left
+        else:
+            self._per_guest.pop(pending.guest_ip, None)
         key = (pending.guest_ip, pending.sport, pending.client_id, pending.question)
         self._by_client.pop(key, None)
 
