@@ -187,6 +187,7 @@ class Soak:
         self.load_end = t0 + self.args.minutes * 60
         loops = {"bulk": self.bulk, "rr": self.rr, "churn": self.churn, "dns": self.dns,
                  "udp": self.udp}  # fmt: skip
+        loops = {k: v for k, v in loops.items() if k in self.args.loads.split(",")}
         threads = [threading.Thread(target=self._loop, args=(n, f), daemon=True)
                    for n, f in loops.items()]  # fmt: skip
         for th in threads:
@@ -197,7 +198,7 @@ class Soak:
         self.stop_load.set()
         for th in threads:
             th.join(timeout=90)
-        drain_end = time.monotonic() + DRAIN_S
+        drain_end = time.monotonic() + self.args.drain
         while time.monotonic() < drain_end:
             row = self.sample(t0, False)
             self.rows.append(row)
@@ -315,6 +316,8 @@ def main() -> int:
     p.add_argument("--minutes", type=float, default=20.0)
     p.add_argument("--mtu", type=int, default=1500)
     p.add_argument("--interval", type=float, default=5.0)
+    p.add_argument("--loads", default="bulk,rr,churn,dns,udp", help="which load loops run")
+    p.add_argument("--drain", type=float, default=DRAIN_S, help="longest wait for flows to end")
     p.add_argument("--csv", default="soak.csv")
     p.add_argument("--png", default="soak.png")
     args = p.parse_args()

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 from typing import Any
 
-#: First ring size, and the most an empty queue keeps.
-KEEP = 1 << 14
+#: Smallest ring, and the most an empty queue keeps: a request/response flow's few bytes fit,
+#: and thousands of short connections (lingering closed for a while) do not hold 16 KiB each.
+KEEP = 1 << 11
 
 
 class SendQueue:
