@@ -29,10 +29,12 @@ class Port:
         "offload_max",
         "rx_bytes",
         "rx_frames",
+        "rx_gso_size",
         "send",
         "tx_bytes",
         "tx_dropped",
         "tx_frames",
+        "udp_offload",
     )
 
     def __init__(self, name: str, send: Callable[[Frame], None]) -> None:
@@ -52,6 +54,13 @@ class Port:
         #: frame); above 0, frames may carry a partial checksum (``Frame.csum_start``) and TCP
         #: super-frames (``Frame.gso_size``) of up to this many bytes of IP packet.
         self.offload_max = 0
+        #: The link takes UDP super-frames toward the guest (TAP with USO): a frame with a
+        #: partial UDP checksum and ``Frame.gso_size`` = the datagram payload size, which the
+        #: guest's kernel cuts into datagrams of that size (the last may be shorter).
+        self.udp_offload = False
+        #: Set by the link only while it hands over a UDP super-frame from the guest (USO):
+        #: the payload size of each datagram in it; 0 for every other frame.
+        self.rx_gso_size = 0
         self.rx_frames = 0
         self.rx_bytes = 0
         self.tx_frames = 0

@@ -35,6 +35,21 @@ guest's MTU. Guest payload goes to the host socket as a memoryview slice of the 
 Host ICMP errors on a flow's socket (port unreachable, via IP_RECVERR) become the same ICMP error
 toward the guest.
 
+*UDP segmentation offloads (a TAP with USO).* A guest application that sends with
+``UDP_SEGMENT`` makes its kernel hand over one super-frame of many datagrams of one flow: the
+link says so in ``Port.rx_gso_size`` (the payload size of each datagram; the last may be
+shorter), and :meth:`UdpNat.handle_udp` sends the whole payload with one
+:meth:`UdpSocket.sendto_segments` (one ``sendmsg`` with a ``UDP_SEGMENT`` control message on the
+I/O side), or, to a published port's client, one datagram at a time. Toward the guest,
+:meth:`UdpNat.coalesce_limits` tells the I/O side whether the flow's guest link takes USO
+super-frames (``Port.udp_offload``) and how large: it then gathers the replies of one host
+source read back to back (or the kernel's own ``UDP_GRO`` batches) that share a payload size into
+one frame, and :meth:`UdpNat.deliver_reply` sends them as one super-frame (partial checksum,
+``Frame.gso_size`` = the datagram size); the guest's kernel cuts it. For a link without USO, or
+datagrams that need fragments, it cuts the batch into datagrams itself. A single datagram to a
+link that takes partial checksums (``Port.offload_max``) and fits its MTU leaves its checksum to
+the guest's kernel as well.
+
 *Port forwards (host -> guest).* A datagram arriving on a published UDP port
 (``io/forwards.py``) is handed to :meth:`UdpNat.deliver_inbound`, which keeps an *inbound* flow
 per (forward, host client): the guest sees the datagram from the gateway address and a port of
@@ -48,6 +63,7 @@ The core never touches a socket itself: it calls the :class:`UdpSocket` objects 
 
 from __future__ import annotations
 
+import struct
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Protocol
@@ -62,11 +78,17 @@ from guestnet.core.switch import Switch
 from guestnet.counters import Counters
 from guestnet.pool import Frame, FramePool
 from guestnet.wire.icmp import UNREACH_ADMIN_PROHIBITED
-from guestnet.wire.l3 import IPV4, IPV6, L3Family, build_udp_frame
+from guestnet.wire.ipv4 import PROTO_UDP
+from guestnet.wire.l3 import IPV4, IPV6, L3Family, build_l3_frame, build_udp_frame
 from guestnet.wire.udp import UDP_HLEN
 
 #: Destinations a flow remembers for filtering; the oldest is forgotten beyond this.
 MAX_PEERS = 1024
+#: Datagrams in one UDP super-frame or one UDP_SEGMENT send at most (the kernel's
+#: UDP_MAX_SEGMENTS on older kernels; newer ones allow 128).
+MAX_SEGMENTS = 64
+#: UDP's checksum field, from the start of the UDP header (a partial checksum's csum_offset).
+UDP_CSUM_OFFSET = 6
 
 FlowKey = tuple[bytes, int]
 
@@ -77,8 +99,20 @@ class UdpSocket(Protocol):
     def sendto(self, data: memoryview, addr: tuple[str, int]) -> int:
         """Send one datagram; raises OSError (EAGAIN, ENETUNREACH...)."""
 
+    def sendto_segments(self, data: memoryview, addr: tuple[str, int], size: int) -> int:
+        """Send ``data`` as datagrams of ``size`` bytes (the last may be shorter), at most
+        :data:`MAX_SEGMENTS` per call; return how many datagrams left. Raises OSError."""
+
     def close(self) -> None:
         """Close the socket and stop watching it."""
+
+
+_UDP_HDR = struct.Struct("!HHHH")
+
+
+def segments(payload: memoryview, size: int) -> list[memoryview]:
+    """``payload`` cut into datagrams of ``size`` bytes, the last one possibly shorter."""
+    return [payload[at : at + size] for at in range(0, len(payload), size)] or [payload]
 
 
 class UdpFlow:
@@ -217,10 +251,15 @@ class UdpNat:
         if self.guest_macs.get(src) != pkt.src_mac:
             self.guest_macs[src] = pkt.src_mac
         gateway = self._gateways[pkt.family.version]
+        seg = pkt.port.rx_gso_size
         if dst == gateway and self.inbound:
             inbound = self.inbound.get((src, sport, dport))
             if inbound is not None:
-                self._reply_inbound(inbound, payload, now)
+                if seg:
+                    for part in segments(payload, seg):
+                        self._reply_inbound(inbound, part, now)
+                else:
+                    self._reply_inbound(inbound, payload, now)
                 return
         verdict = self.policy.destination(dst)
         host = verdict.host
@@ -237,6 +276,11 @@ class UdpNat:
                 del peers[next(iter(peers))]
             peers[host] = dst
         try:
+            if seg and len(payload) > seg:
+                sent = flow.sock.sendto_segments(payload, (host, dport), seg)
+                counters.inc("nat.udp.to_host.gso")
+                counters.inc("nat.udp.to_host", sent)
+                return
             flow.sock.sendto(payload, (host, dport))
         except OSError as exc:
             counters.inc(f"nat.udp.send.{errname(exc)}")
@@ -273,12 +317,32 @@ class UdpNat:
 
     # -- from the host ---------------------------------------------------------------------
 
+    def coalesce_limits(self, flow: UdpFlow) -> tuple[int, int]:
+        """How the I/O side may gather replies for ``flow`` into one super-frame: (largest
+        payload of all of them together, largest datagram payload), or (0, 0) when the flow's
+        guest link takes no UDP super-frames and each reply goes on its own."""
+        port = self.switch.port_for(flow.guest_mac)
+        if port is None or not port.udp_offload:
+            return (0, 0)
+        family = flow.family
+        hdrs = family.header_len + UDP_HLEN
+        return (family.max_l4_len - UDP_HLEN, self.config.mtu - hdrs)
+
     def deliver_reply(
-        self, flow: UdpFlow, frame: Frame, payload_len: int, host: str, hport: int, now: float
+        self,
+        flow: UdpFlow,
+        frame: Frame,
+        payload_len: int,
+        host: str,
+        hport: int,
+        now: float,
+        seg: int = 0,
     ) -> None:
         """Send the reply whose payload is at ``flow.family.udp_payload_off`` in ``frame``.
 
-        ``host``/``hport`` is the reply's source on the host. Takes ownership of ``frame``.
+        ``host``/``hport`` is the reply's source on the host. ``seg`` > 0: the payload is many
+        datagrams of ``seg`` bytes (the last may be shorter) from that one source, as the
+        kernel's UDP_GRO or the I/O side's gathering returned them. Takes ownership of ``frame``.
         """
         guest_src = flow.peers.get(host)
         if guest_src is None:
@@ -291,8 +355,38 @@ class UdpNat:
             return
         flow.last_used = now
         self.flows.move_to_end(flow.key)
+        family = flow.family
+        if seg and payload_len > seg:
+            count = -(-payload_len // seg)
+            self.counters.inc("nat.udp.to_guest", count)
+            port = self.switch.port_for(flow.guest_mac)
+            if (
+                port is not None
+                and port.udp_offload
+                and count <= MAX_SEGMENTS
+                and family.header_len + UDP_HLEN + seg <= self.config.mtu
+            ):
+                self._emit_super(family, frame, payload_len, seg, count, guest_src, hport,
+                                 flow.guest_ip, flow.guest_port, flow.guest_mac)  # fmt: skip
+                return
+            self.counters.inc("nat.udp.to_guest.split")
+            off = frame.start + family.udp_payload_off
+            view = frame.view
+            rest = []
+            for at in range(seg, payload_len, seg):
+                part = self.pool.acquire()
+                n = min(seg, payload_len - at)
+                poff = part.start + family.udp_payload_off
+                part.view[poff : poff + n] = view[off + at : off + at + n]
+                rest.append((part, n))
+            self._emit(family, frame, seg, guest_src, hport, flow.guest_ip, flow.guest_port,
+                       flow.guest_mac)  # fmt: skip
+            for part, n in rest:
+                self._emit(family, part, n, guest_src, hport, flow.guest_ip, flow.guest_port,
+                           flow.guest_mac)  # fmt: skip
+            return
         self.counters.inc("nat.udp.to_guest")
-        self._emit(flow.family, frame, payload_len, guest_src, hport, flow.guest_ip,
+        self._emit(family, frame, payload_len, guest_src, hport, flow.guest_ip,
                    flow.guest_port, flow.guest_mac)  # fmt: skip
 
     def _emit(
@@ -302,15 +396,54 @@ class UdpNat:
         """Write UDP, IP and Ethernet headers before the payload in ``frame``; send it.
 
         A fresh IP identification each time, fragmentation allowed: a reply may exceed the
-        guest's MTU and is then fragmented here.
+        guest's MTU and is then fragmented here. A datagram that fits the MTU, toward a link
+        that takes partial checksums, leaves its UDP checksum to the guest's kernel.
         """
         self._ident = ident = (self._ident + 1) & 0xFFFF
+        l4_len = UDP_HLEN + payload_len
+        port = self.switch.port_for(mac)
+        if port is not None and port.offload_max and family.header_len + l4_len <= self.config.mtu:
+            self._partial(family, frame, l4_len, src, sport, dst, dport, mac, ident)
+            port.send(frame)
+            return
         frame.length = build_udp_frame(
             family, frame.view, frame.start, mac, self.config.mac, src, dst, sport, dport,
             payload_len, ident, False,
         )  # fmt: skip
         if send_to_guest(frame, self.config.mtu, self.pool, self.switch.send, ident) > 1:
             self.counters.inc("nat.udp.to_guest.fragmented")
+
+    def _partial(
+        self, family: L3Family, frame: Frame, l4_len: int, src: bytes, sport: int, dst: bytes,
+        dport: int, mac: bytes, ident: int,
+    ) -> None:  # fmt: skip
+        """Headers for ``l4_len`` bytes of UDP with a partial checksum (the pseudo-header sum,
+        for the guest's kernel to complete from ``csum_start``)."""
+        view = frame.view
+        start = frame.start
+        frame.length = build_l3_frame(
+            family, view, start, mac, self.config.mac, src, dst, PROTO_UDP, l4_len, ident, False
+        )
+        l4 = start + family.l4_off
+        csum = family.pseudo_sum(src, dst, PROTO_UDP, l4_len)
+        view[l4 : l4 + 8] = _UDP_HDR.pack(sport, dport, l4_len, csum)
+        frame.csum_start = family.l4_off
+        frame.csum_offset = UDP_CSUM_OFFSET
+
+    def _emit_super(
+        self, family: L3Family, frame: Frame, payload_len: int, seg: int, count: int, src: bytes,
+        sport: int, dst: bytes, dport: int, mac: bytes,
+    ) -> None:  # fmt: skip
+        """Send ``count`` datagrams of ``seg`` bytes (the last may be shorter) as one USO
+        super-frame: one IP and UDP header for all, a partial checksum over the whole length and
+        ``gso_size`` = ``seg``. The guest's kernel cuts it, fixing each datagram's lengths and
+        checksum (and IPv4 identifications, one per datagram from the header's)."""
+        ident = (self._ident + 1) & 0xFFFF
+        self._ident = (self._ident + count) & 0xFFFF
+        self._partial(family, frame, UDP_HLEN + payload_len, src, sport, dst, dport, mac, ident)
+        frame.gso_size = seg
+        self.counters.inc("nat.udp.to_guest.uso")
+        self.switch.send(frame)
 
     def deliver_inbound(
         self,
