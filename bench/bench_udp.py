@@ -17,6 +17,12 @@ sandbox sends), 1400-byte datagrams (no fragments at MTU 1500):
   twice in a row; the highest rate whose run lost less than 1 % is the cell's ceiling, with the
   receiver's measured Gbit/s at that rate.
 
+``guestnet-base`` is guestnet from another checkout's ``src`` (``--base-src``, put on PYTHONPATH):
+an A/B of two versions in one run. For every user-mode backend, CPU µs per datagram of the backend
+process over the fixed-rate runs of each direction (utime+stime from ``/proc/PID/stat``), per
+datagram it carried (guestnet: its ``nat.udp.to_host``/``to_guest`` counters; the peers: the
+datagrams iperf3 sent): the measure least disturbed by other load on the machine.
+
 Also, for guestnet, the backend's CPU seconds over the cell (``/proc/PID/stat``) and its
 ``nat.udp``/``link`` counters from the stats API, to tell where datagrams went missing.
 
@@ -77,6 +83,15 @@ def api_stats(api_socket: str | None) -> dict[str, Any] | None:
     return stats if status == 200 else None
 
 
+def handled(api_socket: str | None, label: str) -> int | None:
+    """Datagrams guestnet has carried so far in direction ``label`` (its NAT counters)."""
+    stats = api_stats(api_socket)
+    if stats is None:
+        return None
+    drops = stats.get("drops", {})
+    return int(drops.get("nat.udp.to_host" if label == "g→h" else "nat.udp.to_guest", 0))
+
+
 def interesting(counters: dict[str, Any]) -> dict[str, int]:
     """The counters that say where a datagram went: NAT UDP, links, pools."""
     out = {}
@@ -89,10 +104,16 @@ def interesting(counters: dict[str, Any]) -> dict[str, int]:
 def measure(h: compare.Harness, backend: str, mtu: int, args: argparse.Namespace) -> dict[str, Any]:
     """One backend at one MTU: fixed-rate loss and the ceiling, both ways."""
     cell: dict[str, Any] = {"backend": backend, "mtu": mtu, "errors": {}}
-    real = "pasta" if backend == "pasta-new" else backend
+    real = {"pasta-new": "pasta", "guestnet-base": "guestnet"}.get(backend, backend)
     old_path = os.environ.get("PATH", "")
+    old_pythonpath = os.environ.get("PYTHONPATH")
     if backend == "pasta-new":
         os.environ["PATH"] = f"{PASTA_NEW_DIR}:{old_path}"
+    if backend == "guestnet-base":
+        if not args.base_src:
+            cell["errors"]["cell"] = "guestnet-base needs --base-src"
+            return cell
+        os.environ["PYTHONPATH"] = args.base_src
     procs_before, ns_before = len(h.box.procs), len(h.box.namespaces)
     try:
         topo = h.setup(real, mtu)
@@ -100,13 +121,25 @@ def measure(h: compare.Harness, backend: str, mtu: int, args: argparse.Namespace
         cpu0 = compare.cpu_seconds(pid) if pid else None
         for label, extra in DIRECTIONS:
             losses = []
+            datagrams = 0
+            c0 = compare.cpu_seconds(pid) if pid else None
+            handled0 = handled(topo.api_socket, label)
             for _ in range(args.reps):
                 try:
-                    _gbps, loss, _n = udp_run(h, topo, args.fixed, extra, args.duration)
+                    _gbps, loss, n = udp_run(h, topo, args.fixed, extra, args.duration)
                     losses.append(loss)
+                    datagrams += n
                 except (compare.CellError, KeyError, TypeError) as exc:
                     cell["errors"][f"fixed {label}"] = str(exc)
                     break
+            c1 = compare.cpu_seconds(pid) if pid else None
+            handled1 = handled(topo.api_socket, label)
+            if handled0 is not None and handled1 is not None:
+                # guestnet: per datagram it carried (its own counter), not per datagram sent.
+                datagrams = handled1 - handled0
+                cell[f"carried {label}"] = datagrams
+            if c0 is not None and c1 is not None and datagrams:
+                cell[f"cpu us/datagram {label}"] = round((c1 - c0) / datagrams * 1e6, 2)
             if losses:
                 cell[f"fixed {label}"] = statistics.median(losses)
                 cell[f"fixed {label} samples"] = losses
@@ -132,13 +165,17 @@ def measure(h: compare.Harness, backend: str, mtu: int, args: argparse.Namespace
             cell["cpu_s"] = round(cpu1 - cpu0, 2)
         stats = api_stats(topo.api_socket)
         if stats is not None:
-            cell["counters"] = interesting(stats.get("counters", {}))
+            cell["counters"] = interesting(stats.get("drops", {}))
             cell["pool"] = stats.get("pool")
     except (compare.CellError, OSError) as exc:
         cell["errors"]["cell"] = str(exc)
     finally:
         h.teardown(procs_before, ns_before)
         os.environ["PATH"] = old_path
+        if old_pythonpath is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old_pythonpath
     return cell
 
 
@@ -154,8 +191,9 @@ def render(cells: list[dict[str, Any]], command: str, args: argparse.Namespace) 
         f"{','.join(args.rates)} with < {LOSS_LIMIT:g} % loss ({args.duration:g} s each), and "
         "the Gbit/s received there.",
         "",
-        "| backend | MTU | loss g→h % | loss h→g % | ceiling g→h | ceiling h→g |",
-        "|---|---|---|---|---|---|",
+        "| backend | MTU | loss g→h % | loss h→g % | ceiling g→h | ceiling h→g "
+        "| CPU µs/datagram g→h | h→g |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
 
@@ -169,7 +207,8 @@ def render(cells: list[dict[str, Any]], command: str, args: argparse.Namespace) 
 
         lines.append(
             f"| {c['backend']} | {c['mtu']} | {fmt_loss('fixed g→h')} | {fmt_loss('fixed h→g')} "
-            f"| {fmt_ceil('g→h')} | {fmt_ceil('h→g')} |"
+            f"| {fmt_ceil('g→h')} | {fmt_ceil('h→g')} "
+            f"| {c.get('cpu us/datagram g→h', '—')} | {c.get('cpu us/datagram h→g', '—')} |"
         )
     errors = [
         f"- {c['backend']} {c['mtu']}: {k}: {v}" for c in cells for k, v in c["errors"].items()
@@ -191,6 +230,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=1800.0)
     p.add_argument("--markdown", metavar="FILE")
     p.add_argument("--json", metavar="FILE")
+    p.add_argument(
+        "--base-src",
+        metavar="DIR",
+        help="the src/ of another guestnet checkout, run as backend guestnet-base (A/B)",
+    )
     args = p.parse_args(argv)
     args.backends = [b for b in args.backends.split(",") if b]
     args.mtus = [int(m) for m in args.mtus.split(",") if m]

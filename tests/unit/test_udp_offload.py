@@ -231,6 +231,38 @@ def test_udp_super_frame_without_uso_is_dropped_and_counted(plain: Rig) -> None:
     assert plain.inst.counters["nat.udp.to_host"] == 0
 
 
+def test_a_burst_of_guest_datagrams_leaves_in_one_gathered_send(rig: Rig) -> None:
+    sizes = [1000] * 20 + [400] + [1000] * 5
+    for i, n in enumerate(sizes):
+        frame = guest_frame(rig.v6, 40000, rig.hport, datagram(i, n), partial=False)
+        rig.guest.send(bytes(VNET_HDR_LEN) + frame)
+    rig.inst.loop.run_once(max_wait=1.0)
+    assert rig.host_recv(len(sizes)) == [datagram(i, n) for i, n in enumerate(sizes)]
+    counters = rig.inst.counters
+    assert counters["nat.udp.to_host"] == len(sizes)
+    # 21 datagrams (the short one closes the batch), then 5 more at the end of the burst.
+    assert counters["nat.udp.to_host.gathered"] == 2
+
+
+def test_gathering_keeps_flows_and_sizes_apart(rig: Rig) -> None:
+    other = socket.socket(rig.host.family, socket.SOCK_DGRAM)
+    other.bind((rig.host.getsockname()[0], 0))
+    other.settimeout(2.0)
+    oport = other.getsockname()[1]
+    plan = [(40000, rig.hport, 1000), (40000, rig.hport, 1000), (40001, rig.hport, 1000),
+            (40000, oport, 1000), (40000, rig.hport, 1200), (40000, rig.hport, 0),
+            (40000, rig.hport, 1000), (40000, rig.hport, 1000)]  # fmt: skip
+    for i, (sport, dport, n) in enumerate(plan):
+        frame = guest_frame(rig.v6, sport, dport, datagram(i, n) if n else b"", partial=False)
+        rig.guest.send(bytes(VNET_HDR_LEN) + frame)
+    rig.inst.loop.run_once(max_wait=1.0)
+    want = [datagram(i, n) if n else b"" for i, (_s, d, n) in enumerate(plan) if d == rig.hport]
+    assert rig.host_recv(len(want)) == want
+    assert other.recv(65535) == datagram(3, 1000)
+    other.close()
+    assert rig.inst.counters["nat.udp.to_host"] == len(plan)
+
+
 class SegSocket:
     """A fake host socket recording what the core asked for."""
 
@@ -268,6 +300,19 @@ def test_core_hands_the_segment_size_to_the_socket(core: Any, frames: Any) -> No
     addr = (str(ipaddress.ip_address(frames.REMOTE_IP)), 9999)
     assert socks[0].calls == [("segments", payload, addr, 1000), ("sendto", b"one", addr, 0)]
     assert core.counters["nat.udp.to_host"] == 6
+    # Gathering: nothing leaves until the burst ends (or a sweep comes), then one call.
+    socks[0].calls.clear()
+    nat.gather_sends = True
+    for i in range(3):
+        core.feed(frames.udp(sport=40000, dport=9999, payload=datagram(i, 700)))
+    assert socks[0].calls == []
+    nat.expire(core.now)
+    gathered = b"".join(datagram(i, 700) for i in range(3))
+    assert socks[0].calls == [("segments", gathered, addr, 700)]
+    core.feed(frames.udp(sport=40000, dport=9999, payload=b"lone"))
+    nat.flush_sends()
+    nat.flush_sends()
+    assert socks[0].calls[1:] == [("sendto", b"lone", addr, 0)]
     nat.close_all()
 
 

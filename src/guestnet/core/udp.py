@@ -50,6 +50,14 @@ datagrams that need fragments, it cuts the batch into datagrams itself. A single
 link that takes partial checksums (``Port.offload_max``) and fits its MTU leaves its checksum to
 the guest's kernel as well.
 
+*Gathering guest datagrams.* With :attr:`UdpNat.gather_sends` (set by the assembly, whose links
+call :meth:`UdpNat.flush_sends` after every burst of guest frames they read), consecutive
+datagrams of one flow to one destination with one payload size (the last may be shorter) are
+copied into one buffer and leave together as one ``sendto_segments`` when the burst ends or
+something else comes: a guest that sends many datagrams costs one system call per batch, not
+one per datagram, and nothing waits past the burst that brought it. Anything that could reorder
+or lose them (another flow, a super-frame, a sweep, shutdown) sends the batch first.
+
 *Port forwards (host -> guest).* A datagram arriving on a published UDP port
 (``io/forwards.py``) is handed to :meth:`UdpNat.deliver_inbound`, which keeps an *inbound* flow
 per (forward, host client): the guest sees the datagram from the gateway address and a port of
@@ -89,6 +97,8 @@ MAX_PEERS = 1024
 MAX_SEGMENTS = 64
 #: UDP's checksum field, from the start of the UDP header (a partial checksum's csum_offset).
 UDP_CSUM_OFFSET = 6
+#: Payload bytes one gathered send holds at most (the largest IPv4 UDP payload).
+MAX_GATHER = 65507
 
 FlowKey = tuple[bytes, int]
 
@@ -232,6 +242,12 @@ class UdpNat:
         #: guestnet's gateway address of each family: where the guest answers a published
         #: port's client (and the origin of our ICMP errors).
         self._gateways = {4: config.gateway_b, 6: config.gateway6_b}
+        #: Gather guest datagrams into batches (see the module docstring); the caller then
+        #: calls :meth:`flush_sends` after every burst of guest frames.
+        self.gather_sends = False
+        self._gather_buf = memoryview(bytearray(MAX_GATHER))
+        #: The batch being gathered: (flow, destination, datagram size, bytes, datagrams).
+        self._batch: tuple[UdpFlow, tuple[str, int], int, int, int] | None = None
 
     # -- from the guest --------------------------------------------------------------------
 
@@ -275,6 +291,11 @@ class UdpNat:
             if host not in peers and len(peers) >= MAX_PEERS:
                 del peers[next(iter(peers))]
             peers[host] = dst
+        if self.gather_sends and not seg:
+            self._gather(flow, (host, dport), payload)
+            return
+        if self._batch is not None:
+            self.flush_sends()
         try:
             if seg and len(payload) > seg:
                 sent = flow.sock.sendto_segments(payload, (host, dport), seg)
@@ -286,6 +307,58 @@ class UdpNat:
             counters.inc(f"nat.udp.send.{errname(exc)}")
             return
         counters.inc("nat.udp.to_host")
+
+    def _gather(self, flow: UdpFlow, addr: tuple[str, int], payload: memoryview) -> None:
+        """Add one datagram to the batch, or send the batch and start another with it."""
+        n = len(payload)
+        batch = self._batch
+        buf = self._gather_buf
+        if batch is not None:
+            bflow, baddr, size, total, count = batch
+            if (
+                bflow is flow
+                and baddr == addr
+                and 0 < n <= size
+                and total + n <= MAX_GATHER
+                and count < MAX_SEGMENTS
+            ):
+                buf[total : total + n] = payload
+                total += n
+                count += 1
+                self._batch = (flow, addr, size, total, count)
+                if n < size or count >= MAX_SEGMENTS or total + size > MAX_GATHER:
+                    self.flush_sends()
+                return
+            self.flush_sends()
+        buf[:n] = payload
+        self._batch = (flow, addr, n, n, 1)
+        if n == 0 or n + n > MAX_GATHER:
+            self.flush_sends()
+
+    def flush_sends(self) -> None:
+        """Send the gathered batch (the end of a burst of guest frames, or before anything
+        that must come after it)."""
+        batch = self._batch
+        if batch is None:
+            return
+        self._batch = None
+        flow, addr, size, total, count = batch
+        counters = self.counters
+        sock = flow.sock
+        if sock is None:  # the flow closed meanwhile
+            counters.inc("nat.udp.send.closed", count)
+            return
+        data = self._gather_buf[:total]
+        try:
+            if count > 1:
+                sock.sendto_segments(data, addr, size)
+                counters.inc("nat.udp.to_host.gathered")
+            else:
+                sock.sendto(data, addr)
+        except OSError as exc:
+            counters.inc(f"nat.udp.send.{errname(exc)}", count)
+            return
+        counters.inc("nat.udp.to_host", count)
 
     def _flow_for(self, pkt: IpPacket, sport: int, now: float) -> UdpFlow | None:
         """The guest source's flow, opened (and room made) on first use; None if no socket.
@@ -539,6 +612,8 @@ class UdpNat:
 
     def expire(self, now: float) -> int:
         """Close flows idle for ``timeout`` seconds; return how many."""
+        if self._batch is not None:
+            self.flush_sends()
         timeout = self.timeout
         n = self.flows.expire(now, timeout)
         inbound = self.inbound
@@ -553,6 +628,8 @@ class UdpNat:
 
     def close_all(self) -> None:
         """Close every flow's socket (instance shutdown)."""
+        if self._batch is not None:
+            self.flush_sends()
         self.flows.close_all()
         self.inbound.clear()
         self._inbound_by_source.clear()

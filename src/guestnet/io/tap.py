@@ -302,6 +302,7 @@ class TapLink(Link):
                 classify(view[start : hdr_at + n], port, now, trusted)
         finally:
             pool.release(frame)
+            hub.end_burst()
 
 
 def _errname(exc: OSError) -> str:
