@@ -17,14 +17,23 @@ must carry one header in front of one frame. Both directions avoid copies:
   EPOLLOUT.
 
 Offloads. Python pays per frame, not per byte, so the lever is fewer, larger frames. With
-``config.offloads`` (the default) the TAP gets ``TUNSETOFFLOAD`` with checksum, TSO4, TSO6 and
-TSO-ECN: the guest's kernel then hands us TCP super-frames of up to 64 KiB at any MTU, with a
-partial checksum (``NEEDS_CSUM``), ``gso_type`` TCPV4/TCPV6 and ``gso_size`` its MSS. Its IPv4
-header checksum is whole (the kernel writes it before segmentation, for the super-frame's own
-total length), so the classifier still verifies that; the TCP translation takes the super-frame
-as one in-order segment. UDP segmentation (``TUN_F_UFO``/``USO``) stays off: a UDP super-frame
-would be many datagrams, which the UDP NAT does not cut; one that arrives anyway is dropped and
-counted (``link.tap.read.gso_unsupported``).
+``config.offloads`` (the default) the TAP gets ``TUNSETOFFLOAD`` with checksum, TSO4, TSO6,
+TSO-ECN, USO4 and USO6: the guest's kernel then hands us TCP super-frames of up to 64 KiB at any
+MTU, with a partial checksum (``NEEDS_CSUM``), ``gso_type`` TCPV4/TCPV6 and ``gso_size`` its MSS.
+Its IPv4 header checksum is whole (the kernel writes it before segmentation, for the
+super-frame's own total length), so the classifier still verifies that; the TCP translation
+takes the super-frame as one in-order segment. A kernel before 6.2 refuses USO (EINVAL): the
+link then asks again without it (``link.tap.offload.uso_unsupported``).
+
+UDP segmentation (USO, Linux 6.2+). A guest application that sends with ``UDP_SEGMENT`` makes its
+kernel hand over one super-frame of many datagrams of one flow: ``gso_type`` UDP_L4 (5),
+``gso_size`` the payload of each datagram, a partial checksum. The link passes it to the
+classifier whole, with ``Port.rx_gso_size`` set for the call; the UDP NAT sends it on with one
+``sendmsg`` (see :mod:`guestnet.core.udp`). UFO (``gso_type`` UDP, 3: one datagram to be
+fragmented) is never asked for; such a frame, or a UDP_L4 one on a link without USO, is dropped
+and counted (``link.tap.read.gso_unsupported``). Toward the guest, a frame whose partial checksum
+sits at UDP's offset (6) with a ``gso_size`` is a USO super-frame (``Port.udp_offload``): its
+header says UDP_L4, and the guest's kernel cuts it into datagrams.
 
 Toward the guest, the port announces ``offload_max`` (a 64 KiB IP packet), and the TCP core
 fills :class:`~guestnet.pool.Frame`'s ``csum_start``/``csum_offset``/``gso_size``: the header

@@ -12,13 +12,15 @@ UDP segmentation offloads. A guest super-frame (many datagrams of one flow, see
 :mod:`guestnet.core.udp`) leaves as one ``sendmsg`` with a ``UDP_SEGMENT`` control message (at
 most :data:`~guestnet.core.udp.MAX_SEGMENTS` datagrams per call); where the host refuses that
 (``EINVAL``: a segment larger than the route's MTU allows, for one) it leaves one datagram at a
-time, as before. Toward the guest, every flow socket has ``UDP_GRO`` when a pooled frame can hold
-the largest batch the kernel may return: a read then returns several datagrams of one source
-with their size in a ``UDP_GRO`` control message. When the flow's guest link takes USO
-super-frames, the handler also gathers what it reads back to back from one source with one
-datagram size into one frame (datagrams after the first are read into a scratch buffer and
-copied behind it) and hands the core one batch; a datagram that does not fit the batch starts the
-next one. Nothing waits for more: the batch leaves when the socket runs dry (EAGAIN).
+time, as before. Toward the guest, every flow socket has ``UDP_GRO`` when a pooled frame can
+hold the largest batch the kernel may return (the family's largest UDP payload: IPv4 fits the 64
+KiB slots of an offloading datapath; IPv6's 20 bytes more do not, so IPv6 flows only gather): a
+read then returns several datagrams of one source with their size in a ``UDP_GRO`` control
+message. When the flow's guest link takes USO super-frames, the handler also gathers what it
+reads back to back from one source with one datagram size into one frame (each read lands in a
+scratch buffer and is copied behind the previous one) and hands the core one batch; a datagram
+that does not fit the batch starts the next one. Nothing waits for more: the batch leaves when
+the socket runs dry (EAGAIN).
 
 Buffers. Each flow socket asks for :data:`RCVBUF` bytes of receive buffer (the kernel caps it at
 ``net.core.rmem_max``): a burst of datagrams from the host then waits in the kernel while the
@@ -57,6 +59,9 @@ RECV_BUDGET = 64
 #: Reads per wake-up when replies are gathered into super-frames (each costs one receive and
 #: one copy, not a frame).
 GATHER_BUDGET = 256
+#: Datagrams gathered into one super-frame toward the guest at most (a kernel UDP_GRO batch
+#: may bring up to MAX_SEGMENTS).
+GATHER_SEGMENTS = 64
 #: Receive buffer each flow socket asks for (capped by net.core.rmem_max).
 RCVBUF = 4 * 1024 * 1024
 #: Largest UDP payload a host socket returns in one read: a datagram or a UDP_GRO batch.
@@ -161,7 +166,7 @@ class HostUdpSocket(FlowSocket):
             sock.bind((self.driver.outbound_addr, 0))
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
-        if self.room >= MAX_READ - 8:
+        if self.room >= self.flow.family.max_l4_len - 8:
             try:
                 sock.setsockopt(SOL_UDP, UDP_GRO, 1)
                 self.anc = _GRO_ANC
@@ -247,7 +252,7 @@ class HostUdpSocket(FlowSocket):
 
     def _gather(self, limit: int, max_seg: int) -> None:
         """Read replies and hand them to the core in batches of one source and one datagram
-        size, at most ``limit`` payload bytes and MAX_SEGMENTS datagrams each; a datagram above
+        size, at most ``limit`` payload bytes and GATHER_SEGMENTS datagrams each; a datagram above
         ``max_seg`` (it needs fragments) goes on its own."""
         driver = self.driver
         nat = driver.nat
@@ -287,7 +292,7 @@ class HostUdpSocket(FlowSocket):
                     and n
                     and (gro == seg if gro else n <= seg)
                     and total + n <= limit
-                    and count + k <= MAX_SEGMENTS
+                    and count + k <= GATHER_SEGMENTS
                 ):
                     at = frame.start + base + total
                     frame.view[at : at + n] = scratch[:n]
@@ -308,7 +313,7 @@ class HostUdpSocket(FlowSocket):
                     or total % seg
                     or seg > max_seg
                     or total + seg > limit
-                    or count >= MAX_SEGMENTS
+                    or count >= GATHER_SEGMENTS
                 ):
                     nat.deliver_reply(flow, frame, total, src[0], src[1], driver.loop.now(), seg)
                     frame = None
