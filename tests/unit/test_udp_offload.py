@@ -444,3 +444,43 @@ def test_uso_is_asked_for_and_dropped_when_the_kernel_refuses_it(
     finally:
         inst.close()
         other.close()
+
+
+def test_a_super_frame_to_a_published_ports_client_goes_one_datagram_at_a_time(
+    core: Any, frames: Any
+) -> None:
+    policy = Policy(core.config)
+    icmp = IcmpService(core.config, core.pool, core.counters, core.switch, policy)
+    nat = UdpNat(core.config, core.pool, core.counters, core.switch, policy, icmp,
+                 lambda flow: SegSocket(flow))  # fmt: skip
+    core.classifier.udp_nat = nat
+    to_client: list[bytes] = []
+    nat.deliver_inbound(("1", ("127.0.0.1", 5000)), lambda d: to_client.append(bytes(d)),
+                        frames.GUEST_IP, 7000, 5000, memoryview(b"ping"), core.now)  # fmt: skip
+    assert len(core.take_sent()) == 1
+    payload = b"".join(datagram(i, 900) for i in range(4)) + datagram(4, 100)
+    core.port.rx_gso_size = 900
+    core.feed(frames.udp(sport=7000, dport=5000, payload=payload, dst=frames.GATEWAY_IP),
+              csum_trusted=True)  # fmt: skip
+    core.port.rx_gso_size = 0
+    assert to_client == [datagram(i, 900) for i in range(4)] + [datagram(4, 100)]
+    assert core.counters["nat.udp.forward.to_host"] == 5
+    nat.close_all()
+
+
+def test_a_super_frame_to_a_one_datagram_service_arrives_one_datagram_at_a_time(
+    core: Any, frames: Any
+) -> None:
+    got: list[bytes] = []
+
+    class Recorder:
+        def handle_udp(self, pkt: Any, sport: int, dport: int, payload: Any, now: float) -> None:
+            got.append(bytes(payload))
+
+    core.classifier.dns_udp = Recorder()
+    payload = b"".join(datagram(i, 60) for i in range(3)) + b"tail"
+    core.port.rx_gso_size = 60
+    core.feed(frames.udp(sport=5353, dport=53, payload=payload, dst=frames.DNS_IP),
+              csum_trusted=True)  # fmt: skip
+    core.port.rx_gso_size = 0
+    assert got == [datagram(i, 60) for i in range(3)] + [b"tail"]
