@@ -64,7 +64,8 @@ def _rate_bits(text: str) -> float:
 def udp_run(h: compare.Harness, topo: compare.Topology, rate: str, extra: list[str],
             duration: float) -> tuple[float, float, int]:  # fmt: skip
     """One iperf3 UDP run: (received Gbit/s, loss %, datagrams sent) as the receiver saw them."""
-    data = h.iperf(topo, ["-u", "-b", rate, "-l", str(UDP_LEN), *extra], duration)
+    window = ["-w", h.args.window] if h.args.window else []
+    data = h.iperf(topo, ["-u", "-b", rate, "-l", str(UDP_LEN), *window, *extra], duration)
     end = data["end"]
     rx = end.get("sum_received") or end["sum"]
     packets = int(end["sum"].get("packets", 0))
@@ -189,7 +190,7 @@ def render(cells: list[dict[str, Any]], command: str, args: argparse.Namespace) 
         f"{UDP_LEN}-byte datagrams; fixed rate {args.fixed}bit/s, median of {args.reps} runs of "
         f"{args.duration:g} s (receiver-side loss %); ceiling: highest offered rate of "
         f"{','.join(args.rates)} with < {LOSS_LIMIT:g} % loss ({args.duration:g} s each), and "
-        "the Gbit/s received there.",
+        f"the Gbit/s received there. iperf3 socket buffers (-w): {args.window or 'default'}.",
         "",
         "| backend | MTU | loss g→h % | loss h→g % | ceiling g→h | ceiling h→g "
         "| CPU µs/datagram g→h | h→g |",
@@ -227,6 +228,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=4.0)
     p.add_argument("--rates", default=DEFAULT_RATES)
     p.add_argument("--no-ceiling", action="store_true", help="fixed-rate runs only")
+    p.add_argument(
+        "--window",
+        help="iperf3 -w (socket buffers of both ends, e.g. 4M): the receiving application's "
+        "buffer then no longer caps the rate (default: iperf3's, 208 KiB here)",
+    )
     p.add_argument("--budget", type=float, default=1800.0)
     p.add_argument("--markdown", metavar="FILE")
     p.add_argument("--json", metavar="FILE")
