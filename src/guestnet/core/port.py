@@ -54,8 +54,8 @@ class Port:
         #: frame); above 0, frames may carry a partial checksum (``Frame.csum_start``) and TCP
         #: super-frames (``Frame.gso_size``) of up to this many bytes of IP packet.
         self.offload_max = 0
-        #: The link takes UDP super-frames toward the guest (TAP with USO): a frame with a
-        #: partial UDP checksum and ``Frame.gso_size`` = the datagram payload size, which the
+        #: The link takes UDP offloads toward the guest (TAP with USO): partial UDP checksums
+        #: and super-frames (``Frame.gso_size`` = the datagram payload size), which the
         #: guest's kernel cuts into datagrams of that size (the last may be shorter).
         self.udp_offload = False
         #: Set by the link only while it hands over a UDP super-frame from the guest (USO):

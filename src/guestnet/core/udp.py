@@ -47,8 +47,8 @@ source read back to back (or the kernel's own ``UDP_GRO`` batches) that share a 
 one frame, and :meth:`UdpNat.deliver_reply` sends them as one super-frame (partial checksum,
 ``Frame.gso_size`` = the datagram size); the guest's kernel cuts it. For a link without USO, or
 datagrams that need fragments, it cuts the batch into datagrams itself. A single datagram to a
-link that takes partial checksums (``Port.offload_max``) and fits its MTU leaves its checksum to
-the guest's kernel as well.
+link with USO that fits its MTU leaves its checksum to the guest's kernel as well (a link with
+only TCP offloads gets whole UDP checksums, as before).
 
 *Gathering guest datagrams.* With :attr:`UdpNat.gather_sends` (set by the assembly, whose links
 call :meth:`UdpNat.flush_sends` after every burst of guest frames they read), consecutive
@@ -470,12 +470,13 @@ class UdpNat:
 
         A fresh IP identification each time, fragmentation allowed: a reply may exceed the
         guest's MTU and is then fragmented here. A datagram that fits the MTU, toward a link
-        that takes partial checksums, leaves its UDP checksum to the guest's kernel.
+        that takes UDP offloads (``Port.udp_offload``), leaves its UDP checksum to the guest's
+        kernel.
         """
         self._ident = ident = (self._ident + 1) & 0xFFFF
         l4_len = UDP_HLEN + payload_len
         port = self.switch.port_for(mac)
-        if port is not None and port.offload_max and family.header_len + l4_len <= self.config.mtu:
+        if port is not None and port.udp_offload and family.header_len + l4_len <= self.config.mtu:
             self._partial(family, frame, l4_len, src, sport, dst, dport, mac, ident)
             port.send(frame)
             return
