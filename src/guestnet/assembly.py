@@ -122,6 +122,9 @@ class Instance:
             cfg, loop, pool, counters, self.switch, self.policy, self.icmp.icmp
         )
         self.udp_nat.attach_forwards(self.forwards)
+        # Guest datagrams of one flow are sent in UDP_SEGMENT batches at the end of each burst.
+        self.udp_nat.nat.gather_sends = True
+        self.hub.burst_end.append(self.udp_nat.nat.flush_sends)
         self.on_close(self.udp_nat.close)
         # DNS over TCP connects where UDP queries go now (the first upstream believed up) and
         # fails over as UDP does: an upstream it cannot reach is held down for both.

@@ -236,6 +236,9 @@ class FrameClassifier:
         if handler is None:
             self.counters.inc(reason)
             return
+        if pkt.port.rx_gso_size and handler is not self.udp_nat:
+            _each_datagram(handler, pkt, udp.sport, dport, payload, now)
+            return
         handler.handle_udp(pkt, udp.sport, dport, payload, now)
 
     def _tcp(self, pkt: IpPacket, now: float) -> None:
@@ -345,6 +348,9 @@ class FrameClassifier:
         if handler is None:
             self.counters.inc(reason)
             return
+        if pkt.port.rx_gso_size and handler is not self.udp_nat6:
+            _each_datagram(handler, pkt, udp.sport, dport, payload, now)
+            return
         handler.handle_udp(pkt, udp.sport, dport, payload, now)
 
     def _tcp6(self, pkt: IpPacket, now: float) -> None:
@@ -366,3 +372,13 @@ class FrameClassifier:
 
 
 _UNSPECIFIED6 = bytes(16)
+
+
+def _each_datagram(
+    handler: UdpHandler, pkt: IpPacket, sport: int, dport: int, payload: memoryview, now: float
+) -> None:
+    """A UDP super-frame (``Port.rx_gso_size``) to a service that takes one datagram at a time
+    (DHCP, DNS): its datagrams one by one. Only the NAT sends a super-frame whole."""
+    size = pkt.port.rx_gso_size
+    for at in range(0, len(payload), size):
+        handler.handle_udp(pkt, sport, dport, payload[at : at + size], now)

@@ -30,10 +30,12 @@ class Port:
         "offload_max",
         "rx_bytes",
         "rx_frames",
+        "rx_gso_size",
         "send",
         "tx_bytes",
         "tx_dropped",
         "tx_frames",
+        "udp_offload",
     )
 
     def __init__(self, name: str, send: Callable[[Frame], None]) -> None:
@@ -56,6 +58,13 @@ class Port:
         #: The link's last read burst ended on its budget, not on an empty queue: the guest
         #: sends faster than we take in (the TCP NAT answers SYNs with cookies then).
         self.backlog = False
+        #: The link takes UDP offloads toward the guest (TAP with USO): partial UDP checksums
+        #: and super-frames (``Frame.gso_size`` = the datagram payload size), which the
+        #: guest's kernel cuts into datagrams of that size (the last may be shorter).
+        self.udp_offload = False
+        #: Set by the link only while it hands over a UDP super-frame from the guest (USO):
+        #: the payload size of each datagram in it; 0 for every other frame.
+        self.rx_gso_size = 0
         self.rx_frames = 0
         self.rx_bytes = 0
         self.tx_frames = 0

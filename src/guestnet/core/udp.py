@@ -37,6 +37,29 @@ guest's MTU. Guest payload goes to the host socket as a memoryview slice of the 
 Host ICMP errors on a flow's socket (port unreachable, via IP_RECVERR) become the same ICMP error
 toward the guest.
 
+*UDP segmentation offloads (a TAP with USO).* A guest application that sends with
+``UDP_SEGMENT`` makes its kernel hand over one super-frame of many datagrams of one flow: the
+link says so in ``Port.rx_gso_size`` (the payload size of each datagram; the last may be
+shorter), and :meth:`UdpNat.handle_udp` sends the whole payload with one
+:meth:`UdpSocket.sendto_segments` (one ``sendmsg`` with a ``UDP_SEGMENT`` control message on the
+I/O side), or, to a published port's client, one datagram at a time. Toward the guest,
+:meth:`UdpNat.coalesce_limits` tells the I/O side whether the flow's guest link takes USO
+super-frames (``Port.udp_offload``) and how large: it then gathers the replies of one host
+source read back to back (or the kernel's own ``UDP_GRO`` batches) that share a payload size into
+one frame, and :meth:`UdpNat.deliver_reply` sends them as one super-frame (partial checksum,
+``Frame.gso_size`` = the datagram size); the guest's kernel cuts it. For a link without USO, or
+datagrams that need fragments, it cuts the batch into datagrams itself. A single datagram to a
+link with USO that fits its MTU leaves its checksum to the guest's kernel as well (a link with
+only TCP offloads gets whole UDP checksums, as before).
+
+*Gathering guest datagrams.* With :attr:`UdpNat.gather_sends` (set by the assembly, whose links
+call :meth:`UdpNat.flush_sends` after every burst of guest frames they read), consecutive
+datagrams of one flow to one destination with one payload size (the last may be shorter) are
+copied into one buffer and leave together as one ``sendto_segments`` when the burst ends or
+something else comes: a guest that sends many datagrams costs one system call per batch, not
+one per datagram, and nothing waits past the burst that brought it. Anything that could reorder
+or lose them (another flow, a super-frame, a sweep, shutdown) sends the batch first.
+
 *Port forwards (host -> guest).* A datagram arriving on a published UDP port
 (``io/forwards.py``) is handed to :meth:`UdpNat.deliver_inbound`, which keeps an *inbound* flow
 per (forward, host client): the guest sees the datagram from the gateway address and a port of
@@ -50,6 +73,7 @@ The core never touches a socket itself: it calls the :class:`UdpSocket` objects 
 
 from __future__ import annotations
 
+import struct
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Protocol
@@ -64,13 +88,21 @@ from guestnet.core.switch import Switch
 from guestnet.counters import Counters
 from guestnet.pool import Frame, FramePool
 from guestnet.wire.icmp import UNREACH_ADMIN_PROHIBITED
-from guestnet.wire.l3 import IPV4, IPV6, L3Family, build_udp_frame
+from guestnet.wire.ipv4 import PROTO_UDP
+from guestnet.wire.l3 import IPV4, IPV6, L3Family, build_l3_frame, build_udp_frame
 from guestnet.wire.udp import UDP_HLEN
 
 #: Destinations a flow remembers for filtering; the oldest is forgotten beyond this.
 MAX_PEERS = 1024
 #: A flow used within this many seconds is in active use: never evicted for a newcomer.
 ACTIVE_S = 10.0
+#: Datagrams in one UDP super-frame or one UDP_SEGMENT send at most (the kernel's
+#: UDP_MAX_SEGMENTS on older kernels; newer ones allow 128).
+MAX_SEGMENTS = 64
+#: UDP's checksum field, from the start of the UDP header (a partial checksum's csum_offset).
+UDP_CSUM_OFFSET = 6
+#: Payload bytes one gathered send holds at most (the largest IPv4 UDP payload).
+MAX_GATHER = 65507
 
 FlowKey = tuple[bytes, int]
 
@@ -81,8 +113,20 @@ class UdpSocket(Protocol):
     def sendto(self, data: memoryview, addr: tuple[str, int]) -> int:
         """Send one datagram; raises OSError (EAGAIN, ENETUNREACH...)."""
 
+    def sendto_segments(self, data: memoryview, addr: tuple[str, int], size: int) -> int:
+        """Send ``data`` as datagrams of ``size`` bytes (the last may be shorter), at most
+        :data:`MAX_SEGMENTS` per call; return how many datagrams left. Raises OSError."""
+
     def close(self) -> None:
         """Close the socket and stop watching it."""
+
+
+_UDP_HDR = struct.Struct("!HHHH")
+
+
+def segments(payload: memoryview, size: int) -> list[memoryview]:
+    """``payload`` cut into datagrams of ``size`` bytes, the last one possibly shorter."""
+    return [payload[at : at + size] for at in range(0, len(payload), size)] or [payload]
 
 
 class UdpFlow:
@@ -202,6 +246,12 @@ class UdpNat:
         #: guestnet's gateway address of each family: where the guest answers a published
         #: port's client (and the origin of our ICMP errors).
         self._gateways = {4: config.gateway_b, 6: config.gateway6_b}
+        #: Gather guest datagrams into batches (see the module docstring); the caller then
+        #: calls :meth:`flush_sends` after every burst of guest frames.
+        self.gather_sends = False
+        self._gather_buf = memoryview(bytearray(MAX_GATHER))
+        #: The batch being gathered: (flow, destination, datagram size, bytes, datagrams).
+        self._batch: tuple[UdpFlow, tuple[str, int], int, int, int] | None = None
 
     # -- from the guest --------------------------------------------------------------------
 
@@ -221,10 +271,15 @@ class UdpNat:
         if self.guest_macs.get(src) != pkt.src_mac:
             self.guest_macs[src] = pkt.src_mac
         gateway = self._gateways[pkt.family.version]
+        seg = pkt.port.rx_gso_size
         if dst == gateway and self.inbound:
             inbound = self.inbound.get((src, sport, dport))
             if inbound is not None:
-                self._reply_inbound(inbound, payload, now)
+                if seg:
+                    for part in segments(payload, seg):
+                        self._reply_inbound(inbound, part, now)
+                else:
+                    self._reply_inbound(inbound, payload, now)
                 return
         verdict = self.policy.destination(dst)
         host = verdict.host
@@ -240,12 +295,74 @@ class UdpNat:
             if host not in peers and len(peers) >= MAX_PEERS:
                 del peers[next(iter(peers))]
             peers[host] = dst
+        if self.gather_sends and not seg:
+            self._gather(flow, (host, dport), payload)
+            return
+        if self._batch is not None:
+            self.flush_sends()
         try:
+            if seg and len(payload) > seg:
+                sent = flow.sock.sendto_segments(payload, (host, dport), seg)
+                counters.inc("nat.udp.to_host.gso")
+                counters.inc("nat.udp.to_host", sent)
+                return
             flow.sock.sendto(payload, (host, dport))
         except OSError as exc:
             counters.inc(f"nat.udp.send.{errname(exc)}")
             return
         counters.inc("nat.udp.to_host")
+
+    def _gather(self, flow: UdpFlow, addr: tuple[str, int], payload: memoryview) -> None:
+        """Add one datagram to the batch, or send the batch and start another with it."""
+        n = len(payload)
+        batch = self._batch
+        buf = self._gather_buf
+        if batch is not None:
+            bflow, baddr, size, total, count = batch
+            if (
+                bflow is flow
+                and baddr == addr
+                and 0 < n <= size
+                and total + n <= MAX_GATHER
+                and count < MAX_SEGMENTS
+            ):
+                buf[total : total + n] = payload
+                total += n
+                count += 1
+                self._batch = (flow, addr, size, total, count)
+                if n < size or count >= MAX_SEGMENTS or total + size > MAX_GATHER:
+                    self.flush_sends()
+                return
+            self.flush_sends()
+        buf[:n] = payload
+        self._batch = (flow, addr, n, n, 1)
+        if n == 0 or n + n > MAX_GATHER:
+            self.flush_sends()
+
+    def flush_sends(self) -> None:
+        """Send the gathered batch (the end of a burst of guest frames, or before anything
+        that must come after it)."""
+        batch = self._batch
+        if batch is None:
+            return
+        self._batch = None
+        flow, addr, size, total, count = batch
+        counters = self.counters
+        sock = flow.sock
+        if sock is None:  # the flow closed meanwhile
+            counters.inc("nat.udp.send.closed", count)
+            return
+        data = self._gather_buf[:total]
+        try:
+            if count > 1:
+                sock.sendto_segments(data, addr, size)
+                counters.inc("nat.udp.to_host.gathered")
+            else:
+                sock.sendto(data, addr)
+        except OSError as exc:
+            counters.inc(f"nat.udp.send.{errname(exc)}", count)
+            return
+        counters.inc("nat.udp.to_host", count)
 
     def _flow_for(self, pkt: IpPacket, sport: int, now: float) -> UdpFlow | None:
         """The guest source's flow, opened (and room made) on first use; None if no socket.
@@ -277,12 +394,32 @@ class UdpNat:
 
     # -- from the host ---------------------------------------------------------------------
 
+    def coalesce_limits(self, flow: UdpFlow) -> tuple[int, int]:
+        """How the I/O side may gather replies for ``flow`` into one super-frame: (largest
+        payload of all of them together, largest datagram payload), or (0, 0) when the flow's
+        guest link takes no UDP super-frames and each reply goes on its own."""
+        port = self.switch.port_for(flow.guest_mac)
+        if port is None or not port.udp_offload:
+            return (0, 0)
+        family = flow.family
+        hdrs = family.header_len + UDP_HLEN
+        return (family.max_l4_len - UDP_HLEN, self.config.mtu - hdrs)
+
     def deliver_reply(
-        self, flow: UdpFlow, frame: Frame, payload_len: int, host: str, hport: int, now: float
+        self,
+        flow: UdpFlow,
+        frame: Frame,
+        payload_len: int,
+        host: str,
+        hport: int,
+        now: float,
+        seg: int = 0,
     ) -> None:
         """Send the reply whose payload is at ``flow.family.udp_payload_off`` in ``frame``.
 
-        ``host``/``hport`` is the reply's source on the host. Takes ownership of ``frame``.
+        ``host``/``hport`` is the reply's source on the host. ``seg`` > 0: the payload is many
+        datagrams of ``seg`` bytes (the last may be shorter) from that one source, as the
+        kernel's UDP_GRO or the I/O side's gathering returned them. Takes ownership of ``frame``.
         """
         guest_src = flow.peers.get(host)
         if guest_src is None:
@@ -295,8 +432,38 @@ class UdpNat:
             return
         flow.last_used = now
         self.flows.move_to_end(flow.key)
+        family = flow.family
+        if seg and payload_len > seg:
+            count = -(-payload_len // seg)
+            self.counters.inc("nat.udp.to_guest", count)
+            port = self.switch.port_for(flow.guest_mac)
+            if (
+                port is not None
+                and port.udp_offload
+                and count <= MAX_SEGMENTS
+                and family.header_len + UDP_HLEN + seg <= self.config.mtu
+            ):
+                self._emit_super(family, frame, payload_len, seg, count, guest_src, hport,
+                                 flow.guest_ip, flow.guest_port, flow.guest_mac)  # fmt: skip
+                return
+            self.counters.inc("nat.udp.to_guest.split")
+            off = frame.start + family.udp_payload_off
+            view = frame.view
+            rest = []
+            for at in range(seg, payload_len, seg):
+                part = self.pool.acquire()
+                n = min(seg, payload_len - at)
+                poff = part.start + family.udp_payload_off
+                part.view[poff : poff + n] = view[off + at : off + at + n]
+                rest.append((part, n))
+            self._emit(family, frame, seg, guest_src, hport, flow.guest_ip, flow.guest_port,
+                       flow.guest_mac)  # fmt: skip
+            for part, n in rest:
+                self._emit(family, part, n, guest_src, hport, flow.guest_ip, flow.guest_port,
+                           flow.guest_mac)  # fmt: skip
+            return
         self.counters.inc("nat.udp.to_guest")
-        self._emit(flow.family, frame, payload_len, guest_src, hport, flow.guest_ip,
+        self._emit(family, frame, payload_len, guest_src, hport, flow.guest_ip,
                    flow.guest_port, flow.guest_mac)  # fmt: skip
 
     def _emit(
@@ -306,15 +473,55 @@ class UdpNat:
         """Write UDP, IP and Ethernet headers before the payload in ``frame``; send it.
 
         A fresh IP identification each time, fragmentation allowed: a reply may exceed the
-        guest's MTU and is then fragmented here.
+        guest's MTU and is then fragmented here. A datagram that fits the MTU, toward a link
+        that takes UDP offloads (``Port.udp_offload``), leaves its UDP checksum to the guest's
+        kernel.
         """
         self._ident = ident = (self._ident + 1) & 0xFFFF
+        l4_len = UDP_HLEN + payload_len
+        port = self.switch.port_for(mac)
+        if port is not None and port.udp_offload and family.header_len + l4_len <= self.config.mtu:
+            self._partial(family, frame, l4_len, src, sport, dst, dport, mac, ident)
+            port.send(frame)
+            return
         frame.length = build_udp_frame(
             family, frame.view, frame.start, mac, self.config.mac, src, dst, sport, dport,
             payload_len, ident, False,
         )  # fmt: skip
         if send_to_guest(frame, self.config.mtu, self.pool, self.switch.send, ident) > 1:
             self.counters.inc("nat.udp.to_guest.fragmented")
+
+    def _partial(
+        self, family: L3Family, frame: Frame, l4_len: int, src: bytes, sport: int, dst: bytes,
+        dport: int, mac: bytes, ident: int,
+    ) -> None:  # fmt: skip
+        """Headers for ``l4_len`` bytes of UDP with a partial checksum (the pseudo-header sum,
+        for the guest's kernel to complete from ``csum_start``)."""
+        view = frame.view
+        start = frame.start
+        frame.length = build_l3_frame(
+            family, view, start, mac, self.config.mac, src, dst, PROTO_UDP, l4_len, ident, False
+        )
+        l4 = start + family.l4_off
+        csum = family.pseudo_sum(src, dst, PROTO_UDP, l4_len)
+        view[l4 : l4 + 8] = _UDP_HDR.pack(sport, dport, l4_len, csum)
+        frame.csum_start = family.l4_off
+        frame.csum_offset = UDP_CSUM_OFFSET
+
+    def _emit_super(
+        self, family: L3Family, frame: Frame, payload_len: int, seg: int, count: int, src: bytes,
+        sport: int, dst: bytes, dport: int, mac: bytes,
+    ) -> None:  # fmt: skip
+        """Send ``count`` datagrams of ``seg`` bytes (the last may be shorter) as one USO
+        super-frame: one IP and UDP header for all, a partial checksum over the whole length and
+        ``gso_size`` = ``seg``. The guest's kernel cuts it, fixing each datagram's lengths and
+        checksum (and IPv4 identifications, one per datagram from the header's)."""
+        ident = (self._ident + 1) & 0xFFFF
+        self._ident = (self._ident + count) & 0xFFFF
+        self._partial(family, frame, UDP_HLEN + payload_len, src, sport, dst, dport, mac, ident)
+        frame.gso_size = seg
+        self.counters.inc("nat.udp.to_guest.uso")
+        self.switch.send(frame)
 
     def deliver_inbound(
         self,
@@ -410,6 +617,8 @@ class UdpNat:
 
     def expire(self, now: float) -> int:
         """Close flows idle for ``timeout`` seconds; return how many."""
+        if self._batch is not None:
+            self.flush_sends()
         timeout = self.timeout
         n = self.flows.expire(now, timeout)
         inbound = self.inbound
@@ -424,6 +633,8 @@ class UdpNat:
 
     def close_all(self) -> None:
         """Close every flow's socket (instance shutdown)."""
+        if self._batch is not None:
+            self.flush_sends()
         self.flows.close_all()
         self.inbound.clear()
         self._inbound_by_source.clear()

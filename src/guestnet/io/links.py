@@ -81,6 +81,14 @@ class LinkHub:
         self.deliver = deliver
         self.links: list[Link] = []
         self.capture_to_guest: CaptureToGuest | None = None
+        #: Called after each burst of guest frames a link read (one wake-up's worth): where a
+        #: service sends what it gathered over the burst (the UDP NAT's UDP_SEGMENT batches).
+        self.burst_end: list[Callable[[], None]] = []
+
+    def end_burst(self) -> None:
+        """A link has handed over one burst of guest frames."""
+        for hook in self.burst_end:
+            hook()
 
     def close_all(self) -> None:
         """Close every link (shutdown)."""
@@ -244,6 +252,12 @@ class StreamLink(Link):
         self.hub.loop.call_later(0, lambda _now: self.close())
 
     def _on_readable(self) -> None:
+        try:
+            self._read_burst()
+        finally:
+            self.hub.end_burst()
+
+    def _read_burst(self) -> None:
         rxv = self._rxv
         hub = self.hub
         classify = hub.deliver
@@ -414,6 +428,7 @@ class DgramLink(Link):
                 classify(room[:n], self.port, now, False)
         finally:
             pool.release(frame)
+            hub.end_burst()
 
     def _close_fd(self) -> None:
         self.sock.close()

@@ -17,14 +17,23 @@ must carry one header in front of one frame. Both directions avoid copies:
   EPOLLOUT.
 
 Offloads. Python pays per frame, not per byte, so the lever is fewer, larger frames. With
-``config.offloads`` (the default) the TAP gets ``TUNSETOFFLOAD`` with checksum, TSO4, TSO6 and
-TSO-ECN: the guest's kernel then hands us TCP super-frames of up to 64 KiB at any MTU, with a
-partial checksum (``NEEDS_CSUM``), ``gso_type`` TCPV4/TCPV6 and ``gso_size`` its MSS. Its IPv4
-header checksum is whole (the kernel writes it before segmentation, for the super-frame's own
-total length), so the classifier still verifies that; the TCP translation takes the super-frame
-as one in-order segment. UDP segmentation (``TUN_F_UFO``/``USO``) stays off: a UDP super-frame
-would be many datagrams, which the UDP NAT does not cut; one that arrives anyway is dropped and
-counted (``link.tap.read.gso_unsupported``).
+``config.offloads`` (the default) the TAP gets ``TUNSETOFFLOAD`` with checksum, TSO4, TSO6,
+TSO-ECN, USO4 and USO6: the guest's kernel then hands us TCP super-frames of up to 64 KiB at any
+MTU, with a partial checksum (``NEEDS_CSUM``), ``gso_type`` TCPV4/TCPV6 and ``gso_size`` its MSS.
+Its IPv4 header checksum is whole (the kernel writes it before segmentation, for the
+super-frame's own total length), so the classifier still verifies that; the TCP translation
+takes the super-frame as one in-order segment. A kernel before 6.2 refuses USO (EINVAL): the
+link then asks again without it (``link.tap.offload.uso_unsupported``).
+
+UDP segmentation (USO, Linux 6.2+). A guest application that sends with ``UDP_SEGMENT`` makes its
+kernel hand over one super-frame of many datagrams of one flow: ``gso_type`` UDP_L4 (5),
+``gso_size`` the payload of each datagram, a partial checksum. The link passes it to the
+classifier whole, with ``Port.rx_gso_size`` set for the call; the UDP NAT sends it on with one
+``sendmsg`` (see :mod:`guestnet.core.udp`). UFO (``gso_type`` UDP, 3: one datagram to be
+fragmented) is never asked for; such a frame, or a UDP_L4 one on a link without USO, is dropped
+and counted (``link.tap.read.gso_unsupported``). Toward the guest, a frame whose partial checksum
+sits at UDP's offset (6) with a ``gso_size`` is a USO super-frame (``Port.udp_offload``): its
+header says UDP_L4, and the guest's kernel cuts it into datagrams.
 
 Toward the guest, the port announces ``offload_max`` (a 64 KiB IP packet), and the TCP core
 fills :class:`~guestnet.pool.Frame`'s ``csum_start``/``csum_offset``/``gso_size``: the header
@@ -70,8 +79,13 @@ TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
 TUN_F_TSO_ECN = 0x08
 TUN_F_UFO = 0x10
-#: What ``config.offloads`` switches on: checksums and TCP segmentation, never UDP's.
-DEFAULT_OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
+TUN_F_USO4 = 0x20
+TUN_F_USO6 = 0x40
+#: UDP segmentation offload (Linux 6.2+), both families: only together with TUN_F_CSUM.
+USO_OFFLOADS = TUN_F_USO4 | TUN_F_USO6
+#: What ``config.offloads`` asks for: checksums, TCP segmentation and UDP segmentation (USO; a
+#: kernel that refuses it gets the rest, see :class:`TapLink`). Never UFO (fragmentation).
+DEFAULT_OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN | USO_OFFLOADS
 #: Largest IP packet in one super-frame (the kernel's legacy GSO limit; tun never raises it).
 TSO_MAX_PACKET = 65535
 
@@ -85,9 +99,14 @@ VNET_GSO_NONE = 0
 VNET_GSO_TCPV4 = 1
 VNET_GSO_UDP = 3
 VNET_GSO_TCPV6 = 4
+VNET_GSO_UDP_L4 = 5
 VNET_GSO_ECN = 0x80
 #: TCP's checksum field, from the start of the TCP header.
 TCP_CSUM_OFFSET = 16
+#: UDP's checksum field, from the start of the UDP header: a frame with a partial checksum at
+#: this offset is UDP (the TCP core's frames carry 16).
+UDP_CSUM_OFFSET = 6
+UDP_HLEN = 8
 #: Longest interface name the kernel takes (IFNAMSIZ - 1).
 IFNAME_MAX = 15
 
@@ -119,8 +138,10 @@ def parse_vnet_hdr(data: bytes | bytearray | memoryview) -> VnetHdr:
 def build_vnet_hdr(buf: bytearray | memoryview, off: int, frame: Frame) -> None:
     """Write the header for ``frame`` at ``off``: its offload metadata, or zeros for none.
 
-    ``hdr_len`` (Ethernet, IP and TCP headers) is read from the TCP header's data offset; the
-    kernel uses it only as a hint for how much to put in the linear part of the packet.
+    ``hdr_len`` (Ethernet, IP and TCP headers) is read from the TCP header's data offset (a
+    UDP header is 8 bytes); the kernel uses it only as a hint for how much to put in the linear
+    part of the packet. A super-frame is UDP (``gso_type`` UDP_L4, ``gso_size`` the datagram
+    payload) when its checksum field sits at UDP's offset, else TCP of the frame's IP version.
     """
     cs = frame.csum_start
     if cs < 0:
@@ -128,6 +149,12 @@ def build_vnet_hdr(buf: bytearray | memoryview, off: int, frame: Frame) -> None:
         return
     gso = frame.gso_size
     if gso:
+        if frame.csum_offset == UDP_CSUM_OFFSET:
+            _VNET.pack_into(
+                buf, off, VNET_F_NEEDS_CSUM, VNET_GSO_UDP_L4, cs + UDP_HLEN, gso, cs,
+                UDP_CSUM_OFFSET, 0,
+            )  # fmt: skip
+            return
         view = frame.view
         start = frame.start
         hdr_len = cs + ((view[start + cs + 12] >> 4) << 2)
@@ -192,17 +219,33 @@ class TapLink(Link):
         self.offloads = 0
         super().__init__(hub, fd, name)
         if offloads:
+            self._ask_offloads(offloads)
+
+    def _ask_offloads(self, offloads: int) -> None:
+        """Ask for ``offloads``; a kernel before 6.2 refuses USO (EINVAL): ask for the rest."""
+        counters = self.hub.counters
+        try:
+            self.set_offloads(offloads)
+            return
+        except OSError as exc:
+            error = exc
+        if offloads & USO_OFFLOADS and error.errno == errno.EINVAL:
+            counters.inc("link.tap.offload.uso_unsupported")
             try:
-                self.set_offloads(offloads)
+                self.set_offloads(offloads & ~USO_OFFLOADS)
+                return
             except OSError as exc:
-                hub.counters.inc("link.tap.offload.unsupported")
-                log.info("%s: no TAP offloads (%s); plain frames", name, exc)
+                error = exc
+        counters.inc("link.tap.offload.unsupported")
+        log.info("%s: no TAP offloads (%s); plain frames", self.name, error)
 
     def set_offloads(self, flags: int) -> None:
         """Switch offloads on or off for this TAP, both ways (see the module docstring)."""
         set_offloads(self.fd, flags)
         self.offloads = flags
-        self.port.offload_max = TSO_MAX_PACKET if flags & TUN_F_CSUM else 0
+        port = self.port
+        port.offload_max = TSO_MAX_PACKET if flags & TUN_F_CSUM else 0
+        port.udp_offload = bool(flags & TUN_F_CSUM) and flags & USO_OFFLOADS == USO_OFFLOADS
 
     def _write(self, frame: Frame, offset: int) -> int | None:
         start = frame.start - VNET_HDR_LEN
@@ -255,12 +298,22 @@ class TapLink(Link):
                     continue
                 gso_type = view[hdr_at + 1]
                 if gso_type and (gso_type & ~VNET_GSO_ECN) not in _GSO_ACCEPTED:
+                    if gso_type == VNET_GSO_UDP_L4 and port.udp_offload:
+                        # Many datagrams of one UDP flow: the NAT sends them with one
+                        # UDP_SEGMENT sendmsg; ``rx_gso_size`` tells it the segment size.
+                        port.rx_gso_size = view[hdr_at + 4] | (view[hdr_at + 5] << 8)
+                        try:
+                            classify(view[start : hdr_at + n], port, now, True)
+                        finally:
+                            port.rx_gso_size = 0
+                        continue
                     hub.counters.inc("link.tap.read.gso_unsupported")
                     continue
                 trusted = bool(view[hdr_at] & (VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID))
                 classify(view[start : hdr_at + n], port, now, trusted)
         finally:
             pool.release(frame)
+            hub.end_burst()
 
 
 def _errname(exc: OSError) -> str:
