@@ -250,3 +250,41 @@ def test_server_refuses_second_front_end(tmp_path: object) -> None:
         server.close()
         inst.close()
     assert not os.path.exists(path)
+
+
+def test_network_listen_vhost_user_prints_qemu_args_and_serves(tmp_path: object) -> None:
+    from guestnet.network import Network
+
+    path = os.path.join(str(tmp_path), "vu.sock")
+    net = Network(Config())
+    fe: FakeFrontend | None = None
+    try:
+        args = net.listen_vhost_user(path, memory="256M", host_mtu=65520)
+        assert "memory-backend-memfd,id=mem0,size=256M,share=on" in args
+        assert f"-chardev socket,id=chr0,path={path},reconnect=1" in args
+        assert "-netdev vhost-user,id=net0,chardev=chr0" in args
+        assert "host_mtu=65520,vectors=0" in args
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(path)
+        fe = FakeFrontend(sock)
+        loop = net.instance.loop
+
+        def step() -> None:
+            for _ in range(2):
+                loop.run_once(max_wait=0.0)
+
+        qemu_handshake(fe, step)
+        drv = FakeDriver(fe)
+        drv.post_rx(4, 1536)
+        drv.send_frame(arp_request())
+        step()
+        got = drv.received()
+        assert len(got) == 1 and got[0][1][20:22] == b"\x00\x02"
+        links = net.stats()["links"]
+        assert isinstance(links, list)
+        assert [v["kind"] for v in links] == ["vhost-user"]
+    finally:
+        net.close()
+        if fe is not None:
+            fe.close()
+    assert not os.path.exists(path)
