@@ -224,11 +224,16 @@ def test_second_mem_table_remaps_and_unmaps_old(rig: Rig) -> None:
 
 
 def test_disconnect_closes_link_and_unmaps(rig: Rig) -> None:
+    rig.drv.send_frame(arp_request())
+    rig.step()
     mm = rig.link._mappings[0].mm
     rig.fe.sock.shutdown(socket.SHUT_WR)
     rig.step()
     assert rig.link.closed and mm.closed
     assert rig.link.kick_fds == [-1, -1] and rig.link.call_fds == [-1, -1]
+    # The connection's totals outlive it in the shared counters.
+    assert rig.inst.counters["link.vhost.frames_from_guest"] == 1
+    assert rig.inst.counters["link.vhost.kicks"] == 1
 
 
 def test_server_refuses_second_front_end(tmp_path: object) -> None:

@@ -701,6 +701,12 @@ class VhostUserLink(Link):
                 _close_fd(table[index])
                 table[index] = -1
         self._unmap_memory()
+        # Keep the totals of a finished connection in the shared counters (shown in /stats).
+        counters = self.hub.counters
+        for key in _TOTALS:
+            value = getattr(self, key)
+            if value:
+                counters.inc(f"link.vhost.{key}", value)
         super().close()
 
     def _close_fd(self) -> None:
@@ -726,6 +732,20 @@ class VhostUserLink(Link):
             drops=dict(self.drops),
         )
         return out
+
+
+#: Per-link counters folded into the shared counters when a connection ends.
+_TOTALS = (
+    "kicks",
+    "calls",
+    "frames_from_guest",
+    "descs_from_guest",
+    "frames_to_guest",
+    "buffers_to_guest",
+    "gso_from_guest",
+    "gso_to_guest",
+    "ring_full",
+)
 
 
 class VhostUserServer:
