@@ -293,3 +293,13 @@ def test_network_listen_vhost_user_prints_qemu_args_and_serves(tmp_path: object)
         if fe is not None:
             fe.close()
     assert not os.path.exists(path)
+
+
+def test_mem_table_past_the_files_end_is_refused(rig: Rig) -> None:
+    """A region longer than its memfd would fault (SIGBUS) when touched: refused, old kept."""
+    payload = rig.fe.mem_table_payload([(GPA_BASE, rig.fe.mem_size * 2, UADDR_BASE, 0)])
+    rig.fe.send(vu.SET_MEM_TABLE, payload, [rig.fe.memfd], need_reply=True)
+    rig.step()
+    assert struct.unpack("=Q", rig.fe.recv_reply(vu.SET_MEM_TABLE))[0] == 1
+    assert rig.inst.counters["link.vhost.bad_mem_table"] == 1
+    assert all(q.ready for q in rig.link.queues)

@@ -38,6 +38,7 @@ import os
 import platform
 import select
 import socket
+import stat
 import struct
 
 from guestnet.core.port import Port
@@ -155,6 +156,10 @@ class _Mapping:
     """One mmap of a region's fd, kept so it can be closed once its views are released."""
 
     def __init__(self, fd: int, size: int, mmap_offset: int) -> None:
+        # A mapping past the end of the file would fault (SIGBUS) on first touch: refuse it.
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and mmap_offset + size > st.st_size:
+            raise ValueError(f"region of {size} bytes at {mmap_offset} past the file's end")
         gran = mmap.ALLOCATIONGRANULARITY
         aligned = mmap_offset - mmap_offset % gran
         extra = mmap_offset - aligned
@@ -386,7 +391,11 @@ class VhostUserLink(Link):
     def _set_vring_num(self, index: int, num: int) -> bool:
         if index >= 2 or not 0 < num <= 32768 or num & (num - 1):
             return False
-        self.queues[index].num = num
+        q = self.queues[index]
+        q.num = num
+        if q.desc is not None:
+            # Resized under live rings: their views no longer fit; map them anew.
+            return self._map_queue(q)
         return True
 
     def _set_vring_addr(self, payload: bytes) -> bool:
