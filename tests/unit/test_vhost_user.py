@@ -303,3 +303,16 @@ def test_mem_table_past_the_files_end_is_refused(rig: Rig) -> None:
     assert struct.unpack("=Q", rig.fe.recv_reply(vu.SET_MEM_TABLE))[0] == 1
     assert rig.inst.counters["link.vhost.bad_mem_table"] == 1
     assert all(q.ready for q in rig.link.queues)
+
+
+def test_refuses_to_start_off_x86_64(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
+    """Without x86-64's store order the used index could overtake its elements: no server."""
+    monkeypatch.setattr(vu.platform, "machine", lambda: "aarch64")
+    inst = Instance(Config())
+    path = os.path.join(str(tmp_path), "vu.sock")
+    try:
+        with pytest.raises(RuntimeError, match="x86-64"):
+            vu.VhostUserServer(inst.hub, path)
+    finally:
+        inst.close()
+    assert not os.path.exists(path)

@@ -130,13 +130,17 @@ def stream_netdev(socket_path: Path) -> list[str]:
     return ["-netdev", f"stream,id=n0,server=off,addr.type=unix,addr.path={socket_path}"]
 
 
-def vhost_user_netdev(socket_path: Path, memory_mb: int = 256) -> list[str]:
+def vhost_user_netdev(
+    socket_path: Path, memory_mb: int = 256, reconnect: bool = False
+) -> list[str]:
     """QEMU connects to guestnet's vhost-user socket; guest memory must be a shared memfd of the
-    guest's size. ``vectors=0`` (INTx): QEMU 7.2 crashes with MSI-X vhost notifiers under TCG."""
+    guest's size. ``vectors=0`` (INTx): QEMU 7.2 crashes with MSI-X vhost notifiers under TCG.
+    ``reconnect``: QEMU retries the socket every second after losing guestnet."""
+    chardev = f"socket,id=chr0,path={socket_path}" + (",reconnect=1" if reconnect else "")
     return [
         "-object", f"memory-backend-memfd,id=mem0,size={memory_mb}M,share=on",
         "-numa", "node,memdev=mem0",
-        "-chardev", f"socket,id=chr0,path={socket_path}",
+        "-chardev", chardev,
         "-netdev", "vhost-user,id=n0,chardev=chr0",
         "-global", "virtio-net-pci.vectors=0",
     ]  # fmt: skip
