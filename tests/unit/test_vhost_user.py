@@ -316,3 +316,13 @@ def test_refuses_to_start_off_x86_64(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     finally:
         inst.close()
     assert not os.path.exists(path)
+
+
+def test_tx_frame_longer_than_a_pool_slot_is_dropped(rig: Rig) -> None:
+    """One huge descriptor would reach the classifier as a view bigger than any link delivers."""
+    rig.record()
+    head = rig.drv.send_frame(bytes(256 * 1024))
+    rig.step()
+    assert rig.delivered == []
+    assert rig.drv.used(1) == [(head, 0)]
+    assert rig.link.drops == {"tx.too_big": 1}

@@ -46,7 +46,7 @@ from guestnet.io.links import RX_BUDGET, Deliver, Link, LinkHub
 from guestnet.io.listener import Listener, bind_private
 from guestnet.io.loop import EPOLLIN, Handler
 from guestnet.io.tap import TSO_MAX_PACKET, build_vnet_hdr
-from guestnet.pool import Frame
+from guestnet.pool import HEADROOM, Frame
 from guestnet.wire.virtio import (
     VHOST_USER_F_PROTOCOL_FEATURES,
     VIRTIO_F_VERSION_1,
@@ -278,7 +278,8 @@ class VhostUserLink(Link):
         return out
 
     def _reply(self, request: int, payload: bytes) -> None:
-        self.sock.setblocking(True)
+        # Bounded: a front-end that stops reading fails the send (OSError: closed), never hangs us.
+        self.sock.settimeout(MESSAGE_TIMEOUT)
         try:
             self.sock.sendall(_HDR.pack(request, FLAG_VERSION | FLAG_REPLY, len(payload)) + payload)
         finally:
@@ -517,6 +518,8 @@ class VhostUserLink(Link):
         classify = hub.deliver
         port = self.port
         now = hub.loop.now()
+        # No frame longer than a pool slot holds (what every other link can deliver at most).
+        max_frame = hub.pool_from_guest.slot_size - HEADROOM
         moved = False
         for _ in range(RX_BUDGET):
             if not q.pending():
@@ -527,6 +530,8 @@ class VhostUserLink(Link):
                 self._drop(f"tx.{WALK_ERRORS[err]}")
             elif total <= VNET_HDR_LEN:
                 self._drop("tx.short")
+            elif total - VNET_HDR_LEN > max_frame:
+                self._drop("tx.too_big")
             else:
                 self._deliver_chain(q.bufs, total, classify, port, now)
             q.release_bufs()
