@@ -374,6 +374,9 @@ def test_published_port_reaches_guest_server(
     assert hashlib.sha256(fetch.stdout).hexdigest() == up[1], result.describe() + report
 
 
+#: guestnet's start-up (imports, socket) on a loaded shared machine.
+GUESTNET_START_S = 30.0
+
 # Pings every 0.2 s for 16 s; the test restarts guestnet in the middle.
 RESTART_PING_SCRIPT = f"""
 section dhcp {DHCP}
@@ -396,7 +399,9 @@ def test_vhost_user_backend_restart_mid_ping(
     initrd = vm_image.initrd_with_script(RESTART_PING_SCRIPT, tmp_path / "initrd.img")
     with (
         sandbox_netns() as netns,
-        background_process(argv, tmp_path / "g1.log", netns=netns, wait_for_path=sock) as first,
+        background_process(
+            argv, tmp_path / "g1.log", netns=netns, wait_for_path=sock, timeout_s=GUESTNET_START_S
+        ) as first,
         start_vm(vm_image.kernel, initrd, netdev, tmp_path, netns=netns) as vm,
     ):
         vm.wait_for(r"^@@GUESTNET-PINGING@@$", timeout_s=VM_TIMEOUT_S)
@@ -404,7 +409,9 @@ def test_vhost_user_backend_restart_mid_ping(
         first.proc.terminate()
         first.proc.wait(timeout=10)
         assert not sock.exists(), first.log()
-        with background_process(argv, tmp_path / "g2.log", netns=netns, wait_for_path=sock):
+        with background_process(
+            argv, tmp_path / "g2.log", netns=netns, wait_for_path=sock, timeout_s=GUESTNET_START_S
+        ):
             result = vm.wait(timeout_s=VM_TIMEOUT_S)
             assert not result.timed_out, result.describe()
     ping = result.section("ping")
