@@ -1,4 +1,4 @@
-"""The command line: ``guestnet run|netns|qemu|dgram`` and the options they share;
+"""The command line: ``guestnet run|netns|qemu|vhost-user|dgram`` and the options they share;
 ``guestnet slirp4netns``, ``guestnet pasta`` and ``guestnet passt`` hand their arguments to
 :mod:`guestnet.compat.slirp4netns`, :mod:`guestnet.compat.pasta` and :mod:`guestnet.compat.passt`.
 
@@ -494,6 +494,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="TCP address to listen on (host defaults to 127.0.0.1)",
     )
 
+    vhost = sub.add_parser(
+        "vhost-user", help="serve QEMU's -netdev vhost-user (guest memory shared; x86-64 only)"
+    )
+    add_datapath_options(vhost)
+    vhost.add_argument("--socket", required=True, help="unix socket path to listen on (mode 0600)")
+    vhost.add_argument(
+        "--memory",
+        default="1G",
+        help="guest memory size for the printed QEMU arguments (must equal QEMU's -m)",
+    )
+    vhost.add_argument(
+        "--host-mtu",
+        type=int,
+        default=0,
+        help="host_mtu= for the printed virtio-net-pci device (e.g. 65520; 0: omitted)",
+    )
+
     dgram = sub.add_parser("dgram", help="serve a unix datagram link (QEMU -netdev dgram, vfkit)")
     add_datapath_options(dgram)
     dgram.add_argument(
@@ -567,6 +584,19 @@ def cmd_qemu(args: argparse.Namespace, config: Config) -> int:
     except OSError as exc:
         net.close()
         print(f"guestnet qemu: error: cannot listen: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(qemu_args, flush=True)
+    return _serve(net, "guestnet", hardening=hardening_from_args(args))
+
+
+def cmd_vhost_user(args: argparse.Namespace, config: Config) -> int:
+    """Serve vhost-user-net on a unix socket until a signal."""
+    net = Network(config)
+    try:
+        qemu_args = net.listen_vhost_user(args.socket, memory=args.memory, host_mtu=args.host_mtu)
+    except (OSError, RuntimeError) as exc:
+        net.close()
+        print(f"guestnet vhost-user: error: cannot listen: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     print(qemu_args, flush=True)
     return _serve(net, "guestnet", hardening=hardening_from_args(args))
@@ -740,5 +770,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"guestnet {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     raise_nofile_limit()
-    command = {"qemu": cmd_qemu, "dgram": cmd_dgram, "netns": cmd_netns, "run": cmd_run}
+    command = {
+        "qemu": cmd_qemu,
+        "vhost-user": cmd_vhost_user,
+        "dgram": cmd_dgram,
+        "netns": cmd_netns,
+        "run": cmd_run,
+    }
     return command[args.command](args, config)

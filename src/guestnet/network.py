@@ -50,6 +50,8 @@ from guestnet.io.netns import (
     spawn_in_new_namespaces,
 )
 from guestnet.io.tap import DEFAULT_OFFLOADS, TapLink, check_ifname
+from guestnet.io.vhost_user import VhostUserServer
+from guestnet.io.vhost_user import qemu_args as vhost_qemu_args
 
 T = TypeVar("T")
 
@@ -129,6 +131,19 @@ class Network:
         self._inst.on_close(server.close)
         device = f"-device virtio-net-pci,netdev=net0,mac={mac}"
         return f"-netdev stream,id=net0,server=off,{addr} {device}"
+
+    def listen_vhost_user(self, path: str, *, memory: str = "1G", host_mtu: int = 0) -> str:
+        """Serve vhost-user-net on a unix socket ``path`` (mode 0600); x86-64 only.
+
+        Returns the QEMU 7.2 arguments that connect to it (shared memfd memory of ``memory``,
+        which must equal ``-m``). One front-end at a time; a reconnecting QEMU gets a new link.
+        """
+        path = os.path.abspath(path)
+        offloads = self.config.offloads
+        server = self._call(lambda: VhostUserServer(self._inst.hub, path, offloads))
+        self._inst.on_close(server.close)
+        mac = self.config.guest_mac.hex(":")
+        return vhost_qemu_args(path, mac, memory, host_mtu)
 
     def attach_dgram(self, path: str) -> str:
         """Bind a unix datagram socket at ``path`` (QEMU ``-netdev dgram``, vfkit).

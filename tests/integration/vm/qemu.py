@@ -130,6 +130,22 @@ def stream_netdev(socket_path: Path) -> list[str]:
     return ["-netdev", f"stream,id=n0,server=off,addr.type=unix,addr.path={socket_path}"]
 
 
+def vhost_user_netdev(
+    socket_path: Path, memory_mb: int = 256, reconnect: bool = False
+) -> list[str]:
+    """QEMU connects to guestnet's vhost-user socket; guest memory must be a shared memfd of the
+    guest's size. ``vectors=0`` (INTx): QEMU 7.2 crashes with MSI-X vhost notifiers under TCG.
+    ``reconnect``: QEMU retries the socket every second after losing guestnet."""
+    chardev = f"socket,id=chr0,path={socket_path}" + (",reconnect=1" if reconnect else "")
+    return [
+        "-object", f"memory-backend-memfd,id=mem0,size={memory_mb}M,share=on",
+        "-numa", "node,memdev=mem0",
+        "-chardev", chardev,
+        "-netdev", "vhost-user,id=n0,chardev=chr0",
+        "-global", "virtio-net-pci.vectors=0",
+    ]  # fmt: skip
+
+
 def dgram_netdev(local_path: Path, remote_path: Path) -> list[str]:
     """QEMU binds local_path and sends one frame per datagram to guestnet's remote_path."""
     return [
@@ -347,14 +363,18 @@ def guestnet_vm(
 ) -> Iterator[GuestnetVm]:
     """A sandbox namespace with guestnet in it serving one QEMU link.
 
-    mode: "qemu" (QEMU -netdev stream to guestnet's listening unix socket) or "dgram" (QEMU
-    -netdev dgram to guestnet's bound unixgram socket). guestnet_args go after the subcommand.
+    mode: "qemu" (QEMU -netdev stream to guestnet's listening unix socket), "dgram" (QEMU
+    -netdev dgram to guestnet's bound unixgram socket) or "vhost-user" (QEMU -netdev vhost-user
+    to guestnet's listening unix socket, guest memory shared). guestnet_args go after the
+    subcommand.
     """
     guestnet_sock = sock_dir / "guestnet.sock"
     if mode == "qemu":
         netdev = stream_netdev(guestnet_sock)
     elif mode == "dgram":
         netdev = dgram_netdev(sock_dir / "qemu.sock", guestnet_sock)
+    elif mode == "vhost-user":
+        netdev = vhost_user_netdev(guestnet_sock)
     else:
         raise ValueError(f"unknown guestnet mode {mode!r}")
     argv = guestnet_argv(mode, guestnet_sock, *guestnet_args)

@@ -1,0 +1,160 @@
+"""Hostile guests against the virtqueue walker and the vhost-user link.
+
+Guest memory is guest input: descriptors pointing outside every region or across a region's end,
+loops, zero and huge lengths, stray INDIRECT flags, nonsense avail indices, and a new memory
+table while frames are in flight. Nothing may raise out of the loop; every descriptor that is
+accepted must lie wholly inside one region; the link stays open and its pools balance.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from guestnet.io import vhost_user as vu
+from guestnet.wire import virtio
+from guestnet.wire.virtio import GuestMemory, Region, VirtQueue
+
+from .test_vhost_user import Rig
+from .vhost_fake import GPA_BASE, QUEUE_SIZE, UADDR_BASE
+
+FUZZ_SETTINGS = settings(
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+N = 16
+#: Two regions with a hole between them; descriptors may point anywhere around them.
+R0 = (0x1000, 0x2000)
+R1 = (0x8000, 0x1000)
+RING_BASE = 0x1000
+
+_addr = st.one_of(
+    st.integers(0, 0xA000),
+    st.sampled_from([R0[0] + R0[1] - 1, R1[0] - 1, 2**64 - 1, 2**63]),
+)
+_len = st.one_of(st.integers(0, 0x3000), st.sampled_from([0, 1, 2**32 - 1, 2**31]))
+_flags = st.integers(0, 7)
+_desc = st.tuples(_addr, _len, _flags, st.integers(0, N + 2))
+
+
+def _memory() -> tuple[GuestMemory, bytearray, bytearray]:
+    m0 = bytearray(R0[1])
+    m1 = bytearray(R1[1])
+    mem = GuestMemory(
+        [Region(R0[0], R0[1], R0[0], memoryview(m0)), Region(R1[0], R1[1], R1[0], memoryview(m1))]
+    )
+    return mem, m0, m1
+
+
+def _inside(addr: int, length: int) -> bool:
+    return any(base <= addr and addr + length <= base + size for base, size in (R0, R1))
+
+
+@settings(FUZZ_SETTINGS, max_examples=1500)
+@given(
+    descs=st.lists(_desc, min_size=N, max_size=N),
+    heads=st.lists(st.integers(0, 0xFFFF), min_size=N, max_size=N),
+    avail_idx=st.one_of(st.integers(0, N), st.integers(0, 0xFFFF)),
+    writable=st.booleans(),
+)
+def test_walker_checks_every_descriptor(
+    descs: list[tuple[int, int, int, int]], heads: list[int], avail_idx: int, writable: bool
+) -> None:
+    mem, m0, _m1 = _memory()
+    # Rings live at the start of region 0 (QEMU virtual = guest-physical here).
+    q = VirtQueue(1)
+    q.num = N
+    desc_at, avail_at, used_at = 0, 16 * N, 16 * N + 4 + 2 * N + 2
+    q.addrs = (RING_BASE + desc_at, RING_BASE + avail_at, RING_BASE + used_at)
+    q.enabled = q.started = True
+    assert q.map(mem)
+    for i, (a, ln, fl, nx) in enumerate(descs):
+        struct.pack_into("<QIHH", m0, desc_at + 16 * i, a & (2**64 - 1), ln, fl, nx)
+    for i, h in enumerate(heads):
+        struct.pack_into("<H", m0, avail_at + 4 + 2 * i, h)
+    struct.pack_into("<H", m0, avail_at + 2, avail_idx)
+    n = q.pending()
+    if avail_idx > N:
+        assert n == 0 and q.broken
+        return
+    assert n == avail_idx
+    for _ in range(n):
+        head = q.pop()
+        err, total = q.walk(head, mem, writable)
+        if err == virtio.WALK_OK:
+            # Re-walk independently: every descriptor of an accepted chain is in one region,
+            # has the right direction, no INDIRECT, no loop, and the views match the lengths.
+            i, seen, lens = head, set(), []
+            while True:
+                assert i < N and i not in seen
+                seen.add(i)
+                a, ln, fl, nx = descs[i]
+                assert not fl & virtio.VRING_DESC_F_INDIRECT
+                assert bool(fl & virtio.VRING_DESC_F_WRITE) == writable
+                if ln:
+                    assert _inside(a, ln)
+                    lens.append(ln)
+                if not fl & virtio.VRING_DESC_F_NEXT:
+                    break
+                i = nx
+            assert [len(b) for b in q.bufs] == lens and total == sum(lens) > 0
+        q.release_bufs()
+        q.push(head, 0)
+    q.publish()
+    assert struct.unpack_from("<H", m0, used_at + 2)[0] == n
+    q.unmap()
+    mem.release()
+
+
+@settings(FUZZ_SETTINGS, max_examples=25)
+@given(
+    chains=st.lists(
+        st.lists(st.tuples(st.integers(-0x1000, 0x900000), _len, _flags), min_size=1, max_size=5),
+        min_size=1,
+        max_size=12,
+    ),
+    remap_at=st.integers(0, 12),
+    bogus_idx=st.booleans(),
+)
+def test_link_survives_hostile_tx_ring(
+    chains: list[list[tuple[int, int, int]]], remap_at: int, bogus_idx: bool
+) -> None:
+    rig = Rig()
+    try:
+        drv = rig.drv
+        d = 0
+        for k, chain in enumerate(chains):
+            head = d
+            for j, (off, ln, fl) in enumerate(chain):
+                nxt = (d + 1) % QUEUE_SIZE if j < len(chain) - 1 else 0
+                flags = fl | (virtio.VRING_DESC_F_NEXT if j < len(chain) - 1 else 0)
+                drv.write_desc(1, d, (GPA_BASE + off) & (2**64 - 1), ln, flags, nxt)
+                d = (d + 1) % QUEUE_SIZE
+            drv.make_avail(1, head)
+            if k == remap_at:
+                # A new memory table while these chains wait in the ring.
+                payload = rig.fe.mem_table_payload([(GPA_BASE, rig.fe.mem_size, UADDR_BASE, 0)])
+                rig.fe.send(vu.SET_MEM_TABLE, payload, [rig.fe.memfd], need_reply=True)
+                rig.step()
+                assert struct.unpack("=Q", rig.fe.recv_reply(vu.SET_MEM_TABLE))[0] == 0
+        if bogus_idx:
+            _d, a, _u = rig.fe.ring_offsets(1)
+            struct.pack_into("<H", rig.fe.mem, a + 2, (drv.avail_idx[1] + 1000) & 0xFFFF)
+        drv.kick(1)
+        rig.step()
+        rig.step()
+        link = rig.link
+        assert not link.closed
+        if bogus_idx:
+            assert link.queues[1].broken and link.drops.get("tx.ring_broken", 0) >= 1
+        else:
+            # Every chain came back, good or bad.
+            assert len(drv.used(1)) == len(chains)
+            assert link.frames_from_guest + sum(link.drops.values()) >= len(chains)
+    finally:
+        rig.close()
+    assert rig.inst.pool_from_guest.in_use == 0
+    assert rig.inst.pool_to_guest.in_use == 0
