@@ -10,6 +10,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -326,3 +327,20 @@ def test_tx_frame_longer_than_a_pool_slot_is_dropped(rig: Rig) -> None:
     assert rig.delivered == []
     assert rig.drv.used(1) == [(head, 0)]
     assert rig.link.drops == {"tx.too_big": 1}
+
+
+def test_guest_datagrams_leave_at_the_end_of_the_kick(rig: Rig, frames: Any) -> None:
+    """The UDP NAT gathers a burst of datagrams into one send; the link ends its burst after a
+    TX kick, so the host gets them then, not when some other link next reads."""
+    host = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    host.bind(("127.0.0.1", 0))
+    host.settimeout(2)
+    port = host.getsockname()[1]
+    try:
+        for i in range(3):
+            rig.drv.send_frame(frames.udp(40000, port, b"dgram%d" % i, dst=frames.GATEWAY_IP))
+        rig.step()
+        got = [host.recv(64) for _ in range(3)]
+        assert got == [b"dgram0", b"dgram1", b"dgram2"]
+    finally:
+        host.close()

@@ -539,6 +539,8 @@ class VhostUserLink(Link):
             moved = True
             if self.closed:
                 return
+        if moved:
+            hub.end_burst()  # what the NAT gathered from this burst leaves now (UDP batches)
         if q.broken:
             self._drop("tx.ring_broken")
             log.warning("%s: TX ring corrupt (avail index); queue stopped", self.name)
