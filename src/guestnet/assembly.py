@@ -77,7 +77,7 @@ class Instance:
         self.counters = Counters()
         self.pool_from_guest = FramePool(config.mtu, config.pool_slots)
         self.pool_to_guest = FramePool(config.mtu, config.pool_slots)
-        self.switch = Switch(self.pool_to_guest, self.counters)
+        self.switch = Switch(self.pool_to_guest, self.counters, config.isolate)
         self.classifier = FrameClassifier(config, self.pool_to_guest, self.counters, self.switch)
         self.hub = LinkHub(
             self.loop,

@@ -88,6 +88,9 @@ class Config:
     outbound_addr: str | None = None
     #: Allow destinations in 169.254.0.0/16 (cloud metadata), refused by default.
     allow_link_local: bool = False
+    #: Guests on the switch may not reach each other, only guestnet and the outside
+    #: (``--isolate``; see guestnet.core.switch).
+    isolate: bool = False
     #: Egress rules from ``--allow``/``--deny`` in command-line order: (allow, network). The
     #: first rule whose network holds the guest's destination decides; none: allowed.
     egress: tuple[tuple[bool, IPv4Network | IPv6Network], ...] = ()

@@ -32,6 +32,7 @@ from guestnet.api import (
 from guestnet.assembly import Instance
 from guestnet.client import format_stats
 from guestnet.config import Config
+from guestnet.core.port import Port
 from guestnet.io.forwards import Forward, parse_publish
 from guestnet.io.links import StreamLink
 from guestnet.io.loop import Loop
@@ -251,10 +252,19 @@ def test_leases(inst: Instance) -> None:
 
     real = inst.dhcp
     inst.dhcp = FakeDhcp()  # type: ignore[assignment]
+    # Issue 15: each lease names the switch port its MAC was last seen on (None: not seen).
     assert api.handle("GET", "/leases", b"", 7.0) == (
         200,
-        [{"mac": "52:54:00:12:34:56", "ip": "10.0.2.15", "expires_in_s": 7.0}],
+        [{"mac": "52:54:00:12:34:56", "ip": "10.0.2.15", "expires_in_s": 7.0, "port": None}],
     )
+    port = Port("qemu7", lambda frame: None)
+    inst.switch.attach(port)
+    inst.switch.learn(port, bytes.fromhex("525400123456"))
+    assert api.handle("GET", "/leases", b"", 7.0) == (
+        200,
+        [{"mac": "52:54:00:12:34:56", "ip": "10.0.2.15", "expires_in_s": 7.0, "port": "qemu7"}],
+    )
+    inst.switch.detach(port)
     inst.dhcp = real
     assert api.handle("GET", "/leases", b"", 1.0) == (200, [])
 

@@ -1,6 +1,9 @@
 """FrameClassifier: the single entry point for every frame a guest sends.
 
-It checks the Ethernet header, learns the guest's MAC for its link, and routes:
+It checks the Ethernet header, learns the guest's MAC for its link (the switch's MAC table),
+hands unicast for another MAC to the switch (guest to guest: switched, never NATed; see
+:mod:`guestnet.core.switch`), floods broadcast and multicast to the other ports, and routes what
+is for guestnet (its MAC, broadcast, multicast):
 
 - ARP to the :class:`~guestnet.core.arp.ArpResponder`;
 - IPv4 fragments to reassembly (whole datagrams come back through :meth:`route_ipv4`);
@@ -162,11 +165,17 @@ class FrameClassifier:
         src = bytes(frame[6:12])
         if src[0] & 1:
             raise WireError("eth.src.multicast")
-        dst = frame[0:6]
-        if dst != self._mac and not (dst[0] & 1):
-            raise WireError("eth.dst.not_ours")
         if port.guest_mac != src:
-            self.switch.learn(port, src)
+            self.switch.learn(port, src, now)
+        dst = frame[0:6]
+        if dst != self._mac:
+            if not (dst[0] & 1):
+                # Unicast to another guest (or to nobody known): switched, never NATed.
+                if not self.switch.forward(frame, port, now):
+                    raise WireError("eth.dst.not_ours")
+                return
+            # Broadcast and multicast reach the other guests and guestnet's services alike.
+            self.switch.flood(frame, port)
         ethertype = (frame[12] << 8) | frame[13]
         if ethertype == ETHERTYPE_IPV4:
             self._ipv4(frame[ETH_HLEN:], port, src, now, csum_trusted)

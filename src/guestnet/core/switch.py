@@ -1,16 +1,37 @@
-"""Switch: which guest MAC sits behind which port, and delivery by destination MAC.
+"""Switch: a learning bridge between the guest ports, and delivery toward guests by MAC.
 
-guestnet may serve several guest links at once (QEMU connections, a TAP, datagram peers). The
-classifier teaches the switch which guest MAC sits behind which port (:meth:`Switch.learn`), and
-the port list is where published ports find a guest to open a connection to.
+guestnet serves several guest links at once (QEMU connections, TAPs in namespaces, datagram
+peers), all on one L2 segment with guestnet's own addresses (gateway, DNS) on it. The switch
+does what a learning bridge does:
 
-Not every frame guestnet emits goes through :meth:`Switch.send`. An answer to a guest frame
-(ARP, DHCP, DNS, TCP segments of a flow) goes straight back to the port the frame came in on
-(``Port.send``). Only frames with no port at hand go through the switch: UDP NAT replies and
-ICMP (echo replies and errors), which the host delivers later to a flow that remembers the
-guest's MAC. Those go to the port of their destination MAC; broadcast and unknown destinations
-are flooded to every port, with a copy per extra port, as a learning bridge does. Frames between
-guests are not switched (yet): the classifier drops unicast that is not for guestnet.
+- **learning**: the classifier calls :meth:`Switch.learn` with the source MAC of a guest frame
+  that is not the port's known MAC. A port may hold several MACs (a guest that bridges
+  containers or VMs behind it): the table maps each MAC to its port, with the time it was last
+  seen. The port's ``guest_mac`` is the MAC learned last that was new to it (the guest's own, in
+  the common case of one MAC a port); frames from it take the classifier's fast path and never
+  call ``learn``, so that entry never ages while its port lives. Other MACs age out after
+  :data:`MAC_AGE_S` without a frame, checked when a frame is looked up (no timer); a port holds at
+  most :data:`MAX_MACS_PER_PORT` (the one seen longest ago is forgotten), so a guest sending
+  from random MACs cannot grow the table beyond that bound per port.
+- **switching** (:meth:`Switch.forward`): a guest frame whose destination MAC is another guest's
+  is copied (from the frame pool toward guests) to that guest's port, never NATed; a unicast to
+  an unknown MAC is flooded to every other port; a broadcast or multicast frame is flooded to
+  every other port (:meth:`Switch.flood`) and also handed to guestnet's own services, which
+  answer for guestnet's addresses only (ARP for another guest's address is left to that guest).
+  A frame is never sent back out of the port it came in on.
+- **isolation** (``isolate``, ``--isolate``): nothing goes from one guest port to another;
+  such frames are dropped and counted (``switch.isolated``), guestnet's own services still
+  answer every port.
+
+Frames guestnet itself emits toward a guest with no port at hand (UDP NAT replies, ICMP) go
+through :meth:`Switch.send`: to the port of their destination MAC, or flooded with a copy per
+extra port. Answers to a guest frame (ARP, DHCP, DNS, TCP) go straight back to its port.
+
+Offloads: a TAP with virtio-net headers hands over TCP super-frames with a partial checksum; its
+link points ``Port.rx_vnet`` at the header of the frame being classified. Switched to a port
+that takes offloads, the frame keeps its metadata (``Frame.csum_start``/``gso_size``); to one
+that does not, a partial checksum is completed here, and a super-frame (which would need
+segmenting) is dropped and counted (``switch.gso.unsupported``).
 """
 
 from __future__ import annotations
@@ -18,16 +39,29 @@ from __future__ import annotations
 from guestnet.core.port import Port
 from guestnet.counters import Counters
 from guestnet.pool import Frame, FramePool
+from guestnet.wire.checksum import checksum
+
+#: Seconds a MAC that is not its port's ``guest_mac`` stays known without a frame from it
+#: (Linux bridges and IEEE 802.1D default to 300 s).
+MAC_AGE_S = 300.0
+#: MACs one port may hold; beyond this the one seen longest ago is forgotten.
+MAX_MACS_PER_PORT = 64
+#: virtio-net header: the checksum is partial (flags bit), and the TCP gso types (ECN masked).
+_VNET_NEEDS_CSUM = 1
+_VNET_GSO_TCP = (1, 4)
+_ETH_HLEN = 14
 
 
 class Switch:
-    """Guest MAC -> port table and the send path toward guests."""
+    """The MAC table, the switching of guest frames between ports, and the send path."""
 
-    __slots__ = ("_by_mac", "counters", "pool", "ports")
+    __slots__ = ("_by_mac", "counters", "isolate", "pool", "ports")
 
-    def __init__(self, pool: FramePool, counters: Counters) -> None:
+    def __init__(self, pool: FramePool, counters: Counters, isolate: bool = False) -> None:
         self.pool = pool
         self.counters = counters
+        #: Guests may not reach each other (``--isolate``).
+        self.isolate = isolate
         self.ports: list[Port] = []
         self._by_mac: dict[bytes, Port] = {}
 
@@ -36,26 +70,45 @@ class Switch:
         self.ports.append(port)
 
     def detach(self, port: Port) -> None:
-        """Remove a port (a link went away) and forget the MAC learned on it."""
+        """Remove a port (a link went away) and forget every MAC learned on it."""
         if port in self.ports:
             self.ports.remove(port)
-        if port.guest_mac is not None and self._by_mac.get(port.guest_mac) is port:
-            del self._by_mac[port.guest_mac]
+        by_mac = self._by_mac
+        for mac in port.macs:
+            if by_mac.get(mac) is port:
+                del by_mac[mac]
+        port.macs.clear()
+        if port.guest_mac is not None and by_mac.get(port.guest_mac) is port:
+            del by_mac[port.guest_mac]
 
-    def learn(self, port: Port, mac: bytes) -> None:
-        """Record that ``mac`` speaks on ``port``; a new MAC on a port replaces the old one."""
-        old = port.guest_mac
-        if old == mac and self._by_mac.get(mac) is port:
+    def learn(self, port: Port, mac: bytes, now: float = 0.0) -> None:
+        """Record that ``mac`` speaks on ``port`` at ``now``.
+
+        A MAC new to the port becomes its ``guest_mac``; a MAC the port already holds is only
+        refreshed; a MAC that moved from another port is forgotten there.
+        """
+        macs = port.macs
+        if mac in macs:
+            macs[mac] = now
+            if self._by_mac.get(mac) is not port:
+                self._by_mac[mac] = port
             return
-        if old is not None and old != mac:
-            self.counters.inc("eth.guest_mac.changed")
-            if self._by_mac.get(old) is port:
-                del self._by_mac[old]
         prev = self._by_mac.get(mac)
-        if prev is not None and prev is not port and prev.guest_mac == mac:
+        if prev is not None and prev is not port:
             # The MAC moved here: forget it on its old port, so that the classifier (which
             # calls learn only when a port's MAC differs) re-learns it if it moves back.
-            prev.guest_mac = None
+            prev.macs.pop(mac, None)
+            if prev.guest_mac == mac:
+                prev.guest_mac = None
+        if len(macs) >= MAX_MACS_PER_PORT:
+            oldest = min(macs, key=macs.__getitem__)
+            del macs[oldest]
+            if self._by_mac.get(oldest) is port:
+                del self._by_mac[oldest]
+            self.counters.inc("switch.mac.evicted")
+        if port.guest_mac is not None and port.guest_mac != mac:
+            self.counters.inc("eth.guest_mac.changed")
+        macs[mac] = now
         port.guest_mac = mac
         self._by_mac[mac] = port
 
@@ -69,6 +122,96 @@ class Switch:
             if addr in port.guest_ip6:
                 return port
         return None
+
+    def mac_table(self) -> list[dict[str, object]]:
+        """The MAC table for the API: each MAC with its port's name."""
+        return [{"mac": mac.hex(":"), "port": port.name} for mac, port in self._by_mac.items()]
+
+    # -- switching guest frames -----------------------------------------------------------------
+
+    def forward(self, data: memoryview, src: Port, now: float) -> bool:
+        """Switch a unicast guest frame not for guestnet: to the port of its destination MAC,
+        or flooded when that MAC is unknown. False when no other port exists to take it."""
+        dst = bytes(data[0:6])
+        port = self._by_mac.get(dst)
+        if port is not None and port.guest_mac != dst:
+            seen = port.macs.get(dst)
+            if seen is None or now - seen > MAC_AGE_S:
+                # Aged out: forget it, and flood as for any unknown MAC.
+                port.macs.pop(dst, None)
+                del self._by_mac[dst]
+                self.counters.inc("switch.mac.aged")
+                port = None
+        if port is None:
+            return self.flood(data, src)
+        if port is src:
+            self.counters.inc("switch.same_port")
+            return True
+        if self.isolate:
+            self.counters.inc("switch.isolated")
+            return True
+        self._out(data, src, port)
+        self.counters.inc("switch.unicast")
+        return True
+
+    def flood(self, data: memoryview, src: Port) -> bool:
+        """Copy a guest frame to every port but ``src`` (broadcast, multicast, unknown unicast).
+        False when there is no other port."""
+        ports = self.ports
+        if len(ports) < 2:
+            return False
+        if self.isolate:
+            self.counters.inc("switch.isolated")
+            return True
+        for port in ports:
+            if port is not src:
+                self._out(data, src, port)
+        self.counters.inc("switch.flood")
+        return True
+
+    def _out(self, data: memoryview, src: Port, port: Port) -> None:
+        """Send a copy of ``data`` (a frame from ``src``) to ``port``, offloads carried over."""
+        n = len(data)
+        frame = self.pool.acquire()
+        start = frame.start
+        view = frame.view
+        view[start : start + n] = data
+        frame.length = n
+        meta = src.rx_vnet
+        if meta is not None and meta[0] & _VNET_NEEDS_CSUM:
+            gso = 0
+            if meta[1]:
+                if (meta[1] & 0x7F) not in _VNET_GSO_TCP:
+                    self._drop(frame, "switch.gso.unsupported")
+                    return
+                gso = meta[4] | (meta[5] << 8)
+            cs = meta[6] | (meta[7] << 8)
+            co = meta[8] | (meta[9] << 8)
+            if cs + co + 2 > n:
+                self._drop(frame, "switch.csum.bad_offset")
+                return
+            if port.offload_max and n - _ETH_HLEN <= port.offload_max:
+                frame.csum_start = cs
+                frame.csum_offset = co
+                frame.gso_size = gso
+            elif gso:
+                self._drop(frame, "switch.gso.unsupported")
+                return
+            else:
+                # The field holds the pseudo-header sum: the checksum over it and the rest.
+                at = start + cs + co
+                value = checksum(view[start + cs : start + n])
+                if value == 0 and co == 6:
+                    value = 0xFFFF  # UDP sends a computed 0 as all ones (RFC 768)
+                view[at] = value >> 8
+                view[at + 1] = value & 0xFF
+        port.send(frame)
+
+    def _drop(self, frame: Frame, reason: str) -> None:
+        self.counters.inc(reason)
+        self.pool.release(frame)
+
+    # -- frames from guestnet -------------------------------------------------------------------
 
     def send(self, frame: Frame) -> None:
         """Deliver ``frame`` toward its destination MAC; takes ownership of the frame."""
