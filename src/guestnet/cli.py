@@ -25,7 +25,7 @@ from guestnet.assembly import raise_nofile_limit
 from guestnet.client import add_client_parsers, run_client
 from guestnet.config import MAX_MTU, MIN_MTU, Config, parse_mac
 from guestnet.core.dhcp import check_config as check_dhcp_config
-from guestnet.io.forwards import parse_publish
+from guestnet.io.forwards import PublishSpec, parse_publish
 from guestnet.io.harden import Hardening, parse_runas
 from guestnet.io.netns import STOP_SIGNALS, HelperError
 from guestnet.io.tap import check_ifname
@@ -161,7 +161,7 @@ def _dns_upstream(text: str) -> tuple[str, int]:
     return host, number
 
 
-def _publish(text: str) -> list[tuple[str, str, int, int]]:
+def _publish(text: str) -> list[PublishSpec]:
     try:
         return parse_publish(text)
     except ValueError as exc:
@@ -386,8 +386,10 @@ def add_datapath_options(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="SPEC",
         help="forward a host port to the guest; SPEC is "
-        "[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp] (repeatable; ranges 8000-8010:8000-8010; "
-        "IPv6 host as [::1]:8080:80; tcp unless /udp). HOST_IP defaults to 127.0.0.1, "
+        "[HOST_IP:]HOST_PORT:[GUEST_IP:]GUEST_PORT[/tcp|/udp] (repeatable; ranges "
+        "8000-8010:8000-8010; IPv6 host as [::1]:8080:80; tcp unless /udp). GUEST_IP chooses "
+        "the guest when several share this guestnet (8080:10.0.2.16:80); without it, the "
+        "guest's latest DHCP lease or --guest-ip. HOST_IP defaults to 127.0.0.1, "
         "not 0.0.0.0: give 0.0.0.0 to publish on every interface",
     )
     ctl.add_argument(

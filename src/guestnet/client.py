@@ -212,13 +212,15 @@ def cmd_forward(args: argparse.Namespace) -> int:
             specs = parse_publish(text)
         except ValueError as exc:
             raise ApiError(str(exc)) from None
-        for proto, host_ip, host_port, guest_port in specs:
+        for proto, host_ip, host_port, guest_port, *guest in specs:
             body: dict[str, object] = {
                 "proto": proto,
                 "host_ip": host_ip,
                 "host_port": host_port,
                 "guest_port": guest_port,
             }
+            if guest:
+                body["guest_ip"] = guest[0]
             if args.guest_ip:
                 body["guest_ip"] = args.guest_ip
             created.append(_call(args, "POST", "/forwards", body))

@@ -4,7 +4,8 @@
 address (``--configure``: the guest address plus its rank; or its own DHCP lease), they ping
 and open TCP to each other directly (switched, never NATed: each resolves the other's MAC by
 ARP, answered by the other guest, not by guestnet), a broadcast reaches the other guest, and
-each reaches the host through the gateway. ``--isolate`` refuses guest to guest and still
+each reaches the host through the gateway, and a published port reaches the guest it names
+(``-p 18090:10.0.2.16:80``). ``--isolate`` refuses guest to guest and still
 lets each reach the host.
 """
 
@@ -95,6 +96,17 @@ s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
 print(s.recv(100).decode(), flush=True)
 """
 
+#: In a guest: answers one connection on port argv[1] with argv[2].
+GUEST_SERVER = """
+import socket, sys
+srv = socket.create_server(("0.0.0.0", int(sys.argv[1])))
+srv.settimeout(20)
+print("ready", flush=True)
+conn, _ = srv.accept()
+conn.sendall(sys.argv[2].encode())
+conn.close()
+"""
+
 #: In the sandbox (the host): answers each connection with the peer address it saw, 2 times.
 HOST_SERVER = """
 import socket, sys
@@ -180,7 +192,7 @@ def _host_server(sandbox: Netns, port: int) -> subprocess.Popen[str]:
 def test_two_namespaces_switched(
     start_gn: Callable[..., Guestnet], sandbox: Netns, guest_ns: Netns, second_ns: Netns
 ) -> None:
-    gn = _attach_two(start_gn, guest_ns, second_ns)
+    gn = _attach_two(start_gn, guest_ns, second_ns, "-p", "18090:10.0.2.16:80", "-p", "18091:80")
     assert "10.0.2.15/24" in addresses(guest_ns, "eth0")
     assert "10.0.2.16/24" in addresses(second_ns, "eth0")
     # Guest to guest, both ways, directly: each learned the other's own MAC by ARP (guestnet
@@ -208,6 +220,18 @@ def test_two_namespaces_switched(
     for ns in (guest_ns, second_ns):
         assert _py(ns, CONNECT, "10.0.2.2", "18080") == "host-says-hi"
     server.wait(timeout=10)
+    # A published port reaches the guest it names; without a name, the first guest.
+    for port, ns, name in ((18090, second_ns, "guest-two"), (18091, guest_ns, "guest-one")):
+        srv = ns.popen([sys.executable, "-c", GUEST_SERVER, "80", name], stdout=-1, text=True)
+        try:
+            assert srv.stdout is not None
+            assert srv.stdout.readline().strip() == "ready"
+            assert _py(sandbox, CONNECT, "127.0.0.1", str(port)) == name
+            srv.wait(timeout=10)
+        finally:
+            if srv.poll() is None:
+                srv.kill()
+                srv.wait()
     assert gn.alive
 
 

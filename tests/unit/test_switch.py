@@ -261,3 +261,31 @@ def test_super_frame_to_a_port_without_offloads_dropped(core: Any, frames: Any) 
     core.feed(_partial_tcp(frames, b"y" * 3000), csum_trusted=True)
     assert port_b.sent == []
     assert core.counters["switch.gso.unsupported"] == 1
+
+
+# --- guests by address (published ports choose their guest) --------------------------------------
+
+
+def test_arp_teaches_each_guests_address(core: Any, frames: Any) -> None:
+    port_b = two_guests(core, frames)
+    assert core.switch.port_for_ip(frames.GUEST_IP) is core.port
+    assert core.switch.port_for_ip(IP_B) is port_b
+    assert core.switch.mac_for_ip4(IP_B) == MAC_B
+    assert core.switch.port_for_ip(bytes([10, 0, 2, 99])) is None
+    # A probe (sender 0.0.0.0) teaches nothing; an address that moves follows its new MAC.
+    core.feed(frames.arp(sha=MAC_C, spa=bytes(4), tpa=bytes([10, 0, 2, 99])), port=port_b)
+    assert core.switch.mac_for_ip4(bytes(4)) is None
+    core.feed(frames.arp(sha=MAC_C, spa=IP_B), port=port_b)
+    assert core.switch.mac_for_ip4(IP_B) == MAC_C and core.switch.port_for_ip(IP_B) is port_b
+
+
+def test_forwarded_connection_opens_on_the_named_guests_port(make_core: Any, frames: Any) -> None:
+    """The TCP NAT's SYN for a published port goes to the port of the guest it names."""
+    from guestnet.io.tcp_nat import _guest_port
+
+    core = make_core()
+    port_b = two_guests(core, frames)
+    assert _guest_port(core.switch, IP_B) is port_b
+    assert _guest_port(core.switch, frames.GUEST_IP) is core.port
+    # Not known (yet): the first port a guest spoke on, as with one guest.
+    assert _guest_port(core.switch, bytes([10, 0, 2, 77])) is core.port

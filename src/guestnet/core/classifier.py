@@ -81,6 +81,7 @@ class FrameClassifier:
         self.counters = counters
         self.switch = switch
         self.arp = ArpResponder(config, pool, counters)
+        self.arp.learn_ip4 = switch.learn_ip4
         self.dhcp: UdpHandler | None = None
         self.dns_udp: UdpHandler | None = None
         self.dns_tcp: TcpHandler | None = None

@@ -46,6 +46,8 @@ from guestnet.wire.checksum import checksum
 MAC_AGE_S = 300.0
 #: MACs one port may hold; beyond this the one seen longest ago is forgotten.
 MAX_MACS_PER_PORT = 64
+#: Guest IPv4 addresses remembered (ARP senders).
+MAX_IP4 = 4096
 #: virtio-net header: the checksum is partial (flags bit), and the TCP gso types (ECN masked).
 _VNET_NEEDS_CSUM = 1
 _VNET_GSO_TCP = (1, 4)
@@ -55,7 +57,7 @@ _ETH_HLEN = 14
 class Switch:
     """The MAC table, the switching of guest frames between ports, and the send path."""
 
-    __slots__ = ("_by_mac", "counters", "isolate", "pool", "ports")
+    __slots__ = ("_by_mac", "_ip4_macs", "counters", "isolate", "pool", "ports")
 
     def __init__(self, pool: FramePool, counters: Counters, isolate: bool = False) -> None:
         self.pool = pool
@@ -64,6 +66,10 @@ class Switch:
         self.isolate = isolate
         self.ports: list[Port] = []
         self._by_mac: dict[bytes, Port] = {}
+        #: Guest IPv4 address -> the MAC that last claimed it as an ARP sender (at most
+        #: MAX_IP4, the one claimed longest ago forgotten): where a published port finds its
+        #: guest.
+        self._ip4_macs: dict[bytes, bytes] = {}
 
     def attach(self, port: Port) -> None:
         """Add a port (a link came up)."""
@@ -115,6 +121,27 @@ class Switch:
     def port_for(self, mac: bytes) -> Port | None:
         """The port a guest MAC was last seen on."""
         return self._by_mac.get(mac)
+
+    def learn_ip4(self, addr: bytes, mac: bytes) -> None:
+        """Record that the guest at ``mac`` uses IPv4 ``addr`` (the sender of its ARP packet)."""
+        known = self._ip4_macs
+        if known.get(addr) == mac:
+            return
+        known.pop(addr, None)
+        if len(known) >= MAX_IP4:
+            del known[next(iter(known))]
+        known[addr] = mac
+
+    def mac_for_ip4(self, addr: bytes) -> bytes | None:
+        """The MAC of the guest that last claimed IPv4 ``addr`` in ARP, if any."""
+        return self._ip4_macs.get(addr)
+
+    def port_for_ip(self, addr: bytes) -> Port | None:
+        """The port of the guest using ``addr`` (packed IPv4 or IPv6), if one is known."""
+        if len(addr) == 16:
+            return self.port_for_ip6(addr)
+        mac = self._ip4_macs.get(addr)
+        return None if mac is None else self._by_mac.get(mac)
 
     def port_for_ip6(self, addr: bytes) -> Port | None:
         """The port whose guest last sent from IPv6 ``addr`` (see ``Port.learn_ip6``)."""

@@ -367,7 +367,7 @@ class TcpNatDriver:
             counters.inc("forward.tcp.guest_address_invalid")
             _close_now(conn)
             return
-        port = _guest_port(self.switch)
+        port = _guest_port(self.switch, guest_ip)
         if port is None or port.guest_mac is None:
             # No guest has spoken yet: we know no MAC to send the SYN to.
             counters.inc("forward.tcp.no_guest")
@@ -381,9 +381,13 @@ class TcpNatDriver:
             return
         # The listener has TCP_NODELAY (io/forwards.py), which accepted sockets inherit.
         hs = _HostSock(conn, nagle=False)
+        # A port may hold several MACs (a guest that bridges): the one that claimed the address.
+        mac = self.switch.mac_for_ip4(guest_ip)
+        if mac is None or self.switch.port_for(mac) is not port:
+            mac = port.guest_mac
         flow = self.nat.open_to_guest(
             port,
-            port.guest_mac,
+            mac,
             guest_ip,
             fwd.guest_port,
             hs,
@@ -433,8 +437,13 @@ def _close_now(sock: socket.socket) -> None:
     sock.close()
 
 
-def _guest_port(switch: Switch) -> Port | None:
-    """The guest link to open forwarded connections on: the first port a guest has spoken on."""
+def _guest_port(switch: Switch, guest_ip: bytes) -> Port | None:
+    """The guest link to open a forwarded connection to ``guest_ip`` on: the port of the guest
+    known to use that address (its ARP, its IPv6 packets), else the first port a guest has
+    spoken on (one guest, or one that has not shown its address yet)."""
+    port = switch.port_for_ip(guest_ip)
+    if port is not None:
+        return port
     for port in switch.ports:
         if port.guest_mac is not None:
             return port
