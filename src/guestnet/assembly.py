@@ -145,6 +145,7 @@ class Instance:
         c.icmp = self.icmp.icmp
         c.udp_nat = self.udp_nat.nat
         c.tcp_nat = nat
+        self.switch.on_return = nat.move_guest  # a guest that comes back gets its flows
         c.tcp_fast = nat.handle_fast
         c.reassembly = self.reassembly
         self.ndp: NdpService | None = None

@@ -180,17 +180,6 @@ def test_isolate_drops_guest_to_guest_and_still_answers(make_core: Any, frames: 
     assert core.pool.in_use == 0
 
 
-def test_isolate_from_config(make_core: Any) -> None:
-    from guestnet.assembly import Instance
-    from guestnet.config import Config
-
-    inst = Instance(Config(isolate=True), echo_mode=None)
-    try:
-        assert inst.switch.isolate is True
-    finally:
-        inst.close()
-
-
 # --- offloads carried across ---------------------------------------------------------------------
 
 

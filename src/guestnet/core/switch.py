@@ -27,6 +27,13 @@ Frames guestnet itself emits toward a guest with no port at hand (UDP NAT replie
 through :meth:`Switch.send`: to the port of their destination MAC, or flooded with a copy per
 extra port. Answers to a guest frame (ARP, DHCP, DNS, TCP) go straight back to its port.
 
+Guests that come back: a guest is known by its MAC, not by the port it first used. When a MAC
+shows up on a port after being on another one, or after its port went away (a QEMU that
+reconnects to the socket, a namespace's TAP re-attached), ``on_return`` is told, and the TCP NAT
+moves that guest's flows to the new port (UDP and ICMP replies go by MAC through
+:meth:`Switch.send` and follow by themselves; DHCP leases are keyed by MAC). MACs of departed
+ports are remembered (bounded), so a guest sending from ever new MACs costs no flow scan.
+
 Offloads: a TAP with virtio-net headers hands over TCP super-frames with a partial checksum; its
 link points ``Port.rx_vnet`` at the header of the frame being classified. Switched to a port
 that takes offloads, the frame keeps its metadata (``Frame.csum_start``/``gso_size``); to one
@@ -35,6 +42,8 @@ segmenting) is dropped and counted (``switch.gso.unsupported``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from guestnet.core.port import Port
 from guestnet.counters import Counters
@@ -46,6 +55,8 @@ from guestnet.wire.checksum import checksum
 MAC_AGE_S = 300.0
 #: MACs one port may hold; beyond this the one seen longest ago is forgotten.
 MAX_MACS_PER_PORT = 64
+#: MACs of departed ports remembered, for guests that come back.
+MAX_DEPARTED = 1024
 #: Guest IPv4 addresses remembered (ARP senders).
 MAX_IP4 = 4096
 #: virtio-net header: the checksum is partial (flags bit), and the TCP gso types (ECN masked).
@@ -57,7 +68,16 @@ _ETH_HLEN = 14
 class Switch:
     """The MAC table, the switching of guest frames between ports, and the send path."""
 
-    __slots__ = ("_by_mac", "_ip4_macs", "counters", "isolate", "pool", "ports")
+    __slots__ = (
+        "_by_mac",
+        "_departed",
+        "_ip4_macs",
+        "counters",
+        "isolate",
+        "on_return",
+        "pool",
+        "ports",
+    )
 
     def __init__(self, pool: FramePool, counters: Counters, isolate: bool = False) -> None:
         self.pool = pool
@@ -70,6 +90,12 @@ class Switch:
         #: MAX_IP4, the one claimed longest ago forgotten): where a published port finds its
         #: guest.
         self._ip4_macs: dict[bytes, bytes] = {}
+        #: MACs of ports that went away (at most MAX_DEPARTED, the oldest forgotten first): a
+        #: guest that comes back with one of them (a QEMU reconnecting) gets its flows back.
+        self._departed: dict[bytes, None] = {}
+        #: Told (mac, port) when a guest MAC shows up on a port after it was on another one,
+        #: or on one that went away: the TCP NAT moves that guest's flows to the new port.
+        self.on_return: Callable[[bytes, Port], object] | None = None
 
     def attach(self, port: Port) -> None:
         """Add a port (a link came up)."""
@@ -80,9 +106,14 @@ class Switch:
         if port in self.ports:
             self.ports.remove(port)
         by_mac = self._by_mac
+        departed = self._departed
         for mac in port.macs:
             if by_mac.get(mac) is port:
                 del by_mac[mac]
+                departed.pop(mac, None)
+                if len(departed) >= MAX_DEPARTED:
+                    del departed[next(iter(departed))]
+                departed[mac] = None
         port.macs.clear()
         if port.guest_mac is not None and by_mac.get(port.guest_mac) is port:
             del by_mac[port.guest_mac]
@@ -100,12 +131,17 @@ class Switch:
                 self._by_mac[mac] = port
             return
         prev = self._by_mac.get(mac)
+        moved = False
         if prev is not None and prev is not port:
             # The MAC moved here: forget it on its old port, so that the classifier (which
             # calls learn only when a port's MAC differs) re-learns it if it moves back.
             prev.macs.pop(mac, None)
             if prev.guest_mac == mac:
                 prev.guest_mac = None
+            moved = True
+        elif self._departed and mac in self._departed:
+            del self._departed[mac]
+            moved = True
         if len(macs) >= MAX_MACS_PER_PORT:
             oldest = min(macs, key=macs.__getitem__)
             del macs[oldest]
@@ -117,6 +153,10 @@ class Switch:
         macs[mac] = now
         port.guest_mac = mac
         self._by_mac[mac] = port
+        if moved:
+            self.counters.inc("switch.mac.returned")
+            if self.on_return is not None:
+                self.on_return(mac, port)
 
     def port_for(self, mac: bytes) -> Port | None:
         """The port a guest MAC was last seen on."""
