@@ -201,6 +201,10 @@ def test_two_namespaces_switched(
     assert _ping(second_ns, "10.0.2.15")
     assert neighbour_mac(guest_ns, "10.0.2.16") == MAC2
     assert neighbour_mac(second_ns, "10.0.2.15") == MAC1
+    # Through the gateway (a guest that routes to the other one): guestnet delivers it.
+    guest_ns.run(["ip", "route", "add", "10.0.2.16/32", "via", "10.0.2.2"])
+    assert _ping(guest_ns, "10.0.2.16")
+    guest_ns.run(["ip", "route", "del", "10.0.2.16/32"])
     _tcp_exact(guest_ns, second_ns, "10.0.2.16", 5001)
     _tcp_exact(second_ns, guest_ns, "10.0.2.15", 5002)
     # A broadcast from one guest reaches the other.

@@ -278,3 +278,68 @@ def test_forwarded_connection_opens_on_the_named_guests_port(make_core: Any, fra
     assert _guest_port(core.switch, frames.GUEST_IP) is core.port
     # Not known (yet): the first port a guest spoke on, as with one guest.
     assert _guest_port(core.switch, bytes([10, 0, 2, 77])) is core.port
+
+
+# --- a guest routing through the gateway to another guest -----------------------------------------
+
+
+def test_packet_to_another_guest_via_the_gateway_is_routed(core: Any, frames: Any) -> None:
+    nat = NatRecorder()
+    core.classifier.udp_nat = nat
+    port_b = two_guests(core, frames)
+    sent = frames.udp(dst=IP_B, eth_dst=frames.OUR_MAC)
+    core.feed(sent)
+    (out,) = port_b.sent
+    assert out[:6] == MAC_B and out[6:12] == frames.OUR_MAC
+    assert out[22] == sent[22] - 1  # TTL
+    assert checksum(out[14:34]) == 0  # header checksum redone
+    assert out[23:24] == sent[23:24] and out[34:] == sent[34:]
+    assert nat.calls == 0 and core.counters["switch.routed"] == 1
+    assert core.take_sent() == []
+
+
+def test_address_no_guest_claimed_goes_to_the_nat(core: Any, frames: Any) -> None:
+    nat = NatRecorder()
+    core.classifier.udp_nat = nat
+    two_guests(core, frames)
+    core.feed(frames.udp(dst=bytes([10, 0, 2, 77])))
+    assert nat.calls == 1  # the NAT (and its policy) decides, as before
+
+
+def test_routed_ttl_expired_dropped(core: Any, frames: Any) -> None:
+    port_b = two_guests(core, frames)
+    frame = bytearray(frames.udp(dst=IP_B))
+    frame[22] = 1
+    frame[24:26] = b"\x00\x00"
+    frame[24:26] = checksum(frame[14:34]).to_bytes(2, "big")
+    core.feed(bytes(frame))
+    assert port_b.sent == [] and core.counters["switch.route.ttl_expired"] == 1
+
+
+def test_routed_bad_header_checksum_dropped(core: Any, frames: Any) -> None:
+    port_b = two_guests(core, frames)
+    frame = bytearray(frames.udp(dst=IP_B))
+    frame[24] ^= 0xFF
+    core.feed(bytes(frame))
+    assert port_b.sent == [] and core.counters["ipv4.bad_checksum"] == 1
+
+
+def test_isolate_drops_routed_guest_to_guest(make_core: Any, frames: Any) -> None:
+    core = make_core(isolate=True)
+    port_b = two_guests(core, frames)
+    core.feed(frames.udp(dst=IP_B))
+    assert port_b.sent == [] and core.counters["switch.isolated"] == 3
+
+
+def test_addresses_learned_from_frames_switched_between_guests(core: Any, frames: Any) -> None:
+    """A guest that only ever answers another one (a unicast ARP reply, IPv4 to it) is still
+    found by its address."""
+    port_b = core.add_port("guest1")
+    core.feed(frames.udp(eth_src=MAC_B), port=port_b)  # B known by MAC only (to guestnet)
+    core.feed(frames.udp(dst=IP_B, eth_dst=MAC_B))  # A -> B, switched
+    assert core.switch.mac_for_ip4(frames.GUEST_IP) == frames.GUEST_MAC
+    reply = frames.arp(ARP_REPLY, sha=MAC_B, spa=IP_B, tha=frames.GUEST_MAC,
+                       tpa=frames.GUEST_IP, eth_dst=frames.GUEST_MAC)  # fmt: skip
+    core.feed(reply, port=port_b)
+    assert core.switch.mac_for_ip4(IP_B) == MAC_B
+    core.take_sent()

@@ -42,6 +42,7 @@ from guestnet.core.switch import Switch
 from guestnet.counters import Counters
 from guestnet.pool import FramePool
 from guestnet.wire import WireError
+from guestnet.wire.checksum import checksum
 from guestnet.wire.dhcp import DHCP_SERVER_PORT
 from guestnet.wire.ethernet import (
     ETH_HLEN,
@@ -115,6 +116,11 @@ class FrameClassifier:
         self._mac = config.mac
         self._dns_dsts = frozenset((config.dns_ip_b, config.gateway_b))
         self._broadcast = config.broadcast_b
+        #: The guest subnet as an integer network and mask, and guestnet's IPv4 addresses:
+        #: another address in the subnet sent to guestnet's MAC is another guest's.
+        self._net4 = int(config.subnet.network_address)
+        self._mask4 = int(config.subnet.netmask)
+        self._owned4 = config.owned_b
         self._ipv6 = config.ipv6
         self._owned6 = config.owned6_b
         self._dns6_dsts = frozenset((config.dns_ip6_b, config.gateway6_b))
@@ -179,6 +185,8 @@ class FrameClassifier:
             self.switch.flood(frame, port)
         ethertype = (frame[12] << 8) | frame[13]
         if ethertype == ETHERTYPE_IPV4:
+            if n >= 34 and dst == self._mac and self._to_guest(frame, port, src):
+                return
             self._ipv4(frame[ETH_HLEN:], port, src, now, csum_trusted)
         elif ethertype == ETHERTYPE_ARP:
             self.arp.handle_arp(frame[ETH_HLEN:], port)
@@ -191,6 +199,25 @@ class FrameClassifier:
             self.counters.inc("eth.vlan.unsupported")
         else:
             self.counters.inc("eth.type.unsupported")
+
+    def _to_guest(self, frame: memoryview, port: Port, src_mac: bytes) -> bool:
+        """An IPv4 frame to guestnet's MAC for another guest's address (a guest that routes
+        through the gateway): the switch delivers it to that guest. False for anything else
+        (guestnet's own addresses, addresses no guest has claimed: the NAT refuses those)."""
+        ip_dst = bytes(frame[30:34])
+        if (int.from_bytes(ip_dst, "big") & self._mask4) != self._net4:
+            return False
+        if ip_dst in self._owned4 or ip_dst == self._broadcast:
+            return False
+        mac = self.switch.mac_for_ip4(ip_dst)
+        if mac is None or mac == src_mac:
+            return False
+        ihl = (frame[ETH_HLEN] & 0x0F) * 4
+        if frame[ETH_HLEN] >> 4 != 4 or ihl < 20 or len(frame) < ETH_HLEN + ihl:
+            raise WireError("ipv4.bad_header")
+        if checksum(frame[ETH_HLEN : ETH_HLEN + ihl]) != 0:
+            raise WireError("ipv4.bad_checksum")
+        return self.switch.route4(frame, port, mac, self._mac)
 
     def _ipv4(
         self, data: memoryview, port: Port, src_mac: bytes, now: float, trusted: bool

@@ -63,6 +63,7 @@ MAX_IP4 = 4096
 _VNET_NEEDS_CSUM = 1
 _VNET_GSO_TCP = (1, 4)
 _ETH_HLEN = 14
+_ANY4 = bytes(4)
 
 
 class Switch:
@@ -200,6 +201,7 @@ class Switch:
         """Switch a unicast guest frame not for guestnet: to the port of its destination MAC,
         or flooded when that MAC is unknown. False when no other port exists to take it."""
         dst = bytes(data[0:6])
+        self._learn_sender(data)
         port = self._by_mac.get(dst)
         if port is not None and port.guest_mac != dst:
             seen = port.macs.get(dst)
@@ -221,6 +223,23 @@ class Switch:
         self.counters.inc("switch.unicast")
         return True
 
+    def _learn_sender(self, data: memoryview) -> None:
+        """Learn the sender's IPv4 address from a frame switched between guests (an ARP reply
+        or an IPv4 packet): a guest that only ever answers another one is still found by its
+        address (ARP requests guestnet sees itself are learned by the ARP responder)."""
+        n = len(data)
+        if n >= 34 and data[12] == 8:
+            if data[13] == 0:
+                addr = bytes(data[26:30])
+            elif data[13] == 6 and n >= 42:
+                addr = bytes(data[28:32])
+            else:
+                return
+            if addr != _ANY4:
+                mac = bytes(data[6:12])
+                if self._ip4_macs.get(addr) != mac:
+                    self.learn_ip4(addr, mac)
+
     def flood(self, data: memoryview, src: Port) -> bool:
         """Copy a guest frame to every port but ``src`` (broadcast, multicast, unknown unicast).
         False when there is no other port."""
@@ -236,8 +255,49 @@ class Switch:
         self.counters.inc("switch.flood")
         return True
 
+    def route4(self, data: memoryview, src: Port, dst_mac: bytes, our_mac: bytes) -> bool:
+        """Deliver an IPv4 frame a guest sent to guestnet's MAC for another guest's address
+        (a guest routing through the gateway): readdressed from guestnet's MAC to the guest
+        at ``dst_mac``, its TTL decremented, as a router would. False when that MAC has no
+        port (the caller lets the NAT refuse it)."""
+        port = self._by_mac.get(dst_mac)
+        if port is None:
+            return False
+        if self.isolate:
+            self.counters.inc("switch.isolated")
+            return True
+        ihl = (data[_ETH_HLEN] & 0x0F) * 4
+        ttl_at = _ETH_HLEN + 8
+        if data[ttl_at] <= 1:
+            self.counters.inc("switch.route.ttl_expired")
+            return True
+        frame = self._copy(data, src, port)
+        if frame is None:
+            return True
+        view = frame.view
+        start = frame.start
+        view[start : start + 6] = dst_mac
+        view[start + 6 : start + 12] = our_mac
+        ip = start + _ETH_HLEN
+        view[ip + 8] -= 1
+        view[ip + 10 : ip + 12] = b"\x00\x00"
+        value = checksum(view[ip : ip + ihl])
+        view[ip + 10] = value >> 8
+        view[ip + 11] = value & 0xFF
+        self.counters.inc("switch.routed")
+        port.send(frame)
+        return True
+
     def _out(self, data: memoryview, src: Port, port: Port) -> None:
         """Send a copy of ``data`` (a frame from ``src``) to ``port``, offloads carried over."""
+        frame = self._copy(data, src, port)
+        if frame is not None:
+            port.send(frame)
+
+    def _copy(self, data: memoryview, src: Port, port: Port) -> Frame | None:
+        """A pooled copy of ``data`` (a frame from ``src``) ready for ``port``: offloads carried
+        over when ``port`` takes them, else a partial checksum completed; None (dropped and
+        counted) for what ``port`` cannot take."""
         n = len(data)
         frame = self.pool.acquire()
         start = frame.start
@@ -250,20 +310,20 @@ class Switch:
             if meta[1]:
                 if (meta[1] & 0x7F) not in _VNET_GSO_TCP:
                     self._drop(frame, "switch.gso.unsupported")
-                    return
+                    return None
                 gso = meta[4] | (meta[5] << 8)
             cs = meta[6] | (meta[7] << 8)
             co = meta[8] | (meta[9] << 8)
             if cs + co + 2 > n:
                 self._drop(frame, "switch.csum.bad_offset")
-                return
+                return None
             if port.offload_max and n - _ETH_HLEN <= port.offload_max:
                 frame.csum_start = cs
                 frame.csum_offset = co
                 frame.gso_size = gso
             elif gso:
                 self._drop(frame, "switch.gso.unsupported")
-                return
+                return None
             else:
                 # The field holds the pseudo-header sum: the checksum over it and the rest.
                 at = start + cs + co
@@ -272,7 +332,7 @@ class Switch:
                     value = 0xFFFF  # UDP sends a computed 0 as all ones (RFC 768)
                 view[at] = value >> 8
                 view[at + 1] = value & 0xFF
-        port.send(frame)
+        return frame
 
     def _drop(self, frame: Frame, reason: str) -> None:
         self.counters.inc(reason)
