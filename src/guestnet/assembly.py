@@ -247,8 +247,13 @@ class Instance:
         return self.hub.links
 
     def link_stats(self) -> list[dict[str, object]]:
-        """Per-link counters."""
-        return [link.stats() for link in self.hub.links]
+        """Per-link counters, with the IPv4 addresses of the guests on each (issue 15)."""
+        out = []
+        for link in self.hub.links:
+            stats = link.stats()
+            stats["guest_ip4"] = self.switch.ip4_on(link.port)
+            out.append(stats)
+        return out
 
     def pool_stats(self) -> dict[str, object]:
         """Both frame pools' counters."""

@@ -119,6 +119,10 @@ def format_stats(stats: dict[str, Any]) -> str:
             f"in {link.get('frames_in')} frames {link.get('bytes_in')} bytes, "
             f"out {link.get('frames_out')} frames {link.get('bytes_out')} bytes"
         )
+        if len(link.get("macs") or ()) > 1:
+            out.append(f"    MACs: {', '.join(link['macs'])}")
+        if link.get("guest_ip4"):
+            out.append(f"    guest IPv4: {', '.join(link['guest_ip4'])}")
         if link.get("guest_ip6"):
             out.append(f"    guest IPv6: {', '.join(link['guest_ip6'])}")
     if not stats.get("links"):

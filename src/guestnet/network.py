@@ -25,6 +25,7 @@ network made: sockets, TAP devices, socket files, the capture file's descriptor,
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import signal
 import socket
@@ -183,9 +184,19 @@ class Network:
             userns_optional=userns_optional,
             adopt_existing=adopt_existing,
         )
+        if configure:
+            self._call(lambda: self._configured(setup))
         if configure and self.config.ipv6:
             self._inst.guest_ip6_configured = True
         return self.attach_tap(fd, ifname, name=f"tap{index}")
+
+    def _configured(self, setup: TapSetup) -> None:
+        """A guest guestnet gave its address: DHCP holds that address for its MAC, and the
+        switch knows where it is before the guest has said a word (published ports find it)."""
+        mac = bytes.fromhex(setup.mac.replace(":", ""))
+        ip = ipaddress.IPv4Address(setup.address)
+        self._inst.dhcp.reserve(mac, ip)
+        self._inst.switch.learn_ip4(ip.packed, mac)
 
     def spawn(self, cmd: Sequence[str], *, ifname: str = "eth0") -> Child:
         """Run ``cmd`` in new network and mount namespaces (and a user namespace when not root)

@@ -274,6 +274,11 @@ def test_two_namespaces_each_get_their_own_lease(
         (MAC1, "10.0.2.15", "tap0"),
         (MAC2, "10.0.2.16", "tap1"),
     ]
+    # /stats shows each port with its MAC and the address its guest uses.
+    status, stats = request(str(api), "GET", "/stats")
+    assert status == 200
+    ports = {link["name"]: (link["macs"], link["guest_ip4"]) for link in stats["links"]}
+    assert ports == {"tap0": ([MAC1], ["10.0.2.15"]), "tap1": ([MAC2], ["10.0.2.16"])}
 
 
 def test_isolate_refuses_guest_to_guest_and_allows_the_host(

@@ -930,3 +930,15 @@ def test_pending_offers_bounded() -> None:
     assert options(ack)["message-type"] == 5
     assert r.counters["dhcp.request.mac_changed"] == 1
     assert r.pool.in_use == 0
+
+
+def test_reserved_addresses_of_configured_guests(rig: Rig) -> None:
+    """Issue 15: guests guestnet configured itself (``netns A B --configure``) hold their
+    addresses: a DHCP client of another guest gets neither, and each reserving MAC gets its
+    own; ``--dhcp-static`` entries win."""
+    mac_a, mac_b = parse_mac("52:54:00:12:34:56"), parse_mac("52:54:00:12:34:57")
+    assert rig.server.reserve(mac_a, ipaddress.IPv4Address("10.0.2.15"))
+    assert rig.server.reserve(mac_b, ipaddress.IPv4Address("10.0.2.16"))
+    assert not rig.server.reserve(parse_mac(MAC2), ipaddress.IPv4Address("10.0.2.16"))
+    assert bind(rig, MAC2) == "10.0.2.17"
+    assert bind(rig, "52:54:00:12:34:57") == "10.0.2.16"

@@ -261,6 +261,7 @@ def test_arp_teaches_each_guests_address(core: Any, frames: Any) -> None:
     assert core.switch.port_for_ip(IP_B) is port_b
     assert core.switch.mac_for_ip4(IP_B) == MAC_B
     assert core.switch.port_for_ip(bytes([10, 0, 2, 99])) is None
+    assert core.switch.ip4_on(port_b) == ["10.0.2.16"]
     # A probe (sender 0.0.0.0) teaches nothing; an address that moves follows its new MAC.
     core.feed(frames.arp(sha=MAC_C, spa=bytes(4), tpa=bytes([10, 0, 2, 99])), port=port_b)
     assert core.switch.mac_for_ip4(bytes(4)) is None

@@ -43,6 +43,7 @@ segmenting) is dropped and counted (``switch.gso.unsupported``).
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 
 from guestnet.core.port import Port
@@ -176,6 +177,11 @@ class Switch:
     def mac_for_ip4(self, addr: bytes) -> bytes | None:
         """The MAC of the guest that last claimed IPv4 ``addr`` in ARP, if any."""
         return self._ip4_macs.get(addr)
+
+    def ip4_on(self, port: Port) -> list[str]:
+        """The IPv4 addresses claimed from ``port``'s MACs, for the stats API."""
+        macs = port.macs
+        return [str(ipaddress.IPv4Address(a)) for a, m in self._ip4_macs.items() if m in macs]
 
     def port_for_ip(self, addr: bytes) -> Port | None:
         """The port of the guest using ``addr`` (packed IPv4 or IPv6), if one is known."""
