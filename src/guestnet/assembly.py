@@ -146,6 +146,7 @@ class Instance:
         c.udp_nat = self.udp_nat.nat
         c.tcp_nat = nat
         self.switch.on_return = nat.move_guest  # a guest that comes back gets its flows
+        self.switch.on_depart = self.tcp_nat.guest_departed  # reset later if it does not
         c.tcp_fast = nat.handle_fast
         c.reassembly = self.reassembly
         self.ndp: NdpService | None = None

@@ -77,3 +77,50 @@ def test_instance_wires_the_switch() -> None:
         assert inst.switch.on_return == inst.tcp_nat.nat.move_guest
     finally:
         inst.close()
+
+
+def test_flows_of_a_guest_that_does_not_come_back_are_reset(
+    fwd: Fwd, core: Any, frames: Any
+) -> None:
+    flow, sock = fwd.establish()
+    old = core.port
+    core.feed(frames.arp())
+    departed: list[Any] = []
+    core.switch.on_depart = departed.append
+    core.switch.detach(old)
+    assert departed == [old]
+    assert fwd.nat.has_port(old)
+    assert fwd.nat.reset_port(old) == 1
+    assert flow.state_name == "CLOSED" and sock.closed and sock.reset
+    assert core.counters["nat.tcp.flow.guest_gone"] == 1
+    assert not fwd.nat.has_port(old)
+
+
+def test_driver_resets_departed_flows_after_the_grace(monkeypatch: Any) -> None:
+    """The driver arms one timer per departed port with flows; when it fires the NAT resets
+    what is still on that port; shutdown cancels it."""
+    from guestnet.core.port import Port
+    from guestnet.io.tcp_nat import GUEST_RETURN_S
+
+    inst = Instance(Config(), echo_mode=None)
+    driver = inst.tcp_nat
+    try:
+        assert inst.switch.on_depart == driver.guest_departed
+        port = Port("gone", lambda frame: None)
+        driver.guest_departed(port)  # no flows on it: nothing armed
+        assert driver._departures == {}
+        reset: list[Port] = []
+        monkeypatch.setattr(driver.nat, "has_port", lambda p: p is port)
+        monkeypatch.setattr(driver.nat, "reset_port", reset.append)
+        now = inst.loop.now()
+        driver.guest_departed(port)
+        timer = driver._departures[port]
+        assert timer.when >= now + GUEST_RETURN_S
+        inst.loop.timers.run_due(timer.when)
+        assert reset == [port] and driver._departures == {}
+        driver.guest_departed(port)
+        again = driver._departures[port]
+        driver.close_all()
+        assert again.cancelled and driver._departures == {}
+    finally:
+        inst.close()

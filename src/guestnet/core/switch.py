@@ -30,7 +30,8 @@ extra port. Answers to a guest frame (ARP, DHCP, DNS, TCP) go straight back to i
 Guests that come back: a guest is known by its MAC, not by the port it first used. When a MAC
 shows up on a port after being on another one, or after its port went away (a QEMU that
 reconnects to the socket, a namespace's TAP re-attached), ``on_return`` is told, and the TCP NAT
-moves that guest's flows to the new port (UDP and ICMP replies go by MAC through
+moves that guest's flows to the new port; flows of a guest that does not come back within the
+TCP driver's grace period are reset (``on_depart``) (UDP and ICMP replies go by MAC through
 :meth:`Switch.send` and follow by themselves; DHCP leases are keyed by MAC). MACs of departed
 ports are remembered (bounded), so a guest sending from ever new MACs costs no flow scan.
 
@@ -76,6 +77,7 @@ class Switch:
         "_ip4_macs",
         "counters",
         "isolate",
+        "on_depart",
         "on_return",
         "pool",
         "ports",
@@ -98,6 +100,9 @@ class Switch:
         #: Told (mac, port) when a guest MAC shows up on a port after it was on another one,
         #: or on one that went away: the TCP NAT moves that guest's flows to the new port.
         self.on_return: Callable[[bytes, Port], object] | None = None
+        #: Told a port that went away with MACs on it: the TCP NAT resets the flows still on
+        #: it if their guest has not come back after a while.
+        self.on_depart: Callable[[Port], object] | None = None
 
     def attach(self, port: Port) -> None:
         """Add a port (a link came up)."""
@@ -116,9 +121,12 @@ class Switch:
                 if len(departed) >= MAX_DEPARTED:
                     del departed[next(iter(departed))]
                 departed[mac] = None
+        had_macs = bool(port.macs)
         port.macs.clear()
         if port.guest_mac is not None and by_mac.get(port.guest_mac) is port:
             del by_mac[port.guest_mac]
+        if had_macs and self.on_depart is not None:
+            self.on_depart(port)
 
     def learn(self, port: Port, mac: bytes, now: float = 0.0) -> None:
         """Record that ``mac`` speaks on ``port`` at ``now``.

@@ -140,6 +140,20 @@ class TcpNat(_Handshake):
             self.counters.inc("nat.tcp.flow.moved", moved)
         return moved
 
+    def reset_port(self, port: Port) -> int:
+        """Reset every flow still on ``port``: its guest went away and did not come back in
+        time (``Switch.on_depart``; the driver waits first). Returns how many."""
+        gone = [flow for flow in self.table if flow.port is port]
+        for flow in gone:
+            self._abort(flow)
+        if gone:
+            self.counters.inc("nat.tcp.flow.guest_gone", len(gone))
+        return len(gone)
+
+    def has_port(self, port: Port) -> bool:
+        """Whether any flow sends to ``port``."""
+        return any(flow.port is port for flow in self.table)
+
     def flows_info(self, now: float) -> list[dict[str, object]]:
         """Every flow, for the API's ``/flows`` (through the driver's ``flows``)."""
         return [flow.info(now) for flow in self.table]
