@@ -344,3 +344,14 @@ def test_addresses_learned_from_frames_switched_between_guests(core: Any, frames
     core.feed(reply, port=port_b)
     assert core.switch.mac_for_ip4(IP_B) == MAC_B
     core.take_sent()
+
+
+def test_isolate_refuses_a_mac_taken_from_a_live_port(make_core: Any, frames: Any) -> None:
+    core = make_core(isolate=True)
+    port_b = two_guests(core, frames)
+    core.feed(frames.udp(eth_src=MAC_B))  # guest A sends from B's MAC
+    assert core.switch.port_for(MAC_B) is port_b
+    assert core.counters["switch.mac.refused"] == 1
+    core.switch.detach(port_b)  # once B is gone, its MAC may come back elsewhere
+    core.feed(frames.udp(eth_src=MAC_B))
+    assert core.switch.port_for(MAC_B) is core.port

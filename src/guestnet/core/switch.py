@@ -21,7 +21,8 @@ does what a learning bridge does:
   A frame is never sent back out of the port it came in on.
 - **isolation** (``isolate``, ``--isolate``): nothing goes from one guest port to another;
   such frames are dropped and counted (``switch.isolated``), guestnet's own services still
-  answer every port.
+  answer every port. A MAC known on a live port is not learned on another one
+  (``switch.mac.refused``): an untrusted guest cannot take another's replies or flows.
 
 Frames guestnet itself emits toward a guest with no port at hand (UDP NAT replies, ICMP) go
 through :meth:`Switch.send`: to the port of their destination MAC, or flooded with a copy per
@@ -142,6 +143,11 @@ class Switch:
             return
         prev = self._by_mac.get(mac)
         moved = False
+        if prev is not None and prev is not port and self.isolate and prev in self.ports:
+            # Isolated guests are untrusted: one may not take another's MAC (its replies and
+            # its TCP flows) while that guest's port lives.
+            self.counters.inc("switch.mac.refused")
+            return
         if prev is not None and prev is not port:
             # The MAC moved here: forget it on its old port, so that the classifier (which
             # calls learn only when a port's MAC differs) re-learns it if it moves back.
