@@ -118,9 +118,10 @@ class FrameClassifier:
         self._broadcast = config.broadcast_b
         #: The guest subnet as an integer network and mask, and guestnet's IPv4 addresses:
         #: another address in the subnet sent to guestnet's MAC is another guest's.
-        self._net4 = int(config.subnet.network_address)
-        self._mask4 = int(config.subnet.netmask)
-        self._owned4 = config.owned_b
+        switch.guest_net4 = (int(config.subnet.network_address), int(config.subnet.netmask))
+        switch.not_guest4 = config.owned_b | {config.broadcast_b}
+        #: Guest IPv4 address -> MAC (the switch's table, only guest addresses in it).
+        self._guest_ip4 = switch.ip4_macs
         self._ipv6 = config.ipv6
         self._owned6 = config.owned6_b
         self._dns6_dsts = frozenset((config.dns_ip6_b, config.gateway6_b))
@@ -185,7 +186,14 @@ class FrameClassifier:
             self.switch.flood(frame, port)
         ethertype = (frame[12] << 8) | frame[13]
         if ethertype == ETHERTYPE_IPV4:
-            if n >= 34 and dst == self._mac and self._to_guest(frame, port, src):
+            mac = self._guest_ip4.get(bytes(frame[30:34]))
+            # For another guest's address, sent to guestnet's MAC: delivered to it.
+            if (
+                mac is not None
+                and mac != src
+                and dst == self._mac
+                and self._to_guest(frame, port, mac)
+            ):
                 return
             self._ipv4(frame[ETH_HLEN:], port, src, now, csum_trusted)
         elif ethertype == ETHERTYPE_ARP:
@@ -200,20 +208,13 @@ class FrameClassifier:
         else:
             self.counters.inc("eth.type.unsupported")
 
-    def _to_guest(self, frame: memoryview, port: Port, src_mac: bytes) -> bool:
+    def _to_guest(self, frame: memoryview, port: Port, mac: bytes) -> bool:
         """An IPv4 frame to guestnet's MAC for another guest's address (a guest that routes
-        through the gateway): the switch delivers it to that guest. False for anything else
-        (guestnet's own addresses, addresses no guest has claimed: the NAT refuses those)."""
-        ip_dst = bytes(frame[30:34])
-        if (int.from_bytes(ip_dst, "big") & self._mask4) != self._net4:
-            return False
-        if ip_dst in self._owned4 or ip_dst == self._broadcast:
-            return False
-        mac = self.switch.mac_for_ip4(ip_dst)
-        if mac is None or mac == src_mac:
-            return False
+        through the gateway): the switch delivers it to that guest, at ``mac``. Addresses no
+        guest has claimed never come here, nor (False) one whose guest's port went away: the NAT
+        and its policy refuse those."""
         ihl = (frame[ETH_HLEN] & 0x0F) * 4
-        if frame[ETH_HLEN] >> 4 != 4 or ihl < 20 or len(frame) < ETH_HLEN + ihl:
+        if len(frame) < 34 or frame[ETH_HLEN] >> 4 != 4 or ihl < 20 or len(frame) < 14 + ihl:
             raise WireError("ipv4.bad_header")
         if checksum(frame[ETH_HLEN : ETH_HLEN + ihl]) != 0:
             raise WireError("ipv4.bad_checksum")

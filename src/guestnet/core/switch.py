@@ -75,9 +75,11 @@ class Switch:
     __slots__ = (
         "_by_mac",
         "_departed",
-        "_ip4_macs",
         "counters",
+        "guest_net4",
+        "ip4_macs",
         "isolate",
+        "not_guest4",
         "on_depart",
         "on_return",
         "pool",
@@ -94,7 +96,12 @@ class Switch:
         #: Guest IPv4 address -> the MAC that last claimed it as an ARP sender (at most
         #: MAX_IP4, the one claimed longest ago forgotten): where a published port finds its
         #: guest.
-        self._ip4_macs: dict[bytes, bytes] = {}
+        self.ip4_macs: dict[bytes, bytes] = {}
+        #: The guest subnet (network, mask as integers) and the addresses in it that are no
+        #: guest's (guestnet's, the broadcast): set by the classifier from the config; until
+        #: then (0, 0) admits every address.
+        self.guest_net4 = (0, 0)
+        self.not_guest4: frozenset[bytes] = frozenset()
         #: MACs of ports that went away (at most MAX_DEPARTED, the oldest forgotten first): a
         #: guest that comes back with one of them (a QEMU reconnecting) gets its flows back.
         self._departed: dict[bytes, None] = {}
@@ -179,9 +186,17 @@ class Switch:
         return self._by_mac.get(mac)
 
     def learn_ip4(self, addr: bytes, mac: bytes) -> None:
-        """Record that the guest at ``mac`` uses IPv4 ``addr`` (the sender of its ARP packet)."""
-        known = self._ip4_macs
+        """Record that the guest at ``mac`` uses IPv4 ``addr`` (the sender of its ARP packet).
+
+        Only a guest address is learned: inside ``guest_net4`` and not in ``not_guest4``
+        (guestnet's own, the subnet broadcast), so a guest claiming an outside or a gateway
+        address in ARP cannot draw other guests' traffic for it.
+        """
+        known = self.ip4_macs
         if known.get(addr) == mac:
+            return
+        net, mask = self.guest_net4
+        if (int.from_bytes(addr, "big") & mask) != net or addr in self.not_guest4:
             return
         known.pop(addr, None)
         if len(known) >= MAX_IP4:
@@ -190,18 +205,18 @@ class Switch:
 
     def mac_for_ip4(self, addr: bytes) -> bytes | None:
         """The MAC of the guest that last claimed IPv4 ``addr`` in ARP, if any."""
-        return self._ip4_macs.get(addr)
+        return self.ip4_macs.get(addr)
 
     def ip4_on(self, port: Port) -> list[str]:
         """The IPv4 addresses claimed from ``port``'s MACs, for the stats API."""
         macs = port.macs
-        return [str(ipaddress.IPv4Address(a)) for a, m in self._ip4_macs.items() if m in macs]
+        return [str(ipaddress.IPv4Address(a)) for a, m in self.ip4_macs.items() if m in macs]
 
     def port_for_ip(self, addr: bytes) -> Port | None:
         """The port of the guest using ``addr`` (packed IPv4 or IPv6), if one is known."""
         if len(addr) == 16:
             return self.port_for_ip6(addr)
-        mac = self._ip4_macs.get(addr)
+        mac = self.ip4_macs.get(addr)
         return None if mac is None else self._by_mac.get(mac)
 
     def port_for_ip6(self, addr: bytes) -> Port | None:
@@ -257,7 +272,7 @@ class Switch:
                 return
             if addr != _ANY4:
                 mac = bytes(data[6:12])
-                if self._ip4_macs.get(addr) != mac:
+                if self.ip4_macs.get(addr) != mac:
                     self.learn_ip4(addr, mac)
 
     def flood(self, data: memoryview, src: Port) -> bool:
