@@ -355,3 +355,12 @@ def test_isolate_refuses_a_mac_taken_from_a_live_port(make_core: Any, frames: An
     core.switch.detach(port_b)  # once B is gone, its MAC may come back elsewhere
     core.feed(frames.udp(eth_src=MAC_B))
     assert core.switch.port_for(MAC_B) is core.port
+
+
+def test_only_guest_addresses_are_learned(core: Any, frames: Any) -> None:
+    """A guest claiming an outside address, guestnet's or the broadcast in ARP draws nothing."""
+    for spa in (frames.REMOTE_IP, frames.GATEWAY_IP, bytes([10, 0, 2, 255])):
+        core.feed(frames.arp(sha=MAC_B, spa=spa, tpa=bytes([10, 0, 2, 99])))
+        assert core.switch.mac_for_ip4(spa) is None
+    core.feed(frames.udp(dst=frames.REMOTE_IP))
+    assert core.take_sent() == []
