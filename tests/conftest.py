@@ -87,7 +87,7 @@ class CoreHarness:
         self.config = Config(**config)
         self.pool = FramePool(self.config.mtu, self.config.pool_slots)
         self.counters = Counters()
-        self.switch = Switch(self.pool, self.counters)
+        self.switch = Switch(self.pool, self.counters, self.config.isolate)
         self.classifier = FrameClassifier(self.config, self.pool, self.counters, self.switch)
         self.port = self.add_port("guest0")
         self.now = 1000.0

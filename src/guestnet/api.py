@@ -97,14 +97,28 @@ def control_view(inst: Instance) -> ControlView:
         drops=inst.counters.snapshot,
         pools=inst.pool_stats,
         flow_sources=inst.flow_sources,
-        leases=lambda now: [
-            *inst.dhcp.leases(now),
-            *(inst.dhcp6.leases(now) if inst.dhcp6 is not None else ()),
-        ],
+        leases=lambda now: _leases_with_port(inst, now),
         forwards=inst.forwards,
         capture=inst.capture_stats,
         policy=inst.policy.rules,
     )
+
+
+def _leases_with_port(inst: Instance, now: float) -> list[object]:
+    """DHCP and DHCPv6 leases, each with the switch port its MAC was last seen on (None: not
+    seen since guestnet started, or its link went away)."""
+    out: list[object] = []
+    six = inst.dhcp6.leases(now) if inst.dhcp6 is not None else ()
+    for lease in (*inst.dhcp.leases(now), *six):
+        mac = lease.get("mac")
+        port = None
+        if isinstance(mac, str):
+            try:
+                port = inst.switch.port_for(bytes.fromhex(mac.replace(":", "")))
+            except ValueError:
+                port = None
+        out.append({**lease, "port": None if port is None else port.name})
+    return out
 
 
 _TOKEN_CHARS = frozenset(

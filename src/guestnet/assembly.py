@@ -77,7 +77,7 @@ class Instance:
         self.counters = Counters()
         self.pool_from_guest = FramePool(config.mtu, config.pool_slots)
         self.pool_to_guest = FramePool(config.mtu, config.pool_slots)
-        self.switch = Switch(self.pool_to_guest, self.counters)
+        self.switch = Switch(self.pool_to_guest, self.counters, config.isolate)
         self.classifier = FrameClassifier(config, self.pool_to_guest, self.counters, self.switch)
         self.hub = LinkHub(
             self.loop,
@@ -148,6 +148,8 @@ class Instance:
         c.icmp = self.icmp.icmp
         c.udp_nat = self.udp_nat.nat
         c.tcp_nat = nat
+        self.switch.on_return = nat.move_guest  # a guest that comes back gets its flows
+        self.switch.on_depart = self.tcp_nat.guest_departed  # reset later if it does not
         c.tcp_fast = nat.handle_fast
         c.reassembly = self.reassembly
         self.ndp: NdpService | None = None
@@ -249,8 +251,13 @@ class Instance:
         return self.hub.links
 
     def link_stats(self) -> list[dict[str, object]]:
-        """Per-link counters."""
-        return [link.stats() for link in self.hub.links]
+        """Per-link counters, with the IPv4 addresses of the guests on each (issue 15)."""
+        out = []
+        for link in self.hub.links:
+            stats = link.stats()
+            stats["guest_ip4"] = self.switch.ip4_on(link.port)
+            out.append(stats)
+        return out
 
     def pool_stats(self) -> dict[str, object]:
         """Both frame pools' counters."""

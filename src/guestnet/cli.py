@@ -25,7 +25,7 @@ from guestnet.assembly import raise_nofile_limit
 from guestnet.client import add_client_parsers, run_client
 from guestnet.config import MAX_MTU, MIN_MTU, Config, parse_mac
 from guestnet.core.dhcp import check_config as check_dhcp_config
-from guestnet.io.forwards import parse_publish
+from guestnet.io.forwards import PublishSpec, parse_publish
 from guestnet.io.harden import Hardening, parse_runas
 from guestnet.io.netns import STOP_SIGNALS, HelperError
 from guestnet.io.tap import check_ifname
@@ -161,7 +161,7 @@ def _dns_upstream(text: str) -> tuple[str, int]:
     return host, number
 
 
-def _publish(text: str) -> list[tuple[str, str, int, int]]:
+def _publish(text: str) -> list[PublishSpec]:
     try:
         return parse_publish(text)
     except ValueError as exc:
@@ -345,6 +345,12 @@ def add_datapath_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow destinations in 169.254.0.0/16 (cloud metadata), refused by default",
     )
+    nat.add_argument(
+        "--isolate",
+        action="store_true",
+        help="guests on this guestnet (several QEMUs, namespaces) may not reach each other, "
+        "only the gateway and the outside; frames between them are dropped and counted",
+    )
     for flag, allow in (("--allow", True), ("--deny", False)):
         nat.add_argument(
             flag,
@@ -380,8 +386,10 @@ def add_datapath_options(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="SPEC",
         help="forward a host port to the guest; SPEC is "
-        "[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp] (repeatable; ranges 8000-8010:8000-8010; "
-        "IPv6 host as [::1]:8080:80; tcp unless /udp). HOST_IP defaults to 127.0.0.1, "
+        "[HOST_IP:]HOST_PORT:[GUEST_IP:]GUEST_PORT[/tcp|/udp] (repeatable; ranges "
+        "8000-8010:8000-8010; IPv6 host as [::1]:8080:80; tcp unless /udp). GUEST_IP chooses "
+        "the guest when several share this guestnet (8080:10.0.2.16:80); without it, the "
+        "guest's latest DHCP lease or --guest-ip. HOST_IP defaults to 127.0.0.1, "
         "not 0.0.0.0: give 0.0.0.0 to publish on every interface",
     )
     ctl.add_argument(
@@ -430,6 +438,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_silent_forwards=args.max_silent_forwards,
         no_host_loopback=args.no_host_loopback,
         allow_link_local=args.allow_link_local,
+        isolate=args.isolate,
         egress=tuple(args.egress),
         max_flows=args.max_flows,
         max_half_open=args.max_half_open,
@@ -472,7 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_datapath_options(netns)
     netns.add_argument(
-        "target", help="PID, /proc/PID/ns/net, /run/netns/NAME path, or a NAME under /run/netns"
+        "target",
+        nargs="+",
+        help="PID, /proc/PID/ns/net, /run/netns/NAME path, or a NAME under /run/netns; several "
+        "targets are guests on one switch: the Nth (from 0) gets --guest-mac, --guest-ip and "
+        "--guest-ip6 plus N (with --configure; a DHCP client gets its own lease anyway)",
     )
     netns.add_argument("--userns", help="user namespace owning the target (e.g. /proc/PID/ns/user)")
     netns.add_argument("--ifname", default="eth0", help="interface name (%(default)s)")
@@ -617,7 +630,8 @@ def cmd_dgram(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_netns(args: argparse.Namespace, config: Config) -> int:
-    """``guestnet netns TARGET``: serve a TAP in an existing namespace until SIGINT/SIGTERM."""
+    """``guestnet netns TARGET...``: serve a TAP in each existing namespace (guests on one
+    switch) until SIGINT/SIGTERM, or until every namespace is gone."""
     try:
         check_ifname(args.ifname)
     except ValueError as exc:
@@ -630,10 +644,19 @@ def cmd_netns(args: argparse.Namespace, config: Config) -> int:
     # guestnet cleanly (and removes the TAP) instead of killing it outright.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     net = Network(config)
+    target = ""
+    links = []
     try:
-        link = net.attach_netns(
-            args.target, ifname=args.ifname, configure=args.configure, userns=args.userns
-        )
+        for index, target in enumerate(args.target):
+            links.append(
+                net.attach_netns(
+                    target,
+                    ifname=args.ifname,
+                    configure=args.configure,
+                    userns=args.userns,
+                    index=index,
+                )
+            )
     except ValueError as exc:
         net.close()
         print(f"guestnet netns: error: {exc}", file=sys.stderr)
@@ -641,13 +664,16 @@ def cmd_netns(args: argparse.Namespace, config: Config) -> int:
     except (HelperError, OSError) as exc:
         net.close()
         print(
-            f"guestnet netns: error: cannot create {args.ifname} in {args.target}: {exc}",
+            f"guestnet netns: error: cannot create {args.ifname} in {target}: {exc}",
             file=sys.stderr,
         )
         return EXIT_FAILURE
-    log.info("serving %s in %s", args.ifname, args.target)
+    log.info("serving %s in %s", args.ifname, " ".join(args.target))
     return _serve(
-        net, "guestnet netns", until=lambda: link.closed, hardening=hardening_from_args(args)
+        net,
+        "guestnet netns",
+        until=lambda: all(link.closed for link in links),
+        hardening=hardening_from_args(args),
     )
 
 

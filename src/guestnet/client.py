@@ -119,6 +119,10 @@ def format_stats(stats: dict[str, Any]) -> str:
             f"in {link.get('frames_in')} frames {link.get('bytes_in')} bytes, "
             f"out {link.get('frames_out')} frames {link.get('bytes_out')} bytes"
         )
+        if len(link.get("macs") or ()) > 1:
+            out.append(f"    MACs: {', '.join(link['macs'])}")
+        if link.get("guest_ip4"):
+            out.append(f"    guest IPv4: {', '.join(link['guest_ip4'])}")
         if link.get("guest_ip6"):
             out.append(f"    guest IPv6: {', '.join(link['guest_ip6'])}")
     if not stats.get("links"):
@@ -212,13 +216,15 @@ def cmd_forward(args: argparse.Namespace) -> int:
             specs = parse_publish(text)
         except ValueError as exc:
             raise ApiError(str(exc)) from None
-        for proto, host_ip, host_port, guest_port in specs:
+        for proto, host_ip, host_port, guest_port, *guest in specs:
             body: dict[str, object] = {
                 "proto": proto,
                 "host_ip": host_ip,
                 "host_port": host_port,
                 "guest_port": guest_port,
             }
+            if guest:
+                body["guest_ip"] = guest[0]
             if args.guest_ip:
                 body["guest_ip"] = args.guest_ip
             created.append(_call(args, "POST", "/forwards", body))

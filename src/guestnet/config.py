@@ -88,6 +88,9 @@ class Config:
     outbound_addr: str | None = None
     #: Allow destinations in 169.254.0.0/16 (cloud metadata), refused by default.
     allow_link_local: bool = False
+    #: Guests on the switch may not reach each other, only guestnet and the outside
+    #: (``--isolate``; see guestnet.core.switch).
+    isolate: bool = False
     #: Egress rules from ``--allow``/``--deny`` in command-line order: (allow, network). The
     #: first rule whose network holds the guest's destination decides; none: allowed.
     egress: tuple[tuple[bool, IPv4Network | IPv6Network], ...] = ()
@@ -109,8 +112,9 @@ class Config:
     pcap: str | None = None
     #: Capture stops (with a log line) once the pcap file would exceed this; 0: no bound.
     pcap_max_bytes: int = 1 << 30
-    #: Forwards from -p/--publish: (proto, host_ip, host_port, guest_port), created at start.
-    publish: tuple[tuple[str, str, int, int], ...] = ()
+    #: Forwards from -p/--publish: (proto, host_ip, host_port, guest_port[, guest_ip]), created
+    #: at start (guestnet.io.forwards.PublishSpec).
+    publish: tuple[tuple[str, str, int, int] | tuple[str, str, int, int, str], ...] = ()
     #: IPv6 on the guest link (NDP, router advertisements, DHCPv6, the NAT); False: IPv6
     #: frames are counted and dropped.
     ipv6: bool = True

@@ -25,6 +25,7 @@ network made: sockets, TAP devices, socket files, the capture file's descriptor,
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import signal
 import socket
@@ -172,6 +173,7 @@ class Network:
         userns: str | None = None,
         userns_optional: bool = False,
         adopt_existing: bool = False,
+        index: int = 0,
     ) -> TapLink:
         """Create a TAP ``ifname`` in an existing network namespace and serve it.
 
@@ -180,14 +182,16 @@ class Network:
         is left down for the guest's own DHCP client). ``userns``: the user namespace owning the
         target (a PID's own is found by itself); ``userns_optional``: go on when joining it
         fails. ``adopt_existing``: an interface ``ifname`` that already exists is opened and
-        served as it is, not configured. ValueError for a bad name or target; OSError or
+        served as it is, not configured. ``index``: the namespace's rank among those this
+        network serves: guest N gets the guest MAC and addresses plus N, and its port is named
+        ``tapN`` (``TapSetup.from_config``). ValueError for a bad name or target; OSError or
         :class:`~guestnet.io.netns.HelperError` when the namespace work fails.
         """
         check_ifname(ifname)
         netns_path, pid_userns = resolve_target(target)
         if userns is not None and not os.path.exists(userns):
             raise ValueError(f"no such user namespace: {userns}")
-        setup = TapSetup.from_config(self.config, ifname, configure)
+        setup = TapSetup.from_config(self.config, ifname, configure, index)
         fd = open_tap_in(
             netns_path,
             userns or pid_userns,
@@ -195,9 +199,19 @@ class Network:
             userns_optional=userns_optional,
             adopt_existing=adopt_existing,
         )
+        if configure:
+            self._call(lambda: self._configured(setup))
         if configure and self.config.ipv6:
             self._inst.guest_ip6_configured = True
-        return self.attach_tap(fd, ifname)
+        return self.attach_tap(fd, ifname, name=f"tap{index}")
+
+    def _configured(self, setup: TapSetup) -> None:
+        """A guest guestnet gave its address: DHCP holds that address for its MAC, and the
+        switch knows where it is before the guest has said a word (published ports find it)."""
+        mac = bytes.fromhex(setup.mac.replace(":", ""))
+        ip = ipaddress.IPv4Address(setup.address)
+        self._inst.dhcp.reserve(mac, ip)
+        self._inst.switch.learn_ip4(ip.packed, mac)
 
     def spawn(self, cmd: Sequence[str], *, ifname: str = "eth0") -> Child:
         """Run ``cmd`` in new network and mount namespaces (and a user namespace when not root)

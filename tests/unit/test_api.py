@@ -32,6 +32,7 @@ from guestnet.api import (
 from guestnet.assembly import Instance
 from guestnet.client import format_stats
 from guestnet.config import Config
+from guestnet.core.port import Port
 from guestnet.io.forwards import Forward, parse_publish
 from guestnet.io.links import StreamLink
 from guestnet.io.loop import Loop
@@ -251,10 +252,19 @@ def test_leases(inst: Instance) -> None:
 
     real = inst.dhcp
     inst.dhcp = FakeDhcp()  # type: ignore[assignment]
+    # Issue 15: each lease names the switch port its MAC was last seen on (None: not seen).
     assert api.handle("GET", "/leases", b"", 7.0) == (
         200,
-        [{"mac": "52:54:00:12:34:56", "ip": "10.0.2.15", "expires_in_s": 7.0}],
+        [{"mac": "52:54:00:12:34:56", "ip": "10.0.2.15", "expires_in_s": 7.0, "port": None}],
     )
+    port = Port("qemu7", lambda frame: None)
+    inst.switch.attach(port)
+    inst.switch.learn(port, bytes.fromhex("525400123456"))
+    assert api.handle("GET", "/leases", b"", 7.0) == (
+        200,
+        [{"mac": "52:54:00:12:34:56", "ip": "10.0.2.15", "expires_in_s": 7.0, "port": "qemu7"}],
+    )
+    inst.switch.detach(port)
     inst.dhcp = real
     assert api.handle("GET", "/leases", b"", 1.0) == (200, [])
 
@@ -455,6 +465,30 @@ def test_parse_publish() -> None:
     ):
         with pytest.raises(ValueError):
             parse_publish(bad)
+
+
+def test_parse_publish_naming_the_guest() -> None:
+    """Issue 15: ``HOST_PORT:GUEST_IP:GUEST_PORT`` chooses the guest (a fifth item)."""
+    assert parse_publish("8080:10.0.2.16:80") == [("tcp", "127.0.0.1", 8080, 80, "10.0.2.16")]
+    assert parse_publish("0.0.0.0:53:10.0.2.17:53/udp") == [("udp", "0.0.0.0", 53, 53, "10.0.2.17")]
+    assert parse_publish("[::1]:8080:[fd00::16]:80") == [("tcp", "::1", 8080, 80, "fd00::16")]
+    assert parse_publish("8000-8001:10.0.2.16:9000-9001") == [
+        ("tcp", "127.0.0.1", 8000, 9000, "10.0.2.16"),
+        ("tcp", "127.0.0.1", 8001, 9001, "10.0.2.16"),
+    ]
+    for bad in ("8080:10.0.2:80", "8080:[10.0.2.16]:80", "8080:10.0.2.16:", "8080:5:80"):
+        with pytest.raises(ValueError):
+            parse_publish(bad)
+
+
+def test_publish_naming_the_guest_at_start() -> None:
+    inst = Instance(Config(publish=(("tcp", "127.0.0.1", 0, 80, "10.0.2.16"),)))
+    try:
+        inst.publish(inst.config.publish)
+        (fwd,) = inst.forwards.to_json(0.0)
+        assert fwd["guest_ip"] == "10.0.2.16"
+    finally:
+        inst.close()
 
 
 def test_publish_at_start_and_start_errors(tmp_path: Path) -> None:

@@ -853,15 +853,20 @@ def test_offer_not_taken_by_another_transaction_or_link(rig: Rig) -> None:
     (nak,) = rig.send(other_xid, 1.5)
     assert options(nak)["message-type"] == 6
     # Same xid, but from another link.
-    other_port = Port("other", rig.sent.append)
+    other_sent: list[Frame] = []
+    other_port = Port("other", other_sent.append)
     rig.classifier.switch.attach(other_port)
     same_xid = request(MAC2, "request", ("server_id", GW), ("requested_addr", "10.0.2.15"),
                        xid=0x1111)  # fmt: skip
     rig.sent.clear()
     rig.classifier.handle_frame(memoryview(bytes(same_xid)), other_port, 1.6)
-    (frame,) = rig.sent
+    (frame,) = other_sent
     assert options(Ether(bytes(frame.data)))["message-type"] == 6
     rig.pool.release(frame)
+    # The broadcast REQUEST itself is flooded to the first link (issue 15: a learning bridge).
+    (flooded,) = rig.sent
+    assert bytes(flooded.data) == bytes(same_xid)
+    rig.pool.release(flooded)
     rig.sent.clear()
     # The offer is still MAC1's.
     (ack,) = rig.send(
@@ -870,6 +875,8 @@ def test_offer_not_taken_by_another_transaction_or_link(rig: Rig) -> None:
     )
     assert options(ack)["message-type"] == 5
     assert rig.counters["dhcp.request.mac_changed"] == 0
+    for copy in other_sent[1:]:  # MAC1's broadcast REQUEST, flooded to the other link
+        rig.pool.release(copy)
 
 
 def test_bound_lease_not_moved_by_a_request_in_its_old_transaction(rig: Rig) -> None:
@@ -923,3 +930,15 @@ def test_pending_offers_bounded() -> None:
     assert options(ack)["message-type"] == 5
     assert r.counters["dhcp.request.mac_changed"] == 1
     assert r.pool.in_use == 0
+
+
+def test_reserved_addresses_of_configured_guests(rig: Rig) -> None:
+    """Issue 15: guests guestnet configured itself (``netns A B --configure``) hold their
+    addresses: a DHCP client of another guest gets neither, and each reserving MAC gets its
+    own; ``--dhcp-static`` entries win."""
+    mac_a, mac_b = parse_mac("52:54:00:12:34:56"), parse_mac("52:54:00:12:34:57")
+    assert rig.server.reserve(mac_a, ipaddress.IPv4Address("10.0.2.15"))
+    assert rig.server.reserve(mac_b, ipaddress.IPv4Address("10.0.2.16"))
+    assert not rig.server.reserve(parse_mac(MAC2), ipaddress.IPv4Address("10.0.2.16"))
+    assert bind(rig, MAC2) == "10.0.2.17"
+    assert bind(rig, "52:54:00:12:34:57") == "10.0.2.16"

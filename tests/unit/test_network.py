@@ -201,3 +201,35 @@ def test_close_leaves_nothing_behind(tmp_path: Path, frames: Any) -> None:
     for name in ("api.sock", "q.sock", "d.sock"):
         assert not (tmp_path / name).exists(), name
     assert (tmp_path / "cap.pcap").stat().st_size > 24, "the capture was flushed at close"
+
+
+def test_two_qemu_connections_on_one_socket_are_switched(tmp_path: Path, frames: Any) -> None:
+    """Issue 15: every QEMU stream connection on one socket is a port of one switch; a frame
+    from one guest to the other's MAC arrives verbatim, a broadcast reaches the other too."""
+    mac_b = bytes.fromhex("5254000000bb")
+    ip_b = bytes([10, 0, 2, 16])
+    path = str(tmp_path / "q.sock")
+    with guestnet.Network(guestnet.Config(mtu=1500), echo_mode=None) as net:
+        net.listen_qemu(path)
+        net.start()
+        qa, qb = QemuClient(path), QemuClient(path)
+        try:
+            request_a = frames.arp()
+            qa.send(request_a)
+            assert qa.recv()[:6] == frames.GUEST_MAC  # guestnet's reply
+            assert qb.recv() == request_a  # B saw A's broadcast
+            request_b = frames.arp(sha=mac_b, spa=ip_b)
+            qb.send(request_b)
+            assert qb.recv()[:6] == mac_b  # guestnet answers B's port too
+            assert qa.recv() == request_b  # and A saw B's broadcast
+            udp = frames.udp(dst=ip_b, eth_dst=mac_b)
+            qa.send(udp)
+            assert qb.recv() == udp
+            links = net.stats()["links"]
+            assert isinstance(links, list)
+            assert sorted(link["macs"] for link in links) == sorted(
+                [[frames.GUEST_MAC.hex(":")], [mac_b.hex(":")]]
+            )
+        finally:
+            qa.sock.close()
+            qb.sock.close()

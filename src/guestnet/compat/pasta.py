@@ -308,7 +308,7 @@ def banner(o: Options, config: Config) -> str:
             f"    IPv6 {config.guest_ip6}/{config.ipv6_prefix.prefixlen}, "
             f"gateway {config.gateway6}, DNS {config.dns_ip6}"
         )
-    for proto, host, host_port, guest_port in config.publish:
+    for proto, host, host_port, guest_port, *_guest in config.publish:
         lines.append(f"    {proto} {host}:{host_port} -> {guest_port}")
     return "\n".join(lines) + "\n"
 

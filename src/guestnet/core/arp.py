@@ -10,6 +10,8 @@ nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from guestnet.config import Config
 from guestnet.core.port import Port
 from guestnet.counters import Counters
@@ -18,21 +20,28 @@ from guestnet.wire.arp import ARP_REPLY, ARP_REQUEST, build_arp, parse_arp
 from guestnet.wire.ethernet import ETH_ZLEN, ETHERTYPE_ARP, build_ethernet
 
 _ZEROS = memoryview(bytes(ETH_ZLEN))
+_ANY4 = bytes(4)
 
 
 class ArpResponder:
     """Answers ARP requests for the addresses guestnet owns."""
 
-    __slots__ = ("config", "counters", "pool")
+    __slots__ = ("config", "counters", "learn_ip4", "pool")
 
     def __init__(self, config: Config, pool: FramePool, counters: Counters) -> None:
         self.config = config
         self.pool = pool
         self.counters = counters
+        #: Told every guest's (IPv4 address, MAC) as its ARP packets show them (the classifier
+        #: points it at ``Switch.learn_ip4``: forwards find their guest by address).
+        self.learn_ip4: Callable[[bytes, bytes], None] | None = None
 
     def handle_arp(self, data: memoryview, port: Port) -> None:
         """Handle one ARP packet (the Ethernet payload). Raises WireError on bad input."""
         pkt = parse_arp(data)
+        learn = self.learn_ip4
+        if learn is not None and pkt.spa != _ANY4:
+            learn(pkt.spa, pkt.sha)
         if pkt.op != ARP_REQUEST:
             self.counters.inc("arp.reply.ignored" if pkt.op == ARP_REPLY else "arp.op.unknown")
             return

@@ -1,6 +1,9 @@
 """FrameClassifier: the single entry point for every frame a guest sends.
 
-It checks the Ethernet header, learns the guest's MAC for its link, and routes:
+It checks the Ethernet header, learns the guest's MAC for its link (the switch's MAC table),
+hands unicast for another MAC to the switch (guest to guest: switched, never NATed; see
+:mod:`guestnet.core.switch`), floods broadcast and multicast to the other ports, and routes what
+is for guestnet (its MAC, broadcast, multicast):
 
 - ARP to the :class:`~guestnet.core.arp.ArpResponder`;
 - IPv4 fragments to reassembly (whole datagrams come back through :meth:`route_ipv4`);
@@ -39,6 +42,7 @@ from guestnet.core.switch import Switch
 from guestnet.counters import Counters
 from guestnet.pool import FramePool
 from guestnet.wire import WireError
+from guestnet.wire.checksum import checksum
 from guestnet.wire.dhcp import DHCP_SERVER_PORT
 from guestnet.wire.ethernet import (
     ETH_HLEN,
@@ -78,6 +82,7 @@ class FrameClassifier:
         self.counters = counters
         self.switch = switch
         self.arp = ArpResponder(config, pool, counters)
+        self.arp.learn_ip4 = switch.learn_ip4
         self.dhcp: UdpHandler | None = None
         self.dns_udp: UdpHandler | None = None
         self.dns_tcp: TcpHandler | None = None
@@ -111,6 +116,12 @@ class FrameClassifier:
         self._mac = config.mac
         self._dns_dsts = frozenset((config.dns_ip_b, config.gateway_b))
         self._broadcast = config.broadcast_b
+        #: The guest subnet as an integer network and mask, and guestnet's IPv4 addresses:
+        #: another address in the subnet sent to guestnet's MAC is another guest's.
+        switch.guest_net4 = (int(config.subnet.network_address), int(config.subnet.netmask))
+        switch.not_guest4 = config.owned_b | {config.broadcast_b}
+        #: Guest IPv4 address -> MAC (the switch's table, only guest addresses in it).
+        self._guest_ip4 = switch.ip4_macs
         self._ipv6 = config.ipv6
         self._owned6 = config.owned6_b
         self._dns6_dsts = frozenset((config.dns_ip6_b, config.gateway6_b))
@@ -162,13 +173,28 @@ class FrameClassifier:
         src = bytes(frame[6:12])
         if src[0] & 1:
             raise WireError("eth.src.multicast")
-        dst = frame[0:6]
-        if dst != self._mac and not (dst[0] & 1):
-            raise WireError("eth.dst.not_ours")
         if port.guest_mac != src:
-            self.switch.learn(port, src)
+            self.switch.learn(port, src, now)
+        dst = frame[0:6]
+        if dst != self._mac:
+            if not (dst[0] & 1):
+                # Unicast to another guest (or to nobody known): switched, never NATed.
+                if not self.switch.forward(frame, port, now):
+                    raise WireError("eth.dst.not_ours")
+                return
+            # Broadcast and multicast reach the other guests and guestnet's services alike.
+            self.switch.flood(frame, port)
         ethertype = (frame[12] << 8) | frame[13]
         if ethertype == ETHERTYPE_IPV4:
+            mac = self._guest_ip4.get(bytes(frame[30:34]))
+            # For another guest's address, sent to guestnet's MAC: delivered to it.
+            if (
+                mac is not None
+                and mac != src
+                and dst == self._mac
+                and self._to_guest(frame, port, mac)
+            ):
+                return
             self._ipv4(frame[ETH_HLEN:], port, src, now, csum_trusted)
         elif ethertype == ETHERTYPE_ARP:
             self.arp.handle_arp(frame[ETH_HLEN:], port)
@@ -181,6 +207,18 @@ class FrameClassifier:
             self.counters.inc("eth.vlan.unsupported")
         else:
             self.counters.inc("eth.type.unsupported")
+
+    def _to_guest(self, frame: memoryview, port: Port, mac: bytes) -> bool:
+        """An IPv4 frame to guestnet's MAC for another guest's address (a guest that routes
+        through the gateway): the switch delivers it to that guest, at ``mac``. Addresses no
+        guest has claimed never come here, nor (False) one whose guest's port went away: the NAT
+        and its policy refuse those."""
+        ihl = (frame[ETH_HLEN] & 0x0F) * 4
+        if len(frame) < 34 or frame[ETH_HLEN] >> 4 != 4 or ihl < 20 or len(frame) < 14 + ihl:
+            raise WireError("ipv4.bad_header")
+        if checksum(frame[ETH_HLEN : ETH_HLEN + ihl]) != 0:
+            raise WireError("ipv4.bad_checksum")
+        return self.switch.route4(frame, port, mac, self._mac)
 
     def _ipv4(
         self, data: memoryview, port: Port, src_mac: bytes, now: float, trusted: bool

@@ -601,6 +601,17 @@ class DhcpServer:
         self.counters.inc(f"dhcp.{_NAMES[kind]}.sent")
         pkt.port.send(frame)
 
+    def reserve(self, mac: bytes, ip: IPv4Address) -> bool:
+        """Hold ``ip`` for ``mac`` as ``--dhcp-static`` does: for a guest guestnet configured
+        itself (``guestnet netns ... --configure``), so that no DHCP client of another guest on
+        the switch is offered its address. ``--dhcp-static`` entries win: False when either
+        the MAC or the address has one already."""
+        if mac in self._static_by_mac or ip in self._static_by_ip:
+            return False
+        self._static_by_mac[mac] = ip
+        self._static_by_ip[ip] = mac
+        return True
+
     # ------------------------------------------------------------------------- for the API
 
     def leases(self, now: float) -> list[dict[str, object]]:

@@ -6,7 +6,10 @@ rules here and every protocol obeys them:
 - the gateway address stands for the host: it maps to the host's loopback (127.0.0.1; the
   IPv6 gateway to ::1), unless ``--no-host-loopback``;
 - the DNS address serves only DNS (port 53 is taken before the NAT sees it); anything else to it
-  is refused, as is any other address inside the guest subnet (nobody is there);
+  is refused, as is any other address inside the guest subnet. Guests reach each other without
+  the NAT: the switch delivers their frames (at L2, or routed when a guest sends another
+  guest's address to guestnet's MAC; guestnet.core.switch), so what reaches the policy in the
+  guest subnet is an address no guest has claimed, and no host socket could reach a guest;
 - with ``--no-host-loopback``, loopback (127.0.0.0/8), "this network" (0.0.0.0/8) and the host's
   own addresses are refused;
 - link-local destinations (169.254.0.0/16, where cloud metadata services live) are refused

@@ -26,11 +26,13 @@ class Port:
         "guest_mac",
         "ip6_last",
         "ip6_seen",
+        "macs",
         "name",
         "offload_max",
         "rx_bytes",
         "rx_frames",
         "rx_gso_size",
+        "rx_vnet",
         "send",
         "tx_bytes",
         "tx_dropped",
@@ -44,6 +46,12 @@ class Port:
         self.send = send
         #: The guest's MAC, learned from the source of its frames; None until the first frame.
         self.guest_mac: bytes | None = None
+        #: Every MAC the switch learned on this port (a guest that bridges has several), with
+        #: the time a frame from it was last learned (see guestnet.core.switch).
+        self.macs: dict[bytes, float] = {}
+        #: A link with virtio-net headers (TAP) points this at the header of the frame being
+        #: classified, so that the switch can carry its offloads over to another port.
+        self.rx_vnet: memoryview | None = None
         #: The guest's IPv6 addresses (packed), learned from the source of its IPv6 packets, in
         #: the order they were last used (most recent last); at most MAX_GUEST_IP6.
         self.guest_ip6: dict[bytes, None] = {}
@@ -92,6 +100,7 @@ class Port:
         return {
             "name": self.name,
             "guest_mac": None if self.guest_mac is None else self.guest_mac.hex(":"),
+            "macs": [mac.hex(":") for mac in self.macs],
             "guest_ip6": [str(ipaddress.IPv6Address(a)) for a in self.guest_ip6],
             "frames_in": self.rx_frames,
             "bytes_in": self.rx_bytes,

@@ -1,67 +1,223 @@
-"""Switch: which guest MAC sits behind which port, and delivery by destination MAC.
+"""Switch: a learning bridge between the guest ports, and delivery toward guests by MAC.
 
-guestnet may serve several guest links at once (QEMU connections, a TAP, datagram peers). The
-classifier teaches the switch which guest MAC sits behind which port (:meth:`Switch.learn`), and
-the port list is where published ports find a guest to open a connection to.
+guestnet serves several guest links at once (QEMU connections, TAPs in namespaces, datagram
+peers), all on one L2 segment with guestnet's own addresses (gateway, DNS) on it. The switch
+does what a learning bridge does:
 
-Not every frame guestnet emits goes through :meth:`Switch.send`. An answer to a guest frame
-(ARP, DHCP, DNS, TCP segments of a flow) goes straight back to the port the frame came in on
-(``Port.send``). Only frames with no port at hand go through the switch: UDP NAT replies and
-ICMP (echo replies and errors), which the host delivers later to a flow that remembers the
-guest's MAC. Those go to the port of their destination MAC; broadcast and unknown destinations
-are flooded to every port, with a copy per extra port, as a learning bridge does. Frames between
-guests are not switched (yet): the classifier drops unicast that is not for guestnet.
+- **learning**: the classifier calls :meth:`Switch.learn` with the source MAC of a guest frame
+  that is not the port's known MAC. A port may hold several MACs (a guest that bridges
+  containers or VMs behind it): the table maps each MAC to its port, with the time it was last
+  seen. The port's ``guest_mac`` is the MAC learned last that was new to it (the guest's own, in
+  the common case of one MAC a port); frames from it take the classifier's fast path and never
+  call ``learn``, so that entry never ages while its port lives. Other MACs age out after
+  :data:`MAC_AGE_S` without a frame, checked when a frame is looked up (no timer); a port holds at
+  most :data:`MAX_MACS_PER_PORT` (the one seen longest ago is forgotten), so a guest sending
+  from random MACs cannot grow the table beyond that bound per port.
+- **switching** (:meth:`Switch.forward`): a guest frame whose destination MAC is another guest's
+  is copied (from the frame pool toward guests) to that guest's port, never NATed; a unicast to
+  an unknown MAC is flooded to every other port; a broadcast or multicast frame is flooded to
+  every other port (:meth:`Switch.flood`) and also handed to guestnet's own services, which
+  answer for guestnet's addresses only (ARP for another guest's address is left to that guest).
+  A frame is never sent back out of the port it came in on.
+- **isolation** (``isolate``, ``--isolate``): nothing goes from one guest port to another;
+  such frames are dropped and counted (``switch.isolated``), guestnet's own services still
+  answer every port. A MAC known on a live port is not learned on another one
+  (``switch.mac.refused``): an untrusted guest cannot take another's replies or flows.
+
+Frames guestnet itself emits toward a guest with no port at hand (UDP NAT replies, ICMP) go
+through :meth:`Switch.send`: to the port of their destination MAC, or flooded with a copy per
+extra port. Answers to a guest frame (ARP, DHCP, DNS, TCP) go straight back to its port.
+
+Guests that come back: a guest is known by its MAC, not by the port it first used. When a MAC
+shows up on a port after being on another one, or after its port went away (a QEMU that
+reconnects to the socket, a namespace's TAP re-attached), ``on_return`` is told, and the TCP NAT
+moves that guest's flows to the new port; flows of a guest that does not come back within the
+TCP driver's grace period are reset (``on_depart``) (UDP and ICMP replies go by MAC through
+:meth:`Switch.send` and follow by themselves; DHCP leases are keyed by MAC). MACs of departed
+ports are remembered (bounded), so a guest sending from ever new MACs costs no flow scan.
+
+Offloads: a TAP with virtio-net headers hands over TCP super-frames with a partial checksum; its
+link points ``Port.rx_vnet`` at the header of the frame being classified. Switched to a port
+that takes offloads, the frame keeps its metadata (``Frame.csum_start``/``gso_size``); to one
+that does not, a partial checksum is completed here, and a super-frame (which would need
+segmenting) is dropped and counted (``switch.gso.unsupported``).
 """
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Callable
+
 from guestnet.core.port import Port
 from guestnet.counters import Counters
 from guestnet.pool import Frame, FramePool
+from guestnet.wire.checksum import checksum
+
+#: Seconds a MAC that is not its port's ``guest_mac`` stays known without a frame from it
+#: (Linux bridges and IEEE 802.1D default to 300 s).
+MAC_AGE_S = 300.0
+#: MACs one port may hold; beyond this the one seen longest ago is forgotten.
+MAX_MACS_PER_PORT = 64
+#: MACs of departed ports remembered, for guests that come back.
+MAX_DEPARTED = 1024
+#: Guest IPv4 addresses remembered (ARP senders).
+MAX_IP4 = 4096
+#: virtio-net header: the checksum is partial (flags bit), and the TCP gso types (ECN masked).
+_VNET_NEEDS_CSUM = 1
+_VNET_GSO_TCP = (1, 4)
+_ETH_HLEN = 14
+_ANY4 = bytes(4)
 
 
 class Switch:
-    """Guest MAC -> port table and the send path toward guests."""
+    """The MAC table, the switching of guest frames between ports, and the send path."""
 
-    __slots__ = ("_by_mac", "counters", "pool", "ports")
+    __slots__ = (
+        "_by_mac",
+        "_departed",
+        "counters",
+        "guest_net4",
+        "ip4_macs",
+        "isolate",
+        "not_guest4",
+        "on_depart",
+        "on_return",
+        "pool",
+        "ports",
+    )
 
-    def __init__(self, pool: FramePool, counters: Counters) -> None:
+    def __init__(self, pool: FramePool, counters: Counters, isolate: bool = False) -> None:
         self.pool = pool
         self.counters = counters
+        #: Guests may not reach each other (``--isolate``).
+        self.isolate = isolate
         self.ports: list[Port] = []
         self._by_mac: dict[bytes, Port] = {}
+        #: Guest IPv4 address -> the MAC that last claimed it as an ARP sender (at most
+        #: MAX_IP4, the one claimed longest ago forgotten): where a published port finds its
+        #: guest.
+        self.ip4_macs: dict[bytes, bytes] = {}
+        #: The guest subnet (network, mask as integers) and the addresses in it that are no
+        #: guest's (guestnet's, the broadcast): set by the classifier from the config; until
+        #: then (0, 0) admits every address.
+        self.guest_net4 = (0, 0)
+        self.not_guest4: frozenset[bytes] = frozenset()
+        #: MACs of ports that went away (at most MAX_DEPARTED, the oldest forgotten first): a
+        #: guest that comes back with one of them (a QEMU reconnecting) gets its flows back.
+        self._departed: dict[bytes, None] = {}
+        #: Told (mac, port) when a guest MAC shows up on a port after it was on another one,
+        #: or on one that went away: the TCP NAT moves that guest's flows to the new port.
+        self.on_return: Callable[[bytes, Port], object] | None = None
+        #: Told a port that went away with MACs on it: the TCP NAT resets the flows still on
+        #: it if their guest has not come back after a while.
+        self.on_depart: Callable[[Port], object] | None = None
 
     def attach(self, port: Port) -> None:
         """Add a port (a link came up)."""
         self.ports.append(port)
 
     def detach(self, port: Port) -> None:
-        """Remove a port (a link went away) and forget the MAC learned on it."""
+        """Remove a port (a link went away) and forget every MAC learned on it."""
         if port in self.ports:
             self.ports.remove(port)
-        if port.guest_mac is not None and self._by_mac.get(port.guest_mac) is port:
-            del self._by_mac[port.guest_mac]
+        by_mac = self._by_mac
+        departed = self._departed
+        for mac in port.macs:
+            if by_mac.get(mac) is port:
+                del by_mac[mac]
+                departed.pop(mac, None)
+                if len(departed) >= MAX_DEPARTED:
+                    del departed[next(iter(departed))]
+                departed[mac] = None
+        had_macs = bool(port.macs)
+        port.macs.clear()
+        if port.guest_mac is not None and by_mac.get(port.guest_mac) is port:
+            del by_mac[port.guest_mac]
+        if had_macs and self.on_depart is not None:
+            self.on_depart(port)
 
-    def learn(self, port: Port, mac: bytes) -> None:
-        """Record that ``mac`` speaks on ``port``; a new MAC on a port replaces the old one."""
-        old = port.guest_mac
-        if old == mac and self._by_mac.get(mac) is port:
+    def learn(self, port: Port, mac: bytes, now: float = 0.0) -> None:
+        """Record that ``mac`` speaks on ``port`` at ``now``.
+
+        A MAC new to the port becomes its ``guest_mac``; a MAC the port already holds is only
+        refreshed; a MAC that moved from another port is forgotten there.
+        """
+        macs = port.macs
+        if mac in macs:
+            macs[mac] = now
+            if self._by_mac.get(mac) is not port:
+                self._by_mac[mac] = port
             return
-        if old is not None and old != mac:
-            self.counters.inc("eth.guest_mac.changed")
-            if self._by_mac.get(old) is port:
-                del self._by_mac[old]
         prev = self._by_mac.get(mac)
-        if prev is not None and prev is not port and prev.guest_mac == mac:
+        moved = False
+        if prev is not None and prev is not port and self.isolate and prev in self.ports:
+            # Isolated guests are untrusted: one may not take another's MAC (its replies and
+            # its TCP flows) while that guest's port lives.
+            self.counters.inc("switch.mac.refused")
+            return
+        if prev is not None and prev is not port:
             # The MAC moved here: forget it on its old port, so that the classifier (which
             # calls learn only when a port's MAC differs) re-learns it if it moves back.
-            prev.guest_mac = None
+            prev.macs.pop(mac, None)
+            if prev.guest_mac == mac:
+                prev.guest_mac = None
+            moved = True
+        elif self._departed and mac in self._departed:
+            del self._departed[mac]
+            moved = True
+        if len(macs) >= MAX_MACS_PER_PORT:
+            oldest = min(macs, key=macs.__getitem__)
+            del macs[oldest]
+            if self._by_mac.get(oldest) is port:
+                del self._by_mac[oldest]
+            self.counters.inc("switch.mac.evicted")
+        if port.guest_mac is not None and port.guest_mac != mac:
+            self.counters.inc("eth.guest_mac.changed")
+        macs[mac] = now
         port.guest_mac = mac
         self._by_mac[mac] = port
+        if moved:
+            self.counters.inc("switch.mac.returned")
+            if self.on_return is not None:
+                self.on_return(mac, port)
 
     def port_for(self, mac: bytes) -> Port | None:
         """The port a guest MAC was last seen on."""
         return self._by_mac.get(mac)
+
+    def learn_ip4(self, addr: bytes, mac: bytes) -> None:
+        """Record that the guest at ``mac`` uses IPv4 ``addr`` (the sender of its ARP packet).
+
+        Only a guest address is learned: inside ``guest_net4`` and not in ``not_guest4``
+        (guestnet's own, the subnet broadcast), so a guest claiming an outside or a gateway
+        address in ARP cannot draw other guests' traffic for it.
+        """
+        known = self.ip4_macs
+        if known.get(addr) == mac:
+            return
+        net, mask = self.guest_net4
+        if (int.from_bytes(addr, "big") & mask) != net or addr in self.not_guest4:
+            return
+        known.pop(addr, None)
+        if len(known) >= MAX_IP4:
+            del known[next(iter(known))]
+        known[addr] = mac
+
+    def mac_for_ip4(self, addr: bytes) -> bytes | None:
+        """The MAC of the guest that last claimed IPv4 ``addr`` in ARP, if any."""
+        return self.ip4_macs.get(addr)
+
+    def ip4_on(self, port: Port) -> list[str]:
+        """The IPv4 addresses claimed from ``port``'s MACs, for the stats API."""
+        macs = port.macs
+        return [str(ipaddress.IPv4Address(a)) for a, m in self.ip4_macs.items() if m in macs]
+
+    def port_for_ip(self, addr: bytes) -> Port | None:
+        """The port of the guest using ``addr`` (packed IPv4 or IPv6), if one is known."""
+        if len(addr) == 16:
+            return self.port_for_ip6(addr)
+        mac = self.ip4_macs.get(addr)
+        return None if mac is None else self._by_mac.get(mac)
 
     def port_for_ip6(self, addr: bytes) -> Port | None:
         """The port whose guest last sent from IPv6 ``addr`` (see ``Port.learn_ip6``)."""
@@ -69,6 +225,155 @@ class Switch:
             if addr in port.guest_ip6:
                 return port
         return None
+
+    def mac_table(self) -> list[dict[str, object]]:
+        """The MAC table for the API: each MAC with its port's name."""
+        return [{"mac": mac.hex(":"), "port": port.name} for mac, port in self._by_mac.items()]
+
+    # -- switching guest frames -----------------------------------------------------------------
+
+    def forward(self, data: memoryview, src: Port, now: float) -> bool:
+        """Switch a unicast guest frame not for guestnet: to the port of its destination MAC,
+        or flooded when that MAC is unknown. False when no other port exists to take it."""
+        dst = bytes(data[0:6])
+        self._learn_sender(data)
+        port = self._by_mac.get(dst)
+        if port is not None and port.guest_mac != dst:
+            seen = port.macs.get(dst)
+            if seen is None or now - seen > MAC_AGE_S:
+                # Aged out: forget it, and flood as for any unknown MAC.
+                port.macs.pop(dst, None)
+                del self._by_mac[dst]
+                self.counters.inc("switch.mac.aged")
+                port = None
+        if port is None:
+            return self.flood(data, src)
+        if port is src:
+            self.counters.inc("switch.same_port")
+            return True
+        if self.isolate:
+            self.counters.inc("switch.isolated")
+            return True
+        self._out(data, src, port)
+        self.counters.inc("switch.unicast")
+        return True
+
+    def _learn_sender(self, data: memoryview) -> None:
+        """Learn the sender's IPv4 address from a frame switched between guests (an ARP reply
+        or an IPv4 packet): a guest that only ever answers another one is still found by its
+        address (ARP requests guestnet sees itself are learned by the ARP responder)."""
+        n = len(data)
+        if n >= 34 and data[12] == 8:
+            if data[13] == 0:
+                addr = bytes(data[26:30])
+            elif data[13] == 6 and n >= 42:
+                addr = bytes(data[28:32])
+            else:
+                return
+            if addr != _ANY4:
+                mac = bytes(data[6:12])
+                if self.ip4_macs.get(addr) != mac:
+                    self.learn_ip4(addr, mac)
+
+    def flood(self, data: memoryview, src: Port) -> bool:
+        """Copy a guest frame to every port but ``src`` (broadcast, multicast, unknown unicast).
+        False when there is no other port."""
+        ports = self.ports
+        if len(ports) < 2:
+            return False
+        if self.isolate:
+            self.counters.inc("switch.isolated")
+            return True
+        for port in ports:
+            if port is not src:
+                self._out(data, src, port)
+        self.counters.inc("switch.flood")
+        return True
+
+    def route4(self, data: memoryview, src: Port, dst_mac: bytes, our_mac: bytes) -> bool:
+        """Deliver an IPv4 frame a guest sent to guestnet's MAC for another guest's address
+        (a guest routing through the gateway): readdressed from guestnet's MAC to the guest
+        at ``dst_mac``, its TTL decremented, as a router would. False when that MAC has no
+        port (the caller lets the NAT refuse it)."""
+        port = self._by_mac.get(dst_mac)
+        if port is None:
+            return False
+        if self.isolate:
+            self.counters.inc("switch.isolated")
+            return True
+        ihl = (data[_ETH_HLEN] & 0x0F) * 4
+        ttl_at = _ETH_HLEN + 8
+        if data[ttl_at] <= 1:
+            self.counters.inc("switch.route.ttl_expired")
+            return True
+        frame = self._copy(data, src, port)
+        if frame is None:
+            return True
+        view = frame.view
+        start = frame.start
+        view[start : start + 6] = dst_mac
+        view[start + 6 : start + 12] = our_mac
+        ip = start + _ETH_HLEN
+        view[ip + 8] -= 1
+        view[ip + 10 : ip + 12] = b"\x00\x00"
+        value = checksum(view[ip : ip + ihl])
+        view[ip + 10] = value >> 8
+        view[ip + 11] = value & 0xFF
+        self.counters.inc("switch.routed")
+        port.send(frame)
+        return True
+
+    def _out(self, data: memoryview, src: Port, port: Port) -> None:
+        """Send a copy of ``data`` (a frame from ``src``) to ``port``, offloads carried over."""
+        frame = self._copy(data, src, port)
+        if frame is not None:
+            port.send(frame)
+
+    def _copy(self, data: memoryview, src: Port, port: Port) -> Frame | None:
+        """A pooled copy of ``data`` (a frame from ``src``) ready for ``port``: offloads carried
+        over when ``port`` takes them, else a partial checksum completed; None (dropped and
+        counted) for what ``port`` cannot take."""
+        n = len(data)
+        frame = self.pool.acquire()
+        start = frame.start
+        view = frame.view
+        view[start : start + n] = data
+        frame.length = n
+        meta = src.rx_vnet
+        if meta is not None and meta[0] & _VNET_NEEDS_CSUM:
+            gso = 0
+            if meta[1]:
+                if (meta[1] & 0x7F) not in _VNET_GSO_TCP:
+                    self._drop(frame, "switch.gso.unsupported")
+                    return None
+                gso = meta[4] | (meta[5] << 8)
+            cs = meta[6] | (meta[7] << 8)
+            co = meta[8] | (meta[9] << 8)
+            if cs + co + 2 > n:
+                self._drop(frame, "switch.csum.bad_offset")
+                return None
+            if port.offload_max and n - _ETH_HLEN <= port.offload_max:
+                frame.csum_start = cs
+                frame.csum_offset = co
+                frame.gso_size = gso
+            elif gso:
+                self._drop(frame, "switch.gso.unsupported")
+                return None
+            else:
+                # The field holds the pseudo-header sum: the checksum over it and the rest.
+                at = start + cs + co
+                value = checksum(view[start + cs : start + n])
+                if value == 0 and co == 6:
+                    value = 0xFFFF  # UDP sends a computed 0 as all ones (RFC 768)
+                view[at] = value >> 8
+                view[at + 1] = value & 0xFF
+        return frame
+
+    def _drop(self, frame: Frame, reason: str) -> None:
+        self.counters.inc(reason)
+        self.pool.release(frame)
+
+    # -- frames from guestnet -------------------------------------------------------------------
 
     def send(self, frame: Frame) -> None:
         """Deliver ``frame`` toward its destination MAC; takes ownership of the frame."""

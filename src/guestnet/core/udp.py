@@ -563,7 +563,11 @@ class UdpNat:
         frame = self.pool.acquire()
         off = frame.start + family.udp_payload_off
         frame.view[off : off + n] = payload
-        mac = self.guest_macs.get(guest_ip, self.config.guest_mac)
+        mac = (
+            self.guest_macs.get(guest_ip)
+            or self.switch.mac_for_ip4(guest_ip)  # a guest that has sent no UDP yet (issue 15)
+            or self.config.guest_mac
+        )
         self.counters.inc("nat.udp.forward.to_guest")
         self._emit(family, frame, n, self._gateways[family.version], flow.visible_port, guest_ip,
                    guest_port, mac)  # fmt: skip

@@ -67,8 +67,10 @@ ACCEPTS_PER_WAKE = 1
 UDP_MAX = 65535
 PROTOS = ("tcp", "udp")
 
-#: A forward as the command line gives it: (proto, host_ip, host_port, guest_port).
-PublishSpec = tuple[str, str, int, int]
+#: A forward as the command line gives it: (proto, host_ip, host_port, guest_port), and the
+#: guest's address when the spec names one (``HOST_PORT:GUEST_IP:GUEST_PORT``; issue 15: with
+#: several guests on the switch, a forward chooses its guest).
+PublishSpec = tuple[str, str, int, int] | tuple[str, str, int, int, str]
 
 
 class ForwardError(Exception):
@@ -363,7 +365,9 @@ def _hp(host: str, port: int) -> str:
 
 _PUBLISH = re.compile(
     r"""^(?:(?:\[(?P<v6>[0-9A-Fa-f:.%a-zA-Z]+)\]|(?P<v4>[0-9.]+)):)?
-        (?P<host>\d+(?:-\d+)?):(?P<guest>\d+(?:-\d+)?)
+        (?P<host>\d+(?:-\d+)?):
+        (?:(?:\[(?P<gv6>[0-9A-Fa-f:.]+)\]|(?P<gv4>[0-9.]+)):)?
+        (?P<guest>\d+(?:-\d+)?)
         (?:/(?P<proto>tcp|udp))?$""",
     re.VERBOSE,
 )
@@ -381,13 +385,17 @@ def _port_range(text: str, what: str) -> range:
 
 
 def parse_publish(text: str) -> list[PublishSpec]:
-    """Parse ``[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]`` (ranges ``A-B:C-D``, ``[::1]:80:80``).
+    """Parse ``[HOST_IP:]HOST_PORT:[GUEST_IP:]GUEST_PORT[/tcp|/udp]`` (ranges ``A-B:C-D``,
+    ``[::1]:80:80``, ``8080:10.0.2.16:80``, ``8080:[fd00::16]:80``).
 
-    Returns one (proto, host_ip, host_port, guest_port) per port; raises ValueError.
+    Returns one (proto, host_ip, host_port, guest_port) per port, with the guest address as a
+    fifth item when the spec names one; raises ValueError.
     """
     m = _PUBLISH.match(text.strip())
     if m is None:
-        raise ValueError(f"expected [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp], got {text!r}")
+        raise ValueError(
+            f"expected [HOST_IP:]HOST_PORT:[GUEST_IP:]GUEST_PORT[/tcp|/udp], got {text!r}"
+        )
     host_ip = m.group("v6") or m.group("v4") or DEFAULT_HOST_IP
     try:
         addr = ipaddress.ip_address(host_ip)
@@ -400,10 +408,19 @@ def parse_publish(text: str) -> list[PublishSpec]:
     if len(hosts) != len(guests):
         raise ValueError(f"host and guest port ranges differ in length in {text!r}")
     proto = m.group("proto") or "tcp"
-    return [(proto, str(addr), h, g) for h, g in zip(hosts, guests, strict=True)]
+    guest_text = m.group("gv6") or m.group("gv4")
+    if guest_text is None:
+        return [(proto, str(addr), h, g) for h, g in zip(hosts, guests, strict=True)]
+    try:
+        guest = ipaddress.ip_address(guest_text)
+    except ValueError:
+        raise ValueError(f"not an IP address: {guest_text!r} in {text!r}") from None
+    if (m.group("gv4") and guest.version != 4) or (m.group("gv6") and guest.version != 6):
+        raise ValueError(f"not an IP address: {guest_text!r} in {text!r}")
+    return [(proto, str(addr), h, g, str(guest)) for h, g in zip(hosts, guests, strict=True)]
 
 
 def add_published(forwards: Forwards, specs: tuple[PublishSpec, ...]) -> None:
     """Create the forwards from ``-p`` (raises ForwardError on the first that fails)."""
-    for proto, host_ip, host_port, guest_port in specs:
-        forwards.add(proto, host_port, guest_port, host_ip)
+    for proto, host_ip, host_port, guest_port, *guest in specs:
+        forwards.add(proto, host_port, guest_port, host_ip, guest[0] if guest else None)

@@ -162,16 +162,20 @@ class TapSetup:
     gateway6: str | None = None
 
     @classmethod
-    def from_config(cls, config: Config, ifname: str, configure: bool) -> TapSetup:
+    def from_config(cls, config: Config, ifname: str, configure: bool, index: int = 0) -> TapSetup:
+        """The setup for guest ``index`` of this guestnet (0: the first, or the only one):
+        guest N gets ``--guest-mac``, ``--guest-ip`` and ``--guest-ip6`` plus N, so several
+        namespaces on one switch have distinct MACs and (with ``configure``) addresses."""
+        mac = (int.from_bytes(config.guest_mac, "big") + index) & ((1 << 48) - 1)
         return cls(
             ifname=ifname,
-            mac=format_mac(config.guest_mac),
+            mac=format_mac(mac.to_bytes(6, "big")),
             mtu=config.mtu,
             configure=configure,
-            address=str(config.guest_ip),
+            address=str(config.guest_ip + index),
             prefixlen=config.subnet.prefixlen,
             gateway=str(config.gateway),
-            address6=str(config.guest_ip6) if config.ipv6 else None,
+            address6=str(config.guest_ip6 + index) if config.ipv6 else None,
             prefixlen6=config.ipv6_prefix.prefixlen,
             gateway6=str(config.gateway6) if config.ipv6 else None,
         )

@@ -277,6 +277,7 @@ class TapLink(Link):
         start = frame.start
         hdr_at = start - VNET_HDR_LEN
         bufs = [view[hdr_at:]]
+        port.rx_vnet = view[hdr_at:start]  # each read's header, for the switch (core/switch.py)
         port.backlog = True  # unless a read finds the queue empty
         try:
             for _ in range(RX_BUDGET):

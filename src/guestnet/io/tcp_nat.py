@@ -77,6 +77,9 @@ log = logging.getLogger(__name__)
 
 #: getsockopt: the socket's memory counters (linux/sock_diag.h SK_MEMINFO_*); we read the first
 #: six, of which SNDBUF (index 3) and WMEM_QUEUED (index 5).
+#: How long the TCP flows of a guest whose link went away wait for it to come back (a QEMU
+#: reconnecting to the socket) before they are reset (issue 15).
+GUEST_RETURN_S = 30.0
 SO_MEMINFO = 55
 _MEMINFO = struct.Struct("12xI4xI")
 #: setsockopt: where the next MSG_PEEK reads, kept by the kernel (TCP since Linux 6.9).
@@ -138,6 +141,9 @@ class TcpNatDriver:
         self.fresh_room = _initial_sndbuf() * 7 // 8
         #: Host sockets can keep data for retransmission (``keep``); off after one refusal.
         self.peek_ok = True
+        #: Ports gone with flows on them, and the timer that resets those flows unless their
+        #: guest comes back first (``guest_departed``).
+        self._departures: dict[Port, Timer] = {}
         nat.io = self
 
     # -- TcpIo -----------------------------------------------------------------------------------
@@ -367,7 +373,7 @@ class TcpNatDriver:
             counters.inc("forward.tcp.guest_address_invalid")
             _close_now(conn)
             return
-        port = _guest_port(self.switch)
+        port = _guest_port(self.switch, guest_ip)
         if port is None or port.guest_mac is None:
             # No guest has spoken yet: we know no MAC to send the SYN to.
             counters.inc("forward.tcp.no_guest")
@@ -381,9 +387,13 @@ class TcpNatDriver:
             return
         # The listener has TCP_NODELAY (io/forwards.py), which accepted sockets inherit.
         hs = _HostSock(conn, nagle=False)
+        # A port may hold several MACs (a guest that bridges): the one that claimed the address.
+        mac = self.switch.mac_for_ip4(guest_ip)
+        if mac is None or self.switch.port_for(mac) is not port:
+            mac = port.guest_mac
         flow = self.nat.open_to_guest(
             port,
-            port.guest_mac,
+            mac,
             guest_ip,
             fwd.guest_port,
             hs,
@@ -402,8 +412,27 @@ class TcpNatDriver:
         """Every TCP flow, for the API's ``/flows`` (``now``: the loop's clock by default)."""
         return self.nat.flows_info(self.loop.now() if now is None else now)
 
+    def guest_departed(self, port: Port) -> None:
+        """A guest link went away (``Switch.on_depart``): its flows wait GUEST_RETURN_S for the
+        guest to come back on another port (they move then), and are reset after that."""
+        if not self.nat.has_port(port):
+            return
+        old = self._departures.pop(port, None)
+        if old is not None:
+            old.cancel()
+        self._departures[port] = self.loop.call_later(
+            GUEST_RETURN_S, lambda _now: self._reset_departed(port)
+        )
+
+    def _reset_departed(self, port: Port) -> None:
+        self._departures.pop(port, None)
+        self.nat.reset_port(port)
+
     def close_all(self) -> None:
-        """Shutdown: close every host socket."""
+        """Shutdown: close every host socket, cancel the departures' timers."""
+        for timer in self._departures.values():
+            timer.cancel()
+        self._departures.clear()
         self.nat.close_all()
 
 
@@ -433,8 +462,13 @@ def _close_now(sock: socket.socket) -> None:
     sock.close()
 
 
-def _guest_port(switch: Switch) -> Port | None:
-    """The guest link to open forwarded connections on: the first port a guest has spoken on."""
+def _guest_port(switch: Switch, guest_ip: bytes) -> Port | None:
+    """The guest link to open a forwarded connection to ``guest_ip`` on: the port of the guest
+    known to use that address (its ARP, its IPv6 packets), else the first port a guest has
+    spoken on (one guest, or one that has not shown its address yet)."""
+    port = switch.port_for_ip(guest_ip)
+    if port is not None:
+        return port
     for port in switch.ports:
         if port.guest_mac is not None:
             return port

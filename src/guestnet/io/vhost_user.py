@@ -591,8 +591,15 @@ class VhostUserLink(Link):
             if gso_type:
                 self.gso_from_guest += 1
             trusted = bool(hflags & (VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID))
+            # The header, for the switch: a partial checksum is completed (or the offload
+            # carried over) when the frame goes on to another guest (core/switch.py).
+            if pooled is not None:
+                port.rx_vnet = view[pooled.start - VNET_HDR_LEN : pooled.start]
+            else:
+                port.rx_vnet = first[:VNET_HDR_LEN] if len(first) >= VNET_HDR_LEN else None
             classify(frame_view, port, now, trusted)
         finally:
+            port.rx_vnet = None
             if frame_view is not bufs[-1]:
                 frame_view.release()
             if pooled is not None:

@@ -13,6 +13,7 @@ from guestnet.config import Config
 from guestnet.core.flows import FlowTable
 from guestnet.core.packet import IpPacket
 from guestnet.core.policy import Policy
+from guestnet.core.port import Port
 from guestnet.core.tcp.cookies import SynCookies
 from guestnet.core.tcp.flow import (
     CLOSED,
@@ -123,6 +124,35 @@ class TcpNat(_Handshake):
             self._closed(flow, pkt, key, l4, hlen, seq, ack, flags, now, dns)
         if flow.state != CLOSED or flow.reap_deadline is not None:
             self._arm(flow)
+
+    def move_guest(self, mac: bytes, port: Port) -> int:
+        """A guest came back on ``port`` (``Switch.on_return``): its flows now send there.
+
+        Returns how many flows moved. Scans every flow; called only when a known MAC changes
+        port, which is rare.
+        """
+        moved = 0
+        for flow in self.table:
+            if flow.guest_mac == mac and flow.port is not port:
+                flow.port = port
+                moved += 1
+        if moved:
+            self.counters.inc("nat.tcp.flow.moved", moved)
+        return moved
+
+    def reset_port(self, port: Port) -> int:
+        """Reset every flow still on ``port``: its guest went away and did not come back in
+        time (``Switch.on_depart``; the driver waits first). Returns how many."""
+        gone = [flow for flow in self.table if flow.port is port]
+        for flow in gone:
+            self._abort(flow)
+        if gone:
+            self.counters.inc("nat.tcp.flow.guest_gone", len(gone))
+        return len(gone)
+
+    def has_port(self, port: Port) -> bool:
+        """Whether any flow sends to ``port``."""
+        return any(flow.port is port for flow in self.table)
 
     def flows_info(self, now: float) -> list[dict[str, object]]:
         """Every flow, for the API's ``/flows`` (through the driver's ``flows``)."""
