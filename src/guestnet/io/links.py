@@ -138,9 +138,14 @@ class Link:
         if done < 0:
             hub.pool_to_guest.release(frame)
             return
+        self._backlog(frame, done)
+
+    def _backlog(self, frame: Frame, done: int) -> None:
+        """The link could not take all of ``frame`` now (``done`` bytes went out): queue it and
+        wait for the fd to be writable."""
         self._tx_partial = done
         self._enqueue(frame)
-        hub.loop.modify_fd(self.fd, EPOLLIN | EPOLLOUT)
+        self.hub.loop.modify_fd(self.fd, EPOLLIN | EPOLLOUT)
 
     def _enqueue(self, frame: Frame) -> None:
         if len(self._txq) >= TX_QUEUE_MAX:

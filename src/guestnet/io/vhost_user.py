@@ -607,27 +607,10 @@ class VhostUserLink(Link):
 
     # -- us to guest (RX ring) ----------------------------------------------------------------
 
-    def send(self, frame: Frame) -> None:
-        """Write ``frame`` into the guest's RX buffers, or queue it until the guest posts more."""
-        port = self.port
-        hub = self.hub
-        if self.closed:
-            port.tx_dropped += 1
-            hub.pool_to_guest.release(frame)
-            return
-        port.tx_frames += 1
-        port.tx_bytes += frame.length
-        capture = hub.capture_to_guest
-        if capture is not None:
-            capture(frame.data, frame.csum_start, frame.csum_offset)
-        if not self._txq:
-            done = self._write(frame, 0)
-            if done is None:
-                return
-            if done < 0:
-                hub.pool_to_guest.release(frame)
-                return
-            self.ring_full += 1
+    def _backlog(self, frame: Frame, done: int) -> None:
+        """No RX buffer for ``frame`` now: it waits in the link's queue until the guest posts
+        more (the RX kick), not for the fd (:meth:`Link.send` does the rest)."""
+        self.ring_full += 1
         self._enqueue(frame)
 
     def _flush_rx(self) -> None:
