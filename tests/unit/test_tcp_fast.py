@@ -20,28 +20,37 @@ from unit.test_tcp import *  # noqa: F403  (re-collect every test with the fixtu
 TAKEN: dict[int, int] = {}
 
 
-@pytest.fixture(params=[4, 6], ids=["ipv4", "ipv6"])
-def tcp(core: Any, frames: Any, request: pytest.FixtureRequest) -> Iterator[base.Tcp]:
-    harness = base.Tcp(core, frames, request.param)
+def fast_harness(
+    core: Any, frames: Any, version: int, taken: dict[int, int], trusted: bool
+) -> Iterator[base.Tcp]:
+    """A TCP harness whose classifier offers every segment to the fast path, counting in
+    ``taken`` what it took; with ``trusted`` every frame is fed as ``csum_trusted``."""
+    harness = base.Tcp(core, frames, version)
     nat = harness.nat
-    TAKEN[id(harness)] = 0
+    taken[id(harness)] = 0
 
     def fast(*args: Any) -> bool:
         done = nat.handle_fast(*args)
-        TAKEN[id(harness)] += done
+        taken[id(harness)] += done
         return done
 
     core.classifier.tcp_fast = fast
-    feed = core.feed
+    if trusted:
+        feed = core.feed
 
-    def trusted_feed(frame: bytes | bytearray, port: Any = None, **kw: Any) -> None:
-        kw.setdefault("csum_trusted", True)
-        feed(frame, port, **kw)
+        def trusted_feed(frame: bytes | bytearray, port: Any = None, **kw: Any) -> None:
+            kw.setdefault("csum_trusted", True)
+            feed(frame, port, **kw)
 
-    core.feed = trusted_feed
+        core.feed = trusted_feed
     yield harness
     harness.nat.close_all()
-    del TAKEN[id(harness)]
+    del taken[id(harness)]
+
+
+@pytest.fixture(params=[4, 6], ids=["ipv4", "ipv6"])
+def tcp(core: Any, frames: Any, request: pytest.FixtureRequest) -> Iterator[base.Tcp]:
+    yield from fast_harness(core, frames, request.param, TAKEN, trusted=True)
 
 
 def test_fast_path_takes_established_segments_only(tcp: base.Tcp) -> None:

@@ -17,6 +17,7 @@ import pytest
 
 from unit import test_tcp as base
 from unit.test_tcp import *  # noqa: F403  (re-collect every test with the fixture below)
+from unit.test_tcp_fast import fast_harness
 
 #: Segments the fast path took, per harness.
 TAKEN: dict[int, int] = {}
@@ -24,19 +25,7 @@ TAKEN: dict[int, int] = {}
 
 @pytest.fixture(params=[4, 6], ids=["ipv4", "ipv6"])
 def tcp(core: Any, frames: Any, request: pytest.FixtureRequest) -> Iterator[base.Tcp]:
-    harness = base.Tcp(core, frames, request.param)
-    nat = harness.nat
-    TAKEN[id(harness)] = 0
-
-    def fast(*args: Any) -> bool:
-        done = nat.handle_fast(*args)
-        TAKEN[id(harness)] += done
-        return done
-
-    core.classifier.tcp_fast = fast
-    yield harness
-    harness.nat.close_all()
-    del TAKEN[id(harness)]
+    yield from fast_harness(core, frames, request.param, TAKEN, trusted=False)
 
 
 def test_untrusted_fast_path_takes_established_segments(tcp: base.Tcp) -> None:
