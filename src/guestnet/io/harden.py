@@ -72,6 +72,7 @@ from guestnet.io.netns import (
     CLONE_NEWUSER,
     MS_BIND,
     MS_REC,
+    mount,
     setns_path,
     unshare,
     write_id_maps,
@@ -262,18 +263,6 @@ def _function_imports(module: ModuleType) -> set[str]:
 # -- libc ----------------------------------------------------------------------------------------
 
 
-def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
-    enc = os.fsencode
-    ret = libc().mount(
-        None if source is None else enc(source),
-        enc(target),
-        None if fstype is None else enc(fstype),
-        ctypes.c_ulong(flags),
-        enc(data) if data else None,
-    )
-    check(ret, f"mount {target}")
-
-
 def _prctl(option: int, arg2: int = 0) -> int:
     """prctl(2); the errno on failure (0 on success)."""
     ret = libc().prctl(option, ctypes.c_ulong(arg2), ctypes.c_ulong(0), ctypes.c_ulong(0), 0)
@@ -290,18 +279,18 @@ def enter_sandbox(userns: str | None = None) -> None:
     unshare(CLONE_NEWNS)
     # Slaves receive the caller's later mounts and send nothing back: the detach of the old
     # root below must not unmount anything in the caller's namespace.
-    _mount(None, "/", None, MS_REC | MS_SLAVE)
+    mount(None, "/", None, MS_REC | MS_SLAVE)
     stage = SANDBOX_STAGE
-    _mount("tmpfs", stage, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=16k,mode=0755")
+    mount("tmpfs", stage, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=16k,mode=0755")
     for keep in SANDBOX_KEEP:
         if not os.path.isdir(keep):  # a minimal container may lack /run
             continue
         inside = stage + keep
         os.mkdir(inside, 0o755)
-        _mount(keep, inside, None, MS_BIND | MS_REC)
-        _mount(None, inside, None, MS_REC | MS_SLAVE)
+        mount(keep, inside, None, MS_BIND | MS_REC)
+        mount(None, inside, None, MS_REC | MS_SLAVE)
         ro = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
-        _mount(None, inside, None, ro)
+        mount(None, inside, None, ro)
     os.chdir(stage)
     machine = os.uname().machine
     number = _SYS_PIVOT_ROOT.get(machine)
@@ -313,7 +302,7 @@ def enter_sandbox(userns: str | None = None) -> None:
     check(libc().umount2(b".", MNT_DETACH), "umount old root")
     os.chdir("/")
     with contextlib.suppress(OSError):  # cosmetic, as slirp4netns treats it (its #163)
-        _mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
 def _own_user_namespace(userns: str | None) -> None:

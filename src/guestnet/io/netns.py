@@ -94,15 +94,15 @@ def unshare(flags: int) -> None:
     check(libc().unshare(flags), "unshare")
 
 
-def mount(source: str | None, target: str, fstype: str | None, flags: int) -> None:
-    """``mount(2)`` without data."""
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
+    """``mount(2)``; ``data`` the filesystem's options (none when empty)."""
     enc = os.fsencode
     ret = libc().mount(
         None if source is None else enc(source),
         enc(target),
         None if fstype is None else enc(fstype),
         ctypes.c_ulong(flags),
-        None,
+        enc(data) if data else None,
     )
     check(ret, f"mount {target}")
 
