@@ -316,15 +316,6 @@ class _Established(_Recovery):
         flow.to_discard += nbytes
         self._defer(flow)
 
-    def _discard(self, flow: TcpFlow) -> None:
-        """Drop the acknowledged bytes still in the host socket."""
-        nbytes = flow.to_discard
-        flow.to_discard = 0
-        try:
-            self.io.discard(flow, nbytes)
-        except OSError as exc:
-            self._host_error(flow, exc)
-
     def _start_keeping(self, flow: TcpFlow) -> None:
         """Ask the driver to keep further host data in the socket (once per flow)."""
         keep = getattr(self.io, "keep", None)

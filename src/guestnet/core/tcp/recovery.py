@@ -123,18 +123,24 @@ class _Recovery(_SegmentWriter):
         elif flow.fin_sent and not flow.fin_acked:
             self._segment(flow, self.pool.acquire(), flow.snd_una, FIN | ACK, 0)
 
+    def _discard(self, flow: TcpFlow) -> bool:
+        """Drop the acknowledged bytes still in the host socket; False when the socket failed
+        (the flow is gone)."""
+        nbytes = flow.to_discard
+        flow.to_discard = 0
+        try:
+            self.io.discard(flow, nbytes)
+        except OSError as exc:
+            self._host_error(flow, exc)
+            return False
+        return True
+
     def _reread(self, flow: TcpFlow, buf: memoryview) -> int:
         """The oldest kept bytes again, from the host socket, into ``buf``: bytes read, or -1
         when the socket failed (the flow is gone)."""
-        if flow.to_discard:
-            # Acknowledged bytes still ahead of them: drop them first.
-            nbytes = flow.to_discard
-            flow.to_discard = 0
-            try:
-                self.io.discard(flow, nbytes)
-            except OSError as exc:
-                self._host_error(flow, exc)
-                return -1
+        # Acknowledged bytes still ahead of them: drop them first.
+        if flow.to_discard and not self._discard(flow):
+            return -1
         try:
             got = self.io.reread(flow, [buf], flow.kept)
         except OSError as exc:
