@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from bench_rss import cpu_seconds  # noqa: E402
 from nsutil import addresses, netns, start_guestnet  # noqa: E402
 from test_floods import DNS_UPSTREAM_PORT, ECHO_PORT, FLOOD, Host, legit_tcp  # noqa: E402
 
@@ -37,18 +38,6 @@ from guestnet.client import request  # noqa: E402
 
 KINDS = ("syn", "udp", "frag", "dhcp", "dns", "arp", "ndp")
 PORTS = {"syn": ECHO_PORT, "udp": 9, "frag": 9, "dhcp": 67, "dns": 53, "arp": 9, "ndp": 9}
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def hwm_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
 
 
 def one(kind: str, rate: int, seconds: float) -> dict[str, object]:
@@ -62,7 +51,7 @@ def one(kind: str, rate: int, seconds: float) -> dict[str, object]:
             legit_tcp(gu)
             time.sleep(0.5)
             frames0 = request(api, "GET", "/stats")[1]["links"][0]["frames_in"]
-            cpu0, hwm0 = cpu_s(gn.pid), hwm_kb(gn.pid)
+            cpu0, hwm0 = cpu_seconds(gn.pid), gn.status_kb("VmHWM")
             argv = [sys.executable, FLOOD, kind, "--rate", str(rate), "--seconds", str(seconds),
                     "--count", str(int(rate * seconds)), "--port", str(PORTS[kind])]  # fmt: skip
             flood = gu.popen(argv, stdout=subprocess.PIPE, text=True)
@@ -78,9 +67,9 @@ def one(kind: str, rate: int, seconds: float) -> dict[str, object]:
                 except ValueError:
                     failed += 1
             sent = json.loads(flood.communicate(timeout=30)[0])
-            cpu = cpu_s(gn.pid) - cpu0
+            cpu = cpu_seconds(gn.pid) - cpu0
             frames = request(api, "GET", "/stats")[1]["links"][0]["frames_in"] - frames0
-            grown_kb = hwm_kb(gn.pid) - hwm0
+            grown_kb = gn.status_kb("VmHWM") - hwm0
         finally:
             host.stop()
             gn.cleanup()

@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 NETNS_DIR = "/run/netns"
@@ -192,6 +193,17 @@ class Guestnet:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def open_fds(self) -> int:
+        """How many descriptors guestnet has open (/proc/PID/fd)."""
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def status_kb(self, field: str) -> int:
+        """A ``kB`` field of guestnet's /proc/PID/status (VmRSS, VmHWM)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise KeyError(field)
 
     def wait(self, timeout: float = 10.0) -> int:
         """Wait for guestnet to exit by itself; its exit status."""

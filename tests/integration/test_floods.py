@@ -166,17 +166,6 @@ def host(sandbox: Netns) -> Iterator[Host]:
         h.stop()
 
 
-def fds(gn: Guestnet) -> int:
-    return len(os.listdir(f"/proc/{gn.pid}/fd"))
-
-
-def status_kb(gn: Guestnet, field: str) -> int:
-    for line in Path(f"/proc/{gn.pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(field)
-
-
 def legit_tcp(guest: Netns) -> str:
     out = guest.run([sys.executable, "-c", LEGIT_TCP, str(ECHO_PORT)], check=False, timeout=10)
     return out.stdout.strip()
@@ -250,14 +239,16 @@ def flood_rig(
 
 def settle(gn: Guestnet, fds0: int, hwm0: int, timeout: float = 30.0) -> None:
     """Descriptors back to the baseline; peak RSS grown by less than the limit."""
-    wait_for(lambda: fds(gn) <= fds0, timeout, f"descriptors back to {fds0} (now {fds(gn)})")
-    grown = status_kb(gn, "VmHWM") - hwm0
+    wait_for(
+        lambda: gn.open_fds() <= fds0, timeout, f"descriptors back to {fds0} (now {gn.open_fds()})"
+    )
+    grown = gn.status_kb("VmHWM") - hwm0
     assert grown < RSS_GROWTH_LIMIT_KB, f"peak RSS grew {grown} kB"
 
 
 def baseline(gn: Guestnet) -> tuple[int, int]:
     time.sleep(0.5)
-    return fds(gn), status_kb(gn, "VmHWM")
+    return gn.open_fds(), gn.status_kb("VmHWM")
 
 
 @pytest.mark.parametrize("port", [ECHO_PORT, CLOSED_PORT], ids=["open", "closed"])
@@ -296,7 +287,7 @@ def test_udp_source_port_sweep(flood_rig: Callable[..., Any], host: Host) -> Non
     for body in flood.samples:
         assert flows_of(body, "udp") <= 512, body["flows"]
     assert drops(api).get("nat.udp.flow.refused_full", 0) > 1000
-    assert fds(gn) <= fds0 + 512 + 4  # one socket per flow, the table's bound
+    assert gn.open_fds() <= fds0 + 512 + 4  # one socket per flow, the table's bound
     settle(gn, fds0, hwm0, timeout=120 + 40)  # the sweep's flows expire
 
 

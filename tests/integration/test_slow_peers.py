@@ -15,7 +15,6 @@ their baseline once the peers go.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -67,17 +66,6 @@ s.close()
 """
 
 
-def fds(gn: Guestnet) -> int:
-    return len(os.listdir(f"/proc/{gn.pid}/fd"))
-
-
-def hwm_kb(gn: Guestnet) -> int:
-    for line in Path(f"/proc/{gn.pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise AssertionError("VmHWM")
-
-
 def start(ns: Netns, code: str, *args: str) -> subprocess.Popen[str]:
     proc = ns.popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
@@ -101,7 +89,7 @@ def stalls_bounded(gn: Guestnet, server_ns: Netns, bind: str, client_ns: Netns, 
     the buffers on the way (its send buffer, the window, the far end's receive buffer; not 4 s
     at gigabits per second), guestnet's peak RSS stays within the limit and its descriptors
     return to their baseline."""
-    fds0, hwm0 = fds(gn), hwm_kb(gn)
+    fds0, hwm0 = gn.open_fds(), gn.status_kb("VmHWM")
     server = start(server_ns, NEVER_READ, str(PORT), bind, "30")
     try:
         result = bounded_send(client_ns, dial, PORT)
@@ -109,8 +97,8 @@ def stalls_bounded(gn: Guestnet, server_ns: Netns, bind: str, client_ns: Netns, 
         stop(server)
     assert result["stalled_s"] > 1.0, result
     assert result["sent"] < 96 << 20, result
-    assert hwm_kb(gn) - hwm0 < RSS_GROWTH_LIMIT_KB
-    wait_for(lambda: fds(gn) <= fds0, 20, "descriptors back to the baseline")
+    assert gn.status_kb("VmHWM") - hwm0 < RSS_GROWTH_LIMIT_KB
+    wait_for(lambda: gn.open_fds() <= fds0, 20, "descriptors back to the baseline")
 
 
 def test_host_server_that_never_reads(
@@ -145,7 +133,7 @@ def test_slowloris_on_a_published_port(
     )
     assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
     try:
-        fds0 = fds(gn)
+        fds0 = gn.open_fds()
         # 120 clients that connect and never send (more than the bound), held 30 s at most.
         silent = start(sandbox, SILENT_CLIENTS, str(PORT), "120", "30")
         try:
@@ -166,7 +154,7 @@ def test_slowloris_on_a_published_port(
             wait_for(timed_out, 20, "silent connections timed out")
         finally:
             stop(silent)
-        wait_for(lambda: fds(gn) <= fds0, 20, "descriptors back to the baseline")
+        wait_for(lambda: gn.open_fds() <= fds0, 20, "descriptors back to the baseline")
     finally:
         echo.kill()
         echo.wait(timeout=5)
