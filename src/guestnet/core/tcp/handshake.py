@@ -71,7 +71,6 @@ from guestnet.core.tcp.flow import (
 from guestnet.core.tcp.irregular import _Irregular
 from guestnet.core.tcp.segment import _Reply
 from guestnet.wire.icmp import UNREACH_ADMIN_PROHIBITED, UNREACH_HOST, UNREACH_NET
-from guestnet.wire.l3 import IPV6
 from guestnet.wire.tcp import ACK, FIN, RST, SYN, build_syn_options, parse_tcp_options
 
 
@@ -180,7 +179,7 @@ class _Handshake(_Irregular):
     ) -> None:
         """The half-open table is full: a SYN-ACK whose ISN is a SYN cookie, and no state (see
         ``core/tcp/cookies.py``). Our options as for any SYN-ACK; the window unscaled."""
-        ours = self.our_mss if len(key[0]) == 4 else IPV6.tcp_mss(self.config.mtu)
+        ours = self._mss_for(pkt.family)
         guest_mss = min(mss, ours) if mss else min(DEFAULT_MSS, ours)
         cookie = self.cookies.make(key, seq, guest_mss, wscale, self._now)
         opts = build_syn_options(ours, OUR_WSCALE if wscale is not None else None)

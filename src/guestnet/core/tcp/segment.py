@@ -116,7 +116,11 @@ class _SegmentWriter(TcpNatBase):
 
     def _our_mss(self, flow: TcpFlow) -> int:
         """The MSS we announce on ``flow``: the link MTU less its family's headers."""
-        return self.our_mss if flow.family is IPV4 else flow.family.tcp_mss(self.config.mtu)
+        return self._mss_for(flow.family)
+
+    def _mss_for(self, family: L3Family) -> int:
+        """The MSS we announce in ``family``: the link MTU less its headers."""
+        return self.our_mss if family is IPV4 else family.tcp_mss(self.config.mtu)
 
     def _send_rst_to_guest(self, flow: TcpFlow) -> None:
         # The guest has seen our ISN unless we are still connecting for its SYN (a flow a SYN
