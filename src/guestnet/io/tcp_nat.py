@@ -100,7 +100,10 @@ class _HostSock:
         self.sock: socket.socket | None = sock
         self.fd = sock.fileno()
         self.timer: Timer | None = None
-        #: The loop timer's callback, made once per flow (see ``set_timer``).
+        #: The loop timer's callback, made once per flow (see ``set_timer``). It closes over
+        #: the flow, which holds this record: a reference cycle, so it is dropped once the
+        #: flow has neither socket nor deadline left, or every closed connection would wait
+        #: for the cyclic collector's rare full passes (thousands of dead flows under churn).
         self.fire: Callable[[float], None] | None = None
         #: The last read came back short with no hang-up in the last event: the receive
         #: queue was empty, so the next read would only say EAGAIN (see ``recv_into``).
@@ -333,6 +336,8 @@ class TcpNatDriver:
             if timer is not None:
                 timer.cancel()
                 hs.timer = None
+            if hs.sock is None:
+                hs.fire = None
             return
         if timer is not None and not timer.cancelled:
             if timer.when <= when:
@@ -346,6 +351,9 @@ class TcpNatDriver:
                 # Only the armed timer can fire: re-arming cancels the one before.
                 hs.timer = None
                 nat.on_timer(flow, now)
+                if hs.timer is None and hs.sock is None:
+                    # No socket and no deadline left: the flow was reaped or dropped.
+                    hs.fire = None
 
             hs.fire = fire
         hs.timer = self.loop.call_at(when, fire)

@@ -456,6 +456,7 @@ class _Established(_Recovery):
                     return
             self.counters.inc("tcp.flow.closed")
             flow.state = CLOSED
+            flow.unacked.release()
             self.io.close(flow, False)
             flow.rto_deadline = flow.persist_deadline = flow.wnd_check_deadline = None
             flow.reap_deadline = now + REAP_DELAY_S

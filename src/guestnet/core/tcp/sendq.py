@@ -94,6 +94,12 @@ class SendQueue:
         cap = len(self._buf)
         self._head = head - cap if head >= cap else head
 
+    def release(self) -> None:
+        """Empty the queue and let go of its buffer: the flow will send nothing more (both
+        directions closed), and a closed flow that lingers should not hold a ring."""
+        self._buf = bytearray()
+        self._head = self._len = 0
+
     def __getitem__(self, key: slice) -> bytes:
         """``q[:n]``: a copy of the first ``n`` bytes."""
         n = _prefix_len(key, self._len)
