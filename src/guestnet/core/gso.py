@@ -103,13 +103,15 @@ def piece_count(payload: int, gso_size: int, hdrs: int, mtu: int) -> int:
     """How many pieces of ``gso_size`` bytes ``payload`` bytes make (the last may be shorter).
 
     ``hdrs`` is the IP and L4 header bytes in front of each piece. WireError for a
-    ``gso_size`` of 0, a piece whose IP packet would exceed ``mtu``, or more than
-    :data:`MAX_SEGMENTS` pieces. A payload that fits one piece is one (a super-frame the
-    kernel need not have marked).
+    ``gso_size`` of 0, a piece whose IP packet would exceed ``mtu`` (the link's: what the other
+    guest takes), or more than :data:`MAX_SEGMENTS` pieces. A payload that fits one piece is
+    one (a super-frame the kernel need not have marked).
     """
     if gso_size <= 0:
         raise WireError("gso.bad_size")
     if payload <= gso_size:
+        if hdrs + payload > mtu:
+            raise WireError("gso.over_mtu")
         return 1
     if hdrs + gso_size > mtu:
         raise WireError("gso.over_mtu")
