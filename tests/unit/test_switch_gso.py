@@ -233,3 +233,17 @@ def test_isolate_drops_routed_ipv6(make_core: Any, frames: Any) -> None:
     assert port_b.sent == []
     assert core.counters["switch.isolated"] >= 1
     assert core.pool.in_use == 0
+
+
+def test_ipv6_address_learned_from_frames_switched_between_guests(core: Any, frames: Any) -> None:
+    """B only ever answers A directly (L2): its address is still learned, so A's packets for
+    it through the gateway reach it."""
+    port_b = two_guests(core, frames)
+    back = frames.udp6(9999, 40000, b"back", src=IP6_B, dst=frames.GUEST_IP6, eth_src=MAC_B,
+                       eth_dst=frames.GUEST_MAC)  # fmt: skip
+    core.feed(back, port=port_b)
+    assert core.take_sent() == [back]
+    core.feed(frames.udp6(dst=IP6_B))
+    (got,) = port_b.sent
+    assert got[0:6] == MAC_B
+    assert core.counters["switch.routed"] == 1

@@ -80,6 +80,7 @@ MAX_IP4 = 4096
 _VNET_NEEDS_CSUM = 1
 _ETH_HLEN = 14
 _ANY4 = bytes(4)
+_ANY6 = bytes(16)
 
 
 class Switch:
@@ -249,7 +250,7 @@ class Switch:
         """Switch a unicast guest frame not for guestnet: to the port of its destination MAC,
         or flooded when that MAC is unknown. False when no other port exists to take it."""
         dst = bytes(data[0:6])
-        self._learn_sender(data)
+        self._learn_sender(data, src)
         port = self._by_mac.get(dst)
         if port is not None and port.guest_mac != dst:
             seen = port.macs.get(dst)
@@ -271,11 +272,17 @@ class Switch:
         self.counters.inc("switch.unicast")
         return True
 
-    def _learn_sender(self, data: memoryview) -> None:
-        """Learn the sender's IPv4 address from a frame switched between guests (an ARP reply
-        or an IPv4 packet): a guest that only ever answers another one is still found by its
-        address (ARP requests guestnet sees itself are learned by the ARP responder)."""
+    def _learn_sender(self, data: memoryview, src: Port) -> None:
+        """Learn the sender's IP address from a frame switched between guests (an ARP reply,
+        an IPv4 or IPv6 packet): a guest that only ever answers another one is still found by
+        its address (ARP requests and IPv6 packets guestnet sees itself are learned where they
+        are handled), for a published port or a guest routing to it through the gateway."""
         n = len(data)
+        if n >= 54 and data[12] == 0x86 and data[13] == 0xDD:
+            addr = bytes(data[22:38])
+            if addr != src.ip6_last and addr != _ANY6:
+                src.learn_ip6(addr)
+            return
         if n >= 34 and data[12] == 8:
             if data[13] == 0:
                 addr = bytes(data[26:30])
