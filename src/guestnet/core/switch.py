@@ -268,7 +268,7 @@ class Switch:
         if self.isolate:
             self.counters.inc("switch.isolated")
             return True
-        self._out(data, src, port)
+        self._deliver(data, src, port, None)
         self.counters.inc("switch.unicast")
         return True
 
@@ -278,11 +278,6 @@ class Switch:
         its address (ARP requests and IPv6 packets guestnet sees itself are learned where they
         are handled), for a published port or a guest routing to it through the gateway."""
         n = len(data)
-        if n >= 54 and data[12] == 0x86 and data[13] == 0xDD:
-            addr = bytes(data[22:38])
-            if addr != src.ip6_last and addr != _ANY6:
-                src.learn_ip6(addr)
-            return
         if n >= 34 and data[12] == 8:
             if data[13] == 0:
                 addr = bytes(data[26:30])
@@ -294,6 +289,10 @@ class Switch:
                 mac = bytes(data[6:12])
                 if self.ip4_macs.get(addr) != mac:
                     self.learn_ip4(addr, mac)
+        elif n >= 54 and data[12] == 0x86 and data[13] == 0xDD:
+            addr = bytes(data[22:38])
+            if addr != src.ip6_last and addr != _ANY6:
+                src.learn_ip6(addr)
 
     def flood(self, data: memoryview, src: Port) -> bool:
         """Copy a guest frame to every port but ``src`` (broadcast, multicast, unknown unicast).
@@ -306,7 +305,7 @@ class Switch:
             return True
         for port in ports:
             if port is not src:
-                self._out(data, src, port)
+                self._deliver(data, src, port, None)
         self.counters.inc("switch.flood")
         return True
 
@@ -338,10 +337,6 @@ class Switch:
         self._deliver(data, src, port, (dst_mac, our_mac))
         self.counters.inc("switch.routed")
         return True
-
-    def _out(self, data: memoryview, src: Port, port: Port) -> None:
-        """Send a copy of ``data`` (a frame from ``src``) to ``port``, offloads carried over."""
-        self._deliver(data, src, port, None)
 
     def _deliver(
         self, data: memoryview, src: Port, port: Port, route: tuple[bytes, bytes] | None
