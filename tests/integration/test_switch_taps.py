@@ -4,14 +4,16 @@ guestnet makes two TAPs in its own (sandbox) namespace, ``--tap A --tap B``; the
 into a namespace of its own, where the guest brings it up and asks DHCP for an address (its
 own lease by its random MAC) and the kernel configures IPv6 by SLAAC from guestnet's router
 advertisement. The guests then reach each other through guestnet over IPv4 and IPv6, and move
-64 MiB of TCP both ways, content-checked: once with offloads on both TAPs (super-frames switched
-whole) and once with ``B:no-offloads``, so that A's TCP super-frames must be cut into segments
-by the switch for B (``switch.gso.segments``) and B's MSS-sized frames reach A as they are.
+64 MiB of TCP both ways and a UDP_SEGMENT send of nine datagrams, content-checked: once with
+offloads on both TAPs (super-frames switched whole) and once with ``B:no-offloads``, so that A's
+TCP and UDP super-frames must be cut into segments and datagrams by the switch for B
+(``switch.gso.segments``) and B's MSS-sized frames reach A as they are.
 """
 
 from __future__ import annotations
 
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,30 @@ pytestmark = [
 ]
 
 BUSYBOX = shutil.which("busybox") or "busybox"
+#: UDP_SEGMENT (linux/udp.h): one send, many datagrams (the kernel hands the TAP one USO frame).
+UDP_SEGMENT = 103
+
+#: Sends 8192 bytes to argv[1]:argv[2] with one UDP_SEGMENT send of argv[3]-byte datagrams.
+USO_SOURCE = f"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_UDP, {UDP_SEGMENT}, int(sys.argv[3]))
+s.sendto(bytes(range(256)) * 32, (sys.argv[1], int(sys.argv[2])))
+"""
+
+#: Receives 8192 bytes of datagrams on port argv[1]; prints how many, their sizes, whether
+#: they join into what was sent.
+USO_SINK = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.settimeout(10)
+print("ready", flush=True)
+got = []
+while sum(map(len, got)) < 8192:
+    got.append(s.recv(65536))
+print(len(got), sorted({len(d) for d in got}), b"".join(got) == bytes(range(256)) * 32)
+"""
 
 
 @pytest.fixture
@@ -97,6 +123,21 @@ def _start(
     return gn, names, got
 
 
+def _uso(sender: Netns, receiver: Netns, addr: str, port: int) -> str:
+    """One UDP_SEGMENT send of 8192 bytes in 1000-byte datagrams; what the receiver got."""
+    sink = receiver.popen([sys.executable, "-c", USO_SINK, str(port)], stdout=-1, text=True)
+    try:
+        assert sink.stdout is not None
+        assert sink.stdout.readline().strip() == "ready"
+        sender.run([sys.executable, "-c", USO_SOURCE, addr, str(port), "1000"])
+        out, _ = sink.communicate(timeout=15)
+        return out.strip()
+    finally:
+        if sink.poll() is None:
+            sink.kill()
+            sink.wait()
+
+
 def _stats(tmp_path: Path) -> dict[str, Any]:
     status, stats = request(str(tmp_path / "api.sock"), "GET", "/stats")
     assert status == 200
@@ -129,6 +170,7 @@ def test_two_taps_each_a_guest_on_the_switch(
     assert _ping(two, ip6_1)
     _tcp_exact(one, two, ip2, 5011)
     _tcp_exact(two, one, ip6_1, 5012)
+    assert _uso(one, two, ip2, 5015) == "9 [192, 1000] True"
     drops = _stats(tmp_path)["drops"]
     assert drops.get("switch.unicast", 0) > 0
     assert drops.get("switch.gso.segments", 0) == 0  # both take super-frames whole
@@ -144,6 +186,9 @@ def test_tcp_between_a_tap_with_offloads_and_one_without(
     """A's kernel sends TCP super-frames; B's TAP takes none: the switch segments them."""
     one, two = tap_guests
     gn, names, (ip1, ip2) = _start(start_gn, sandbox, tap_guests, tmp_path, ":no-offloads")
+    # A UDP_SEGMENT send: A's kernel hands over one USO super-frame, cut into datagrams here.
+    assert _uso(one, two, ip2, 5016) == "9 [192, 1000] True"
+    assert _stats(tmp_path)["drops"].get("switch.gso.segments", 0) >= 9
     _tcp_exact(one, two, ip2, 5013)
     _tcp_exact(two, one, ip1, 5014)
     drops = _stats(tmp_path)["drops"]
