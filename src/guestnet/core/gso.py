@@ -21,7 +21,8 @@ IPv6, where the L4 header starts, where the packet ends, checked), the number of
 (:func:`piece_count`, which refuses a ``gso_size`` of 0, pieces that would not fit the link's
 MTU, and more than :data:`MAX_SEGMENTS` of them), and the per-piece fix of the IP header
 (:func:`fix_ip`: total length, identification and header checksum for IPv4, as the kernel's own
-segmentation numbers them one after another; payload length for IPv6).
+segmentation numbers them one after another; payload length for IPv6), and the copying of each
+piece into its frame (:func:`pieces`).
 
 Every piece is written into its own pooled frame (one copy of the headers and of its slice of
 the payload) and handed to ``emit``, which takes ownership (the switch's port send). A bad
@@ -36,7 +37,9 @@ headers). Anything else with a ``gso_type`` is a counted drop.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 
+from guestnet.pool import Frame, FramePool
 from guestnet.wire import WireError
 from guestnet.wire.checksum import checksum
 from guestnet.wire.ethernet import ETH_HLEN, ETHERTYPE_IPV4, ETHERTYPE_IPV6
@@ -119,6 +122,27 @@ def piece_count(payload: int, gso_size: int, hdrs: int, mtu: int) -> int:
     if count > MAX_SEGMENTS:
         raise WireError("gso.too_many")
     return count
+
+
+def pieces(
+    data: memoryview, at: int, total: int, count: int, gso_size: int, pool: FramePool
+) -> Iterator[tuple[Frame, int, int, int]]:
+    """Yield ``(frame, index, offset, n)`` for each of ``count`` pieces: a pooled frame holding
+    the super-frame's headers (its first ``at`` bytes) and the ``n`` payload bytes at
+    ``offset`` of the ``total`` after them. The caller fixes the headers and emits the frame
+    before asking for the next."""
+    headers = data[:at]
+    off = 0
+    for index in range(count):
+        n = min(gso_size, total - off)
+        frame = pool.acquire()
+        view = frame.view
+        s = frame.start
+        view[s : s + at] = headers
+        view[s + at : s + at + n] = data[at + off : at + off + n]
+        frame.length = at + n
+        yield frame, index, off, n
+        off += n
 
 
 def fix_ip(view: memoryview, ip_at: int, l4_at: int, l4_len: int, version: int, index: int) -> None:

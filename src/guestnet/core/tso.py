@@ -22,7 +22,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
-from guestnet.core.gso import addresses, fix_ip, ip_layer, piece_count
+from guestnet.core.gso import addresses, fix_ip, ip_layer, piece_count, pieces
 from guestnet.pool import Frame, FramePool
 from guestnet.wire import WireError
 from guestnet.wire.checksum import checksum, pseudo_header_sum
@@ -63,17 +63,10 @@ def segment_tcp(
     src, dst = addresses(data, version)
     seq = _U32.unpack_from(data, l4 + 4)[0]
     flags = data[l4 + 13]
-    headers = data[:at]
     last = count - 1
-    off = 0
-    for index in range(count):
-        n = min(gso_size, total - off)
-        frame = pool.acquire()
+    for frame, index, off, n in pieces(data, at, total, count, gso_size, pool):
         view = frame.view
         s = frame.start
-        view[s : s + at] = headers
-        view[s + at : s + at + n] = data[at + off : at + off + n]
-        frame.length = at + n
         fix_ip(view, s + ETH_HLEN, s + l4, thl + n, version, index)
         t = s + l4
         _U32.pack_into(view, t + 4, (seq + off) & 0xFFFFFFFF)
@@ -87,6 +80,5 @@ def segment_tcp(
         view[t + 17] = 0
         pseudo = pseudo_header_sum(src, dst, PROTO_TCP, thl + n)
         _U16.pack_into(view, t + 16, checksum(view[t : s + at + n], pseudo))
-        off += n
         emit(frame)
     return count

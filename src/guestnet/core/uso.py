@@ -17,7 +17,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
-from guestnet.core.gso import addresses, fix_ip, ip_layer, piece_count
+from guestnet.core.gso import addresses, fix_ip, ip_layer, piece_count, pieces
 from guestnet.pool import Frame, FramePool
 from guestnet.wire import WireError
 from guestnet.wire.checksum import checksum, pseudo_header_sum
@@ -50,16 +50,9 @@ def segment_udp(
     total = end - at
     count = piece_count(total, gso_size, at - ETH_HLEN, mtu)
     src, dst = addresses(data, version)
-    headers = data[:at]
-    off = 0
-    for index in range(count):
-        n = min(gso_size, total - off)
-        frame = pool.acquire()
+    for frame, index, _off, n in pieces(data, at, total, count, gso_size, pool):
         view = frame.view
         s = frame.start
-        view[s : s + at] = headers
-        view[s + at : s + at + n] = data[at + off : at + off + n]
-        frame.length = at + n
         fix_ip(view, s + ETH_HLEN, s + l4, UDP_HLEN + n, version, index)
         u = s + l4
         _U16.pack_into(view, u + 4, UDP_HLEN + n)
@@ -67,6 +60,5 @@ def segment_udp(
         view[u + 7] = 0
         value = checksum(view[u : s + at + n], pseudo_header_sum(src, dst, PROTO_UDP, UDP_HLEN + n))
         _U16.pack_into(view, u + 6, value or 0xFFFF)
-        off += n
         emit(frame)
     return count
