@@ -249,3 +249,16 @@ def test_ipv6_address_learned_from_frames_switched_between_guests(core: Any, fra
     (got,) = port_b.sent
     assert got[0:6] == MAC_B
     assert core.counters["switch.routed"] == 1
+
+
+def test_ipv6_routed_both_ways_through_the_gateway(core: Any, frames: Any) -> None:
+    """Both guests route to each other through guestnet: each learned from its routed frames."""
+    port_b = two_guests(core, frames)
+    _learn_b6(core, frames, port_b)
+    core.feed(frames.udp6(dst=IP6_B))
+    assert len(port_b.sent) == 1
+    back = frames.udp6(9999, 40000, b"back", src=IP6_B, dst=frames.GUEST_IP6, eth_src=MAC_B)
+    core.feed(back, port=port_b)
+    (got,) = core.take_sent()
+    assert got[0:6] == frames.GUEST_MAC and got[21] == 63
+    assert core.counters["switch.routed"] == 2

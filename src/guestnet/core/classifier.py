@@ -231,6 +231,9 @@ class FrameClassifier:
         never routed; False lets the frame go on to guestnet's services and the NAT."""
         if len(frame) < ETH_HLEN + 40 or frame[ETH_HLEN] >> 4 != 6:
             return False
+        sender = bytes(frame[22:38])
+        if sender != port.ip6_last and sender != _UNSPECIFIED6:
+            port.learn_ip6(sender)  # so that the other guest's answers through us find it
         to = bytes(frame[38:54])
         if to[0] == 0xFF or to[:2] == _LINK_LOCAL6 or to in self._owned6:
             return False
