@@ -11,9 +11,17 @@ classifier on one port and switched to another guest's port (unicast to its MAC)
 (sent to guestnet's MAC for the other guest's address), the port releasing the copy at once;
 7 runs of 20,000 frames, median µs/frame of process time.
 
+``--core`` also times a TCP super-frame (64 KiB, 45 segments of 1448 bytes, as a TAP guest
+with TSO sends) switched to a port without offloads (cut into segments in software, each with
+its checksums) and to one with them (one copy, offloads carried over): µs per super-frame.
+
+``--mixed``: guestnet with ``--tap A --tap B:no-offloads`` (each TAP moved into its guest's
+namespace, addresses set by hand): iperf3 TCP A -> B (A's super-frames segmented by the switch)
+and B -> A, with guestnet's CPU seconds per second of TCP.
+
 Root only (namespaces, TAP) without ``--core``. Every process is bounded in time and every
 namespace is removed on the way out, whatever happens. Usage:
-``python3 bench/bench_switch.py [--seconds 5] [--rounds 3] [--core]``.
+``python3 bench/bench_switch.py [--seconds 5] [--rounds 3] [--core | --mixed]``.
 """
 
 from __future__ import annotations
@@ -146,6 +154,87 @@ def bench_bridge(seconds: float, rounds: int) -> dict:
         return measure(a, b, "10.0.2.16", seconds, rounds, None)
 
 
+def bench_mixed(seconds: float, rounds: int) -> dict:
+    """Two --tap guests, B without offloads: TCP both ways through the switch."""
+    tag = uuid.uuid4().hex[:6]
+    taps = [f"bmA{tag}", f"bmB{tag}"]
+    with namespaces("s", "a", "b") as (sb, a, b):
+        gn = subprocess.Popen(
+            ["ip", "netns", "exec", sb, sys.executable, "-m", "guestnet", "netns",
+             "--tap", taps[0], "--tap", f"{taps[1]}:no-offloads", "--mtu", str(MTU)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 20
+            while not all(t in ns_exec(sb, "ip", "link", check=False) for t in taps):
+                if time.monotonic() > deadline or gn.poll() is not None:
+                    raise RuntimeError("guestnet did not come up")
+                time.sleep(0.2)
+            for tap, ns, ip in ((taps[0], a, "10.0.2.15"), (taps[1], b, "10.0.2.16")):
+                ns_exec(sb, "ip", "link", "set", tap, "netns", ns)
+                ns_exec(ns, "ip", "link", "set", tap, "up")
+                ns_exec(ns, "ip", "addr", "add", f"{ip}/24", "dev", tap)
+            ns_exec(a, "ping", "-c", "1", "-W", "2", "10.0.2.16")
+            out = {}
+            for name, (c, srv, addr) in (("a_to_b", (a, b, "10.0.2.16")),
+                                         ("b_to_a", (b, a, "10.0.2.15"))):  # fmt: skip
+                runs, cpu = [], 0.0
+                for _ in range(rounds):
+                    before = cpu_s(gn.pid)
+                    runs.append(iperf(c, srv, addr, seconds, udp=False)["gbps"])
+                    cpu += cpu_s(gn.pid) - before
+                out[f"{name}_tcp_gbps"] = round(statistics.median(runs), 3)
+                out[f"{name}_guestnet_cpu_s_per_tcp_s"] = round(cpu / (rounds * seconds), 3)
+            return out
+        finally:
+            gn.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                gn.wait(timeout=5)
+            if gn.poll() is None:
+                gn.kill()
+
+
+def super_frame_costs() -> dict[str, float]:
+    """Process time per 64 KiB TCP super-frame switched to a port without offloads (segmented)
+    and to one with them (one copy)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "tests"))
+    from conftest import GUEST_IP, GUEST_MAC, CoreHarness, ipv4_frame, tcp_segment
+
+    from guestnet.core.port import Port
+    from guestnet.wire.checksum import pseudo_header_sum
+    from guestnet.wire.ipv4 import PROTO_TCP
+    from guestnet.wire.tcp import ACK
+
+    h = CoreHarness(mtu=MTU)
+    a, b = Port("a", h.pool.release), Port("b", h.pool.release)
+    h.switch.detach(h.port)
+    h.switch.attach(a)
+    h.switch.attach(b)
+    mac_b, ip_b = bytes.fromhex("5254000000bb"), bytes([10, 0, 2, 16])
+    h.switch.learn(a, GUEST_MAC)
+    h.switch.learn(b, mac_b)
+    mss = MTU - 52
+    payload = bytes(range(256)) * (45 * mss // 256)
+    l4 = tcp_segment(40000, 5001, ACK, payload, bytes(12), GUEST_IP, ip_b)
+    frame = bytearray(ipv4_frame(PROTO_TCP, l4, GUEST_IP, ip_b, eth_dst=mac_b))
+    frame[50:52] = pseudo_header_sum(GUEST_IP, ip_b, PROTO_TCP, len(l4)).to_bytes(2, "big")
+    a.rx_vnet = memoryview(bytes([1, 1, 0, 0]) + mss.to_bytes(2, "little") + bytes([34, 0, 16, 0]))
+    view = memoryview(frame)
+    out = {}
+    for name, offload_max in (("segmented", 0), ("whole", 65535)):
+        b.offload_max = offload_max
+        runs = []
+        for _ in range(7):
+            t = time.process_time()
+            for _ in range(500):
+                h.classifier.handle_frame(view, a, 1000.0, True)
+            runs.append((time.process_time() - t) / 500 * 1e6)
+        out[f"tcp_super_{len(frame)}B_{name}_us"] = round(statistics.median(runs), 1)
+    out["segments_per_super_frame"] = -(-len(payload) // mss)
+    return out
+
+
 def core_costs() -> dict[str, float]:
     """Per-frame process time of switching and routing in the core (see the module docstring)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,9 +271,13 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--core", action="store_true", help="the core's CPU per frame only")
+    p.add_argument("--mixed", action="store_true", help="two --tap guests, one without offloads")
     args = p.parse_args()
     if args.core:
-        print(json.dumps(core_costs(), indent=2))
+        print(json.dumps({**core_costs(), **super_frame_costs()}, indent=2))
+        return 0
+    if args.mixed:
+        print(json.dumps(bench_mixed(args.seconds, args.rounds), indent=2))
         return 0
     out = {
         "guestnet": bench_guestnet(args.seconds, args.rounds),

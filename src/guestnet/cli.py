@@ -28,7 +28,7 @@ from guestnet.core.dhcp import check_config as check_dhcp_config
 from guestnet.io.forwards import PublishSpec, parse_publish
 from guestnet.io.harden import Hardening, parse_runas
 from guestnet.io.netns import STOP_SIGNALS, HelperError
-from guestnet.io.tap import check_ifname
+from guestnet.io.tap import TapLink, check_ifname
 from guestnet.network import Child, Network, StartError
 
 log = logging.getLogger("guestnet")
@@ -113,6 +113,23 @@ def _int_range(lo: int, hi: int) -> type[int]:
         return value
 
     return parse  # type: ignore[return-value]
+
+
+#: ``--tap IFNAME:no-offloads``: this TAP without checksum/segmentation offloads.
+_TAP_NO_OFFLOADS = "no-offloads"
+
+
+def _tap(text: str) -> tuple[str, bool | None]:
+    """``IFNAME`` or ``IFNAME:no-offloads`` (a colon is never part of an interface name):
+    the name, and False when that TAP runs without offloads (None: as ``--no-offloads`` says)."""
+    name, sep, flag = text.partition(":")
+    if sep and flag != _TAP_NO_OFFLOADS:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected IFNAME or IFNAME:{_TAP_NO_OFFLOADS}")
+    try:
+        check_ifname(name)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return name, (False if sep else None)
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -245,6 +262,17 @@ def add_datapath_options(p: argparse.ArgumentParser) -> None:
         type=_int_range(1, 65536),
         default=d.pool_slots,
         help="pooled frame buffers per direction (%(default)s)",
+    )
+    g.add_argument(
+        "--tap",
+        action="append",
+        type=_tap,
+        default=[],
+        metavar="IFNAME[:no-offloads]",
+        help="also serve TAP interface IFNAME of guestnet's own network namespace, made if "
+        "it does not exist (an existing one, from ip tuntap add, is opened as it is); move it "
+        "into another namespace (ip link set IFNAME netns NS) and it stays served. Repeatable: "
+        "each TAP is a guest on the switch. :no-offloads: this TAP without offloads",
     )
     g.add_argument(
         "--no-offloads",
@@ -482,8 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_datapath_options(netns)
     netns.add_argument(
         "target",
-        nargs="+",
-        help="PID, /proc/PID/ns/net, /run/netns/NAME path, or a NAME under /run/netns; several "
+        nargs="*",
+        help="PID, /proc/PID/ns/net, /run/netns/NAME path, or a NAME under /run/netns (none "
+        "with --tap); several "
         "targets are guests on one switch: the Nth (from 0) gets --guest-mac, --guest-ip and "
         "--guest-ip6 plus N (with --configure; a DHCP client gets its own lease anyway)",
     )
@@ -585,6 +614,19 @@ def _serve(
     return 0
 
 
+def _open_taps(net: Network, args: argparse.Namespace, prog: str) -> list[TapLink] | None:
+    """Serve every ``--tap``; None (the error printed, the network closed) when one fails."""
+    links = []
+    for ifname, offloads in args.tap:
+        try:
+            links.append(net.open_tap(ifname, offloads=offloads))
+        except OSError as exc:
+            net.close()
+            print(f"{prog}: error: --tap {ifname}: {exc}", file=sys.stderr)
+            return None
+    return links
+
+
 def cmd_qemu(args: argparse.Namespace, config: Config) -> int:
     """Serve QEMU stream connections until a signal."""
     net = Network(config)
@@ -598,6 +640,8 @@ def cmd_qemu(args: argparse.Namespace, config: Config) -> int:
         net.close()
         print(f"guestnet qemu: error: cannot listen: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    if _open_taps(net, args, "guestnet qemu") is None:
+        return EXIT_FAILURE
     print(qemu_args, flush=True)
     return _serve(net, "guestnet", hardening=hardening_from_args(args))
 
@@ -610,6 +654,8 @@ def cmd_vhost_user(args: argparse.Namespace, config: Config) -> int:
     except (OSError, RuntimeError) as exc:
         net.close()
         print(f"guestnet vhost-user: error: cannot listen: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if _open_taps(net, args, "guestnet vhost-user") is None:
         return EXIT_FAILURE
     print(qemu_args, flush=True)
     return _serve(net, "guestnet", hardening=hardening_from_args(args))
@@ -625,6 +671,8 @@ def cmd_dgram(args: argparse.Namespace, config: Config) -> int:
         net.close()
         print(f"guestnet dgram: error: cannot bind {path}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    if _open_taps(net, args, "guestnet dgram") is None:
+        return EXIT_FAILURE
     print(qemu_args, flush=True)
     return _serve(net, "guestnet", hardening=hardening_from_args(args))
 
@@ -636,6 +684,9 @@ def cmd_netns(args: argparse.Namespace, config: Config) -> int:
         check_ifname(args.ifname)
     except ValueError as exc:
         print(f"guestnet netns: error: --ifname: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.target and not args.tap:
+        print("guestnet netns: error: give a TARGET namespace or --tap", file=sys.stderr)
         return EXIT_USAGE
     if args.userns and not os.path.exists(args.userns):
         print(f"guestnet netns: error: --userns: no such namespace: {args.userns}", file=sys.stderr)
@@ -668,6 +719,10 @@ def cmd_netns(args: argparse.Namespace, config: Config) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILURE
+    taps = _open_taps(net, args, "guestnet netns")
+    if taps is None:
+        return EXIT_FAILURE
+    links.extend(taps)
     log.info("serving %s in %s", args.ifname, " ".join(args.target))
     return _serve(
         net,
@@ -704,6 +759,8 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     hardening = hardening_from_args(args)
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     net = Network(config)
+    if _open_taps(net, args, "guestnet run") is None:
+        return EXIT_FAILURE
     try:
         child = net.spawn(_command_of(args), ifname=args.ifname)
     except (HelperError, OSError) as exc:

@@ -50,7 +50,7 @@ from guestnet.io.netns import (
     resolve_target,
     spawn_in_new_namespaces,
 )
-from guestnet.io.tap import DEFAULT_OFFLOADS, TapLink, check_ifname
+from guestnet.io.tap import DEFAULT_OFFLOADS, TapLink, check_ifname, open_tap
 from guestnet.io.vhost_user import VhostUserServer
 from guestnet.io.vhost_user import qemu_args as vhost_qemu_args
 
@@ -159,10 +159,39 @@ class Network:
             f"remote.path={path} -device virtio-net-pci,netdev=net0,mac={mac}"
         )
 
-    def attach_tap(self, fd: int, ifname: str | None = None, name: str = "tap0") -> TapLink:
-        """Serve an open TAP fd (``IFF_TAP | IFF_NO_PI | IFF_VNET_HDR``); the network owns it."""
-        offloads = DEFAULT_OFFLOADS if self.config.offloads else 0
-        return self._call(lambda: TapLink(self._inst.hub, fd, name, ifname, offloads))
+    def attach_tap(
+        self,
+        fd: int,
+        ifname: str | None = None,
+        name: str = "tap0",
+        offloads: bool | None = None,
+    ) -> TapLink:
+        """Serve an open TAP fd (``IFF_TAP | IFF_NO_PI | IFF_VNET_HDR``); the network owns it.
+
+        ``offloads``: ask the kernel for checksum and segmentation offloads on this TAP
+        (None: as ``config.offloads`` says).
+        """
+        if offloads is None:
+            offloads = self.config.offloads
+        flags = DEFAULT_OFFLOADS if offloads else 0
+        return self._call(lambda: TapLink(self._inst.hub, fd, name, ifname, flags))
+
+    def open_tap(self, ifname: str, *, offloads: bool | None = None) -> TapLink:
+        """Serve TAP interface ``ifname`` of guestnet's own network namespace (``--tap``): made
+        here if it does not exist (it goes away with guestnet), opened as it is if it does
+        (``ip tuntap add IFNAME mode tap``). Its port is named ``ifname``. The interface's
+        address, MTU and state are the guest's business; moved into another namespace (``ip
+        link set IFNAME netns NS``) it stays served. ``offloads`` as for :meth:`attach_tap`.
+        ValueError for a bad name; OSError when the kernel refuses (no CAP_NET_ADMIN, a TUN
+        device of that name, one already open elsewhere).
+        """
+        check_ifname(ifname)
+        fd = open_tap(ifname)
+        try:
+            return self.attach_tap(fd, ifname, name=ifname, offloads=offloads)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def attach_netns(
         self,

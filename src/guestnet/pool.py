@@ -57,7 +57,9 @@ class Frame:
     :meth:`FramePool.acquire`): ``csum_start >= 0`` means the L4 checksum is partial, the field
     at ``csum_start + csum_offset`` (offsets from ``start``) holding the pseudo-header sum, for
     the link (or the guest's kernel) to complete; ``gso_size > 0`` means the frame is a TCP
-    super-frame to be cut into segments of that many payload bytes where it must be.
+    (or, with the checksum at UDP's offset, a UDP) super-frame to be cut into segments of that
+    many payload bytes where it must be (by the guest's kernel, or by the switch for a port
+    without the offload: guestnet.core.gso).
     """
 
     __slots__ = ("buf", "csum_offset", "csum_start", "gso_size", "length", "start", "taken", "view")

@@ -244,12 +244,15 @@ def test_offloads_carried_to_a_port_that_takes_them(core: Any, frames: Any) -> N
     assert port_b.sent == [frame]
 
 
-def test_super_frame_to_a_port_without_offloads_dropped(core: Any, frames: Any) -> None:
+def test_super_frame_to_a_port_without_offloads_segmented(core: Any, frames: Any) -> None:
+    """No longer dropped: cut into MSS-sized segments (tests/unit/test_switch_gso.py checks
+    them byte by byte)."""
     port_b = two_guests(core, frames)
     core.port.rx_vnet = _vnet(1, 1, 1448, 34, 16)
     core.feed(_partial_tcp(frames, b"y" * 3000), csum_trusted=True)
-    assert port_b.sent == []
-    assert core.counters["switch.gso.unsupported"] == 1
+    assert [len(f) for f in port_b.sent] == [54 + 1448, 54 + 1448, 54 + 104]
+    assert core.counters["switch.gso.unsupported"] == 0
+    assert core.counters["switch.gso.segments"] == 3
 
 
 # --- guests by address (published ports choose their guest) --------------------------------------

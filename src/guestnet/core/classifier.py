@@ -14,7 +14,9 @@ is for guestnet (its MAC, broadcast, multicast):
   ICMPv6 to the ICMPv6 service, UDP to port 547 to DHCPv6, UDP and TCP to port 53 on the IPv6
   DNS or gateway address to DNS, other unicast UDP and TCP to the IPv6 NAT; other multicast is
   dropped. The source of every IPv6 packet is learned onto the guest's Port (``learn_ip6``), and
-  the first IPv6 packet on a port has NDP advertise the router there at once (``port_up``);
+  the first IPv6 packet on a port has NDP advertise the router there at once (``port_up``); a
+  packet to guestnet's MAC for an address another guest sends from is routed to that guest
+  (``Switch.route6``), as IPv4 to another guest's ARP-claimed address is (``Switch.route4``);
 - everything else is dropped and counted under a dotted reason (``eth.vlan.unsupported``...).
 
 Services not present yet (``None``) get a counted drop. Any :class:`WireError` raised while
@@ -200,6 +202,8 @@ class FrameClassifier:
             self.arp.handle_arp(frame[ETH_HLEN:], port)
         elif ethertype == ETHERTYPE_IPV6:
             if self._ipv6:
+                if dst == self._mac and len(self.switch.ports) > 1 and self._to_guest6(frame, port):
+                    return
                 self._ipv6_frame(frame[ETH_HLEN:], port, src, now, csum_trusted)
             else:
                 self.counters.inc("ipv6.unsupported")
@@ -219,6 +223,24 @@ class FrameClassifier:
         if checksum(frame[ETH_HLEN : ETH_HLEN + ihl]) != 0:
             raise WireError("ipv4.bad_checksum")
         return self.switch.route4(frame, port, mac, self._mac)
+
+    def _to_guest6(self, frame: memoryview, port: Port) -> bool:
+        """An IPv6 frame to guestnet's MAC for an address another guest on another port sends
+        from (a guest that routes through the gateway, without the prefix on-link): the switch
+        delivers it to that guest. guestnet's own, multicast and link-local destinations are
+        never routed; False lets the frame go on to guestnet's services and the NAT."""
+        if len(frame) < ETH_HLEN + 40 or frame[ETH_HLEN] >> 4 != 6:
+            return False
+        sender = bytes(frame[22:38])
+        if sender != port.ip6_last and sender != _UNSPECIFIED6:
+            port.learn_ip6(sender)  # so that the other guest's answers through us find it
+        to = bytes(frame[38:54])
+        if to[0] == 0xFF or to[:2] == _LINK_LOCAL6 or to in self._owned6:
+            return False
+        other = self.switch.port_for_ip6(to)
+        if other is None or other is port or other.guest_mac is None:
+            return False
+        return self.switch.route6(frame, port, other.guest_mac, self._mac)
 
     def _ipv4(
         self, data: memoryview, port: Port, src_mac: bytes, now: float, trusted: bool
@@ -410,6 +432,8 @@ class FrameClassifier:
 
 
 _UNSPECIFIED6 = bytes(16)
+#: The first two bytes of a link-local address (fe80::/10, as every stack uses it: fe80::/64).
+_LINK_LOCAL6 = b"\xfe\x80"
 
 
 def _each_datagram(

@@ -36,11 +36,21 @@ TCP driver's grace period are reset (``on_depart``) (UDP and ICMP replies go by 
 :meth:`Switch.send` and follow by themselves; DHCP leases are keyed by MAC). MACs of departed
 ports are remembered (bounded), so a guest sending from ever new MACs costs no flow scan.
 
-Offloads: a TAP with virtio-net headers hands over TCP super-frames with a partial checksum; its
-link points ``Port.rx_vnet`` at the header of the frame being classified. Switched to a port
-that takes offloads, the frame keeps its metadata (``Frame.csum_start``/``gso_size``); to one
-that does not, a partial checksum is completed here, and a super-frame (which would need
-segmenting) is dropped and counted (``switch.gso.unsupported``).
+Offloads: a TAP (or vhost-user) guest with offloads hands over TCP and UDP super-frames with a
+partial checksum; its link points ``Port.rx_vnet`` at the virtio-net header of the frame being
+classified. Switched to a port that takes the same offload (``offload_max``, and
+``udp_offload`` for a UDP super-frame), the frame keeps its metadata
+(``Frame.csum_start``/``gso_size``) and the receiving kernel takes it whole. To one that does
+not, a partial checksum is completed here, and a super-frame is segmented in software as a Linux
+bridge does for a device without the offload (:mod:`guestnet.core.gso`: TCP segments, UDP
+datagrams, each in its own pooled frame; counted ``switch.gso.segmented`` and
+``switch.gso.segments``); a super-frame that cannot be cut (bad ``gso_size``, headers that are
+not what a kernel builds) or of a type never asked for (UFO) is dropped and counted
+(``switch.gso.*``).
+
+Routing between guests: a guest that sends to guestnet's MAC (its gateway) for another guest's
+address, IPv4 (:meth:`Switch.route4`) or IPv6 (:meth:`Switch.route6`), has the frame delivered to
+that guest as a router would: readdressed, TTL or hop limit decremented.
 """
 
 from __future__ import annotations
@@ -48,9 +58,13 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 
+from guestnet.core.gso import GSO_ECN, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4
 from guestnet.core.port import Port
+from guestnet.core.tso import segment_tcp
+from guestnet.core.uso import segment_udp
 from guestnet.counters import Counters
 from guestnet.pool import Frame, FramePool
+from guestnet.wire import WireError
 from guestnet.wire.checksum import checksum
 
 #: Seconds a MAC that is not its port's ``guest_mac`` stays known without a frame from it
@@ -62,11 +76,11 @@ MAX_MACS_PER_PORT = 64
 MAX_DEPARTED = 1024
 #: Guest IPv4 addresses remembered (ARP senders).
 MAX_IP4 = 4096
-#: virtio-net header: the checksum is partial (flags bit), and the TCP gso types (ECN masked).
+#: virtio-net header: the checksum is partial (flags bit).
 _VNET_NEEDS_CSUM = 1
-_VNET_GSO_TCP = (1, 4)
 _ETH_HLEN = 14
 _ANY4 = bytes(4)
+_ANY6 = bytes(16)
 
 
 class Switch:
@@ -236,7 +250,7 @@ class Switch:
         """Switch a unicast guest frame not for guestnet: to the port of its destination MAC,
         or flooded when that MAC is unknown. False when no other port exists to take it."""
         dst = bytes(data[0:6])
-        self._learn_sender(data)
+        self._learn_sender(data, src)
         port = self._by_mac.get(dst)
         if port is not None and port.guest_mac != dst:
             seen = port.macs.get(dst)
@@ -254,14 +268,15 @@ class Switch:
         if self.isolate:
             self.counters.inc("switch.isolated")
             return True
-        self._out(data, src, port)
+        self._deliver(data, src, port, None)
         self.counters.inc("switch.unicast")
         return True
 
-    def _learn_sender(self, data: memoryview) -> None:
-        """Learn the sender's IPv4 address from a frame switched between guests (an ARP reply
-        or an IPv4 packet): a guest that only ever answers another one is still found by its
-        address (ARP requests guestnet sees itself are learned by the ARP responder)."""
+    def _learn_sender(self, data: memoryview, src: Port) -> None:
+        """Learn the sender's IP address from a frame switched between guests (an ARP reply,
+        an IPv4 or IPv6 packet): a guest that only ever answers another one is still found by
+        its address (ARP requests and IPv6 packets guestnet sees itself are learned where they
+        are handled), for a published port or a guest routing to it through the gateway."""
         n = len(data)
         if n >= 34 and data[12] == 8:
             if data[13] == 0:
@@ -274,6 +289,10 @@ class Switch:
                 mac = bytes(data[6:12])
                 if self.ip4_macs.get(addr) != mac:
                     self.learn_ip4(addr, mac)
+        elif n >= 54 and data[12] == 0x86 and data[13] == 0xDD:
+            addr = bytes(data[22:38])
+            if addr != src.ip6_last and addr != _ANY6:
+                src.learn_ip6(addr)
 
     def flood(self, data: memoryview, src: Port) -> bool:
         """Copy a guest frame to every port but ``src`` (broadcast, multicast, unknown unicast).
@@ -286,7 +305,7 @@ class Switch:
             return True
         for port in ports:
             if port is not src:
-                self._out(data, src, port)
+                self._deliver(data, src, port, None)
         self.counters.inc("switch.flood")
         return True
 
@@ -295,70 +314,57 @@ class Switch:
         (a guest routing through the gateway): readdressed from guestnet's MAC to the guest
         at ``dst_mac``, its TTL decremented, as a router would. False when that MAC has no
         port (the caller lets the NAT refuse it)."""
+        return self._route(data, src, dst_mac, our_mac, _ETH_HLEN + 8)
+
+    def route6(self, data: memoryview, src: Port, dst_mac: bytes, our_mac: bytes) -> bool:
+        """:meth:`route4` for IPv6: an IPv6 frame a guest sent to guestnet's MAC for another
+        guest's address, readdressed to ``dst_mac`` with its hop limit decremented."""
+        return self._route(data, src, dst_mac, our_mac, _ETH_HLEN + 7)
+
+    def _route(
+        self, data: memoryview, src: Port, dst_mac: bytes, our_mac: bytes, ttl_at: int
+    ) -> bool:
+        """Deliver a frame routed between guests; ``ttl_at`` is where its TTL (hop limit) is."""
         port = self._by_mac.get(dst_mac)
         if port is None:
             return False
         if self.isolate:
             self.counters.inc("switch.isolated")
             return True
-        ihl = (data[_ETH_HLEN] & 0x0F) * 4
-        ttl_at = _ETH_HLEN + 8
         if data[ttl_at] <= 1:
             self.counters.inc("switch.route.ttl_expired")
             return True
-        frame = self._copy(data, src, port)
-        if frame is None:
-            return True
-        view = frame.view
-        start = frame.start
-        view[start : start + 6] = dst_mac
-        view[start + 6 : start + 12] = our_mac
-        ip = start + _ETH_HLEN
-        view[ip + 8] -= 1
-        view[ip + 10 : ip + 12] = b"\x00\x00"
-        value = checksum(view[ip : ip + ihl])
-        view[ip + 10] = value >> 8
-        view[ip + 11] = value & 0xFF
+        self._deliver(data, src, port, (dst_mac, our_mac))
         self.counters.inc("switch.routed")
-        port.send(frame)
         return True
 
-    def _out(self, data: memoryview, src: Port, port: Port) -> None:
-        """Send a copy of ``data`` (a frame from ``src``) to ``port``, offloads carried over."""
-        frame = self._copy(data, src, port)
-        if frame is not None:
-            port.send(frame)
-
-    def _copy(self, data: memoryview, src: Port, port: Port) -> Frame | None:
-        """A pooled copy of ``data`` (a frame from ``src``) ready for ``port``: offloads carried
-        over when ``port`` takes them, else a partial checksum completed; None (dropped and
-        counted) for what ``port`` cannot take."""
+    def _deliver(
+        self, data: memoryview, src: Port, port: Port, route: tuple[bytes, bytes] | None
+    ) -> None:
+        """Send ``data`` (a frame from ``src``) to ``port`` in pooled frames: one copy, with
+        offloads carried over when ``port`` takes them, else a partial checksum completed and a
+        super-frame segmented (:mod:`guestnet.core.gso`); what cannot be sent is dropped and
+        counted. ``route``: (guest MAC, guestnet's MAC) to readdress each frame to, its TTL
+        decremented (:meth:`route4`)."""
+        meta = src.rx_vnet
+        if meta is not None and meta[1]:
+            self._super(data, meta, port, route)
+            return
         n = len(data)
         frame = self.pool.acquire()
         start = frame.start
         view = frame.view
         view[start : start + n] = data
         frame.length = n
-        meta = src.rx_vnet
         if meta is not None and meta[0] & _VNET_NEEDS_CSUM:
-            gso = 0
-            if meta[1]:
-                if (meta[1] & 0x7F) not in _VNET_GSO_TCP:
-                    self._drop(frame, "switch.gso.unsupported")
-                    return None
-                gso = meta[4] | (meta[5] << 8)
             cs = meta[6] | (meta[7] << 8)
             co = meta[8] | (meta[9] << 8)
             if cs + co + 2 > n:
                 self._drop(frame, "switch.csum.bad_offset")
-                return None
+                return
             if port.offload_max and n - _ETH_HLEN <= port.offload_max:
                 frame.csum_start = cs
                 frame.csum_offset = co
-                frame.gso_size = gso
-            elif gso:
-                self._drop(frame, "switch.gso.unsupported")
-                return None
             else:
                 # The field holds the pseudo-header sum: the checksum over it and the rest.
                 at = start + cs + co
@@ -367,7 +373,58 @@ class Switch:
                     value = 0xFFFF  # UDP sends a computed 0 as all ones (RFC 768)
                 view[at] = value >> 8
                 view[at + 1] = value & 0xFF
-        return frame
+        if route is not None:
+            _readdress(frame, route)
+        port.send(frame)
+
+    def _super(
+        self, data: memoryview, meta: memoryview, port: Port, route: tuple[bytes, bytes] | None
+    ) -> None:
+        """Send super-frame ``data`` (virtio-net header ``meta`` with a ``gso_type``) to
+        ``port``: whole with its metadata when ``port`` takes that offload, else segmented."""
+        gso_type = meta[1] & ~GSO_ECN
+        if gso_type in (GSO_TCPV4, GSO_TCPV6):
+            udp = False
+        elif gso_type == GSO_UDP_L4:
+            udp = True
+        else:
+            self.counters.inc("switch.gso.unsupported")  # UFO: never asked for
+            return
+        n = len(data)
+        gso = meta[4] | (meta[5] << 8)
+        cs = meta[6] | (meta[7] << 8)
+        co = meta[8] | (meta[9] << 8)
+        if (
+            meta[0] & _VNET_NEEDS_CSUM
+            and port.offload_max
+            and n - _ETH_HLEN <= port.offload_max
+            and (port.udp_offload or not udp)
+            and gso
+            and cs + co + 2 <= n
+        ):
+            frame = self.pool.acquire()
+            frame.view[frame.start : frame.start + n] = data
+            frame.length = n
+            frame.csum_start = cs
+            frame.csum_offset = co
+            frame.gso_size = gso
+            if route is not None:
+                _readdress(frame, route)
+            port.send(frame)
+            return
+        version = 6 if gso_type == GSO_TCPV6 else 4
+        if udp:
+            version = 6 if n > 13 and data[12] == 0x86 and data[13] == 0xDD else 4
+        emit = port.send if route is None else _routed(port, route)
+        segment = segment_udp if udp else segment_tcp
+        try:
+            count = segment(data, version, gso, self.pool.mtu, self.pool, emit)
+        except WireError as exc:
+            self.counters.inc(f"switch.{exc.reason}")
+            return
+        counters = self.counters
+        counters.inc("switch.gso.segmented")
+        counters.inc("switch.gso.segments", count)
 
     def _drop(self, frame: Frame, reason: str) -> None:
         self.counters.inc(reason)
@@ -395,3 +452,34 @@ class Switch:
             copy.view[copy.start : copy.start + frame.length] = frame.data
             extra.send(copy)
         ports[0].send(frame)
+
+
+def _readdress(frame: Frame, route: tuple[bytes, bytes]) -> None:
+    """Make ``frame`` one a router forwards: from guestnet's MAC to the guest's (``route``),
+    its IPv4 TTL (header checksum fixed) or IPv6 hop limit decremented."""
+    view = frame.view
+    start = frame.start
+    dst_mac, our_mac = route
+    view[start : start + 6] = dst_mac
+    view[start + 6 : start + 12] = our_mac
+    ip = start + _ETH_HLEN
+    if view[ip] >> 4 == 6:
+        view[ip + 7] -= 1
+        return
+    ihl = (view[ip] & 0x0F) * 4
+    view[ip + 8] -= 1
+    view[ip + 10] = 0
+    view[ip + 11] = 0
+    value = checksum(view[ip : ip + ihl])
+    view[ip + 10] = value >> 8
+    view[ip + 11] = value & 0xFF
+
+
+def _routed(port: Port, route: tuple[bytes, bytes]) -> Callable[[Frame], None]:
+    """``port.send``, each frame readdressed first (segments of a routed super-frame)."""
+
+    def send(frame: Frame) -> None:
+        _readdress(frame, route)
+        port.send(frame)
+
+    return send
