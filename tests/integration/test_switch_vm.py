@@ -252,6 +252,7 @@ def test_two_vms_on_one_switch(
             for vm in vms.values():
                 vm.wait_for(r"^@@GUESTNET-IDLE@@$", timeout_s=VM_TIMEOUT_S)
             answers = {ip: _curl(gv.netns, port) for ip, port in PUBLISHED.items()}
+            cpu_s = _cpu_s(gv.guestnet.proc.pid)
             leases = _api(api, "/leases")
             report = _report(gv.guestnet, api)
             results = {name: vm.stop() for name, vm in vms.items()}
@@ -294,7 +295,7 @@ def test_two_vms_on_one_switch(
     for ip, answer in answers.items():
         owner = next(name for name, owned in ips.items() if owned == ip)
         assert answer == owner, (ip, answers, ips, report)
-    print(f"\n{STREAM_MIB} MiB each way at once, send time per guest (s): {times}")
+    print(f"\n{STREAM_MIB} MiB each way at once: send s {times}, guestnet CPU s {cpu_s:.1f}")
 
 
 # -- a VM restarted with the same MAC -----------------------------------------------------------
@@ -335,6 +336,12 @@ section hello cat /tmp/hello
 echo "@@GUESTNET-IDLE@@"
 sleep 600
 """
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used, for the measurements printed."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _open_fds(pid: int) -> int:
