@@ -349,6 +349,15 @@ def add_datapath_options(p: argparse.ArgumentParser) -> None:
         help="close a UDP flow after this long without traffic (%(default)s; RFC 4787: >= 120)",
     )
     nat.add_argument(
+        "--guest-return-timeout",
+        type=_int_range(1, 86400),
+        default=int(d.guest_return_timeout),
+        metavar="SECONDS",
+        help="reset the TCP flows of a guest whose link went away unless it comes back within "
+        "this long (a QEMU reconnecting to --socket), and those of a guest that came back with "
+        "its MAC but does not know them within this long (a restarted VM) (%(default)s)",
+    )
+    nat.add_argument(
         "--forward-silent-timeout",
         type=_int_range(1, 86400),
         default=int(d.forward_silent_timeout),
@@ -462,6 +471,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         dns_upstreams=tuple(args.dns_upstream),
         dhcp_static=tuple(args.dhcp_static),
         udp_timeout=float(args.udp_timeout),
+        guest_return_timeout=float(args.guest_return_timeout),
         forward_silent_timeout=float(args.forward_silent_timeout),
         max_silent_forwards=args.max_silent_forwards,
         no_host_loopback=args.no_host_loopback,

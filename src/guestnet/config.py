@@ -27,6 +27,8 @@ MAX_MTU = 65520
 MTU_LIMIT = 65521
 #: Smallest MTU IPv4 allows (RFC 791).
 MIN_MTU = 576
+#: Default of ``Config.guest_return_timeout`` (``--guest-return-timeout``).
+GUEST_RETURN_TIMEOUT_S = 30.0
 
 
 def parse_mac(text: str) -> bytes:
@@ -106,6 +108,11 @@ class Config:
     max_silent_forwards: int = 1024
     #: UDP flow idle timeout in seconds (RFC 4787 asks at least 120).
     udp_timeout: float = 180.0
+    #: Seconds the TCP flows of a guest whose link went away wait for it to come back (a QEMU
+    #: reconnecting to the socket) before they are reset; and, once a guest with its MAC is
+    #: back, seconds it has to show it knows them (a restarted guest does not) before they
+    #: are reset (``--guest-return-timeout``; issue 15).
+    guest_return_timeout: float = GUEST_RETURN_TIMEOUT_S
     #: Unix socket path of the control API (HTTP/1.1 + JSON, mode 0600); None: no API.
     api_socket: str | None = None
     #: pcap file every frame is written to (both directions); None: no capture.
@@ -148,6 +155,8 @@ class Config:
             raise ValueError("--mac and --guest-mac must be six bytes")
         if self.mac[0] & 1 or self.guest_mac[0] & 1:
             raise ValueError("--mac and --guest-mac must be unicast addresses")
+        if not self.guest_return_timeout > 0:
+            raise ValueError("--guest-return-timeout must be positive")
         if not 1 <= self.pool_slots <= 65536:
             raise ValueError("--pool-slots must be between 1 and 65536")
         if self.outbound_addr is not None:

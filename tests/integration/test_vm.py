@@ -20,7 +20,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from vm.qemu import (
     start_vm,
     vhost_user_netdev,
 )
+from vm.qemu import wait_listening as _wait_listening
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
 
@@ -136,23 +136,6 @@ def _rc(result: VmResult, name: str) -> int:
     """Exit status of the guest's `section NAME` (AssertionError if the section never ended)."""
     result.section(name)
     return parse_sections(result.console)[name][1]
-
-
-def _wait_listening(netns: str, port: int, proto: str, what: str, timeout_s: float = 10.0) -> None:
-    """Poll `ss` in the sandbox until something listens on `port` (proto "t" or "u")."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        out = subprocess.run(
-            in_netns(netns, ["ss", "-Hnl" + proto, f"sport = :{port}"]),
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout
-        if out.strip():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not listening on port {port} after {timeout_s} s")
-        time.sleep(0.05)
 
 
 def _assert_lease(result: VmResult, mtu: int) -> None:

@@ -65,6 +65,7 @@ import socket
 import struct
 from collections.abc import Callable
 
+from guestnet.config import GUEST_RETURN_TIMEOUT_S
 from guestnet.core.port import Port
 from guestnet.core.switch import Switch
 from guestnet.core.tcp import CONNECTING, TcpFlow, TcpNat
@@ -78,8 +79,9 @@ log = logging.getLogger(__name__)
 #: getsockopt: the socket's memory counters (linux/sock_diag.h SK_MEMINFO_*); we read the first
 #: six, of which SNDBUF (index 3) and WMEM_QUEUED (index 5).
 #: How long the TCP flows of a guest whose link went away wait for it to come back (a QEMU
-#: reconnecting to the socket) before they are reset (issue 15).
-GUEST_RETURN_S = 30.0
+#: reconnecting to the socket) before they are reset (issue 15): the default of
+#: ``Config.guest_return_timeout`` (``--guest-return-timeout``).
+GUEST_RETURN_S = GUEST_RETURN_TIMEOUT_S
 SO_MEMINFO = 55
 _MEMINFO = struct.Struct("12xI4xI")
 #: setsockopt: where the next MSG_PEEK reads, kept by the kernel (TCP since Linux 6.9).
@@ -421,15 +423,16 @@ class TcpNatDriver:
         return self.nat.flows_info(self.loop.now() if now is None else now)
 
     def guest_departed(self, port: Port) -> None:
-        """A guest link went away (``Switch.on_depart``): its flows wait GUEST_RETURN_S for the
-        guest to come back on another port (they move then), and are reset after that."""
+        """A guest link went away (``Switch.on_depart``): its flows wait
+        ``config.guest_return_timeout`` for the guest to come back on another port (they move
+        then), and are reset after that."""
         if not self.nat.has_port(port):
             return
         old = self._departures.pop(port, None)
         if old is not None:
             old.cancel()
         self._departures[port] = self.loop.call_later(
-            GUEST_RETURN_S, lambda _now: self._reset_departed(port)
+            self.nat.config.guest_return_timeout, lambda _now: self._reset_departed(port)
         )
 
     def _reset_departed(self, port: Port) -> None:

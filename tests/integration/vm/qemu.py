@@ -125,6 +125,23 @@ def background_process(
         _stop(proc)
 
 
+def wait_listening(netns: str, port: int, proto: str, what: str, timeout_s: float = 10.0) -> None:
+    """Poll `ss` in the sandbox until something listens on `port` (proto "t" or "u")."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = subprocess.run(
+            in_netns(netns, ["ss", "-Hnl" + proto, f"sport = :{port}"]),
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout
+        if out.strip():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not listening on port {port} after {timeout_s} s")
+        time.sleep(0.05)
+
+
 def stream_netdev(socket_path: Path) -> list[str]:
     """QEMU connects to a stream socket that guestnet listens on (4-byte length framing)."""
     return ["-netdev", f"stream,id=n0,server=off,addr.type=unix,addr.path={socket_path}"]
@@ -329,10 +346,18 @@ class GuestnetVm:
     netdev: list[str]
     workdir: Path
 
-    def start(self, script: str) -> AbstractContextManager[RunningVm]:
-        """Boot a guest running `script` and return at once (see RunningVm)."""
-        initrd = self.image.initrd_with_script(script, self.workdir / "initrd.img")
-        return start_vm(self.image.kernel, initrd, self.netdev, self.workdir, netns=self.netns)
+    def start(
+        self, script: str, *, mac: str = GUEST_MAC, name: str = ""
+    ) -> AbstractContextManager[RunningVm]:
+        """Boot a guest running `script` and return at once (see RunningVm).
+
+        Several guests at once (issue 15: one switch) each need a `name` (their initrd, console
+        and QEMU log go in a subdirectory of that name) and a MAC of their own.
+        """
+        workdir = self.workdir / name if name else self.workdir
+        workdir.mkdir(exist_ok=True)
+        initrd = self.image.initrd_with_script(script, workdir / "initrd.img")
+        return start_vm(self.image.kernel, initrd, self.netdev, workdir, netns=self.netns, mac=mac)
 
     def boot(self, script: str, timeout_s: float = BOOT_TIMEOUT_S) -> VmResult:
         """Boot a guest running `script` until it powers off. Fails the test if the guest does not

@@ -490,4 +490,7 @@ class _Established(_Recovery):
         d = flow.delack_deadline
         if d is not None and d < when and flow.ack_pending:
             when = d
+        d = flow.return_deadline
+        if d is not None and d < when:
+            when = d
         self.io.set_timer(flow, when)

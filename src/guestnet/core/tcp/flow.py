@@ -73,6 +73,9 @@ DEFAULT_MSS = 536
 #: 0, 1 and 3 s: three tries).
 FORWARD_SYN_RTO_S = 1.0
 FORWARD_CONNECT_TIMEOUT_S = 6.0
+#: A flow moved to a guest that came back (issue 15) is probed this often (a keep-alive the
+#: guest must answer) until the guest shows it knows the flow, or its return timeout passes.
+RETURN_PROBE_S = 1.0
 #: Source ports of forwarded connections as the guest sees them (Linux's ephemeral range).
 FORWARD_PORT_MIN = 32768
 FORWARD_PORT_MAX = 60999
@@ -196,6 +199,9 @@ class TcpFlow:
         "reap_deadline",
         "recover",
         "retries",
+        "return_deadline",
+        "return_mark",
+        "return_until",
         "rto",
         "rto_deadline",
         "rtt_seq",
@@ -302,6 +308,12 @@ class TcpFlow:
         #: DNS over TCP: the upstreams this flow has tried to connect to, in order.
         self.dns_tried: tuple[tuple[str, int], ...] = ()
         self.reap_deadline: float | None = None
+        #: A guest came back and the flow moved to it (``TcpNat.move_guest``): when it is
+        #: probed next; ``last_active`` at the move (any guest segment since changes it);
+        #: when it is reset unless that happened (None until the first probe tick).
+        self.return_deadline: float | None = None
+        self.return_mark = 0.0
+        self.return_until: float | None = None
         self.bytes_to_host = 0
         self.bytes_to_guest = 0
 

@@ -126,7 +126,9 @@ class TcpNat(_Handshake):
             self._arm(flow)
 
     def move_guest(self, mac: bytes, port: Port) -> int:
-        """A guest came back on ``port`` (``Switch.on_return``): its flows now send there.
+        """A guest came back on ``port`` (``Switch.on_return``): its flows now send there, and
+        each established one is probed until the guest shows it knows it (a guest restarted
+        with the same MAC does not: see ``recovery``).
 
         Returns how many flows moved. Scans every flow; called only when a known MAC changes
         port, which is rare.
@@ -136,6 +138,8 @@ class TcpNat(_Handshake):
             if flow.guest_mac == mac and flow.port is not port:
                 flow.port = port
                 moved += 1
+                if flow.state == ESTABLISHED:
+                    self._probe_returned(flow)
         if moved:
             self.counters.inc("nat.tcp.flow.moved", moved)
         return moved

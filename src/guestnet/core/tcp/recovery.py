@@ -11,14 +11,22 @@ snd_nxt - 1`` that make the guest answer with its window, backing off to 60 s). 
 advertised below one MSS is re-checked on a short timer (``WND_CHECK_*``), because a send buffer
 that drains without an earlier EAGAIN raises no EPOLLOUT.
 
-Every deadline of a flow (connect, RTO, persist, window check, delayed ACK, idle, reap) is a
-field on it; the driver holds one timer per flow, armed for the earliest, and :meth:`on_timer`
-sees which have passed.
+Every deadline of a flow (connect, RTO, persist, window check, delayed ACK, idle, return probe,
+reap) is a field on it; the driver holds one timer per flow, armed for the earliest, and
+:meth:`on_timer` sees which have passed.
 
 Endings. An RST either way tears down both: the guest's RST closes the host socket with
 SO_LINGER 0 so the host peer sees an RST; a host reset (ECONNRESET, EPIPE) sends RST to the
 guest. An established flow idle for ``IDLE_TIMEOUT_S`` (2 h 4 min, RFC 5382) is reset both
 ways; so is one whose guest stops acknowledging for ``MAX_RETRANSMITS`` timeouts in a row.
+
+Guests that come back (issue 15). A flow follows its guest's MAC to a new port
+(``TcpNat.move_guest``), but the same MAC is not always the same stack: a QEMU that reconnects
+keeps its guest, one killed and started again boots a new kernel that knows none of the old
+flows. So a moved flow is probed with keep-alives until its guest sends a segment on it (kept);
+a new stack answers the probe with an RST, which resets the flow both ways; no answer within
+``config.guest_return_timeout`` resets it too. An idle host connection of the old guest thus
+ends within that bound instead of hanging until the idle timeout.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from guestnet.core.tcp.flow import (
     IDLE_TIMEOUT_S,
     MAX_RETRANSMITS,
     PERSIST_MAX_S,
+    RETURN_PROBE_S,
     RTO_INITIAL_S,
     RTO_MAX_S,
     RTO_MIN_S,
@@ -79,6 +88,10 @@ class _Recovery(_SegmentWriter):
             self.counters.inc("tcp.flow.idle_timeout")
             self._abort(flow)
             return
+        if flow.return_deadline is not None and now >= flow.return_deadline:
+            self._on_return_probe(flow, now)
+            if flow.state == CLOSED:
+                return
         if flow.rto_deadline is not None and now >= flow.rto_deadline:
             self._on_rto(flow, now)
             if flow.state == CLOSED:
@@ -180,6 +193,46 @@ class _Recovery(_SegmentWriter):
         self._control(flow, (flow.snd_nxt - 1) & SEQ_MASK, flow.rcv_nxt, ACK, flow.wnd_field)
         flow.persist_interval = min(flow.persist_interval * 2, PERSIST_MAX_S)
         flow.persist_deadline = now + flow.persist_interval
+
+    def _probe_returned(self, flow: TcpFlow) -> None:
+        """``flow`` moved to a guest that came back on another port: ask that guest whether
+        it knows the flow. A keep-alive (``seq = snd_una - 1``, no data) is answered by the
+        same stack with an ACK, by a new one (a VM restarted with the same MAC) with an RST at
+        ``rcv_nxt``, which resets the flow both ways. The first tick, due at once (``_now``
+        may be stale here: the switch calls without a clock), starts the return timeout."""
+        flow.return_mark = flow.last_active
+        flow.return_until = None
+        flow.return_deadline = self._now
+        self.counters.inc("tcp.flow.return_probe")
+        self._keepalive(flow)
+        self._arm(flow)
+
+    def _on_return_probe(self, flow: TcpFlow, now: float) -> None:
+        """A tick of a moved flow: done when the guest has sent a segment on it since the move;
+        else probed again every ``RETURN_PROBE_S`` (a rebooting guest answers only once it has
+        its address back) and reset both ways once ``config.guest_return_timeout`` passes."""
+        until = flow.return_until
+        if until is None:
+            flow.return_until = now + self.config.guest_return_timeout
+            flow.return_deadline = now + RETURN_PROBE_S
+            return
+        if flow.last_active != flow.return_mark:
+            flow.return_deadline = None
+            self.counters.inc("tcp.flow.return_confirmed")
+            return
+        if now >= until:
+            flow.return_deadline = None
+            self.counters.inc("tcp.flow.return_timeout")
+            self._abort(flow)
+            return
+        self.counters.inc("tcp.flow.return_probe")
+        self._keepalive(flow)
+        flow.return_deadline = min(now + RETURN_PROBE_S, until)
+
+    def _keepalive(self, flow: TcpFlow) -> None:
+        """A keep-alive probe (RFC 9293 3.8.4): an old sequence number and no data, which the
+        guest's stack must answer."""
+        self._control(flow, (flow.snd_una - 1) & SEQ_MASK, flow.rcv_nxt, ACK, flow.wnd_field)
 
     def _rtt_sample(self, flow: TcpFlow, rtt: float) -> None:
         """RFC 6298 section 2."""
