@@ -134,8 +134,11 @@ class VirtQueue:
         self.desc: memoryview | None = None
         self.avail: memoryview | None = None
         self.used: memoryview | None = None
-        #: Buffers of the chain last walked: (view, writable), reused between walks.
+        #: Buffers of the chain last walked, as views (:meth:`walk`).
         self.bufs: list[memoryview] = []
+        #: Buffers of the chain last walked as ``(region view, offset, length)``: no view is
+        #: made per buffer (:meth:`walk_spans`; the RX path copies straight into them).
+        self.spans: list[tuple[memoryview, int, int]] = []
         #: Chains popped but not yet pushed back (their heads).
         self.in_flight = 0
 
@@ -171,6 +174,7 @@ class VirtQueue:
         for b in self.bufs:
             b.release()
         self.bufs.clear()
+        self.spans.clear()
 
     def pending(self) -> int:
         """How many chains the guest has made available; marks the queue broken if nonsense."""
@@ -193,17 +197,30 @@ class VirtQueue:
         return head
 
     def walk(self, head: int, mem: GuestMemory, writable: bool) -> tuple[int, int]:
-        """Walk the chain at ``head`` into :attr:`bufs`; return ``(error, total_bytes)``.
-
-        ``writable``: the direction every descriptor must have (RX chains are device-writable,
-        TX chains read-only). Zero-length descriptors are skipped.
-        """
-        desc = self.desc
-        assert desc is not None
+        """Walk the chain at ``head`` into :attr:`bufs` (a view per buffer); return ``(error,
+        total_bytes)`` as :meth:`walk_spans` does."""
+        err, total = self.walk_spans(head, mem, writable)
         bufs = self.bufs
         for b in bufs:
             b.release()
         bufs.clear()
+        for view, off, length in self.spans:
+            bufs.append(view[off : off + length])
+        return err, total
+
+    def walk_spans(self, head: int, mem: GuestMemory, writable: bool) -> tuple[int, int]:
+        """Walk the chain at ``head`` into :attr:`spans`; return ``(error, total_bytes)``.
+
+        ``writable``: the direction every descriptor must have (RX chains are device-writable,
+        TX chains read-only). Zero-length descriptors are skipped. Each buffer is checked to lie
+        wholly inside one region (:meth:`GuestMemory.gpa_view`'s rule, inlined: this runs per
+        descriptor).
+        """
+        desc = self.desc
+        assert desc is not None
+        spans = self.spans
+        spans.clear()
+        regions = mem.regions
         n = self.num
         want = VRING_DESC_F_WRITE if writable else 0
         i = head
@@ -217,10 +234,13 @@ class VirtQueue:
             if (flags & VRING_DESC_F_WRITE) != want:
                 return WALK_WRONG_DIRECTION, total
             if length:
-                view = mem.gpa_view(addr, length)
-                if view is None:
+                for r in regions:
+                    off = addr - r.gpa
+                    if off >= 0 and off + length <= r.size:
+                        spans.append((r.view, off, length))
+                        break
+                else:
                     return WALK_OUT_OF_MEMORY, total
-                bufs.append(view)
                 total += length
             if not flags & VRING_DESC_F_NEXT:
                 return (WALK_OK if total else WALK_EMPTY), total
@@ -241,6 +261,19 @@ class VirtQueue:
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         if self.in_flight:
             self.in_flight -= 1
+
+    def push_many(self, chains: list[tuple[int, int]]) -> None:
+        """Return several chains ``(head, written)`` at once (visible after :meth:`publish`)."""
+        used = self.used
+        assert used is not None
+        num = self.num
+        idx = self.used_idx
+        pack = _USED_ELEM.pack_into
+        for head, written in chains:
+            pack(used, 4 + 8 * (idx % num), head, written)
+            idx = (idx + 1) & 0xFFFF
+        self.used_idx = idx
+        self.in_flight = max(0, self.in_flight - len(chains))
 
     def publish(self) -> None:
         """Publish ``used.idx`` (one 16-bit store, after the elements)."""
