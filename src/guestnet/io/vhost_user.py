@@ -48,6 +48,7 @@ from guestnet.io.loop import EPOLLIN, Handler
 from guestnet.io.tap import TSO_MAX_PACKET, build_vnet_hdr
 from guestnet.pool import HEADROOM, Frame
 from guestnet.wire.virtio import (
+    TAKE_SHORT,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VIRTIO_F_VERSION_1,
     VIRTIO_NET_F_CSUM,
@@ -638,9 +639,10 @@ class VhostUserLink(Link):
     def _write(self, frame: Frame, offset: int) -> int | None:
         """Copy header and frame into RX buffers: None done, 0 no room now, -1 dropped.
 
-        Chains are taken (walked into spans of guest memory, no view per buffer) until they hold
-        the whole frame; then ``num_buffers`` goes into the header and the frame is copied with
-        one slice assignment per buffer, and the chains are returned in one publish.
+        Chains are taken (:meth:`VirtQueue.take_writable`: spans of guest memory, no view per
+        buffer) until they hold the whole frame; then ``num_buffers`` goes into the header, the
+        frame is copied with one slice assignment per buffer, and the chains are returned in one
+        publish.
         """
         q = self.queues[RXQ]
         if not q.ready:
@@ -650,34 +652,23 @@ class VhostUserLink(Link):
         hdr_at = frame.start - VNET_HDR_LEN
         build_vnet_hdr(view, hdr_at, frame)
         need = VNET_HDR_LEN + frame.length
-        mergeable = self.features & (1 << VIRTIO_NET_F_MRG_RXBUF)
+        mergeable = bool(self.features & (1 << VIRTIO_NET_F_MRG_RXBUF))
         spans = self._rx_spans
         used = self._rx_used
-        mem = self.mem
-        room = 0
-        avail = q.pending()
-        while room < need:
-            if not avail:
-                avail = q.pending()  # the guest may have posted more meanwhile
-                if not avail:
-                    self._rx_rollback(q)
-                    return -1 if q.broken else 0
-            avail -= 1
-            head = q.pop()
-            err, total = q.walk_spans(head, mem, True)
-            if err != WALK_OK:
-                # A bad RX chain cannot be skipped inside a mergeable frame: stop the queue.
-                self._drop(f"rx.{WALK_ERRORS[err]}")
-                q.broken = True
-                self._rx_rollback(q)
-                return -1
-            used.append((head, min(total, need - room)))
-            spans += q.spans
-            room += total
-            if not mergeable and room < need:
+        err = q.take_writable(self.mem, need, spans, used, mergeable)
+        if err == TAKE_SHORT:
+            too_small = not mergeable and bool(used)  # one chain, and it cannot hold the frame
+            self._rx_rollback(q)
+            if too_small:
                 self._drop("rx.buffer_too_small")
-                self._rx_rollback(q)
                 return -1
+            return -1 if q.broken else 0
+        if err != WALK_OK:
+            # A bad RX chain cannot be skipped inside a mergeable frame: stop the queue.
+            self._drop(f"rx.{WALK_ERRORS[err]}")
+            q.broken = True
+            self._rx_rollback(q)
+            return -1
         struct.pack_into("<H", view, hdr_at + 10, len(used))
         pos = hdr_at
         end = hdr_at + need

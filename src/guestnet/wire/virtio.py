@@ -65,6 +65,8 @@ WALK_INDIRECT = 3
 WALK_OUT_OF_MEMORY = 4
 WALK_WRONG_DIRECTION = 5
 WALK_EMPTY = 6
+#: :meth:`VirtQueue.take_writable`: the chains posted cannot hold the frame (yet).
+TAKE_SHORT = 7
 #: Counter names for the walk errors, by code.
 WALK_ERRORS = ("ok", "loop", "bad_next", "indirect", "out_of_region", "wrong_direction", "empty")
 
@@ -246,6 +248,66 @@ class VirtQueue:
                 return (WALK_OK if total else WALK_EMPTY), total
             i = nxt
         return WALK_LOOP, total
+
+    def take_writable(
+        self,
+        mem: GuestMemory,
+        need: int,
+        spans: list[tuple[memoryview, int, int]],
+        used: list[tuple[int, int]],
+        mergeable: bool,
+    ) -> int:
+        """Pop RX chains until their buffers hold ``need`` bytes (the device's side of one frame
+        toward the guest): each chain's buffers go on ``spans`` and ``(head, bytes it will hold)``
+        on ``used``. Returns :data:`WALK_OK`; :data:`TAKE_SHORT` when the guest has not posted
+        enough (or, without ``mergeable``, one chain cannot hold it all); or the walk error of a
+        bad chain. On anything but WALK_OK the caller gives the chains back (``len(used)`` of
+        them, see the link's rollback) or stops the queue.
+
+        A chain of one writable descriptor (what Linux posts with mergeable buffers) is taken
+        here without :meth:`walk_spans`, with the same checks; any other goes through it.
+        """
+        avail = self.avail
+        desc = self.desc
+        assert avail is not None and desc is not None
+        num = self.num
+        regions = mem.regions
+        room = 0
+        ready = self.pending()
+        while room < need:
+            if not ready:
+                ready = self.pending()  # the guest may have posted more meanwhile
+                if not ready:
+                    return TAKE_SHORT
+            ready -= 1
+            last = self.last_avail
+            head: int = _U16.unpack_from(avail, 4 + 2 * (last % num))[0]
+            self.last_avail = (last + 1) & 0xFFFF
+            self.in_flight += 1
+            if head < num:
+                addr, length, flags, _nxt = _DESC.unpack_from(desc, 16 * head)
+                if flags == VRING_DESC_F_WRITE and length:
+                    for r in regions:
+                        off = addr - r.gpa
+                        if off >= 0 and off + length <= r.size:
+                            spans.append((r.view, off, length))
+                            break
+                    else:
+                        return WALK_OUT_OF_MEMORY
+                    used.append((head, min(length, need - room)))
+                    room += length
+                    if not mergeable and room < need:
+                        return TAKE_SHORT
+                    continue
+            err, total = self.walk_spans(head, mem, True)
+            if err != WALK_OK:
+                return err
+            used.append((head, min(total, need - room)))
+            spans += self.spans
+            room += total
+            if not mergeable and room < need:
+                return TAKE_SHORT
+        return WALK_OK
 
     def release_bufs(self) -> None:
         """Release the views of the chain last walked."""
