@@ -21,6 +21,13 @@ u16 flags, u16 next)``; avail ``u16 flags, u16 idx, u16 ring[num]``; used ``u16 
 On x86-64 stores stay in order, so the guest never sees the index before the element (the link
 refuses to start elsewhere).
 
+Cost. In Python the per-buffer bookkeeping, not the copy, is what a frame pays for: a 64 KiB
+frame toward the guest spreads over about 17 mergeable buffers. So a walk records each buffer as
+``(region view, offset, length)`` (:attr:`VirtQueue.spans`) and makes no memoryview for it; the
+RX path takes all the chains of one frame in one loop (:meth:`VirtQueue.take_writable`, lone
+writable descriptors without a walk) and copies into the spans with one slice assignment each,
+and returns the chains with one :meth:`VirtQueue.push_many`.
+
 Guest memory is guest input. A chain longer than ``num`` (a loop), a ``next`` out of range, an
 INDIRECT descriptor (never negotiated here), a buffer outside every region, a device-writable
 buffer in a TX chain or a read-only one in an RX chain: each makes :meth:`VirtQueue.walk` return
