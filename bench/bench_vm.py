@@ -22,7 +22,10 @@ round. Reported per backend and direction: the median Gbit/s (min-max), and CPU 
 moved of the backend process and of QEMU (utime + stime from /proc, read by the server at the
 start and end of each transfer). Backend CPU per GB is the figure that carries over to a KVM
 guest, where TCG no longer caps the rate: ``8 / (s/GB)`` is the Gbit/s the backend could carry
-on one core (printed as "backend ceiling").
+on one core (printed as "backend ceiling"), at the frame sizes and wake-up pattern of a TCG
+guest. For guestnet (``--api-socket``, read by the server around each transfer, outside the CPU
+window) also the mean data frame size and the backend's CPU per frame, both directions' frames
+counted.
 
 Backends: ``guestnet-stream`` (``guestnet qemu --socket S``, QEMU ``-netdev stream``),
 ``guestnet-vhost`` (``guestnet vhost-user --socket S``, QEMU ``-netdev vhost-user`` with a
