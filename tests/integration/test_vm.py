@@ -27,7 +27,7 @@ import pytest
 from nsutil import DNSMASQ, dnsmasq_argv
 from vm.fixtures import VmImage, vm_image, vm_sock_dir  # noqa: F401
 from vm.qemu import (
-    GuestnetVm,
+    BackgroundProcess,
     VmResult,
     background_process,
     guestnet_argv,
@@ -251,7 +251,7 @@ def test_guest_tcp_download_and_upload(
     ):
         _wait_listening(gv.netns, HTTP_PORT, "t", "http.server")
         result = gv.boot(FETCH_SCRIPT, timeout_s=VM_TIMEOUT_S)
-        report = _guestnet_report(gv, api_socket)
+        report = _guestnet_report(gv.guestnet, api_socket)
         stats = _stats_json(api_socket) if mode == "vhost-user" else {}
 
     _assert_lease(result, mtu)
@@ -306,7 +306,7 @@ def _assert_slaac_and_fetch6(result: VmResult, digest: str, report: str) -> None
     assert result.section("sha6").split()[:1] == [digest], result.describe()
 
 
-def _guestnet_report(gv: GuestnetVm, api_socket: Path) -> str:
+def _guestnet_report(guestnet: BackgroundProcess, api_socket: Path) -> str:
     """guestnet's log and counters (from its control API), for failure messages: taken while
     guestnet still runs."""
     try:
@@ -319,7 +319,7 @@ def _guestnet_report(gv: GuestnetVm, api_socket: Path) -> str:
         counters = stats.stdout + stats.stderr
     except (OSError, subprocess.SubprocessError) as exc:
         counters = f"(guestnet stats failed: {exc})"
-    return f"\n--- guestnet ---\n{gv.guestnet.log()}\n--- guestnet stats ---\n{counters}"
+    return f"\n--- guestnet ---\n{guestnet.log()}\n--- guestnet stats ---\n{counters}"
 
 
 @MODES
@@ -346,7 +346,7 @@ def test_published_port_reaches_guest_server(
             capture_output=True,
             timeout=30,
         )
-        report = _guestnet_report(gv, api_socket)
+        report = _guestnet_report(gv.guestnet, api_socket)
         result = vm.stop()
         gv.assert_alive(result)
 
@@ -403,3 +403,186 @@ def test_vhost_user_backend_restart_mid_ping(
     assert min(seqs) <= 5, result.describe()
     assert max(seqs) >= 70, result.describe()
     assert len(seqs) >= 40, result.describe()
+
+
+ECHO_SERVER = Path(__file__).parent / "vm" / "echo_server.py"
+ECHO_PORT = 9000
+
+# Issue 14's reconnect case, with a TCP connection open through the process that dies. The guest
+# opens a connection to the host's echo server (busybox nc fed from a fifo it holds open) and
+# checks it works; the test then kills guestnet (SIGKILL: no chance to say goodbye). The guest
+# notices the outage (a ping fails), then waits for service to resume (the test has started a new
+# guestnet on the same socket path meanwhile; QEMU reconnects within a second); all loops bounded.
+# Then: ping, DNS (built-in and forwarded), a new TCP download; and one more line on the old
+# connection, whose segment reaches a guestnet that has no flow for it and must answer RST: the
+# guest's nc then ends (bounded wait) and the kernel counts an established connection reset.
+RESTART_TCP_SCRIPT = f"""
+section dhcp {DHCP}
+mkfifo /tmp/in
+nc 10.0.2.2 {ECHO_PORT} </tmp/in >/tmp/out &
+NC=$!
+exec 3>/tmp/in
+echo before >&3
+i=0
+while [ $i -lt 100 ] && ! grep -q before /tmp/out; do usleep 100000; i=$((i + 1)); done
+section old_before cat /tmp/out
+section snmp_before grep '^Tcp:' /proc/net/snmp
+echo "@@GUESTNET-OLD-CONN-UP@@"
+i=0
+while [ $i -lt 300 ] && ping -c 1 -W 1 10.0.2.2 >/dev/null 2>&1; do
+    usleep 100000
+    i=$((i + 1))
+done
+echo "@@GUESTNET-OUTAGE@@"
+i=0
+while [ $i -lt 120 ] && ! ping -c 1 -W 1 10.0.2.2 >/dev/null 2>&1; do i=$((i + 1)); done
+echo "@@GUESTNET-RESUMED@@"
+section ping ping -c 3 -W 2 10.0.2.2
+section ns_builtin nslookup host.guestnet.internal
+section ns_forwarded nslookup www.test.internal
+section fetch timeout 30 wget -q -O /tmp/file http://10.0.2.2:{HTTP_PORT}/file
+section sha sha256sum /tmp/file
+echo after >&3
+i=0
+while [ $i -lt 100 ] && kill -0 $NC 2>/dev/null; do usleep 100000; i=$((i + 1)); done
+nc_gone() {{ ! kill -0 $NC 2>/dev/null; }}
+section old_gone nc_gone
+section old_after cat /tmp/out
+section snmp_after grep '^Tcp:' /proc/net/snmp
+section sockets netstat -tn
+echo "@@GUESTNET-DONE@@"
+sleep 120
+"""
+
+
+def _estab_resets(snmp: str) -> int:
+    """EstabResets from the two `Tcp:` lines of /proc/net/snmp (names, then values): connections
+    that went from ESTABLISHED or CLOSE_WAIT straight to CLOSED, as an RST received does."""
+    names, values = (line.split() for line in snmp.strip().splitlines()[:2])
+    return int(dict(zip(names, values, strict=True))["EstabResets"])
+
+
+def _tcp_sockets(pid: int) -> list[str]:
+    """The TCP sockets process ``pid`` holds: its lines of /proc/PID/net/tcp and tcp6 (its
+    namespace's tables, matched on the socket inodes among its descriptors)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    lines = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            if line.split()[9] in inodes:
+                lines.append(line)
+    return lines
+
+
+def _wait_for_log(bg: BackgroundProcess, pattern: str, timeout_s: float) -> re.Match[str]:
+    """Poll a background process's log until ``pattern`` (MULTILINE) appears."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        match = re.search(pattern, bg.log(), re.M)
+        if match:
+            return match
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {pattern!r} in {timeout_s} s:\n{bg.log()}")
+        time.sleep(0.05)
+
+
+def test_vhost_user_backend_killed_resets_old_tcp_and_serves_new(
+    vm_image: VmImage,  # noqa: F811
+    vm_sock_dir: Path,  # noqa: F811
+    tmp_path: Path,
+    http_root: tuple[Path, str],
+) -> None:
+    """Issue 14: guestnet killed under a running guest (reconnect=1) and started again on the
+    same socket: pings resume, DNS answers, a new TCP connection works, and the connection that
+    was open through the dead process is reset cleanly: its host end saw the peer close when
+    the process died, and the guest's next segment on it gets an RST from the new process (the
+    guest's socket fails within seconds instead of hanging). The new process holds no TCP socket
+    for it: at the end it holds none at all."""
+    if not os.path.exists(DNSMASQ):
+        pytest.skip("dnsmasq not installed (apt-get install dnsmasq-base)")
+    root, digest = http_root
+    sock = vm_sock_dir / "guestnet.sock"
+    api_socket = vm_sock_dir / "api.sock"
+    argv = guestnet_argv(
+        "vhost-user", sock, "--dns-upstream", f"127.0.0.1:{DNSMASQ_PORT}",
+        "--api-socket", str(api_socket),
+    )  # fmt: skip
+    netdev = vhost_user_netdev(sock, reconnect=True)
+    initrd = vm_image.initrd_with_script(RESTART_TCP_SCRIPT, tmp_path / "initrd.img")
+    http = [sys.executable, str(HTTP_SERVER), str(HTTP_PORT), str(root)]
+    echo = [sys.executable, "-u", str(ECHO_SERVER), str(ECHO_PORT)]
+    with (
+        sandbox_netns() as netns,
+        background_process(dnsmasq_argv(DNSMASQ_PORT), tmp_path / "dnsmasq.log", netns=netns),
+        background_process(http, tmp_path / "http.log", netns=netns),
+        background_process(echo, tmp_path / "echo.log", netns=netns) as echo_server,
+        background_process(
+            argv, tmp_path / "g1.log", netns=netns, wait_for_path=sock, timeout_s=GUESTNET_START_S
+        ) as first,
+    ):
+        for port, proto, what in (
+            (DNSMASQ_PORT, "u", "dnsmasq"),
+            (HTTP_PORT, "t", "http.server"),
+            (ECHO_PORT, "t", "echo server"),
+        ):
+            _wait_listening(netns, port, proto, what)
+        with start_vm(vm_image.kernel, initrd, netdev, tmp_path, netns=netns) as vm:
+            vm.wait_for(r"^@@GUESTNET-OLD-CONN-UP@@$", timeout_s=VM_TIMEOUT_S)
+            assert re.search(r"^open 1$", echo_server.log(), re.M), echo_server.log()
+            first.proc.kill()
+            first.proc.wait(timeout=10)
+            # The kernel closed the dead process's host sockets: the server saw its peer go.
+            _wait_for_log(echo_server, r"^(eof|reset) 1\b", timeout_s=10)
+            assert sock.exists()  # SIGKILL: the socket file stays behind, stale
+            vm.wait_for(r"^@@GUESTNET-OUTAGE@@$", timeout_s=30)
+            with background_process(argv, tmp_path / "g2.log", netns=netns) as second:
+                # It prints QEMU's arguments once it listens: it replaced the stale file (same
+                # path; tmpfs may even hand out the same inode number again).
+                _wait_for_log(second, r"-netdev vhost-user", GUESTNET_START_S)
+                assert second.proc.poll() is None, second.log()
+                vm.wait_for(r"^@@GUESTNET-DONE@@$", timeout_s=VM_TIMEOUT_S)
+                tcp_sockets = _tcp_sockets(second.proc.pid)
+                stats = _stats_json(api_socket)
+                report = _guestnet_report(second, api_socket)
+                result = vm.stop()
+                assert second.proc.poll() is None, second.log()
+
+    assert _rc(result, "old_before") == 0 and "before" in result.section("old_before"), (
+        result.describe()
+    )
+    assert "@@GUESTNET-RESUMED@@" in result.console, result.describe()
+    assert _rc(result, "ping") == 0, result.describe() + report
+    assert re.search(r"^Address:?\s+10\.0\.2\.2$", result.section("ns_builtin"), re.M), (
+        result.describe() + report
+    )
+    assert re.search(r"^Address:?\s+198\.18\.0\.10$", result.section("ns_forwarded"), re.M), (
+        result.describe() + report
+    )
+    assert _rc(result, "fetch") == 0, result.describe() + report
+    assert result.section("sha").split()[:1] == [digest], result.describe()
+    # The old connection: nc ended on its own (no hang), by an RST (EstabResets went up), and
+    # nothing came back on it after the restart; the guest holds no socket for it any more.
+    assert _rc(result, "old_gone") == 0, result.describe() + report
+    assert result.section("old_after").split() == ["before"], result.describe()
+    resets = _estab_resets(result.section("snmp_after")) - _estab_resets(
+        result.section("snmp_before")
+    )
+    assert resets >= 1, result.describe() + report
+    assert f":{ECHO_PORT} " not in result.section("sockets"), result.describe()
+    counters = stats["drops"]
+    assert counters.get("tcp.segment.unknown_flow", 0) >= 1, counters
+    assert counters.get("tcp.rst.sent", 0) >= 1, counters
+    # The echo server got one connection only: the new process opened none for the stray
+    # segment; and guestnet holds no TCP socket once the guest's connections are over.
+    assert re.findall(r"^open \d+$", echo_server.log(), re.M) == ["open 1"], echo_server.log()
+    assert tcp_sockets == [], tcp_sockets
+    # Flows may linger CLOSED for a second (no socket, answering a retransmitted FIN).
+    tcp_flows = stats["flows"]["by_proto"].get("tcp", {"by_state": {}})
+    assert set(tcp_flows["by_state"]) <= {"CLOSED"}, stats["flows"]

@@ -163,6 +163,64 @@ def test_rx_64k_super_frame_over_mergeable_buffers(rig: Rig) -> None:
     assert rig.drv.calls(0) == 1
 
 
+def _gso_frame(rig: Rig) -> tuple[Any, bytes]:
+    data, csum_start = _tso_frame(65535 - 40)
+    frame = rig.inst.pool_to_guest.acquire()
+    frame.view[frame.start : frame.start + len(data)] = data
+    frame.length = len(data)
+    frame.csum_start, frame.csum_offset, frame.gso_size = csum_start, 16, 1460
+    return frame, data
+
+
+def test_rx_frame_waits_when_buffers_run_out_mid_frame(rig: Rig) -> None:
+    """Five 4 KiB buffers cannot hold a 64 KiB frame: none is used (the chains taken are given
+    back), and once the guest posts more the frame goes whole into the first 17, in order."""
+    frame, data = _gso_frame(rig)
+    rig.drv.post_rx(5, 4096)
+    rig.step()
+    rig.link.send(frame)
+    rig.step()
+    assert rig.drv.used(0) == [] and rig.link.ring_full == 1
+    assert rig.link.queues[0].in_flight == 0
+    rig.drv.post_rx(15, 4096)
+    rig.step()
+    used = rig.drv.used(0)
+    assert [head for head, _ in used] == list(range(17))
+    assert [n for _, n in used] == [4096] * 16 + [12 + len(data) - 16 * 4096]
+    rig.drv.used_seen[0] = 0
+    ((_hdr, body, nbuf),) = rig.drv.received()
+    assert body == data and nbuf == 17
+    assert rig.link.buffers_to_guest == 17 and not rig.link._txq
+
+
+def test_rx_chain_of_several_descriptors_is_filled_in_order() -> None:
+    """Without mergeable buffers a guest may post one chain of several writable descriptors
+    (header, then pages): the frame runs through them in chain order, across their ends."""
+    features = vu.BASE_FEATURES & ~(1 << virtio.VIRTIO_NET_F_MRG_RXBUF)
+    r = Rig(features)
+    try:
+        sizes = [12, 14, 16, 2000]
+        head = r.drv.add_chain(0, list(sizes), writable=True)
+        r.drv.kick(0)
+        r.step()
+        r.drv.send_frame(arp_request())
+        r.step()
+        ((used_head, written),) = r.drv.used(0)
+        assert used_head == head and written > 12 + 14 + 16  # the frame crossed two ends
+        d, _a, _u = r.fe.ring_offsets(0)
+        got = b""
+        for k, size in enumerate(sizes):
+            addr = struct.unpack_from("<Q", r.drv.mem, d + 16 * (head + k))[0] - GPA_BASE
+            got += bytes(r.drv.mem[addr : addr + size])
+        assert struct.unpack_from("<H", got, 10)[0] == 1  # num_buffers
+        reply = got[12:written]
+        assert reply[:6] == GUEST_MAC and reply[6:12] == GATEWAY_MAC
+        assert reply[12:14] == b"\x08\x06" and reply[20:22] == b"\x00\x02"  # ARP reply
+        assert reply[28:32] == bytes([10, 0, 2, 2])  # the sender is the gateway
+    finally:
+        r.close()
+
+
 def test_rx_without_mergeable_buffers_uses_one_buffer() -> None:
     features = vu.BASE_FEATURES & ~(1 << virtio.VIRTIO_NET_F_MRG_RXBUF)
     r = Rig(features)

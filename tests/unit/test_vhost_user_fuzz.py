@@ -158,3 +158,103 @@ def test_link_survives_hostile_tx_ring(
         rig.close()
     assert rig.inst.pool_from_guest.in_use == 0
     assert rig.inst.pool_to_guest.in_use == 0
+
+
+def _rx_queue(mem: GuestMemory, m0: bytearray, descs: list[tuple[int, int, int, int]],
+              heads: list[int], avail_idx: int) -> VirtQueue:  # fmt: skip
+    """A queue over ring memory at the start of region 0 holding ``descs`` and ``heads``."""
+    q = VirtQueue(0)
+    q.num = N
+    desc_at, avail_at, used_at = 0, 16 * N, 16 * N + 4 + 2 * N + 2
+    q.addrs = (RING_BASE + desc_at, RING_BASE + avail_at, RING_BASE + used_at)
+    q.enabled = q.started = True
+    assert q.map(mem)
+    for i, (a, ln, fl, nx) in enumerate(descs):
+        struct.pack_into("<QIHH", m0, desc_at + 16 * i, a & (2**64 - 1), ln, fl, nx)
+    for i, h in enumerate(heads):
+        struct.pack_into("<H", m0, avail_at + 4 + 2 * i, h)
+    struct.pack_into("<H", m0, avail_at + 2, avail_idx)
+    return q
+
+
+_any_head = st.integers(0, 0xFFFF)
+
+
+@settings(FUZZ_SETTINGS, max_examples=1500)
+@given(
+    descs=st.lists(_desc, min_size=N, max_size=N),
+    heads=st.lists(st.one_of(st.integers(0, N - 1), _any_head), min_size=N, max_size=N),
+    avail_idx=st.integers(0, N),
+    need=st.integers(1, 0x6000),
+    mergeable=st.booleans(),
+)
+def test_take_writable_takes_what_the_walker_would(
+    descs: list[tuple[int, int, int, int]],
+    heads: list[int],
+    avail_idx: int,
+    need: int,
+    mergeable: bool,
+) -> None:
+    """The RX path's own loop (a fast path for lone writable descriptors) takes exactly the
+    chains and buffers that popping and walking each chain would, with the same verdict; every
+    buffer it takes lies inside a region."""
+    mem, m0, _m1 = _memory()
+    q = _rx_queue(mem, m0, descs, heads, avail_idx)
+    spans: list[tuple[memoryview, int, int]] = []
+    used: list[tuple[int, int]] = []
+    err = q.take_writable(mem, need, spans, used, mergeable)
+
+    ref = VirtQueue(0)
+    ref.num, ref.addrs, ref.enabled, ref.started = N, q.addrs, True, True
+    assert ref.map(mem)
+    ref_spans: list[tuple[memoryview, int, int]] = []
+    ref_used: list[tuple[int, int]] = []
+    room, ref_err = 0, virtio.WALK_OK
+    while room < need:
+        if not ref.pending():
+            ref_err = virtio.TAKE_SHORT
+            break
+        head = ref.pop()
+        e, total = ref.walk_spans(head, mem, True)
+        if e != virtio.WALK_OK:
+            ref_err = e
+            break
+        ref_used.append((head, min(total, need - room)))
+        ref_spans += ref.spans
+        room += total
+        if not mergeable and room < need:
+            ref_err = virtio.TAKE_SHORT
+            break
+    assert err == ref_err
+    assert used == ref_used
+    assert [(id(v), o, n) for v, o, n in spans] == [(id(v), o, n) for v, o, n in ref_spans]
+    assert (q.last_avail, q.in_flight) == (ref.last_avail, ref.in_flight)
+    for view, off, n in spans:
+        assert n > 0 and off >= 0 and off + n <= len(view)
+    if err == virtio.WALK_OK:
+        assert sum(n for _, n in used) == need
+    spans.clear()
+    ref_spans.clear()
+    q.unmap()
+    ref.unmap()
+    mem.release()
+
+
+def test_take_writable_refuses_a_lone_buffer_one_byte_past_a_region() -> None:
+    """The fast path's bound is exact: a buffer ending at a region's last byte is taken, one
+    ending a byte later (past the end of region 0, into the hole) stops the queue's frame."""
+    mem, m0, _m1 = _memory()
+    end0 = R0[0] + R0[1]
+    ok = (end0 - 0x100, 0x100, virtio.VRING_DESC_F_WRITE, 0)
+    past = (end0 - 0x100, 0x101, virtio.VRING_DESC_F_WRITE, 0)
+    q = _rx_queue(mem, m0, [ok, past] + [(0, 0, 0, 0)] * (N - 2), [0, 1] + [0] * (N - 2), 2)
+    spans: list[tuple[memoryview, int, int]] = []
+    used: list[tuple[int, int]] = []
+    assert q.take_writable(mem, 0x100, spans, used, True) == virtio.WALK_OK
+    assert used == [(0, 0x100)] and [(o, n) for _, o, n in spans] == [(R0[1] - 0x100, 0x100)]
+    spans.clear()
+    used.clear()
+    assert q.take_writable(mem, 0x80, spans, used, True) == virtio.WALK_OUT_OF_MEMORY
+    assert spans == [] and used == []
+    q.unmap()
+    mem.release()

@@ -48,6 +48,7 @@ from guestnet.io.loop import EPOLLIN, Handler
 from guestnet.io.tap import TSO_MAX_PACKET, build_vnet_hdr
 from guestnet.pool import HEADROOM, Frame
 from guestnet.wire.virtio import (
+    TAKE_SHORT,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VIRTIO_F_VERSION_1,
     VIRTIO_NET_F_CSUM,
@@ -203,7 +204,7 @@ class VhostUserLink(Link):
         self.err_fds = [-1, -1]
         self._call_due = [False, False]
         self._call_scheduled = False
-        self._rx_views: list[memoryview] = []
+        self._rx_spans: list[tuple[memoryview, int, int]] = []
         self._rx_used: list[tuple[int, int]] = []
         #: Counters shown in /stats (per link).
         self.kicks = 0
@@ -525,7 +526,7 @@ class VhostUserLink(Link):
             if not q.pending():
                 break
             head = q.pop()
-            err, total = q.walk(head, mem, False)
+            err, total = q.walk_spans(head, mem, False)
             if err != WALK_OK:
                 self._drop(f"tx.{WALK_ERRORS[err]}")
             elif total <= VNET_HDR_LEN:
@@ -533,8 +534,8 @@ class VhostUserLink(Link):
             elif total - VNET_HDR_LEN > max_frame:
                 self._drop("tx.too_big")
             else:
-                self._deliver_chain(q.bufs, total, classify, port, now)
-            q.release_bufs()
+                self._deliver_chain(q.spans, total, classify, port, now)
+            q.spans.clear()
             q.push(head, 0)
             moved = True
             if self.closed:
@@ -552,23 +553,30 @@ class VhostUserLink(Link):
                 hub.loop.call_at(0.0, lambda _now: self._serve_tx())
 
     def _deliver_chain(
-        self, bufs: list[memoryview], total: int, classify: Deliver, port: Port, now: float
+        self,
+        spans: list[tuple[memoryview, int, int]],
+        total: int,
+        classify: Deliver,
+        port: Port,
+        now: float,
     ) -> None:
         """Hand one TX chain's frame to the classifier: a view of guest memory when the frame is
-        contiguous, else gathered into a pool frame."""
-        first = bufs[0]
-        self.descs_from_guest += len(bufs)
+        contiguous (one slice of the region), else gathered into a pool frame."""
+        region, off, n0 = spans[0]
+        self.descs_from_guest += len(spans)
         self.frames_from_guest += 1
-        if len(first) >= VNET_HDR_LEN:
-            hflags, gso_type = first[0], first[1]
+        hdr: memoryview | None = None
+        pooled: Frame | None = None
+        if n0 >= VNET_HDR_LEN:
+            hflags, gso_type = region[off], region[off + 1]
+            hdr = region[off : off + VNET_HDR_LEN]
         else:
             hflags, gso_type = 0, 0
-        if len(bufs) == 1:
-            frame_view = first[VNET_HDR_LEN:]
-            pooled: Frame | None = None
-        elif len(bufs) == 2 and len(first) == VNET_HDR_LEN:
-            frame_view = bufs[1]
-            pooled = None
+        if len(spans) == 1:
+            frame_view = region[off + VNET_HDR_LEN : off + n0]
+        elif len(spans) == 2 and n0 == VNET_HDR_LEN:
+            r1, o1, n1 = spans[1]
+            frame_view = r1[o1 : o1 + n1]
         else:
             pool = self.hub.pool_from_guest
             pooled = pool.acquire()
@@ -576,14 +584,19 @@ class VhostUserLink(Link):
             at = pooled.start - VNET_HDR_LEN
             if at + total > len(view):
                 pool.release(pooled)
+                if hdr is not None:
+                    hdr.release()
                 self._drop("tx.too_big")
                 return
-            for b in bufs:
-                n = len(b)
-                view[at : at + n] = b
+            for r, o, n in spans:
+                view[at : at + n] = r[o : o + n]
                 at += n
             hflags, gso_type = view[pooled.start - VNET_HDR_LEN], view[pooled.start - 11]
             frame_view = view[pooled.start : pooled.start - VNET_HDR_LEN + total]
+            if hdr is not None:
+                hdr.release()
+            # The header, gathered: it may have spanned descriptors.
+            hdr = view[pooled.start - VNET_HDR_LEN : pooled.start]
         try:
             if gso_type and (gso_type & ~_GSO_ECN) not in _GSO_ACCEPTED:
                 self._drop("tx.gso_unsupported")
@@ -593,15 +606,13 @@ class VhostUserLink(Link):
             trusted = bool(hflags & (VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID))
             # The header, for the switch: a partial checksum is completed (or the offload
             # carried over) when the frame goes on to another guest (core/switch.py).
-            if pooled is not None:
-                port.rx_vnet = view[pooled.start - VNET_HDR_LEN : pooled.start]
-            else:
-                port.rx_vnet = first[:VNET_HDR_LEN] if len(first) >= VNET_HDR_LEN else None
+            port.rx_vnet = hdr
             classify(frame_view, port, now, trusted)
         finally:
             port.rx_vnet = None
-            if frame_view is not bufs[-1]:
-                frame_view.release()
+            frame_view.release()
+            if hdr is not None:
+                hdr.release()
             if pooled is not None:
                 self.hub.pool_from_guest.release(pooled)
 
@@ -626,7 +637,13 @@ class VhostUserLink(Link):
                 return
 
     def _write(self, frame: Frame, offset: int) -> int | None:
-        """Copy header and frame into RX buffers: None done, 0 no room now, -1 dropped."""
+        """Copy header and frame into RX buffers: None done, 0 no room now, -1 dropped.
+
+        Chains are taken (:meth:`VirtQueue.take_writable`: spans of guest memory, no view per
+        buffer) until they hold the whole frame; then ``num_buffers`` goes into the header, the
+        frame is copied with one slice assignment per buffer, and the chains are returned in one
+        publish.
+        """
         q = self.queues[RXQ]
         if not q.ready:
             self._drop("rx.not_ready")
@@ -636,48 +653,40 @@ class VhostUserLink(Link):
         build_vnet_hdr(view, hdr_at, frame)
         need = VNET_HDR_LEN + frame.length
         mergeable = bool(self.features & (1 << VIRTIO_NET_F_MRG_RXBUF))
-        views = self._rx_views
+        spans = self._rx_spans
         used = self._rx_used
-        mem = self.mem
-        room = 0
-        while room < need:
-            if not q.pending():
-                self._rx_rollback(q)
-                return -1 if q.broken else 0
-            head = q.pop()
-            err, total = q.walk(head, mem, True)
-            if err != WALK_OK:
-                # A bad RX chain cannot be skipped inside a mergeable frame: stop the queue.
-                self._drop(f"rx.{WALK_ERRORS[err]}")
-                q.broken = True
-                self._rx_rollback(q)
-                return -1
-            take = min(total, need - room)
-            used.append((head, take))
-            views.extend(q.bufs)
-            q.bufs.clear()
-            room += total
-            if not mergeable and room < need:
+        err = q.take_writable(self.mem, need, spans, used, mergeable)
+        if err == TAKE_SHORT:
+            too_small = not mergeable and bool(used)  # one chain, and it cannot hold the frame
+            self._rx_rollback(q)
+            if too_small:
                 self._drop("rx.buffer_too_small")
-                self._rx_rollback(q)
                 return -1
+            return -1 if q.broken else 0
+        if err != WALK_OK:
+            # A bad RX chain cannot be skipped inside a mergeable frame: stop the queue.
+            self._drop(f"rx.{WALK_ERRORS[err]}")
+            q.broken = True
+            self._rx_rollback(q)
+            return -1
         struct.pack_into("<H", view, hdr_at + 10, len(used))
         pos = hdr_at
         end = hdr_at + need
-        for b in views:
-            n = min(len(b), end - pos)
-            if n <= 0:
+        for region, off, n in spans:
+            if n >= end - pos:
+                n = end - pos
+                region[off : off + n] = view[pos:end]
                 break
-            b[:n] = view[pos : pos + n]
+            region[off : off + n] = view[pos : pos + n]
             pos += n
-        for head, take in used:
-            q.push(head, take)
+        q.push_many(used)
         q.publish()
         self.frames_to_guest += 1
         self.buffers_to_guest += len(used)
         if frame.gso_size:
             self.gso_to_guest += 1
-        self._release_rx_views()
+        spans.clear()
+        used.clear()
         self._want_call(RXQ)
         self.hub.pool_to_guest.release(frame)
         return None
@@ -690,9 +699,8 @@ class VhostUserLink(Link):
         self._release_rx_views()
 
     def _release_rx_views(self) -> None:
-        for v in self._rx_views:
-            v.release()
-        self._rx_views.clear()
+        """Forget the spans of guest memory taken for a frame (before the memory is unmapped)."""
+        self._rx_spans.clear()
         self._rx_used.clear()
 
     # -- teardown and stats -------------------------------------------------------------------
