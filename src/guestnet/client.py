@@ -248,6 +248,12 @@ def _bits(rate_bytes: float) -> str:
     return f"{bits:.0f} bit/s"
 
 
+def _guests(link: dict[str, Any]) -> str:
+    """A port's guests for ``top``: its MACs, then the addresses seen on it, one per line."""
+    macs = link.get("macs") or ([link["guest_mac"]] if link.get("guest_mac") else [])
+    return "\n".join([*macs, *(link.get("guest_ip4") or ()), *(link.get("guest_ip6") or ())])
+
+
 def render_top(
     stats: dict[str, Any],
     flows: list[dict[str, Any]],
@@ -261,13 +267,15 @@ def render_top(
 
     old_links = {link.get("name"): link for link in (before or {}).get("links", [])}
     links = Table(title="links", expand=True)
-    for col in ("link", "kind", "in", "in frames/s", "out", "out frames/s", "tx drops"):
-        links.add_column(col, justify="left" if col in ("link", "kind") else "right")
+    left = ("link", "kind", "guests")
+    for col in ("link", "kind", "guests", "in", "in frames/s", "out", "out frames/s", "tx drops"):
+        links.add_column(col, justify="left" if col in left else "right")
     for link in stats.get("links", []):
         prev = old_links.get(link.get("name")) if before is not None else None
         links.add_row(
             str(link.get("name")),
             str(link.get("kind", "")),
+            _guests(link),
             _bits(_rate(link, prev, "bytes_in", dt)),
             f"{_rate(link, prev, 'frames_in', dt):.0f}",
             _bits(_rate(link, prev, "bytes_out", dt)),

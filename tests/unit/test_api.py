@@ -752,3 +752,23 @@ def test_plain_stats_show_guest_ipv6() -> None:
     text = format_stats({"links": [link], "drops": {"ndp.na.sent": 2}})
     assert "    guest IPv6: fd00::15, fe80::1" in text.splitlines()
     assert "guest IPv6" not in format_stats({"links": [dict(link, guest_ip6=[])]})
+
+
+def test_top_shows_each_ports_guests() -> None:
+    """Several guests on one switch: ``top`` names each port's MACs and addresses."""
+    from rich.console import Console
+
+    from guestnet.client import render_top
+
+    links = [
+        {"name": "qemu0", "kind": "qemu-stream", "macs": ["52:54:00:12:34:56"],
+         "guest_ip4": ["10.0.2.15"], "guest_ip6": ["fd00::15"], "frames_in": 3},
+        {"name": "qemu1", "kind": "qemu-stream", "macs": ["52:54:00:12:34:57", "02:00:00:00:00:01"],
+         "guest_ip4": ["10.0.2.16"], "guest_ip6": [], "frames_in": 1},
+    ]  # fmt: skip
+    console = Console(width=200, record=True)
+    console.print(render_top({"links": links}, [], None, 1.0))
+    text = console.export_text()
+    for shown in ("52:54:00:12:34:56", "10.0.2.15", "fd00::15", "52:54:00:12:34:57",
+                  "02:00:00:00:00:01", "10.0.2.16"):  # fmt: skip
+        assert shown in text, shown
