@@ -44,6 +44,16 @@ needs no ``TUNSETOFFLOAD`` (that only governs what the kernel sends us), but we 
 directions to the one switch. When the ioctl fails (a kernel or fd without it) the link runs
 without offloads and counts ``link.tap.offload.unsupported``.
 
+Reads per wake-up. The TAP is registered level-triggered, and a read returns one frame, never
+saying whether another waits. A link that reads until EAGAIN pays one read that can only fail
+per wake-up: one system call (and a Python exception) in every 1-byte round trip, whose
+request is one frame. So a link whose last such read showed sparse traffic (the wake-up found
+at most one frame) reads one frame and stops: if another was queued, epoll reports the TAP
+again at once (level-triggered), and a link reported in the turn right after it stopped early
+reads until EAGAIN again, counting what it finds; two or more frames there end the sparse mode
+(a burst: the EAGAIN read is then one per burst, not per frame). Nothing is ever left unread
+for longer than one loop turn.
+
 A TAP is created in the network namespace of the process that calls ``TUNSETIFF``, and may then
 be moved to another one (the fd keeps serving it). :func:`open_tap` is therefore called by a
 child process, in a private namespace of its own from which it moves the finished interface into
@@ -217,6 +227,10 @@ class TapLink(Link):
         os.set_blocking(fd, False)
         self.ifname = ifname
         self.offloads = 0
+        #: The last wake-up that read until EAGAIN found at most one frame, and the loop turn in
+        #: which a wake-up last stopped after one frame (see "Reads per wake-up" above).
+        self._sparse = False
+        self._sparse_turn = -2
         super().__init__(hub, fd, name)
         if offloads:
             self._ask_offloads(offloads)
@@ -271,7 +285,12 @@ class TapLink(Link):
         classify = hub.deliver
         port = self.port
         fd = self.fd
-        now = hub.loop.now()
+        loop = hub.loop
+        now = loop.now()
+        turn = loop.turn
+        # Sparse traffic: stop after one frame, unless the last wake-up did (see the docstring).
+        one = self._sparse and turn != self._sparse_turn + 1
+        got = 0
         frame = pool.acquire()
         view = frame.view
         start = frame.start
@@ -281,10 +300,17 @@ class TapLink(Link):
         port.backlog = True  # unless a read finds the queue empty
         try:
             for _ in range(RX_BUDGET):
+                if got and one:
+                    # Taken as empty (the last wake-up that looked found one frame).
+                    self._sparse_turn = turn
+                    port.backlog = False
+                    return
                 try:
                     n = os.readv(fd, bufs)
                 except BlockingIOError:
                     port.backlog = False
+                    if not one:
+                        self._sparse = got <= 1
                     return
                 except OSError as exc:
                     if exc.errno == errno.EINTR:
@@ -297,6 +323,7 @@ class TapLink(Link):
                 if n <= VNET_HDR_LEN:
                     hub.counters.inc("link.tap.read.short")
                     continue
+                got += 1
                 gso_type = view[hdr_at + 1]
                 if gso_type and (gso_type & ~VNET_GSO_ECN) not in _GSO_ACCEPTED:
                     if gso_type == VNET_GSO_UDP_L4 and port.udp_offload:
@@ -312,6 +339,7 @@ class TapLink(Link):
                     continue
                 trusted = bool(view[hdr_at] & (VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID))
                 classify(view[start : hdr_at + n], port, now, trusted)
+            self._sparse = False  # the budget ran out: a burst
         finally:
             pool.release(frame)
             hub.end_burst()
