@@ -6,11 +6,11 @@ The TAP is opened with ``IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`` and a 12-byte virt
 (``TUNSETVNETHDRSZ``). Every ``read`` returns one header and one Ethernet frame; every ``write``
 must carry one header in front of one frame. Both directions avoid copies:
 
-- guest to us: the read lands in a pooled frame at ``frame.start - VNET_HDR_LEN``, so the header
-  fills the headroom and the Ethernet frame starts exactly at ``frame.start``. The header's flags
-  say whether the kernel vouches for the checksum (``NEEDS_CSUM``: a partial checksum the sender
-  left to offload; ``DATA_VALID``: already checked); either way the classifier is told
-  ``csum_trusted`` and skips verifying it.
+- guest to us: the read lands in a pooled frame (one per link, held while it lives) at
+  ``frame.start - VNET_HDR_LEN``, so the header fills the headroom and the Ethernet frame starts
+  exactly at ``frame.start``. The header's flags say whether the kernel vouches for the
+  checksum (``NEEDS_CSUM``: a partial checksum the sender left to offload; ``DATA_VALID``:
+  already checked); either way the classifier is told ``csum_trusted`` and skips verifying it.
 - us to guest: the frame's offload metadata becomes the header, written into the headroom in front
   of the frame (all zeros for a plain frame), and header plus frame leave in one ``os.write``.
   A TAP write is all or nothing; EAGAIN leaves the frame in the Link's bounded queue until
@@ -231,6 +231,11 @@ class TapLink(Link):
         #: which a wake-up last stopped after one frame (see "Reads per wake-up" above).
         self._sparse = False
         self._sparse_turn = -2
+        #: The pooled frame every read lands in (taken at the first read), the read's buffer
+        #: list and the view of its virtio-net header.
+        self._rx_frame: Frame | None = None
+        self._rx_bufs: list[memoryview] = []
+        self._rx_vnet: memoryview | None = None
         super().__init__(hub, fd, name)
         if offloads:
             self._ask_offloads(offloads)
@@ -264,8 +269,14 @@ class TapLink(Link):
     def _write(self, frame: Frame, offset: int) -> int | None:
         start = frame.start - VNET_HDR_LEN
         view = frame.view
-        if frame.csum_start < 0:
+        cs = frame.csum_start
+        if cs < 0:
             view[start : frame.start] = _ZERO_HDR
+        elif not frame.gso_size:
+            # build_vnet_hdr's commonest case inline (every segment that is no super-frame).
+            _VNET.pack_into(
+                view, start, VNET_F_NEEDS_CSUM, VNET_GSO_NONE, 0, 0, cs, frame.csum_offset, 0
+            )
         else:
             build_vnet_hdr(view, start, frame)
         try:
@@ -281,7 +292,6 @@ class TapLink(Link):
 
     def _on_readable(self) -> None:
         hub = self.hub
-        pool = hub.pool_from_guest
         classify = hub.deliver
         port = self.port
         fd = self.fd
@@ -291,12 +301,19 @@ class TapLink(Link):
         # Sparse traffic: stop after one frame, unless the last wake-up did (see the docstring).
         one = self._sparse and turn != self._sparse_turn + 1
         got = 0
-        frame = pool.acquire()
+        frame = self._rx_frame
+        if frame is None:
+            # One pooled frame serves every read of the link (held until it closes): no
+            # acquire, release or views per wake-up.
+            frame = self._rx_frame = hub.pool_from_guest.acquire()
+            self._rx_bufs = [frame.view[frame.start - VNET_HDR_LEN :]]
+            self._rx_vnet = frame.view[frame.start - VNET_HDR_LEN : frame.start]
         view = frame.view
         start = frame.start
         hdr_at = start - VNET_HDR_LEN
-        bufs = [view[hdr_at:]]
-        port.rx_vnet = view[hdr_at:start]  # each read's header, for the switch (core/switch.py)
+        bufs = self._rx_bufs
+        # Each read's header, for the switch (core/switch.py): the view stays valid.
+        port.rx_vnet = self._rx_vnet
         port.backlog = True  # unless a read finds the queue empty
         try:
             for _ in range(RX_BUDGET):
@@ -341,8 +358,14 @@ class TapLink(Link):
                 classify(view[start : hdr_at + n], port, now, trusted)
             self._sparse = False  # the budget ran out: a burst
         finally:
-            pool.release(frame)
             hub.end_burst()
+
+    def close(self) -> None:
+        """Close the link and give its receive frame back to the pool."""
+        super().close()
+        frame, self._rx_frame = self._rx_frame, None
+        if frame is not None:
+            self.hub.pool_from_guest.release(frame)
 
 
 def _errname(exc: OSError) -> str:

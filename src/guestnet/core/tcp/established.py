@@ -69,6 +69,8 @@ from guestnet.wire.tcp import ACK, FIN, PSH, RST, SYN
 
 #: Flags that take a segment off the steady-state path (with a missing ACK).
 _RST_SYN = RST | SYN
+#: Frames holding this many payload bytes or more are read one per answer that fits in them.
+BIG_FRAME = 16384
 
 
 class _Established(_Recovery):
@@ -334,7 +336,8 @@ class _Established(_Recovery):
             most = READ_BATCH_BYTES // seg_max or 1
             hdrs = hdrs_len(flow.family)
             while True:
-                flight = seq_delta(flow.snd_nxt, flow.snd_una)
+                # seq_delta(snd_nxt, snd_una), inline: this runs for every host read.
+                flight = ((flow.snd_nxt - flow.snd_una + 0x80000000) & SEQ_MASK) - 0x80000000
                 limit = flow.snd_wnd
                 if limit > MAX_UNACKED:
                     limit = MAX_UNACKED
@@ -388,8 +391,13 @@ class _Established(_Recovery):
                 if got >= asked:
                     flow.read_frames = batch * 2 if batch * 2 < READ_BATCH else READ_BATCH
                 else:
+                    # Frames of 16 KiB or more (super-frames, a 64 KiB MTU): as many as this
+                    # read used, one for any answer that fits one (a single ``recv`` into one
+                    # pool frame per request); smaller ones, twice as many.
                     used = got // seg_max + 1
-                    flow.read_frames = 2 * used if 2 * used < READ_BATCH else READ_BATCH
+                    if seg_max < BIG_FRAME:
+                        used *= 2
+                    flow.read_frames = used if used < READ_BATCH else READ_BATCH
                 unacked = flow.unacked
                 if keeping:
                     flow.kept += got
