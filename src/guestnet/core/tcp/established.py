@@ -239,8 +239,9 @@ class _Established(_Recovery):
     ) -> bool:
         """Process the ACK and window of an acceptable segment; False if it must be dropped."""
         snd_una = flow.snd_una
-        acked = seq_delta(ack, snd_una)
-        flight = seq_delta(flow.snd_nxt, snd_una)
+        # seq_delta(ack, snd_una) and seq_delta(snd_nxt, snd_una), inline (every segment).
+        acked = ((ack - snd_una + 0x80000000) & SEQ_MASK) - 0x80000000
+        flight = ((flow.snd_nxt - snd_una + 0x80000000) & SEQ_MASK) - 0x80000000
         if acked > flight:
             self.counters.inc("tcp.segment.ack_unsent")
             self._send_ack(flow)
@@ -255,7 +256,7 @@ class _Established(_Recovery):
                 if flow.kept:
                     self._release(flow, nbytes)
                 else:
-                    del flow.unacked[:nbytes]
+                    flow.unacked.drop(nbytes)
             flow.snd_una = ack
             flow.dupacks = 0
             if flow.rtt_seq is not None and seq_delta(ack, flow.rtt_seq) >= 0:
@@ -283,8 +284,9 @@ class _Established(_Recovery):
                 self.counters.inc("tcp.retransmit.fast")
                 self._retransmit(flow)
         # RFC 9293 3.10.7.4: take the window from the newest segment only.
-        if seq_delta(seq, flow.snd_wl1) > 0 or (
-            seq == flow.snd_wl1 and seq_delta(ack, flow.snd_wl2) >= 0
+        wl1 = flow.snd_wl1
+        if (0 < (seq - wl1) & SEQ_MASK < 0x80000000) or (
+            seq == wl1 and seq_delta(ack, flow.snd_wl2) >= 0
         ):
             flow.snd_wnd = wnd
             flow.snd_wl1 = seq
