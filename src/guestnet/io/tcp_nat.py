@@ -42,7 +42,10 @@ Timers: one loop timer per flow, armed lazily. A flow's deadline moves later on 
 segment (RTO restart, idle timeout); the loop timer is re-armed only when the new deadline is
 earlier than the armed one, and otherwise fires early, asks the core, and is re-armed; but a
 closed flow's timer is re-armed exactly (its one deadline left is the reap: the delayed ACK or
-RTO armed before it would only wake the loop for nothing, once per connection). ACKs
+RTO armed before it would only wake the loop for nothing, once per connection). A flow whose
+socket is closed and whose last deadline has passed (reaped) or was cancelled (dropped) lets go
+of its timer callback: the callback refers to the flow, the flow (through ``io_data``) to the
+callback, and without that a closed connection's objects waited for the cyclic GC. ACKs
 coalesced during a loop turn are sent by one zero-delay timer (timers run after the fds).
 
 Descriptor exhaustion (EMFILE/ENFILE) and every other socket() or connect() failure are errnos
@@ -344,6 +347,8 @@ class TcpNatDriver:
             if timer is not None:
                 timer.cancel()
                 hs.timer = None
+            if hs.sock is None:
+                hs.fire = None  # the flow is dropped: no cycle left for the GC (see ``fire``)
             return
         if timer is not None and not timer.cancelled:
             armed = timer.when
@@ -360,6 +365,12 @@ class TcpNatDriver:
                 # Only the armed timer can fire: re-arming cancels the one before.
                 hs.timer = None
                 nat.on_timer(flow, now)
+                if hs.timer is None and hs.sock is None:
+                    # Socket closed and no deadline left (reaped): nothing wakes the flow any
+                    # more. Drop the cycle flow -> hs -> fire -> flow, so that reference
+                    # counting frees the flow now instead of the cyclic GC, later and at a
+                    # cost per live object (a set_timer after this makes a new ``fire``).
+                    hs.fire = None
 
             hs.fire = fire
         hs.timer = self.loop.call_at(when, fire)
