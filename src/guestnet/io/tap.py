@@ -50,9 +50,10 @@ per wake-up: one system call (and a Python exception) in every 1-byte round trip
 request is one frame. So a link whose last such read showed sparse traffic (the wake-up found
 at most one frame) reads one frame and stops: if another was queued, epoll reports the TAP
 again at once (level-triggered), and a link reported in the turn right after it stopped early
-reads until EAGAIN again, counting what it finds; two or more frames there end the sparse mode
-(a burst: the EAGAIN read is then one per burst, not per frame). Nothing is ever left unread
-for longer than one loop turn.
+reads until EAGAIN again, counting what it finds with the frame it stopped after; two or more
+end the sparse mode (a burst: the EAGAIN read is then one per burst, not per frame; two frames
+per wake-up do not keep it alternating). Nothing is ever left unread for longer than one loop
+turn.
 
 A TAP is created in the network namespace of the process that calls ``TUNSETIFF``, and may then
 be moved to another one (the fd keeps serving it). :func:`open_tap` is therefore called by a
@@ -298,8 +299,10 @@ class TapLink(Link):
         loop = hub.loop
         now = loop.now()
         turn = loop.turn
-        # Sparse traffic: stop after one frame, unless the last wake-up did (see the docstring).
-        one = self._sparse and turn != self._sparse_turn + 1
+        # Sparse traffic: stop after one frame, unless the last wake-up did (see the docstring):
+        # then this read-until-EAGAIN continues its burst, and the frame it took counts.
+        follow = turn == self._sparse_turn + 1
+        one = self._sparse and not follow
         got = 0
         frame = self._rx_frame
         if frame is None:
@@ -327,7 +330,7 @@ class TapLink(Link):
                 except BlockingIOError:
                     port.backlog = False
                     if not one:
-                        self._sparse = got <= 1
+                        self._sparse = got + follow <= 1
                     return
                 except OSError as exc:
                     if exc.errno == errno.EINTR:
