@@ -313,3 +313,35 @@ def test_builders_reject_bad_fields_in_both(v6: bool) -> None:
         with pytest.raises(Exception):  # noqa: B017
             impl.build_udp_frame(bytearray(100), 0, ver, GUEST_MAC, OUR_MAC, addr, addr, 1, 1,
                                  70000, 0, True)  # fmt: skip
+
+
+option_st = st.sampled_from(
+    [b"\x02\x04\x05\xb4", b"\x01", b"\x00", b"\x03\x03\x07", b"\x03\x03\xff", b"\x04\x02",
+     b"\x08\x0a" + bytes(range(8)), b"\x05\x0a" + bytes(8), b"\x02\x03\x05", b"\x09\x01",
+     b"\x02"]
+) | st.binary(min_size=1, max_size=6)  # fmt: skip
+
+
+@needs_native
+@PROPS
+@given(st.lists(option_st, max_size=8), st.integers(-4, 44), st.binary(max_size=4))
+def test_tcp_options_agree(opts: list[bytes], hlen_delta: int, tail: bytes) -> None:
+    """A SYN's options, valid, truncated, overlong or random, and header lengths short of,
+    at and past the options: the same fields or the same error from both."""
+    seg = bytes(20) + b"".join(opts)
+    seg = seg[:60] + tail
+    hlen = 20 + hlen_delta
+    for data in (seg, memoryview(seg)):
+        try:
+            a = pure.tcp_options(data, hlen)
+        except WireError as exc:
+            a = ("raise", exc.reason)
+        except ValueError:
+            a = ("raise", "ValueError")
+        try:
+            b = _native.tcp_options(data, hlen)
+        except WireError as exc:
+            b = ("raise", exc.reason)
+        except ValueError:
+            b = ("raise", "ValueError")
+        assert a == b

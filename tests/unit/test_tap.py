@@ -7,6 +7,7 @@ tests/integration/test_netns.py.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 from collections.abc import Iterator
@@ -86,3 +87,32 @@ def test_short_read_is_counted(tap: tuple[Instance, TapLink, socket.socket]) -> 
     inst.loop.run_once(max_wait=1.0)
     assert inst.counters.snapshot().get("link.tap.read.short") == 1
     assert link.port.rx_frames == 0
+
+
+def test_sparse_traffic_reads_one_frame_per_turn_and_leaves_nothing_behind(
+    tap: tuple[Instance, TapLink, socket.socket],
+) -> None:
+    """After a wake-up that found one frame, the link reads one frame per wake-up (no read
+    that can only say EAGAIN); a frame left behind is read in the very next turn, and a burst
+    (two frames over those two turns) puts the link back to reading until EAGAIN."""
+    inst, link, guest = tap
+    frame = bytes(VNET_HDR_LEN) + arp_request()
+    guest.send(frame)
+    inst.loop.run_once(max_wait=1.0)
+    assert link.port.rx_frames == 1
+    guest.send(frame)
+    guest.send(frame)
+    inst.loop.run_once(max_wait=1.0)
+    assert link.port.rx_frames == 2  # sparse: one frame, the other waits one turn
+    inst.loop.run_once(max_wait=1.0)
+    assert link.port.rx_frames == 3  # reported again at once, read
+    for _ in range(3):
+        guest.send(frame)
+    inst.loop.run_once(max_wait=1.0)
+    assert link.port.rx_frames == 6  # a burst: read until EAGAIN
+    replies = 0
+    guest.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while guest.recv(70000):
+            replies += 1
+    assert replies == 6

@@ -52,6 +52,9 @@ class Loop:
         self._handlers: dict[int, Handler] = {}
         self._events: dict[int, int] = {}
         self._running = False
+        #: Turns run so far: a handler can tell whether it was woken in the turn right after
+        #: an earlier one (a TAP link that stopped reading before EAGAIN, io/tap.py).
+        self.turn = 0
         self._wakeup_r = -1
         self._wakeup_w = -1
         self.stop_signal: int | None = None
@@ -172,6 +175,7 @@ class Loop:
 
     def run_once(self, max_wait: float | None = None) -> None:
         """One turn: wait for fds or the next deadline (at most ``max_wait``), then dispatch."""
+        self.turn += 1
         deadline = self.timers.next_deadline()
         timeout = -1.0
         if deadline is not None:

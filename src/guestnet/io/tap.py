@@ -6,11 +6,11 @@ The TAP is opened with ``IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`` and a 12-byte virt
 (``TUNSETVNETHDRSZ``). Every ``read`` returns one header and one Ethernet frame; every ``write``
 must carry one header in front of one frame. Both directions avoid copies:
 
-- guest to us: the read lands in a pooled frame at ``frame.start - VNET_HDR_LEN``, so the header
-  fills the headroom and the Ethernet frame starts exactly at ``frame.start``. The header's flags
-  say whether the kernel vouches for the checksum (``NEEDS_CSUM``: a partial checksum the sender
-  left to offload; ``DATA_VALID``: already checked); either way the classifier is told
-  ``csum_trusted`` and skips verifying it.
+- guest to us: the read lands in a pooled frame (one per link, held while it lives) at
+  ``frame.start - VNET_HDR_LEN``, so the header fills the headroom and the Ethernet frame starts
+  exactly at ``frame.start``. The header's flags say whether the kernel vouches for the
+  checksum (``NEEDS_CSUM``: a partial checksum the sender left to offload; ``DATA_VALID``:
+  already checked); either way the classifier is told ``csum_trusted`` and skips verifying it.
 - us to guest: the frame's offload metadata becomes the header, written into the headroom in front
   of the frame (all zeros for a plain frame), and header plus frame leave in one ``os.write``.
   A TAP write is all or nothing; EAGAIN leaves the frame in the Link's bounded queue until
@@ -43,6 +43,17 @@ takes it whole for local delivery and segments it only if it forwards it. Writin
 needs no ``TUNSETOFFLOAD`` (that only governs what the kernel sends us), but we tie both
 directions to the one switch. When the ioctl fails (a kernel or fd without it) the link runs
 without offloads and counts ``link.tap.offload.unsupported``.
+
+Reads per wake-up. The TAP is registered level-triggered, and a read returns one frame, never
+saying whether another waits. A link that reads until EAGAIN pays one read that can only fail
+per wake-up: one system call (and a Python exception) in every 1-byte round trip, whose
+request is one frame. So a link whose last such read showed sparse traffic (the wake-up found
+at most one frame) reads one frame and stops: if another was queued, epoll reports the TAP
+again at once (level-triggered), and a link reported in the turn right after it stopped early
+reads until EAGAIN again, counting what it finds with the frame it stopped after; two or more
+end the sparse mode (a burst: the EAGAIN read is then one per burst, not per frame; two frames
+per wake-up do not keep it alternating). Nothing is ever left unread for longer than one loop
+turn.
 
 A TAP is created in the network namespace of the process that calls ``TUNSETIFF``, and may then
 be moved to another one (the fd keeps serving it). :func:`open_tap` is therefore called by a
@@ -217,6 +228,15 @@ class TapLink(Link):
         os.set_blocking(fd, False)
         self.ifname = ifname
         self.offloads = 0
+        #: The last wake-up that read until EAGAIN found at most one frame, and the loop turn in
+        #: which a wake-up last stopped after one frame (see "Reads per wake-up" above).
+        self._sparse = False
+        self._sparse_turn = -2
+        #: The pooled frame every read lands in (taken at the first read), the read's buffer
+        #: list and the view of its virtio-net header.
+        self._rx_frame: Frame | None = None
+        self._rx_bufs: list[memoryview] = []
+        self._rx_vnet: memoryview | None = None
         super().__init__(hub, fd, name)
         if offloads:
             self._ask_offloads(offloads)
@@ -250,8 +270,14 @@ class TapLink(Link):
     def _write(self, frame: Frame, offset: int) -> int | None:
         start = frame.start - VNET_HDR_LEN
         view = frame.view
-        if frame.csum_start < 0:
+        cs = frame.csum_start
+        if cs < 0:
             view[start : frame.start] = _ZERO_HDR
+        elif not frame.gso_size:
+            # build_vnet_hdr's commonest case inline (every segment that is no super-frame).
+            _VNET.pack_into(
+                view, start, VNET_F_NEEDS_CSUM, VNET_GSO_NONE, 0, 0, cs, frame.csum_offset, 0
+            )
         else:
             build_vnet_hdr(view, start, frame)
         try:
@@ -267,24 +293,44 @@ class TapLink(Link):
 
     def _on_readable(self) -> None:
         hub = self.hub
-        pool = hub.pool_from_guest
         classify = hub.deliver
         port = self.port
         fd = self.fd
-        now = hub.loop.now()
-        frame = pool.acquire()
+        loop = hub.loop
+        now = loop.now()
+        turn = loop.turn
+        # Sparse traffic: stop after one frame, unless the last wake-up did (see the docstring):
+        # then this read-until-EAGAIN continues its burst, and the frame it took counts.
+        follow = turn == self._sparse_turn + 1
+        one = self._sparse and not follow
+        got = 0
+        frame = self._rx_frame
+        if frame is None:
+            # One pooled frame serves every read of the link (held until it closes): no
+            # acquire, release or views per wake-up.
+            frame = self._rx_frame = hub.pool_from_guest.acquire()
+            self._rx_bufs = [frame.view[frame.start - VNET_HDR_LEN :]]
+            self._rx_vnet = frame.view[frame.start - VNET_HDR_LEN : frame.start]
         view = frame.view
         start = frame.start
         hdr_at = start - VNET_HDR_LEN
-        bufs = [view[hdr_at:]]
-        port.rx_vnet = view[hdr_at:start]  # each read's header, for the switch (core/switch.py)
+        bufs = self._rx_bufs
+        # Each read's header, for the switch (core/switch.py): the view stays valid.
+        port.rx_vnet = self._rx_vnet
         port.backlog = True  # unless a read finds the queue empty
         try:
             for _ in range(RX_BUDGET):
+                if got and one:
+                    # Taken as empty (the last wake-up that looked found one frame).
+                    self._sparse_turn = turn
+                    port.backlog = False
+                    return
                 try:
                     n = os.readv(fd, bufs)
                 except BlockingIOError:
                     port.backlog = False
+                    if not one:
+                        self._sparse = got + follow <= 1
                     return
                 except OSError as exc:
                     if exc.errno == errno.EINTR:
@@ -297,6 +343,7 @@ class TapLink(Link):
                 if n <= VNET_HDR_LEN:
                     hub.counters.inc("link.tap.read.short")
                     continue
+                got += 1
                 gso_type = view[hdr_at + 1]
                 if gso_type and (gso_type & ~VNET_GSO_ECN) not in _GSO_ACCEPTED:
                     if gso_type == VNET_GSO_UDP_L4 and port.udp_offload:
@@ -312,9 +359,16 @@ class TapLink(Link):
                     continue
                 trusted = bool(view[hdr_at] & (VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID))
                 classify(view[start : hdr_at + n], port, now, trusted)
+            self._sparse = False  # the budget ran out: a burst
         finally:
-            pool.release(frame)
             hub.end_burst()
+
+    def close(self) -> None:
+        """Close the link and give its receive frame back to the pool."""
+        super().close()
+        frame, self._rx_frame = self._rx_frame, None
+        if frame is not None:
+            self.hub.pool_from_guest.release(frame)
 
 
 def _errname(exc: OSError) -> str:

@@ -4,8 +4,9 @@
  * Theory of operation: the core's per-packet paths spend most of their time in Python's
  * per-call and per-object costs (struct unpacking into a dozen ints, slices, the checksum as a
  * big integer), not in the work itself. This module does the leaf operations -- the Internet
- * checksum, the parse of an established-flow TCP frame from the guest, the headers of a TCP or
- * UDP frame toward the guest with their checksums, the IPv4 header parse -- in one call each,
+ * checksum, the parse of an established-flow TCP frame from the guest, a SYN's TCP options,
+ * the headers of a TCP or UDP frame toward the guest with their checksums, the IPv4 header
+ * parse -- in one call each,
  * against the buffer protocol. guestnet/wire/pure.py holds the same functions in Python with the
  * same results (a property test compares them byte for byte); guestnet/wire/native.py chooses
  * this module unless GUESTNET_PURE=1 or it failed to build.
@@ -490,6 +491,100 @@ n_parse_ipv4(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return res;
 }
 
+/* tcp_options(data, header_len) -> (mss, wscale, sack_permitted, timestamp): the options of a
+ * TCP segment between byte 20 and header_len, as guestnet.wire.pure.tcp_options reads them
+ * (None for an option absent; wscale capped at 14; timestamp (TSval, TSecr)). An option that
+ * runs past the header is WireError("tcp.bad_option"); header_len beyond the data ValueError. */
+static PyObject *
+n_tcp_options(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    const unsigned char *p;
+    Py_ssize_t hlen, i;
+    long mss = -1, wscale = -1;
+    int sack = 0, have_ts = 0;
+    uint32_t tsval = 0, tsecr = 0;
+    PyObject *res, *o_mss, *o_ws, *o_ts;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "expected (data, header_len)");
+        return NULL;
+    }
+    hlen = PyLong_AsSsize_t(args[1]);
+    if (hlen == -1 && PyErr_Occurred())
+        return NULL;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (hlen > view.len) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "header_len beyond the segment");
+        return NULL;
+    }
+    p = (const unsigned char *)view.buf;
+    i = 20;
+    while (i < hlen) {
+        unsigned kind = p[i], olen;
+        if (kind == 0)
+            break;
+        if (kind == 1) {
+            i++;
+            continue;
+        }
+        if (i + 1 >= hlen) {
+            PyBuffer_Release(&view);
+            return wire_error("tcp.bad_option");
+        }
+        olen = p[i + 1];
+        if (olen < 2 || i + (Py_ssize_t)olen > hlen) {
+            PyBuffer_Release(&view);
+            return wire_error("tcp.bad_option");
+        }
+        if (kind == 2 && olen == 4) {
+            mss = ((long)p[i + 2] << 8) | p[i + 3];
+        } else if (kind == 3 && olen == 3) {
+            wscale = p[i + 2] < 14 ? p[i + 2] : 14;
+        } else if (kind == 4 && olen == 2) {
+            sack = 1;
+        } else if (kind == 8 && olen == 10) {
+            tsval = (uint32_t)p[i + 2] << 24 | (uint32_t)p[i + 3] << 16 |
+                    (uint32_t)p[i + 4] << 8 | p[i + 5];
+            tsecr = (uint32_t)p[i + 6] << 24 | (uint32_t)p[i + 7] << 16 |
+                    (uint32_t)p[i + 8] << 8 | p[i + 9];
+            have_ts = 1;
+        }
+        i += olen;
+    }
+    PyBuffer_Release(&view);
+    if (mss >= 0) {
+        o_mss = PyLong_FromLong(mss);
+    } else {
+        o_mss = Py_None;
+        Py_INCREF(o_mss);
+    }
+    if (wscale >= 0) {
+        o_ws = PyLong_FromLong(wscale);
+    } else {
+        o_ws = Py_None;
+        Py_INCREF(o_ws);
+    }
+    if (have_ts) {
+        o_ts = Py_BuildValue("(kk)", (unsigned long)tsval, (unsigned long)tsecr);
+    } else {
+        o_ts = Py_None;
+        Py_INCREF(o_ts);
+    }
+    if (o_mss == NULL || o_ws == NULL || o_ts == NULL) {
+        Py_XDECREF(o_mss);
+        Py_XDECREF(o_ws);
+        Py_XDECREF(o_ts);
+        return NULL;
+    }
+    res = PyTuple_Pack(4, o_mss, o_ws, sack ? Py_True : Py_False, o_ts);
+    Py_DECREF(o_mss);
+    Py_DECREF(o_ws);
+    Py_DECREF(o_ts);
+    return res;
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* Frames out: Ethernet + IP + TCP/UDP headers in front of a payload already in place          */
 
@@ -753,6 +848,8 @@ static PyMethodDef methods[] = {
      "tcp_fast6(frame, our_mac, guest_mac, dns6_dsts, verify): fields or None."},
     {"parse_ipv4", (PyCFunction)(void (*)(void))n_parse_ipv4, METH_FASTCALL,
      "parse_ipv4(data, verify): the IPv4 header's fields, or WireError."},
+    {"tcp_options", (PyCFunction)(void (*)(void))n_tcp_options, METH_FASTCALL,
+     "tcp_options(data, header_len): (mss, wscale, sack_permitted, timestamp)."},
     {"build_tcp_frame", (PyCFunction)(void (*)(void))n_build_tcp_frame, METH_FASTCALL,
      "build_tcp_frame(...): Ethernet, IP and TCP headers; returns the frame length."},
     {"build_udp_frame", (PyCFunction)(void (*)(void))n_build_udp_frame, METH_FASTCALL,

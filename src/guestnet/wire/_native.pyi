@@ -2,7 +2,7 @@
 
 from collections.abc import Container
 
-from guestnet.wire.pure import Buffer, FastTcp, Ipv4Fields
+from guestnet.wire.pure import Buffer, FastTcp, Ipv4Fields, TcpOptionFields
 
 def ones_sum(data: Buffer, initial: int = 0, /) -> int: ...
 def checksum(data: Buffer, initial: int = 0, /) -> int: ...
@@ -25,6 +25,7 @@ def tcp_fast6(
     /,
 ) -> FastTcp | None: ...
 def parse_ipv4(data: Buffer, verify: bool, /) -> Ipv4Fields: ...
+def tcp_options(data: Buffer, header_len: int, /) -> TcpOptionFields: ...
 def build_tcp_frame(
     buf: memoryview | bytearray,
     start: int,

@@ -8,6 +8,7 @@ from typing import NamedTuple
 from guestnet.wire import WireError
 from guestnet.wire.checksum import checksum, pseudo_header_sum
 from guestnet.wire.ipv4 import PROTO_TCP
+from guestnet.wire.native import tcp_options
 
 TCP_HLEN = 20
 
@@ -29,6 +30,8 @@ OPT_SACK = 5
 OPT_TIMESTAMP = 8
 
 _HDR = struct.Struct("!HHIIBBHHH")
+#: ``tuple.__new__``: a :class:`TcpOptions` from the tuple of its fields.
+_new = tuple.__new__
 
 
 class TcpHeader(NamedTuple):
@@ -63,34 +66,11 @@ def parse_tcp(data: memoryview | bytes) -> TcpHeader:
 
 
 def parse_tcp_options(data: memoryview | bytes, header_len: int) -> TcpOptions:
-    """Parse the options between byte 20 and ``header_len``; unknown kinds are skipped."""
-    mss: int | None = None
-    wscale: int | None = None
-    sack = False
-    ts: tuple[int, int] | None = None
-    i = TCP_HLEN
-    while i < header_len:
-        kind = data[i]
-        if kind == OPT_EOL:
-            break
-        if kind == OPT_NOP:
-            i += 1
-            continue
-        if i + 1 >= header_len:
-            raise WireError("tcp.bad_option")
-        olen = data[i + 1]
-        if olen < 2 or i + olen > header_len:
-            raise WireError("tcp.bad_option")
-        if kind == OPT_MSS and olen == 4:
-            mss = (data[i + 2] << 8) | data[i + 3]
-        elif kind == OPT_WSCALE and olen == 3:
-            wscale = min(data[i + 2], 14)
-        elif kind == OPT_SACK_PERM and olen == 2:
-            sack = True
-        elif kind == OPT_TIMESTAMP and olen == 10:
-            ts = struct.unpack_from("!II", data, i + 2)
-        i += olen
-    return TcpOptions(mss, wscale, sack, ts)
+    """Parse the options between byte 20 and ``header_len``; unknown kinds are skipped.
+
+    The loop runs in :func:`guestnet.wire.native.tcp_options` (C, or its Python twin).
+    """
+    return _new(TcpOptions, tcp_options(data, header_len))
 
 
 def verify_tcp(data: memoryview | bytes, src: bytes, dst: bytes) -> bool:

@@ -69,6 +69,8 @@ from guestnet.wire.tcp import ACK, FIN, PSH, RST, SYN
 
 #: Flags that take a segment off the steady-state path (with a missing ACK).
 _RST_SYN = RST | SYN
+#: Frames holding this many payload bytes or more are read one per answer that fits in them.
+BIG_FRAME = 16384
 
 
 class _Established(_Recovery):
@@ -237,8 +239,9 @@ class _Established(_Recovery):
     ) -> bool:
         """Process the ACK and window of an acceptable segment; False if it must be dropped."""
         snd_una = flow.snd_una
-        acked = seq_delta(ack, snd_una)
-        flight = seq_delta(flow.snd_nxt, snd_una)
+        # seq_delta(ack, snd_una) and seq_delta(snd_nxt, snd_una), inline (every segment).
+        acked = ((ack - snd_una + 0x80000000) & SEQ_MASK) - 0x80000000
+        flight = ((flow.snd_nxt - snd_una + 0x80000000) & SEQ_MASK) - 0x80000000
         if acked > flight:
             self.counters.inc("tcp.segment.ack_unsent")
             self._send_ack(flow)
@@ -253,7 +256,7 @@ class _Established(_Recovery):
                 if flow.kept:
                     self._release(flow, nbytes)
                 else:
-                    del flow.unacked[:nbytes]
+                    flow.unacked.drop(nbytes)
             flow.snd_una = ack
             flow.dupacks = 0
             if flow.rtt_seq is not None and seq_delta(ack, flow.rtt_seq) >= 0:
@@ -281,8 +284,9 @@ class _Established(_Recovery):
                 self.counters.inc("tcp.retransmit.fast")
                 self._retransmit(flow)
         # RFC 9293 3.10.7.4: take the window from the newest segment only.
-        if seq_delta(seq, flow.snd_wl1) > 0 or (
-            seq == flow.snd_wl1 and seq_delta(ack, flow.snd_wl2) >= 0
+        wl1 = flow.snd_wl1
+        if (0 < (seq - wl1) & SEQ_MASK < 0x80000000) or (
+            seq == wl1 and seq_delta(ack, flow.snd_wl2) >= 0
         ):
             flow.snd_wnd = wnd
             flow.snd_wl1 = seq
@@ -334,7 +338,8 @@ class _Established(_Recovery):
             most = READ_BATCH_BYTES // seg_max or 1
             hdrs = hdrs_len(flow.family)
             while True:
-                flight = seq_delta(flow.snd_nxt, flow.snd_una)
+                # seq_delta(snd_nxt, snd_una), inline: this runs for every host read.
+                flight = ((flow.snd_nxt - flow.snd_una + 0x80000000) & SEQ_MASK) - 0x80000000
                 limit = flow.snd_wnd
                 if limit > MAX_UNACKED:
                     limit = MAX_UNACKED
@@ -388,8 +393,13 @@ class _Established(_Recovery):
                 if got >= asked:
                     flow.read_frames = batch * 2 if batch * 2 < READ_BATCH else READ_BATCH
                 else:
+                    # Frames of 16 KiB or more (super-frames, a 64 KiB MTU): as many as this
+                    # read used, one for any answer that fits one (a single ``recv`` into one
+                    # pool frame per request); smaller ones, twice as many.
                     used = got // seg_max + 1
-                    flow.read_frames = 2 * used if 2 * used < READ_BATCH else READ_BATCH
+                    if seg_max < BIG_FRAME:
+                        used *= 2
+                    flow.read_frames = used if used < READ_BATCH else READ_BATCH
                 unacked = flow.unacked
                 if keeping:
                     flow.kept += got

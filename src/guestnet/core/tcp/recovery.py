@@ -246,9 +246,14 @@ class _Recovery(_SegmentWriter):
 
     @staticmethod
     def _rto_estimate(flow: TcpFlow) -> float:
-        if flow.srtt is None:
+        srtt = flow.srtt
+        if srtt is None:
             return RTO_INITIAL_S
-        return min(max(flow.srtt + 4 * flow.rttvar, RTO_MIN_S), RTO_MAX_S)
+        rto = srtt + 4 * flow.rttvar
+        # Clamped with comparisons, not min(max()): this runs on every RTT sample.
+        if rto < RTO_MIN_S:
+            return RTO_MIN_S
+        return RTO_MAX_S if rto > RTO_MAX_S else rto
 
     def _on_wnd_check(self, flow: TcpFlow, now: float) -> None:
         flow.wnd_check_deadline = None

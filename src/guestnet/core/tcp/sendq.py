@@ -83,7 +83,13 @@ class SendQueue:
 
     def __delitem__(self, key: slice) -> None:
         """``del q[:n]``: drop the first ``n`` bytes (all of them if fewer are queued)."""
-        n = _prefix_len(key, self._len)
+        self.drop(_prefix_len(key, self._len))
+
+    def drop(self, n: int) -> None:
+        """Drop the first ``n`` bytes (all of them if fewer are queued): ``del q[:n]`` without
+        the slice (the per-ACK call)."""
+        if n > self._len:
+            n = self._len
         self._len -= n
         if not self._len:
             self._head = 0
