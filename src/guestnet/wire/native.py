@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 The leaf operations of the per-packet paths (the Internet checksum, the parse of an
-established-flow TCP segment from the guest, the IPv4 header parse, the headers of every TCP
+established-flow TCP segment from the guest, the test and fields of a unicast UDP datagram
+from the guest, the IPv4 header parse, the headers of every TCP
 segment and UDP datagram toward the guest) exist twice with identical behaviour: in the C
 extension ``guestnet.wire._native`` (``_native.c`` beside this file), built by ``pip install``
 when a compiler and the Python headers are there, and in :mod:`guestnet.wire.pure`. This
@@ -43,6 +44,7 @@ if NATIVE:
     pseudo_sum = _native.pseudo_sum
     tcp_fast4 = _native.tcp_fast4
     tcp_fast6 = _native.tcp_fast6
+    udp_fast4 = _native.udp_fast4
     parse_ipv4 = _native.parse_ipv4
     build_tcp_frame = _native.build_tcp_frame
     build_udp_frame = _native.build_udp_frame
@@ -52,6 +54,7 @@ else:
     pseudo_sum = pure.pseudo_sum
     tcp_fast4 = pure.tcp_fast4
     tcp_fast6 = pure.tcp_fast6
+    udp_fast4 = pure.udp_fast4
     parse_ipv4 = pure.parse_ipv4
     build_tcp_frame = pure.build_tcp_frame
     build_udp_frame = pure.build_udp_frame
@@ -67,4 +70,5 @@ __all__ = [
     "pseudo_sum",
     "tcp_fast4",
     "tcp_fast6",
+    "udp_fast4",
 ]
