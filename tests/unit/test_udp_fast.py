@@ -15,6 +15,8 @@ import ipaddress
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from guestnet.core.icmp import IcmpService
 from guestnet.core.policy import Policy
@@ -137,6 +139,10 @@ def script(side: Side, frames: Any) -> None:
         side.feed(udp(sport=5000, dport=6000, dst=gateway, payload=b"to client", eth_src=OTHER_MAC))
     for _ in range(2):
         side.feed(udp(sport=5000, dport=6001, dst=gateway, payload=b"gw", eth_src=OTHER_MAC))
+    # A client appears at the very port the flow's last datagrams went to: the next one is its.
+    side.nat.deliver_inbound(("f", ("127.0.0.1", 6001)), side.to_client.append,
+                             frames.GUEST_IP, 5000, 6001, memoryview(b"hi"), core.now)  # fmt: skip
+    side.feed(udp(sport=5000, dport=6001, dst=gateway, payload=b"client 2", eth_src=OTHER_MAC))
     side.burst_end()
     # A super-frame from a TAP with USO.
     core.port.rx_gso_size = 100
@@ -189,3 +195,83 @@ def test_a_stream_is_taken_fast_after_its_first_datagram(
     assert side.log[1:] == [(1, "segments", b"".join(bytes([i]) * 50 for i in range(10)), addr, 50)]
     assert side.core.counters["nat.udp.to_host"] == 10
     side.nat.close_all()
+
+
+# -- random scripts: the same equivalence for any sequence of these events ----------------------
+
+EVENT = st.one_of(
+    st.tuples(
+        st.just("dgram"),
+        st.sampled_from([40000, 40001, 5000]),  # source port
+        st.sampled_from([9999, 7777, 6000, 53, 67, 0]),  # destination port
+        st.sampled_from(["remote", "other", "denied", "gateway", "dns", "bcast", "subnet"]),
+        st.integers(0, 120),  # payload length
+        st.booleans(),  # the link vouches for the checksum
+        st.sampled_from(["ok", "ok", "bad csum", "other mac"]),
+        st.integers(1, 4),  # sent this many times in a row (a stream)
+    ),
+    st.tuples(st.just("burst end")),
+    st.tuples(st.just("later"), st.sampled_from([0.5, 5.0, 200.0])),
+    st.tuples(st.just("inbound"), st.sampled_from([6000, 6001])),
+    st.tuples(st.just("super"), st.integers(1, 4)),
+)
+DSTS = {
+    "other": OTHER_IP,
+    "denied": DENIED_IP,
+    "bcast": bytes([10, 0, 2, 255]),
+    "subnet": bytes([10, 0, 2, 77]),
+}
+
+
+def play(side: Side, frames: Any, events: list[tuple[Any, ...]]) -> None:
+    core = side.core
+    for event in events:
+        kind = event[0]
+        if kind == "dgram":
+            _k, sport, dport, where, size, trusted, damage, times = event
+            dst = (
+                DSTS.get(where)
+                or {
+                    "remote": frames.REMOTE_IP,
+                    "gateway": frames.GATEWAY_IP,
+                    "dns": frames.DNS_IP,
+                }[where]
+            )
+            mac = OTHER_MAC if damage == "other mac" else frames.GUEST_MAC
+            frame = bytearray(frames.udp(sport, dport, bytes([size & 0xFF]) * size, dst=dst,
+                                         eth_src=mac))  # fmt: skip
+            if damage == "bad csum":
+                frame[40] ^= 0x5A
+            for _ in range(times):
+                side.feed(bytes(frame), csum_trusted=trusted)
+        elif kind == "burst end":
+            side.burst_end()
+        elif kind == "later":
+            core.now += event[1]
+            side.nat.expire(core.now)
+        elif kind == "inbound":
+            side.nat.deliver_inbound(("f", ("127.0.0.1", event[1])), side.to_client.append,
+                                     frames.GUEST_IP, 5000, event[1], memoryview(b"hi"),
+                                     core.now)  # fmt: skip
+        else:  # a super-frame of ``n`` datagrams of 50 bytes from a TAP with USO
+            core.port.rx_gso_size = 50
+            side.feed(frames.udp(payload=bytes(50 * event[1])), csum_trusted=True)
+            core.port.rx_gso_size = 0
+    side.burst_end()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(EVENT, max_size=40))
+def test_random_scripts_give_the_same_result_both_ways(
+    make_core: Any, frames: Any, events: list[tuple[Any, ...]]
+) -> None:
+    # make_core and frames are session fixtures: one fresh pair of cores per example.
+    fast, plain = Side(make_core, True), Side(make_core, False)
+    try:
+        play(fast, frames, events)
+        play(plain, frames, events)
+        assert fast.state() == plain.state()
+        assert fast.core.pool.in_use == 0
+    finally:
+        fast.nat.close_all()
+        plain.nat.close_all()
