@@ -44,7 +44,10 @@ port, id and question) is not forwarded twice (``dns.query.duplicate``).
 Cost. The forwarding path parses only the header and question (names, counts and record
 bounds are checked, record data is skipped by length), keeps the guest's bytes for the upstream
 with two bytes of id changed, and copies the upstream's answer into the guest's frame as it came,
-its id restored: nothing is decoded or re-encoded either way. Bad input raises
+its id restored: nothing is decoded or re-encoded either way. A plain IPv4 query from a known
+guest reaches :meth:`DnsService.handle_fast` from the classifier's fast path with its fields
+already parsed (no :class:`~guestnet.core.packet.IpPacket` built); both entries share
+:meth:`DnsService.handle_query`. Bad input raises
 :class:`~guestnet.wire.dns.DnsError`, which never leaves this module.
 """
 
