@@ -688,12 +688,17 @@ class Harness:
 
     def _measure_all(self, cell: Cell, topo: Topology) -> None:
         pid = topo.backend.pid if topo.backend is not None else None
-        misses0 = self._measure_tcp(cell, topo, pid)
-        self._measure_rr(cell, topo)
-        self._measure_connrate(cell, topo)
-        self._measure_udp(cell, topo)
-        self._measure_udp_max(cell, topo)
-        self._measure_dns(cell, topo)
+        only = self.args.only
+        misses0 = self._measure_tcp(cell, topo, pid) if "tcp" in only else None
+        if "rr" in only:
+            self._measure_rr(cell, topo)
+        if "conn" in only:
+            self._measure_connrate(cell, topo)
+        if "udp" in only:
+            self._measure_udp(cell, topo)
+            self._measure_udp_max(cell, topo)
+        if "dns" in only:
+            self._measure_dns(cell, topo)
         if pid:
             rss = peak_rss_mb(pid)
             if rss is not None:
@@ -1373,6 +1378,11 @@ def ensure_binaries(backends: list[str], log: Callable[[str], None]) -> dict[str
     return missing
 
 
+#: Measurement groups (``--only``): TCP bulk with CPU s/GB, round trips, connection rates, UDP
+#: (fixed rate and the <1 % search), DNS.
+GROUPS = ("tcp", "rr", "conn", "udp", "dns")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="1 rep, 2 s runs, fewer round trips")
@@ -1403,6 +1413,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"iperf3 -w for every UDP run: the socket buffers of both iperf3 ends ({UDP_WINDOW}; "
         "'default' leaves iperf3's own, as issue 12's first figures were taken)",
     )
+    p.add_argument(
+        "--only",
+        default=",".join(GROUPS),
+        help=f"measurement groups to run ({','.join(GROUPS)}); the others' cells stay empty (—)",
+    )
     p.add_argument("--markdown", metavar="FILE", help="write a markdown section to FILE")
     p.add_argument("--json", metavar="FILE", help="write every cell as JSON to FILE")
     p.add_argument(
@@ -1411,6 +1426,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="leave CPU idle states alone (default: hold /dev/cpu_dma_latency at 0)",
     )
     args = p.parse_args(argv)
+    args.only = {g for g in args.only.split(",") if g}
+    if not args.only or not args.only <= set(GROUPS):
+        p.error(f"--only takes some of {','.join(GROUPS)}")
     args.backends = [b for b in args.backends.split(",") if b]
     for b in args.backends:
         if b not in BACKENDS:

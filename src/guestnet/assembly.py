@@ -144,6 +144,7 @@ class Instance:
         c.dhcp = self.dhcp
         if cfg.dns:  # else (--disable-dns) queries to the DNS address are dropped, unanswered
             c.dns_udp = self.dns
+            c.dns_fast = self.dns.handle_fast
             c.dns_tcp = nat.dns_handler
         c.icmp = self.icmp.icmp
         c.udp_nat = self.udp_nat.nat
@@ -151,6 +152,7 @@ class Instance:
         self.switch.on_return = nat.move_guest  # a guest that comes back gets its flows
         self.switch.on_depart = self.tcp_nat.guest_departed  # reset later if it does not
         c.tcp_fast = nat.handle_fast
+        c.udp_fast = self.udp_nat.nat.handle_fast
         c.reassembly = self.reassembly
         self.ndp: NdpService | None = None
         self.dhcp6: Dhcpv6Server | None = None

@@ -95,9 +95,40 @@ class Dns:
         return out
 
 
-@pytest.fixture
-def d(core: Any, frames: Any) -> Dns:
-    return Dns(core, frames)
+@pytest.fixture(params=["ordinary", "fast"])
+def d(core: Any, frames: Any, request: Any) -> Dns:
+    """The service behind the classifier's ordinary path, or its fast path as the assembly
+    wires it (every test below runs both ways). The fast path needs the guest's MAC known: an
+    ARP request teaches it first (its answer is taken away)."""
+    svc = Dns(core, frames)
+    if request.param == "fast":
+        core.classifier.udp_fast = lambda *args: False
+        core.classifier.dns_fast = svc.svc.handle_fast
+        core.feed(frames.arp())
+        core.take_sent()
+    return svc
+
+
+def test_the_fast_path_takes_queries_once_the_mac_is_known(core: Any, frames: Any) -> None:
+    svc = Dns(core, frames)
+    taken: list[int] = []
+
+    def counted(*args: Any) -> bool:
+        took = svc.svc.handle_fast(*args)
+        taken.append(took)
+        return took
+
+    core.classifier.udp_fast = lambda *args: False
+    core.classifier.dns_fast = counted
+    svc.ask("host.guestnet.internal")  # the guest's MAC is learned by this one
+    svc.ask("host.guestnet.internal", dst=frames.GATEWAY_IP)
+    svc.ask("www.example.com")
+    assert taken == [True, True]
+    assert len(svc.replies()) == 2 and len(svc.take_outbox()) == 1
+    core.port.rx_gso_size = 100  # a super-frame's datagrams go the ordinary way, one by one
+    svc.ask("host.guestnet.internal")
+    core.port.rx_gso_size = 0
+    assert taken == [True, True, False] and len(svc.replies()) == 1
 
 
 def answer_for(sent: bytes, *records: str, flags: int = 0, rcode: Any = None) -> bytes:

@@ -215,6 +215,86 @@ def test_tcp_fast_takes_a_valid_segment_in_both(v6: bool) -> None:
         assert a == b == (None if partial else want)
 
 
+@st.composite
+def udp_frames(draw: st.DrawFn) -> bytes:
+    """A valid IPv4 UDP frame from the guest (built by the pure builder), maybe padded."""
+    plen = draw(st.integers(0, 64))
+    buf = bytearray(42 + plen)
+    buf[42:] = draw(st.binary(min_size=plen, max_size=plen))
+    pure.build_udp_frame(
+        buf, 0, 4, OUR_MAC, draw(st.sampled_from([GUEST_MAC, OUR_MAC])), draw(addr4),
+        draw(addr4), draw(port_st), draw(port_st), plen, draw(st.integers(0, 65535)),
+        draw(st.booleans()),
+    )  # fmt: skip
+    if draw(st.booleans()):
+        buf[40:42] = b"\x00\x00"  # no checksum (IPv4 allows it)
+    return bytes(buf) + draw(st.sampled_from([b"", bytes(6)]))
+
+
+def both_udp(*args: Any) -> tuple[Any, Any]:
+    """udp_fast4 in both implementations, the payload view compared by type and contents."""
+    out = []
+    for impl in (pure, _native):
+        res = impl.udp_fast4(*args)
+        if res is not None:
+            res = (*res[:4], type(res[4]).__name__, bytes(res[4]))
+        out.append(res)
+    return out[0], out[1]
+
+
+@needs_native
+@PROPS
+@given(st.data())
+def test_udp_fast4_agrees_on_mutated_frames(data: st.DataObject) -> None:
+    frame = data.draw(udp_frames())
+    muts = data.draw(st.lists(mutation, max_size=3))
+    view = memoryview(mutate(frame, muts))
+    guest = data.draw(st.sampled_from([GUEST_MAC, None, OUR_MAC]))
+    a, b = both_udp(view, OUR_MAC, guest, BROADCAST, data.draw(st.booleans()))
+    assert a == b
+
+
+@needs_native
+@PROPS
+@given(st.binary(max_size=120), st.sampled_from([GUEST_MAC, None]))
+def test_udp_fast4_agrees_on_random_bytes(raw: bytes, guest: bytes | None) -> None:
+    for head in (b"", b"\x45\x00"):
+        view = memoryview(OUR_MAC + GUEST_MAC + b"\x08\x00" + head + raw)
+        for verify in (False, True):
+            a, b = both_udp(view, OUR_MAC, guest, BROADCAST, verify)
+            assert a == b
+
+
+@needs_native
+def test_udp_fast4_takes_a_valid_datagram_in_both() -> None:
+    """Datagrams both take, with the fields the NAT gets (padding after the UDP length left
+    out); ``verify`` refuses a wrong checksum in both and takes a missing one (0)."""
+    src, dst = bytes([10, 0, 2, 15]), bytes([93, 184, 216, 34])
+    buf = bytearray(42 + 5 + 6)  # 6 bytes of Ethernet padding after the datagram
+    buf[42:47] = b"hello"
+    pure.build_udp_frame(buf, 0, 4, OUR_MAC, GUEST_MAC, src, dst, 40000, 9999, 5, 7, False)
+    want = (src, dst, 40000, 9999, "memoryview", b"hello")
+    for verify in (False, True):
+        assert both_udp(memoryview(buf), OUR_MAC, GUEST_MAC, BROADCAST, verify) == (want, want)
+    bad = bytearray(buf)
+    bad[46] ^= 1
+    assert both_udp(memoryview(bad), OUR_MAC, GUEST_MAC, BROADCAST, True) == (None, None)
+    assert both_udp(memoryview(bad), OUR_MAC, GUEST_MAC, BROADCAST, False)[0] is not None
+    bad[40:42] = b"\x00\x00"
+    assert both_udp(memoryview(bad), OUR_MAC, GUEST_MAC, BROADCAST, True)[0] is not None
+    # Not for the fast path: another MAC, a broadcast or multicast address, a fragment.
+    assert both_udp(memoryview(buf), OUR_MAC, OUR_MAC, BROADCAST, False) == (None, None)
+    for dst_ip in (BROADCAST, bytes([224, 0, 0, 251]), b"\xff\xff\xff\xff"):
+        other = bytearray(buf)
+        pure.build_udp_frame(other, 0, 4, OUR_MAC, GUEST_MAC, src, dst_ip, 1, 2, 5, 7, False)
+        assert both_udp(memoryview(other), OUR_MAC, GUEST_MAC, BROADCAST, True) == (None, None)
+    frag = bytearray(buf)
+    frag[20] |= 0x20  # more fragments, the header checksum made right again
+    frag[24:26] = b"\x00\x00"
+    frag[24:26] = pure.checksum(frag[14:34]).to_bytes(2, "big")
+    assert both_udp(memoryview(frag), OUR_MAC, GUEST_MAC, BROADCAST, False) == (None, None)
+
+
 DNS6_SRC = bytes.fromhex("fd" + "00" * 14 + "15")
 DNS6_DST = bytes.fromhex("2001db8" + "0" * 24 + "1")
 

@@ -58,7 +58,7 @@ from guestnet.wire.icmpv6 import ICMPV6_ECHO_REQUEST, MLD_TYPES, NDP_TYPES, pars
 from guestnet.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, parse_ipv4
 from guestnet.wire.ipv6 import PROTO_ICMPV6, parse_ipv6
 from guestnet.wire.l3 import IPV4, IPV6
-from guestnet.wire.native import tcp_fast4, tcp_fast6
+from guestnet.wire.native import tcp_fast4, tcp_fast6, udp_fast4
 from guestnet.wire.tcp import parse_tcp, verify_tcp
 from guestnet.wire.udp import DNS_PORT, parse_udp, verify_udp
 
@@ -73,6 +73,9 @@ DHCP6_SERVER_PORT = 547
 ALL_DHCP6_SERVERS = bytes.fromhex("ff020000000000000000000000010002")
 #: TCP segment handler for the fast path; see :attr:`FrameClassifier.tcp_fast`.
 TcpFast = Callable[[memoryview, bytes, bytes, int, int, int, int, int, int, int, float], bool]
+#: UDP datagram handler for the fast path (port, src, dst, sport, dport, payload, now); see
+#: :attr:`FrameClassifier.udp_fast`.
+UdpFast = Callable[[Port, bytes, bytes, int, int, memoryview, float], bool]
 
 
 class FrameClassifier:
@@ -115,6 +118,14 @@ class FrameClassifier:
         #: (:meth:`guestnet.core.tcp.TcpNat.handle_fast`): False means not handled and nothing
         #: changed, and the frame takes the ordinary path.
         self.tcp_fast: TcpFast | None = None
+        #: The UDP NAT's entry for a plain unicast IPv4 datagram from the port's guest
+        #: (:meth:`guestnet.core.udp.UdpNat.handle_fast`): False means not handled and nothing
+        #: changed, and the frame takes the ordinary path. DHCP and DNS never go to it.
+        self.udp_fast: UdpFast | None = None
+        #: The DNS service's entry for such a datagram to port 53 of the DNS or gateway
+        #: address (:meth:`guestnet.io.dns_upstream.DnsUpstreamIO.handle_fast`), tried only
+        #: where ``udp_fast`` is set; False: the ordinary path takes it.
+        self.dns_fast: UdpFast | None = None
         self._mac = config.mac
         self._dns_dsts = frozenset((config.dns_ip_b, config.gateway_b))
         self._broadcast = config.broadcast_b
@@ -162,6 +173,22 @@ class FrameClassifier:
                             port.learn_ip6(sip)
                         if fast(*seg, now):
                             return
+            udp = self.udp_fast
+            if udp is not None:
+                # The same for UDP: a plain unicast IPv4 datagram from the port's guest, its
+                # fields in one call, to the DNS service or the NAT (DHCP the ordinary way).
+                dgram = udp_fast4(
+                    frame, self._mac, port.guest_mac, self._broadcast, not csum_trusted
+                )
+                if dgram is not None:
+                    src, dst, sport, dport, payload = dgram
+                    if dport == DNS_PORT and dst in self._dns_dsts:
+                        dns = self.dns_fast
+                        if dns is not None and dns(port, src, dst, sport, dport, payload, now):
+                            return
+                    elif dport != DHCP_SERVER_PORT and udp(port, src, dst, sport, dport, payload,
+                                                           now):  # fmt: skip
+                        return
             self._dispatch(frame, port, now, csum_trusted)
         except WireError as exc:
             self.counters.inc(exc.reason)

@@ -44,7 +44,10 @@ port, id and question) is not forwarded twice (``dns.query.duplicate``).
 Cost. The forwarding path parses only the header and question (names, counts and record
 bounds are checked, record data is skipped by length), keeps the guest's bytes for the upstream
 with two bytes of id changed, and copies the upstream's answer into the guest's frame as it came,
-its id restored: nothing is decoded or re-encoded either way. Bad input raises
+its id restored: nothing is decoded or re-encoded either way. A plain IPv4 query from a known
+guest reaches :meth:`DnsService.handle_fast` from the classifier's fast path with its fields
+already parsed (no :class:`~guestnet.core.packet.IpPacket` built); both entries share
+:meth:`DnsService.handle_query`. Bad input raises
 :class:`~guestnet.wire.dns.DnsError`, which never leaves this module.
 """
 
@@ -86,7 +89,7 @@ from guestnet.wire.dns import (
     is_subdomain,
     parse_query,
 )
-from guestnet.wire.l3 import L3Family, build_udp_frame
+from guestnet.wire.l3 import IPV4, L3Family, build_udp_frame
 from guestnet.wire.udp import DNS_PORT, UDP_HLEN
 
 #: How long one upstream has to answer before the query moves to the next one.
@@ -111,8 +114,14 @@ BUILTIN_NAMES = (
 #: Our own zone: names in it that are not built in do not exist.
 LOCAL_ZONE = "guestnet.internal"
 
+#: Who asked a query: the guest's port, the IP version, the guest's MAC and address, and the
+#: address it asked (the DNS or gateway address, the answer's source).
+Asker = tuple[Port, L3Family, bytes, bytes, bytes]
+
 _HDR = struct.Struct("!HHH")
 _ID = struct.Struct("!H")
+#: Builds a NamedTuple from all its fields without its keyword-capable ``__new__``.
+_new = tuple.__new__
 
 
 class _Bits(Protocol):
@@ -230,6 +239,32 @@ class DnsService:
         self, pkt: IpPacket, sport: int, dport: int, payload: memoryview, now: float
     ) -> None:
         """Handle one query from a guest (UDP to port 53 on the DNS or gateway address)."""
+        self.handle_query((pkt.port, pkt.family, pkt.src_mac, pkt.src, pkt.dst), sport, payload,
+                          now)  # fmt: skip
+
+    def handle_fast(
+        self,
+        port: Port,
+        src: bytes,
+        dst: bytes,
+        sport: int,
+        dport: int,
+        payload: memoryview,
+        now: float,
+    ) -> bool:
+        """A query over IPv4 from the classifier's fast path (a plain datagram from the port's
+        guest at its MAC, to port 53 of the DNS or gateway address): what :meth:`handle_udp`
+        does, without the packet object. Declined (False) for the datagrams of a super-frame,
+        which go one by one the ordinary way."""
+        mac = port.guest_mac
+        if mac is None or port.rx_gso_size:
+            return False
+        self.handle_query((port, IPV4, mac, src, dst), sport, payload, now)
+        return True
+
+    def handle_query(self, pkt: Asker, sport: int, payload: memoryview, now: float) -> None:
+        """Handle one query from ``pkt``'s guest, port ``sport``: what :meth:`handle_udp` does,
+        for the classifier's fast path too, which has the fields but no :class:`IpPacket`."""
         counters = self.counters
         if len(payload) < DNS_HLEN:
             counters.inc("dns.query.short")
@@ -259,7 +294,7 @@ class DnsService:
             return
         self._forward(pkt, sport, query, name, wire, now)
 
-    def _answer_builtin(self, pkt: IpPacket, sport: int, query: Query, name: bytes) -> None:
+    def _answer_builtin(self, pkt: Asker, sport: int, query: Query, name: bytes) -> None:
         q = query.questions[0]
         by_type = self._builtin.get(name)
         if by_type is None:
@@ -276,16 +311,17 @@ class DnsService:
         self._reply(pkt, sport, self._response(query, NOERROR, aa=True, answer=answer))
 
     def _forward(
-        self, pkt: IpPacket, sport: int, query: Query, name: bytes, wire: bytes, now: float
+        self, pkt: Asker, sport: int, query: Query, name: bytes, wire: bytes, now: float
     ) -> None:
         counters = self.counters
+        port, family, src_mac, src, dst = pkt
         if not self.upstreams:
             counters.inc("dns.upstream.none")
             self._reply(pkt, sport, self._response(query, SERVFAIL))
             return
         # The question as it must come back: the name lowered, then type and class as sent.
         question = name + wire[query.question_end - 4 : query.question_end]
-        key = (pkt.src, sport, query.ident, question)
+        key = (src, sport, query.ident, question)
         if key in self._by_client:
             counters.inc("dns.query.duplicate")
             return
@@ -294,32 +330,21 @@ class DnsService:
             self._reply(pkt, sport, self._response(query, SERVFAIL))
             return
         per_guest = self._per_guest
-        mine = per_guest.get(pkt.src, 0)
+        mine = per_guest.get(src, 0)
         if mine >= MAX_PENDING_PER_GUEST:
             counters.inc("dns.pending.guest_full")
             self._reply(pkt, sport, self._response(query, SERVFAIL))
             return
-        per_guest[pkt.src] = mine + 1
+        per_guest[src] = mine + 1
         uid = self._fresh_id()
         first = self._first_upstream(now)
+        # Positional: the dataclass's __init__ binds them faster than 16 keywords (per query).
+        # Fields: port, family, guest_mac, guest_ip, asked_ip, sport, client_id, upstream_id,
+        # query, wire, question, name_len, upstream, tried, seq, deadline.
         pending = _Pending(
-            port=pkt.port,
-            family=pkt.family,
-            guest_mac=pkt.src_mac,
-            guest_ip=pkt.src,
-            asked_ip=pkt.dst,
-            sport=sport,
-            client_id=query.ident,
-            upstream_id=uid,
-            query=query,
-            wire=_ID.pack(uid) + wire[2:],
-            question=question,
-            name_len=len(name),
-            upstream=first,
-            tried=0,
-            seq=0,
-            deadline=0.0,
-        )
+            port, family, src_mac, src, dst, sport, query.ident, uid, query,
+            _ID.pack(uid) + wire[2:], question, len(name), first, 0, 0, 0.0,
+        )  # fmt: skip
         self._by_id[uid] = pending
         self._by_client[key] = uid
         counters.inc("dns.query.forwarded")
@@ -361,7 +386,7 @@ class DnsService:
         pending.seq = seq = next(self._seq)
         pending.deadline = deadline = now + self.timeout_s
         heapq.heappush(self._timeouts, (deadline, seq, pending.upstream_id))
-        self.outbox.append(UpstreamQuery(upstream, pending.wire))
+        self.outbox.append(_new(UpstreamQuery, (upstream, pending.wire)))
 
     # -- answers and failures from upstream ---------------------------------------------------
 
@@ -476,8 +501,9 @@ class DnsService:
         checked for its place, not its key, as the forwarded queries' upstream does the rest)."""
         return build_response(query, rcode, aa=aa, answer=answer)
 
-    def _reply(self, pkt: IpPacket, sport: int, wire: bytes) -> None:
-        self._emit(pkt.port, pkt.family, pkt.src_mac, pkt.src, pkt.dst, sport, wire, None, 0)
+    def _reply(self, pkt: Asker, sport: int, wire: bytes) -> None:
+        port, family, src_mac, src, dst = pkt
+        self._emit(port, family, src_mac, src, dst, sport, wire, None, 0)
 
     def _send_to_guest(
         self, pending: _Pending, data: memoryview | bytes, client_id: int | None, qlen: int

@@ -60,6 +60,15 @@ something else comes: a guest that sends many datagrams costs one system call pe
 one per datagram, and nothing waits past the burst that brought it. Anything that could reorder
 or lose them (another flow, a super-frame, a sweep, shutdown) sends the batch first.
 
+*The per-datagram fast path.* A guest that sends a stream of datagrams sends them from one
+source to one destination. The first goes the ordinary way (:meth:`UdpNat.handle_udp`: source
+and destination policy, flow lookup or creation, the filter's ``peers``), which records on the
+flow what it decided (``UdpFlow.fast_*``); the classifier hands each later plain IPv4 datagram
+from the port's guest to :meth:`UdpNat.handle_fast` with its fields parsed in one call
+(:func:`guestnet.wire.native.udp_fast4`), which gathers it straight away when its flow's last
+datagram went to the same destination and port. Everything else, and anything it is unsure of,
+is declined and goes the ordinary way unchanged.
+
 *Port forwards (host -> guest).* A datagram arriving on a published UDP port
 (``io/forwards.py``) is handed to :meth:`UdpNat.deliver_inbound`, which keeps an *inbound* flow
 per (forward, host client): the guest sees the datagram from the gateway address and a port of
@@ -84,6 +93,7 @@ from guestnet.core.fragments import send_to_guest
 from guestnet.core.icmp import IcmpService, errname
 from guestnet.core.packet import IpPacket
 from guestnet.core.policy import Policy
+from guestnet.core.port import Port
 from guestnet.core.switch import Switch
 from guestnet.counters import Counters
 from guestnet.pool import Frame, FramePool
@@ -135,6 +145,10 @@ class UdpFlow:
     __slots__ = (
         "created",
         "family",
+        "fast_addr",
+        "fast_dport",
+        "fast_dst",
+        "fast_rule",
         "guest_ip",
         "guest_mac",
         "guest_port",
@@ -157,6 +171,14 @@ class UdpFlow:
         #: Host address string -> the destination address the guest used for it.
         self.peers: dict[str, bytes] = {}
         self.sock: UdpSocket | None = None
+        #: The destination (address, port) of the last datagram the ordinary path sent, and
+        #: what it decided for it: the host address and port, and the egress rule that allowed
+        #: it (-1: a built-in rule). :meth:`UdpNat.handle_fast` sends the next datagrams to the
+        #: same destination on that decision (see the module docstring).
+        self.fast_dst = b""
+        self.fast_dport = 0
+        self.fast_addr: tuple[str, int] = ("", 0)
+        self.fast_rule = -1
 
     def close(self) -> None:
         """Close the host socket (the flow left the table)."""
@@ -246,6 +268,7 @@ class UdpNat:
         #: guestnet's gateway address of each family: where the guest answers a published
         #: port's client (and the origin of our ICMP errors).
         self._gateways = {4: config.gateway_b, 6: config.gateway6_b}
+        self._gateway4 = config.gateway_b
         #: Gather guest datagrams into batches (see the module docstring); the caller then
         #: calls :meth:`flush_sends` after every burst of guest frames.
         self.gather_sends = False
@@ -295,8 +318,13 @@ class UdpNat:
             if host not in peers and len(peers) >= MAX_PEERS:
                 del peers[next(iter(peers))]
             peers[host] = dst
+        # What handle_fast repeats for the next datagrams to this destination.
+        flow.fast_dst = dst
+        flow.fast_dport = dport
+        flow.fast_addr = addr = (host, dport)
+        flow.fast_rule = verdict.rule
         if self.gather_sends and not seg:
-            self._gather(flow, (host, dport), payload)
+            self._gather(flow, addr, payload)
             return
         if self._batch is not None:
             self.flush_sends()
@@ -311,6 +339,53 @@ class UdpNat:
             counters.inc(f"nat.udp.send.{errname(exc)}")
             return
         counters.inc("nat.udp.to_host")
+
+    def handle_fast(
+        self,
+        port: Port,
+        src: bytes,
+        dst: bytes,
+        sport: int,
+        dport: int,
+        payload: memoryview,
+        now: float,
+    ) -> bool:
+        """One IPv4 datagram from the classifier's fast path (a plain unicast datagram from
+        ``port``'s guest, at its MAC, checked by :func:`guestnet.wire.native.udp_fast4`):
+        gathered for its flow's socket when the flow exists and its last datagram went to the
+        same destination; False, with nothing changed, for anything else (the ordinary path
+        then takes it).
+
+        What :meth:`handle_udp` would do for it, with its decisions taken from the flow: the
+        source passed the policy when the flow opened; the destination's verdict (the policy's
+        are fixed for the instance's life) and its place in ``peers`` were settled by the
+        datagram before, and only the ordinary path changes either (and always records the
+        latest in ``fast_*``). Declined: a super-frame (``rx_gso_size``), a guest MAC that
+        changed, datagrams to the gateway while published ports have inbound flows (a reply
+        to a host client), and sends that are not gathered.
+        """
+        key = (src, sport)
+        flow = self.flows.get(key)
+        if (
+            flow is None
+            or flow.fast_dst != dst
+            or flow.fast_dport != dport
+            or not self.gather_sends
+            or port.rx_gso_size
+        ):
+            return False
+        mac = port.guest_mac
+        if flow.guest_mac != mac or self.guest_macs.get(src) != mac:
+            return False
+        if self.inbound and dst == self._gateway4:
+            return False
+        rule = flow.fast_rule
+        if rule >= 0:
+            self.policy.hits[rule] += 1
+        flow.last_used = now
+        self.flows.move_to_end(key)
+        self._gather(flow, flow.fast_addr, payload)
+        return True
 
     def _gather(self, flow: UdpFlow, addr: tuple[str, int], payload: memoryview) -> None:
         """Add one datagram to the batch, or send the batch and start another with it."""

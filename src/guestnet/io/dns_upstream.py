@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from guestnet.config import Config
 from guestnet.core.dns import UPSTREAM_TIMEOUT_S, DnsService
 from guestnet.core.packet import IpPacket
+from guestnet.core.port import Port
 from guestnet.core.timers import Timer
 from guestnet.counters import Counters
 from guestnet.io.loop import EPOLLIN, Loop
@@ -110,6 +111,27 @@ class DnsUpstreamIO:
         self.core.handle_udp(pkt, sport, dport, payload, now)
         if self.core.outbox:
             self._flush(now)
+
+    def handle_fast(
+        self,
+        port: Port,
+        src: bytes,
+        dst: bytes,
+        sport: int,
+        dport: int,
+        payload: memoryview,
+        now: float,
+    ) -> bool:
+        """A guest query over IPv4 from the classifier's fast path (a plain datagram from the
+        port's guest at its MAC, to port 53 of the DNS or gateway address): what
+        :meth:`handle_udp` does, without the packet object; declined (False) for the datagrams
+        of a super-frame, which go one by one the ordinary way."""
+        core = self.core
+        if not core.handle_fast(port, src, dst, sport, dport, payload, now):
+            return False
+        if core.outbox:
+            self._flush(now)
+        return True
 
     def tcp_upstream(self) -> tuple[str, int] | None:
         """Where the DNS-over-TCP relay should connect: the first upstream believed up.

@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import logging
 import os
 import struct
@@ -233,10 +234,15 @@ class TapLink(Link):
         self._sparse = False
         self._sparse_turn = -2
         #: The pooled frame every read lands in (taken at the first read), the read's buffer
-        #: list and the view of its virtio-net header.
+        #: and the view of its virtio-net header.
         self._rx_frame: Frame | None = None
-        self._rx_bufs: list[memoryview] = []
+        self._rx_buf = memoryview(b"")
         self._rx_vnet: memoryview | None = None
+        #: Reads go through a FileIO on the fd (never closing it): its ``readinto`` returns None
+        #: for EAGAIN where ``os.readv`` raises BlockingIOError, whose message (strerror,
+        #: gettext, a str) cost about a microsecond at the end of every burst, once per DNS
+        #: query and per guest packet of a request/response exchange.
+        self._readinto = io.FileIO(fd, "rb", closefd=False).readinto
         super().__init__(hub, fd, name)
         if offloads:
             self._ask_offloads(offloads)
@@ -295,7 +301,6 @@ class TapLink(Link):
         hub = self.hub
         classify = hub.deliver
         port = self.port
-        fd = self.fd
         loop = hub.loop
         now = loop.now()
         turn = loop.turn
@@ -309,12 +314,13 @@ class TapLink(Link):
             # One pooled frame serves every read of the link (held until it closes): no
             # acquire, release or views per wake-up.
             frame = self._rx_frame = hub.pool_from_guest.acquire()
-            self._rx_bufs = [frame.view[frame.start - VNET_HDR_LEN :]]
+            self._rx_buf = frame.view[frame.start - VNET_HDR_LEN :]
             self._rx_vnet = frame.view[frame.start - VNET_HDR_LEN : frame.start]
         view = frame.view
         start = frame.start
         hdr_at = start - VNET_HDR_LEN
-        bufs = self._rx_bufs
+        buf = self._rx_buf
+        readinto = self._readinto
         # Each read's header, for the switch (core/switch.py): the view stays valid.
         port.rx_vnet = self._rx_vnet
         port.backlog = True  # unless a read finds the queue empty
@@ -326,19 +332,17 @@ class TapLink(Link):
                     port.backlog = False
                     return
                 try:
-                    n = os.readv(fd, bufs)
-                except BlockingIOError:
-                    port.backlog = False
-                    if not one:
-                        self._sparse = got + follow <= 1
-                    return
+                    n = readinto(buf)  # EINTR is retried inside
                 except OSError as exc:
-                    if exc.errno == errno.EINTR:
-                        continue
                     # EBADFD/EIO: the device is gone (its namespace was torn down).
                     hub.counters.inc(f"link.tap.read.{_errname(exc)}")
                     log.warning("%s: read: %s; closing the link", self.name, exc)
                     self.close()
+                    return
+                if n is None:  # EAGAIN: the queue is empty
+                    port.backlog = False
+                    if not one:
+                        self._sparse = got + follow <= 1
                     return
                 if n <= VNET_HDR_LEN:
                     hub.counters.inc("link.tap.read.short")

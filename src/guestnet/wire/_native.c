@@ -4,9 +4,9 @@
  * Theory of operation: the core's per-packet paths spend most of their time in Python's
  * per-call and per-object costs (struct unpacking into a dozen ints, slices, the checksum as a
  * big integer), not in the work itself. This module does the leaf operations -- the Internet
- * checksum, the parse of an established-flow TCP frame from the guest, a SYN's TCP options,
- * the headers of a TCP or UDP frame toward the guest with their checksums, the IPv4 header
- * parse -- in one call each,
+ * checksum, the parse of an established-flow TCP frame or a unicast UDP datagram from the
+ * guest, a SYN's TCP options, the headers of a TCP or UDP frame toward the guest with their
+ * checksums, the IPv4 header parse -- in one call each,
  * against the buffer protocol. guestnet/wire/pure.py holds the same functions in Python with the
  * same results (a property test compares them byte for byte); guestnet/wire/native.py chooses
  * this module unless GUESTNET_PURE=1 or it failed to build.
@@ -431,6 +431,76 @@ err:
     return NULL;
 }
 
+/* udp_fast4(frame, our_mac, guest_mac, broadcast, verify) -> (src, dst, sport, dport, payload)
+ * or None: see guestnet/wire/pure.py. */
+static PyObject *
+n_udp_fast4(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    const unsigned char *p, *ip, *udp;
+    unsigned total_len, ulen;
+    PyObject *sip, *dip, *payload;
+    arg_bytes bc;
+    int verify;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "expected 5 arguments");
+        return NULL;
+    }
+    verify = PyObject_IsTrue(args[4]);
+    if (verify < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    p = (const unsigned char *)view.buf;
+    if (view.len < 42 || view.len > 14 + 4 + 65535)
+        goto no;
+    ip = p + 14;
+    udp = ip + 20;
+    total_len = be16(ip + 2);
+    ulen = be16(udp + 4);
+    if (be16(p + 12) != 0x0800 || ip[0] != 0x45 || ip[9] != 17 || (be16(ip + 6) & 0x3fff) ||
+        !mac_equals(args[1], p) || !mac_equals(args[2], p + 6) || total_len < 28 ||
+        (Py_ssize_t)total_len > view.len - 14 || ulen < 8 || ulen > total_len - 20 ||
+        ip[16] >= 224)
+        goto no;
+    if (get_arg(args[3], &bc) < 0)
+        goto err;
+    if (bc.n == 4 && memcmp(bc.p, ip + 16, 4) == 0) {
+        release_arg(&bc);
+        goto no;
+    }
+    release_arg(&bc);
+    {
+        uint32_t s = sum16(ip, 20);
+        if (s != 0 && s != 0xffff)
+            goto no;
+    }
+    if (verify && (udp[6] | udp[7])) {
+        uint32_t ps = pseudo(ip + 12, 4, ip + 16, 4, 17, (uint64_t)ulen);
+        if (fold((uint64_t)sum16(udp, ulen) + ps) != 0xffff)
+            goto no;
+    }
+    PyBuffer_Release(&view);
+    payload = PySequence_GetSlice(args[0], 42, 34 + (Py_ssize_t)ulen);
+    if (payload == NULL)
+        return NULL;
+    sip = PyBytes_FromStringAndSize((const char *)ip + 12, 4);
+    dip = PyBytes_FromStringAndSize((const char *)ip + 16, 4);
+    if (sip == NULL || dip == NULL) {
+        Py_XDECREF(sip);
+        Py_XDECREF(dip);
+        Py_DECREF(payload);
+        return NULL;
+    }
+    return Py_BuildValue("(NNIIN)", sip, dip, be16(udp), be16(udp + 2), payload);
+no:
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+err:
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
 static PyObject *
 wire_error(const char *reason)
 {
@@ -846,6 +916,8 @@ static PyMethodDef methods[] = {
      "tcp_fast4(frame, our_mac, guest_mac, broadcast, dns_dsts, verify): fields or None."},
     {"tcp_fast6", (PyCFunction)(void (*)(void))n_tcp_fast6, METH_FASTCALL,
      "tcp_fast6(frame, our_mac, guest_mac, dns6_dsts, verify): fields or None."},
+    {"udp_fast4", (PyCFunction)(void (*)(void))n_udp_fast4, METH_FASTCALL,
+     "udp_fast4(frame, our_mac, guest_mac, broadcast, verify): fields or None."},
     {"parse_ipv4", (PyCFunction)(void (*)(void))n_parse_ipv4, METH_FASTCALL,
      "parse_ipv4(data, verify): the IPv4 header's fields, or WireError."},
     {"tcp_options", (PyCFunction)(void (*)(void))n_tcp_options, METH_FASTCALL,

@@ -2,7 +2,7 @@
 
 from collections.abc import Container
 
-from guestnet.wire.pure import Buffer, FastTcp, Ipv4Fields, TcpOptionFields
+from guestnet.wire.pure import Buffer, FastTcp, FastUdp, Ipv4Fields, TcpOptionFields
 
 def ones_sum(data: Buffer, initial: int = 0, /) -> int: ...
 def checksum(data: Buffer, initial: int = 0, /) -> int: ...
@@ -24,6 +24,14 @@ def tcp_fast6(
     verify: bool,
     /,
 ) -> FastTcp | None: ...
+def udp_fast4(
+    frame: memoryview,
+    our_mac: bytes,
+    guest_mac: bytes | None,
+    broadcast: bytes,
+    verify: bool,
+    /,
+) -> FastUdp | None: ...
 def parse_ipv4(data: Buffer, verify: bool, /) -> Ipv4Fields: ...
 def tcp_options(data: Buffer, header_len: int, /) -> TcpOptionFields: ...
 def build_tcp_frame(

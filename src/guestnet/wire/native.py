@@ -3,14 +3,14 @@
 Theory of operation
 -------------------
 The leaf operations of the per-packet paths (the Internet checksum, the parse of an
-established-flow TCP segment from the guest, the IPv4 header parse, a SYN's TCP options, the
-headers of every TCP segment and UDP datagram toward the guest) exist twice with identical
-behaviour: in the C extension ``guestnet.wire._native`` (``_native.c`` beside this file), built
-by ``pip install`` when a compiler and the Python headers are there, and in
-:mod:`guestnet.wire.pure`. This module binds the names below to one of them, once, at import:
-the C one unless it is missing (no compiler at install time: the build skips it, see setup.py)
-or ``GUESTNET_PURE=1`` is in the environment, which forces the fallback (CI runs the unit tests
-both ways).
+established-flow TCP segment from the guest, the test and fields of a unicast UDP datagram
+from the guest, the IPv4 header parse, a SYN's TCP options, the headers of every TCP segment
+and UDP datagram toward the guest) exist twice with identical behaviour: in the C extension
+``guestnet.wire._native`` (``_native.c`` beside this file), built by ``pip install`` when a
+compiler and the Python headers are there, and in :mod:`guestnet.wire.pure`. This module binds
+the names below to one of them, once, at import: the C one unless it is missing (no compiler at
+install time: the build skips it, see setup.py) or ``GUESTNET_PURE=1`` is in the environment,
+which forces the fallback (CI runs the unit tests both ways).
 
 Callers import the names from here (or from the wire modules that re-export them, such as
 :mod:`guestnet.wire.checksum`), never from either implementation, so the choice is made in one
@@ -44,6 +44,7 @@ if NATIVE:
     pseudo_sum = _native.pseudo_sum
     tcp_fast4 = _native.tcp_fast4
     tcp_fast6 = _native.tcp_fast6
+    udp_fast4 = _native.udp_fast4
     parse_ipv4 = _native.parse_ipv4
     tcp_options = _native.tcp_options
     build_tcp_frame = _native.build_tcp_frame
@@ -54,6 +55,7 @@ else:
     pseudo_sum = pure.pseudo_sum
     tcp_fast4 = pure.tcp_fast4
     tcp_fast6 = pure.tcp_fast6
+    udp_fast4 = pure.udp_fast4
     parse_ipv4 = pure.parse_ipv4
     tcp_options = pure.tcp_options
     build_tcp_frame = pure.build_tcp_frame
@@ -71,4 +73,5 @@ __all__ = [
     "tcp_fast4",
     "tcp_fast6",
     "tcp_options",
+    "udp_fast4",
 ]

@@ -1,0 +1,277 @@
+"""The UDP fast path (classifier ``udp_fast`` -> ``UdpNat.handle_fast``) against the ordinary path.
+
+The same script of guest frames goes through two cores, one with the fast path wired as the
+assembly wires it and one without: what leaves for the host (every socket call, in order), what
+reaches the guest, the counters, the egress rules' hits and the flows' state must be the same,
+and the fast path must really have taken the stream's datagrams. The script mixes what the fast
+path takes with everything it must decline or leave alone: a new destination or port, another
+source port, the gateway while a published port has inbound flows, DHCP, DNS, broadcast, a bad
+checksum, a guest whose MAC changed, a super-frame, an egress rule, a refused destination.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from guestnet.core.icmp import IcmpService
+from guestnet.core.policy import Policy
+from guestnet.core.udp import UdpFlow, UdpNat
+
+OTHER_IP = bytes([198, 18, 0, 9])
+DENIED_IP = bytes([198, 19, 0, 1])
+OTHER_MAC = bytes.fromhex("525400abcdef")
+
+
+class Sock:
+    """Records every call the core makes, in order (sendto and UDP_SEGMENT sends)."""
+
+    def __init__(self, log: list[tuple[object, ...]], index: int) -> None:
+        self.log = log
+        self.index = index
+
+    def sendto(self, data: memoryview, addr: tuple[str, int]) -> int:
+        self.log.append((self.index, "sendto", bytes(data), addr))
+        return len(data)
+
+    def sendto_segments(self, data: memoryview, addr: tuple[str, int], size: int) -> int:
+        self.log.append((self.index, "segments", bytes(data), addr, size))
+        return -(-len(data) // size)
+
+    def close(self) -> None:
+        self.log.append((self.index, "close"))
+
+
+def egress() -> tuple[tuple[bool, ipaddress.IPv4Network], ...]:
+    return (
+        (False, ipaddress.IPv4Network("198.19.0.0/16")),
+        (True, ipaddress.IPv4Network("198.18.0.0/16")),
+    )
+
+
+class Side:
+    """One core with the UDP NAT, gathering as the assembly sets it up, fast path or not."""
+
+    def __init__(self, make_core: Any, fast: bool) -> None:
+        self.core = core = make_core(egress=egress())
+        self.log: list[tuple[object, ...]] = []
+        self.policy = Policy(core.config)
+        icmp = IcmpService(core.config, core.pool, core.counters, core.switch, self.policy)
+        self.nat = UdpNat(core.config, core.pool, core.counters, core.switch, self.policy, icmp,
+                          self.open_socket)  # fmt: skip
+        self.nat.gather_sends = True
+        core.classifier.udp_nat = self.nat
+        core.classifier.icmp = icmp
+        self.taken = 0
+        self.to_client: list[bytes] = []
+        if fast:
+            handle = self.nat.handle_fast
+
+            def counted(*args: Any) -> bool:
+                took = handle(*args)
+                self.taken += took
+                return took
+
+            core.classifier.udp_fast = counted
+
+    def open_socket(self, flow: UdpFlow) -> Sock:
+        self.log.append(("open", flow.guest_ip, flow.guest_port))
+        return Sock(self.log, len([e for e in self.log if e[0] == "open"]))
+
+    def feed(self, frame: bytes, **kw: Any) -> None:
+        self.core.feed(frame, **kw)
+
+    def burst_end(self) -> None:
+        self.nat.flush_sends()
+
+    def state(self) -> tuple[object, ...]:
+        flows = [
+            (key, f.guest_mac, f.last_used, dict(f.peers)) for key, f in self.nat.flows.items()
+        ]
+        return (self.log, self.core.take_sent(), self.core.counters.snapshot(),
+                list(self.policy.hits), flows, self.nat.guest_macs, self.to_client)  # fmt: skip
+
+
+def script(side: Side, frames: Any) -> None:
+    """Frames in bursts, time moving on between them."""
+    core = side.core
+    udp = frames.udp
+
+    def stream(n: int, **kw: Any) -> None:
+        for i in range(n):
+            side.feed(udp(payload=bytes([i]) * 100, **kw), csum_trusted=bool(i & 1))
+
+    stream(6)  # one flow, one destination: the first opens it, the rest go fast
+    stream(3, dport=7777)  # a new port: the first goes the ordinary way, again
+    stream(3, dst=OTHER_IP, dport=7777)  # an egress rule allows it: counted per datagram
+    side.burst_end()
+    core.now += 1.0
+    stream(2, sport=40001)  # another source: another flow
+    stream(2)  # back to the first flow's first destination
+    side.feed(udp(payload=b"short"))  # a shorter datagram ends the batch
+    stream(2)
+    side.feed(udp(dport=67, payload=b"dhcp"))
+    side.feed(udp(dport=53, dst=frames.DNS_IP, payload=b"dns"))
+    side.feed(udp(dport=53, payload=b"dns elsewhere"))  # port 53 of a remote host: the NAT's
+    side.feed(udp(dst=bytes([10, 0, 2, 255]), payload=b"bcast"))
+    side.feed(udp(dst=DENIED_IP, payload=b"denied"))
+    bad = bytearray(udp(payload=b"bad checksum"))
+    bad[-1] ^= 0xFF
+    side.feed(bytes(bad))  # verified and dropped
+    side.feed(bytes(bad), csum_trusted=True)  # a link that vouches for it: sent
+    side.burst_end()
+    core.now += 1.0
+    # The guest's MAC changes: its flows follow it.
+    side.feed(udp(payload=b"new mac", eth_src=OTHER_MAC))
+    stream(2)
+    side.feed(udp(payload=b"new mac again", eth_src=OTHER_MAC))
+    side.feed(udp(payload=b"and again", eth_src=OTHER_MAC))
+    side.burst_end()
+    # A published port's client: the guest answers it through the gateway.
+    side.nat.deliver_inbound(("f", ("127.0.0.1", 6000)), side.to_client.append,
+                             frames.GUEST_IP, 5000, 6000, memoryview(b"hi"), core.now)  # fmt: skip
+    gateway = frames.GATEWAY_IP
+    for _ in range(2):
+        side.feed(udp(sport=5000, dport=6000, dst=gateway, payload=b"to client", eth_src=OTHER_MAC))
+    for _ in range(2):
+        side.feed(udp(sport=5000, dport=6001, dst=gateway, payload=b"gw", eth_src=OTHER_MAC))
+    # A client appears at the very port the flow's last datagrams went to: the next one is its.
+    side.nat.deliver_inbound(("f", ("127.0.0.1", 6001)), side.to_client.append,
+                             frames.GUEST_IP, 5000, 6001, memoryview(b"hi"), core.now)  # fmt: skip
+    side.feed(udp(sport=5000, dport=6001, dst=gateway, payload=b"client 2", eth_src=OTHER_MAC))
+    side.burst_end()
+    # A super-frame from a TAP with USO.
+    core.port.rx_gso_size = 100
+    side.feed(udp(payload=bytes(250), eth_src=OTHER_MAC), csum_trusted=True)
+    core.port.rx_gso_size = 0
+    side.feed(udp(payload=bytes(100), eth_src=OTHER_MAC), csum_trusted=True)
+    side.burst_end()
+
+
+def test_the_fast_path_changes_nothing_but_the_cost(make_core: Any, frames: Any) -> None:
+    fast, plain = Side(make_core, True), Side(make_core, False)
+    script(fast, frames)
+    script(plain, frames)
+    assert fast.state() == plain.state()
+    assert plain.taken == 0
+    # The stream's datagrams after each first one: 5 + 2 + 2 (+1 rule hit each) + 1 + 2 + 2 ...
+    assert fast.taken >= 15
+    fast.nat.close_all()
+    plain.nat.close_all()
+
+
+def test_datagrams_for_the_services_never_reach_the_nat_fast(make_core: Any, frames: Any) -> None:
+    side = Side(make_core, True)
+    calls: list[tuple[int, bytes]] = []
+
+    def spy(port: Any, src: bytes, dst: bytes, sport: int, dport: int, *rest: Any) -> bool:
+        calls.append((dport, dst))
+        return False
+
+    side.core.classifier.udp_fast = spy
+    side.feed(frames.udp(dport=67, payload=b"dhcp"))
+    side.feed(frames.udp(dport=53, dst=frames.DNS_IP, payload=b"dns"))
+    side.feed(frames.udp(dport=53, dst=frames.GATEWAY_IP, payload=b"dns"))
+    assert calls == []
+    side.feed(frames.udp(dport=53, payload=b"remote dns"))
+    assert calls == [(53, frames.REMOTE_IP)]
+    side.nat.close_all()
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_a_stream_is_taken_fast_after_its_first_datagram(
+    make_core: Any, frames: Any, trusted: bool
+) -> None:
+    side = Side(make_core, True)
+    for i in range(10):
+        side.feed(frames.udp(payload=bytes([i]) * 50), csum_trusted=trusted)
+    side.burst_end()
+    assert side.taken == 9
+    addr = (str(ipaddress.ip_address(frames.REMOTE_IP)), 9999)
+    assert side.log[1:] == [(1, "segments", b"".join(bytes([i]) * 50 for i in range(10)), addr, 50)]
+    assert side.core.counters["nat.udp.to_host"] == 10
+    side.nat.close_all()
+
+
+# -- random scripts: the same equivalence for any sequence of these events ----------------------
+
+EVENT = st.one_of(
+    st.tuples(
+        st.just("dgram"),
+        st.sampled_from([40000, 40001, 5000]),  # source port
+        st.sampled_from([9999, 7777, 6000, 53, 67, 0]),  # destination port
+        st.sampled_from(["remote", "other", "denied", "gateway", "dns", "bcast", "subnet"]),
+        st.integers(0, 120),  # payload length
+        st.booleans(),  # the link vouches for the checksum
+        st.sampled_from(["ok", "ok", "bad csum", "other mac"]),
+        st.integers(1, 4),  # sent this many times in a row (a stream)
+    ),
+    st.tuples(st.just("burst end")),
+    st.tuples(st.just("later"), st.sampled_from([0.5, 5.0, 200.0])),
+    st.tuples(st.just("inbound"), st.sampled_from([6000, 6001])),
+    st.tuples(st.just("super"), st.integers(1, 4)),
+)
+DSTS = {
+    "other": OTHER_IP,
+    "denied": DENIED_IP,
+    "bcast": bytes([10, 0, 2, 255]),
+    "subnet": bytes([10, 0, 2, 77]),
+}
+
+
+def play(side: Side, frames: Any, events: list[tuple[Any, ...]]) -> None:
+    core = side.core
+    for event in events:
+        kind = event[0]
+        if kind == "dgram":
+            _k, sport, dport, where, size, trusted, damage, times = event
+            dst = (
+                DSTS.get(where)
+                or {
+                    "remote": frames.REMOTE_IP,
+                    "gateway": frames.GATEWAY_IP,
+                    "dns": frames.DNS_IP,
+                }[where]
+            )
+            mac = OTHER_MAC if damage == "other mac" else frames.GUEST_MAC
+            frame = bytearray(frames.udp(sport, dport, bytes([size & 0xFF]) * size, dst=dst,
+                                         eth_src=mac))  # fmt: skip
+            if damage == "bad csum":
+                frame[40] ^= 0x5A
+            for _ in range(times):
+                side.feed(bytes(frame), csum_trusted=trusted)
+        elif kind == "burst end":
+            side.burst_end()
+        elif kind == "later":
+            core.now += event[1]
+            side.nat.expire(core.now)
+        elif kind == "inbound":
+            side.nat.deliver_inbound(("f", ("127.0.0.1", event[1])), side.to_client.append,
+                                     frames.GUEST_IP, 5000, event[1], memoryview(b"hi"),
+                                     core.now)  # fmt: skip
+        else:  # a super-frame of ``n`` datagrams of 50 bytes from a TAP with USO
+            core.port.rx_gso_size = 50
+            side.feed(frames.udp(payload=bytes(50 * event[1])), csum_trusted=True)
+            core.port.rx_gso_size = 0
+    side.burst_end()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(EVENT, max_size=40))
+def test_random_scripts_give_the_same_result_both_ways(
+    make_core: Any, frames: Any, events: list[tuple[Any, ...]]
+) -> None:
+    # make_core and frames are session fixtures: one fresh pair of cores per example.
+    fast, plain = Side(make_core, True), Side(make_core, False)
+    try:
+        play(fast, frames, events)
+        play(plain, frames, events)
+        assert fast.state() == plain.state()
+        assert fast.core.pool.in_use == 0
+    finally:
+        fast.nat.close_all()
+        plain.nat.close_all()
