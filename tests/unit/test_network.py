@@ -233,3 +233,64 @@ def test_two_qemu_connections_on_one_socket_are_switched(tmp_path: Path, frames:
         finally:
             qa.sock.close()
             qb.sock.close()
+
+
+class DgramClient:
+    """A QEMU ``-netdev dgram`` (or vfkit) end: a bound unix datagram socket of its own."""
+
+    def __init__(self, path: str, mine: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(mine)
+        self.sock.settimeout(5.0)
+        self.path = path
+
+    def send(self, frame: bytes) -> None:
+        self.sock.sendto(frame, self.path)
+
+    def recv(self) -> bytes:
+        return self.sock.recv(1 << 16)
+
+
+def test_every_dgram_sender_is_a_port_of_the_switch(tmp_path: Path, frames: Any) -> None:
+    """Issue 15: several VMs pointed at one ``-netdev dgram`` socket are each a switch port:
+    guestnet answers each on its own socket, a broadcast from one reaches the other, unicast
+    to the other's MAC arrives verbatim, and a sender whose socket is gone loses its port."""
+    mac_b = bytes.fromhex("5254000000bb")
+    ip_b = bytes([10, 0, 2, 16])
+    path = str(tmp_path / "d.sock")
+    with guestnet.Network(guestnet.Config(mtu=1500), echo_mode=None) as net:
+        net.attach_dgram(path)
+        net.start()
+        da = DgramClient(path, str(tmp_path / "a.sock"))
+        db = DgramClient(path, str(tmp_path / "b.sock"))
+        try:
+            request_a = frames.arp()
+            da.send(request_a)
+            assert da.recv()[:6] == frames.GUEST_MAC  # guestnet's reply, to A's socket
+            request_b = frames.arp(sha=mac_b, spa=ip_b)
+            db.send(request_b)
+            assert db.recv()[:6] == mac_b  # guestnet answers B on B's socket
+            assert da.recv() == request_b  # A saw B's broadcast
+            udp = frames.udp(dst=ip_b, eth_dst=mac_b)
+            da.send(udp)
+            assert db.recv() == udp
+            links = net.stats()["links"]
+            assert isinstance(links, list)
+            assert sorted(link["macs"] for link in links) == sorted(
+                [[frames.GUEST_MAC.hex(":")], [mac_b.hex(":")]]
+            )
+            # B goes away: the next frame for it fails to send and its port is closed.
+            db.sock.close()
+            os.unlink(str(tmp_path / "b.sock"))
+            da.send(udp)
+            deadline = time.monotonic() + 5
+            while len(net.stats()["links"]) > 1 and time.monotonic() < deadline:  # type: ignore[arg-type]
+                time.sleep(0.02)
+            assert len(net.stats()["links"]) == 1  # type: ignore[arg-type]
+            assert net.stats()["drops"].get("link.dgram.send_error", 0) >= 1  # type: ignore[union-attr]
+            # A is still served.
+            da.send(request_a)
+            assert da.recv()[:6] == frames.GUEST_MAC
+        finally:
+            da.sock.close()
+            db.sock.close()

@@ -101,7 +101,7 @@ class Link:
 
     kind = "link"
 
-    def __init__(self, hub: LinkHub, fd: int, name: str) -> None:
+    def __init__(self, hub: LinkHub, fd: int, name: str, watch: bool = True) -> None:
         self.hub = hub
         self.fd = fd
         self.name = name
@@ -112,7 +112,11 @@ class Link:
         self._tx_partial = 0
         hub.switch.attach(self.port)
         hub.links.append(self)
-        hub.loop.add_fd(fd, EPOLLIN, self._on_events)
+        #: ``watch=False``: another link owns and watches the fd (a datagram socket's further
+        #: peers, :class:`DgramPeer`).
+        self.watched = watch
+        if watch:
+            hub.loop.add_fd(fd, EPOLLIN, self._on_events)
 
     # -- transmit ---------------------------------------------------------------------------
 
@@ -202,7 +206,8 @@ class Link:
             return
         self.closed = True
         hub = self.hub
-        hub.loop.remove_fd(self.fd)
+        if self.watched:
+            hub.loop.remove_fd(self.fd)
         hub.switch.detach(self.port)
         if self in hub.links:
             hub.links.remove(self)
@@ -367,8 +372,21 @@ class StreamServer:
                 os.unlink(self.unix_path)
 
 
+#: Most senders one datagram socket serves at once, the first included (each is a switch
+#: port); datagrams from further ones are dropped and counted until one goes away.
+MAX_DGRAM_PEERS = 32
+
+
 class DgramLink(Link):
-    """One frame per unix datagram; replies go to the last sender (QEMU dgram, vfkit)."""
+    """One frame per unix datagram (QEMU ``-netdev dgram``, vfkit); every sender is a guest.
+
+    The first sender is this link's own port; each further sender address gets a port of its
+    own (:class:`DgramPeer`) on the same socket, so several VMs pointed at one socket are
+    switched like several QEMU stream connections. A sender whose socket is gone (a send
+    fails with ECONNREFUSED or ENOENT) loses its port; the first one keeps the link's port and
+    the next new sender takes it over. A QEMU restarted with another local path is a new
+    sender, and the switch moves its MAC (and flows) to the new port.
+    """
 
     kind = "dgram"
 
@@ -377,6 +395,9 @@ class DgramLink(Link):
         self.sock = sock
         self.path = path
         self.peer: str | None = None
+        #: Further senders' ports, by address.
+        self.peers: dict[str, DgramPeer] = {}
+        self._peer_count = 0
         super().__init__(hub, sock.fileno(), name)
 
     @classmethod
@@ -395,18 +416,39 @@ class DgramLink(Link):
         if peer is None:
             self.hub.counters.inc("link.dgram.no_peer")
             return -1
-        try:
-            self.sock.sendto(frame.data, peer)
-        except BlockingIOError:
-            return 0
-        except OSError as exc:
-            # The peer went away (ECONNREFUSED, ENOENT): drop and wait for the next sender.
-            self.hub.counters.inc("link.dgram.send_error")
-            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
-                self.peer = None
-            return -1
-        self.hub.pool_to_guest.release(frame)
-        return None
+        return _send_dgram(self, frame, peer)
+
+    def peer_gone(self, peer: str) -> None:
+        """A send to ``peer`` found its socket gone: forget the sender."""
+        if peer == self.peer:
+            self.peer = None
+            return
+        other = self.peers.pop(peer, None)
+        if other is not None:
+            log.info("%s: peer %s is gone", other.name, peer)
+            # Closed on the next turn: this runs inside a send, perhaps a flood over the
+            # switch's ports, which must not change under it.
+            self.hub.loop.call_at(0.0, lambda _now: other.close())
+
+    def _port_for(self, addr: str) -> Port | None:
+        """The port of the sender ``addr``: this link's for the first, a new one for others."""
+        if addr == self.peer:
+            return self.port
+        other = self.peers.get(addr)
+        if other is not None:
+            return other.port
+        if self.peer is None:
+            self.peer = addr
+            log.info("%s: peer is %s", self.name, addr)
+            return self.port
+        if len(self.peers) + 1 >= MAX_DGRAM_PEERS:
+            self.hub.counters.inc("link.dgram.peers_full")
+            return None
+        self._peer_count += 1
+        other = DgramPeer(self, addr, f"{self.name}.{self._peer_count}")
+        self.peers[addr] = other
+        log.info("%s: peer is %s", other.name, addr)
+        return other.port
 
     def _on_readable(self) -> None:
         hub = self.hub
@@ -425,15 +467,22 @@ class DgramLink(Link):
                     hub.counters.inc("link.dgram.error")
                     log.info("%s: %s", self.name, exc)
                     return
-                if addr and addr != self.peer:
-                    self.peer = addr
-                    log.info("%s: peer is %s", self.name, addr)
                 if n == 4 and bytes(room[:4]) == b"VFKT":
                     continue
-                classify(room[:n], self.port, now, False)
+                # An unbound sender has no address to answer: it is the first sender's port.
+                port = self._port_for(addr) if addr else self.port
+                if port is not None:
+                    classify(room[:n], port, now, False)
         finally:
             pool.release(frame)
             hub.end_burst()
+
+    def close(self) -> None:
+        """Close every further sender's port, then this link and its socket."""
+        for other in list(self.peers.values()):
+            other.close()
+        self.peers.clear()
+        super().close()
 
     def _close_fd(self) -> None:
         self.sock.close()
@@ -441,3 +490,45 @@ class DgramLink(Link):
             # OSError: gone, or out of reach after --sandbox/--runas (io/harden.py)
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
+
+
+class DgramPeer(Link):
+    """A further sender on a :class:`DgramLink`'s socket: a switch port of its own that sends
+    on the owner's socket, which the owner reads and watches."""
+
+    kind = "dgram"
+
+    def __init__(self, owner: DgramLink, addr: str, name: str) -> None:
+        self.owner = owner
+        self.sock = owner.sock
+        self.addr = addr
+        super().__init__(owner.hub, owner.fd, name, watch=False)
+
+    def _write(self, frame: Frame, offset: int) -> int | None:
+        return _send_dgram(self.owner, frame, self.addr)
+
+    def _backlog(self, frame: Frame, done: int) -> None:
+        """The owner's socket is full: a datagram link drops, as a NIC's full ring does (the
+        owner's writable event flushes only its own queue)."""
+        self.port.tx_dropped += 1
+        self.hub.counters.inc("link.dgram.tx_full")
+        self.hub.pool_to_guest.release(frame)
+
+    def _close_fd(self) -> None:
+        """The socket is the owner's."""
+
+
+def _send_dgram(owner: DgramLink, frame: Frame, peer: str) -> int | None:
+    """One frame as one datagram to ``peer`` on ``owner``'s socket (see :meth:`Link._write`)."""
+    try:
+        owner.sock.sendto(frame.data, peer)
+    except BlockingIOError:
+        return 0
+    except OSError as exc:
+        # The peer went away (ECONNREFUSED, ENOENT): drop and forget it.
+        owner.hub.counters.inc("link.dgram.send_error")
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            owner.peer_gone(peer)
+        return -1
+    owner.hub.pool_to_guest.release(frame)
+    return None
