@@ -299,6 +299,42 @@ tcp_sum_ok(const unsigned char *seg, Py_ssize_t n, const unsigned char *src,
     return fold((uint64_t)sum16(seg, n) + ps) == 0xffff;
 }
 
+/* The shared part of the IPv4 fast parses: an Ethernet II IPv4 frame of protocol `proto` with
+ * a bare 20-byte header, not a fragment, from `guest_mac` to `our_mac`, its total length at
+ * least `min_total` and inside the frame, to a unicast address. 1 and *total_len set, or 0. */
+static int
+plain_ipv4(PyObject *our_mac, PyObject *guest_mac, const unsigned char *p, Py_ssize_t len,
+           int proto, unsigned min_total, unsigned *total_len)
+{
+    const unsigned char *ip = p + 14;
+    unsigned n = be16(ip + 2);
+    if (be16(p + 12) != 0x0800 || ip[0] != 0x45 || ip[9] != proto || (be16(ip + 6) & 0x3fff) ||
+        !mac_equals(our_mac, p) || !mac_equals(guest_mac, p + 6) || n < min_total ||
+        (Py_ssize_t)n > len - 14 || ip[16] >= 224)
+        return 0;
+    *total_len = n;
+    return 1;
+}
+
+/* The rest of them, after their transport checks: not to `broadcast` (the subnet's), and the
+ * IPv4 header checksum right. 1, 0, or -1 with an exception (a bad `broadcast` argument). */
+static int
+ipv4_unicast_ok(PyObject *broadcast, const unsigned char *ip)
+{
+    arg_bytes bc;
+    int hit;
+    if (get_arg(broadcast, &bc) < 0)
+        return -1;
+    hit = bc.n == 4 && memcmp(bc.p, ip + 16, 4) == 0;
+    release_arg(&bc);
+    if (hit)
+        return 0;
+    {
+        uint32_t s = sum16(ip, 20);
+        return s == 0 || s == 0xffff;
+    }
+}
+
 /* tcp_fast4(frame, our_mac, guest_mac, broadcast, dns_dsts, verify): see wire/pure.py. */
 static PyObject *
 n_tcp_fast4(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -307,7 +343,7 @@ n_tcp_fast4(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     const unsigned char *p, *ip, *tcp;
     unsigned total_len, hlen, dport;
     PyObject *sip, *dip;
-    arg_bytes bc;
+    int ok;
     int verify;
     if (nargs != 6) {
         PyErr_SetString(PyExc_TypeError, "expected 6 arguments");
@@ -323,25 +359,15 @@ n_tcp_fast4(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         goto no;
     ip = p + 14;
     tcp = ip + 20;
-    total_len = be16(ip + 2);
     hlen = (tcp[12] >> 4) * 4;
-    if (be16(p + 12) != 0x0800 || ip[0] != 0x45 || ip[9] != 6 || (be16(ip + 6) & 0x3fff) ||
-        !mac_equals(args[1], p) || !mac_equals(args[2], p + 6) || total_len < 40 ||
-        (Py_ssize_t)total_len > view.len - 14 || hlen < 20 || hlen > total_len - 20 ||
-        ip[16] >= 224)
+    if (!plain_ipv4(args[1], args[2], p, view.len, 6, 40, &total_len) || hlen < 20 ||
+        hlen > total_len - 20)
         goto no;
-    if (get_arg(args[3], &bc) < 0)
+    ok = ipv4_unicast_ok(args[3], ip);
+    if (ok < 0)
         goto err;
-    if (bc.n == 4 && memcmp(bc.p, ip + 16, 4) == 0) {
-        release_arg(&bc);
+    if (!ok)
         goto no;
-    }
-    release_arg(&bc);
-    {
-        uint32_t s = sum16(ip, 20);
-        if (s != 0 && s != 0xffff)
-            goto no;
-    }
     if (verify && !tcp_sum_ok(tcp, (Py_ssize_t)total_len - 20, ip + 12, ip + 16, 4))
         goto no;
     dport = be16(tcp + 2);
@@ -440,7 +466,7 @@ n_udp_fast4(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     const unsigned char *p, *ip, *udp;
     unsigned total_len, ulen;
     PyObject *sip, *dip, *payload;
-    arg_bytes bc;
+    int ok;
     int verify;
     if (nargs != 5) {
         PyErr_SetString(PyExc_TypeError, "expected 5 arguments");
@@ -456,25 +482,15 @@ n_udp_fast4(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         goto no;
     ip = p + 14;
     udp = ip + 20;
-    total_len = be16(ip + 2);
     ulen = be16(udp + 4);
-    if (be16(p + 12) != 0x0800 || ip[0] != 0x45 || ip[9] != 17 || (be16(ip + 6) & 0x3fff) ||
-        !mac_equals(args[1], p) || !mac_equals(args[2], p + 6) || total_len < 28 ||
-        (Py_ssize_t)total_len > view.len - 14 || ulen < 8 || ulen > total_len - 20 ||
-        ip[16] >= 224)
+    if (!plain_ipv4(args[1], args[2], p, view.len, 17, 28, &total_len) || ulen < 8 ||
+        ulen > total_len - 20)
         goto no;
-    if (get_arg(args[3], &bc) < 0)
+    ok = ipv4_unicast_ok(args[3], ip);
+    if (ok < 0)
         goto err;
-    if (bc.n == 4 && memcmp(bc.p, ip + 16, 4) == 0) {
-        release_arg(&bc);
+    if (!ok)
         goto no;
-    }
-    release_arg(&bc);
-    {
-        uint32_t s = sum16(ip, 20);
-        if (s != 0 && s != 0xffff)
-            goto no;
-    }
     if (verify && (udp[6] | udp[7])) {
         uint32_t ps = pseudo(ip + 12, 4, ip + 16, 4, 17, (uint64_t)ulen);
         if (fold((uint64_t)sum16(udp, ulen) + ps) != 0xffff)
