@@ -638,6 +638,15 @@ def _open_taps(net: Network, args: argparse.Namespace, prog: str) -> list[TapLin
     return links
 
 
+def _serve_vm(net: Network, args: argparse.Namespace, prog: str, qemu_args: str) -> int:
+    """The VM commands once their socket is there: serve every ``--tap`` beside it, print
+    QEMU's arguments and serve until a signal."""
+    if _open_taps(net, args, prog) is None:
+        return EXIT_FAILURE
+    print(qemu_args, flush=True)
+    return _serve(net, "guestnet", hardening=hardening_from_args(args))
+
+
 def cmd_qemu(args: argparse.Namespace, config: Config) -> int:
     """Serve QEMU stream connections until a signal."""
     net = Network(config)
@@ -651,10 +660,7 @@ def cmd_qemu(args: argparse.Namespace, config: Config) -> int:
         net.close()
         print(f"guestnet qemu: error: cannot listen: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    if _open_taps(net, args, "guestnet qemu") is None:
-        return EXIT_FAILURE
-    print(qemu_args, flush=True)
-    return _serve(net, "guestnet", hardening=hardening_from_args(args))
+    return _serve_vm(net, args, "guestnet qemu", qemu_args)
 
 
 def cmd_vhost_user(args: argparse.Namespace, config: Config) -> int:
@@ -666,10 +672,7 @@ def cmd_vhost_user(args: argparse.Namespace, config: Config) -> int:
         net.close()
         print(f"guestnet vhost-user: error: cannot listen: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    if _open_taps(net, args, "guestnet vhost-user") is None:
-        return EXIT_FAILURE
-    print(qemu_args, flush=True)
-    return _serve(net, "guestnet", hardening=hardening_from_args(args))
+    return _serve_vm(net, args, "guestnet vhost-user", qemu_args)
 
 
 def cmd_dgram(args: argparse.Namespace, config: Config) -> int:
@@ -682,10 +685,7 @@ def cmd_dgram(args: argparse.Namespace, config: Config) -> int:
         net.close()
         print(f"guestnet dgram: error: cannot bind {path}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    if _open_taps(net, args, "guestnet dgram") is None:
-        return EXIT_FAILURE
-    print(qemu_args, flush=True)
-    return _serve(net, "guestnet", hardening=hardening_from_args(args))
+    return _serve_vm(net, args, "guestnet dgram", qemu_args)
 
 
 #: ``link.closed``, for the per-turn test of ``guestnet netns`` (every link gone: stop).
