@@ -65,17 +65,7 @@ def test_walker_checks_every_descriptor(
 ) -> None:
     mem, m0, _m1 = _memory()
     # Rings live at the start of region 0 (QEMU virtual = guest-physical here).
-    q = VirtQueue(1)
-    q.num = N
-    desc_at, avail_at, used_at = 0, 16 * N, 16 * N + 4 + 2 * N + 2
-    q.addrs = (RING_BASE + desc_at, RING_BASE + avail_at, RING_BASE + used_at)
-    q.enabled = q.started = True
-    assert q.map(mem)
-    for i, (a, ln, fl, nx) in enumerate(descs):
-        struct.pack_into("<QIHH", m0, desc_at + 16 * i, a & (2**64 - 1), ln, fl, nx)
-    for i, h in enumerate(heads):
-        struct.pack_into("<H", m0, avail_at + 4 + 2 * i, h)
-    struct.pack_into("<H", m0, avail_at + 2, avail_idx)
+    q = _rx_queue(mem, m0, descs, heads, avail_idx, index=1)
     n = q.pending()
     if avail_idx > N:
         assert n == 0 and q.broken
@@ -104,7 +94,7 @@ def test_walker_checks_every_descriptor(
         q.release_bufs()
         q.push(head, 0)
     q.publish()
-    assert struct.unpack_from("<H", m0, used_at + 2)[0] == n
+    assert struct.unpack_from("<H", m0, USED_AT + 2)[0] == n
     q.unmap()
     mem.release()
 
@@ -160,20 +150,24 @@ def test_link_survives_hostile_tx_ring(
     assert rig.inst.pool_to_guest.in_use == 0
 
 
+#: Where a test queue's rings sit in region 0: descriptor table, available ring, used ring.
+DESC_AT, AVAIL_AT, USED_AT = 0, 16 * N, 16 * N + 4 + 2 * N + 2
+
+
 def _rx_queue(mem: GuestMemory, m0: bytearray, descs: list[tuple[int, int, int, int]],
-              heads: list[int], avail_idx: int) -> VirtQueue:  # fmt: skip
-    """A queue over ring memory at the start of region 0 holding ``descs`` and ``heads``."""
-    q = VirtQueue(0)
+              heads: list[int], avail_idx: int, index: int = 0) -> VirtQueue:  # fmt: skip
+    """Queue ``index`` over ring memory at the start of region 0 holding ``descs`` and
+    ``heads``, ``avail_idx`` published."""
+    q = VirtQueue(index)
     q.num = N
-    desc_at, avail_at, used_at = 0, 16 * N, 16 * N + 4 + 2 * N + 2
-    q.addrs = (RING_BASE + desc_at, RING_BASE + avail_at, RING_BASE + used_at)
+    q.addrs = (RING_BASE + DESC_AT, RING_BASE + AVAIL_AT, RING_BASE + USED_AT)
     q.enabled = q.started = True
     assert q.map(mem)
     for i, (a, ln, fl, nx) in enumerate(descs):
-        struct.pack_into("<QIHH", m0, desc_at + 16 * i, a & (2**64 - 1), ln, fl, nx)
+        struct.pack_into("<QIHH", m0, DESC_AT + 16 * i, a & (2**64 - 1), ln, fl, nx)
     for i, h in enumerate(heads):
-        struct.pack_into("<H", m0, avail_at + 4 + 2 * i, h)
-    struct.pack_into("<H", m0, avail_at + 2, avail_idx)
+        struct.pack_into("<H", m0, AVAIL_AT + 4 + 2 * i, h)
+    struct.pack_into("<H", m0, AVAIL_AT + 2, avail_idx)
     return q
 
 
