@@ -18,7 +18,6 @@ from guestnet.wire.tcp import ACK, CWR, FIN, PSH
 
 from .test_gso import (
     IP6_B,
-    IP_B,
     MAC_B,
     MSS,
     _pattern,
@@ -27,16 +26,7 @@ from .test_gso import (
     tcp_super,
     udp_super,
 )
-
-
-def two_guests(core: Any, frames: Any) -> Any:
-    """Port A (core.port, GUEST_MAC) and port B (MAC_B), both learned, B without offloads."""
-    port_b = core.add_port("guest1")
-    core.feed(frames.arp())
-    core.feed(frames.arp(sha=MAC_B, spa=IP_B), port=port_b)
-    core.take_sent()
-    port_b.sent.clear()
-    return port_b
+from .test_switch import two_guests  # port B is added without offloads
 
 
 def _vnet(flags: int, gso_type: int, gso_size: int, csum_start: int, csum_offset: int) -> Any:
