@@ -20,7 +20,11 @@ Rows:
 - ``rtt``: guestnet's loop runs in a child process (``Loop.run``), the bench is the guest and
   the upstream with blocking sockets: the median round trip per query (wall clock: two
   wake-ups of guestnet per query, as in a real deployment, and the bench's own wake-ups), and
-  guestnet's CPU per query from ``/proc/PID/schedstat`` (nanoseconds on the CPU).
+  guestnet's CPU per query from ``/proc/PID/schedstat`` (nanoseconds on the CPU). Both
+  processes are pinned to CPU 0 by default (``--cpus BENCH,GUESTNET``; ``any`` leaves them to
+  the scheduler): on this 2-vCPU VM the round trip across two CPUs swings between ~45 and
+  ~145 µs with the other CPU's load and idle state, while on one CPU it is the sum of both
+  sides' work and two context switches per leg, steady to a microsecond or two.
   ``--strace`` traces the child with ``strace -c -f`` during one more batch and prints its
   system calls per query.
 
@@ -179,11 +183,13 @@ def _oncpu_ns(pid: int) -> int:
     return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
 
 
-def bench_rtt(count: int, reps: int, strace: bool) -> None:
+def bench_rtt(count: int, reps: int, strace: bool, cpus: tuple[int, int] | None) -> None:
     rig = Rig(blocking=True)
     pid = os.fork()
     if pid == 0:  # guestnet
         try:
+            if cpus is not None:
+                os.sched_setaffinity(0, {cpus[1]})
             rig.guest.close()
             rig.server.close()
             loop = rig.start().loop
@@ -192,6 +198,8 @@ def bench_rtt(count: int, reps: int, strace: bool) -> None:
         finally:
             os._exit(0)
     rig.ours.close()
+    if cpus is not None:
+        os.sched_setaffinity(0, {cpus[0]})
     guest, server, answer = rig.guest, rig.server, rig.answer
     guest.settimeout(5)
     server.settimeout(5)
@@ -259,12 +267,15 @@ def main() -> None:
     p.add_argument("--only", default="cpu,rtt", help="rows: cpu, rtt")
     p.add_argument("--profile", action="store_true", help="cProfile run_once (cpu row)")
     p.add_argument("--strace", action="store_true", help="system calls per query (rtt row)")
+    p.add_argument("--cpus", default="0,0", help="rtt row: the bench's CPU and guestnet's "
+                   "(default 0,0: one CPU, the steadiest; 'any': unpinned)")  # fmt: skip
     args = p.parse_args()
     rows = args.only.split(",")
     if "cpu" in rows:
         bench_cpu(args.count, args.reps, args.profile)
     if "rtt" in rows:
-        bench_rtt(args.count, args.reps, args.strace)
+        cpus = None if args.cpus == "any" else tuple(int(c) for c in args.cpus.split(","))
+        bench_rtt(args.count, args.reps, args.strace, cpus)  # type: ignore[arg-type]
     sys.stdout.flush()
 
 

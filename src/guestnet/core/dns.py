@@ -90,6 +90,7 @@ from guestnet.wire.dns import (
     parse_query,
 )
 from guestnet.wire.l3 import IPV4, L3Family, build_udp_frame
+from guestnet.wire.native import dns_question
 from guestnet.wire.udp import DNS_PORT, UDP_HLEN
 
 #: How long one upstream has to answer before the query moves to the next one.
@@ -174,9 +175,8 @@ class _Pending:
     sport: int
     client_id: int
     upstream_id: int
-    #: The parsed query, for a SERVFAIL built when every upstream failed.
-    query: Query
-    #: The query as it leaves: the guest's bytes with our id.
+    #: The query as it leaves: the guest's bytes with our id (parsed again for the SERVFAIL
+    #: answer when every upstream failed).
     wire: bytes
     #: Question as it must come back: name (uncompressed, lower case), type, class.
     question: bytes
@@ -265,6 +265,15 @@ class DnsService:
     def handle_query(self, pkt: Asker, sport: int, payload: memoryview, now: float) -> None:
         """Handle one query from ``pkt``'s guest, port ``sport``: what :meth:`handle_udp` does,
         for the classifier's fast path too, which has the fields but no :class:`IpPacket`."""
+        plain = dns_question(payload)
+        if plain is not None:
+            # A plain query (one question, at most an OPT record: what resolvers send) is
+            # well formed for parse_query too; unless it is ours, it is forwarded as it is.
+            ident, question, name_len = plain
+            name = question[:name_len]
+            if name not in self._builtin and not is_subdomain(name, self._zone):
+                self._forward(pkt, sport, ident, question, name_len, payload, now)
+                return
         counters = self.counters
         if len(payload) < DNS_HLEN:
             counters.inc("dns.query.short")
@@ -292,7 +301,9 @@ class DnsService:
         if name in self._builtin or is_subdomain(name, self._zone):
             self._answer_builtin(pkt, sport, query, name)
             return
-        self._forward(pkt, sport, query, name, wire, now)
+        # The question as it must come back: the name lowered, then type and class as sent.
+        question = name + wire[query.question_end - 4 : query.question_end]
+        self._forward(pkt, sport, query.ident, question, len(name), wire, now)
 
     def _answer_builtin(self, pkt: Asker, sport: int, query: Query, name: bytes) -> None:
         q = query.questions[0]
@@ -311,44 +322,56 @@ class DnsService:
         self._reply(pkt, sport, self._response(query, NOERROR, aa=True, answer=answer))
 
     def _forward(
-        self, pkt: Asker, sport: int, query: Query, name: bytes, wire: bytes, now: float
+        self,
+        pkt: Asker,
+        sport: int,
+        ident: int,
+        question: bytes,
+        name_len: int,
+        payload: memoryview | bytes,
+        now: float,
     ) -> None:
+        """Send a well-formed query with one question upstream under a fresh id (or answer
+        SERVFAIL, or drop a duplicate). ``question``: the name lowered, type and class."""
         counters = self.counters
         port, family, src_mac, src, dst = pkt
-        if not self.upstreams:
-            counters.inc("dns.upstream.none")
-            self._reply(pkt, sport, self._response(query, SERVFAIL))
-            return
-        # The question as it must come back: the name lowered, then type and class as sent.
-        question = name + wire[query.question_end - 4 : query.question_end]
-        key = (src, sport, query.ident, question)
+        key = (src, sport, ident, question)
         if key in self._by_client:
             counters.inc("dns.query.duplicate")
             return
+        if not self.upstreams:
+            counters.inc("dns.upstream.none")
+            self._servfail(pkt, sport, payload)
+            return
         if len(self._by_id) >= self.max_pending:
             counters.inc("dns.pending.full")
-            self._reply(pkt, sport, self._response(query, SERVFAIL))
+            self._servfail(pkt, sport, payload)
             return
         per_guest = self._per_guest
         mine = per_guest.get(src, 0)
         if mine >= MAX_PENDING_PER_GUEST:
             counters.inc("dns.pending.guest_full")
-            self._reply(pkt, sport, self._response(query, SERVFAIL))
+            self._servfail(pkt, sport, payload)
             return
         per_guest[src] = mine + 1
         uid = self._fresh_id()
         first = self._first_upstream(now)
-        # Positional: the dataclass's __init__ binds them faster than 16 keywords (per query).
+        wire = _ID.pack(uid) + payload[2:]
+        # Positional: the dataclass's __init__ binds them faster than keywords (per query).
         # Fields: port, family, guest_mac, guest_ip, asked_ip, sport, client_id, upstream_id,
-        # query, wire, question, name_len, upstream, tried, seq, deadline.
+        # wire, question, name_len, upstream, tried, seq, deadline.
         pending = _Pending(
-            port, family, src_mac, src, dst, sport, query.ident, uid, query,
-            _ID.pack(uid) + wire[2:], question, len(name), first, 0, 0, 0.0,
+            port, family, src_mac, src, dst, sport, ident, uid, wire, question, name_len,
+            first, 0, 0, 0.0,
         )  # fmt: skip
         self._by_id[uid] = pending
         self._by_client[key] = uid
         counters.inc("dns.query.forwarded")
         self._send(pending, first, now)
+
+    def _servfail(self, pkt: Asker, sport: int, payload: memoryview | bytes) -> None:
+        """Answer a well-formed query SERVFAIL (no upstream, or no room to wait for one)."""
+        self._reply(pkt, sport, self._response(parse_query(bytes(payload)), SERVFAIL))
 
     def _fresh_id(self) -> int:
         """A random 16-bit id no outstanding query uses (the table is at most 1/64 full)."""
@@ -475,8 +498,8 @@ class DnsService:
             return
         self._finish(pending)
         self.counters.inc("dns.answer.servfail")
-        wire = self._response(pending.query, SERVFAIL)
-        self._send_to_guest(pending, wire, None, 0)
+        query = parse_query(pending.wire)._replace(ident=pending.client_id)
+        self._send_to_guest(pending, self._response(query, SERVFAIL), None, 0)
 
     def _finish(self, pending: _Pending) -> None:
         del self._by_id[pending.upstream_id]

@@ -5,7 +5,7 @@
  * per-call and per-object costs (struct unpacking into a dozen ints, slices, the checksum as a
  * big integer), not in the work itself. This module does the leaf operations -- the Internet
  * checksum, the parse of an established-flow TCP frame or a unicast UDP datagram from the
- * guest, a SYN's TCP options, the headers of a TCP or UDP frame toward the guest with their
+ * guest, a plain DNS query's question, a SYN's TCP options, the headers of a TCP or UDP frame toward the guest with their
  * checksums, the IPv4 header parse -- in one call each,
  * against the buffer protocol. guestnet/wire/pure.py holds the same functions in Python with the
  * same results (a property test compares them byte for byte); guestnet/wire/native.py chooses
@@ -517,6 +517,76 @@ err:
     return NULL;
 }
 
+/* dns_question(data) -> (ident, question, name_len) or None: see guestnet/wire/pure.py. */
+static PyObject *
+n_dns_question(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    const unsigned char *p;
+    Py_ssize_t n, off, name_end;
+    unsigned ident, rdlen;
+    PyObject *question;
+    char *q;
+    if (nargs != 1) {
+        PyErr_SetString(PyExc_TypeError, "expected 1 argument");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    p = (const unsigned char *)view.buf;
+    n = view.len;
+    /* Header: a query (QR clear, opcode 0), one question, no answer or authority records, at
+     * most one additional record. */
+    if (n < 12 || (p[2] & 0xf8) || be16(p + 4) != 1 || be16(p + 6) || be16(p + 8) ||
+        be16(p + 10) > 1)
+        goto no;
+    /* The name: plain labels (no pointer, no other label type), at most 255 bytes in all. */
+    off = 12;
+    for (;;) {
+        unsigned len;
+        if (off >= n)
+            goto no;
+        len = p[off];
+        if (len == 0)
+            break;
+        if (len >= 0x40)
+            goto no;
+        off += 1 + len;
+        if (off - 12 >= 255) /* with the root's byte still to come: over 255 */
+            goto no;
+    }
+    name_end = off + 1;
+    off = name_end + 4;
+    if (off > n)
+        goto no;
+    if (be16(p + 10)) {
+        /* The one additional record: OPT, its owner the root, its data within the message. */
+        if (off + 11 > n || p[off] != 0 || be16(p + off + 1) != 41)
+            goto no;
+        rdlen = be16(p + off + 9);
+        off += 11 + rdlen;
+    }
+    if (off != n)
+        goto no;
+    ident = be16(p);
+    question = PyBytes_FromStringAndSize(NULL, name_end + 4 - 12);
+    if (question == NULL) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    q = PyBytes_AS_STRING(question);
+    for (off = 12; off < name_end; off++) {
+        unsigned char c = p[off];
+        q[off - 12] = (char)(c >= 'A' && c <= 'Z' ? c + 32 : c);
+    }
+    memcpy(q + (name_end - 12), p + name_end, 4);
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(INn)", ident, question, name_end - 12);
+no:
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 wire_error(const char *reason)
 {
@@ -934,6 +1004,8 @@ static PyMethodDef methods[] = {
      "tcp_fast6(frame, our_mac, guest_mac, dns6_dsts, verify): fields or None."},
     {"udp_fast4", (PyCFunction)(void (*)(void))n_udp_fast4, METH_FASTCALL,
      "udp_fast4(frame, our_mac, guest_mac, broadcast, verify): fields or None."},
+    {"dns_question", (PyCFunction)(void (*)(void))n_dns_question, METH_FASTCALL,
+     "dns_question(data): (ident, question, name_len) of a plain query, or None."},
     {"parse_ipv4", (PyCFunction)(void (*)(void))n_parse_ipv4, METH_FASTCALL,
      "parse_ipv4(data, verify): the IPv4 header's fields, or WireError."},
     {"tcp_options", (PyCFunction)(void (*)(void))n_tcp_options, METH_FASTCALL,

@@ -2,7 +2,14 @@
 
 from collections.abc import Container
 
-from guestnet.wire.pure import Buffer, FastTcp, FastUdp, Ipv4Fields, TcpOptionFields
+from guestnet.wire.pure import (
+    Buffer,
+    DnsQuestion,
+    FastTcp,
+    FastUdp,
+    Ipv4Fields,
+    TcpOptionFields,
+)
 
 def ones_sum(data: Buffer, initial: int = 0, /) -> int: ...
 def checksum(data: Buffer, initial: int = 0, /) -> int: ...
@@ -32,6 +39,7 @@ def udp_fast4(
     verify: bool,
     /,
 ) -> FastUdp | None: ...
+def dns_question(data: Buffer, /) -> DnsQuestion | None: ...
 def parse_ipv4(data: Buffer, verify: bool, /) -> Ipv4Fields: ...
 def tcp_options(data: Buffer, header_len: int, /) -> TcpOptionFields: ...
 def build_tcp_frame(

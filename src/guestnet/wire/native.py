@@ -45,6 +45,7 @@ if NATIVE:
     tcp_fast4 = _native.tcp_fast4
     tcp_fast6 = _native.tcp_fast6
     udp_fast4 = _native.udp_fast4
+    dns_question = _native.dns_question
     parse_ipv4 = _native.parse_ipv4
     tcp_options = _native.tcp_options
     build_tcp_frame = _native.build_tcp_frame
@@ -56,6 +57,7 @@ else:
     tcp_fast4 = pure.tcp_fast4
     tcp_fast6 = pure.tcp_fast6
     udp_fast4 = pure.udp_fast4
+    dns_question = pure.dns_question
     parse_ipv4 = pure.parse_ipv4
     tcp_options = pure.tcp_options
     build_tcp_frame = pure.build_tcp_frame
@@ -67,6 +69,7 @@ __all__ = [
     "build_tcp_frame",
     "build_udp_frame",
     "checksum",
+    "dns_question",
     "ones_sum",
     "parse_ipv4",
     "pseudo_sum",

@@ -14,6 +14,8 @@ a C implementation (``src/guestnet/wire/_native.c``) and this one, with identica
   TCP flow (see :mod:`guestnet.core.classifier`), and its fields.
 - :func:`udp_fast4`: the classifier's test for a plain unicast IPv4/UDP datagram from the port's
   guest (the UDP NAT's per-datagram path and the DNS service's), and its fields.
+- :func:`dns_question`: a plain DNS query's id and question, for the forwarder (a query that
+  is not plain goes to :func:`guestnet.wire.dns.parse_query`).
 - :func:`parse_ipv4`: the IPv4 header's fields and checks (:func:`guestnet.wire.ipv4.parse_ipv4`).
 - :func:`tcp_options`: the options of a SYN or SYN-ACK from the guest
   (:func:`guestnet.wire.tcp.parse_tcp_options`): a loop over bytes, ~3 us in Python on every
@@ -43,6 +45,9 @@ FastTcp = tuple[memoryview, bytes, bytes, int, int, int, int, int, int, int]
 #: One unicast IPv4/UDP datagram from the guest, as the classifier's UDP fast path takes it:
 #: source and destination address, ports, and the payload (a view into the frame).
 FastUdp = tuple[bytes, bytes, int, int, memoryview]
+#: A plain DNS query, as the DNS forwarder takes it: its id, its question (the name in wire form
+#: lowered, type and class) and the name's length in it.
+DnsQuestion = tuple[int, bytes, int]
 #: The fields of :class:`guestnet.wire.ipv4.IPv4Header`, in order.
 Ipv4Fields = tuple[int, int, int, int, int, int, int, bytes, bytes]
 #: The fields of :class:`guestnet.wire.tcp.TcpOptions`, in order: MSS, window scale (at most
@@ -215,6 +220,52 @@ def udp_fast4(
     ):
         return (sip, dip, sport, dport, frame[42 : 34 + ulen])
     return None
+
+
+_DNS_HDR = struct.Struct("!HHHHHH")
+
+
+def dns_question(data: Buffer, /) -> DnsQuestion | None:
+    """The id, question and name length of a plain DNS query, or None for anything else.
+
+    Plain: a query (QR clear, opcode QUERY) with exactly one question whose name is
+    uncompressed labels (at most 255 bytes in wire form), no answer or authority records, and
+    either no additional record or one OPT record whose owner is the root, every length within
+    the message and nothing after it: what resolvers send. Such a message is well formed for
+    :func:`guestnet.wire.dns.parse_query` too, which reads the same question. The question
+    comes back as the DNS forwarder matches answers on it: the name in wire form lowered
+    (ASCII, RFC 4343), then type and class as sent; ``name_len`` is the name's part of it.
+    Anything else (None) goes to the full parser, which says what is wrong or answers it."""
+    n = len(data)
+    if n < 12:
+        return None
+    ident, flags, qdcount, ancount, nscount, arcount = _DNS_HDR.unpack_from(data, 0)
+    if flags & 0xF800 or qdcount != 1 or ancount or nscount or arcount > 1:
+        return None
+    off = 12
+    while True:
+        if off >= n:
+            return None
+        length = data[off]
+        if length == 0:
+            break
+        if length >= 0x40:
+            return None
+        off += 1 + length
+        if off - 12 >= 255:
+            return None
+    name_end = off + 1
+    off = name_end + 4
+    if off > n:
+        return None
+    if arcount:
+        if off + 11 > n or data[off] != 0 or ((data[off + 1] << 8) | data[off + 2]) != 41:
+            return None
+        off += 11 + ((data[off + 9] << 8) | data[off + 10])
+    if off != n:
+        return None
+    question = bytes(data[12:name_end]).lower() + bytes(data[name_end : name_end + 4])
+    return (ident, question, name_end - 12)
 
 
 _IPV4 = struct.Struct("!BBHHHBBH4s4s")
