@@ -28,6 +28,7 @@ from guestnet.cli import build_parser, config_from_args
 from guestnet.config import Config
 from guestnet.core.dns import BUILTIN_NAMES, DOWN_HOLD_S, MAX_PENDING_PER_GUEST, DnsService
 from guestnet.io.dns_upstream import read_resolv_conf, upstream_servers
+from guestnet.wire.dns import SERVFAIL, build_response, parse_query
 from guestnet.wire.ethernet import ETH_HLEN, ETHERTYPE_IPV4, parse_ethernet
 from guestnet.wire.ipv4 import PROTO_UDP, parse_ipv4
 from guestnet.wire.udp import parse_udp, verify_udp
@@ -312,6 +313,26 @@ def test_timeout_fails_over_then_servfail(d: Dns) -> None:
     assert d.svc.pending_count == 0 and d.svc.next_deadline() is None
     assert d.core.counters["dns.upstream.timeout"] == 2
     assert d.core.counters["dns.answer.servfail"] == 1
+
+
+def test_edns_query_leaves_as_written_and_its_servfail_echoes_it(d: Dns) -> None:
+    """A plain query with EDNS and a mixed-case name (the forwarder's quick read of it): it
+    leaves as the guest wrote it but for the id; when every upstream has timed out, the
+    SERVFAIL carries the guest's id, its question as written and an OPT record, as the answer
+    built from the parsed query would."""
+    q = dns.message.make_query("WwW.Example.COM", "AAAA", use_edns=0, payload=1232)
+    q.id = 4242
+    wire = d.ask(wire=q.to_wire())
+    [(_, sent)] = d.take_outbox()
+    assert sent[2:] == wire[2:]
+    t0 = d.core.now
+    d.svc.handle_timeout(t0 + 2.0)
+    d.take_outbox()
+    d.svc.handle_timeout(t0 + 4.0)
+    [(r, raw, _)] = d.replies()
+    assert raw == build_response(parse_query(wire), SERVFAIL)
+    assert r.id == 4242 and r.rcode() == dns.rcode.SERVFAIL and r.edns == 0
+    assert r.question[0].name.to_text() == "WwW.Example.COM."
 
 
 def test_late_answer_from_first_upstream_still_counts(d: Dns) -> None:

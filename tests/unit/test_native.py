@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import sysconfig
@@ -425,3 +426,78 @@ def test_tcp_options_agree(opts: list[bytes], hlen_delta: int, tail: bytes) -> N
         except ValueError:
             b = ("raise", "ValueError")
         assert a == b
+
+
+# -- dns_question: a plain DNS query's id and question ------------------------------------------
+
+
+def _dns_query(name: bytes, qtype: int, opt: bytes | None, flags: int = 0x0100) -> bytes:
+    head = struct.pack("!HHHHHH", 0x1234, flags, 1, 0, 0, 1 if opt is not None else 0)
+    return head + name + struct.pack("!HH", qtype, 1) + (opt or b"")
+
+
+label_st = st.binary(min_size=1, max_size=63).map(lambda b: bytes([len(b)]) + b)
+dns_name_st = st.lists(label_st, max_size=6).map(lambda ls: b"".join(ls) + b"\x00")
+opt_st = st.none() | st.binary(max_size=12).map(
+    lambda data: b"\x00\x00\x29\x04\xd0\x00\x00\x80\x00" + struct.pack("!H", len(data)) + data
+)
+
+
+@needs_native
+@PROPS
+@given(dns_name_st, st.integers(0, 65535), opt_st, st.lists(mutation, max_size=3))
+def test_dns_question_agrees_on_mutated_queries(
+    name: bytes, qtype: int, opt: bytes | None, muts: list[tuple[str, int, int]]
+) -> None:
+    """Plain queries and their mutations (any byte, cut short, grown): the same answer, None
+    or (id, lowered question, name length), from both, for bytes and views alike."""
+    wire = bytes(mutate(_dns_query(name, qtype, opt), muts))
+    for data in (wire, memoryview(wire)):
+        assert pure.dns_question(data) == _native.dns_question(data)
+
+
+@needs_native
+@PROPS
+@given(st.binary(max_size=80))
+def test_dns_question_agrees_on_random_bytes(raw: bytes) -> None:
+    head = struct.pack("!HHHHHH", 7, 0x0100, 1, 0, 0, 1)
+    for data in (raw, head[:4] + raw, head + raw):
+        assert pure.dns_question(data) == _native.dns_question(data)
+
+
+@pytest.mark.parametrize("impl", ["pure", "native"])
+def test_dns_question_fields_and_refusals(impl: str) -> None:
+    """What it takes (A or AAAA, with or without OPT; name lowered, type and class kept) and
+    what it leaves to the full parser: responses, other opcodes, pointers, other records,
+    an OPT that is not the root's, trailing bytes, truncation, a name over 255 bytes."""
+    if impl == "native" and _native is None:
+        pytest.skip("extension not built")
+    f = (pure if impl == "pure" else _native).dns_question
+    name = b"\x03WwW\x07Example\x03COM\x00"
+    lowered = b"\x03www\x07example\x03com\x00"
+    opt = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"
+    assert f(_dns_query(name, 1, None)) == (0x1234, lowered + b"\x00\x01\x00\x01", 17)
+    assert f(_dns_query(name, 28, opt)) == (0x1234, lowered + b"\x00\x1c\x00\x01", 17)
+    assert f(_dns_query(b"\x00", 1, opt)) == (0x1234, b"\x00\x00\x01\x00\x01", 1)
+    longest = (b"\x3f" + b"a" * 63) * 3 + b"\x3d" + b"a" * 61 + b"\x00"
+    assert f(_dns_query(longest, 1, None)) == (0x1234, longest + b"\x00\x01\x00\x01", 255)
+    too_long = (b"\x3f" + b"a" * 63) * 3 + b"\x3e" + b"a" * 62 + b"\x00"
+    plain = _dns_query(name, 1, opt)
+    for wire in (
+        _dns_query(name, 1, opt, flags=0x8100),  # a response
+        _dns_query(name, 1, opt, flags=0x2900),  # opcode 5 (UPDATE)
+        _dns_query(b"\x03www\xc0\x0c", 1, None),  # a pointer
+        _dns_query(b"\x43" + b"a" * 3 + b"\x00", 1, None),  # label type 0x40
+        _dns_query(too_long, 1, None),
+        _dns_query(name, 1, b"\x01a" + opt[1:]),  # OPT not owned by the root
+        _dns_query(name, 1, opt[:1] + b"\x01" + opt[2:]),  # type 297, not OPT
+        _dns_query(name, 1, opt[:-1] + b"\x01"),  # OPT data running past the end
+        plain + b"\x00",  # trailing
+        plain[:-1],
+        plain[:11],
+        struct.pack("!HHHHHH", 1, 0x0100, 2, 0, 0, 0) + name + b"\x00\x01\x00\x01" * 2,
+        struct.pack("!HHHHHH", 1, 0x0100, 1, 1, 0, 0) + name + b"\x00\x01\x00\x01",
+        struct.pack("!HHHHHH", 1, 0x0100, 1, 0, 1, 0) + name + b"\x00\x01\x00\x01",
+        struct.pack("!HHHHHH", 1, 0x0100, 1, 0, 0, 2) + name + b"\x00\x01\x00\x01" + opt * 2,
+    ):
+        assert f(wire) is None, wire

@@ -35,6 +35,7 @@ from guestnet.wire.dns import (
     parse_query,
     read_name,
 )
+from guestnet.wire.native import dns_question
 
 
 def dnspython_reads(wire: bytes) -> dns.message.Message | None:
@@ -229,3 +230,46 @@ def test_encode_name_and_subdomain() -> None:
     assert dns.name.from_wire(encode_name("host.docker.internal"), 0)[0] == dns.name.from_text(
         "host.docker.internal"
     )
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.lists(st.binary(min_size=1, max_size=63), max_size=5),
+    st.integers(0, 65535),
+    st.integers(0, 65535),
+    st.integers(0, 0xFFFF),
+    st.sampled_from([None, b"", b"\x00\x0a\x00\x02ab"]),
+    st.binary(max_size=3),
+)
+def test_dns_question_reads_what_parse_query_reads(
+    labels: list[bytes], qtype: int, qclass: int, flags: int, opt: bytes | None, tail: bytes
+) -> None:
+    """Whenever the forwarder's dns_question (C or pure, whichever runs) takes a message,
+    parse_query takes it too, as a query with one question: the same id, and the question
+    the forwarder keys on is that question's name lowered with its type and class. And every
+    plain query parse_query takes (opcode QUERY, one question without pointers, no records but
+    an OPT owned by the root) dns_question takes."""
+    name = b"".join(bytes([len(label)]) + label for label in labels) + b"\x00"
+    records = b""
+    if opt is not None:
+        records = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00" + struct.pack("!H", len(opt)) + opt
+    head = struct.pack("!HHHHHH", 0xABCD, flags, 1, 0, 0, 0 if opt is None else 1)
+    for wire in (
+        head + name + struct.pack("!HH", qtype, qclass) + records,
+        head + name + struct.pack("!HH", qtype, qclass) + records + tail,
+        head + name + struct.pack("!HH", qtype, qclass) + records[: len(records) - len(tail)],
+    ):
+        plain = dns_question(wire)
+        try:
+            query = parse_query(wire)
+        except DnsError:
+            assert plain is None, wire
+            continue
+        if plain is None:
+            assert query.flags & 0xF800 or len(name) > 255, wire
+            continue
+        ident, question, name_len = plain
+        assert query.ident == ident and query.opcode == 0 and not query.flags & 0x8000
+        [q] = query.questions
+        assert question == q.name.lower() + struct.pack("!HH", q.qtype, q.qclass)
+        assert name_len == len(q.name) and query.edns == (opt is not None)
