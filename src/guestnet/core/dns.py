@@ -89,7 +89,8 @@ from guestnet.wire.dns import (
     is_subdomain,
     parse_query,
 )
-from guestnet.wire.l3 import IPV4, L3Family, build_udp_frame
+from guestnet.wire.l3 import IPV4, L3Family
+from guestnet.wire.native import build_udp_frame as _build_udp_frame
 from guestnet.wire.native import dns_question
 from guestnet.wire.udp import DNS_PORT, UDP_HLEN
 
@@ -227,6 +228,7 @@ class DnsService:
         self._builtin = {encode_name(n): gateway for n in BUILTIN_NAMES}
         self._zone = encode_name(LOCAL_ZONE)
         self._mtu = config.mtu
+        self._our_mac = config.mac
 
     # -- queries from the guest -------------------------------------------------------------
 
@@ -419,7 +421,7 @@ class DnsService:
         if len(data) < DNS_HLEN:
             counters.inc("dns.upstream.unmatched")
             return
-        uid, flags, qdcount = _HDR.unpack_from(data, 0)[:3]
+        uid, flags, qdcount = _HDR.unpack_from(data, 0)
         pending = self._by_id.get(uid)
         if pending is None or not flags & QR or not (pending.tried >> upstream) & 1:
             counters.inc("dns.upstream.unmatched")
@@ -441,9 +443,10 @@ class DnsService:
         if rcode == REFUSED and self._next_untried(pending) is not None:
             self._fail_over(pending, now, "dns.upstream.refused_answer")
             return
+        # The answer leaves first (the guest is waiting for it), the bookkeeping after.
+        self._send_to_guest(pending, data, pending.client_id, len(pending.question))
         self._finish(pending)
         counters.inc("dns.answer.forwarded")
-        self._send_to_guest(pending, data, pending.client_id, len(pending.question))
 
     def handle_upstream_failed(self, upstream: int, now: float, reason: str) -> None:
         """The driver could not reach ``upstreams[upstream]`` (refused, unreachable, no socket).
@@ -575,7 +578,8 @@ class DnsService:
             buf[off : off + n] = data
         if client_id is not None:
             _ID.pack_into(buf, off, client_id)
-        frame.length = build_udp_frame(
-            family, buf, start, guest_mac, self.config.mac, our_ip, guest_ip, DNS_PORT, sport, n
-        )
+        frame.length = _build_udp_frame(
+            buf, start, family.version, guest_mac, self._our_mac, our_ip, guest_ip, DNS_PORT,
+            sport, n, 0, True,
+        )  # fmt: skip
         port.send(frame)

@@ -151,20 +151,24 @@ class DnsUpstreamIO:
     def _flush(self, now: float) -> None:
         """Send everything in the core's outbox, feeding send failures back to the core."""
         core = self.core
+        socks = self._socks
         # Each failure moves queries to an upstream they have not tried, so this ends; the
         # bound only guards against a bug turning into a hang.
         for _ in range(4 * len(self.upstreams) + 4):
-            if not core.outbox:
+            batch = core.outbox
+            if not batch:
                 break
-            batch, core.outbox = core.outbox, []
+            core.outbox = []
             for upstream, data in batch:
-                self._send(upstream, data, now)
+                sock = socks[upstream]
+                if sock is None:
+                    sock = self._socket(upstream, now)
+                    if sock is None:
+                        continue
+                self._send(sock, upstream, data, now)
         self._arm_timer()
 
-    def _send(self, upstream: int, data: bytes, now: float) -> None:
-        sock = self._socket(upstream, now)
-        if sock is None:
-            return
+    def _send(self, sock: socket.socket, upstream: int, data: bytes, now: float) -> None:
         try:
             sock.send(data)
         except BlockingIOError:
@@ -231,7 +235,10 @@ class DnsUpstreamIO:
                 # per query saved). A late or stray datagram still queued wakes epoll again,
                 # the fd being level-triggered.
                 break
-        self._flush(now)
+        if core.outbox:
+            # Failovers (a refused answer or port): new sends, new deadlines. An answer alone
+            # only ends deadlines, and a timer armed early fires once for nothing.
+            self._flush(now)
 
     def _arm_timer(self) -> None:
         """Keep a loop timer armed no later than the core's next deadline.
