@@ -5,7 +5,7 @@
  * per-call and per-object costs (struct unpacking into a dozen ints, slices, the checksum as a
  * big integer), not in the work itself. This module does the leaf operations -- the Internet
  * checksum, the parse of an established-flow TCP frame or a unicast UDP datagram from the
- * guest, a plain DNS query's question, a SYN's TCP options, the headers of a TCP or UDP frame toward the guest with their
+ * guest (IPv4 or IPv6), a plain DNS query's question, a SYN's TCP options, the headers of a TCP or UDP frame toward the guest with their
  * checksums, the IPv4 header parse -- in one call each,
  * against the buffer protocol. guestnet/wire/pure.py holds the same functions in Python with the
  * same results (a property test compares them byte for byte); guestnet/wire/native.py chooses
@@ -517,6 +517,64 @@ err:
     return NULL;
 }
 
+/* udp_fast6(frame, our_mac, guest_mac, verify) -> (src, dst, sport, dport, payload) or None:
+ * see guestnet/wire/pure.py. */
+static PyObject *
+n_udp_fast6(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    static const unsigned char unspecified[16];
+    Py_buffer view;
+    const unsigned char *p, *ip, *udp;
+    unsigned plen, ulen;
+    PyObject *sip, *dip, *payload;
+    int verify;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "expected 4 arguments");
+        return NULL;
+    }
+    verify = PyObject_IsTrue(args[3]);
+    if (verify < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    p = (const unsigned char *)view.buf;
+    if (view.len < 62 || view.len > 14 + 4 + 65535)
+        goto no;
+    ip = p + 14;
+    udp = ip + 40;
+    plen = be16(ip + 4);
+    ulen = be16(udp + 4);
+    if (be16(p + 12) != 0x86dd || (ip[0] >> 4) != 6 || ip[6] != 17 || !mac_equals(args[1], p) ||
+        !mac_equals(args[2], p + 6) || ulen < 8 || ulen > plen ||
+        (Py_ssize_t)plen > view.len - 54 || ip[8] == 0xff || ip[24] == 0xff ||
+        memcmp(ip + 24, unspecified, 16) == 0)
+        goto no;
+    if (verify) {
+        uint32_t ps;
+        if (!(udp[6] | udp[7]))
+            goto no; /* IPv6 makes the UDP checksum mandatory */
+        ps = pseudo(ip + 8, 16, ip + 24, 16, 17, (uint64_t)ulen);
+        if (fold((uint64_t)sum16(udp, ulen) + ps) != 0xffff)
+            goto no;
+    }
+    PyBuffer_Release(&view);
+    payload = PySequence_GetSlice(args[0], 62, 54 + (Py_ssize_t)ulen);
+    if (payload == NULL)
+        return NULL;
+    sip = PyBytes_FromStringAndSize((const char *)ip + 8, 16);
+    dip = PyBytes_FromStringAndSize((const char *)ip + 24, 16);
+    if (sip == NULL || dip == NULL) {
+        Py_XDECREF(sip);
+        Py_XDECREF(dip);
+        Py_DECREF(payload);
+        return NULL;
+    }
+    return Py_BuildValue("(NNIIN)", sip, dip, be16(udp), be16(udp + 2), payload);
+no:
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
 /* dns_question(data) -> (ident, question, name_len) or None: see guestnet/wire/pure.py. */
 static PyObject *
 n_dns_question(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -1004,6 +1062,8 @@ static PyMethodDef methods[] = {
      "tcp_fast6(frame, our_mac, guest_mac, dns6_dsts, verify): fields or None."},
     {"udp_fast4", (PyCFunction)(void (*)(void))n_udp_fast4, METH_FASTCALL,
      "udp_fast4(frame, our_mac, guest_mac, broadcast, verify): fields or None."},
+    {"udp_fast6", (PyCFunction)(void (*)(void))n_udp_fast6, METH_FASTCALL,
+     "udp_fast6(frame, our_mac, guest_mac, verify): fields or None."},
     {"dns_question", (PyCFunction)(void (*)(void))n_dns_question, METH_FASTCALL,
      "dns_question(data): (ident, question, name_len) of a plain query, or None."},
     {"parse_ipv4", (PyCFunction)(void (*)(void))n_parse_ipv4, METH_FASTCALL,

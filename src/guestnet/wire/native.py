@@ -45,6 +45,7 @@ if NATIVE:
     tcp_fast4 = _native.tcp_fast4
     tcp_fast6 = _native.tcp_fast6
     udp_fast4 = _native.udp_fast4
+    udp_fast6 = _native.udp_fast6
     dns_question = _native.dns_question
     parse_ipv4 = _native.parse_ipv4
     tcp_options = _native.tcp_options
@@ -57,6 +58,7 @@ else:
     tcp_fast4 = pure.tcp_fast4
     tcp_fast6 = pure.tcp_fast6
     udp_fast4 = pure.udp_fast4
+    udp_fast6 = pure.udp_fast6
     dns_question = pure.dns_question
     parse_ipv4 = pure.parse_ipv4
     tcp_options = pure.tcp_options
@@ -77,4 +79,5 @@ __all__ = [
     "tcp_fast6",
     "tcp_options",
     "udp_fast4",
+    "udp_fast6",
 ]

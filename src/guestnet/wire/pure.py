@@ -12,8 +12,9 @@ a C implementation (``src/guestnet/wire/_native.c``) and this one, with identica
   bytes, 3 us at 1.5 KiB, 110 us at 64 KiB (``bench/bench_checksum.py``).
 - :func:`tcp_fast4`, :func:`tcp_fast6`: the classifier's test for a segment of an established
   TCP flow (see :mod:`guestnet.core.classifier`), and its fields.
-- :func:`udp_fast4`: the classifier's test for a plain unicast IPv4/UDP datagram from the port's
-  guest (the UDP NAT's per-datagram path and the DNS service's), and its fields.
+- :func:`udp_fast4`, :func:`udp_fast6`: the classifier's test for a plain unicast IPv4 or IPv6
+  UDP datagram from the port's guest (the UDP NAT's per-datagram path and the DNS service's),
+  and its fields.
 - :func:`dns_question`: a plain DNS query's id and question, for the forwarder (a query that
   is not plain goes to :func:`guestnet.wire.dns.parse_query`).
 - :func:`parse_ipv4`: the IPv4 header's fields and checks (:func:`guestnet.wire.ipv4.parse_ipv4`).
@@ -219,6 +220,48 @@ def udp_fast4(
         )
     ):
         return (sip, dip, sport, dport, frame[42 : 34 + ulen])
+    return None
+
+
+#: Ethernet, a bare IPv6 header and UDP in one unpack: dst MAC, src MAC, ethertype,
+#: version/class/flow label, payload length, next header, src, dst, ports, UDP length, checksum.
+_UFAST6 = struct.Struct("!6s6sHIHBx16s16sHHHH")
+_UNSPECIFIED6 = bytes(16)
+
+
+def udp_fast6(
+    frame: memoryview,
+    our_mac: bytes,
+    guest_mac: bytes | None,
+    verify: bool,
+    /,
+) -> FastUdp | None:
+    """The same for IPv6: UDP right after a bare 40-byte header (no extension header), from
+    ``guest_mac`` to ``our_mac``, the UDP length inside the payload length and that inside the
+    frame, the source not multicast, the destination neither multicast nor unspecified, and
+    where ``verify`` a checksum present (IPv6 makes it mandatory) and valid; else None. The
+    payload is the UDP length's worth. Never raises on any frame."""
+    n = len(frame)
+    if n < 62 or n > MAX_FRAME:
+        return None
+    (dst, src, etype, vtf, plen, nh, sip, dip, sport, dport, ulen,
+     csum) = _UFAST6.unpack_from(frame, 0)  # fmt: skip
+    if (
+        etype == 0x86DD
+        and vtf >> 28 == 6
+        and nh == 17
+        and dst == our_mac
+        and src == guest_mac
+        and 8 <= ulen <= plen <= n - 54
+        and sip[0] != 0xFF
+        and dip[0] != 0xFF
+        and dip != _UNSPECIFIED6
+        and (
+            not verify
+            or (csum != 0 and checksum(frame[54 : 54 + ulen], pseudo_sum(sip, dip, 17, ulen)) == 0)
+        )
+    ):
+        return (sip, dip, sport, dport, frame[62 : 54 + ulen])
     return None
 
 
