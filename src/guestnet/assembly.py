@@ -166,6 +166,7 @@ class Instance:
         self.ndp = ndp
         c.ndp = ndp
         c.dns6_udp = self.dns
+        c.dns_fast6 = self.dns.handle_fast6
         self.dhcp6 = Dhcpv6Server(self.config, self.pool_to_guest, self.counters)
         c.dhcp6 = self.dhcp6
         self.reassembly6 = Reassembler(self.counters, c.route_ipv6, family=IPV6)

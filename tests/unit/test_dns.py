@@ -640,3 +640,50 @@ def test_default_ids_come_from_urandom_in_batches(monkeypatch: Any) -> None:
     assert len(calls) == 2 and all(0 <= i < 65536 for i in got)
     assert len(set(got)) > core_dns.ID_BATCH * 0.9
     assert all(0 <= ids.getrandbits(4) < 16 for _ in range(100))
+
+
+def _dns6_round(core: Any, frames: Any, fast: bool) -> tuple[object, ...]:
+    """Queries over IPv6 (forwarded, answered, built-in, malformed, a retransmission) through
+    the ordinary path or the IPv6 fast path; what the upstreams and the guest got."""
+    svc = DnsService(core.config, core.pool, core.counters, (UP0, UP1), rng=random.Random(7))
+    core.classifier.dns6_udp = svc
+    taken: list[bool] = []
+    if fast:
+        core.classifier.udp_fast = lambda *args: False
+
+        def counted(*args: Any) -> bool:
+            took = svc.handle_fast6(*args)
+            taken.append(took)
+            return took
+
+        core.classifier.dns_fast6 = counted
+    sent_up: list[bytes] = []
+
+    def ask(wire: bytes, dst: bytes = frames.DNS_IP6) -> None:
+        core.feed(frames.udp6(sport=SPORT, dport=53, payload=wire, dst=dst))
+        sent_up.extend(q.data for q in svc.outbox)
+        svc.outbox.clear()
+
+    q = dns.message.make_query("www.example.com", "AAAA", use_edns=0)
+    q.id = 77
+    ask(q.to_wire())  # the ordinary path sees the port's first IPv6 packet
+    ask(q.to_wire())  # a retransmission: not forwarded twice
+    q.id = 78
+    ask(q.to_wire(), dst=frames.GATEWAY_IP6)
+    svc.handle_upstream_answer(0, answer_for(sent_up[0], flags=dns.flags.QR), core.now)
+    builtin = dns.message.make_query("host.guestnet.internal", "AAAA")
+    builtin.id = 79
+    ask(builtin.to_wire())
+    ask(b"\x00\x01\x00\x00\x00\x01")  # short of a header: dropped
+    ask(bytes(12) + b"\xc0")  # malformed: FORMERR
+    return (sent_up, core.take_sent(), core.counters.snapshot(), taken)
+
+
+def test_queries_over_ipv6_take_the_fast_path_with_the_same_result(
+    make_core: Any, frames: Any
+) -> None:
+    fast = _dns6_round(make_core(), frames, True)
+    plain = _dns6_round(make_core(), frames, False)
+    assert fast[:3] == plain[:3]
+    assert fast[3] == [True] * 5, "every query after the first goes through handle_fast6"
+    assert len(fast[0]) == 2 and len(fast[1]) == 3  # two forwarded; answer, built-in, FORMERR

@@ -58,7 +58,7 @@ from guestnet.wire.icmpv6 import ICMPV6_ECHO_REQUEST, MLD_TYPES, NDP_TYPES, pars
 from guestnet.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, parse_ipv4
 from guestnet.wire.ipv6 import PROTO_ICMPV6, parse_ipv6
 from guestnet.wire.l3 import IPV4, IPV6
-from guestnet.wire.native import tcp_fast4, tcp_fast6, udp_fast4
+from guestnet.wire.native import tcp_fast4, tcp_fast6, udp_fast4, udp_fast6
 from guestnet.wire.tcp import parse_tcp, verify_tcp
 from guestnet.wire.udp import DNS_PORT, parse_udp, verify_udp
 
@@ -118,7 +118,7 @@ class FrameClassifier:
         #: (:meth:`guestnet.core.tcp.TcpNat.handle_fast`): False means not handled and nothing
         #: changed, and the frame takes the ordinary path.
         self.tcp_fast: TcpFast | None = None
-        #: The UDP NAT's entry for a plain unicast IPv4 datagram from the port's guest
+        #: The UDP NAT's entry for a plain unicast IPv4 or IPv6 datagram from the port's guest
         #: (:meth:`guestnet.core.udp.UdpNat.handle_fast`): False means not handled and nothing
         #: changed, and the frame takes the ordinary path. DHCP and DNS never go to it.
         self.udp_fast: UdpFast | None = None
@@ -126,6 +126,8 @@ class FrameClassifier:
         #: address (:meth:`guestnet.io.dns_upstream.DnsUpstreamIO.handle_fast`), tried only
         #: where ``udp_fast`` is set; False: the ordinary path takes it.
         self.dns_fast: UdpFast | None = None
+        #: The same for IPv6 (port 53 of the IPv6 DNS or gateway address).
+        self.dns_fast6: UdpFast | None = None
         self._mac = config.mac
         self._dns_dsts = frozenset((config.dns_ip_b, config.gateway_b))
         self._broadcast = config.broadcast_b
@@ -189,6 +191,26 @@ class FrameClassifier:
                     elif dport != DHCP_SERVER_PORT and udp(port, src, dst, sport, dport, payload,
                                                            now):  # fmt: skip
                         return
+                elif self._ipv6 and port.ip6_seen and len(self.switch.ports) == 1:
+                    # IPv6 the same way, once the ordinary path has seen the port's first
+                    # IPv6 packet (NDP's port_up), and only while no other guest could be the
+                    # destination (the switch routes between guests; see _to_guest6). The
+                    # source is learned as the ordinary path learns it; the NAT is family
+                    # neutral (udp_nat6 is udp_nat), DHCPv6 goes the ordinary way.
+                    dgram = udp_fast6(frame, self._mac, port.guest_mac, not csum_trusted)
+                    if dgram is not None:
+                        src, dst, sport, dport, payload = dgram
+                        if src != port.ip6_last and src != _UNSPECIFIED6:
+                            port.learn_ip6(src)
+                        if dport == DNS_PORT and dst in self._dns6_dsts:
+                            dns = self.dns_fast6
+                            if dns is not None and dns(port, src, dst, sport, dport, payload,
+                                                       now):  # fmt: skip
+                                return
+                        elif not (dport == DHCP6_SERVER_PORT and dst in self._dhcp6_dsts) and udp(
+                            port, src, dst, sport, dport, payload, now
+                        ):
+                            return
             self._dispatch(frame, port, now, csum_trusted)
         except WireError as exc:
             self.counters.inc(exc.reason)

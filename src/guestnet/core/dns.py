@@ -41,13 +41,16 @@ see more queries than the guests sent, times the number of upstreams at worst (n
 amplification). A guest retransmitting a query still outstanding (same address,
 port, id and question) is not forwarded twice (``dns.query.duplicate``).
 
-Cost. The forwarding path parses only the header and question (names, counts and record
-bounds are checked, record data is skipped by length), keeps the guest's bytes for the upstream
-with two bytes of id changed, and copies the upstream's answer into the guest's frame as it came,
-its id restored: nothing is decoded or re-encoded either way. A plain IPv4 query from a known
-guest reaches :meth:`DnsService.handle_fast` from the classifier's fast path with its fields
-already parsed (no :class:`~guestnet.core.packet.IpPacket` built); both entries share
-:meth:`DnsService.handle_query`. Bad input raises
+Cost. A plain query (one question, no records but an OPT: what resolvers send) is read by
+:func:`guestnet.wire.native.dns_question` (C) in one call: its id and its question lowered, the
+key answers are matched on; no :class:`~guestnet.wire.dns.Query` is built (a SERVFAIL parses
+the query again when it needs one). Other queries go through :func:`~guestnet.wire.dns.parse_query`
+(header and question parsed, names, counts and record bounds checked, record data skipped by
+length). Either way the guest's bytes leave for the upstream with two bytes of id changed, and
+the upstream's answer is copied into the guest's frame as it came, its id restored: nothing is
+decoded or re-encoded. A plain IPv4 (IPv6) query from a known guest reaches
+:meth:`DnsService.handle_fast` (``handle_fast6``) from the classifier's fast path with its
+fields already parsed (no :class:`~guestnet.core.packet.IpPacket` built). Bad input raises
 :class:`~guestnet.wire.dns.DnsError`, which never leaves this module.
 """
 
@@ -89,7 +92,7 @@ from guestnet.wire.dns import (
     is_subdomain,
     parse_query,
 )
-from guestnet.wire.l3 import IPV4, L3Family
+from guestnet.wire.l3 import IPV4, IPV6, L3Family
 from guestnet.wire.native import build_udp_frame as _build_udp_frame
 from guestnet.wire.native import dns_question
 from guestnet.wire.udp import DNS_PORT, UDP_HLEN
@@ -260,19 +263,39 @@ class DnsService:
         mac = port.guest_mac
         if mac is None or port.rx_gso_size:
             return False
-        pkt = (port, IPV4, mac, src, dst)
+        self._fast((port, IPV4, mac, src, dst), sport, payload, now)
+        return True
+
+    def handle_fast6(
+        self,
+        port: Port,
+        src: bytes,
+        dst: bytes,
+        sport: int,
+        dport: int,
+        payload: memoryview,
+        now: float,
+    ) -> bool:
+        """:meth:`handle_fast` for a query over IPv6 (port 53 of the IPv6 DNS or gateway
+        address; the classifier's ``udp_fast6``)."""
+        mac = port.guest_mac
+        if mac is None or port.rx_gso_size:
+            return False
+        self._fast((port, IPV6, mac, src, dst), sport, payload, now)
+        return True
+
+    def _fast(self, pkt: Asker, sport: int, payload: memoryview, now: float) -> None:
+        """:meth:`handle_query`, its first step here for the common case (a call less)."""
         plain = dns_question(payload)
         if plain is None:
             self.handle_query(pkt, sport, payload, now)
-            return True
-        # handle_query's first step, here for the common case (one call less per query).
+            return
         ident, question, name_len = plain
         name = question[:name_len]
         if name in self._builtin or is_subdomain(name, self._zone):
             self.handle_query(pkt, sport, payload, now)
         else:
             self._forward(pkt, sport, ident, question, name_len, payload, now)
-        return True
 
     def handle_query(self, pkt: Asker, sport: int, payload: memoryview, now: float) -> None:
         """Handle one query from ``pkt``'s guest, port ``sport``: what :meth:`handle_udp` does,

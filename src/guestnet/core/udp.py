@@ -269,6 +269,7 @@ class UdpNat:
         #: port's client (and the origin of our ICMP errors).
         self._gateways = {4: config.gateway_b, 6: config.gateway6_b}
         self._gateway4 = config.gateway_b
+        self._gateway6 = config.gateway6_b
         #: Gather guest datagrams into batches (see the module docstring); the caller then
         #: calls :meth:`flush_sends` after every burst of guest frames.
         self.gather_sends = False
@@ -350,8 +351,9 @@ class UdpNat:
         payload: memoryview,
         now: float,
     ) -> bool:
-        """One IPv4 datagram from the classifier's fast path (a plain unicast datagram from
-        ``port``'s guest, at its MAC, checked by :func:`guestnet.wire.native.udp_fast4`):
+        """One datagram from the classifier's fast path (a plain unicast datagram from
+        ``port``'s guest, at its MAC, checked by :func:`guestnet.wire.native.udp_fast4` or
+        ``udp_fast6``):
         gathered for its flow's socket when the flow exists and its last datagram went to the
         same destination; False, with nothing changed, for anything else (the ordinary path
         then takes it).
@@ -377,7 +379,7 @@ class UdpNat:
         mac = port.guest_mac
         if flow.guest_mac != mac or self.guest_macs.get(src) != mac:
             return False
-        if self.inbound and dst == self._gateway4:
+        if self.inbound and (dst == self._gateway4 or dst == self._gateway6):
             return False
         rule = flow.fast_rule
         if rule >= 0:

@@ -133,6 +133,24 @@ class DnsUpstreamIO:
             self._flush(now)
         return True
 
+    def handle_fast6(
+        self,
+        port: Port,
+        src: bytes,
+        dst: bytes,
+        sport: int,
+        dport: int,
+        payload: memoryview,
+        now: float,
+    ) -> bool:
+        """:meth:`handle_fast` for a query over IPv6 (the classifier's ``udp_fast6``)."""
+        core = self.core
+        if not core.handle_fast6(port, src, dst, sport, dport, payload, now):
+            return False
+        if core.outbox:
+            self._flush(now)
+        return True
+
     def tcp_upstream(self) -> tuple[str, int] | None:
         """Where the DNS-over-TCP relay should connect: the first upstream believed up.
 
