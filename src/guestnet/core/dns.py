@@ -288,12 +288,12 @@ class DnsService:
         """:meth:`handle_query`, its first step here for the common case (a call less)."""
         plain = dns_question(payload)
         if plain is None:
-            self.handle_query(pkt, sport, payload, now)
+            self._parse_and_handle(pkt, sport, payload, now)
             return
         ident, question, name_len = plain
         name = question[:name_len]
         if name in self._builtin or is_subdomain(name, self._zone):
-            self.handle_query(pkt, sport, payload, now)
+            self._parse_and_handle(pkt, sport, payload, now)
         else:
             self._forward(pkt, sport, ident, question, name_len, payload, now)
 
@@ -309,6 +309,11 @@ class DnsService:
             if name not in self._builtin and not is_subdomain(name, self._zone):
                 self._forward(pkt, sport, ident, question, name_len, payload, now)
                 return
+        self._parse_and_handle(pkt, sport, payload, now)
+
+    def _parse_and_handle(self, pkt: Asker, sport: int, payload: memoryview, now: float) -> None:
+        """A query that is not plain, or that is ours to answer: parsed whole, then refused,
+        answered or forwarded."""
         counters = self.counters
         if len(payload) < DNS_HLEN:
             counters.inc("dns.query.short")
