@@ -1,12 +1,13 @@
 """The forwarded DNS query through guestnet's whole loop: CPU, round trip, system calls.
 
 Run: .venv/bin/python bench/bench_dns_forward.py [--count N] [--reps R] [--profile]
-[--strace] [--only cpu,rtt]
+[--strace] [--only cpu,rtt] [--family 4|6]
 
 The path is the one bench/compare.py's "DNS fwd" cell times end to end, without namespaces,
 dnsmasq or the guest's kernel: a :class:`~guestnet.io.tap.TapLink` over a unix datagram
 socketpair (one read, one frame, as a TAP; the other end plays the guest, writing a
-virtio-net header and an A query for www.example.com to the DNS address), and a real UDP
+virtio-net header and an A query for www.example.com to the DNS address, over IPv4 or with
+``--family 6`` IPv6), and a real UDP
 server on 127.0.0.1 as the upstream (it copies the query's id into a prepared answer).
 
 Rows:
@@ -52,13 +53,16 @@ from guestnet.assembly import Instance
 from guestnet.config import Config
 from guestnet.io.tap import VNET_HDR_LEN, TapLink
 from guestnet.wire.dns import encode_name
-from guestnet.wire.ethernet import ETHERTYPE_IPV4, build_ethernet
+from guestnet.wire.ethernet import ETHERTYPE_IPV4, ETHERTYPE_IPV6, build_ethernet
 from guestnet.wire.ipv4 import PROTO_UDP, build_ipv4
+from guestnet.wire.ipv6 import build_ipv6
 from guestnet.wire.udp import build_udp
 
 GUEST_MAC = bytes.fromhex("525400123456")
 GUEST_IP = bytes([10, 0, 2, 15])
 DNS_IP = bytes([10, 0, 2, 3])
+GUEST_IP6 = bytes.fromhex("fd000000000000000000000000000015")
+DNS_IP6 = bytes.fromhex("fd000000000000000000000000000003")
 NAME = "www.example.com"
 #: A query with an EDNS OPT record, as dig and the C library's resolver send by default.
 OPT = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"
@@ -77,14 +81,22 @@ def answer_payload(name: str = NAME) -> bytes:
     return header + encode_name(name) + b"\x00\x01\x00\x01" + record + OPT
 
 
-def query_frame(qid: int, our_mac: bytes, sport: int = 40000) -> bytes:
-    """Virtio-net header (zeros) + Ethernet + IPv4 + UDP + the query, from the guest."""
+def query_frame(qid: int, our_mac: bytes, family: int = 4, sport: int = 40000) -> bytes:
+    """Virtio-net header (zeros) + Ethernet + IPv4 or IPv6 + UDP + the query, from the guest
+    to the DNS address."""
     payload = query_payload(qid)
-    buf = bytearray(42 + len(payload))
-    buf[42:] = payload
-    off = build_ethernet(buf, 0, our_mac, GUEST_MAC, ETHERTYPE_IPV4)
-    off = build_ipv4(buf, off, GUEST_IP, DNS_IP, PROTO_UDP, 8 + len(payload))
-    build_udp(buf, off, sport, 53, len(payload), GUEST_IP, DNS_IP)
+    hdrs = 42 if family == 4 else 62
+    buf = bytearray(hdrs + len(payload))
+    buf[hdrs:] = payload
+    if family == 4:
+        src, dst = GUEST_IP, DNS_IP
+        off = build_ethernet(buf, 0, our_mac, GUEST_MAC, ETHERTYPE_IPV4)
+        off = build_ipv4(buf, off, src, dst, PROTO_UDP, 8 + len(payload))
+    else:
+        src, dst = GUEST_IP6, DNS_IP6
+        off = build_ethernet(buf, 0, our_mac, GUEST_MAC, ETHERTYPE_IPV6)
+        off = build_ipv6(buf, off, src, dst, PROTO_UDP, 8 + len(payload))
+    build_udp(buf, off, sport, 53, len(payload), src, dst)
     return bytes(VNET_HDR_LEN) + bytes(buf)
 
 
@@ -92,14 +104,14 @@ class Rig:
     """guestnet with one TAP-like link (the bench's ``guest`` socket is the other end) and a
     UDP upstream on 127.0.0.1 (``server``)."""
 
-    def __init__(self, blocking: bool) -> None:
+    def __init__(self, blocking: bool, family: int) -> None:
         self.server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.server.bind(("127.0.0.1", 0))
         self.server.setblocking(blocking)
         self.ours, self.guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.guest.setblocking(blocking)
         self.config = Config(dns_upstreams=(("127.0.0.1", self.server.getsockname()[1]),))
-        self.frames = [query_frame(i, self.config.mac) for i in range(256)]
+        self.frames = [query_frame(i, self.config.mac, family) for i in range(256)]
         self.answer = bytearray(answer_payload())
         self.inst: Instance | None = None
 
@@ -136,8 +148,8 @@ class Rig:
         self.server.close()
 
 
-def bench_cpu(count: int, reps: int, profile: bool) -> None:
-    rig = Rig(blocking=False)
+def bench_cpu(count: int, reps: int, profile: bool, family: int) -> None:
+    rig = Rig(blocking=False, family=family)
     run = rig.start().loop.run_once
     cpu = time.thread_time
     prof: cProfile.Profile | None = None
@@ -166,8 +178,8 @@ def bench_cpu(count: int, reps: int, profile: bool) -> None:
     try:
         batch()  # warm-up: the guest's MAC learned, the upstream socket opened, pools filled
         medians = [statistics.median(batch()) * 1e6 for _ in range(reps)]
-        print(f"cpu   forwarded, TAP link  {statistics.median(medians):6.1f} µs/query of "
-              f"guestnet's loop (median of {reps} batches of {count}; min "
+        print(f"cpu   forwarded IPv{family}, TAP link  {statistics.median(medians):6.1f} µs/query "
+              f"of guestnet's loop (median of {reps} batches of {count}; min "
               f"{min(medians):.1f})")  # fmt: skip
         if profile:
             prof = cProfile.Profile()
@@ -183,8 +195,10 @@ def _oncpu_ns(pid: int) -> int:
     return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
 
 
-def bench_rtt(count: int, reps: int, strace: bool, cpus: tuple[int, int] | None) -> None:
-    rig = Rig(blocking=True)
+def bench_rtt(
+    count: int, reps: int, strace: bool, cpus: tuple[int, int] | None, family: int
+) -> None:
+    rig = Rig(blocking=True, family=family)
     pid = os.fork()
     if pid == 0:  # guestnet
         try:
@@ -224,7 +238,7 @@ def bench_rtt(count: int, reps: int, strace: bool, cpus: tuple[int, int] | None)
             c0 = _oncpu_ns(pid)
             rtt.append(statistics.median(batch()) / 1000)
             cpu.append((_oncpu_ns(pid) - c0) / count / 1000)
-        print(f"rtt   forwarded, TAP link  {statistics.median(rtt):6.1f} µs round trip "
+        print(f"rtt   forwarded IPv{family}, TAP link  {statistics.median(rtt):6.1f} µs round trip "
               f"(min {min(rtt):.1f}), guestnet CPU {statistics.median(cpu):5.1f} µs/query "
               f"(median of {reps} batches of {count})")  # fmt: skip
         if strace:
@@ -266,16 +280,17 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5, help="batches")
     p.add_argument("--only", default="cpu,rtt", help="rows: cpu, rtt")
     p.add_argument("--profile", action="store_true", help="cProfile run_once (cpu row)")
+    p.add_argument("--family", type=int, choices=(4, 6), default=4, help="the query's IP version")
     p.add_argument("--strace", action="store_true", help="system calls per query (rtt row)")
     p.add_argument("--cpus", default="0,0", help="rtt row: the bench's CPU and guestnet's "
                    "(default 0,0: one CPU, the steadiest; 'any': unpinned)")  # fmt: skip
     args = p.parse_args()
     rows = args.only.split(",")
     if "cpu" in rows:
-        bench_cpu(args.count, args.reps, args.profile)
+        bench_cpu(args.count, args.reps, args.profile, args.family)
     if "rtt" in rows:
         cpus = None if args.cpus == "any" else tuple(int(c) for c in args.cpus.split(","))
-        bench_rtt(args.count, args.reps, args.strace, cpus)  # type: ignore[arg-type]
+        bench_rtt(args.count, args.reps, args.strace, cpus, args.family)  # type: ignore[arg-type]
     sys.stdout.flush()
 
 
