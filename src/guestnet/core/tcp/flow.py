@@ -50,7 +50,8 @@ WND_CHECK_MAX_S = 0.2
 #: How long the ACK for a lone small in-order segment (a request) is held, so that the host's
 #: answer can carry it: a loopback server answers within tens of microseconds.
 DELACK_S = 0.001
-#: How long a flow with both directions closed lingers (socket already closed).
+#: How long a flow with both directions closed lingers (socket already closed) when we closed
+#: first; one the guest closed first is freed as soon as our FIN is acknowledged.
 REAP_DELAY_S = 1.0
 #: Our window-scale shift: windows up to 8 MiB.
 OUR_WSCALE = 7
@@ -171,6 +172,7 @@ class TcpFlow:
         "fin_sent",
         "forward_id",
         "guest_fin",
+        "guest_first",
         "guest_ip",
         "guest_isn",
         "guest_mac",
@@ -259,6 +261,9 @@ class TcpFlow:
         self.rcv_wnd = 0
         self.wnd_field = 0
         self.guest_fin = False
+        #: The guest's FIN came before ours was sent: the guest closed first, so it (not we)
+        #: waits in TIME_WAIT, and once our FIN is acknowledged nothing is left to linger for.
+        self.guest_first = False
         self.host_writable = True
         self.ack_pending = False
         #: Host reading deferred to the end of the loop turn; the flow is on the flush list.
