@@ -98,6 +98,11 @@ STATE_NAMES = ("CONNECTING", "SYN_RCVD", "ESTABLISHED", "CLOSED", "SYN_SENT")
 
 SEQ_MASK = 0xFFFFFFFF
 
+#: What :meth:`TcpIo.connect` returns for a connect that completed inside the call (loopback
+#: and the host's own addresses finish the handshake within ``connect()``): no errno, and no
+#: ``host_connected`` to wait for.
+CONNECTED = -1
+
 
 def seq_delta(a: int, b: int) -> int:
     """``a - b`` in 32-bit sequence space, as a signed number."""
@@ -108,7 +113,10 @@ class TcpIo(Protocol):
     """What the TCP core asks of its I/O driver. Every call is about one flow's host socket."""
 
     def connect(self, flow: TcpFlow) -> int:
-        """Start a non-blocking connect to ``flow.host:flow.host_port``; 0 or an errno."""
+        """Start a non-blocking connect to ``flow.host:flow.host_port``: 0 while it runs (the
+        driver reports its end with :meth:`TcpNat.host_connected`), :data:`CONNECTED` when it
+        already completed (a local destination: the core goes on as if reported at once), or
+        an errno when it failed."""
 
     def send(self, flow: TcpFlow, data: memoryview) -> int:
         """Write ``data``; bytes taken (0 when the buffer is full). Raises OSError on errors."""
