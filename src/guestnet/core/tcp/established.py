@@ -360,7 +360,13 @@ class _Established(_Recovery):
                 # frames (adaptive, see below).
                 frames: list[Frame] = []
                 views: list[memoryview] = []
-                batch = flow.read_frames if flow.read_frames < most else most
+                batch = flow.read_frames
+                if batch >= most:
+                    batch = most
+                elif not batch:
+                    # A flow's first read: one super-frame takes any answer that fits it (one
+                    # ``recv`` into one pool frame, as below); smaller frames, two.
+                    batch = 1 if seg_max >= BIG_FRAME else 2
                 if batch >= KEEP_MIN_FRAMES and not flow.keep:
                     self._start_keeping(flow)
                 keeping = flow.keep > 0

@@ -276,8 +276,9 @@ class TcpFlow:
         self.ack_pending = False
         #: Host reading deferred to the end of the loop turn; the flow is on the flush list.
         self.pump_pending = False
-        #: Pooled frames offered to the next host read (adapts to the reads; see ``_pump``).
-        self.read_frames = 2
+        #: Pooled frames offered to the next host read (adapts to the reads; see ``_pump``);
+        #: 0 before the first read.
+        self.read_frames = 0
         self.deferred = False
         #: When a held ACK goes out bare (only while ``ack_pending``; see ``DELACK_S``).
         self.delack_deadline: float | None = None
