@@ -13,9 +13,11 @@ Connect. A connect to a local destination (loopback, the host's own addresses: t
 address, the common case) has finished the whole handshake inside ``connect()``, which says
 EINPROGRESS all the same; a second ``connect`` then says 0 (connected), EALREADY (a remote
 destination, still running) or why it failed (refused). So the core learns the outcome in the
-turn of the guest's SYN (:data:`~guestnet.core.tcp.CONNECTED`, or an errno) and answers it
-then, instead of the turn after, when the EPOLLOUT edge would have said so: one system call for
-a loop turn, and the guest's connect is shorter by it.
+turn of the guest's SYN and answers it then, instead of the turn after, when the EPOLLOUT
+edge would have said so: one system call for a loop turn, and the guest's connect is shorter
+by it. Connected, ``connect`` returns :data:`~guestnet.core.tcp.CONNECTED`; refused, the
+failure is reported to the core (``host_connected``) at the end of the same turn, exactly as
+the edge would have reported it (same counters, same RST, DNS failover alike).
 
 Registration: edge-triggered (``EPOLLET``), ``EPOLLIN | EPOLLRDHUP`` and, where needed,
 ``EPOLLOUT``: a socket holding data the guest has no window for does not wake the loop again
@@ -214,6 +216,9 @@ class TcpNatDriver:
                 # A local destination has finished the handshake inside connect(): asking
                 # again says 0 (connected), EALREADY (still running) or why it failed.
                 err = sock.connect_ex(addr)
+                if err not in (0, errno.EALREADY):
+                    self._failed_at_once(flow, sock, err)
+                    return 0
         except OSError as exc:
             sock.close()
             return exc.errno or errno.EIO
@@ -229,6 +234,15 @@ class TcpNatDriver:
             return 0
         self._watch(flow, hs, _EVENTS_IN)
         return CONNECTED
+
+    def _failed_at_once(self, flow: TcpFlow, sock: _socket.socket, err: int) -> None:
+        """A connect that started and has already failed (refused): reported as its EPOLLOUT
+        edge would have reported it, but at the end of this turn (a zero-delay timer: the
+        core registers the flow first). Not watched: the second ``connect`` took the socket's
+        error, so an event would read no SO_ERROR. Closed by the core's ``close``, as ever."""
+        flow.io_data = _HostSock(sock)
+        nat = self.nat
+        self.loop.call_at(0.0, lambda now: nat.host_connected(flow, err, now))
 
     def _watch(self, flow: TcpFlow, hs: _HostSock, events: int) -> None:
         """Register the flow's host socket in the loop for ``events`` and feed the events to
