@@ -238,9 +238,12 @@ class TcpNatDriver:
     def _failed_at_once(self, flow: TcpFlow, sock: _socket.socket, err: int) -> None:
         """A connect that started and has already failed (refused): reported as its EPOLLOUT
         edge would have reported it, but at the end of this turn (a zero-delay timer: the
-        core registers the flow first). Not watched: the second ``connect`` took the socket's
-        error, so an event would read no SO_ERROR. Closed by the core's ``close``, as ever."""
-        flow.io_data = _HostSock(sock)
+        core registers the flow first), and the core closes the socket. Its events mean
+        nothing (SO_ERROR was taken by the second ``connect``) and are ignored; it is in the
+        loop all the same, as every host socket is, so that its close frees a descriptor in
+        the loop's eyes (``Loop.when_fd_released``)."""
+        hs = flow.io_data = _HostSock(sock)
+        self.loop.add_fd(hs.fd, _EVENTS_IN, _ignore)
         nat = self.nat
         self.loop.call_at(0.0, lambda now: nat.host_connected(flow, err, now))
 
@@ -540,6 +543,10 @@ class TcpNatDriver:
             timer.cancel()
         self._departures.clear()
         self.nat.close_all()
+
+
+def _ignore(_events: int) -> None:
+    """The handler of a host socket whose failure is already reported (see ``connect``)."""
 
 
 def _scratch() -> memoryview:
