@@ -20,7 +20,7 @@ Rows (min and median of batches, microseconds per request):
   the next turn to the guest.
 - ``conn guest->host``: connect + 1 byte + echo + close as ``netbench connrate`` makes it:
   guest SYN, host connect, SYN-ACK, guest ACK, data, echo, guest FIN, server close, our FIN,
-  the guest's last ACK (the reap timer is not waited for).
+  the guest's last ACK, which frees the flow (the guest closed first: no linger).
 
 Compare two trees by running this file with ``PYTHONPATH=OTHER/src`` beside it, interleaved.
 """
