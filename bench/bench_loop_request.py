@@ -1,7 +1,7 @@
 """CPU time of the whole datapath per TCP request, in one process: loop, TAP link, classifier,
 TCP core and driver, with real system calls on both sides.
 
-Run: .venv/bin/python bench/bench_loop_request.py [--quick] [--rounds N]
+Run: .venv/bin/python bench/bench_loop_request.py [--quick] [--rounds N] [--mtu N]
 
 bench/bench_tcp_request.py times the TCP core alone with a scripted driver; on the real path
 the loop, the link and the driver (epoll, reads until EAGAIN, closures, timers) run around it,
@@ -20,7 +20,7 @@ Rows (min and median of batches, microseconds per request):
   the next turn to the guest.
 - ``conn guest->host``: connect + 1 byte + echo + close as ``netbench connrate`` makes it:
   guest SYN, host connect, SYN-ACK, guest ACK, data, echo, guest FIN, server close, our FIN,
-  the guest's last ACK (the reap timer is not waited for).
+  the guest's last ACK, which frees the flow (the guest closed first: no linger).
 
 Compare two trees by running this file with ``PYTHONPATH=OTHER/src`` beside it, interleaved.
 """
@@ -51,8 +51,8 @@ SYN_OPTS = build_syn_options(1460, 7)
 class Rig:
     """guestnet's loop with one TAP-like link; the bench is the guest and the host server."""
 
-    def __init__(self) -> None:
-        self.inst = Instance(Config(), echo_mode=None)
+    def __init__(self, mtu: int | None = None) -> None:
+        self.inst = Instance(Config() if mtu is None else Config(mtu=mtu), echo_mode=None)
         ours, self.guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.guest.setblocking(False)
         self.link = TapLink(self.inst.hub, ours.detach(), "tap0", "eth0", offloads=0)
@@ -153,8 +153,8 @@ def conn_batch(rig: Rig, ports: list[int], n: int) -> None:
         rig.turn()
 
 
-def measure(batches: int, per_batch: int, rounds: int) -> None:
-    rig = Rig()
+def measure(batches: int, per_batch: int, rounds: int, mtu: int | None = None) -> None:
+    rig = Rig(mtu)
     try:
         conn, seq, ack = connection(rig, 40000)
         state = [40000, seq, ack]
@@ -184,9 +184,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--mtu", type=int, default=None, help="the link MTU (default: Config's)")
     args = p.parse_args()
     batches, per_batch = (5, 100) if args.quick else (20, 200)
-    measure(batches, per_batch, args.rounds)
+    measure(batches, per_batch, args.rounds, args.mtu)
     return 0
 
 

@@ -281,6 +281,41 @@ def test_host_data_leaves_in_super_frames_with_partial_checksums(tso: Harness) -
     assert len(tso.flow.unacked) == 0
 
 
+def _count_reads(h: Harness) -> list[int]:
+    """Record how many frames each host read of ``h`` is offered."""
+    offered: list[int] = []
+    real = h.io.recv_into
+
+    def recv_into(flow: TcpFlow, bufs: list[memoryview]) -> int:
+        offered.append(len(bufs))
+        return real(flow, bufs)
+
+    h.io.recv_into = recv_into  # type: ignore[method-assign]
+    return offered
+
+
+@pytest.mark.parametrize("link", ["tso", "plain"])
+def test_first_host_read_offers_one_super_frame(link: str, request: pytest.FixtureRequest) -> None:
+    """A flow's first read: one super-frame holds any answer that fits it (a plain ``recv``
+    into one pool frame); plain frames, two. Reads that fill every frame grow as before."""
+    h: Harness = request.getfixturevalue(link)
+    h.open()
+    offered = _count_reads(h)
+    h.sock.readable += b"a"
+    h.nat.host_readable(h.flow, h.core.now)
+    (answer,) = h.take()
+    assert answer.data[54:55] == b"a"
+    assert offered[0] == (1 if link == "tso" else 2), offered
+    h.send(ACK, ISN + 1, OUR_ISS + 2)
+    offered.clear()
+    frame = SUPER if link == "tso" else MSS
+    h.sock.readable += bytes(frame * 7)
+    h.nat.host_readable(h.flow, h.core.now)
+    grow = [1, 2, 4] if link == "tso" else [2, 4]
+    assert offered[: len(grow)] == grow, offered
+    assert sum(len(s.data) - 54 for s in h.take()) == frame * 7
+
+
 def test_super_frame_retransmission_keeps_the_unacked_buffer_right(tso: Harness) -> None:
     tso.open()
     data = bytes(i * 13 & 0xFF for i in range(3 * SUPER))

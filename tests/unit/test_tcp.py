@@ -756,6 +756,70 @@ def test_host_eof_is_fin_after_data_then_reaped(tcp: Tcp) -> None:
     assert c(tcp, "tcp.flow.closed") == 1
 
 
+def test_guest_closed_first_is_freed_when_our_fin_is_acked(tcp: Tcp) -> None:
+    """The guest's FIN came first: once our FIN is acknowledged we are where a kernel is in
+    LAST_ACK -> CLOSED (the guest holds TIME_WAIT): no linger, no timer, no table entry."""
+    tcp.open()
+    flow, sock = tcp.flow, tcp.sock
+    tcp.send(ACK | FIN, ISN + 1, OUR_ISS + 1)
+    assert flow.state_name == "CLOSE_WAIT"
+    sock.eof = True
+    tcp.nat.host_readable(flow, tcp.now)
+    (fin,) = tcp.out()
+    assert fin.flags == FIN | ACK and fin.ack == ISN + 2
+    assert flow.state_name == "LAST_ACK"
+    tcp.send(ACK, ISN + 2, fin.seq + 1)
+    assert tcp.out() == []
+    assert sock.closed and not sock.reset
+    assert flow.state == CLOSED and flow.reap_deadline is None
+    assert len(tcp.nat.table) == 0
+    assert flow not in tcp.io.timers, "no reap timer"
+    assert c(tcp, "tcp.flow.closed") == 1
+    # The 4-tuple is free for the guest's next connection at once.
+    tcp.send(SYN, ISN + 100, options=build_syn_options(1460, 7))
+    assert tcp.flow is not flow and tcp.flow.state_name == "CONNECTING"
+
+
+def test_we_closed_first_lingers_for_the_guests_fin(tcp: Tcp) -> None:
+    """Host EOF first: our FIN goes first and the guest, in LAST_ACK, may retransmit its FIN
+    until it hears our ACK, so the flow lingers REAP_DELAY_S answering it."""
+    tcp.open()
+    flow = tcp.flow
+    tcp.sock.eof = True
+    tcp.nat.host_readable(flow, tcp.now)
+    (fin,) = tcp.out()
+    tcp.send(ACK | FIN, ISN + 1, fin.seq + 1)
+    (ack,) = tcp.out()
+    assert ack.flags == ACK and ack.ack == ISN + 2
+    assert flow.state_name == "CLOSED" and flow.io_data.closed
+    assert list(tcp.nat.table) == [flow]
+    assert tcp.io.timers[flow] == pytest.approx(tcp.now + REAP_DELAY_S)
+    tcp.advance(REAP_DELAY_S / 2)
+    tcp.send(ACK | FIN, ISN + 1, fin.seq + 1)
+    (again,) = tcp.out()
+    assert again.flags == ACK and again.ack == ISN + 2
+    assert c(tcp, "tcp.segment.fin_retransmit") == 1
+    tcp.advance(REAP_DELAY_S / 2 + 0.01)
+    assert len(tcp.nat.table) == 0
+
+
+def test_simultaneous_close_lingers(tcp: Tcp) -> None:
+    """Both FINs cross (the guest's does not acknowledge ours): both sides end in TIME_WAIT
+    as RFC 9293 has it, so ours lingers too."""
+    tcp.open()
+    flow = tcp.flow
+    tcp.sock.eof = True
+    tcp.nat.host_readable(flow, tcp.now)
+    (fin,) = tcp.out()
+    tcp.send(ACK | FIN, ISN + 1, fin.seq)
+    tcp.out()
+    assert flow.state_name == "LAST_ACK"
+    tcp.send(ACK, ISN + 2, fin.seq + 1)
+    assert flow.state_name == "CLOSED" and flow.io_data.closed
+    assert list(tcp.nat.table) == [flow]
+    assert tcp.io.timers[flow] == pytest.approx(tcp.now + REAP_DELAY_S)
+
+
 def test_fin_retransmitted(tcp: Tcp) -> None:
     tcp.open()
     tcp.sock.eof = True

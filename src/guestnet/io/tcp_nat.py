@@ -7,14 +7,31 @@ Host sockets are non-blocking and close-on-exec, with TCP_NODELAY (the guest's o
 decided when to push; Nagle here would only add latency). TCP_NODELAY is set just before a
 flow's second ``send``: Nagle holds a small segment only while data is unacknowledged, which
 the first ``send`` never finds, so a connection that sends once (connect, request, close) needs
-no ``setsockopt``; sockets accepted on published ports inherit it from their listener. Each is
-registered once, for
-``EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET``: edge-triggered, so a socket holding data the guest
-has no window for does not wake the loop again and again, and no ``epoll_ctl`` is needed when
-the window opens or closes. The core remembers an edge it could not act on (``host_readable``).
-The first EPOLLOUT edge means the connect finished (with EPOLLERR or EPOLLHUP it failed, and only
-then is SO_ERROR asked why); later ones mean the send buffer has room after an EAGAIN. Linux
-reports every arrival (data, FIN, reset) on an edge-triggered socket as a new event, so a read
+no ``setsockopt``; sockets accepted on published ports inherit it from their listener.
+
+Connect. A connect to a local destination (loopback, the host's own addresses: the gateway
+address, the common case) has finished the whole handshake inside ``connect()``, which says
+EINPROGRESS all the same; a second ``connect`` then says 0 (connected), EALREADY (a remote
+destination, still running) or why it failed (refused). So the core learns the outcome in the
+turn of the guest's SYN and answers it then, instead of the turn after, when the EPOLLOUT
+edge would have said so: one system call for a loop turn, and the guest's connect is shorter
+by it. Connected, ``connect`` returns :data:`~guestnet.core.tcp.CONNECTED`; refused, the
+failure is reported to the core (``host_connected``) at the end of the same turn, exactly as
+the edge would have reported it (same counters, same RST, DNS failover alike).
+
+Registration: edge-triggered (``EPOLLET``), ``EPOLLIN | EPOLLRDHUP`` and, where needed,
+``EPOLLOUT``: a socket holding data the guest has no window for does not wake the loop again
+and again, and no ``epoll_ctl`` is needed when the window opens or closes. The core remembers
+an edge it could not act on (``host_readable``). A socket still connecting is registered with
+EPOLLOUT: its first EPOLLOUT edge means the connect finished (with EPOLLERR or EPOLLHUP it
+failed, and only then is SO_ERROR asked why); later ones mean the send buffer has room after
+an EAGAIN. A connected one (connected at once, or accepted on a published port) is registered
+without it, because an EPOLLOUT in the mask is reported at once (the socket is writable): a
+loop turn for nothing per connection. It gets EPOLLOUT (one ``EPOLL_CTL_MOD``, after which the
+kernel reports room that came meanwhile) when a ``send`` comes back short and the core waits for
+room, and before its second ``send`` (a flow of more than one request then has EPOLLOUT
+reported with every event, as a connect still running gave it from the start). Linux reports
+every arrival (data, FIN, reset) on an edge-triggered socket as a new event, so a read
 that came back short with no hang-up in the event has emptied the queue: the driver says so
 (clearing ``flow.host_readable``) and the read after it, which could only say EAGAIN, is never
 made. Closing a host socket takes it out of epoll by itself (it is the only descriptor), so no
@@ -74,7 +91,7 @@ from collections.abc import Callable
 from guestnet.config import GUEST_RETURN_TIMEOUT_S
 from guestnet.core.port import Port
 from guestnet.core.switch import Switch
-from guestnet.core.tcp import CLOSED, CONNECTING, TcpFlow, TcpNat
+from guestnet.core.tcp import CLOSED, CONNECTED, CONNECTING, TcpFlow, TcpNat
 from guestnet.core.timers import Timer
 from guestnet.counters import Counters
 from guestnet.io.forwards import Forward, Forwards
@@ -96,6 +113,8 @@ SO_PEEK_OFF = 42
 _SCRATCH_SIZE = 1 << 22
 _scratch_view: memoryview | None = None
 _EVENTS = EPOLLIN | EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+#: A connected socket that has not needed EPOLLOUT yet (see the module docstring).
+_EVENTS_IN = EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 #: Events that mean EOF or an error, and those that call for a read.
 _HUP = EPOLLERR | EPOLLHUP | select.EPOLLRDHUP
 _READ = EPOLLIN | _HUP
@@ -108,7 +127,18 @@ _HOST_SOCK_TYPE = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXE
 class _HostSock:
     """A flow's host socket and loop timer (the flow's ``io_data``)."""
 
-    __slots__ = ("drained", "fd", "fire", "fresh", "hup", "nagle", "peek", "sock", "timer")
+    __slots__ = (
+        "drained",
+        "fd",
+        "fire",
+        "fresh",
+        "hup",
+        "nagle",
+        "out",
+        "peek",
+        "sock",
+        "timer",
+    )
 
     def __init__(self, sock: _socket.socket, nagle: bool = True) -> None:
         self.sock: _socket.socket | None = sock
@@ -131,6 +161,8 @@ class _HostSock:
         self.fresh = True
         #: Reads peek (``MSG_PEEK`` at ``SO_PEEK_OFF``): the data stays until ``discard``.
         self.peek = 0
+        #: EPOLLOUT is in the socket's registration (see the module docstring).
+        self.out = False
 
 
 class TcpNatDriver:
@@ -175,23 +207,49 @@ class TcpNatDriver:
             sock = _socket.socket(family, _HOST_SOCK_TYPE)
         except OSError as exc:
             return exc.errno or errno.EIO
+        addr = (flow.host, flow.host_port)
         try:
             if self.outbound_addr is not None and family == socket.AF_INET:
                 sock.bind((self.outbound_addr, 0))
-            err = sock.connect_ex((flow.host, flow.host_port))
+            err = sock.connect_ex(addr)
+            if err == errno.EINPROGRESS:
+                # A local destination has finished the handshake inside connect(): asking
+                # again says 0 (connected), EALREADY (still running) or why it failed.
+                err = sock.connect_ex(addr)
+                if err not in (0, errno.EALREADY):
+                    self._failed_at_once(flow, sock, err)
+                    return 0
         except OSError as exc:
             sock.close()
             return exc.errno or errno.EIO
-        if err not in (0, errno.EINPROGRESS):
+        if err not in (0, errno.EALREADY):
             sock.close()
             return err
         hs = _HostSock(sock)
         flow.io_data = hs
-        self._watch(flow, hs)
-        return 0
+        if err == errno.EALREADY:
+            # The first EPOLLOUT edge reports the end of the connect.
+            hs.out = True
+            self._watch(flow, hs, _EVENTS)
+            return 0
+        self._watch(flow, hs, _EVENTS_IN)
+        return CONNECTED
 
-    def _watch(self, flow: TcpFlow, hs: _HostSock) -> None:
-        """Register the flow's host socket in the loop and feed its events to the core."""
+    def _failed_at_once(self, flow: TcpFlow, sock: _socket.socket, err: int) -> None:
+        """A connect that started and has already failed (refused): reported as its EPOLLOUT
+        edge would have reported it, but at the end of this turn (a zero-delay timer: the
+        core registers the flow first), and the core closes the socket. Its events mean
+        nothing (SO_ERROR was taken by the second ``connect``) and are ignored; it is in the
+        loop all the same, as every host socket is, so that its close frees a descriptor in
+        the loop's eyes (``Loop.when_fd_released``)."""
+        hs = flow.io_data = _HostSock(sock)
+        self.loop.add_fd(hs.fd, _EVENTS_IN, _ignore)
+        nat = self.nat
+        self.loop.call_at(0.0, lambda now: nat.host_connected(flow, err, now))
+
+    def _watch(self, flow: TcpFlow, hs: _HostSock, events: int) -> None:
+        """Register the flow's host socket in the loop for ``events`` and feed the events to
+        the core."""
         nat = self.nat
         clock = self.loop.clock
 
@@ -216,7 +274,13 @@ class TcpNatDriver:
             if events & EPOLLOUT and hs.sock is not None:
                 nat.host_writable(flow, now)
 
-        self.loop.add_fd(hs.fd, _EVENTS, on_events)
+        self.loop.add_fd(hs.fd, events, on_events)
+
+    def _watch_out(self, hs: _HostSock) -> None:
+        """Add EPOLLOUT to a socket registered without it (see the module docstring). With
+        EPOLLET the kernel checks the socket at once: room that came meanwhile is reported."""
+        hs.out = True
+        self.loop.modify_fd(hs.fd, _EVENTS)
 
     def send(self, flow: TcpFlow, data: memoryview) -> int:
         hs = flow.io_data
@@ -225,15 +289,23 @@ class TcpNatDriver:
             raise BrokenPipeError(errno.EPIPE, "host socket closed")
         if hs.fresh:
             hs.fresh = False
-        elif hs.nagle:
+        elif hs.nagle or not hs.out:
             # The second send: from here data may be in flight when a small segment is sent,
-            # and Nagle would hold it (up to the peer's delayed ACK).
-            hs.nagle = False
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # and Nagle would hold it (up to the peer's delayed ACK); and the flow is more than
+            # one request, so its socket reports room (EPOLLOUT) from now on, as one still
+            # connecting at first did.
+            if hs.nagle:
+                hs.nagle = False
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if not hs.out:
+                self._watch_out(hs)
         try:
-            return int(sock.send(data))
+            n = int(sock.send(data))
         except BlockingIOError:
-            return 0
+            n = 0
+        if n < len(data) and not hs.out:
+            self._watch_out(hs)  # the core waits for room (host_writable)
+        return n
 
     def recv_into(self, flow: TcpFlow, bufs: list[memoryview]) -> int:
         hs = flow.io_data
@@ -440,7 +512,7 @@ class TcpNatDriver:
         if flow is None:
             _close_now(conn)
             return
-        self._watch(flow, hs)
+        self._watch(flow, hs, _EVENTS_IN)
 
     # -- shutdown and the API --------------------------------------------------------------------
 
@@ -471,6 +543,10 @@ class TcpNatDriver:
             timer.cancel()
         self._departures.clear()
         self.nat.close_all()
+
+
+def _ignore(_events: int) -> None:
+    """The handler of a host socket whose failure is already reported (see ``connect``)."""
 
 
 def _scratch() -> memoryview:

@@ -39,6 +39,7 @@ tests drive it with a fake driver and a scripted clock.
 from guestnet.core.tcp.flow import (
     CLOSED,
     CONNECT_TIMEOUT_S,
+    CONNECTED,
     CONNECTING,
     DEFAULT_MSS,
     DELACK_S,
@@ -76,6 +77,7 @@ from guestnet.core.tcp.segment import HDRS_LEN
 
 __all__ = [
     "CLOSED",
+    "CONNECTED",
     "CONNECTING",
     "CONNECT_TIMEOUT_S",
     "DEFAULT_MSS",

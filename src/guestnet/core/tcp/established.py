@@ -37,9 +37,15 @@ not act on yet (window full), and we read until EAGAIN (an EOF can hide behind a
 
 Close. A FIN either way is a half-close passed on: the guest's FIN becomes ``shutdown(SHUT_WR)``
 on the host once its data is written; host EOF becomes our FIN once everything read is sent.
-When both directions are closed and our FIN is acknowledged the host socket is closed at once
-and the flow lingers ``REAP_DELAY_S`` without a socket (answering a retransmitted FIN) before
-it is reaped: no TIME_WAIT holds a descriptor.
+When both directions are closed and our FIN is acknowledged the host socket is closed at once.
+Who closed first decides what is left. Where the guest did (its FIN came before ours was sent,
+``guest_first``: connect, request, close, as a client does) we are where a kernel is in
+LAST_ACK: our FIN acknowledged, the guest in TIME_WAIT holding the 4-tuple, nothing more to
+answer; the flow is freed at once (no timer, no table entry left: under connection churn a
+lingering flow per connection cost a timer set and fired and a table entry for a second).
+Where we did (host EOF first, or both at once), the guest may still retransmit its FIN until
+it hears our ACK: the flow lingers ``REAP_DELAY_S`` without a socket, answering such a FIN,
+before it is reaped. Either way no TIME_WAIT holds a descriptor.
 """
 
 from __future__ import annotations
@@ -205,6 +211,7 @@ class _Established(_Recovery):
                     self._host_error(flow, exc)
                     return
                 if not flow.fin_sent:
+                    flow.guest_first = True
                     # The host usually closes at once on our shutdown: hold the ACK so that
                     # our FIN carries it (one frame to the guest instead of two).
                     flow.ack_pending = True
@@ -353,7 +360,13 @@ class _Established(_Recovery):
                 # frames (adaptive, see below).
                 frames: list[Frame] = []
                 views: list[memoryview] = []
-                batch = flow.read_frames if flow.read_frames < most else most
+                batch = flow.read_frames
+                if batch >= most:
+                    batch = most
+                elif not batch:
+                    # A flow's first read: one super-frame takes any answer that fits it (one
+                    # ``recv`` into one pool frame, as below); smaller frames, two.
+                    batch = 1 if seg_max >= BIG_FRAME else 2
                 if batch >= KEEP_MIN_FRAMES and not flow.keep:
                     self._start_keeping(flow)
                 keeping = flow.keep > 0
@@ -469,8 +482,15 @@ class _Established(_Recovery):
             flow.unacked.release()
             self.io.close(flow, False)
             flow.rto_deadline = flow.persist_deadline = flow.wnd_check_deadline = None
-            flow.reap_deadline = now + REAP_DELAY_S
             flow.ack_pending = False
+            if flow.guest_first:
+                # LAST_ACK -> CLOSED: the guest closed first and has our FIN; it lingers in
+                # TIME_WAIT and will send nothing more that needs an answer. Freed now.
+                flow.reap_deadline = None
+                self.io.set_timer(flow, None)
+                self.table.remove(flow.key, flow)
+                return
+            flow.reap_deadline = now + REAP_DELAY_S
             self.io.set_timer(flow, flow.reap_deadline)
 
     # -- timers ---------------------------------------------------------------------------------

@@ -50,7 +50,8 @@ WND_CHECK_MAX_S = 0.2
 #: How long the ACK for a lone small in-order segment (a request) is held, so that the host's
 #: answer can carry it: a loopback server answers within tens of microseconds.
 DELACK_S = 0.001
-#: How long a flow with both directions closed lingers (socket already closed).
+#: How long a flow with both directions closed lingers (socket already closed) when we closed
+#: first; one the guest closed first is freed as soon as our FIN is acknowledged.
 REAP_DELAY_S = 1.0
 #: Our window-scale shift: windows up to 8 MiB.
 OUR_WSCALE = 7
@@ -97,6 +98,11 @@ STATE_NAMES = ("CONNECTING", "SYN_RCVD", "ESTABLISHED", "CLOSED", "SYN_SENT")
 
 SEQ_MASK = 0xFFFFFFFF
 
+#: What :meth:`TcpIo.connect` returns for a connect that completed inside the call (loopback
+#: and the host's own addresses finish the handshake within ``connect()``): no errno, and no
+#: ``host_connected`` to wait for.
+CONNECTED = -1
+
 
 def seq_delta(a: int, b: int) -> int:
     """``a - b`` in 32-bit sequence space, as a signed number."""
@@ -107,7 +113,10 @@ class TcpIo(Protocol):
     """What the TCP core asks of its I/O driver. Every call is about one flow's host socket."""
 
     def connect(self, flow: TcpFlow) -> int:
-        """Start a non-blocking connect to ``flow.host:flow.host_port``; 0 or an errno."""
+        """Start a non-blocking connect to ``flow.host:flow.host_port``: 0 while it runs (the
+        driver reports its end with :meth:`TcpNat.host_connected`), :data:`CONNECTED` when it
+        already completed (a local destination: the core goes on as if reported at once), or
+        an errno when it failed."""
 
     def send(self, flow: TcpFlow, data: memoryview) -> int:
         """Write ``data``; bytes taken (0 when the buffer is full). Raises OSError on errors."""
@@ -171,6 +180,7 @@ class TcpFlow:
         "fin_sent",
         "forward_id",
         "guest_fin",
+        "guest_first",
         "guest_ip",
         "guest_isn",
         "guest_mac",
@@ -259,12 +269,16 @@ class TcpFlow:
         self.rcv_wnd = 0
         self.wnd_field = 0
         self.guest_fin = False
+        #: The guest's FIN came before ours was sent: the guest closed first, so it (not we)
+        #: waits in TIME_WAIT, and once our FIN is acknowledged nothing is left to linger for.
+        self.guest_first = False
         self.host_writable = True
         self.ack_pending = False
         #: Host reading deferred to the end of the loop turn; the flow is on the flush list.
         self.pump_pending = False
-        #: Pooled frames offered to the next host read (adapts to the reads; see ``_pump``).
-        self.read_frames = 2
+        #: Pooled frames offered to the next host read (adapts to the reads; see ``_pump``);
+        #: 0 before the first read.
+        self.read_frames = 0
         self.deferred = False
         #: When a held ACK goes out bare (only while ``ack_pending``; see ``DELACK_S``).
         self.delack_deadline: float | None = None

@@ -1,9 +1,12 @@
 """Opening and refusing TCP flows: the guest's SYN, our SYN to the guest, and answers for
 segments that have no flow.
 
-Open. The guest's SYN starts a non-blocking ``connect`` on the host (the I/O driver does it,
-with TCP_NODELAY). Nothing goes back to the guest until the host connect completes: then the
-SYN-ACK (state ``SYN_RCVD``); refused, unreachable or timed out (``CONNECT_TIMEOUT_S``): RST.
+Open. The guest's SYN starts a non-blocking ``connect`` on the host (the I/O driver does it).
+Nothing goes back to the guest until the host connect completes: then the SYN-ACK (state
+``SYN_RCVD``); refused, unreachable or timed out (``CONNECT_TIMEOUT_S``): RST. A connect to a
+local destination (loopback, the host's own addresses) has completed before ``connect()``
+returns; the driver says so (:data:`~guestnet.core.tcp.flow.CONNECTED`) and the SYN-ACK, or
+the RST of a refused one, answers the SYN in the same loop turn, not a turn later.
 SYN retransmissions meanwhile are absorbed and counted. The guest's ACK makes the flow
 ``ESTABLISHED``.
 
@@ -52,6 +55,7 @@ from guestnet.core.packet import IpPacket
 from guestnet.core.port import Port
 from guestnet.core.tcp.flow import (
     CLOSED,
+    CONNECTED,
     CONNECTING,
     DEFAULT_MSS,
     DNS_CONNECT_TIMEOUT_S,
@@ -153,7 +157,7 @@ class _Handshake(_Irregular):
             flow.dns_tried = ((host, host_port),)
             flow.connect_deadline = now + DNS_CONNECT_TIMEOUT_S
         err = self.io.connect(flow)
-        while err:
+        while err > 0:
             counters.inc(_connect_reason(err))
             if not (dns and self._dns_pick_next(flow, now)):
                 # No route on the host (connect says so at once): answered as a router would.
@@ -163,7 +167,11 @@ class _Handshake(_Irregular):
         self.table.add(key, flow)
         self._half_open[flow] = None
         counters.inc("tcp.syn.dns" if dns else "tcp.syn.accepted")
-        self._arm(flow)
+        if err == CONNECTED:
+            # A local destination: the SYN-ACK goes out in this turn (it arms the timer).
+            self.host_connected(flow, 0, now)
+        else:
+            self._arm(flow)
 
     def _cookie_time(self, port: Port) -> bool:
         """Answer a SYN with a cookie: the half-open table is full, or the guest sends faster
@@ -212,14 +220,17 @@ class _Handshake(_Irregular):
             flow.guest_wscale = got[1]
         flow.snd_wnd = window << flow.guest_wscale
         err = self.io.connect(flow)
-        if err:
+        if err > 0:
             counters.inc(_connect_reason(err))
             self._answer(pkt, key, ack, 0, RST)
             return True
         self.table.add(key, flow)
         self._half_open[flow] = None
         counters.inc("tcp.syn.cookie_accepted")
-        self._arm(flow)
+        if err == CONNECTED:
+            self.host_connected(flow, 0, now)
+        else:
+            self._arm(flow)
         return True
 
     def _cookie_established(self, flow: TcpFlow, now: float) -> None:
@@ -297,6 +308,9 @@ class _Handshake(_Irregular):
         self.io.close(flow, False)
         while self._dns_pick_next(flow, now):
             err = self.io.connect(flow)
+            if err == CONNECTED:
+                self.host_connected(flow, 0, now)
+                return True
             if not err:
                 self._arm(flow)
                 return True
