@@ -1,7 +1,7 @@
 """CPU time of the whole datapath per TCP request, in one process: loop, TAP link, classifier,
 TCP core and driver, with real system calls on both sides.
 
-Run: .venv/bin/python bench/bench_loop_request.py [--quick] [--rounds N]
+Run: .venv/bin/python bench/bench_loop_request.py [--quick] [--rounds N] [--mtu N]
 
 bench/bench_tcp_request.py times the TCP core alone with a scripted driver; on the real path
 the loop, the link and the driver (epoll, reads until EAGAIN, closures, timers) run around it,
@@ -20,17 +20,17 @@ Rows (min and median of batches, microseconds per request):
   the next turn to the guest.
 - ``conn guest->host``: connect + 1 byte + echo + close as ``netbench connrate`` makes it:
   guest SYN, host connect, SYN-ACK, guest ACK, data, echo, guest FIN, server close, our FIN,
-  the guest's last ACK (the reap timer is not waited for).
-- ``conn host->guest (forwarded)``: the same exchange the other way round, as
-  ``bench_forward.py`` makes it: a host client connects to a real published port on 127.0.0.1
-  and sends 1 byte; guestnet accepts, sends the guest its SYN; the guest's SYN-ACK, our ACK and
-  the byte; the guest's echo; the client reads it and closes; our FIN; the guest's ACK and FIN;
-  our last ACK. The host client's own system calls are outside the timed turns.
-
-``--profile ROW`` runs only that row's batches under cProfile and prints the top functions;
-``--count`` prints loop turns and frames per connection of each row.
+  the guest's last ACK, which frees the flow (the guest closed first: no linger).
 
 Compare two trees by running this file with ``PYTHONPATH=OTHER/src`` beside it, interleaved.
+
+A third row, ``conn host->guest (forwarded)``: the same exchange the other way round, as
+``bench_forward.py`` makes it: a host client connects to a real published port on 127.0.0.1
+and sends 1 byte; guestnet accepts, sends the guest its SYN; the guest's SYN-ACK, our ACK and
+the byte; the guest's echo; the client reads it and closes; our FIN; the guest's ACK and FIN;
+our last ACK. The host client's own system calls are outside the timed turns.
+``--profile ROW`` runs only that row's batches under cProfile and prints the top functions;
+``--count`` prints loop turns and frames per connection of each row.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ GUEST_FWD_PORT = 5402
 class Rig:
     """guestnet's loop with one TAP-like link; the bench is the guest and the host server."""
 
-    def __init__(self) -> None:
-        self.inst = Instance(Config(), echo_mode=None)
+    def __init__(self, mtu: int | None = None) -> None:
+        self.inst = Instance(Config() if mtu is None else Config(mtu=mtu), echo_mode=None)
         ours, self.guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.guest.setblocking(False)
         self.link = TapLink(self.inst.hub, ours.detach(), "tap0", "eth0", offloads=0)
@@ -192,8 +192,8 @@ def forwarded_batch(rig: Rig, n: int) -> None:
         rig.frames()  # our last ACK (flushed in that turn, or a later one)
 
 
-def measure(batches: int, per_batch: int, rounds: int, profile: str, count: bool) -> None:
-    rig = Rig()
+def measure(batches: int, per_batch: int, rounds: int, mtu: int | None = None) -> None:
+    rig = Rig(mtu)
     try:
         conn, seq, ack = connection(rig, 40000)
         state = [40000, seq, ack]
@@ -201,20 +201,56 @@ def measure(batches: int, per_batch: int, rounds: int, profile: str, count: bool
         rr_batch(rig, state, conn, 50)  # warm-up
         conn_batch(rig, ports, 20)
         forwarded_batch(rig, 20)
-        table: tuple[tuple[str, Callable[[int], None], int], ...] = (
-            ("rr 1 byte", lambda k: rr_batch(rig, state, conn, k), 1),
-            ("conn guest->host", lambda k: conn_batch(rig, ports, k), 4),
-            ("conn host->guest (forwarded)", lambda k: forwarded_batch(rig, k), 4),
-        )
+        table = rows_of(rig, state, conn, ports)
+        rows: dict[str, list[float]] = {name: [] for name, _, _ in table}
+        for _ in range(rounds * batches):
+            for name, run, n in table:
+                rig.cpu = 0.0
+                count = per_batch // n
+                run(count)
+                rows[name].append(rig.cpu * 1e6 / count)
+        for name, vals in rows.items():
+            print(f"{name:<30} min {min(vals):7.1f} us  median {statistics.median(vals):7.1f} us")
+        counters = rig.inst.counters.snapshot() if hasattr(rig.inst.counters, "snapshot") else {}
+        if counters:
+            print({k: v for k, v in counters.items() if "rst" in k or "drop" in k})
+    finally:
+        rig.inst.close()
+
+
+Row = tuple[str, Callable[[int], None], int]
+
+
+def rows_of(rig: Rig, state: list[int], conn: socket.socket, ports: list[int]) -> list[Row]:
+    """(name, run n requests, requests per batch divisor) of each row."""
+    return [
+        ("rr 1 byte", lambda k: rr_batch(rig, state, conn, k), 1),
+        ("conn guest->host", lambda k: conn_batch(rig, ports, k), 4),
+        ("conn host->guest (forwarded)", lambda k: forwarded_batch(rig, k), 4),
+    ]
+
+
+def explore(profile: str, count: bool, mtu: int | None, requests: int) -> None:
+    """``--count``: loop turns and frames per request of each row; ``--profile ROW``: that
+    row's loop turns under cProfile, the top functions."""
+    import cProfile
+    import pstats
+
+    rig = Rig(mtu)
+    try:
+        conn, seq, ack = connection(rig, 40000)
+        state = [40000, seq, ack]
+        ports = [41000]
+        rr_batch(rig, state, conn, 50)  # warm-up
+        conn_batch(rig, ports, 20)
+        forwarded_batch(rig, 20)
+        table = rows_of(rig, state, conn, ports)
         if count:
             for name, run, _n in table:
                 rig.turns = rig.nframes = 0
                 run(100)
                 print(f"{name:<30} {rig.turns / 100:5.2f} turns  {rig.nframes / 100:5.2f} frames")
         if profile:
-            import cProfile
-            import pstats
-
             _name, run, n = next(row for row in table if row[0].startswith(profile))
             prof = cProfile.Profile()
             orig = rig.inst.loop.run_once
@@ -225,21 +261,8 @@ def measure(batches: int, per_batch: int, rounds: int, profile: str, count: bool
                 prof.disable()
 
             rig.inst.loop.run_once = run_once  # type: ignore[method-assign]
-            run(batches * per_batch // n)
+            run(requests // n)
             pstats.Stats(prof).sort_stats("tottime").print_stats(30)
-            return
-        rows: dict[str, list[float]] = {name: [] for name, _, _ in table}
-        for _ in range(rounds * batches):
-            for name, run, n in table:
-                rig.cpu = 0.0
-                count_ = per_batch // n
-                run(count_)
-                rows[name].append(rig.cpu * 1e6 / count_)
-        for name, vals in rows.items():
-            print(f"{name:<30} min {min(vals):7.1f} us  median {statistics.median(vals):7.1f} us")
-        counters = rig.inst.counters.snapshot() if hasattr(rig.inst.counters, "snapshot") else {}
-        if counters:
-            print({k: v for k, v in counters.items() if "rst" in k or "drop" in k})
     finally:
         rig.inst.close()
 
@@ -247,12 +270,16 @@ def measure(batches: int, per_batch: int, rounds: int, profile: str, count: bool
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--profile", default="", help="profile the row whose name starts so")
-    p.add_argument("--count", action="store_true", help="turns and frames per connection")
+    p.add_argument("--count", action="store_true", help="turns and frames per request")
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--mtu", type=int, default=None, help="the link MTU (default: Config's)")
     args = p.parse_args()
+    if args.profile or args.count:
+        explore(args.profile, args.count, args.mtu, 500 if args.quick else 4000)
+        return 0
     batches, per_batch = (5, 100) if args.quick else (20, 200)
-    measure(batches, per_batch, args.rounds, args.profile, args.count)
+    measure(batches, per_batch, args.rounds, args.mtu)
     return 0
 
 
