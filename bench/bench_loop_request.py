@@ -138,6 +138,28 @@ def connection(rig: Rig, sport: int) -> tuple[socket.socket, int, int]:
     return conn, isn + 1, iss + 1
 
 
+def forwarded_batch(rig: Rig, n: int) -> None:
+    """Forwarded connections: a host client on the published port, the bench as the guest."""
+    g_isn = 9000
+    for _ in range(n):
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        client.connect(("127.0.0.1", rig.fwd_port))  # the kernel's handshake: at once
+        client.send(b"x")
+        got = rig.until(SYN)
+        sport = rig.last_sport
+        iss = next(s for f, s, _ in got if f & SYN)
+        rig.send(GUEST_FWD_PORT, SYN | ACK, g_isn, iss + 1, options=SYN_OPTS, dport=sport)
+        got = rig.until(ACK | PSH)  # our ACK and the client's byte (one frame or two)
+        rig.send(GUEST_FWD_PORT, ACK | PSH, g_isn + 1, iss + 2, b"y", dport=sport)
+        rig.turn()
+        client.recv(16)
+        client.close()
+        rig.until(FIN)
+        rig.send(GUEST_FWD_PORT, ACK | FIN, g_isn + 2, iss + 3, dport=sport)
+        rig.turn()
+        rig.frames()  # our last ACK (flushed in that turn, or a later one)
+
+
 def rr_batch(rig: Rig, state: list[int], conn: socket.socket, n: int) -> None:
     sport, seq, ack = state
     for _ in range(n):
@@ -168,28 +190,6 @@ def conn_batch(rig: Rig, ports: list[int], n: int) -> None:
         rig.until(FIN)
         rig.send(sport, ACK, seq + 2, ack + 2)
         rig.turn()
-
-
-def forwarded_batch(rig: Rig, n: int) -> None:
-    """Forwarded connections: a host client on the published port, the bench as the guest."""
-    g_isn = 9000
-    for _ in range(n):
-        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        client.connect(("127.0.0.1", rig.fwd_port))  # the kernel's handshake: at once
-        client.send(b"x")
-        got = rig.until(SYN)
-        sport = rig.last_sport
-        iss = next(s for f, s, _ in got if f & SYN)
-        rig.send(GUEST_FWD_PORT, SYN | ACK, g_isn, iss + 1, options=SYN_OPTS, dport=sport)
-        got = rig.until(ACK | PSH)  # our ACK and the client's byte (one frame or two)
-        rig.send(GUEST_FWD_PORT, ACK | PSH, g_isn + 1, iss + 2, b"y", dport=sport)
-        rig.turn()
-        client.recv(16)
-        client.close()
-        rig.until(FIN)
-        rig.send(GUEST_FWD_PORT, ACK | FIN, g_isn + 2, iss + 3, dport=sport)
-        rig.turn()
-        rig.frames()  # our last ACK (flushed in that turn, or a later one)
 
 
 def measure(batches: int, per_batch: int, rounds: int, mtu: int | None = None) -> None:
