@@ -1,7 +1,7 @@
 """CPU time of the whole datapath per TCP request, in one process: loop, TAP link, classifier,
 TCP core and driver, with real system calls on both sides.
 
-Run: .venv/bin/python bench/bench_loop_request.py [--quick] [--rounds N] [--mtu N]
+Run: .venv/bin/python bench/bench_loop_request.py [--quick] [--rounds N]
 
 bench/bench_tcp_request.py times the TCP core alone with a scripted driver; on the real path
 the loop, the link and the driver (epoll, reads until EAGAIN, closures, timers) run around it,
@@ -20,17 +20,9 @@ Rows (min and median of batches, microseconds per request):
   the next turn to the guest.
 - ``conn guest->host``: connect + 1 byte + echo + close as ``netbench connrate`` makes it:
   guest SYN, host connect, SYN-ACK, guest ACK, data, echo, guest FIN, server close, our FIN,
-  the guest's last ACK, which frees the flow (the guest closed first: no linger).
+  the guest's last ACK (the reap timer is not waited for).
 
 Compare two trees by running this file with ``PYTHONPATH=OTHER/src`` beside it, interleaved.
-
-A third row, ``conn host->guest (forwarded)``: the same exchange the other way round, as
-``bench_forward.py`` makes it: a host client connects to a real published port on 127.0.0.1
-and sends 1 byte; guestnet accepts, sends the guest its SYN; the guest's SYN-ACK, our ACK and
-the byte; the guest's echo; the client reads it and closes; our FIN; the guest's ACK and FIN;
-our last ACK. The host client's own system calls are outside the timed turns.
-``--profile ROW`` runs only that row's batches under cProfile and prints the top functions;
-``--count`` prints loop turns and frames per connection of each row.
 """
 
 from __future__ import annotations
@@ -41,7 +33,6 @@ import statistics
 import struct
 import sys
 import time
-from collections.abc import Callable
 
 from guestnet.assembly import Instance
 from guestnet.config import Config
@@ -55,15 +46,13 @@ GUEST_IP = bytes([10, 0, 2, 15])
 GATEWAY_IP = bytes([10, 0, 2, 2])
 VNET = bytes([VNET_F_DATA_VALID]) + bytes(VNET_HDR_LEN - 1)
 SYN_OPTS = build_syn_options(1460, 7)
-#: The guest port the bench's published port leads to (the guest is the bench: nothing listens).
-GUEST_FWD_PORT = 5402
 
 
 class Rig:
     """guestnet's loop with one TAP-like link; the bench is the guest and the host server."""
 
-    def __init__(self, mtu: int | None = None) -> None:
-        self.inst = Instance(Config() if mtu is None else Config(mtu=mtu), echo_mode=None)
+    def __init__(self) -> None:
+        self.inst = Instance(Config(), echo_mode=None)
         ours, self.guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.guest.setblocking(False)
         self.link = TapLink(self.inst.hub, ours.detach(), "tap0", "eth0", offloads=0)
@@ -75,10 +64,6 @@ class Rig:
         self.port = self.server.getsockname()[1]
         self.cpu = 0.0
         self.turns = 0
-        self.nframes = 0
-        self.last_sport = 0
-        fwd = self.inst.forwards.add("tcp", 0, GUEST_FWD_PORT, "127.0.0.1")
-        self.fwd_port = fwd.host_port
 
     def turn(self) -> None:
         """One loop turn, timed."""
@@ -88,12 +73,12 @@ class Rig:
         self.turns += 1
 
     def send(self, sport: int, flags: int, seq: int, ack: int, payload: bytes = b"",
-             options: bytes = b"", dport: int = 0) -> None:  # fmt: skip
+             options: bytes = b"") -> None:  # fmt: skip
         hlen = 20 + len(options)
         l4 = bytearray(hlen + len(payload))
         l4[hlen:] = payload
-        build_tcp(l4, 0, sport, dport or self.port, seq, ack, flags, 65535, len(payload),
-                  GUEST_IP, GATEWAY_IP, options)  # fmt: skip
+        build_tcp(l4, 0, sport, self.port, seq, ack, flags, 65535, len(payload), GUEST_IP,
+                  GATEWAY_IP, options)  # fmt: skip
         buf = bytearray(34 + len(l4))
         off = build_ethernet(buf, 0, self.our_mac, GUEST_MAC, ETHERTYPE_IPV4)
         build_ipv4(buf, off, GUEST_IP, GATEWAY_IP, PROTO_TCP, len(l4))
@@ -109,11 +94,9 @@ class Rig:
             except BlockingIOError:
                 return out
             tcp = VNET_HDR_LEN + 34
-            self.last_sport = struct.unpack_from("!H", data, tcp)[0]
             seq, _ack, off, flags = struct.unpack_from("!IIBB", data, tcp + 4)
             total = struct.unpack_from("!H", data, VNET_HDR_LEN + 16)[0]
             out.append((flags, seq, total - 20 - (off >> 4) * 4))
-            self.nframes += 1
 
     def until(self, want: int) -> list[tuple[int, int, int]]:
         """Loop turns until a frame with all of ``want``'s flags reaches the guest."""
@@ -136,28 +119,6 @@ def connection(rig: Rig, sport: int) -> tuple[socket.socket, int, int]:
     rig.send(sport, ACK, isn + 1, iss + 1)
     rig.turn()
     return conn, isn + 1, iss + 1
-
-
-def forwarded_batch(rig: Rig, n: int) -> None:
-    """Forwarded connections: a host client on the published port, the bench as the guest."""
-    g_isn = 9000
-    for _ in range(n):
-        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        client.connect(("127.0.0.1", rig.fwd_port))  # the kernel's handshake: at once
-        client.send(b"x")
-        got = rig.until(SYN)
-        sport = rig.last_sport
-        iss = next(s for f, s, _ in got if f & SYN)
-        rig.send(GUEST_FWD_PORT, SYN | ACK, g_isn, iss + 1, options=SYN_OPTS, dport=sport)
-        got = rig.until(ACK | PSH)  # our ACK and the client's byte (one frame or two)
-        rig.send(GUEST_FWD_PORT, ACK | PSH, g_isn + 1, iss + 2, b"y", dport=sport)
-        rig.turn()
-        client.recv(16)
-        client.close()
-        rig.until(FIN)
-        rig.send(GUEST_FWD_PORT, ACK | FIN, g_isn + 2, iss + 3, dport=sport)
-        rig.turn()
-        rig.frames()  # our last ACK (flushed in that turn, or a later one)
 
 
 def rr_batch(rig: Rig, state: list[int], conn: socket.socket, n: int) -> None:
@@ -192,25 +153,26 @@ def conn_batch(rig: Rig, ports: list[int], n: int) -> None:
         rig.turn()
 
 
-def measure(batches: int, per_batch: int, rounds: int, mtu: int | None = None) -> None:
-    rig = Rig(mtu)
+def measure(batches: int, per_batch: int, rounds: int) -> None:
+    rig = Rig()
     try:
         conn, seq, ack = connection(rig, 40000)
         state = [40000, seq, ack]
         ports = [41000]
         rr_batch(rig, state, conn, 50)  # warm-up
         conn_batch(rig, ports, 20)
-        forwarded_batch(rig, 20)
-        table = rows_of(rig, state, conn, ports)
-        rows: dict[str, list[float]] = {name: [] for name, _, _ in table}
+        rows: dict[str, list[float]] = {"rr 1 byte": [], "conn guest->host": []}
         for _ in range(rounds * batches):
-            for name, run, n in table:
+            for name, run, n in (
+                ("rr 1 byte", lambda k: rr_batch(rig, state, conn, k), 1),
+                ("conn guest->host", lambda k: conn_batch(rig, ports, k), 4),
+            ):
                 rig.cpu = 0.0
                 count = per_batch // n
                 run(count)
                 rows[name].append(rig.cpu * 1e6 / count)
         for name, vals in rows.items():
-            print(f"{name:<30} min {min(vals):7.1f} us  median {statistics.median(vals):7.1f} us")
+            print(f"{name:<18} min {min(vals):7.1f} us  median {statistics.median(vals):7.1f} us")
         counters = rig.inst.counters.snapshot() if hasattr(rig.inst.counters, "snapshot") else {}
         if counters:
             print({k: v for k, v in counters.items() if "rst" in k or "drop" in k})
@@ -218,68 +180,13 @@ def measure(batches: int, per_batch: int, rounds: int, mtu: int | None = None) -
         rig.inst.close()
 
 
-Row = tuple[str, Callable[[int], None], int]
-
-
-def rows_of(rig: Rig, state: list[int], conn: socket.socket, ports: list[int]) -> list[Row]:
-    """(name, run n requests, requests per batch divisor) of each row."""
-    return [
-        ("rr 1 byte", lambda k: rr_batch(rig, state, conn, k), 1),
-        ("conn guest->host", lambda k: conn_batch(rig, ports, k), 4),
-        ("conn host->guest (forwarded)", lambda k: forwarded_batch(rig, k), 4),
-    ]
-
-
-def explore(profile: str, count: bool, mtu: int | None, requests: int) -> None:
-    """``--count``: loop turns and frames per request of each row; ``--profile ROW``: that
-    row's loop turns under cProfile, the top functions."""
-    import cProfile
-    import pstats
-
-    rig = Rig(mtu)
-    try:
-        conn, seq, ack = connection(rig, 40000)
-        state = [40000, seq, ack]
-        ports = [41000]
-        rr_batch(rig, state, conn, 50)  # warm-up
-        conn_batch(rig, ports, 20)
-        forwarded_batch(rig, 20)
-        table = rows_of(rig, state, conn, ports)
-        if count:
-            for name, run, _n in table:
-                rig.turns = rig.nframes = 0
-                run(100)
-                print(f"{name:<30} {rig.turns / 100:5.2f} turns  {rig.nframes / 100:5.2f} frames")
-        if profile:
-            _name, run, n = next(row for row in table if row[0].startswith(profile))
-            prof = cProfile.Profile()
-            orig = rig.inst.loop.run_once
-
-            def run_once(max_wait: float | None = None) -> None:
-                prof.enable()
-                orig(max_wait)
-                prof.disable()
-
-            rig.inst.loop.run_once = run_once  # type: ignore[method-assign]
-            run(requests // n)
-            pstats.Stats(prof).sort_stats("tottime").print_stats(30)
-    finally:
-        rig.inst.close()
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--profile", default="", help="profile the row whose name starts so")
-    p.add_argument("--count", action="store_true", help="turns and frames per request")
     p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--mtu", type=int, default=None, help="the link MTU (default: Config's)")
     args = p.parse_args()
-    if args.profile or args.count:
-        explore(args.profile, args.count, args.mtu, 500 if args.quick else 4000)
-        return 0
     batches, per_batch = (5, 100) if args.quick else (20, 200)
-    measure(batches, per_batch, args.rounds, args.mtu)
+    measure(batches, per_batch, args.rounds)
     return 0
 
 
