@@ -16,7 +16,9 @@ via 198.18.0.2, nothing behind it). pasta: ``pasta --runas 0 --netns /run/netns/
 --config-net -a 10.0.2.15 -n 24 -g 10.0.2.2 -m MTU --no-ndp --no-dhcpv6 --ipv4-only -f -q
 -t 15201:5201 -t 15301:5301`` in the sandbox. Prints a table of medians over ``--reps``, with
 the backend process's CPU time (utime + stime) per forwarded connection. ``--duration 0`` skips
-iperf3 (connections only); ``--src`` runs another tree's guestnet (A/B).
+iperf3 (connections only); ``--src`` runs another tree's guestnet (A/B). ``--strace N`` also
+counts guestnet's system calls (``strace -c -f`` attached to it) during N more forwarded
+connections and prints them per connection.
 Every process and namespace is removed at the end, also on error or Ctrl-C.
 """
 
@@ -160,6 +162,32 @@ class Cell:
             raise RuntimeError(f"connrate: {result['error']}")
         return float(result["per_s"])
 
+    def strace(self, count: int) -> str:
+        """``strace -c -f`` on the backend during ``count`` forwarded connections: the table,
+        and each row's calls per connection."""
+        tracer = subprocess.Popen(
+            ["strace", "-c", "-f", "-p", str(self.procs[0].pid)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            time.sleep(1.0)  # let it attach before the traffic starts
+            netbench = os.path.join(HERE, "netbench.py")
+            sh(in_ns(self.sandbox, [sys.executable, netbench, "connrate", "--host", "127.0.0.1",
+                                    "--port", str(ECHO[0]), "--seconds", "60",
+                                    "--max", str(count)]), timeout=90)  # fmt: skip
+        finally:
+            tracer.send_signal(2)
+            _, err = tracer.communicate(timeout=20)
+        lines = []
+        for line in err.splitlines():
+            cols = line.split()
+            if len(cols) >= 5 and cols[3].isdigit():
+                errors = f", {int(cols[4]) / count:.2f} failed" if len(cols) == 6 else ""
+                lines.append(f"{cols[-1]:>14} {int(cols[3]) / count:6.2f} per connection{errors}")
+        return "\n".join(lines)
+
     def close(self) -> None:
         for proc in reversed(self.procs):
             proc.terminate()
@@ -187,6 +215,10 @@ def run_cell(backend: str, mtu: int, args: argparse.Namespace) -> dict[str, floa
             rate = cell.connrate(args.conn_seconds)
             conns.append(rate)
             cpu.append((cell.cpu_seconds() - cpu0) * 1e6 / max(rate * args.conn_seconds, 1.0))
+        if args.strace and backend == "guestnet":
+            table = cell.strace(args.strace)
+            print(f"--- guestnet, MTU {mtu}: strace -c -f, {args.strace} connections ---")
+            print(table, flush=True)
         return {
             "h2g": statistics.median(h2g),
             "g2h": statistics.median(g2h),
@@ -207,6 +239,8 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--conn-seconds", type=float, default=3.0)
+    p.add_argument("--strace", type=int, default=0, metavar="N",
+                   help="count guestnet's system calls during N more connections")  # fmt: skip
     p.add_argument(
         "--src",
         metavar="DIR",

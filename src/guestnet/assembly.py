@@ -102,6 +102,9 @@ class Instance:
         cfg, loop, pool, counters = self.config, self.loop, self.pool_to_guest, self.counters
         c = self.classifier
         self.dhcp = DhcpServer(cfg, pool, counters)
+        #: The guest's IPv4 address last asked for, and its text (see ``guest_address``).
+        self._guest_ip: object = None
+        self._guest_ip_text = ""
         self.forwards = Forwards(
             loop,
             counters,
@@ -200,8 +203,15 @@ class Instance:
         self._closers.append(closer)
 
     def guest_address(self) -> str:
-        """Where traffic for "the guest" goes now: its latest DHCP lease, else ``--guest-ip``."""
-        return str(self.dhcp.guest_address())
+        """Where traffic for "the guest" goes now: its latest DHCP lease, else ``--guest-ip``.
+
+        Asked once per forwarded connection: the text is kept while the address object is the
+        same one (``str`` of an address costs more than the rest of the question)."""
+        ip = self.dhcp.guest_address()
+        if ip is not self._guest_ip:
+            self._guest_ip_text = str(ip)
+            self._guest_ip = ip
+        return self._guest_ip_text
 
     def guest_address6(self) -> str:
         """Where IPv6 traffic for "the guest" goes now: ``--guest-ip6`` when guestnet gave it

@@ -408,7 +408,7 @@ def test_forward_hooks(inst: Instance) -> None:
         got.append((f.id, bytes(payload), sender))
         f.sock.sendto(b"re:" + payload, sender)
 
-    inst.forwards.on_accept = lambda f, conn: accepted.append((f, conn))
+    inst.forwards.on_accept = lambda f, conn, _peer: accepted.append((f, conn))
     inst.forwards.on_datagram = on_datagram
     inst.forwards.on_remove = lambda f: removed.append(f.id)
     tcp = inst.forwards.add("tcp", 0, 80)

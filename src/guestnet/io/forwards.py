@@ -10,8 +10,10 @@ Forwards from ``-p`` on the command line are created at start through the same :
 
 The datapath is not here: the TCP and UDP NAT plug into two hooks.
 
-- ``on_accept(forward, conn)``: called for every accepted TCP connection, with the connected,
-  non-blocking socket; the hook takes ownership (opens a flow toward the guest or closes it).
+- ``on_accept(forward, conn, peer)``: called for every accepted TCP connection, with the
+  connected, non-blocking socket and the host client's address as ``accept`` returned it (so
+  the hook needs no ``getpeername``); the hook takes ownership (opens a flow toward the guest
+  or closes it).
 - ``on_datagram(forward, payload, sender)``: called for every UDP datagram received on the
   forward's socket; ``payload`` is a view valid only during the call, ``sender`` the host
   client's address. Replies go back with ``forward.sock.sendto(data, sender)``.
@@ -41,6 +43,7 @@ import re
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from guestnet.counters import Counters
 from guestnet.io.listener import Listener
@@ -143,8 +146,9 @@ class Forwards:
         self._ids = itertools.count(1)
         self._rx = bytearray(UDP_MAX)
         self._rxv = memoryview(self._rx)
-        #: TCP datapath hook: takes ownership of the accepted, non-blocking socket.
-        self.on_accept: Callable[[Forward, socket.socket], None] | None = None
+        #: TCP datapath hook: takes ownership of the accepted, non-blocking socket; gets the
+        #: client's address from ``accept`` with it.
+        self.on_accept: Callable[[Forward, socket.socket, tuple[Any, ...]], None] | None = None
         #: UDP datapath hook: (forward, payload view valid during the call, sender address).
         self.on_datagram: Callable[[Forward, memoryview, tuple[object, ...]], None] | None = None
         #: Called before a forward's socket is closed (removal or shutdown).
@@ -311,17 +315,17 @@ class Forwards:
             self.loop.remove_fd(fwd.sock.fileno())
             fwd.sock.close()
 
-    def _tcp_handler(self, fwd: Forward) -> Callable[[socket.socket, object], None]:
+    def _tcp_handler(self, fwd: Forward) -> Callable[[socket.socket, Any], None]:
         counters = self.counters
 
-        def on_accept(conn: socket.socket, _addr: object) -> None:
+        def on_accept(conn: socket.socket, addr: tuple[Any, ...]) -> None:
             fwd.accepted += 1
             hook = self.on_accept
             if hook is None:
                 counters.inc("forward.tcp.no_datapath")
                 conn.close()
                 return
-            hook(fwd, conn)
+            hook(fwd, conn, addr)
 
         return on_accept
 

@@ -41,7 +41,9 @@ The room the core advertises to the guest is the send buffer's free memory as th
 it (``SO_MEMINFO``: ``SO_SNDBUF`` minus ``wmem_queued``), less an eighth for per-buffer overhead.
 A ``send`` takes data while ``wmem_queued`` is below ``SO_SNDBUF``, so it takes all of that.
 Before its first ``send`` a socket's buffer is empty and at least ``tcp_wmem``'s initial size,
-so the SYN-ACK's window needs no ``getsockopt``.
+so the SYN-ACK's window needs no ``getsockopt``; except for a socket accepted on a published
+port when that estimate is below our MSS (a 64 KiB MTU): its buffer grew at its handshake, and
+the kernel is asked, so that its window is not taken for a small one.
 (Payload bytes queued, ``SIOCOUTQ``, are not enough: the overhead on a nearly full 4 MiB buffer
 was ~2% here, tens of KiB, more than the room left; the guest then sent into a window the socket
 could not take, and every short ``send`` cost it a whole window of loss recovery, seconds with
@@ -87,6 +89,7 @@ import select
 import socket
 import struct
 from collections.abc import Callable
+from typing import Any
 
 from guestnet.config import GUEST_RETURN_TIMEOUT_S
 from guestnet.core.port import Port
@@ -466,8 +469,10 @@ class TcpNatDriver:
         self.forwards = forwards
         forwards.on_accept = self.on_forward_accept
 
-    def on_forward_accept(self, fwd: Forward, conn: socket.socket) -> None:
-        """A host client connected to ``fwd``: open a flow toward the guest, or close it."""
+    def on_forward_accept(self, fwd: Forward, conn: socket.socket, peer: tuple[Any, ...]) -> None:
+        """A host client connected to ``fwd``: open a flow toward the guest, or close it.
+
+        ``peer`` is the client's address as ``accept`` returned it (no ``getpeername``)."""
         counters = self.counters
         text = self.forwards.guest_ip_for(fwd)
         guest_ip = self._packed.get(text)
@@ -487,14 +492,14 @@ class TcpNatDriver:
             counters.inc("forward.tcp.no_guest")
             _close_now(conn)
             return
-        try:
-            peer = conn.getpeername()
-        except OSError:
-            counters.inc("forward.tcp.accept.gone")
-            conn.close()
-            return
         # The listener has TCP_NODELAY (io/forwards.py), which accepted sockets inherit.
         hs = _HostSock(conn, nagle=False)
+        if self.fresh_room < self.nat.our_mss:
+            # A large MTU: the initial-size estimate is below one MSS, which would make the
+            # SYN's window "small" (a window re-check timer, and an update once the socket is
+            # asked). An accepted socket's buffer has grown at its handshake already (to a few
+            # MiB on loopback): ask the kernel from the SYN on.
+            hs.fresh = False
         # A port may hold several MACs (a guest that bridges): the one that claimed the address.
         mac = self.switch.mac_for_ip4(guest_ip)
         if mac is None or self.switch.port_for(mac) is not port:

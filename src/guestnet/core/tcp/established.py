@@ -126,10 +126,26 @@ class _Established(_Recovery):
             return
         was_blocked = not flow.host_writable
         flow.host_writable = True
-        if not flow.guest_fin and (was_blocked or flow.rcv_wnd < self.our_mss):
+        if flow.guest_fin:
+            return
+        if not was_blocked:
+            if flow.rcv_wnd >= self.our_mss:
+                return
+            # A window below one MSS (a fresh socket's buffer is smaller than a 64 KiB MTU's
+            # MSS): an update only if it grew. Edge-triggered epoll reports EPOLLOUT with every
+            # read event on a writable socket, and an ACK repeating the window is a frame for
+            # nothing (one per forwarded connection, at the host client's EOF).
+            old = flow.rcv_wnd
+            self._update_window(flow)
+            if flow.rcv_wnd <= old:
+                return
             self.counters.inc("tcp.window.update")
-            self._send_ack(flow)
+            self._send_ack(flow, update=False)
             self._arm(flow)
+            return
+        self.counters.inc("tcp.window.update")
+        self._send_ack(flow)
+        self._arm(flow)
 
     def flush(self, now: float) -> None:
         """End of a loop turn: send the ACKs coalesced during it."""
@@ -205,11 +221,14 @@ class _Established(_Recovery):
                 flow.guest_fin = True
                 flow.rcv_nxt = (flow.rcv_nxt + 1) & SEQ_MASK
                 counters.inc("tcp.guest.fin")
-                try:
-                    self.io.shutdown_write(flow)
-                except OSError as exc:
-                    self._host_error(flow, exc)
-                    return
+                if not flow.fin_acked:
+                    # (With our FIN acknowledged the socket is closed just below, which sends
+                    # the host its FIN: a shutdown first would be a system call for nothing.)
+                    try:
+                        self.io.shutdown_write(flow)
+                    except OSError as exc:
+                        self._host_error(flow, exc)
+                        return
                 if not flow.fin_sent:
                     flow.guest_first = True
                     # The host usually closes at once on our shutdown: hold the ACK so that

@@ -18,7 +18,9 @@ round the whole range before reuse (state ``SYN_SENT``). The SYN is retransmitte
 3 s; without a SYN-ACK by ``FORWARD_CONNECT_TIMEOUT_S`` the host connection is reset. An RST
 from the guest (nobody listens) resets the host connection at once. The SYN-ACK makes the flow
 ``ESTABLISHED`` and from there it is exactly a guest-opened flow; removing the forward only
-closes its listening socket, never its flows.
+closes its listening socket, never its flows. Our ACK of the SYN-ACK is held to the end of the
+loop turn unless host data is already waiting: a client that spoke first (its data is reported
+in the same turn, just after the SYN-ACK) has it carried by its first data segment.
 
 Half-open bound and SYN cookies. A SYN flood (random source ports) would otherwise fill the
 whole flow table with flows that never finish their handshake and hold a host connect each, and
@@ -553,9 +555,18 @@ class _Handshake(_Irregular):
         if first_try:
             self._rtt_sample(flow, now - flow.created)
         counters.inc("tcp.forward.established")
-        self._send_ack(flow)
         if flow.host_readable:
+            self._send_ack(flow)
             self._pump(flow, now)
+            return
+        # The client's first bytes are usually in the host socket already, reported by the
+        # loop later in this very turn (the guest's answer to our SYN is queued on the link
+        # before the accepted socket is watched): hold the ACK to the end of the turn, so that
+        # the data segment carries it; :meth:`flush` sends it bare if nothing came. The window
+        # is scaled from here on: recompute the field the data segment will carry.
+        self._update_window(flow)
+        flow.ack_pending = True
+        self._defer(flow)
 
     # -- refusals -------------------------------------------------------------------------------
 
