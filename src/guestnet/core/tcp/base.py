@@ -89,6 +89,19 @@ class TcpNatBase:
         def _send_syn_ack(self, flow: TcpFlow) -> None:
             """Our SYN-ACK to the guest (its host connect completed)."""
 
+        def _syn_rcvd(
+            self,
+            flow: TcpFlow,
+            l4: memoryview,
+            hlen: int,
+            seq: int,
+            ack: int,
+            flags: int,
+            window: int,
+            now: float,
+        ) -> None:
+            """A guest segment for a flow waiting for the ACK of our SYN-ACK."""
+
         # Implemented in irregular.py.
 
         def _irregular_control(self, flow: TcpFlow, seq: int, flags: int) -> None:

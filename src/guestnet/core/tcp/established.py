@@ -18,8 +18,9 @@ request was a quarter of guestnet's work in a 1-byte ping-pong); a second segmen
 turn, as a receiver acknowledges at least every other segment (RFC 9293 3.8.6.3). A segment of
 an established flow from a link with trusted checksums skips the classifier's general parse and
 route: the classifier unpacks Ethernet, IPv4 and TCP headers in one go and calls
-:meth:`handle_fast`, which takes it only for an established flow (else it goes the ordinary
-way, unchanged).
+:meth:`handle_fast`, which takes it only for an established flow, or for one in SYN_RCVD
+(the guest's ACK that ends the handshake: one per connection) (else it goes the ordinary way,
+unchanged).
 
 Host to guest. We read the host socket only while the guest's window (and ``MAX_UNACKED``)
 has room, straight into the payload area of a pooled frame, write the headers in front and
@@ -64,6 +65,7 @@ from guestnet.core.tcp.flow import (
     READ_BATCH_BYTES,
     REAP_DELAY_S,
     SEQ_MASK,
+    SYN_RCVD,
     WND_CHECK_MIN_S,
     TcpFlow,
     seq_delta,
@@ -97,13 +99,20 @@ class _Established(_Recovery):
         now: float,
     ) -> bool:
         """The classifier's fast path (``tcp_fast``): a guest segment already parsed and
-        checked, taken only for an established flow, as :meth:`handle_segment` would take it.
-        False: not taken, nothing changed (the segment goes the ordinary way)."""
+        checked, taken only for an established flow or one waiting for the ACK of our SYN-ACK
+        (the last of every handshake), as :meth:`handle_segment` would take it. False: not
+        taken, nothing changed (the segment goes the ordinary way)."""
         flow = self.table.get((src, sport, dst, dport))
-        if flow is None or flow.state != ESTABLISHED or (flags & SYN and flags & (FIN | RST)):
+        if flow is None or (flags & SYN and flags & (FIN | RST)):
             return False
+        state = flow.state
         self._now = now
-        self._established(flow, l4, hlen, seq, ack, flags, window, now)
+        if state == ESTABLISHED:
+            self._established(flow, l4, hlen, seq, ack, flags, window, now)
+        elif state == SYN_RCVD:
+            self._syn_rcvd(flow, l4, hlen, seq, ack, flags, window, now)
+        else:
+            return False
         if flow.state != CLOSED or flow.reap_deadline is not None:
             self._arm(flow)
         return True
