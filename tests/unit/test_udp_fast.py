@@ -493,3 +493,29 @@ def test_ipv6_to_the_gateway_while_a_client_waits_goes_the_ordinary_way(
     assert fast.state() == plain.state()
     for side in sides:
         side.nat.close_all()
+
+
+def test_an_address_a_guest_claims_later_is_that_guests_not_the_nats(
+    make_core: Any, frames: Any
+) -> None:
+    # A stream to a subnet address no guest has claimed is refused by the policy, so it opens
+    # no flow the fast path could take later; once another guest claims the address (its ARP),
+    # the next datagram is routed to that guest, as the ordinary path decides.
+    side = Side(make_core, True)
+    core = side.core
+    port_b = core.add_port("guest1")
+    core.feed(frames.arp())
+    port_b.sent.clear()
+    ip_b, mac_b = bytes([10, 0, 2, 16]), bytes.fromhex("5254000000bb")
+    for _ in range(3):
+        side.feed(frames.udp(dst=ip_b))
+    side.burst_end()
+    assert port_b.sent == []
+    assert side.taken == 0 and core.counters["nat.udp.policy.guest_subnet"] == 3
+    core.feed(frames.arp(sha=mac_b, spa=ip_b), port=port_b)
+    port_b.sent.clear()
+    side.feed(frames.udp(dst=ip_b, payload=b"now B's"))
+    (out,) = port_b.sent
+    assert out[:6] == mac_b and out.endswith(b"now B's")
+    assert core.counters["switch.routed"] == 1
+    side.nat.close_all()
