@@ -1,7 +1,7 @@
 """CPU time of the whole datapath per TCP request, in one process: loop, TAP link, classifier,
 TCP core and driver, with real system calls on both sides.
 
-Run: .venv/bin/python bench/bench_loop_request.py [--quick] [--rounds N]
+Run: .venv/bin/python bench/bench_loop_request.py [--quick] [--rounds N] [--mtu N] [--only rr]
 
 bench/bench_tcp_request.py times the TCP core alone with a scripted driver; on the real path
 the loop, the link and the driver (epoll, reads until EAGAIN, closures, timers) run around it,
@@ -51,8 +51,8 @@ SYN_OPTS = build_syn_options(1460, 7)
 class Rig:
     """guestnet's loop with one TAP-like link; the bench is the guest and the host server."""
 
-    def __init__(self) -> None:
-        self.inst = Instance(Config(), echo_mode=None)
+    def __init__(self, mtu: int = 1500) -> None:
+        self.inst = Instance(Config(mtu=mtu), echo_mode=None)
         ours, self.guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.guest.setblocking(False)
         self.link = TapLink(self.inst.hub, ours.detach(), "tap0", "eth0", offloads=0)
@@ -153,8 +153,9 @@ def conn_batch(rig: Rig, ports: list[int], n: int) -> None:
         rig.turn()
 
 
-def measure(batches: int, per_batch: int, rounds: int) -> None:
-    rig = Rig()
+def measure(batches: int, per_batch: int, rounds: int, mtu: int = 1500,
+            only: str | None = None) -> None:  # fmt: skip
+    rig = Rig(mtu)
     try:
         conn, seq, ack = connection(rig, 40000)
         state = [40000, seq, ack]
@@ -167,11 +168,15 @@ def measure(batches: int, per_batch: int, rounds: int) -> None:
                 ("rr 1 byte", lambda k: rr_batch(rig, state, conn, k), 1),
                 ("conn guest->host", lambda k: conn_batch(rig, ports, k), 4),
             ):
+                if only is not None and not name.startswith(only):
+                    continue
                 rig.cpu = 0.0
                 count = per_batch // n
                 run(count)
                 rows[name].append(rig.cpu * 1e6 / count)
         for name, vals in rows.items():
+            if not vals:
+                continue
             print(f"{name:<18} min {min(vals):7.1f} us  median {statistics.median(vals):7.1f} us")
         counters = rig.inst.counters.snapshot() if hasattr(rig.inst.counters, "snapshot") else {}
         if counters:
@@ -184,9 +189,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--mtu", type=int, default=1500, help="the link MTU (Config.mtu)")
+    p.add_argument("--only", choices=("rr", "conn"), help="one row only")
     args = p.parse_args()
     batches, per_batch = (5, 100) if args.quick else (20, 200)
-    measure(batches, per_batch, args.rounds)
+    measure(batches, per_batch, args.rounds, args.mtu, args.only)
     return 0
 
 
