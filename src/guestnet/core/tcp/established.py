@@ -63,9 +63,8 @@ from guestnet.core.tcp.flow import (
     seq_delta,
 )
 from guestnet.core.tcp.recovery import _Recovery, _silent_deadline
-from guestnet.core.tcp.segment import hdrs_len
 from guestnet.pool import Frame
-from guestnet.wire.tcp import ACK, FIN, PSH, RST, SYN
+from guestnet.wire.tcp import ACK, FIN, PSH, RST, SYN, TCP_HLEN
 
 #: Flags that take a segment off the steady-state path (with a missing ACK).
 _RST_SYN = RST | SYN
@@ -336,7 +335,7 @@ class _Established(_Recovery):
             io = self.io
             seg_max = self._seg_max(flow)
             most = READ_BATCH_BYTES // seg_max or 1
-            hdrs = hdrs_len(flow.family)
+            hdrs = flow.family.l4_off + TCP_HLEN  # hdrs_len(flow.family), inline
             while True:
                 # seq_delta(snd_nxt, snd_una), inline: this runs for every host read.
                 flight = ((flow.snd_nxt - flow.snd_una + 0x80000000) & SEQ_MASK) - 0x80000000
@@ -379,7 +378,11 @@ class _Established(_Recovery):
                     else:
                         flow.unacked += view[:got]
                     flow.snd_nxt = (seq + got) & SEQ_MASK
-                    self._segment(flow, frame, seq, ACK | PSH, got)
+                    # self._segment(flow, frame, seq, ACK | PSH, got), inline
+                    flow.ack_pending = False
+                    if got > flow.mss:
+                        frame.gso_size = flow.mss
+                    self._write(flow, frame, seq, flow.rcv_nxt, ACK | PSH, flow.wnd_field, got)
                 else:
                     frames: list[Frame] = []
                     views: list[memoryview] = []
