@@ -258,7 +258,9 @@ class _Established(_Recovery):
                     flow.unacked.drop(nbytes)
             flow.snd_una = ack
             flow.dupacks = 0
-            if flow.rtt_seq is not None and seq_delta(ack, flow.rtt_seq) >= 0:
+            rtt_seq = flow.rtt_seq
+            # seq_delta(ack, rtt_seq) >= 0, inline
+            if rtt_seq is not None and (ack - rtt_seq) & SEQ_MASK < 0x80000000:
                 self._rtt_sample(flow, now - flow.rtt_time)
                 flow.rtt_seq = None
             if flow.retries:
