@@ -342,7 +342,7 @@ class TapLink(Link):
         classify = hub.deliver
         port = self.port
         loop = hub.loop
-        now = loop.now()
+        now = loop.clock()  # loop.now(), without its Python frame
         turn = loop.turn
         # Sparse traffic: stop after one frame, unless the last wake-up did (see the docstring):
         # then this read-until-EAGAIN continues its burst, and the frame it took counts.
