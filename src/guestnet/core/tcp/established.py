@@ -92,7 +92,7 @@ class _Established(_Recovery):
         """The classifier's fast path (``tcp_fast``): a guest segment already parsed and
         checked, taken only for an established flow, as :meth:`handle_segment` would take it.
         False: not taken, nothing changed (the segment goes the ordinary way)."""
-        flow = self.table.get((src, sport, dst, dport))
+        flow = self.table.lookup((src, sport, dst, dport))
         if flow is None or flow.state != ESTABLISHED or (flags & SYN and flags & (FIN | RST)):
             return False
         self._now = now
