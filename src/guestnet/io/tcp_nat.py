@@ -198,7 +198,7 @@ class TcpNatDriver:
         def on_events(events: int) -> None:
             now = clock()
             hs.drained = False
-            hs.hup = bool(events & _HUP)
+            hs.hup = events & _HUP != 0
             if flow.state == CONNECTING:
                 if not events & _CONNECT_DONE:
                     return
@@ -219,7 +219,7 @@ class TcpNatDriver:
         self.loop.add_fd(hs.fd, _EVENTS, on_events)
 
     def send(self, flow: TcpFlow, data: memoryview) -> int:
-        hs = flow.io_data
+        hs: _HostSock = flow.io_data
         sock = hs.sock
         if sock is None:
             raise BrokenPipeError(errno.EPIPE, "host socket closed")
@@ -231,12 +231,12 @@ class TcpNatDriver:
             hs.nagle = False
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            return int(sock.send(data))
+            return sock.send(data)
         except BlockingIOError:
             return 0
 
     def recv_into(self, flow: TcpFlow, bufs: list[memoryview]) -> int:
-        hs = flow.io_data
+        hs: _HostSock = flow.io_data
         sock = hs.sock
         if sock is None:
             return 0
@@ -248,7 +248,7 @@ class TcpNatDriver:
         flags = hs.peek
         try:
             if len(bufs) == 1:
-                n = int(sock.recv_into(bufs[0], 0, flags))
+                n = sock.recv_into(bufs[0], 0, flags)
                 asked = len(bufs[0])
             else:
                 n = int(sock.recvmsg_into(bufs, 0, flags)[0])
