@@ -51,8 +51,8 @@ SYN_OPTS = build_syn_options(1460, 7)
 class Rig:
     """guestnet's loop with one TAP-like link; the bench is the guest and the host server."""
 
-    def __init__(self, mtu: int = 1500) -> None:
-        self.inst = Instance(Config(mtu=mtu), echo_mode=None)
+    def __init__(self, mtu: int | None = None) -> None:
+        self.inst = Instance(Config() if mtu is None else Config(mtu=mtu), echo_mode=None)
         ours, self.guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.guest.setblocking(False)
         self.link = TapLink(self.inst.hub, ours.detach(), "tap0", "eth0", offloads=0)
@@ -153,7 +153,7 @@ def conn_batch(rig: Rig, ports: list[int], n: int) -> None:
         rig.turn()
 
 
-def measure(batches: int, per_batch: int, rounds: int, mtu: int = 1500,
+def measure(batches: int, per_batch: int, rounds: int, mtu: int | None = None,
             only: str | None = None) -> None:  # fmt: skip
     rig = Rig(mtu)
     try:
@@ -189,7 +189,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--mtu", type=int, default=1500, help="the link MTU (Config.mtu)")
+    p.add_argument("--mtu", type=int, default=None, help="the link MTU (default: Config's)")
     p.add_argument("--only", choices=("rr", "conn"), help="one row only")
     args = p.parse_args()
     batches, per_batch = (5, 100) if args.quick else (20, 200)
