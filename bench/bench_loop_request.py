@@ -1,7 +1,7 @@
 """CPU time of the whole datapath per TCP request, in one process: loop, TAP link, classifier,
 TCP core and driver, with real system calls on both sides.
 
-Run: .venv/bin/python bench/bench_loop_request.py [--quick] [--rounds N] [--mtu N]
+Run: .venv/bin/python bench/bench_loop_request.py [--quick] [--rounds N] [--mtu N] [--only rr]
 
 bench/bench_tcp_request.py times the TCP core alone with a scripted driver; on the real path
 the loop, the link and the driver (epoll, reads until EAGAIN, closures, timers) run around it,
@@ -153,7 +153,8 @@ def conn_batch(rig: Rig, ports: list[int], n: int) -> None:
         rig.turn()
 
 
-def measure(batches: int, per_batch: int, rounds: int, mtu: int | None = None) -> None:
+def measure(batches: int, per_batch: int, rounds: int, mtu: int | None = None,
+            only: str | None = None) -> None:  # fmt: skip
     rig = Rig(mtu)
     try:
         conn, seq, ack = connection(rig, 40000)
@@ -167,11 +168,15 @@ def measure(batches: int, per_batch: int, rounds: int, mtu: int | None = None) -
                 ("rr 1 byte", lambda k: rr_batch(rig, state, conn, k), 1),
                 ("conn guest->host", lambda k: conn_batch(rig, ports, k), 4),
             ):
+                if only is not None and not name.startswith(only):
+                    continue
                 rig.cpu = 0.0
                 count = per_batch // n
                 run(count)
                 rows[name].append(rig.cpu * 1e6 / count)
         for name, vals in rows.items():
+            if not vals:
+                continue
             print(f"{name:<18} min {min(vals):7.1f} us  median {statistics.median(vals):7.1f} us")
         counters = rig.inst.counters.snapshot() if hasattr(rig.inst.counters, "snapshot") else {}
         if counters:
@@ -185,9 +190,10 @@ def main() -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--mtu", type=int, default=None, help="the link MTU (default: Config's)")
+    p.add_argument("--only", choices=("rr", "conn"), help="one row only")
     args = p.parse_args()
     batches, per_batch = (5, 100) if args.quick else (20, 200)
-    measure(batches, per_batch, args.rounds, args.mtu)
+    measure(batches, per_batch, args.rounds, args.mtu, args.only)
     return 0
 
 

@@ -8,6 +8,7 @@ tests/integration/test_netns.py.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import struct
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import pytest
 from guestnet.assembly import Instance
 from guestnet.config import Config
 from guestnet.io.tap import VNET_F_DATA_VALID, VNET_F_NEEDS_CSUM, VNET_HDR_LEN, TapLink
+from guestnet.pool import Frame
 
 GUEST_MAC = bytes.fromhex("525400123456")
 GATEWAY_MAC = bytes.fromhex("52550a000202")
@@ -116,3 +118,59 @@ def test_sparse_traffic_reads_one_frame_per_turn_and_leaves_nothing_behind(
         while guest.recv(70000):
             replies += 1
     assert replies == 6
+
+
+def _frame_to_guest(inst: Instance, payload: bytes) -> Frame:
+    """A pooled frame holding ``payload`` (what the core hands a link)."""
+    frame = inst.pool_to_guest.acquire()
+    frame.view[frame.start : frame.start + len(payload)] = payload
+    frame.length = len(payload)
+    return frame
+
+
+def test_send_queues_on_eagain_and_flushes_in_order(
+    tap: tuple[Instance, TapLink, socket.socket],
+) -> None:
+    """A frame the fd cannot take now waits in the link's queue (and the ones after it behind
+    it) until EPOLLOUT; then they go out in order, each with its header."""
+    inst, link, guest = tap
+    filler = 0
+    with contextlib.suppress(BlockingIOError):
+        for _ in range(10000):
+            os.write(link.fd, bytes(VNET_HDR_LEN) + b"f" * 60)
+            filler += 1
+    assert 0 < filler < 10000
+    link.send(_frame_to_guest(inst, b"A" * 60))
+    link.send(_frame_to_guest(inst, b"B" * 60))
+    assert link.stats()["tx_queue"] == 2 and link.port.tx_frames == 2
+    for _ in range(filler):
+        guest.recv(70000)
+    for _ in range(5):
+        inst.loop.run_once(max_wait=0.1)
+        if not link.stats()["tx_queue"]:
+            break
+    assert guest.recv(70000) == bytes(VNET_HDR_LEN) + b"A" * 60
+    assert guest.recv(70000) == bytes(VNET_HDR_LEN) + b"B" * 60
+    assert inst.pool_to_guest.in_use == 0
+
+
+def test_send_error_is_counted_and_the_frame_released(
+    tap: tuple[Instance, TapLink, socket.socket],
+) -> None:
+    inst, link, guest = tap
+    guest.close()  # the far end is gone: the write fails (ECONNREFUSED here)
+    link.send(_frame_to_guest(inst, b"x" * 60))
+    assert inst.pool_to_guest.in_use == 0 and link.stats()["tx_queue"] == 0
+    assert any(k.startswith("link.tap.write.") for k in inst.counters.snapshot())
+
+
+def test_send_with_partial_checksum_writes_its_header(
+    tap: tuple[Instance, TapLink, socket.socket],
+) -> None:
+    inst, link, guest = tap
+    frame = _frame_to_guest(inst, b"y" * 60)
+    frame.csum_start, frame.csum_offset = 34, 16
+    link.send(frame)
+    got = guest.recv(70000)
+    assert got[:VNET_HDR_LEN] == struct.pack("<BBHHHHH", VNET_F_NEEDS_CSUM, 0, 0, 0, 34, 16, 0)
+    assert got[VNET_HDR_LEN:] == b"y" * 60

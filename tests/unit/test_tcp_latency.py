@@ -205,3 +205,27 @@ def test_driver_lets_go_of_a_finished_flow(ending: str) -> None:
         gc.enable()
         loop.close()
         b.close()
+
+
+def test_a_read_into_one_frame_stays_within_the_window_and_is_kept_for_retransmission(
+    tcp: Tcp,
+) -> None:
+    """When the guest's window is less than a frame, each read offers one buffer of exactly
+    the room left (the one-frame path of ``_pump``), the bytes read are queued for
+    retransmission, and the rest waits in the socket until the guest opens the window."""
+    tcp.open(window=0xFFFF)
+    io: CountingIo = tcp.io  # type: ignore[assignment]
+    data = bytes(range(256)) * 12  # 3072 bytes
+    tcp.send(ACK, ISN + 1, OUR_ISS + 1, window=8)  # 8 << 7: 1024 bytes of room
+    io.offered.clear()
+    tcp.host_data(data)
+    (seg,) = tcp.out()
+    assert seg.payload == data[:1024] and seg.seq == OUR_ISS + 1
+    assert io.offered == [1]
+    assert bytes(tcp.flow.unacked) == data[:1024]
+    tcp.send(ACK, ISN + 1, OUR_ISS + 1 + 1024, window=8)
+    (seg,) = tcp.out()
+    assert seg.payload == data[1024:2048] and seg.seq == OUR_ISS + 1 + 1024
+    assert bytes(tcp.flow.unacked) == data[1024:2048]
+    assert io.offered == [1, 1]
+    assert tcp.core.pool.in_use == 0

@@ -37,7 +37,7 @@ def ip_text(packed: bytes) -> str:
 class FlowTable(Generic[V]):
     """A dict with a capacity: ``add`` refuses (returns False) when full."""
 
-    __slots__ = ("_flows", "capacity", "high_water")
+    __slots__ = ("_flows", "capacity", "high_water", "lookup")
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
@@ -45,6 +45,9 @@ class FlowTable(Generic[V]):
         self.capacity = capacity
         self._flows: dict[FlowKey, V] = {}
         self.high_water = 0
+        #: :meth:`get` without its Python frame (the dict's own ``get``): for the per-segment
+        #: lookups of the datapath.
+        self.lookup = self._flows.get
 
     def get(self, key: FlowKey) -> V | None:
         """The flow for ``key``, or None."""

@@ -58,23 +58,25 @@ class Timer:
 class TimerHeap:
     """A heap of timers keyed by deadline, with lazy deletion and compaction."""
 
-    __slots__ = ("_cancelled", "_heap", "_seq")
+    __slots__ = ("_cancelled", "_seq", "heap")
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Timer]] = []
+        #: The entries; read-only outside this class (the loop peeks at the top to skip
+        #: calls on turns with nothing due, see ``Loop.run_once``).
+        self.heap: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
-        #: Entries in ``_heap`` whose timer was cancelled.
+        #: Entries in ``heap`` whose timer was cancelled.
         self._cancelled = 0
 
     def call_at(self, when: float, callback: Callable[[float], None]) -> Timer:
         """Run ``callback(now)`` once the clock reaches ``when``."""
         timer = Timer(when, callback, self)
-        heapq.heappush(self._heap, (when, next(self._seq), timer))
+        heapq.heappush(self.heap, (when, next(self._seq), timer))
         return timer
 
     def next_deadline(self) -> float | None:
         """The earliest live deadline, or None when nothing is scheduled."""
-        heap = self._heap
+        heap = self.heap
         while heap and heap[0][2].cancelled:
             heapq.heappop(heap)
             self._cancelled -= 1
@@ -86,7 +88,7 @@ class TimerHeap:
         A callback may set or cancel timers (and so rebuild the heap): the loop looks at the
         top afresh each time.
         """
-        heap = self._heap
+        heap = self.heap
         fired = 0
         while heap and heap[0][0] <= now:
             _, _, timer = heapq.heappop(heap)
@@ -111,7 +113,7 @@ class TimerHeap:
 
     def _compact_if_due(self) -> None:
         """Rebuild the heap from its live entries when cancelled ones are more than half."""
-        heap = self._heap
+        heap = self.heap
         if self._cancelled * 2 > len(heap) and len(heap) >= COMPACT_MIN:
             # In place: run_due holds a reference to this list.
             heap[:] = [entry for entry in heap if not entry[2].cancelled]
@@ -120,8 +122,8 @@ class TimerHeap:
 
     def entries(self) -> int:
         """Entries in the heap, live and cancelled: what it holds in memory."""
-        return len(self._heap)
+        return len(self.heap)
 
     def __len__(self) -> int:
         """Live (pending, not cancelled) timers."""
-        return len(self._heap) - self._cancelled
+        return len(self.heap) - self._cancelled

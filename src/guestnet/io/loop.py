@@ -174,14 +174,25 @@ class Loop:
         self._running = False
 
     def run_once(self, max_wait: float | None = None) -> None:
-        """One turn: wait for fds or the next deadline (at most ``max_wait``), then dispatch."""
+        """One turn: wait for fds or the next deadline (at most ``max_wait``), then dispatch.
+
+        Written for the turn that runs one handler and no timer (a request/response flow's
+        every packet): the timer heap's top is looked at here, and ``next_deadline`` and
+        ``run_due`` are called only when it holds a cancelled entry or a due one.
+        """
         self.turn += 1
-        deadline = self.timers.next_deadline()
-        timeout = -1.0
-        if deadline is not None:
-            timeout = max(0.0, deadline - self.clock())
-        if max_wait is not None and (timeout < 0 or timeout > max_wait):
-            timeout = max_wait
+        timers = self.timers
+        heap = timers.heap
+        if heap and heap[0][2].cancelled:
+            timers.next_deadline()  # drops the cancelled entries from the top
+        if heap:
+            timeout = heap[0][0] - self.clock()
+            if timeout < 0.0:
+                timeout = 0.0
+            if max_wait is not None and timeout > max_wait:
+                timeout = max_wait
+        else:
+            timeout = -1.0 if max_wait is None else max_wait
         try:
             ready = self._epoll.poll(timeout, 256)
         except InterruptedError:
@@ -191,7 +202,10 @@ class Loop:
             handler = handlers.get(fd)
             if handler is not None:
                 handler(events)
-        self.timers.run_due(self.clock())
+        if heap:
+            now = self.clock()
+            if heap[0][0] <= now:
+                timers.run_due(now)
 
     def run(self, until: Callable[[], bool] | None = None) -> None:
         """Run until :meth:`stop`, a signal, or ``until()`` turns true.

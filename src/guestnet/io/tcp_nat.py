@@ -259,7 +259,7 @@ class TcpNatDriver:
         def on_events(events: int) -> None:
             now = clock()
             hs.drained = False
-            hs.hup = bool(events & _HUP)
+            hs.hup = events & _HUP != 0
             if flow.state == CONNECTING:
                 if not events & _CONNECT_DONE:
                     return
@@ -286,7 +286,7 @@ class TcpNatDriver:
         self.loop.modify_fd(hs.fd, _EVENTS)
 
     def send(self, flow: TcpFlow, data: memoryview) -> int:
-        hs = flow.io_data
+        hs: _HostSock = flow.io_data
         sock = hs.sock
         if sock is None:
             raise BrokenPipeError(errno.EPIPE, "host socket closed")
@@ -303,7 +303,7 @@ class TcpNatDriver:
             if not hs.out:
                 self._watch_out(hs)
         try:
-            n = int(sock.send(data))
+            n = sock.send(data)
         except BlockingIOError:
             n = 0
         if n < len(data) and not hs.out:
@@ -311,7 +311,7 @@ class TcpNatDriver:
         return n
 
     def recv_into(self, flow: TcpFlow, bufs: list[memoryview]) -> int:
-        hs = flow.io_data
+        hs: _HostSock = flow.io_data
         sock = hs.sock
         if sock is None:
             return 0
@@ -323,7 +323,7 @@ class TcpNatDriver:
         flags = hs.peek
         try:
             if len(bufs) == 1:
-                n = int(sock.recv_into(bufs[0], 0, flags))
+                n = sock.recv_into(bufs[0], 0, flags)
                 asked = len(bufs[0])
             else:
                 n = int(sock.recvmsg_into(bufs, 0, flags)[0])

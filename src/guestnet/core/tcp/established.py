@@ -71,9 +71,8 @@ from guestnet.core.tcp.flow import (
     seq_delta,
 )
 from guestnet.core.tcp.recovery import _Recovery, _silent_deadline
-from guestnet.core.tcp.segment import hdrs_len
 from guestnet.pool import Frame
-from guestnet.wire.tcp import ACK, FIN, PSH, RST, SYN
+from guestnet.wire.tcp import ACK, FIN, PSH, RST, SYN, TCP_HLEN
 
 #: Flags that take a segment off the steady-state path (with a missing ACK).
 _RST_SYN = RST | SYN
@@ -102,7 +101,7 @@ class _Established(_Recovery):
         checked, taken only for an established flow or one waiting for the ACK of our SYN-ACK
         (the last of every handshake), as :meth:`handle_segment` would take it. False: not
         taken, nothing changed (the segment goes the ordinary way)."""
-        flow = self.table.get((src, sport, dst, dport))
+        flow = self.table.lookup((src, sport, dst, dport))
         if flow is None or (flags & SYN and flags & (FIN | RST)):
             return False
         state = flow.state
@@ -294,7 +293,9 @@ class _Established(_Recovery):
                     flow.unacked.drop(nbytes)
             flow.snd_una = ack
             flow.dupacks = 0
-            if flow.rtt_seq is not None and seq_delta(ack, flow.rtt_seq) >= 0:
+            rtt_seq = flow.rtt_seq
+            # seq_delta(ack, rtt_seq) >= 0, inline
+            if rtt_seq is not None and (ack - rtt_seq) & SEQ_MASK < 0x80000000:
                 self._rtt_sample(flow, now - flow.rtt_time)
                 flow.rtt_seq = None
             if flow.retries:
@@ -371,7 +372,7 @@ class _Established(_Recovery):
             io = self.io
             seg_max = self._seg_max(flow)
             most = READ_BATCH_BYTES // seg_max or 1
-            hdrs = hdrs_len(flow.family)
+            hdrs = flow.family.l4_off + TCP_HLEN  # hdrs_len(flow.family), inline
             while True:
                 # seq_delta(snd_nxt, snd_una), inline: this runs for every host read.
                 flight = ((flow.snd_nxt - flow.snd_una + 0x80000000) & SEQ_MASK) - 0x80000000
@@ -386,8 +387,6 @@ class _Established(_Recovery):
                     break
                 # One system call fills the payload areas of up to ``read_frames`` pooled
                 # frames (adaptive, see below).
-                frames: list[Frame] = []
-                views: list[memoryview] = []
                 batch = flow.read_frames
                 if batch >= most:
                     batch = most
@@ -398,64 +397,75 @@ class _Established(_Recovery):
                 if batch >= KEEP_MIN_FRAMES and not flow.keep:
                     self._start_keeping(flow)
                 keeping = flow.keep > 0
-                asked = 0
-                while room > 0 and len(frames) < batch:
-                    n = seg_max if room > seg_max else room
-                    room -= n
-                    asked += n
+                if batch == 1 or room <= seg_max:
+                    # One frame (a request's answer, at any MTU with super-frames): no lists
+                    # of frames to build and walk, the same reads and segments as below.
+                    asked = seg_max if room > seg_max else room
                     frame = pool.acquire()
                     base = frame.start + hdrs
-                    frames.append(frame)
-                    views.append(frame.view[base : base + n])
-                try:
-                    got = io.recv_into(flow, views)
-                except OSError as exc:
-                    for frame in frames:
+                    view = frame.view[base : base + asked]
+                    try:
+                        got = io.recv_into(flow, [view])
+                    except OSError as exc:
                         pool.release(frame)
-                    self._host_error(flow, exc)
-                    return
-                if got <= 0:
-                    for frame in frames:
+                        self._host_error(flow, exc)
+                        return
+                    if got <= 0:
                         pool.release(frame)
-                    flow.host_readable = False
-                    if got == 0:
-                        flow.host_eof = True
-                        self.counters.inc("tcp.host.eof")
-                    break
-                if flow.rto_deadline is None:
-                    flow.rto_deadline = now + flow.rto
-                if flow.rtt_seq is None:
-                    flow.rtt_seq = (flow.snd_nxt + got) & SEQ_MASK
-                    flow.rtt_time = now
-                flow.bytes_to_guest += got
-                # Size the next read from this one: double while reads fill every buffer (bulk
-                # reaches READ_BATCH in a few reads), else twice what this one used. A fixed
-                # READ_BATCH cost 64 pool acquires and releases for every 1-byte answer.
-                if got >= asked:
-                    flow.read_frames = batch * 2 if batch * 2 < READ_BATCH else READ_BATCH
-                else:
-                    # Frames of 16 KiB or more (super-frames, a 64 KiB MTU): as many as this
-                    # read used, one for any answer that fits one (a single ``recv`` into one
-                    # pool frame per request); smaller ones, twice as many.
-                    used = got // seg_max + 1
-                    if seg_max < BIG_FRAME:
-                        used *= 2
-                    flow.read_frames = used if used < READ_BATCH else READ_BATCH
-                unacked = flow.unacked
-                if keeping:
-                    flow.kept += got
-                left = got
-                for frame, view in zip(frames, views, strict=True):
-                    if left <= 0:
-                        pool.release(frame)
-                        continue
-                    take = len(view) if len(view) < left else left
-                    left -= take
+                        self._host_gone(flow, got)
+                        break
+                    self._read_done(flow, got, asked, batch, seg_max, now)
                     seq = flow.snd_nxt
-                    if not keeping:
-                        unacked += view[:take]
-                    flow.snd_nxt = (seq + take) & SEQ_MASK
-                    self._segment(flow, frame, seq, ACK | PSH, take)
+                    if keeping:
+                        flow.kept += got
+                    else:
+                        flow.unacked += view[:got]
+                    flow.snd_nxt = (seq + got) & SEQ_MASK
+                    # self._segment(flow, frame, seq, ACK | PSH, got), inline
+                    flow.ack_pending = False
+                    if got > flow.mss:
+                        frame.gso_size = flow.mss
+                    self._write(flow, frame, seq, flow.rcv_nxt, ACK | PSH, flow.wnd_field, got)
+                else:
+                    frames: list[Frame] = []
+                    views: list[memoryview] = []
+                    asked = 0
+                    while room > 0 and len(frames) < batch:
+                        n = seg_max if room > seg_max else room
+                        room -= n
+                        asked += n
+                        frame = pool.acquire()
+                        base = frame.start + hdrs
+                        frames.append(frame)
+                        views.append(frame.view[base : base + n])
+                    try:
+                        got = io.recv_into(flow, views)
+                    except OSError as exc:
+                        for frame in frames:
+                            pool.release(frame)
+                        self._host_error(flow, exc)
+                        return
+                    if got <= 0:
+                        for frame in frames:
+                            pool.release(frame)
+                        self._host_gone(flow, got)
+                        break
+                    self._read_done(flow, got, asked, batch, seg_max, now)
+                    unacked = flow.unacked
+                    if keeping:
+                        flow.kept += got
+                    left = got
+                    for frame, view in zip(frames, views, strict=True):
+                        if left <= 0:
+                            pool.release(frame)
+                            continue
+                        take = len(view) if len(view) < left else left
+                        left -= take
+                        seq = flow.snd_nxt
+                        if not keeping:
+                            unacked += view[:take]
+                        flow.snd_nxt = (seq + take) & SEQ_MASK
+                        self._segment(flow, frame, seq, ACK | PSH, take)
                 if not flow.host_readable:
                     # The driver knows this read emptied the queue (see TcpIo.recv_into).
                     break
@@ -469,6 +479,39 @@ class _Established(_Recovery):
             if flow.rto_deadline is None:
                 flow.rto_deadline = now + flow.rto
             self._segment(flow, self.pool.acquire(), seq, FIN | ACK, 0)
+
+    def _host_gone(self, flow: TcpFlow, got: int) -> None:
+        """A read found nothing: the queue was empty (``got`` < 0) or the host sent EOF (0)."""
+        flow.host_readable = False
+        if got == 0:
+            flow.host_eof = True
+            self.counters.inc("tcp.host.eof")
+
+    @staticmethod
+    def _read_done(
+        flow: TcpFlow, got: int, asked: int, batch: int, seg_max: int, now: float
+    ) -> None:
+        """A read of ``got`` bytes into ``batch`` frames of ``asked`` bytes in all: arm the RTO,
+        start an RTT sample, count, and size the next read from this one."""
+        if flow.rto_deadline is None:
+            flow.rto_deadline = now + flow.rto
+        if flow.rtt_seq is None:
+            flow.rtt_seq = (flow.snd_nxt + got) & SEQ_MASK
+            flow.rtt_time = now
+        flow.bytes_to_guest += got
+        # Double while reads fill every buffer (bulk reaches READ_BATCH in a few reads), else
+        # twice what this one used. A fixed READ_BATCH cost 64 pool acquires and releases for
+        # every 1-byte answer.
+        if got >= asked:
+            flow.read_frames = batch * 2 if batch * 2 < READ_BATCH else READ_BATCH
+        else:
+            # Frames of 16 KiB or more (super-frames, a 64 KiB MTU): as many as this read
+            # used, one for any answer that fits one (a single ``recv`` into one pool frame
+            # per request); smaller ones, twice as many.
+            used = got // seg_max + 1
+            if seg_max < BIG_FRAME:
+                used *= 2
+            flow.read_frames = used if used < READ_BATCH else READ_BATCH
 
     # -- window toward the guest ---------------------------------------------------------------
 

@@ -242,7 +242,9 @@ class _Recovery(_SegmentWriter):
         else:
             flow.rttvar = 0.75 * flow.rttvar + 0.25 * abs(flow.srtt - rtt)
             flow.srtt = 0.875 * flow.srtt + 0.125 * rtt
-        flow.rto = self._rto_estimate(flow)
+        # _rto_estimate(flow), inline (every RTT sample, one per request/response exchange).
+        rto = flow.srtt + 4 * flow.rttvar
+        flow.rto = RTO_MIN_S if rto < RTO_MIN_S else RTO_MAX_S if rto > RTO_MAX_S else rto
 
     @staticmethod
     def _rto_estimate(flow: TcpFlow) -> float:

@@ -112,7 +112,8 @@ class _SegmentWriter(TcpNatBase):
             return mss
         slot = self.pool.slot_size - HEADROOM - ETH_HLEN
         room = (cap if cap < slot else slot) - flow.family.header_len - TCP_HLEN
-        return max(mss, room - room % mss)
+        room -= room % mss
+        return room if room > mss else mss
 
     def _our_mss(self, flow: TcpFlow) -> int:
         """The MSS we announce on ``flow``: the link MTU less its family's headers."""
