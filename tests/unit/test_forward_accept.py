@@ -249,3 +249,43 @@ def test_guest_address_text_follows_a_new_lease_after_being_asked(inst: Instance
     assert inst.forwards.guest_ip_for(fw) == "10.0.2.15"
     leased[0] = ipaddress.IPv4Address("10.0.2.42")
     assert inst.forwards.guest_ip_for(fw) == "10.0.2.42"
+
+
+def test_large_mtu_guest_connect_announces_the_real_room(inst: Instance, frames: Any) -> None:
+    """The same for a connection the guest opens: at a 64 KiB MTU our SYN-ACK announces the
+    connected socket's room, not the initial-size estimate (below one MSS), so a request larger
+    than that estimate goes in one segment, with no window check or update."""
+    nat = inst.tcp_nat.nat
+    assert inst.tcp_nat.fresh_room < nat.our_mss  # MTU 65520 by default
+    srv = socket.create_server(("127.0.0.1", 0))
+    try:
+        guest = Guest(inst, frames)
+        port = srv.getsockname()[1]
+        guest.send(41000, port, GISN, 0, SYN)
+        guest.turn()
+        ((synack, _),) = guest.segs()
+        assert synack.flags == SYN | ACK
+        # A SYN's window is never scaled: loopback's MiBs fill the field (the estimate would
+        # have said 14,336 bytes, less than a quarter of one MSS).
+        assert synack.window == 0xFFFF
+        conn, _ = srv.accept()
+        with conn:
+            request = bytes(range(256)) * 120  # 30,720 bytes: twice the estimate
+            assert len(request) > inst.tcp_nat.fresh_room
+            guest.send(41000, port, GISN + 1, synack.seq + 1, ACK | PSH, request)
+            guest.turn()
+            got = b""
+            conn.settimeout(2)
+            while len(got) < len(request):
+                got += conn.recv(65536)
+            assert got == request
+            conn.send(b"ok")
+            guest.turn()
+            # Our ACK of a segment of more than one (guest) MSS went at the end of its turn.
+            *acks, (answer, data) = guest.segs()
+            assert data == b"ok" and answer.ack == GISN + 1 + len(request)
+            assert [t.flags for t, _ in acks] == [ACK] * len(acks)
+            assert all(t.window << OUR_WSCALE >= nat.our_mss for t, _ in [*acks, (answer, data)])
+            assert inst.counters["tcp.window.update"] == 0
+    finally:
+        srv.close()

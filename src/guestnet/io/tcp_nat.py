@@ -41,9 +41,9 @@ The room the core advertises to the guest is the send buffer's free memory as th
 it (``SO_MEMINFO``: ``SO_SNDBUF`` minus ``wmem_queued``), less an eighth for per-buffer overhead.
 A ``send`` takes data while ``wmem_queued`` is below ``SO_SNDBUF``, so it takes all of that.
 Before its first ``send`` a socket's buffer is empty and at least ``tcp_wmem``'s initial size,
-so the SYN-ACK's window needs no ``getsockopt``; except for a socket accepted on a published
-port when that estimate is below our MSS (a 64 KiB MTU): its buffer grew at its handshake, and
-the kernel is asked, so that its window is not taken for a small one.
+so the SYN-ACK's window needs no ``getsockopt``; except when that estimate is below our MSS (a
+64 KiB MTU): the socket's buffer grew at its handshake (connected or accepted), and the kernel
+is asked, so that its window is not taken for a small one.
 (Payload bytes queued, ``SIOCOUTQ``, are not enough: the overhead on a nearly full 4 MiB buffer
 was ~2% here, tens of KiB, more than the room left; the guest then sent into a window the socket
 could not take, and every short ``send`` cost it a whole window of loss recovery, seconds with
@@ -388,9 +388,12 @@ class TcpNatDriver:
         sock = hs.sock if hs is not None else None
         if sock is None:
             return 0
-        if hs.fresh:
+        if hs.fresh and self.fresh_room >= self.nat.our_mss:
             # Nothing sent yet: the buffer is empty and at least its initial size (the
-            # SYN-ACK's window; the first bare ACK after data asks the kernel).
+            # SYN-ACK's window; the first bare ACK after data asks the kernel). Not at a large
+            # MTU, where that estimate is below one MSS: a window that small would hold a
+            # guest's larger request back for a window check; the connected socket's buffer
+            # has grown at its handshake (to MiBs on loopback), so the kernel is asked.
             return self.fresh_room
         try:
             sndbuf, queued = _MEMINFO.unpack(
@@ -493,13 +496,8 @@ class TcpNatDriver:
             _close_now(conn)
             return
         # The listener has TCP_NODELAY (io/forwards.py), which accepted sockets inherit.
+        # At a large MTU the SYN's window is the kernel's figure (see send_room).
         hs = _HostSock(conn, nagle=False)
-        if self.fresh_room < self.nat.our_mss:
-            # A large MTU: the initial-size estimate is below one MSS, which would make the
-            # SYN's window "small" (a window re-check timer, and an update once the socket is
-            # asked). An accepted socket's buffer has grown at its handshake already (to a few
-            # MiB on loopback): ask the kernel from the SYN on.
-            hs.fresh = False
         # A port may hold several MACs (a guest that bridges): the one that claimed the address.
         mac = self.switch.mac_for_ip4(guest_ip)
         if mac is None or self.switch.port_for(mac) is not port:
