@@ -58,7 +58,8 @@ from guestnet.wire.icmpv6 import ICMPV6_ECHO_REQUEST, MLD_TYPES, NDP_TYPES, pars
 from guestnet.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, parse_ipv4
 from guestnet.wire.ipv6 import PROTO_ICMPV6, parse_ipv6
 from guestnet.wire.l3 import IPV4, IPV6
-from guestnet.wire.native import tcp_fast4, tcp_fast6, udp_fast4, udp_fast6
+from guestnet.wire.native import FAST_TCP4, FAST_UDP4, FAST_UDP6, fast_parse
+from guestnet.wire.pure import FastFrame
 from guestnet.wire.tcp import parse_tcp, verify_tcp
 from guestnet.wire.udp import DNS_PORT, parse_udp, verify_udp
 
@@ -151,69 +152,82 @@ class FrameClassifier:
         if self.capture is not None:
             self.capture(frame, csum_trusted)
         try:
-            fast = self.tcp_fast
-            if fast is not None:
-                # Fast path: a unicast IPv4/TCP frame from the port's known guest, header
-                # without options, checksums valid (the TCP one verified here unless the link
-                # vouches for it), not a fragment, not for DNS: exactly the frames the ordinary
-                # path would hand to the TCP NAT unchanged. The NAT takes it only for an
-                # established flow; anything else (and any doubt) goes the long way. IPv6 has
-                # the same (TCP right after a bare header). The test and the fields are one
-                # call (guestnet.wire.native: C, or its Python twin).
-                verify = not csum_trusted
-                seg = tcp_fast4(
-                    frame, self._mac, port.guest_mac, self._broadcast, self._dns_dsts, verify
+            tcp = self.tcp_fast
+            udp = self.udp_fast
+            if tcp is not None or udp is not None:
+                # Fast paths: a unicast IPv4 or IPv6 TCP or UDP frame from the port's known
+                # guest, to guestnet's MAC, bare IP header (TCP or UDP right after it), valid
+                # checksums (the transport one verified here unless the link vouches for it),
+                # not a fragment, not for multicast or broadcast: exactly the frames the
+                # ordinary path would hand unchanged to the TCP NAT, the UDP NAT or the DNS
+                # service, which take it (True) or leave it, unchanged, to the long way. The
+                # test and the fields are one call (guestnet.wire.native: C, or its Python
+                # twin) that reads the ethertype and protocol once and says which kind it is.
+                got = fast_parse(
+                    frame,
+                    self._mac,
+                    port.guest_mac,
+                    self._broadcast,
+                    self._dns_dsts,
+                    self._dns6_dsts,
+                    not csum_trusted,
                 )
-                if seg is not None:
-                    if fast(*seg, now):
-                        return
-                elif self._ipv6:
-                    seg = tcp_fast6(frame, self._mac, port.guest_mac, self._dns6_dsts, verify)
-                    if seg is not None:
-                        sip = seg[1]
+                if got is not None:
+                    kind = got[0]
+                    if kind == FAST_UDP4:
+                        # To the DNS service (port 53 of the DNS or gateway address) or the
+                        # NAT; DHCP the ordinary way.
+                        if udp is not None:
+                            _, src, dst, sport, dport, payload = got
+                            if dport == DNS_PORT and dst in self._dns_dsts:
+                                dns = self.dns_fast
+                                if dns is not None and dns(port, src, dst, sport, dport, payload,
+                                                           now):  # fmt: skip
+                                    return
+                            elif dport != DHCP_SERVER_PORT and udp(port, src, dst, sport, dport,
+                                                                   payload, now):  # fmt: skip
+                                return
+                    elif kind == FAST_TCP4:
+                        # TCP to port 53 of the DNS or gateway address is never a fast kind.
+                        if tcp is not None:
+                            _, seg, sip, dip, sport, dport, seq, ack, hlen, flags, win = got
+                            if tcp(seg, sip, dip, sport, dport, seq, ack, hlen, flags, win, now):
+                                return
+                    elif kind == FAST_UDP6:
+                        # Once the ordinary path has seen the port's first IPv6 packet (NDP's
+                        # port_up), and only while no other guest could be the destination (the
+                        # switch routes between guests; see _to_guest6).
+                        if (
+                            udp is not None
+                            and self._ipv6
+                            and port.ip6_seen
+                            and len(self.switch.ports) == 1
+                            and self._fast_udp6(udp, got, port, now)
+                        ):
+                            return
+                    elif tcp is not None and self._ipv6:  # FAST_TCP6
+                        _, seg, sip, dip, sport, dport, seq, ack, hlen, flags, win = got
                         if sip != port.ip6_last:
                             port.learn_ip6(sip)
-                        if fast(*seg, now):
-                            return
-            udp = self.udp_fast
-            if udp is not None:
-                # The same for UDP: a plain unicast IPv4 datagram from the port's guest, its
-                # fields in one call, to the DNS service or the NAT (DHCP the ordinary way).
-                dgram = udp_fast4(
-                    frame, self._mac, port.guest_mac, self._broadcast, not csum_trusted
-                )
-                if dgram is not None:
-                    src, dst, sport, dport, payload = dgram
-                    if dport == DNS_PORT and dst in self._dns_dsts:
-                        dns = self.dns_fast
-                        if dns is not None and dns(port, src, dst, sport, dport, payload, now):
-                            return
-                    elif dport != DHCP_SERVER_PORT and udp(port, src, dst, sport, dport, payload,
-                                                           now):  # fmt: skip
-                        return
-                elif self._ipv6 and port.ip6_seen and len(self.switch.ports) == 1:
-                    # IPv6 the same way, once the ordinary path has seen the port's first
-                    # IPv6 packet (NDP's port_up), and only while no other guest could be the
-                    # destination (the switch routes between guests; see _to_guest6). The
-                    # source is learned as the ordinary path learns it; the NAT is family
-                    # neutral (udp_nat6 is udp_nat), DHCPv6 goes the ordinary way.
-                    dgram = udp_fast6(frame, self._mac, port.guest_mac, not csum_trusted)
-                    if dgram is not None:
-                        src, dst, sport, dport, payload = dgram
-                        if src != port.ip6_last and src != _UNSPECIFIED6:
-                            port.learn_ip6(src)
-                        if dport == DNS_PORT and dst in self._dns6_dsts:
-                            dns = self.dns_fast6
-                            if dns is not None and dns(port, src, dst, sport, dport, payload,
-                                                       now):  # fmt: skip
-                                return
-                        elif not (dport == DHCP6_SERVER_PORT and dst in self._dhcp6_dsts) and udp(
-                            port, src, dst, sport, dport, payload, now
-                        ):
+                        if tcp(seg, sip, dip, sport, dport, seq, ack, hlen, flags, win, now):
                             return
             self._dispatch(frame, port, now, csum_trusted)
         except WireError as exc:
             self.counters.inc(exc.reason)
+
+    def _fast_udp6(self, udp: UdpFast, got: FastFrame, port: Port, now: float) -> bool:
+        """A fast IPv6 datagram to the DNS service or the NAT, as IPv4's in handle_frame; True
+        when taken. The source is learned as the ordinary path learns it; the NAT is family
+        neutral (udp_nat6 is udp_nat); DHCPv6 goes the ordinary way."""
+        _, src, dst, sport, dport, payload = got
+        if src != port.ip6_last and src != _UNSPECIFIED6:
+            port.learn_ip6(src)
+        if dport == DNS_PORT and dst in self._dns6_dsts:
+            dns = self.dns_fast6
+            return dns is not None and dns(port, src, dst, sport, dport, payload, now)
+        if dport == DHCP6_SERVER_PORT and dst in self._dhcp6_dsts:
+            return False
+        return udp(port, src, dst, sport, dport, payload, now)
 
     def _dispatch(self, frame: memoryview, port: Port, now: float, csum_trusted: bool) -> None:
         n = len(frame)

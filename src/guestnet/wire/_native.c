@@ -5,9 +5,10 @@
  * per-call and per-object costs (struct unpacking into a dozen ints, slices, the checksum as a
  * big integer), not in the work itself. This module does the leaf operations -- the Internet
  * checksum, the parse of an established-flow TCP frame or a unicast UDP datagram from the
- * guest (IPv4 or IPv6), a plain DNS query's question, a SYN's TCP options, the headers of a TCP or UDP frame toward the guest with their
- * checksums, the IPv4 header parse -- in one call each,
- * against the buffer protocol. guestnet/wire/pure.py holds the same functions in Python with the
+ * guest (IPv4 or IPv6; fast_parse: whichever of the four the ethertype and protocol name, in
+ * one call per frame), a plain DNS query's question, a SYN's TCP options, the headers of a TCP
+ * or UDP frame toward the guest with their checksums, the IPv4 header parse -- in one call
+ * each, against the buffer protocol. guestnet/wire/pure.py holds the same functions in Python with the
  * same results (a property test compares them byte for byte); guestnet/wire/native.py chooses
  * this module unless GUESTNET_PURE=1 or it failed to build.
  *
@@ -263,21 +264,75 @@ mac_equals(PyObject *obj, const unsigned char *mac)
     return 0;
 }
 
-/* The tuple the fast path hands to the TCP NAT: (l4, src, dst, sport, dport, seq, ack, hlen,
- * flags, window). */
+/* The tags fast_parse puts first in its tuples (FAST_TCP4... in guestnet/wire/pure.py). */
+enum { FAST_TCP4 = 0, FAST_TCP6 = 1, FAST_UDP4 = 2, FAST_UDP6 = 3 };
+
+/* A tuple of the ``n`` objects in ``items`` (stolen, even on failure; a NULL among them is an
+ * earlier failure whose exception is set), preceded by the int ``tag`` when tag >= 0. */
 static PyObject *
-fast_tuple(PyObject *frame, Py_ssize_t l4_start, Py_ssize_t l4_end, PyObject *sip,
+pack(int tag, Py_ssize_t n, PyObject **items)
+{
+    Py_ssize_t off = tag >= 0, i;
+    PyObject *t = NULL;
+    for (i = 0; i < n; i++)
+        if (items[i] == NULL)
+            goto fail;
+    t = PyTuple_New(n + off);
+    if (t == NULL)
+        goto fail;
+    if (off) {
+        PyObject *k = PyLong_FromLong(tag);
+        if (k == NULL) {
+            Py_DECREF(t);
+            goto fail;
+        }
+        PyTuple_SET_ITEM(t, 0, k);
+    }
+    for (i = 0; i < n; i++)
+        PyTuple_SET_ITEM(t, off + i, items[i]);
+    return t;
+fail:
+    for (i = 0; i < n; i++)
+        Py_XDECREF(items[i]);
+    return NULL;
+}
+
+/* The tuple the fast path hands to the TCP NAT: (l4, src, dst, sport, dport, seq, ack, hlen,
+ * flags, window), after ``tag`` when tag >= 0. Steals ``sip`` and ``dip``. */
+static PyObject *
+fast_tuple(int tag, PyObject *frame, Py_ssize_t l4_start, Py_ssize_t l4_end, PyObject *sip,
            PyObject *dip, const unsigned char *tcp, unsigned hlen)
 {
-    PyObject *l4 = PySequence_GetSlice(frame, l4_start, l4_end);
-    if (l4 == NULL) {
-        Py_DECREF(sip);
-        Py_DECREF(dip);
+    PyObject *items[10];
+    items[0] = PySequence_GetSlice(frame, l4_start, l4_end);
+    items[1] = sip;
+    items[2] = dip;
+    items[3] = PyLong_FromUnsignedLong(be16(tcp));
+    items[4] = PyLong_FromUnsignedLong(be16(tcp + 2));
+    items[5] = PyLong_FromUnsignedLong(be32(tcp + 4));
+    items[6] = PyLong_FromUnsignedLong(be32(tcp + 8));
+    items[7] = PyLong_FromUnsignedLong(hlen);
+    items[8] = PyLong_FromUnsignedLong(tcp[13]);
+    items[9] = PyLong_FromUnsignedLong(be16(tcp + 14));
+    return pack(tag, 10, items);
+}
+
+/* The tuple of the UDP fast parses: (src, dst, sport, dport, payload), after ``tag`` when
+ * tag >= 0; the addresses are ``alen`` bytes at ``ip_src`` and right after it. */
+static PyObject *
+udp_tuple(int tag, PyObject *frame, Py_ssize_t pl_start, Py_ssize_t pl_end,
+          const unsigned char *ip_src, Py_ssize_t alen, const unsigned char *udp)
+{
+    PyObject *items[5];
+    PyObject *payload = PySequence_GetSlice(frame, pl_start, pl_end);
+    if (payload == NULL)
         return NULL;
-    }
-    return Py_BuildValue("(NNNIIkkIII)", l4, sip, dip, be16(tcp), be16(tcp + 2),
-                         (unsigned long)be32(tcp + 4), (unsigned long)be32(tcp + 8), hlen,
-                         (unsigned)tcp[13], be16(tcp + 14));
+    items[0] = PyBytes_FromStringAndSize((const char *)ip_src, alen);
+    items[1] = PyBytes_FromStringAndSize((const char *)ip_src + alen, alen);
+    items[2] = PyLong_FromUnsignedLong(be16(udp));
+    items[3] = PyLong_FromUnsignedLong(be16(udp + 2));
+    items[4] = payload;
+    return pack(tag, 5, items);
 }
 
 /* Membership of ``dip`` in a set of addresses; -1 on error. */
@@ -335,67 +390,181 @@ ipv4_unicast_ok(PyObject *broadcast, const unsigned char *ip)
     }
 }
 
-/* tcp_fast4(frame, our_mac, guest_mac, broadcast, dns_dsts, verify): see wire/pure.py. */
+/*
+ * The four fast parses on a buffer already held (``p``, ``len``: the frame's; ``frame``: the
+ * object, sliced for the views returned). Each returns a new reference to its tuple (tagged
+ * with ``tag`` when >= 0), to None, or NULL with an exception. The module functions tcp_fast4..
+ * udp_fast6 call them untagged; fast_parse picks the one the ethertype and protocol name.
+ */
+
 static PyObject *
-n_tcp_fast4(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+tcp4_core(PyObject *frame, const unsigned char *p, Py_ssize_t len, PyObject *our_mac,
+          PyObject *guest_mac, PyObject *broadcast, PyObject *dns_dsts, int verify, int tag)
 {
-    Py_buffer view;
-    const unsigned char *p, *ip, *tcp;
+    const unsigned char *ip, *tcp;
     unsigned total_len, hlen, dport;
     PyObject *sip, *dip;
     int ok;
-    int verify;
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "expected 6 arguments");
-        return NULL;
-    }
-    verify = PyObject_IsTrue(args[5]);
-    if (verify < 0)
-        return NULL;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
-        return NULL;
-    p = (const unsigned char *)view.buf;
-    if (view.len < 54)
-        goto no;
+    if (len < 54)
+        Py_RETURN_NONE;
     ip = p + 14;
     tcp = ip + 20;
     hlen = (tcp[12] >> 4) * 4;
-    if (!plain_ipv4(args[1], args[2], p, view.len, 6, 40, &total_len) || hlen < 20 ||
+    if (!plain_ipv4(our_mac, guest_mac, p, len, 6, 40, &total_len) || hlen < 20 ||
         hlen > total_len - 20)
-        goto no;
-    ok = ipv4_unicast_ok(args[3], ip);
+        Py_RETURN_NONE;
+    ok = ipv4_unicast_ok(broadcast, ip);
     if (ok < 0)
-        goto err;
+        return NULL;
     if (!ok)
-        goto no;
+        Py_RETURN_NONE;
     if (verify && !tcp_sum_ok(tcp, (Py_ssize_t)total_len - 20, ip + 12, ip + 16, 4))
-        goto no;
+        Py_RETURN_NONE;
     dport = be16(tcp + 2);
     dip = PyBytes_FromStringAndSize((const char *)ip + 16, 4);
     if (dip == NULL)
-        goto err;
+        return NULL;
     if (dport == 53) {
-        int r = in_set(args[4], dip);
+        int r = in_set(dns_dsts, dip);
         if (r != 0) {
             Py_DECREF(dip);
             if (r < 0)
-                goto err;
-            goto no;
+                return NULL;
+            Py_RETURN_NONE;
         }
     }
     sip = PyBytes_FromStringAndSize((const char *)ip + 12, 4);
     if (sip == NULL) {
         Py_DECREF(dip);
-        goto err;
+        return NULL;
     }
+    return fast_tuple(tag, frame, 34, 14 + (Py_ssize_t)total_len, sip, dip, tcp, hlen);
+}
+
+static PyObject *
+tcp6_core(PyObject *frame, const unsigned char *p, Py_ssize_t len, PyObject *our_mac,
+          PyObject *guest_mac, PyObject *dns6_dsts, int verify, int tag)
+{
+    const unsigned char *ip, *tcp;
+    unsigned plen, hlen, dport;
+    PyObject *sip, *dip;
+    if (len < 74)
+        Py_RETURN_NONE;
+    ip = p + 14;
+    tcp = ip + 40;
+    plen = be16(ip + 4);
+    hlen = (tcp[12] >> 4) * 4;
+    if (be16(p + 12) != 0x86dd || ip[6] != 6 || (ip[0] >> 4) != 6 || !mac_equals(our_mac, p) ||
+        !mac_equals(guest_mac, p + 6) || hlen < 20 || hlen > plen ||
+        (Py_ssize_t)plen > len - 54 || ip[24] == 0xff)
+        Py_RETURN_NONE;
+    if (verify && !tcp_sum_ok(tcp, (Py_ssize_t)plen, ip + 8, ip + 24, 16))
+        Py_RETURN_NONE;
+    dport = be16(tcp + 2);
+    dip = PyBytes_FromStringAndSize((const char *)ip + 24, 16);
+    if (dip == NULL)
+        return NULL;
+    if (dport == 53) {
+        int r = in_set(dns6_dsts, dip);
+        if (r != 0) {
+            Py_DECREF(dip);
+            if (r < 0)
+                return NULL;
+            Py_RETURN_NONE;
+        }
+    }
+    sip = PyBytes_FromStringAndSize((const char *)ip + 8, 16);
+    if (sip == NULL) {
+        Py_DECREF(dip);
+        return NULL;
+    }
+    return fast_tuple(tag, frame, 54, 54 + (Py_ssize_t)plen, sip, dip, tcp, hlen);
+}
+
+static PyObject *
+udp4_core(PyObject *frame, const unsigned char *p, Py_ssize_t len, PyObject *our_mac,
+          PyObject *guest_mac, PyObject *broadcast, int verify, int tag)
+{
+    const unsigned char *ip, *udp;
+    unsigned total_len, ulen;
+    int ok;
+    if (len < 42 || len > 14 + 4 + 65535)
+        Py_RETURN_NONE;
+    ip = p + 14;
+    udp = ip + 20;
+    ulen = be16(udp + 4);
+    if (!plain_ipv4(our_mac, guest_mac, p, len, 17, 28, &total_len) || ulen < 8 ||
+        ulen > total_len - 20)
+        Py_RETURN_NONE;
+    ok = ipv4_unicast_ok(broadcast, ip);
+    if (ok < 0)
+        return NULL;
+    if (!ok)
+        Py_RETURN_NONE;
+    if (verify && (udp[6] | udp[7])) {
+        uint32_t ps = pseudo(ip + 12, 4, ip + 16, 4, 17, (uint64_t)ulen);
+        if (fold((uint64_t)sum16(udp, ulen) + ps) != 0xffff)
+            Py_RETURN_NONE;
+    }
+    return udp_tuple(tag, frame, 42, 34 + (Py_ssize_t)ulen, ip + 12, 4, udp);
+}
+
+static PyObject *
+udp6_core(PyObject *frame, const unsigned char *p, Py_ssize_t len, PyObject *our_mac,
+          PyObject *guest_mac, int verify, int tag)
+{
+    static const unsigned char unspecified[16];
+    const unsigned char *ip, *udp;
+    unsigned plen, ulen;
+    if (len < 62 || len > 14 + 4 + 65535)
+        Py_RETURN_NONE;
+    ip = p + 14;
+    udp = ip + 40;
+    plen = be16(ip + 4);
+    ulen = be16(udp + 4);
+    if (be16(p + 12) != 0x86dd || (ip[0] >> 4) != 6 || ip[6] != 17 || !mac_equals(our_mac, p) ||
+        !mac_equals(guest_mac, p + 6) || ulen < 8 || ulen > plen ||
+        (Py_ssize_t)plen > len - 54 || ip[8] == 0xff || ip[24] == 0xff ||
+        memcmp(ip + 24, unspecified, 16) == 0)
+        Py_RETURN_NONE;
+    if (verify) {
+        uint32_t ps;
+        if (!(udp[6] | udp[7]))
+            Py_RETURN_NONE; /* IPv6 makes the UDP checksum mandatory */
+        ps = pseudo(ip + 8, 16, ip + 24, 16, 17, (uint64_t)ulen);
+        if (fold((uint64_t)sum16(udp, ulen) + ps) != 0xffff)
+            Py_RETURN_NONE;
+    }
+    return udp_tuple(tag, frame, 62, 54 + (Py_ssize_t)ulen, ip + 8, 16, udp);
+}
+
+/* The arguments' count check and ``verify`` (args[nargs - 1]) and the frame's buffer, shared by
+ * the module functions below. 0, or -1 with an exception. */
+static int
+fast_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, int *verify, Py_buffer *view)
+{
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "expected %zd arguments", want);
+        return -1;
+    }
+    *verify = PyObject_IsTrue(args[want - 1]);
+    if (*verify < 0)
+        return -1;
+    return PyObject_GetBuffer(args[0], view, PyBUF_SIMPLE);
+}
+
+/* tcp_fast4(frame, our_mac, guest_mac, broadcast, dns_dsts, verify): see wire/pure.py. */
+static PyObject *
+n_tcp_fast4(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    PyObject *r;
+    int verify;
+    if (fast_args(args, nargs, 6, &verify, &view) < 0)
+        return NULL;
+    r = tcp4_core(args[0], view.buf, view.len, args[1], args[2], args[3], args[4], verify, -1);
     PyBuffer_Release(&view);
-    return fast_tuple(args[0], 34, 14 + (Py_ssize_t)total_len, sip, dip, tcp, hlen);
-no:
-    PyBuffer_Release(&view);
-    Py_RETURN_NONE;
-err:
-    PyBuffer_Release(&view);
-    return NULL;
+    return r;
 }
 
 /* tcp_fast6(frame, our_mac, guest_mac, dns6_dsts, verify): see guestnet/wire/pure.py. */
@@ -403,58 +572,13 @@ static PyObject *
 n_tcp_fast6(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer view;
-    const unsigned char *p, *ip, *tcp;
-    unsigned plen, hlen, dport;
-    PyObject *sip, *dip;
+    PyObject *r;
     int verify;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "expected 5 arguments");
+    if (fast_args(args, nargs, 5, &verify, &view) < 0)
         return NULL;
-    }
-    verify = PyObject_IsTrue(args[4]);
-    if (verify < 0)
-        return NULL;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
-        return NULL;
-    p = (const unsigned char *)view.buf;
-    if (view.len < 74)
-        goto no;
-    ip = p + 14;
-    tcp = ip + 40;
-    plen = be16(ip + 4);
-    hlen = (tcp[12] >> 4) * 4;
-    if (be16(p + 12) != 0x86dd || ip[6] != 6 || (ip[0] >> 4) != 6 || !mac_equals(args[1], p) ||
-        !mac_equals(args[2], p + 6) || hlen < 20 || hlen > plen ||
-        (Py_ssize_t)plen > view.len - 54 || ip[24] == 0xff)
-        goto no;
-    if (verify && !tcp_sum_ok(tcp, (Py_ssize_t)plen, ip + 8, ip + 24, 16))
-        goto no;
-    dport = be16(tcp + 2);
-    dip = PyBytes_FromStringAndSize((const char *)ip + 24, 16);
-    if (dip == NULL)
-        goto err;
-    if (dport == 53) {
-        int r = in_set(args[3], dip);
-        if (r != 0) {
-            Py_DECREF(dip);
-            if (r < 0)
-                goto err;
-            goto no;
-        }
-    }
-    sip = PyBytes_FromStringAndSize((const char *)ip + 8, 16);
-    if (sip == NULL) {
-        Py_DECREF(dip);
-        goto err;
-    }
+    r = tcp6_core(args[0], view.buf, view.len, args[1], args[2], args[3], verify, -1);
     PyBuffer_Release(&view);
-    return fast_tuple(args[0], 54, 54 + (Py_ssize_t)plen, sip, dip, tcp, hlen);
-no:
-    PyBuffer_Release(&view);
-    Py_RETURN_NONE;
-err:
-    PyBuffer_Release(&view);
-    return NULL;
+    return r;
 }
 
 /* udp_fast4(frame, our_mac, guest_mac, broadcast, verify) -> (src, dst, sport, dport, payload)
@@ -463,58 +587,13 @@ static PyObject *
 n_udp_fast4(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer view;
-    const unsigned char *p, *ip, *udp;
-    unsigned total_len, ulen;
-    PyObject *sip, *dip, *payload;
-    int ok;
+    PyObject *r;
     int verify;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "expected 5 arguments");
+    if (fast_args(args, nargs, 5, &verify, &view) < 0)
         return NULL;
-    }
-    verify = PyObject_IsTrue(args[4]);
-    if (verify < 0)
-        return NULL;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
-        return NULL;
-    p = (const unsigned char *)view.buf;
-    if (view.len < 42 || view.len > 14 + 4 + 65535)
-        goto no;
-    ip = p + 14;
-    udp = ip + 20;
-    ulen = be16(udp + 4);
-    if (!plain_ipv4(args[1], args[2], p, view.len, 17, 28, &total_len) || ulen < 8 ||
-        ulen > total_len - 20)
-        goto no;
-    ok = ipv4_unicast_ok(args[3], ip);
-    if (ok < 0)
-        goto err;
-    if (!ok)
-        goto no;
-    if (verify && (udp[6] | udp[7])) {
-        uint32_t ps = pseudo(ip + 12, 4, ip + 16, 4, 17, (uint64_t)ulen);
-        if (fold((uint64_t)sum16(udp, ulen) + ps) != 0xffff)
-            goto no;
-    }
+    r = udp4_core(args[0], view.buf, view.len, args[1], args[2], args[3], verify, -1);
     PyBuffer_Release(&view);
-    payload = PySequence_GetSlice(args[0], 42, 34 + (Py_ssize_t)ulen);
-    if (payload == NULL)
-        return NULL;
-    sip = PyBytes_FromStringAndSize((const char *)ip + 12, 4);
-    dip = PyBytes_FromStringAndSize((const char *)ip + 16, 4);
-    if (sip == NULL || dip == NULL) {
-        Py_XDECREF(sip);
-        Py_XDECREF(dip);
-        Py_DECREF(payload);
-        return NULL;
-    }
-    return Py_BuildValue("(NNIIN)", sip, dip, be16(udp), be16(udp + 2), payload);
-no:
-    PyBuffer_Release(&view);
-    Py_RETURN_NONE;
-err:
-    PyBuffer_Release(&view);
-    return NULL;
+    return r;
 }
 
 /* udp_fast6(frame, our_mac, guest_mac, verify) -> (src, dst, sport, dport, payload) or None:
@@ -522,57 +601,54 @@ err:
 static PyObject *
 n_udp_fast6(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    static const unsigned char unspecified[16];
     Py_buffer view;
-    const unsigned char *p, *ip, *udp;
-    unsigned plen, ulen;
-    PyObject *sip, *dip, *payload;
+    PyObject *r;
     int verify;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "expected 4 arguments");
+    if (fast_args(args, nargs, 4, &verify, &view) < 0)
         return NULL;
-    }
-    verify = PyObject_IsTrue(args[3]);
-    if (verify < 0)
-        return NULL;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+    r = udp6_core(args[0], view.buf, view.len, args[1], args[2], verify, -1);
+    PyBuffer_Release(&view);
+    return r;
+}
+
+/* fast_parse(frame, our_mac, guest_mac, broadcast, dns_dsts, dns6_dsts, verify) -> (kind,
+ * *fields) or None: the one of the four above that the ethertype and the IP protocol name, its
+ * fields after its kind; see guestnet/wire/pure.py. */
+static PyObject *
+n_fast_parse(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    const unsigned char *p;
+    PyObject *r = NULL;
+    int tried = 0, verify;
+    if (fast_args(args, nargs, 7, &verify, &view) < 0)
         return NULL;
     p = (const unsigned char *)view.buf;
-    if (view.len < 62 || view.len > 14 + 4 + 65535)
-        goto no;
-    ip = p + 14;
-    udp = ip + 40;
-    plen = be16(ip + 4);
-    ulen = be16(udp + 4);
-    if (be16(p + 12) != 0x86dd || (ip[0] >> 4) != 6 || ip[6] != 17 || !mac_equals(args[1], p) ||
-        !mac_equals(args[2], p + 6) || ulen < 8 || ulen > plen ||
-        (Py_ssize_t)plen > view.len - 54 || ip[8] == 0xff || ip[24] == 0xff ||
-        memcmp(ip + 24, unspecified, 16) == 0)
-        goto no;
-    if (verify) {
-        uint32_t ps;
-        if (!(udp[6] | udp[7]))
-            goto no; /* IPv6 makes the UDP checksum mandatory */
-        ps = pseudo(ip + 8, 16, ip + 24, 16, 17, (uint64_t)ulen);
-        if (fold((uint64_t)sum16(udp, ulen) + ps) != 0xffff)
-            goto no;
+    if (view.len >= 42) {
+        unsigned et = be16(p + 12);
+        tried = 1;
+        if (et == 0x0800) {
+            if (p[23] == 17)
+                r = udp4_core(args[0], p, view.len, args[1], args[2], args[3], verify, FAST_UDP4);
+            else if (p[23] == 6)
+                r = tcp4_core(args[0], p, view.len, args[1], args[2], args[3], args[4], verify,
+                              FAST_TCP4);
+            else
+                tried = 0;
+        } else if (et == 0x86dd && view.len >= 62) {
+            if (p[20] == 17)
+                r = udp6_core(args[0], p, view.len, args[1], args[2], verify, FAST_UDP6);
+            else if (p[20] == 6)
+                r = tcp6_core(args[0], p, view.len, args[1], args[2], args[5], verify, FAST_TCP6);
+            else
+                tried = 0;
+        } else
+            tried = 0;
     }
     PyBuffer_Release(&view);
-    payload = PySequence_GetSlice(args[0], 62, 54 + (Py_ssize_t)ulen);
-    if (payload == NULL)
-        return NULL;
-    sip = PyBytes_FromStringAndSize((const char *)ip + 8, 16);
-    dip = PyBytes_FromStringAndSize((const char *)ip + 24, 16);
-    if (sip == NULL || dip == NULL) {
-        Py_XDECREF(sip);
-        Py_XDECREF(dip);
-        Py_DECREF(payload);
-        return NULL;
-    }
-    return Py_BuildValue("(NNIIN)", sip, dip, be16(udp), be16(udp + 2), payload);
-no:
-    PyBuffer_Release(&view);
-    Py_RETURN_NONE;
+    if (!tried)
+        Py_RETURN_NONE; /* no fast kind: not IPv4 or IPv6 with TCP or UDP */
+    return r;           /* the core's tuple, its None, or NULL */
 }
 
 /* dns_question(data) -> (ident, question, name_len) or None: see guestnet/wire/pure.py. */
@@ -1064,6 +1140,9 @@ static PyMethodDef methods[] = {
      "udp_fast4(frame, our_mac, guest_mac, broadcast, verify): fields or None."},
     {"udp_fast6", (PyCFunction)(void (*)(void))n_udp_fast6, METH_FASTCALL,
      "udp_fast6(frame, our_mac, guest_mac, verify): fields or None."},
+    {"fast_parse", (PyCFunction)(void (*)(void))n_fast_parse, METH_FASTCALL,
+     "fast_parse(frame, our_mac, guest_mac, broadcast, dns_dsts, dns6_dsts, verify): "
+     "(kind, *fields) or None."},
     {"dns_question", (PyCFunction)(void (*)(void))n_dns_question, METH_FASTCALL,
      "dns_question(data): (ident, question, name_len) of a plain query, or None."},
     {"parse_ipv4", (PyCFunction)(void (*)(void))n_parse_ipv4, METH_FASTCALL,

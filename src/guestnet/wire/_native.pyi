@@ -5,6 +5,7 @@ from collections.abc import Container
 from guestnet.wire.pure import (
     Buffer,
     DnsQuestion,
+    FastFrame,
     FastTcp,
     FastUdp,
     Ipv4Fields,
@@ -46,6 +47,16 @@ def udp_fast6(
     verify: bool,
     /,
 ) -> FastUdp | None: ...
+def fast_parse(
+    frame: memoryview,
+    our_mac: bytes,
+    guest_mac: bytes | None,
+    broadcast: bytes,
+    dns_dsts: Container[bytes],
+    dns6_dsts: Container[bytes],
+    verify: bool,
+    /,
+) -> FastFrame | None: ...
 def dns_question(data: Buffer, /) -> DnsQuestion | None: ...
 def parse_ipv4(data: Buffer, verify: bool, /) -> Ipv4Fields: ...
 def tcp_options(data: Buffer, header_len: int, /) -> TcpOptionFields: ...

@@ -15,6 +15,8 @@ a C implementation (``src/guestnet/wire/_native.c``) and this one, with identica
 - :func:`udp_fast4`, :func:`udp_fast6`: the classifier's test for a plain unicast IPv4 or IPv6
   UDP datagram from the port's guest (the UDP NAT's per-datagram path and the DNS service's),
   and its fields.
+- :func:`fast_parse`: the four above in one call, the one the ethertype and protocol name,
+  its result tagged with its kind: what the classifier calls once per frame.
 - :func:`dns_question`: a plain DNS query's id and question, for the forwarder (a query that
   is not plain goes to :func:`guestnet.wire.dns.parse_query`).
 - :func:`parse_ipv4`: the IPv4 header's fields and checks (:func:`guestnet.wire.ipv4.parse_ipv4`).
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Container
+from typing import Any
 
 from guestnet.wire import WireError
 
@@ -262,6 +265,55 @@ def udp_fast6(
         )
     ):
         return (sip, dip, sport, dport, frame[62 : 54 + ulen])
+    return None
+
+
+#: The kinds :func:`fast_parse` puts first in its tuple: which of the four parses took the frame.
+FAST_TCP4 = 0
+FAST_TCP6 = 1
+FAST_UDP4 = 2
+FAST_UDP6 = 3
+#: (kind, *fields): the kind, then :data:`FastTcp`'s or :data:`FastUdp`'s fields (typed loosely:
+#: the caller unpacks it by kind).
+FastFrame = tuple[Any, ...]
+
+
+def fast_parse(
+    frame: memoryview,
+    our_mac: bytes,
+    guest_mac: bytes | None,
+    broadcast: bytes,
+    dns_dsts: Container[bytes],
+    dns6_dsts: Container[bytes],
+    verify: bool,
+    /,
+) -> FastFrame | None:
+    """The one of :func:`tcp_fast4`, :func:`tcp_fast6`, :func:`udp_fast4`, :func:`udp_fast6`
+    that the frame's ethertype and IP protocol (next header) name, as ``(kind, *its fields)``,
+    or None. Their conditions exclude one another (each wants its own ethertype and protocol),
+    so this is the first of the four, applied in that order, that is not None; the classifier
+    makes one call per frame instead of up to four that each check Ethernet, MACs and lengths
+    again. Never raises on any frame."""
+    n = len(frame)
+    if n < 42:
+        return None
+    etype = frame[12] << 8 | frame[13]
+    if etype == 0x0800:
+        proto = frame[23]
+        if proto == 17:
+            u = udp_fast4(frame, our_mac, guest_mac, broadcast, verify)
+            return None if u is None else (FAST_UDP4, *u)
+        if proto == 6:
+            t = tcp_fast4(frame, our_mac, guest_mac, broadcast, dns_dsts, verify)
+            return None if t is None else (FAST_TCP4, *t)
+    elif etype == 0x86DD and n >= 62:
+        nh = frame[20]
+        if nh == 17:
+            u = udp_fast6(frame, our_mac, guest_mac, verify)
+            return None if u is None else (FAST_UDP6, *u)
+        if nh == 6:
+            t = tcp_fast6(frame, our_mac, guest_mac, dns6_dsts, verify)
+            return None if t is None else (FAST_TCP6, *t)
     return None
 
 
