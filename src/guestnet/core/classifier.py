@@ -59,7 +59,6 @@ from guestnet.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, parse_ipv4
 from guestnet.wire.ipv6 import PROTO_ICMPV6, parse_ipv6
 from guestnet.wire.l3 import IPV4, IPV6
 from guestnet.wire.native import FAST_TCP4, FAST_UDP4, FAST_UDP6, fast_parse
-from guestnet.wire.pure import FastFrame
 from guestnet.wire.tcp import parse_tcp, verify_tcp
 from guestnet.wire.udp import DNS_PORT, parse_udp, verify_udp
 
@@ -202,9 +201,21 @@ class FrameClassifier:
                             and self._ipv6
                             and port.ip6_seen
                             and len(self.switch.ports) == 1
-                            and self._fast_udp6(udp, got, port, now)
                         ):
-                            return
+                            # The source learned as the ordinary path learns it; the NAT is
+                            # family neutral (udp_nat6 is udp_nat); DHCPv6 the ordinary way.
+                            _, src, dst, sport, dport, payload = got
+                            if src != port.ip6_last and src != _UNSPECIFIED6:
+                                port.learn_ip6(src)
+                            if dport == DNS_PORT and dst in self._dns6_dsts:
+                                dns = self.dns_fast6
+                                if dns is not None and dns(port, src, dst, sport, dport, payload,
+                                                           now):  # fmt: skip
+                                    return
+                            elif not (
+                                dport == DHCP6_SERVER_PORT and dst in self._dhcp6_dsts
+                            ) and udp(port, src, dst, sport, dport, payload, now):
+                                return
                     elif tcp is not None and self._ipv6:  # FAST_TCP6
                         _, seg, sip, dip, sport, dport, seq, ack, hlen, flags, win = got
                         if sip != port.ip6_last:
@@ -214,20 +225,6 @@ class FrameClassifier:
             self._dispatch(frame, port, now, csum_trusted)
         except WireError as exc:
             self.counters.inc(exc.reason)
-
-    def _fast_udp6(self, udp: UdpFast, got: FastFrame, port: Port, now: float) -> bool:
-        """A fast IPv6 datagram to the DNS service or the NAT, as IPv4's in handle_frame; True
-        when taken. The source is learned as the ordinary path learns it; the NAT is family
-        neutral (udp_nat6 is udp_nat); DHCPv6 goes the ordinary way."""
-        _, src, dst, sport, dport, payload = got
-        if src != port.ip6_last and src != _UNSPECIFIED6:
-            port.learn_ip6(src)
-        if dport == DNS_PORT and dst in self._dns6_dsts:
-            dns = self.dns_fast6
-            return dns is not None and dns(port, src, dst, sport, dport, payload, now)
-        if dport == DHCP6_SERVER_PORT and dst in self._dhcp6_dsts:
-            return False
-        return udp(port, src, dst, sport, dport, payload, now)
 
     def _dispatch(self, frame: memoryview, port: Port, now: float, csum_trusted: bool) -> None:
         n = len(frame)
