@@ -49,6 +49,17 @@ FastTcp = tuple[memoryview, bytes, bytes, int, int, int, int, int, int, int]
 #: One unicast IPv4/UDP datagram from the guest, as the classifier's UDP fast path takes it:
 #: source and destination address, ports, and the payload (a view into the frame).
 FastUdp = tuple[bytes, bytes, int, int, memoryview]
+#: The kinds :func:`fast_parse` puts first in its tuple: which of the four parses took the frame.
+FAST_TCP4 = 0
+FAST_TCP6 = 1
+FAST_UDP4 = 2
+FAST_UDP6 = 3
+#: (kind, *fields): the kind, then :data:`FastTcp`'s or :data:`FastUdp`'s fields (typed loosely:
+#: the caller unpacks it by kind).
+FastFrame = tuple[Any, ...]
+#: The same, precisely, as the parses below build them.
+TaggedTcp = tuple[int, memoryview, bytes, bytes, int, int, int, int, int, int, int]
+TaggedUdp = tuple[int, bytes, bytes, int, int, memoryview]
 #: A plain DNS query, as the DNS forwarder takes it: its id, its question (the name in wire form
 #: lowered, type and class) and the name's length in it.
 DnsQuestion = tuple[int, bytes, int]
@@ -106,7 +117,7 @@ _FAST4 = struct.Struct("!6s6sHBxHxxHxBxx4s4sHHIIBBH")
 _FAST6 = struct.Struct("!6s6sHIHBx16s16sHHIIBBH")
 
 
-def tcp_fast4(
+def _tcp4(
     frame: memoryview,
     our_mac: bytes,
     guest_mac: bytes | None,
@@ -114,11 +125,8 @@ def tcp_fast4(
     dns_dsts: Container[bytes],
     verify: bool,
     /,
-) -> FastTcp | None:
-    """The fields of a unicast IPv4/TCP frame to ``our_mac`` from ``guest_mac`` whose header
-    has no options and a valid checksum, not a fragment, not to ``broadcast`` nor to port 53
-    of an address in ``dns_dsts``, with a valid TCP checksum where ``verify`` (a link that does
-    not vouch for it); else None. Never raises on any frame."""
+) -> TaggedTcp | None:
+    """:func:`tcp_fast4`, its result tagged ``FAST_TCP4`` (what :func:`fast_parse` returns)."""
     if len(frame) < 54:
         return None
     (dst, src, etype, vihl, total_len, frag, proto, sip, dip, sport, dport, seq, ack, off,
@@ -142,22 +150,37 @@ def tcp_fast4(
             or checksum(frame[34 : 14 + total_len], pseudo_sum(sip, dip, 6, total_len - 20)) == 0
         )
     ):
-        return (frame[34 : 14 + total_len], sip, dip, sport, dport, seq, ack, hlen, flags,
-                window)  # fmt: skip
+        return (FAST_TCP4, frame[34 : 14 + total_len], sip, dip, sport, dport, seq, ack, hlen,
+                flags, window)  # fmt: skip
     return None
 
 
-def tcp_fast6(
+def tcp_fast4(
+    frame: memoryview,
+    our_mac: bytes,
+    guest_mac: bytes | None,
+    broadcast: bytes,
+    dns_dsts: Container[bytes],
+    verify: bool,
+    /,
+) -> FastTcp | None:
+    """The fields of a unicast IPv4/TCP frame to ``our_mac`` from ``guest_mac`` whose header
+    has no options and a valid checksum, not a fragment, not to ``broadcast`` nor to port 53
+    of an address in ``dns_dsts``, with a valid TCP checksum where ``verify`` (a link that does
+    not vouch for it); else None. Never raises on any frame."""
+    r = _tcp4(frame, our_mac, guest_mac, broadcast, dns_dsts, verify)
+    return None if r is None else r[1:]
+
+
+def _tcp6(
     frame: memoryview,
     our_mac: bytes,
     guest_mac: bytes | None,
     dns6_dsts: Container[bytes],
     verify: bool,
     /,
-) -> FastTcp | None:
-    """The same for IPv6: TCP right after a bare 40-byte header, to a unicast address, not to
-    port 53 of an address in ``dns6_dsts``, checksum verified where ``verify``; else None.
-    Never raises on any frame."""
+) -> TaggedTcp | None:
+    """:func:`tcp_fast6`, its result tagged ``FAST_TCP6`` (what :func:`fast_parse` returns)."""
     if len(frame) < 74:
         return None
     (dst, src, etype, vtf, plen, nh, sip, dip, sport, dport, seq, ack, off, flags,
@@ -174,8 +197,35 @@ def tcp_fast6(
         and (dport != 53 or dip not in dns6_dsts)
         and (not verify or checksum(frame[54 : 54 + plen], pseudo_sum(sip, dip, 6, plen)) == 0)
     ):
-        return (frame[54 : 54 + plen], sip, dip, sport, dport, seq, ack, hlen, flags, window)
+        return (
+            FAST_TCP6,
+            frame[54 : 54 + plen],
+            sip,
+            dip,
+            sport,
+            dport,
+            seq,
+            ack,
+            hlen,
+            flags,
+            window,
+        )
     return None
+
+
+def tcp_fast6(
+    frame: memoryview,
+    our_mac: bytes,
+    guest_mac: bytes | None,
+    dns6_dsts: Container[bytes],
+    verify: bool,
+    /,
+) -> FastTcp | None:
+    """The same for IPv6: TCP right after a bare 40-byte header, to a unicast address, not to
+    port 53 of an address in ``dns6_dsts``, checksum verified where ``verify``; else None.
+    Never raises on any frame."""
+    r = _tcp6(frame, our_mac, guest_mac, dns6_dsts, verify)
+    return None if r is None else r[1:]
 
 
 #: Ethernet, IPv4 (no options) and UDP in one unpack: dst MAC, src MAC, ethertype,
@@ -186,19 +236,15 @@ _UFAST4 = struct.Struct("!6s6sHBxHxxHxBxx4s4sHHHH")
 MAX_FRAME = 14 + 4 + 65535
 
 
-def udp_fast4(
+def _udp4(
     frame: memoryview,
     our_mac: bytes,
     guest_mac: bytes | None,
     broadcast: bytes,
     verify: bool,
     /,
-) -> FastUdp | None:
-    """The fields of a unicast IPv4/UDP frame to ``our_mac`` from ``guest_mac`` whose IP header
-    has no options and a valid checksum, not a fragment, whose UDP length fits the IP packet,
-    not to a multicast, reserved or broadcast address nor to ``broadcast``, with a valid UDP
-    checksum (or none: 0) where ``verify``; else None. The payload is the UDP length's worth
-    (IP or Ethernet padding after it left out). Never raises on any frame."""
+) -> TaggedUdp | None:
+    """:func:`udp_fast4`, its result tagged ``FAST_UDP4`` (what :func:`fast_parse` returns)."""
     n = len(frame)
     if n < 42 or n > MAX_FRAME:
         return None
@@ -222,8 +268,25 @@ def udp_fast4(
             or checksum(frame[34 : 34 + ulen], pseudo_sum(sip, dip, 17, ulen)) == 0
         )
     ):
-        return (sip, dip, sport, dport, frame[42 : 34 + ulen])
+        return (FAST_UDP4, sip, dip, sport, dport, frame[42 : 34 + ulen])
     return None
+
+
+def udp_fast4(
+    frame: memoryview,
+    our_mac: bytes,
+    guest_mac: bytes | None,
+    broadcast: bytes,
+    verify: bool,
+    /,
+) -> FastUdp | None:
+    """The fields of a unicast IPv4/UDP frame to ``our_mac`` from ``guest_mac`` whose IP header
+    has no options and a valid checksum, not a fragment, whose UDP length fits the IP packet,
+    not to a multicast, reserved or broadcast address nor to ``broadcast``, with a valid UDP
+    checksum (or none: 0) where ``verify``; else None. The payload is the UDP length's worth
+    (IP or Ethernet padding after it left out). Never raises on any frame."""
+    r = _udp4(frame, our_mac, guest_mac, broadcast, verify)
+    return None if r is None else r[1:]
 
 
 #: Ethernet, a bare IPv6 header and UDP in one unpack: dst MAC, src MAC, ethertype,
@@ -232,18 +295,14 @@ _UFAST6 = struct.Struct("!6s6sHIHBx16s16sHHHH")
 _UNSPECIFIED6 = bytes(16)
 
 
-def udp_fast6(
+def _udp6(
     frame: memoryview,
     our_mac: bytes,
     guest_mac: bytes | None,
     verify: bool,
     /,
-) -> FastUdp | None:
-    """The same for IPv6: UDP right after a bare 40-byte header (no extension header), from
-    ``guest_mac`` to ``our_mac``, the UDP length inside the payload length and that inside the
-    frame, the source not multicast, the destination neither multicast nor unspecified, and
-    where ``verify`` a checksum present (IPv6 makes it mandatory) and valid; else None. The
-    payload is the UDP length's worth. Never raises on any frame."""
+) -> TaggedUdp | None:
+    """:func:`udp_fast6`, its result tagged ``FAST_UDP6`` (what :func:`fast_parse` returns)."""
     n = len(frame)
     if n < 62 or n > MAX_FRAME:
         return None
@@ -264,18 +323,24 @@ def udp_fast6(
             or (csum != 0 and checksum(frame[54 : 54 + ulen], pseudo_sum(sip, dip, 17, ulen)) == 0)
         )
     ):
-        return (sip, dip, sport, dport, frame[62 : 54 + ulen])
+        return (FAST_UDP6, sip, dip, sport, dport, frame[62 : 54 + ulen])
     return None
 
 
-#: The kinds :func:`fast_parse` puts first in its tuple: which of the four parses took the frame.
-FAST_TCP4 = 0
-FAST_TCP6 = 1
-FAST_UDP4 = 2
-FAST_UDP6 = 3
-#: (kind, *fields): the kind, then :data:`FastTcp`'s or :data:`FastUdp`'s fields (typed loosely:
-#: the caller unpacks it by kind).
-FastFrame = tuple[Any, ...]
+def udp_fast6(
+    frame: memoryview,
+    our_mac: bytes,
+    guest_mac: bytes | None,
+    verify: bool,
+    /,
+) -> FastUdp | None:
+    """The same for IPv6: UDP right after a bare 40-byte header (no extension header), from
+    ``guest_mac`` to ``our_mac``, the UDP length inside the payload length and that inside the
+    frame, the source not multicast, the destination neither multicast nor unspecified, and
+    where ``verify`` a checksum present (IPv6 makes it mandatory) and valid; else None. The
+    payload is the UDP length's worth. Never raises on any frame."""
+    r = _udp6(frame, our_mac, guest_mac, verify)
+    return None if r is None else r[1:]
 
 
 def fast_parse(
@@ -294,26 +359,23 @@ def fast_parse(
     so this is the first of the four, applied in that order, that is not None; the classifier
     makes one call per frame instead of up to four that each check Ethernet, MACs and lengths
     again. Never raises on any frame."""
-    n = len(frame)
-    if n < 42:
+    if len(frame) < 42:
         return None
-    etype = frame[12] << 8 | frame[13]
-    if etype == 0x0800:
+    # The low byte of the ethertype tells IPv4 (0x0800) from IPv6 (0x86dd); each parse checks
+    # the whole of it, and its protocol, again.
+    low = frame[13]
+    if low == 0x00:
         proto = frame[23]
         if proto == 17:
-            u = udp_fast4(frame, our_mac, guest_mac, broadcast, verify)
-            return None if u is None else (FAST_UDP4, *u)
+            return _udp4(frame, our_mac, guest_mac, broadcast, verify)
         if proto == 6:
-            t = tcp_fast4(frame, our_mac, guest_mac, broadcast, dns_dsts, verify)
-            return None if t is None else (FAST_TCP4, *t)
-    elif etype == 0x86DD and n >= 62:
+            return _tcp4(frame, our_mac, guest_mac, broadcast, dns_dsts, verify)
+    elif low == 0xDD:
         nh = frame[20]
         if nh == 17:
-            u = udp_fast6(frame, our_mac, guest_mac, verify)
-            return None if u is None else (FAST_UDP6, *u)
+            return _udp6(frame, our_mac, guest_mac, verify)
         if nh == 6:
-            t = tcp_fast6(frame, our_mac, guest_mac, dns6_dsts, verify)
-            return None if t is None else (FAST_TCP6, *t)
+            return _tcp6(frame, our_mac, guest_mac, dns6_dsts, verify)
     return None
 
 
