@@ -71,6 +71,8 @@ def main() -> None:
         ("tcp_fast4", lambda m: lambda: m.tcp_fast4(f4, MAC1, MAC2, IP1, DNS4, False)),
         ("tcp_fast4 verify", lambda m: lambda: m.tcp_fast4(f4, MAC1, MAC2, IP1, DNS4, True)),
         ("tcp_fast6", lambda m: lambda: m.tcp_fast6(f6, MAC1, MAC2, DNS4, False)),
+        ("fast_parse tcp4", lambda m: lambda: m.fast_parse(f4, MAC1, MAC2, IP1, DNS4, DNS4, False)),
+        ("fast_parse tcp6", lambda m: lambda: m.fast_parse(f6, MAC1, MAC2, IP1, DNS4, DNS4, False)),
         ("parse_ipv4", lambda m: lambda: m.parse_ipv4(ip, True)),
         ("build_tcp 1 B full", lambda m: lambda: m.build_tcp_frame(
             out, 64, 4, MAC2, MAC1, IP2, IP1, 80, 40000, 1, 2, 0x18, 1000, 7, 1, b"", False)),
