@@ -65,6 +65,8 @@ def test_netns_configure_resolves_gateway(attach_guest: Callable[..., Guestnet])
     assert info is not None
     assert info["address"] == GUEST_MAC
     assert info["mtu"] == 1500
+    # A longer transmit queue than the kernel's 1000 at MTU 1500 (issue 12): 8 MiB of frames.
+    assert info["txqlen"] == 5592
     assert info["linkinfo"]["info_kind"] == "tun"
     assert addresses(guest) == ["10.0.2.15/24"]
     assert is_up(guest, "lo")
@@ -98,6 +100,7 @@ def test_netns_without_configure_leaves_interface_down(
     assert "UP" not in info["flags"]
     assert info["address"] == GUEST_MAC  # MAC and MTU are set either way
     assert info["mtu"] == 65520
+    assert info["txqlen"] == 1000  # 8 MiB of 64 KiB frames is fewer: the kernel's default
     assert addresses(guest) == []
     assert gn.alive()
 

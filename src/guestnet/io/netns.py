@@ -33,6 +33,17 @@ and MTU there, and moves it into the target already named in one netlink request
 (:func:`make_tap_hidden`): the target only ever sees the finished interface, and the fd serves
 the device wherever it lives. ``run`` makes its TAP the same way.
 
+The TAP's transmit queue. A namespace guest's frames toward guestnet wait in the TAP's ring of
+``txqueuelen`` entries (the kernel's default 1000) until guestnet reads them; the TAP takes them
+off the sending socket's account at once (``skb_orphan``), so a full ring is never back-pressure,
+only drops (the guest's ``TX dropped``, issue 12). A single-threaded reader on a loaded machine
+is off the CPU for milliseconds at a time: 1000 frames of 1400-byte UDP at 1.4 Gbit/s are 8 ms,
+and a sender faster than that while guestnet waits for the CPU loses datagrams guestnet would
+have carried (measured: every datagram lost at guestnet's limit at MTU 1500 was one of these).
+So the child sets a longer queue, by bytes (:func:`tap_txqueuelen`): up to ``TAP_QUEUE_BYTES``
+of full-size frames, never below the default, so the kernel memory a stalled guestnet lets the
+guest queue stays bounded at a large MTU (where a frame may be a 64 KiB super-frame).
+
 Every wait on the child is bounded (``HELPER_TIMEOUT_S``). The child reports a failure as a
 one-line message on the socketpair instead of an fd, and the parent prints it.
 """
@@ -68,6 +79,12 @@ PR_SET_PDEATHSIG = 1
 
 #: ``ifa_flags``: the address skips duplicate address detection (linux/if_addr.h).
 IFA_F_NODAD = 0x02
+
+#: The TAP's transmit queue (see "The TAP's transmit queue"): this many bytes of full-size
+#: frames, between the kernel's default length and the longest we set.
+TAP_QUEUE_BYTES = 8 << 20
+TAP_TXQLEN_DEFAULT = 1000
+TAP_TXQLEN_MAX = 8192
 
 NETNS_RUN_DIR = "/run/netns"
 #: Longest we wait for a helper child to hand over the TAP (pyroute2's import is most of it).
@@ -181,6 +198,12 @@ class TapSetup:
         )
 
 
+def tap_txqueuelen(mtu: int) -> int:
+    """The TAP's ``txqueuelen`` at ``mtu``: ``TAP_QUEUE_BYTES`` of full frames, clamped between
+    the kernel's default and ``TAP_TXQLEN_MAX`` (MTU 1500: 5,592; 9000 and above: 1000)."""
+    return max(TAP_TXQLEN_DEFAULT, min(TAP_TXQLEN_MAX, TAP_QUEUE_BYTES // max(mtu, 1)))
+
+
 def _quiet_pyroute2() -> None:
     # pyroute2 logs every netlink message at debug level: not what --log-level debug is for.
     logging.getLogger("pyroute2").setLevel(logging.WARNING)
@@ -212,13 +235,16 @@ def make_tap_hidden(setup: TapSetup, target_netns_fd: int) -> int:
 
 
 def move_link(setup: TapSetup, target_netns_fd: int) -> None:
-    """In the current namespace: MAC and MTU on ``setup.ifname``, then move it to the target."""
+    """In the current namespace: MAC, MTU and transmit queue length on ``setup.ifname``, then
+    move it to the target."""
     from pyroute2 import IPRoute, NetlinkError
 
     _quiet_pyroute2()
     with IPRoute() as ipr:
         (idx,) = ipr.link_lookup(ifname=setup.ifname)
-        ipr.link("set", index=idx, address=setup.mac, mtu=setup.mtu)
+        ipr.link(
+            "set", index=idx, address=setup.mac, mtu=setup.mtu, txqlen=tap_txqueuelen(setup.mtu)
+        )
         try:
             # One RTM_NEWLINK: the device leaves here and appears there already named.
             ipr.link("set", index=idx, net_ns_fd=target_netns_fd, ifname=setup.ifname)
