@@ -2,7 +2,7 @@
 
 Run (root): ``.venv/bin/python bench/bench_tcp.py [--mtus 1500,65520] [--families 4,6]
 [--duration 5] [--reps 1] [--loss 0] [--no-offloads] [--directions both|up|down]
-[--profile DIR] [--src OTHER/src]``
+[--profile DIR] [--strace N] [--src OTHER/src]``
 
 For each MTU: a loopback-only sandbox namespace runs guestnet (``netns GUEST --configure``, which
 sets both families) and the "host" servers (``iperf3 -s`` and bench/netbench.py's echo server on
@@ -19,7 +19,9 @@ recovery speed. ``--no-offloads`` runs guestnet without TAP offloads (the before
 ``--profile DIR`` samples guestnet with py-spy (``pip install py-spy`` into the venv) during the
 first run of each direction, writes collapsed stacks (``DIR/guestnet_MTU_up.txt``...) and
 prints the hottest functions (share of samples in the function itself, and under it).
-Every process and namespace is removed at the end, also on error or Ctrl-C.
+``--strace N`` also counts guestnet's system calls (``strace -c -f`` attached to it) during N more
+guest->host connections, per connection (bench/bench_forward.py's ``--strace`` for the
+forwarded direction). Every process and namespace is removed at the end, also on error or Ctrl-C.
 bench/compare.py is the side-by-side harness against the peers; this is the quick look.
 """
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -162,6 +165,51 @@ def connrate(guest: str, sandbox: str, family: int, seconds: float) -> dict[str,
         server.wait(5)
 
 
+def strace_conns(pid: int, guest: str, sandbox: str, family: int, count: int) -> str:
+    """``strace -c -f`` on guestnet (``pid``) during ``count`` guest->host connections
+    (netbench connrate, after 200 unmeasured ones): each row's calls per connection."""
+    netbench = os.path.join(HERE, "netbench.py")
+    gateway, bind, _ = FAMILIES[family]
+    server = subprocess.Popen(
+        in_ns(sandbox, [sys.executable, netbench, "serve", "--bind", bind, "--port",
+                        str(ECHO_PORT), "--max-seconds", "150"]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    tracer: subprocess.Popen[str] | None = None
+    try:
+        wait(lambda: listening(sandbox, ECHO_PORT), 5, "echo server")
+
+        def run(n: int) -> None:
+            sh(in_ns(guest, [sys.executable, netbench, "connrate", "--host", gateway, "--port",
+                             str(ECHO_PORT), "--seconds", "60", "--max", str(n)]),
+               timeout=90)  # fmt: skip
+
+        run(200)  # warm-up: caches, the pool, the flow table
+        tracer = subprocess.Popen(
+            ["strace", "-c", "-f", "-p", str(pid)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(1.0)  # let it attach before the traffic starts
+        run(count)
+    finally:
+        err = ""
+        if tracer is not None:
+            tracer.send_signal(signal.SIGINT)
+            _, err = tracer.communicate(timeout=20)
+        server.kill()
+        server.wait(5)
+    lines = []
+    for line in err.splitlines():
+        cols = line.split()
+        if len(cols) >= 5 and cols[3].isdigit():
+            errors = f", {int(cols[4]) / count:.2f} failed" if len(cols) == 6 else ""
+            lines.append(f"{cols[-1]:>14} {int(cols[3]) / count:6.2f} per connection{errors}")
+    return "\n".join(lines)
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of ``pid`` in seconds (/proc/PID/stat)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -216,6 +264,9 @@ def cell(mtu: int, families: list[int], args: argparse.Namespace) -> list[str]:
         lines = []
         for family in families:
             cr = connrate(guest, sandbox, family, 3.0) if args.directions == "both" else {}
+            if args.strace:
+                lines.append(f"--- MTU {mtu} IPv{family}: strace -c -f, {args.strace} connections")
+                lines.append(strace_conns(gn.pid, guest, sandbox, family, args.strace))
             per_dir = []
             for reverse, name in ((False, "guest->host"), (True, "host->guest")):
                 if (family, reverse) not in gbps:
@@ -262,6 +313,13 @@ def main() -> int:
         help="up: guest->host only; down: host->guest only (no connection rate)",
     )
     p.add_argument("--profile", metavar="DIR", help="py-spy flame graph per MTU into DIR")
+    p.add_argument(
+        "--strace",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also count guestnet's system calls during N guest->host connections",
+    )
     p.add_argument(
         "--src",
         metavar="DIR",
