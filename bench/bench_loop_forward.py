@@ -28,66 +28,26 @@ from __future__ import annotations
 import argparse
 import socket
 import statistics
-import struct
 import sys
 
 from bench_loop_request import (
-    GATEWAY_IP,
-    GUEST_IP,
-    GUEST_MAC,
     SYN_OPTS,
-    VNET,
     Rig,
     connection,
 )
 
-from guestnet.io.tap import VNET_HDR_LEN
-from guestnet.wire.ethernet import ETHERTYPE_IPV4, build_ethernet
-from guestnet.wire.ipv4 import PROTO_TCP, build_ipv4
-from guestnet.wire.tcp import ACK, FIN, PSH, SYN, build_tcp
+from guestnet.wire.tcp import ACK, FIN, PSH, SYN
 
 #: The guest port the published port leads to (the bench is the guest: nothing listens).
 GUEST_PORT = 5402
 
 
 class ForwardRig(Rig):
-    """The request rig plus a published port; counts the frames sent to the guest."""
+    """The request rig plus a published port."""
 
     def __init__(self) -> None:
         super().__init__()
         self.fwd_port = self.inst.forwards.add("tcp", 0, GUEST_PORT, "127.0.0.1").host_port
-        self.nframes = 0
-        #: The source port (ours, as the guest sees it) of the last frame to the guest.
-        self.last_sport = 0
-
-    def send_to(self, dport: int, flags: int, seq: int, ack: int, payload: bytes = b"",
-                options: bytes = b"") -> None:  # fmt: skip
-        """A segment from the guest's GUEST_PORT to the gateway's ``dport``."""
-        hlen = 20 + len(options)
-        l4 = bytearray(hlen + len(payload))
-        l4[hlen:] = payload
-        build_tcp(l4, 0, GUEST_PORT, dport, seq, ack, flags, 65535, len(payload), GUEST_IP,
-                  GATEWAY_IP, options)  # fmt: skip
-        buf = bytearray(34 + len(l4))
-        off = build_ethernet(buf, 0, self.our_mac, GUEST_MAC, ETHERTYPE_IPV4)
-        build_ipv4(buf, off, GUEST_IP, GATEWAY_IP, PROTO_TCP, len(l4))
-        buf[34:] = l4
-        self.guest.send(VNET + bytes(buf))
-
-    def frames(self) -> list[tuple[int, int, int]]:
-        """(flags, seq, payload length) of every frame guestnet sent the guest so far."""
-        out = []
-        while True:
-            try:
-                data = self.guest.recv(70000)
-            except BlockingIOError:
-                return out
-            tcp = VNET_HDR_LEN + 34
-            self.last_sport = struct.unpack_from("!H", data, tcp)[0]
-            seq, _ack, off, flags = struct.unpack_from("!IIBB", data, tcp + 4)
-            total = struct.unpack_from("!H", data, VNET_HDR_LEN + 16)[0]
-            out.append((flags, seq, total - 20 - (off >> 4) * 4))
-            self.nframes += 1
 
 
 def forwarded_batch(rig: ForwardRig, n: int) -> None:
@@ -100,14 +60,14 @@ def forwarded_batch(rig: ForwardRig, n: int) -> None:
         got = rig.until(SYN)
         sport = rig.last_sport
         iss = next(s for f, s, _ in got if f & SYN)
-        rig.send_to(sport, SYN | ACK, g_isn, iss + 1, options=SYN_OPTS)
+        rig.send(GUEST_PORT, SYN | ACK, g_isn, iss + 1, options=SYN_OPTS, dport=sport)
         rig.until(ACK | PSH)  # our ACK and the client's byte (one frame or two)
-        rig.send_to(sport, ACK | PSH, g_isn + 1, iss + 2, b"y")
+        rig.send(GUEST_PORT, ACK | PSH, g_isn + 1, iss + 2, b"y", dport=sport)
         rig.turn()
         client.recv(16)
         client.close()
         rig.until(FIN)
-        rig.send_to(sport, ACK | FIN, g_isn + 2, iss + 3)
+        rig.send(GUEST_PORT, ACK | FIN, g_isn + 2, iss + 3, dport=sport)
         rig.turn()
         rig.frames()  # our last ACK
 

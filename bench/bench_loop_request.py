@@ -64,6 +64,9 @@ class Rig:
         self.port = self.server.getsockname()[1]
         self.cpu = 0.0
         self.turns = 0
+        #: Frames sent to the guest, and the source port (ours, as the guest sees it) of the last.
+        self.nframes = 0
+        self.last_sport = 0
 
     def turn(self) -> None:
         """One loop turn, timed."""
@@ -73,12 +76,15 @@ class Rig:
         self.turns += 1
 
     def send(self, sport: int, flags: int, seq: int, ack: int, payload: bytes = b"",
-             options: bytes = b"") -> None:  # fmt: skip
+             options: bytes = b"", dport: int | None = None) -> None:  # fmt: skip
+        """A segment from the guest's ``sport`` to the gateway's ``dport`` (the server's port
+        unless given)."""
         hlen = 20 + len(options)
         l4 = bytearray(hlen + len(payload))
         l4[hlen:] = payload
-        build_tcp(l4, 0, sport, self.port, seq, ack, flags, 65535, len(payload), GUEST_IP,
-                  GATEWAY_IP, options)  # fmt: skip
+        to = self.port if dport is None else dport
+        build_tcp(l4, 0, sport, to, seq, ack, flags, 65535, len(payload), GUEST_IP, GATEWAY_IP,
+                  options)  # fmt: skip
         buf = bytearray(34 + len(l4))
         off = build_ethernet(buf, 0, self.our_mac, GUEST_MAC, ETHERTYPE_IPV4)
         build_ipv4(buf, off, GUEST_IP, GATEWAY_IP, PROTO_TCP, len(l4))
@@ -94,9 +100,11 @@ class Rig:
             except BlockingIOError:
                 return out
             tcp = VNET_HDR_LEN + 34
+            self.last_sport = struct.unpack_from("!H", data, tcp)[0]
             seq, _ack, off, flags = struct.unpack_from("!IIBB", data, tcp + 4)
             total = struct.unpack_from("!H", data, VNET_HDR_LEN + 16)[0]
             out.append((flags, seq, total - 20 - (off >> 4) * 4))
+            self.nframes += 1
 
     def until(self, want: int) -> list[tuple[int, int, int]]:
         """Loop turns until a frame with all of ``want``'s flags reaches the guest."""
