@@ -147,12 +147,10 @@ class _Established(_Recovery):
             self._update_window(flow)
             if flow.rcv_wnd <= old:
                 return
-            self.counters.inc("tcp.window.update")
-            self._send_ack(flow, update=False)
-            self._arm(flow)
-            return
+        else:
+            self._update_window(flow)
         self.counters.inc("tcp.window.update")
-        self._send_ack(flow)
+        self._send_ack(flow, update=False)
         self._arm(flow)
 
     def flush(self, now: float) -> None:
@@ -421,11 +419,7 @@ class _Established(_Recovery):
                     else:
                         flow.unacked += view[:got]
                     flow.snd_nxt = (seq + got) & SEQ_MASK
-                    # self._segment(flow, frame, seq, ACK | PSH, got), inline
-                    flow.ack_pending = False
-                    if got > flow.mss:
-                        frame.gso_size = flow.mss
-                    self._write(flow, frame, seq, flow.rcv_nxt, ACK | PSH, flow.wnd_field, got)
+                    self._segment(flow, frame, seq, ACK | PSH, got)
                 else:
                     frames: list[Frame] = []
                     views: list[memoryview] = []
