@@ -274,38 +274,6 @@ class TapLink(Link):
         port.offload_max = TSO_MAX_PACKET if flags & TUN_F_CSUM else 0
         port.udp_offload = bool(flags & TUN_F_CSUM) and flags & USO_OFFLOADS == USO_OFFLOADS
 
-    def send(self, frame: Frame) -> None:
-        """:meth:`Link.send` with :meth:`_write` inline for the common case: the link open, its
-        queue empty, no capture running (one Python call per frame instead of three)."""
-        hub = self.hub
-        if self.closed or self._txq or hub.capture_to_guest is not None:
-            Link.send(self, frame)
-            return
-        port = self.port
-        length = frame.length
-        port.tx_frames += 1
-        port.tx_bytes += length
-        fstart = frame.start
-        start = fstart - VNET_HDR_LEN
-        view = frame.view
-        cs = frame.csum_start
-        if cs < 0:
-            view[start:fstart] = _ZERO_HDR
-        elif not frame.gso_size:
-            _VNET.pack_into(
-                view, start, VNET_F_NEEDS_CSUM, VNET_GSO_NONE, 0, 0, cs, frame.csum_offset, 0
-            )
-        else:
-            build_vnet_hdr(view, start, frame)
-        try:
-            os.write(self.fd, view[start : fstart + length])
-        except BlockingIOError:
-            self._backlog(frame, 0)
-            return
-        except OSError as exc:
-            hub.counters.inc(f"link.tap.write.{_errname(exc)}")
-        hub.pool_to_guest.release(frame)
-
     def _write(self, frame: Frame, offset: int) -> int | None:
         start = frame.start - VNET_HDR_LEN
         view = frame.view
